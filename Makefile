@@ -1,0 +1,47 @@
+# The README's two commands: `make demo` and `make test`. Each does its own set-up, idempotently.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DEBS := unbound dovecot-imapd dovecot-pop3d haproxy dnsperf chromium iproute2
+STAMP := $(VENV)/.installed
+
+.PHONY: setup debs venv test demo lab-up lab-down clean
+
+setup: debs venv
+
+# Debian packages, only when root and only when something is missing.
+debs:
+	@if [ "$$(id -u)" = 0 ]; then \
+	  missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	  if [ -n "$$missing" ]; then \
+	    echo "installing Debian packages:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	  fi; \
+	else \
+	  for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo "warning: Debian package $$p is missing (run as root to install)"; done; \
+	fi
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest -ra -p no:cacheprovider $(PYTEST_ARGS)
+
+demo: setup
+	$(BIN)/python -m loadkit.demo
+
+lab-up: setup
+	$(BIN)/loadkit lab up
+
+lab-down:
+	$(BIN)/loadkit lab down
+
+clean:
+	rm -rf $(VENV) .loadkit

@@ -1,0 +1,16 @@
+"""`loadkit fit`: placeholder until its stage lands."""
+
+from __future__ import annotations
+
+import argparse
+
+from loadkit.errors import LoadkitError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("fit", help="(not built yet)")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    raise LoadkitError("'loadkit fit' is not built yet")

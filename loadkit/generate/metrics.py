@@ -1,0 +1,104 @@
+"""Generator-side counters and gauges that are not request statistics.
+
+Offered vs original queries (retry amplification), drops, and the number of mail sessions held
+right now are what make a burst or a storm legible, and Locust's request stats do not carry them.
+Users update a per-process :class:`GeneratorMetrics`; in distributed mode each worker piggybacks
+its values on Locust's ``report_to_master`` message and the master sums them, so the recorder
+reads one merged view wherever it runs.
+
+Counters are cumulative since the process started; gauges are a current value. Both are summed
+over workers. Updating is a dict operation, cheap enough for a per-batch call on the DNS hot
+path (call it per batch, not per query).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from loadkit.records import GeneratorMetric
+
+_ENV_ATTR = "loadkit_metrics"
+_REPORT_KEY = "loadkit_metrics"
+
+
+class GeneratorMetrics:
+    """Counters and gauges of one Locust process, plus (on a master) the workers' last reports."""
+
+    def __init__(self) -> None:
+        self._counters: dict[str, float] = defaultdict(float)
+        self._gauges: dict[str, float] = {}
+        # worker client_id -> (counters, gauges) last reported
+        self._workers: dict[str, tuple[dict[str, float], dict[str, float]]] = {}
+
+    # -- updates (users call these) -----------------------------------------------------------
+    def add(self, metric: str, n: float = 1) -> None:
+        """Increase counter ``metric`` by ``n``."""
+        self._counters[metric] += n
+
+    def set_gauge(self, metric: str, value: float) -> None:
+        self._gauges[metric] = value
+
+    def add_gauge(self, metric: str, delta: float) -> None:
+        """Move gauge ``metric`` by ``delta`` (e.g. +1 when a session is held, -1 when closed)."""
+        self._gauges[metric] = self._gauges.get(metric, 0.0) + delta
+
+    # -- reads ----------------------------------------------------------------------------------
+    def counters(self) -> dict[str, float]:
+        """Counters summed over this process and every worker that ever reported."""
+        total = defaultdict(float, self._counters)
+        for counters, _ in self._workers.values():
+            for k, v in counters.items():
+                total[k] += v
+        return dict(total)
+
+    def gauges(self) -> dict[str, float]:
+        """Gauges summed over this process and the workers still connected."""
+        total = defaultdict(float, self._gauges)
+        for _, gauges in self._workers.values():
+            for k, v in gauges.items():
+                total[k] += v
+        return dict(total)
+
+    def snapshot(self, ts_unix_s: float) -> list[GeneratorMetric]:
+        rows = [GeneratorMetric(ts_unix_s, k, "counter", v) for k, v in sorted(self.counters().items())]
+        rows += [GeneratorMetric(ts_unix_s, k, "gauge", v) for k, v in sorted(self.gauges().items())]
+        return rows
+
+    # -- distributed mode -----------------------------------------------------------------------
+    def _report(self) -> dict[str, Any]:
+        return {"counters": dict(self._counters), "gauges": dict(self._gauges)}
+
+    def _merge_worker(self, client_id: str, data: dict[str, Any]) -> None:
+        self._workers[client_id] = (dict(data.get("counters", {})), dict(data.get("gauges", {})))
+
+    def _forget_worker_gauges(self, client_id: str) -> None:
+        # a lost worker's sessions are gone, its cumulative counters still happened
+        if client_id in self._workers:
+            self._workers[client_id] = (self._workers[client_id][0], {})
+
+
+def metrics_for(environment: Any) -> GeneratorMetrics:
+    """The :class:`GeneratorMetrics` of a Locust environment, created and wired on first use."""
+    existing = getattr(environment, _ENV_ATTR, None)
+    if existing is not None:
+        return existing
+    metrics = GeneratorMetrics()
+    setattr(environment, _ENV_ATTR, metrics)
+    events = environment.events
+
+    @events.report_to_master.add_listener
+    def _on_report_to_master(client_id: str, data: dict, **_kw: Any) -> None:
+        data[_REPORT_KEY] = metrics._report()
+
+    @events.worker_report.add_listener
+    def _on_worker_report(client_id: str, data: dict, **_kw: Any) -> None:
+        if _REPORT_KEY in data:
+            metrics._merge_worker(client_id, data[_REPORT_KEY])
+
+    return metrics
+
+
+def forget_worker(environment: Any, client_id: str) -> None:
+    """Drop a lost worker's gauges (its counters stay: the queries it sent were sent)."""
+    metrics_for(environment)._forget_worker_gauges(client_id)
