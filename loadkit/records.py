@@ -145,6 +145,8 @@ class GroupSample(NamedTuple):
     fds_n: int
     tcp_established_n: int
     tcp_other_n: int  #: TCP connections in any other state
+    sessions_n: int  #: established TCP connections on the group's given listening ports
+    #: (client sessions on a proxy: ``--group p1=cgroup:PATH@PORT,PORT``); 0 when no port given
     cgroup_memory_bytes: int  #: memory.usage_in_bytes (v1) / memory.current (v2), 0 if none
     cgroup_limit_bytes: int  #: 0 if none or unlimited
     cgroup_failcnt_n: int  #: memory.failcnt (v1), memory.events max (v2)
