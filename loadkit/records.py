@@ -37,6 +37,8 @@ FAILURE_CLASSES: tuple[str, ...] = (
     "conn_reset",
     "eof_before_greeting",
     "eof_after_login",
+    "eof_during_login",  # greeted, then closed before the LOGIN/PASS reply
+    "client_error",  # the generator itself failed (out of descriptors, no buffers)
     "bye_greeting",
     "auth_rejected",
     "bad",
