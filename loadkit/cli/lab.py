@@ -1,16 +1,109 @@
-"""`loadkit lab`: placeholder until its stage lands."""
+"""`loadkit lab up|status|down`: the local replica of the incident systems on loopback."""
 
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
-from loadkit.errors import LoadkitError
+from loadkit import defaults
+from loadkit.errors import ProfileError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("lab", help="(not built yet)")
-    p.set_defaults(func=_run)
+    p = sub.add_parser(
+        "lab",
+        help="bring the local lab (unbound, dovecot proxies in memory cgroups, haproxy) up or down",
+        description="The local lab: unbound DNS with the zone lab.test., a dovecot backend with "
+        "test accounts, dovecot proxies each in a memory cgroup, haproxy in front. Loopback only.",
+    )
+    lab_sub = p.add_subparsers(dest="lab_command", metavar="ACTION", required=True)
+
+    up = lab_sub.add_parser("up", help="start the lab (a running lab is reported unchanged)")
+    _dir_option(up)
+    up.add_argument("--address", default=defaults.LAB_ADDRESS,
+                    help="loopback address every service binds to (default %(default)s)")
+    up.add_argument("--dns-port", type=_int_arg("--dns-port"), default=defaults.DNS_PORT)
+    up.add_argument("--imap-port", type=_int_arg("--imap-port"), default=defaults.IMAP_PORT)
+    up.add_argument("--pop3-port", type=_int_arg("--pop3-port"), default=defaults.POP3_PORT)
+    up.add_argument("--dns-names", type=_int_arg("--dns-names"), default=10000,
+                    help="names in the zone lab.test. (default %(default)s)")
+    up.add_argument("--dns-rcvbuf", metavar="BYTES", default="0",
+                    help="unbound's UDP receive buffer (so-rcvbuf), e.g. 4MiB; 0 = platform default")
+    up.add_argument("--dns-ratelimit", metavar="QPS", type=_int_arg("--dns-ratelimit"), default=0,
+                    help="per-client-address query limit (ip-ratelimit); excess is dropped; 0 = off")
+    up.add_argument("--dns-threads", metavar="N", type=_int_arg("--dns-threads"), default=1)
+    up.add_argument("--accounts", metavar="N", type=_int_arg("--accounts"), default=5000,
+                    help="mail accounts user0001... (default %(default)s)")
+    up.add_argument("--proxies", metavar="K", type=_int_arg("--proxies"), default=3,
+                    help="dovecot proxies behind haproxy (default %(default)s)")
+    up.add_argument("--proxy-memory", metavar="SIZE", default="256MiB",
+                    help="memory cgroup limit per proxy, e.g. 256MiB, 64M, bytes (default %(default)s)")
+    up.add_argument("--no-oom-kill", action="store_true",
+                    help="disable the OOM killer in the proxy cgroups, so a proxy over its limit "
+                    "dies whole (as in the incident)")
+    up.add_argument("--json", action="store_true", help="print the status as one JSON object")
+    up.set_defaults(func=_up)
+
+    st = lab_sub.add_parser("status", help="show the lab's components, endpoints and cgroups")
+    _dir_option(st)
+    st.add_argument("--json", action="store_true", help="print one JSON object")
+    st.set_defaults(func=_status)
+
+    down = lab_sub.add_parser("down", help="stop what 'lab up' started and remove its cgroups")
+    _dir_option(down)
+    down.set_defaults(func=_down)
 
 
-def _run(args: argparse.Namespace) -> int:
-    raise LoadkitError("'loadkit lab' is not built yet")
+def _dir_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dir", type=Path, default=None,
+                   help=f"lab directory (default {defaults.LAB_DIR}, or $LOADKIT_LAB_DIR)")
+
+
+def _int_arg(option: str):
+    def parse(text: str) -> int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ProfileError(f"{option} {text!r} is not a whole number") from None
+    return parse
+
+
+def _up(args: argparse.Namespace) -> int:
+    from loadkit.lab import Lab, LabConfig, parse_bytes
+
+    cfg = LabConfig(
+        dir=args.dir or defaults.LAB_DIR,
+        address=args.address,
+        dns_port=args.dns_port,
+        imap_port=args.imap_port,
+        pop3_port=args.pop3_port,
+        dns_names=args.dns_names,
+        dns_rcvbuf_bytes=parse_bytes(args.dns_rcvbuf, "--dns-rcvbuf"),
+        dns_ratelimit_qps=args.dns_ratelimit,
+        dns_threads=args.dns_threads,
+        accounts=args.accounts,
+        proxies=args.proxies,
+        proxy_memory_bytes=parse_bytes(args.proxy_memory, "--proxy-memory"),
+        oom_kill=not args.no_oom_kill,
+    )
+    status = Lab(cfg).up()
+    print(json.dumps(status.to_dict(), indent=2) if args.json else status.to_table())
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from loadkit.lab import Lab
+
+    status = Lab.from_dir(args.dir or defaults.LAB_DIR).status()
+    print(json.dumps(status.to_dict(), indent=2) if args.json else status.to_table())
+    return 0 if status.running else 1
+
+
+def _down(args: argparse.Namespace) -> int:
+    from loadkit.lab import Lab
+
+    lab = Lab.from_dir(args.dir or defaults.LAB_DIR)
+    lab.down()
+    print(f"lab in {lab.dir} is down")
+    return 0

@@ -1,0 +1,164 @@
+"""Memory cgroups for the lab's proxies, v1 (``/sys/fs/cgroup/memory``) and v2 (unified).
+
+Layout: ``<root>/loadkit/<lab-id>/proxyN``; ``<lab-id>`` makes two labs' groups distinct.
+v1: ``memory.limit_in_bytes``, ``memory.usage_in_bytes``, ``memory.failcnt``,
+``memory.oom_control`` (``oom_kill_disable``, ``oom_kill``). v2: ``memory.max``,
+``memory.current``, ``memory.events`` (``max``, ``oom_kill``); v2 has no way to disable the OOM
+killer, so there ``oom_kill=False`` sets ``memory.oom.group=1`` instead (the OOM killer takes
+the whole proxy at once, which ends the same way: the proxy is gone).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+from .status import CgroupSupport
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+PARENT = "loadkit"
+
+
+class Memory(NamedTuple):
+    """A cgroup's memory figures (made by :func:`read_memory`); None where not available."""
+
+    memory_bytes: int | None
+    limit_bytes: int | None
+    failcnt: int | None
+    oom_kills: int | None
+
+
+def detect(root: Path = CGROUP_ROOT) -> tuple[int | None, Path | None, str]:
+    """``(version, memory hierarchy root, reason)``; version None when limits cannot be set."""
+    if os.geteuid() != 0:
+        return None, None, "not root: proxies run without memory limits"
+    v2_controllers = root / "cgroup.controllers"
+    if v2_controllers.exists():
+        if "memory" in v2_controllers.read_text().split():
+            return 2, root, "cgroup v2"
+        return None, None, "cgroup v2 without the memory controller: proxies run without limits"
+    v1 = root / "memory"
+    if (v1 / "memory.limit_in_bytes").exists():
+        return 1, v1, "cgroup v1"
+    return None, None, "no memory cgroup controller mounted: proxies run without limits"
+
+
+def support(version: int | None, reason: str, oom_kill: bool, limit_bytes: int) -> CgroupSupport:
+    if version is None:
+        return CgroupSupport(False, None, reason, oom_kill)
+    text = f"{reason}: each proxy limited to {limit_bytes / 1048576:.0f} MiB"
+    if not oom_kill:
+        text += (
+            ", OOM killer disabled (oom_kill_disable=1)"
+            if version == 1
+            else ", OOM killer cannot be disabled on cgroup v2: memory.oom.group=1 kills "
+            "the whole proxy instead"
+        )
+    return CgroupSupport(True, version, text, oom_kill)
+
+
+def create(version: int, hier: Path, lab_id: str, name: str, limit_bytes: int, oom_kill: bool) -> Path:
+    """Create ``loadkit/<lab_id>/<name>`` with the memory limit; return its directory."""
+    parent = hier / PARENT
+    lab = parent / lab_id
+    path = lab / name
+    if version == 2:
+        _enable_memory(hier)
+        parent.mkdir(exist_ok=True)
+        _enable_memory(parent)
+        lab.mkdir(exist_ok=True)
+        _enable_memory(lab)
+        path.mkdir(exist_ok=True)
+        (path / "memory.max").write_text(str(limit_bytes))
+        (path / "memory.swap.max").exists() and (path / "memory.swap.max").write_text("0")
+        if not oom_kill:
+            (path / "memory.oom.group").write_text("1")
+    else:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "memory.limit_in_bytes").write_text(str(limit_bytes))
+        if not oom_kill:
+            (path / "memory.oom_control").write_text("1")
+    return path
+
+
+def _enable_memory(group: Path) -> None:
+    ctl = group / "cgroup.subtree_control"
+    if "memory" not in ctl.read_text().split():
+        ctl.write_text("+memory")
+
+
+def join(path: Path) -> None:
+    """Move the calling process into the cgroup (run in the child before exec)."""
+    with open(path / "cgroup.procs", "w") as f:
+        f.write(str(os.getpid()))
+
+
+def read_memory(version: int | None, path: Path | None) -> Memory:
+    if version is None or path is None or not path.exists():
+        return Memory(None, None, None, None)
+    try:
+        if version == 1:
+            oom = _kv(path / "memory.oom_control")
+            return Memory(
+                _int(path / "memory.usage_in_bytes"),
+                _int(path / "memory.limit_in_bytes"),
+                _int(path / "memory.failcnt"),
+                oom.get("oom_kill"),
+            )
+        events = _kv(path / "memory.events")
+        limit = (path / "memory.max").read_text().strip()
+        return Memory(
+            _int(path / "memory.current"),
+            None if limit == "max" else int(limit),
+            events.get("max"),
+            events.get("oom_kill"),
+        )
+    except OSError:
+        return Memory(None, None, None, None)
+
+
+def procs(path: Path) -> list[int]:
+    try:
+        return [int(x) for x in (path / "cgroup.procs").read_text().split()]
+    except OSError:
+        return []
+
+
+def remove(path: Path, timeout_s: float = 3.0) -> None:
+    """Remove a proxy's cgroup, then its lab's and the ``loadkit`` parent when empty.
+
+    A cgroup can only be removed once its processes are gone; exiting tasks can linger for a
+    moment, so retry until ``timeout_s``.
+    """
+    deadline = time.monotonic() + timeout_s
+    while path.exists():
+        try:
+            path.rmdir()
+        except OSError as err:
+            if err.errno == errno.ENOENT:
+                break
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    for parent in (path.parent, path.parent.parent):
+        if parent.name and parent.exists():
+            try:
+                parent.rmdir()
+            except OSError:
+                break  # still holds another proxy's or another lab's group
+
+
+def _int(p: Path) -> int:
+    return int(p.read_text().split()[0])
+
+
+def _kv(p: Path) -> dict[str, int]:
+    out = {}
+    for line in p.read_text().splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].lstrip("-").isdigit():
+            out[parts[0]] = int(parts[1])
+    return out

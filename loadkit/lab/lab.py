@@ -1,0 +1,228 @@
+"""``Lab``: bring the local replica of the incident systems up, inspect it, bring it down.
+
+Everything the lab starts is recorded in ``state.json`` in the lab directory (PID and start
+time per process, cgroup directories, the runtime directory), written after each step, so
+``down()`` stops exactly what ``up()`` started even after a partial start or from another
+process (``Lab.from_dir``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from loadkit.defaults import ACCOUNTS_FILE_NAME, LAB_ZONE, NAMES_FILE_NAME
+from loadkit.errors import LabError
+
+from . import cgroups, dns, procs
+from .config import LabConfig
+from .status import CgroupSupport, ComponentStatus, Endpoint, LabStatus, ProxyStatus
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.json"
+#: seconds each server gets to become ready
+READY_TIMEOUT_S = 20.0
+
+
+class Lab:
+    """One lab, described by a :class:`LabConfig`, living in ``config.dir``."""
+
+    def __init__(self, config: LabConfig | None = None) -> None:
+        self.config = config or LabConfig()
+        self.dir = Path(self.config.dir).absolute()
+        self.config.dir = self.dir
+
+    @classmethod
+    def from_dir(cls, directory: Path | str) -> "Lab":
+        """The lab recorded in ``directory`` (as started), or a default one to be started there."""
+        directory = Path(directory).absolute()
+        state = _read_state(directory / STATE_FILE)
+        if state is None:
+            return cls(LabConfig(dir=directory))
+        cfg = LabConfig.from_dict({**state["config"], "dir": directory})
+        return cls(cfg)
+
+    # -- paths -----------------------------------------------------------------------------------
+
+    @property
+    def state_path(self) -> Path:
+        return self.dir / STATE_FILE
+
+    @property
+    def names_file(self) -> Path:
+        return self.dir / NAMES_FILE_NAME
+
+    @property
+    def accounts_file(self) -> Path:
+        return self.dir / ACCOUNTS_FILE_NAME
+
+    @property
+    def runtime_dir(self) -> Path:
+        """Short directory for unix sockets (108-byte path limit) and mail storage."""
+        digest = hashlib.sha1(str(self.dir).encode()).hexdigest()[:10]
+        return Path(tempfile.gettempdir()) / f"lk-{digest}"
+
+    # -- up ----------------------------------------------------------------------------------------
+
+    def up(self) -> LabStatus:
+        """Start every component; if the lab is already running, report it unchanged."""
+        state = _read_state(self.state_path)
+        if state is not None:
+            current = self.status()
+            if current.running and self._same_config(state):
+                log.info("lab in %s is already running", self.dir)
+                return current
+            log.info("lab in %s is partly running or configured differently: restarting", self.dir)
+            self.down()
+        cfg = self.config
+        procs.check_ports_free(cfg.address, cfg.all_ports(), [cfg.dns_port])
+        for sub in ("conf", "logs"):
+            (self.dir / sub).mkdir(parents=True, exist_ok=True)
+        run = self.runtime_dir
+        if run.exists():
+            shutil.rmtree(run)
+        run.mkdir(mode=0o755, parents=True)
+        version, hier, reason = cgroups.detect()
+        state = {
+            "config": cfg.to_dict(),
+            "runtime_dir": str(run),
+            "started_unix_s": time.time(),
+            "cgroups": {"version": version, "hier": str(hier) if hier else None, "reason": reason},
+            "components": [],
+        }
+        self._write_state(state)
+        try:
+            self._start_dns(state)
+        except BaseException:
+            self.down()
+            raise
+        return self.status()
+
+    def _same_config(self, state: dict[str, Any]) -> bool:
+        mine = self.config.to_dict()
+        theirs = {**state["config"], "dir": mine["dir"]}
+        return mine == theirs
+
+    def _write_state(self, state: dict[str, Any]) -> None:
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=2))
+        os.replace(tmp, self.state_path)
+
+    def _record(self, state: dict[str, Any], name: str, started: procs.Started, ports: list[int],
+                cgroup: Path | None = None) -> None:
+        state["components"].append(
+            {
+                "name": name,
+                "pid": started.pid,
+                "create_time_s": started.create_time_s,
+                "ports": ports,
+                "cgroup": str(cgroup) if cgroup else None,
+            }
+        )
+        self._write_state(state)
+
+    def _start_dns(self, state: dict[str, Any]) -> None:
+        cfg = self.config
+        conf = self.dir / "conf"
+        include = dns.write_zone(cfg, conf, self.names_file)
+        unbound_conf = dns.write_unbound_conf(cfg, conf, self.runtime_dir, include)
+        log_path = self.dir / "logs" / "unbound.log"
+        started = procs.start(["unbound", "-d", "-c", str(unbound_conf)], log_path)
+        self._record(state, "unbound", started, [cfg.dns_port])
+        procs.wait_until(
+            lambda: dns.probe_query(cfg.address, cfg.dns_port),
+            "unbound",
+            READY_TIMEOUT_S,
+            still_running=lambda: procs.alive(*started),
+            log_path=log_path,
+        )
+
+    # -- status ----------------------------------------------------------------------------------
+
+    def status(self) -> LabStatus:
+        """What is running now (a lab that is not up reports ``running=False``)."""
+        cfg = self.config
+        state = _read_state(self.state_path) or {"components": [], "cgroups": {}}
+        cg = state.get("cgroups") or {}
+        version = cg.get("version")
+        support = (
+            cgroups.support(version, cg.get("reason", ""), cfg.oom_kill, cfg.proxy_memory_bytes)
+            if cg
+            else CgroupSupport(False, None, "lab not started", cfg.oom_kill)
+        )
+        components = []
+        for c in state["components"]:
+            up = procs.alive(c["pid"], c["create_time_s"])
+            mem = cgroups.read_memory(version, Path(c["cgroup"]) if c.get("cgroup") else None)
+            components.append(
+                ComponentStatus(c["name"], up, c["pid"], list(c["ports"]), *mem)
+            )
+        proxies: list[ProxyStatus] = []
+        expected = self._expected_components()
+        running = bool(components) and all(c.up for c in components) and (
+            {c.name for c in components} >= set(expected)
+        )
+        return LabStatus(
+            dir=str(self.dir),
+            running=running,
+            components=components,
+            dns=Endpoint(cfg.address, cfg.dns_port),
+            imap=Endpoint(cfg.address, cfg.imap_port),
+            pop3=Endpoint(cfg.address, cfg.pop3_port),
+            names_file=str(self.names_file),
+            accounts_file=str(self.accounts_file),
+            proxies=proxies,
+            cgroups=support,
+            zone=LAB_ZONE,
+            accounts=cfg.accounts,
+        )
+
+    def _expected_components(self) -> list[str]:
+        return ["unbound"]
+
+    # -- down ------------------------------------------------------------------------------------
+
+    def down(self) -> None:
+        """Stop what ``up`` started (by recorded PID), remove its cgroups and runtime dir.
+
+        Safe to call when nothing is running.
+        """
+        state = _read_state(self.state_path)
+        if state is None:
+            return
+        errors = []
+        # reverse start order: the entrance (haproxy) first, DNS last
+        for c in reversed(state.get("components", [])):
+            try:
+                procs.stop(c["pid"], c["create_time_s"])
+            except OSError as err:
+                errors.append(f"{c['name']} (pid {c['pid']}): {err}")
+        for c in state.get("components", []):
+            if c.get("cgroup"):
+                try:
+                    cgroups.remove(Path(c["cgroup"]))
+                except OSError as err:
+                    errors.append(f"cgroup {c['cgroup']}: {err}")
+        run = state.get("runtime_dir")
+        if run and Path(run).name.startswith("lk-"):
+            shutil.rmtree(run, ignore_errors=True)
+        if errors:
+            raise LabError("lab down left something behind: " + "; ".join(errors))
+        self.state_path.unlink(missing_ok=True)
+
+
+def _read_state(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        raise LabError(f"lab state file {path} is unreadable ({err}); remove it and retry") from err

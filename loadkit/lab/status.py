@@ -1,0 +1,141 @@
+"""What ``Lab.status()`` reports, as typed records, and their JSON and table forms."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+
+class Endpoint(NamedTuple):
+    """A host and port a client connects to."""
+
+    host: str
+    port: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"host": self.host, "port": self.port}
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+class ComponentStatus(NamedTuple):
+    """One server process the lab started (made by ``Lab.status()``).
+
+    The cgroup fields are set for proxies in a memory cgroup and ``None`` otherwise.
+    """
+
+    name: str
+    up: bool
+    pid: int
+    ports: list[int]
+    memory_bytes: int | None = None  #: cgroup memory charge (v1 usage_in_bytes, v2 current)
+    limit_bytes: int | None = None  #: cgroup memory limit
+    failcnt: int | None = None  #: times the limit was hit (v1 failcnt, v2 events "max")
+    oom_kills: int | None = None  #: processes the OOM killer killed in the cgroup
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self._asdict())
+
+
+class ProxyStatus(NamedTuple):
+    """One dovecot proxy behind haproxy (made by ``Lab.status()``)."""
+
+    name: str
+    up: bool
+    imap: Endpoint
+    pop3: Endpoint
+    cgroup: str | None  #: cgroup directory, or None when running without limits
+    memory_bytes: int | None
+    limit_bytes: int | None
+    failcnt: int | None
+    oom_kills: int | None
+    sessions: int | None  #: current sessions haproxy has open to it (stats ``scur``, IMAP+POP3)
+    haproxy_state: str | None  #: haproxy's view of the server: UP, DOWN, ...
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dict(self._asdict())
+        d["imap"] = self.imap.to_dict()
+        d["pop3"] = self.pop3.to_dict()
+        return d
+
+
+class CgroupSupport(NamedTuple):
+    """Whether the proxies run under memory limits, and why not if they do not."""
+
+    enabled: bool
+    version: int | None  #: 1 or 2, None when no memory controller is usable
+    reason: str  #: what is in effect, or why limits are off
+    oom_kill: bool  #: False: OOM killer disabled in the proxy cgroups (v1 only)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self._asdict())
+
+
+class LabStatus(NamedTuple):
+    """The whole lab (made by ``Lab.up()`` and ``Lab.status()``)."""
+
+    dir: str
+    running: bool  #: every component is up
+    components: list[ComponentStatus]
+    dns: Endpoint
+    imap: Endpoint
+    pop3: Endpoint
+    names_file: str
+    accounts_file: str
+    proxies: list[ProxyStatus]
+    cgroups: CgroupSupport
+    zone: str
+    accounts: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object ``loadkit lab status --json`` prints."""
+        return {
+            "dir": self.dir,
+            "running": self.running,
+            "components": [c.to_dict() for c in self.components],
+            "dns": self.dns.to_dict(),
+            "imap": self.imap.to_dict(),
+            "pop3": self.pop3.to_dict(),
+            "zone": self.zone,
+            "names_file": self.names_file,
+            "accounts_file": self.accounts_file,
+            "accounts": self.accounts,
+            "proxies": [p.to_dict() for p in self.proxies],
+            "cgroups": self.cgroups.to_dict(),
+        }
+
+    def component(self, name: str) -> ComponentStatus:
+        for c in self.components:
+            if c.name == name:
+                return c
+        raise KeyError(name)
+
+    def to_table(self) -> str:
+        """A readable summary for ``loadkit lab status``."""
+        lines = [
+            f"lab in {self.dir}: {'running' if self.running else 'NOT running'}",
+            f"  DNS   {self.dns}  zone {self.zone}  names file {self.names_file}",
+            f"  IMAP  {self.imap}   POP3 {self.pop3}  ({self.accounts} accounts in "
+            f"{self.accounts_file})",
+            f"  cgroups: {self.cgroups.reason}",
+            "",
+            f"  {'component':<18} {'up':<4} {'pid':>7}  {'ports':<14} {'memory':>10} "
+            f"{'limit':>10} {'failcnt':>8} {'sessions':>8}",
+        ]
+        sessions = {p.name: p.sessions for p in self.proxies}
+        for c in self.components:
+            lines.append(
+                f"  {c.name:<18} {'yes' if c.up else 'NO':<4} {c.pid:>7}  "
+                f"{','.join(map(str, c.ports)):<14} {_mib(c.memory_bytes):>10} "
+                f"{_mib(c.limit_bytes):>10} {_num(c.failcnt):>8} {_num(sessions.get(c.name)):>8}"
+            )
+        return "\n".join(lines)
+
+
+def _mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 1048576:.1f}MiB"
+
+
+def _num(n: int | None) -> str:
+    return "-" if n is None else str(n)
