@@ -191,6 +191,9 @@ class SocketSample(NamedTuple):
     rx_queue_bytes: int
     tx_queue_bytes: int
     drops_n: int  #: cumulative per-socket drops (the ``drops`` column)
+    #: bound address ("0.0.0.0", "127.0.0.1", "::"); sockets sharing address and port (several
+    #: threads with SO_REUSEPORT) are summed into one row
+    local_address: str = ""
 
 
 class SystemSample(NamedTuple):
