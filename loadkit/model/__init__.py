@@ -1,1 +1,44 @@
-"""model stage."""
+"""model stage: pure functions of recorded runs.
+
+Each function takes :class:`~loadkit.record.reader.RunData` (or plain arrays) and returns a result
+dataclass with its uncertainty, ``summary()`` (one line), ``to_dict()``, ``to_json()`` and
+``from_json()``. Nothing here imports Locust or the lab: a model sees only what a run recorded.
+
+- headroom: :func:`fit_headroom` (memory per session, first failure, cascade to all N)
+- scalability: :func:`fit_usl`, :func:`latency_knee`, :func:`littles_law_check`
+- UDP burst: :func:`udp_burst`, :func:`fit_udp_burst`
+- retries: :func:`retry_amplification`, :func:`metastability`
+- anomalies: :func:`find_anomalies`
+"""
+
+from loadkit.model.anomalies import AnomalyResult, ChangePoint, DailyPeriod, Spike, find_anomalies, kpi_series
+from loadkit.model.headroom import HeadroomResult, ProxyFit, cascade, fit_headroom, headroom_points, huber_line
+from loadkit.model.retries import MetastabilityResult, metastability, retry_amplification
+from loadkit.model.udp import (
+    BYTES_PER_DATAGRAM,
+    DEFAULT_RCVBUF_BYTES,
+    UdpBurstResult,
+    buffer_datagrams,
+    fit_udp_burst,
+    udp_burst,
+)
+from loadkit.model.usl import (
+    KneeResult,
+    LittleResult,
+    UslResult,
+    fit_usl,
+    fit_usl_run,
+    latency_knee,
+    littles_law_check,
+    usl_points,
+    usl_throughput,
+)
+
+__all__ = [
+    "AnomalyResult", "BYTES_PER_DATAGRAM", "ChangePoint", "DEFAULT_RCVBUF_BYTES", "DailyPeriod",
+    "HeadroomResult", "KneeResult", "LittleResult", "MetastabilityResult", "ProxyFit", "Spike",
+    "UdpBurstResult", "UslResult", "buffer_datagrams", "cascade", "find_anomalies", "fit_headroom",
+    "fit_udp_burst", "fit_usl", "fit_usl_run", "headroom_points", "huber_line", "kpi_series",
+    "latency_knee", "littles_law_check", "metastability", "retry_amplification", "udp_burst",
+    "usl_points", "usl_throughput",
+]
