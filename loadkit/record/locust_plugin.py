@@ -1,5 +1,437 @@
 """Locust plugin every locustfile imports: records the run and attaches collectors.
 
-(Filled in by the record stage: custom arguments ``--record-dir``, ``--collector``; per-interval
-request statistics, generator metrics and collector samples written to a run directory.)
+Importing this module adds loadkit's options to Locust's command line::
+
+    --record-dir DIR          write a run record under DIR/<run id> (nothing is written without it)
+    --run-id ID               the run directory's name (default: <time>-<scenario>-<random>)
+    --scenario NAME / --release LABEL
+    --record-interval S       seconds per request/failure/generator interval (default 1)
+    --collect-group N=SPEC    a process group or cgroup to sample (repeatable), e.g.
+                              p1=cgroup:/sys/fs/cgroup/loadkit/p1@1143,1110
+    --collect-udp-port P      a UDP port whose socket queue and drops are sampled (repeatable)
+    --collector URL           a remote collector to read samples from (repeatable)
+    --collect-interval S      sampling interval (default 0.5)
+    --abort-cgroup-memory-fraction F   stop when a group's cgroup memory >= F x its limit
+    --abort-failure-ratio F   stop when failures/requests >= F over one interval ...
+    --abort-min-requests N    ... that has at least N requests (default 50)
+
+In the process that owns the statistics (Locust's master, or the single local process) a
+:class:`Recorder` then writes, every interval: :class:`~loadkit.records.RequestInterval` and
+:class:`~loadkit.records.FailureInterval` rows from the deltas of Locust's cumulative stats and
+response-time histograms, :class:`~loadkit.records.GeneratorMetric` rows from
+:func:`loadkit.generate.metrics.metrics_for`, and the collector samples received since the last
+interval; each interval is flushed as part files, so a SIGKILL loses at most one interval.
+Events (run start/end, aborts, lost workers, collector events) go to ``events.jsonl`` at once.
+Workers record nothing: their statistics and generator metrics reach the master.
+
+Collectors are attached through ``loadkit.record.live_collector.attach_collector(environment,
+groups, udp_ports, urls, interval_s, sink)``; ``sink(record)`` takes any sample record or
+:class:`~loadkit.records.Event` (and ``sink(row_dict, table="net")`` for rows with extra columns).
+It may be called from any thread. When that module is not available, ``cgroup:`` groups are
+still read directly (memory, limit, failcnt, OOM kills) so that memory aborts keep working.
 """
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import gevent
+from locust import events
+from locust.runners import MasterRunner, WorkerRunner
+from locust.stats import calculate_response_time_percentile, diff_response_time_dicts
+
+from loadkit.generate.metrics import forget_worker, metrics_for
+from loadkit.records import Event, FailureInterval, GeneratorMetric, GroupSample, RequestInterval
+from loadkit.record.writer import RunWriter, new_run_id
+
+log = logging.getLogger(__name__)
+
+#: how often queued collector samples are drained and abort thresholds checked: an abort
+#: happens within one sampling interval plus this
+WATCH_INTERVAL_S = 0.25
+
+_recorder: "Recorder | None" = None
+
+
+@events.init_command_line_parser.add_listener
+def _add_arguments(parser: Any) -> None:
+    group = parser.add_argument_group("loadkit record", "Run record, collectors and abort thresholds")
+    group.add_argument("--record-dir", default="", help="write a run record under DIR/<run id>")
+    group.add_argument("--run-id", default="", help="run directory name (default: time-scenario-random)")
+    group.add_argument("--scenario", default="adhoc", help="scenario name recorded in the manifest")
+    group.add_argument("--release", default="unlabelled", help="release label recorded in the manifest")
+    group.add_argument("--record-interval", type=float, default=1.0, help="seconds per recorded interval")
+    group.add_argument("--collect-group", action="append", default=[], help="NAME=SPEC to sample (repeatable)")
+    group.add_argument("--collect-udp-port", action="append", type=int, default=[], help="UDP port to sample")
+    group.add_argument("--collector", action="append", default=[], help="remote collector URL (repeatable)")
+    group.add_argument("--collect-interval", type=float, default=0.5, help="collector sampling interval (s)")
+    group.add_argument("--abort-cgroup-memory-fraction", type=float, default=0.0,
+                       help="abort when a group's cgroup memory reaches this fraction of its limit (0: off)")
+    group.add_argument("--abort-failure-ratio", type=float, default=0.0,
+                       help="abort when failures/requests over one interval reach this (0: off)")
+    group.add_argument("--abort-min-requests", type=int, default=50,
+                       help="an interval needs this many requests before the failure ratio counts")
+
+
+@events.init.add_listener
+def _on_init(environment: Any, **_kw: Any) -> None:
+    global _recorder
+    metrics_for(environment)  # wire generator metrics in every process, workers included
+    options = environment.parsed_options
+    if options is None or not getattr(options, "record_dir", ""):
+        return
+    if isinstance(environment.runner, WorkerRunner):
+        return
+    _recorder = Recorder(environment, options)
+    _recorder.start()
+
+
+@events.quitting.add_listener
+def _on_quitting(environment: Any, **_kw: Any) -> None:
+    if _recorder is not None and _recorder.environment is environment:
+        _recorder.stop()
+
+
+class _Prev:
+    __slots__ = ("num_requests", "num_failures", "total_response_time", "response_times")
+
+    def __init__(self) -> None:
+        self.num_requests = 0
+        self.num_failures = 0
+        self.total_response_time = 0.0
+        self.response_times: dict[int, int] = {}
+
+
+def request_intervals(
+    entries: dict, previous: dict[tuple[str, str], _Prev], now_unix_s: float, interval_s: float
+) -> list[RequestInterval]:
+    """Per-(type, name) rows for the requests completed since ``previous``; updates ``previous``.
+
+    Locust counts every request in ``num_requests`` and its response time in the histogram,
+    failures included, so the deltas cover successes and failures alike. A counter that went
+    down means Locust reset its stats: the interval starts from zero.
+    """
+    rows = []
+    for (name, method), entry in list(entries.items()):
+        prev = previous.get((name, method))
+        if prev is None or entry.num_requests < prev.num_requests:
+            prev = _Prev()
+        n = entry.num_requests - prev.num_requests
+        if n > 0:
+            delta = diff_response_time_dicts(entry.response_times, prev.response_times)
+            total_ms = entry.total_response_time - prev.total_response_time
+            pct = lambda p: calculate_response_time_percentile(delta, n, p) / 1000.0  # noqa: E731
+            rows.append(
+                RequestInterval(
+                    ts_unix_s=now_unix_s,
+                    interval_s=interval_s,
+                    request_type=str(method),
+                    name=str(name),
+                    requests_n=n,
+                    failures_n=max(0, entry.num_failures - prev.num_failures),
+                    latency_mean_s=total_ms / n / 1000.0,
+                    latency_p50_s=pct(0.5),
+                    latency_p90_s=pct(0.9),
+                    latency_p95_s=pct(0.95),
+                    latency_p99_s=pct(0.99),
+                    latency_max_s=(max(delta) if delta else 0) / 1000.0,
+                )
+            )
+        cur = _Prev()
+        cur.num_requests = entry.num_requests
+        cur.num_failures = entry.num_failures
+        cur.total_response_time = entry.total_response_time
+        cur.response_times = dict(entry.response_times)
+        previous[(name, method)] = cur
+    return rows
+
+
+def failure_intervals(
+    errors: dict, previous: dict[tuple[str, str, str], int], now_unix_s: float, interval_s: float
+) -> list[FailureInterval]:
+    """Per-(type, name, class) failure counts since ``previous``; updates ``previous``."""
+    rows = []
+    for err in list(errors.values()):
+        key = (str(err.method), str(err.name), str(err.error))
+        before = previous.get(key, 0)
+        if err.occurrences < before:
+            before = 0
+        n = err.occurrences - before
+        previous[key] = err.occurrences
+        if n > 0:
+            # a loadkit Failure's repr is its class token; anything else is kept short
+            rows.append(FailureInterval(now_unix_s, interval_s, key[0], key[1], key[2][:120], n))
+    return rows
+
+
+class _CgroupReader:
+    """Reads ``cgroup:PATH`` groups directly when the live collector is not available."""
+
+    def __init__(self, groups: dict[str, str]) -> None:
+        self.paths = {}
+        for name, spec in groups.items():
+            kind, _, rest = spec.partition(":")
+            if kind == "cgroup":
+                self.paths[name] = Path(rest.split("@", 1)[0])
+
+    @staticmethod
+    def _int(path: Path) -> int:
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            return 0
+        return 0 if text in ("", "max") else int(text.split()[0])
+
+    @staticmethod
+    def _keyed(path: Path) -> dict[str, int]:
+        try:
+            return {k: int(v) for k, v in (line.split() for line in path.read_text().splitlines() if line)}
+        except (OSError, ValueError):
+            return {}
+
+    def samples(self, host: str) -> list[GroupSample]:
+        out = []
+        now = time.time()
+        for name, p in self.paths.items():
+            if (p / "memory.current").exists():  # cgroup v2
+                mem, limit = self._int(p / "memory.current"), self._int(p / "memory.max")
+                ev = self._keyed(p / "memory.events")
+                failcnt, ooms = ev.get("max", 0), ev.get("oom_kill", 0)
+            else:  # cgroup v1
+                mem, limit = self._int(p / "memory.usage_in_bytes"), self._int(p / "memory.limit_in_bytes")
+                failcnt = self._int(p / "memory.failcnt")
+                ooms = self._keyed(p / "memory.oom_control").get("oom_kill", 0)
+                if limit >= 1 << 60:  # v1 reports "unlimited" as a huge number
+                    limit = 0
+            procs = _count_lines(p / "cgroup.procs")
+            out.append(GroupSample(now, host, name, procs, 0, 0, 0, 0.0, 0, 0, 0, 0, mem, limit, failcnt, ooms))
+        return out
+
+
+def _count_lines(path: Path) -> int:
+    try:
+        return sum(1 for line in path.read_text().splitlines() if line.strip())
+    except OSError:
+        return 0
+
+
+class Recorder:
+    """Writes one run record from a Locust master or local process."""
+
+    def __init__(self, environment: Any, options: Any) -> None:
+        self.environment = environment
+        self.options = options
+        scenario = options.scenario or "adhoc"
+        self.run_id = options.run_id or new_run_id(scenario)
+        self.writer = RunWriter(Path(options.record_dir) / self.run_id)
+        self.interval_s = max(0.05, float(options.record_interval))
+        self.status = "running"
+        self.abort_reason: dict[str, Any] | None = None
+        self._queue: collections.deque = collections.deque()
+        self._prev_requests: dict = {}
+        self._prev_failures: dict = {}
+        self._failures_by_class: collections.Counter = collections.Counter()
+        self._memory: dict[str, tuple[int, int]] = {}
+        self._workers_seen: dict[str, str] = {}
+        self._lost: set[str] = set()
+        self._greenlets: list = []
+        self._started_perf = time.perf_counter()
+        self._last_tick_unix_s = time.time()
+        self._stopped = False
+        self._fallback: _CgroupReader | None = None
+        self._next_fallback = 0.0
+        self.groups = dict(g.split("=", 1) for g in options.collect_group if "=" in g)
+
+    # -- life cycle ------------------------------------------------------------------------------
+    def start(self) -> None:
+        o = self.options
+        self.writer.start(self.run_id, o.scenario or "adhoc", o.release or "unlabelled")
+        self.writer.event("run_started", "locust", {"run_id": self.run_id, "distributed": self.distributed})
+        self._attach_collectors()
+        self._greenlets = [gevent.spawn(self._tick_loop), gevent.spawn(self._watch_loop)]
+        log.info("recording run %s in %s", self.run_id, self.writer.run_dir)
+
+    @property
+    def distributed(self) -> bool:
+        return isinstance(self.environment.runner, MasterRunner)
+
+    def _attach_collectors(self) -> None:
+        o = self.options
+        if not (self.groups or o.collect_udp_port or o.collector):
+            return
+        try:
+            from loadkit.record.live_collector import attach_collector
+        except ImportError:
+            attach_collector = None
+        if attach_collector is not None:
+            try:
+                attach_collector(
+                    self.environment,
+                    groups=self.groups,
+                    udp_ports=list(o.collect_udp_port),
+                    urls=list(o.collector),
+                    interval_s=o.collect_interval,
+                    sink=self.sink,
+                )
+                return
+            except Exception as err:  # a collector problem must not lose the run record
+                self.writer.event("warning", "collector", {"message": f"collector not attached: {err}"})
+                log.warning("collector not attached: %s", err)
+        self._fallback = _CgroupReader(self.groups)
+        if self._fallback.paths:
+            self.writer.event(
+                "warning", "collector",
+                {"message": "live collector unavailable: reading cgroup memory only"},
+            )
+
+    def sink(self, record: Any, table: str | None = None) -> None:
+        """Collector output: any sample record, an Event, or a dict row for ``table``."""
+        self._queue.append((record, table))
+
+    def stop(self) -> None:
+        """Final interval, final flush, manifest status ``completed`` or ``aborted``."""
+        if self._stopped:
+            return
+        self._stopped = True
+        for g in self._greenlets:
+            g.kill(block=False)
+        try:
+            self._drain()
+            self.tick()
+        finally:
+            status = "aborted" if self.abort_reason else "completed"
+            self.status = status
+            self.writer.event("run_ended", "locust", {"status": status})
+            self.writer.finish(status)
+            self._write_status()
+
+    # -- loops -----------------------------------------------------------------------------------
+    def _tick_loop(self) -> None:
+        while True:
+            gevent.sleep(self.interval_s)
+            try:
+                self.tick()
+            except Exception:  # keep recording; a bad interval is logged, not fatal
+                log.exception("recording interval failed")
+
+    def _watch_loop(self) -> None:
+        while True:
+            gevent.sleep(WATCH_INTERVAL_S)
+            try:
+                if self._fallback is not None and time.monotonic() >= self._next_fallback:
+                    self._next_fallback = time.monotonic() + self.options.collect_interval
+                    for s in self._fallback.samples(self.environment.host or "local"):
+                        self.sink(s)
+                self._drain()
+                self._check_workers()
+            except Exception:
+                log.exception("collector drain failed")
+
+    def _drain(self) -> None:
+        while self._queue:
+            record, table = self._queue.popleft()
+            if table is not None:
+                self.writer.add_row(table, record)
+                continue
+            self.writer.add(record)
+            if isinstance(record, GroupSample):
+                self._on_group_sample(record)
+            elif isinstance(record, Event) and record.kind == "oom_kill":
+                log.warning("OOM kill in %s: %s", record.source, record.detail)
+
+    # -- abort thresholds ------------------------------------------------------------------------
+    def _on_group_sample(self, s: GroupSample) -> None:
+        self._memory[s.group] = (s.cgroup_memory_bytes, s.cgroup_limit_bytes)
+        threshold = self.options.abort_cgroup_memory_fraction
+        if threshold > 0 and s.cgroup_limit_bytes > 0:
+            fraction = s.cgroup_memory_bytes / s.cgroup_limit_bytes
+            if fraction >= threshold:
+                self.abort(
+                    "cgroup_memory_fraction", s.group,
+                    {"memory_bytes": s.cgroup_memory_bytes, "limit_bytes": s.cgroup_limit_bytes,
+                     "fraction": round(fraction, 4), "threshold": threshold, "sample_unix_s": s.ts_unix_s},
+                )
+
+    def _check_failure_ratio(self, rows: list[RequestInterval]) -> None:
+        threshold = self.options.abort_failure_ratio
+        requests = sum(r.requests_n for r in rows)
+        failures = sum(r.failures_n for r in rows)
+        if threshold > 0 and requests >= self.options.abort_min_requests and requests:
+            ratio = failures / requests
+            if ratio >= threshold:
+                self.abort("failure_ratio", "requests",
+                           {"failures_n": failures, "requests_n": requests, "ratio": round(ratio, 4),
+                            "threshold": threshold})
+
+    def abort(self, reason: str, source: str, detail: dict[str, Any]) -> None:
+        """Record an abort event and stop the test (once)."""
+        if self.abort_reason is not None:
+            return
+        self.abort_reason = {"reason": reason, "source": source, **detail}
+        self.writer.event("abort", source, {"reason": reason, **detail})
+        log.warning("aborting run: %s on %s (%s)", reason, source, detail)
+        runner = self.environment.runner
+        if runner is not None:
+            gevent.spawn(runner.quit)
+
+    # -- workers ---------------------------------------------------------------------------------
+    def _check_workers(self) -> None:
+        runner = self.environment.runner
+        if not isinstance(runner, MasterRunner):
+            return
+        for client_id, node in list(runner.clients.items()):
+            state = str(node.state)
+            if state == "missing" and client_id not in self._lost:
+                self._lost.add(client_id)
+                forget_worker(self.environment, client_id)
+                self.writer.event("worker_lost", client_id, {"last_state": self._workers_seen.get(client_id, "")})
+                log.warning("worker %s lost", client_id)
+            self._workers_seen[client_id] = state
+
+    # -- one interval ----------------------------------------------------------------------------
+    def tick(self) -> None:
+        now = time.time()
+        interval = max(1e-6, now - self._last_tick_unix_s)
+        self._last_tick_unix_s = now
+        stats = self.environment.stats
+        rows = request_intervals(stats.entries, self._prev_requests, now, interval)
+        failures = failure_intervals(stats.errors, self._prev_failures, now, interval)
+        for f in failures:
+            self._failures_by_class[f.failure_class] += f.failures_n
+        self.writer.add_many(rows)
+        self.writer.add_many(failures)
+        self.writer.add_many(metrics_for(self.environment).snapshot(now))
+        runner = self.environment.runner
+        self.writer.add(GeneratorMetric(now, "users", "gauge", float(runner.user_count if runner else 0)))
+        if isinstance(runner, MasterRunner):
+            self.writer.add(GeneratorMetric(now, "workers", "gauge", float(runner.worker_count)))
+        self._drain()
+        self.writer.flush()
+        if not self._stopped:
+            self._check_failure_ratio(rows)
+        self._write_status(rows)
+
+    def _write_status(self, rows: list[RequestInterval] | None = None) -> None:
+        stats = self.environment.stats
+        runner = self.environment.runner
+        counters = metrics_for(self.environment).counters()
+        self.writer.write_status(
+            {
+                "run_id": self.run_id,
+                "status": self.status,
+                "elapsed_s": round(time.perf_counter() - self._started_perf, 1),
+                "users": runner.user_count if runner else 0,
+                "workers": runner.worker_count if isinstance(runner, MasterRunner) else 0,
+                "requests_n": stats.total.num_requests,
+                "failures_n": stats.total.num_failures,
+                "interval_requests_n": sum(r.requests_n for r in rows or []),
+                "failures_by_class": dict(self._failures_by_class.most_common(4)),
+                "counters": {k: v for k, v in counters.items() if k.startswith(("dns.", "imap.", "pop3."))},
+                "memory": {g: list(v) for g, v in sorted(self._memory.items())},
+                "abort": self.abort_reason,
+            }
+        )

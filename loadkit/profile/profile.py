@@ -1,0 +1,579 @@
+"""Profiles: one TOML file describes one load test, validated before anything runs.
+
+A profile says what load to offer, against which targets, inside which safety limits, and what
+counts as a pass. Every problem is reported as one :class:`~loadkit.errors.ProfileError` line
+naming the file, the key and the problem (``smoke.toml: [load] users: must be a positive
+integer, got -5``). Loading checks the shape of the profile and that referenced files exist; it
+sends nothing: resolving targets against the allowlist is :func:`resolve_targets`.
+
+Schema (every table but ``[run]``, ``[targets]`` and ``[load]`` is optional)::
+
+    [run]
+    scenario = "smoke"              # required; letters, digits, "._-"
+    release = "dev"                 # release label (``loadkit run --release`` overrides)
+    duration = "30s"                # required; 90, "90s", "5m", "1h30m", "500ms"
+    description = "..."             # free text
+    stop_timeout = "5s"             # how long users get to finish when the run stops
+
+    [targets]                       # the endpoints the load goes to, named
+    dns = "127.0.0.1:5353"          # "host:port", "[v6]:port", "udp://host:port"; the port
+    imap = "127.0.0.1:1143"         #   may be left out for dns (53), imap (143), pop3 (110)
+    allowlist = ["127.0.0.0/8"]     # networks every target must resolve into (default:
+                                    #   LOADKIT_ALLOWLIST, else loopback only)
+
+    [load]                          # one Locust run (``[[load]]`` with one entry is accepted)
+    locustfile = "locustfiles/dns_burst.py"   # or a list of files (Locust merges them)
+    host = "dns"                    # a target name, given to Locust as --host (optional)
+    users = 50                      # Locust -u (concurrent users)
+    spawn_rate = 10                 # Locust -r (users started per second)
+    options = { rate-qps = 2000, names-file = ".loadkit/lab/names.txt" }
+        # extra Locust/locustfile options: --KEY VALUE; true is a bare flag, false leaves
+        # it out, a list repeats the option. A string "{target:NAME}" is replaced by the
+        # resolved address of target NAME ("127.0.0.1:5353"). Credentials never go here:
+        # point to a file (accounts-file = "...") or read them from the environment.
+
+    [collect]                       # collectors started with the run
+    groups = { p1 = "cgroup:/sys/fs/cgroup/loadkit/p1@1143,1110", unbound = "name:unbound" }
+    udp_ports = [5353]              # UDP sockets whose queue and drops are sampled
+    urls = ["http://127.0.0.1:9109"]  # remote collectors (also checked against the allowlist)
+    interval_s = 0.5                # sampling interval
+
+    [caps]                          # hard ceilings; a profile or flag above them is refused
+    max_users = 2000
+    max_duration_s = 600
+    max_rate_qps = 20000            # checked against every option whose name ends in "qps"
+
+    [abort]                         # the run stops within about 2 s of a breach (an event)
+    cgroup_memory_fraction = 0.9    # any group's cgroup memory >= 90 % of its limit
+    failure_ratio = 0.5             # failures / requests over one record interval ...
+    min_requests = 50               # ... once the interval has at least this many requests
+
+    [gates]                         # evaluated after the run: exit 1 when one fails
+    p50_latency_s = 0.05            # Locust's whole-run percentiles (aggregated row)
+    p95_latency_s = 0.2
+    p99_latency_s = 0.5
+    failure_ratio = 0.01            # failures / requests over the whole run
+    min_headroom_pct = 20           # from loadkit.model; "not evaluated" when unavailable
+
+    [record]
+    interval_s = 1.0                # one request/failure/generator row set per interval
+
+    [lab]                           # hints only: the lab settings this scenario expects,
+    proxy_memory_bytes = 268435456  #   e.g. for ``loadkit lab up``; not read by the runner
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+from loadkit.errors import ProfileError, TargetError
+from loadkit.profile.targets import check_target, split_host_port
+
+#: the tables a profile may have and the keys each may hold
+_TABLES: dict[str, tuple[str, ...]] = {
+    "run": ("scenario", "release", "duration", "description", "stop_timeout"),
+    "targets": (),  # free target names plus "allowlist"
+    "load": ("locustfile", "host", "users", "spawn_rate", "options"),
+    "collect": ("groups", "udp_ports", "urls", "interval_s"),
+    "caps": ("max_users", "max_duration_s", "max_rate_qps"),
+    "abort": ("cgroup_memory_fraction", "failure_ratio", "min_requests"),
+    "gates": ("p50_latency_s", "p95_latency_s", "p99_latency_s", "failure_ratio", "min_headroom_pct"),
+    "record": ("interval_s",),
+    "lab": (),  # hints, free form
+}
+
+#: ceilings that apply when a profile sets no [caps]: a test beyond these is deliberate
+DEFAULT_CAPS = {"max_users": 20_000, "max_duration_s": 3600.0, "max_rate_qps": 250_000.0}
+
+#: a target name that is one of these may leave out the port
+DEFAULT_PORTS = {"dns": 53, "imap": 143, "pop3": 110, "pop": 110, "http": 80}
+
+#: option names that would carry a secret; their values must come from a file or environment
+_SECRET_WORDS = ("password", "passwd", "secret", "token", "apikey", "api-key", "api_key")
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_OPTION_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+_DURATION_RE = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?!s))?(?:(\d+(?:\.\d+)?)s)?(?:(\d+)ms)?$")
+_TARGET_REF_RE = re.compile(r"\{target:([^}]*)\}")
+
+# Locust options the runner sets itself from the profile: an options entry may not override them
+_RESERVED_OPTIONS = {
+    "f", "locustfile", "u", "users", "r", "spawn-rate", "t", "run-time", "headless", "H", "host",
+    "csv", "html", "master", "worker", "expect-workers", "master-host", "master-port",
+    "master-bind-host", "master-bind-port", "record-dir", "run-id", "scenario", "release",
+    "processes", "autostart", "autoquit",
+}
+
+
+def parse_duration(value: Any, where: str) -> float:
+    """``90``, ``"90"``, ``"90s"``, ``"5m"``, ``"1h30m"``, ``"500ms"`` -> seconds (> 0)."""
+    if isinstance(value, bool):
+        raise ProfileError(f"{where}: must be a duration like 30s, 5m or 1h30m, got {value!r}")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip().lower().replace(" ", "")
+        try:
+            seconds = float(text)
+        except ValueError:
+            m = _DURATION_RE.match(text)
+            if not text or not m or not any(m.groups()):
+                raise ProfileError(
+                    f"{where}: {value!r} is not a duration (use e.g. 30s, 5m, 1h30m, 500ms)"
+                ) from None
+            h, mi, s, ms = (float(g) if g else 0.0 for g in m.groups())
+            seconds = h * 3600 + mi * 60 + s + ms / 1000
+    else:
+        raise ProfileError(f"{where}: must be a duration like 30s, 5m or 1h30m, got {value!r}")
+    if not seconds > 0:
+        raise ProfileError(f"{where}: duration must be more than 0, got {value!r}")
+    return seconds
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    """The ``[load]`` table: one Locust run."""
+
+    locustfiles: tuple[Path, ...]
+    users: int
+    spawn_rate: float
+    host: str | None = None  #: a target name
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CollectSpec:
+    groups: dict[str, str] = field(default_factory=dict)
+    udp_ports: tuple[int, ...] = ()
+    urls: tuple[str, ...] = ()
+    interval_s: float = 0.5
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.groups or self.udp_ports or self.urls)
+
+
+@dataclass(frozen=True)
+class Caps:
+    max_users: int = DEFAULT_CAPS["max_users"]
+    max_duration_s: float = DEFAULT_CAPS["max_duration_s"]
+    max_rate_qps: float = DEFAULT_CAPS["max_rate_qps"]
+
+
+@dataclass(frozen=True)
+class AbortSpec:
+    cgroup_memory_fraction: float | None = None
+    failure_ratio: float | None = None
+    min_requests: int = 50
+
+
+@dataclass(frozen=True)
+class GateSpec:
+    p50_latency_s: float | None = None
+    p95_latency_s: float | None = None
+    p99_latency_s: float | None = None
+    failure_ratio: float | None = None
+    min_headroom_pct: float | None = None
+
+    def items(self) -> list[tuple[str, float]]:
+        return [(k, v) for k, v in vars(self).items() if v is not None]
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A validated profile. ``raw`` is the TOML as read (credentials are never in it)."""
+
+    path: Path
+    scenario: str
+    release: str
+    duration_s: float
+    targets: dict[str, str]
+    allowlist: tuple[str, ...] | None
+    load: LoadSpec
+    collect: CollectSpec = field(default_factory=CollectSpec)
+    caps: Caps = field(default_factory=Caps)
+    abort: AbortSpec = field(default_factory=AbortSpec)
+    gates: GateSpec = field(default_factory=GateSpec)
+    record_interval_s: float = 1.0
+    stop_timeout_s: float = 5.0
+    description: str = ""
+    lab_hints: dict[str, Any] = field(default_factory=dict)
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    def with_overrides(
+        self, release: str | None = None, duration: Any = None, where: str = "command line"
+    ) -> "Profile":
+        """A copy with ``--release``/``--duration`` applied and the caps checked again."""
+        p = self
+        if release is not None:
+            _check_name(release, f"{where} --release")
+            p = replace(p, release=release)
+        if duration is not None:
+            p = replace(p, duration_s=parse_duration(duration, f"{where} --duration"))
+        check_caps(p, where)
+        return p
+
+    def to_dict(self) -> dict[str, Any]:
+        """The profile as recorded in a run's manifest (plain JSON types)."""
+        return {
+            "path": str(self.path),
+            "scenario": self.scenario,
+            "release": self.release,
+            "duration_s": self.duration_s,
+            "description": self.description,
+            "targets": dict(self.targets),
+            "allowlist": list(self.allowlist) if self.allowlist is not None else None,
+            "load": {
+                "locustfiles": [str(p) for p in self.load.locustfiles],
+                "users": self.load.users,
+                "spawn_rate": self.load.spawn_rate,
+                "host": self.load.host,
+                "options": dict(self.load.options),
+            },
+            "collect": {
+                "groups": dict(self.collect.groups),
+                "udp_ports": list(self.collect.udp_ports),
+                "urls": list(self.collect.urls),
+                "interval_s": self.collect.interval_s,
+            },
+            "caps": vars(self.caps).copy(),
+            "abort": vars(self.abort).copy(),
+            "gates": vars(self.gates).copy(),
+            "record_interval_s": self.record_interval_s,
+            "stop_timeout_s": self.stop_timeout_s,
+            "lab": dict(self.lab_hints),
+        }
+
+
+# ------------------------------------------------------------------------------------------------
+# field checks: each takes the value and "file: [table] key" for the message
+# ------------------------------------------------------------------------------------------------
+
+
+def _check_name(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not _NAME_RE.match(value):
+        raise ProfileError(f"{where}: must be a name of letters, digits and '._-', got {value!r}")
+    return value
+
+
+def _str(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise ProfileError(f"{where}: must be a string, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _pos_int(value: Any, where: str, zero_ok: bool = False) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ProfileError(f"{where}: must be an integer, got {type(value).__name__} {value!r}")
+    if value < 0 or (value == 0 and not zero_ok):
+        raise ProfileError(f"{where}: must be {'0 or more' if zero_ok else 'more than 0'}, got {value}")
+    return value
+
+
+def _pos_number(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ProfileError(f"{where}: must be a number, got {type(value).__name__} {value!r}")
+    if not value > 0:
+        raise ProfileError(f"{where}: must be more than 0, got {value}")
+    return float(value)
+
+
+def _fraction(value: Any, where: str) -> float:
+    v = _pos_number(value, where)
+    if v > 1:
+        raise ProfileError(f"{where}: is a fraction between 0 and 1 (0.9 = 90 %), got {value}")
+    return v
+
+
+def _port(value: Any, where: str) -> int:
+    p = _pos_int(value, where)
+    if p > 65535:
+        raise ProfileError(f"{where}: port {p} is out of range 1-65535")
+    return p
+
+
+def _table(data: dict, name: str, where: str, required: bool = False) -> dict:
+    value = data.get(name)
+    if value is None:
+        if required:
+            raise ProfileError(f"{where}: missing table [{name}]")
+        return {}
+    if isinstance(value, list) and name == "load":
+        if len(value) != 1 or not isinstance(value[0], dict):
+            raise ProfileError(
+                f"{where}: [[load]] must appear once (list several files in one locustfile = [...])"
+            )
+        value = value[0]
+    if not isinstance(value, dict):
+        raise ProfileError(f"{where}: [{name}] must be a table, got {type(value).__name__}")
+    allowed = _TABLES[name]
+    if allowed:
+        for key in value:
+            if key not in allowed:
+                raise ProfileError(
+                    f"{where}: [{name}] unknown key {key!r} (allowed: {', '.join(allowed)})"
+                )
+    return value
+
+
+def _resolve_file(value: str, profile_path: Path, where: str) -> Path:
+    p = Path(value).expanduser()
+    if p.is_absolute():
+        candidates = [p]
+    else:
+        # relative to the profile's folder, its parent (a repo's scenarios/ folder), then cwd
+        candidates = [profile_path.parent / p, profile_path.parent.parent / p, Path.cwd() / p]
+    for c in candidates:
+        if c.is_file():
+            return c.resolve()
+    raise ProfileError(f"{where}: file {value!r} not found (relative to the profile or the working directory)")
+
+
+def _check_options(options: Any, targets: dict[str, str], where: str) -> dict[str, Any]:
+    if not isinstance(options, dict):
+        raise ProfileError(f"{where}: must be a table of option = value, got {type(options).__name__}")
+    out: dict[str, Any] = {}
+    for key, value in options.items():
+        kw = f"{where}.{key}"
+        name = key.lstrip("-")
+        if not _OPTION_RE.match(name):
+            raise ProfileError(f"{kw}: {key!r} is not an option name (letters, digits, '-', '_')")
+        if name in _RESERVED_OPTIONS:
+            raise ProfileError(f"{kw}: set by the profile itself ([run] duration, [load] users...), not in options")
+        lowered = name.lower()
+        if any(w in lowered for w in _SECRET_WORDS) and not lowered.endswith(("file", "env")):
+            raise ProfileError(
+                f"{kw}: credentials are not written into profiles; give a file (e.g. accounts-file) "
+                "or the name of an environment variable"
+            )
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            if isinstance(v, (dict, list)) or v is None:
+                raise ProfileError(f"{kw}: must be a string, number, boolean or a list of them, got {v!r}")
+            if isinstance(v, str):
+                for ref in _TARGET_REF_RE.findall(v):
+                    if ref not in targets:
+                        raise ProfileError(f"{kw}: refers to unknown target {ref!r} (targets: {', '.join(targets)})")
+        out[name] = value
+    return out
+
+
+def check_caps(profile: Profile, where: str) -> None:
+    """Refuse a profile whose users, duration or any *qps option exceeds ``[caps]``."""
+    caps = profile.caps
+    if profile.load.users > caps.max_users:
+        raise ProfileError(
+            f"{where}: {profile.load.users} users exceeds [caps] max_users = {caps.max_users}"
+        )
+    if profile.duration_s > caps.max_duration_s:
+        raise ProfileError(
+            f"{where}: duration {profile.duration_s:g} s exceeds [caps] max_duration_s = {caps.max_duration_s:g}"
+        )
+    for key, value in profile.load.options.items():
+        if key.replace("_", "-").lower().endswith("qps"):
+            for v in value if isinstance(value, list) else [value]:
+                if isinstance(v, bool) or not isinstance(v, (int, float)):
+                    raise ProfileError(f"{where}: [load] options.{key}: must be a number, got {v!r}")
+                if v < 0:
+                    raise ProfileError(f"{where}: [load] options.{key}: must not be negative, got {v}")
+                if v > caps.max_rate_qps:
+                    raise ProfileError(
+                        f"{where}: [load] options.{key} = {v:g} exceeds [caps] max_rate_qps = {caps.max_rate_qps:g}"
+                    )
+
+
+def load_profile(path: str | Path) -> Profile:
+    """Read and validate a profile; :class:`ProfileError` naming file, key and problem."""
+    path = Path(path)
+    name = path.name
+    if not path.is_file():
+        raise ProfileError(f"profile {path} not found")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as err:
+        raise ProfileError(f"{name}: not valid TOML: {err}") from err
+    except UnicodeDecodeError as err:
+        raise ProfileError(f"{name}: not UTF-8 text ({err.reason})") from err
+    return profile_from_dict(data, path)
+
+
+def profile_from_dict(data: dict[str, Any], path: Path) -> Profile:
+    name = path.name
+    for table in data:
+        if table not in _TABLES:
+            raise ProfileError(f"{name}: unknown table [{table}] (allowed: {', '.join(_TABLES)})")
+
+    run = _table(data, "run", name, required=True)
+    w = f"{name}: [run]"
+    if "scenario" not in run:
+        raise ProfileError(f"{w} scenario: missing (a name such as smoke)")
+    scenario = _check_name(run["scenario"], f"{w} scenario")
+    release = _check_name(run.get("release", "unlabelled"), f"{w} release")
+    if "duration" not in run:
+        raise ProfileError(f"{w} duration: missing (e.g. duration = \"30s\")")
+    duration_s = parse_duration(run["duration"], f"{w} duration")
+    stop_timeout_s = parse_duration(run.get("stop_timeout", 5), f"{w} stop_timeout")
+    description = _str(run.get("description", ""), f"{w} description")
+
+    tdata = _table(data, "targets", name, required=True)
+    targets: dict[str, str] = {}
+    allowlist: tuple[str, ...] | None = None
+    for key, value in tdata.items():
+        wk = f"{name}: [targets] {key}"
+        if key == "allowlist":
+            if isinstance(value, str):
+                value = [value]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value) or not value:
+                raise ProfileError(f"{wk}: must be a list of networks such as [\"127.0.0.0/8\"]")
+            for v in value:
+                try:
+                    ipaddress.ip_network(v, strict=False)
+                except ValueError:
+                    raise ProfileError(f"{wk}: {v!r} is not a network (e.g. 10.20.0.0/16)") from None
+            allowlist = tuple(value)
+            continue
+        _check_name(key, f"{name}: [targets] name")
+        spec = _str(value, wk)
+        try:
+            _, port = split_host_port(spec, DEFAULT_PORTS.get(key, 0))
+        except TargetError as err:
+            raise ProfileError(f"{wk}: {err}") from None
+        if port == 0:
+            raise ProfileError(f"{wk}: {spec!r} needs a port (host:port)")
+        targets[key] = spec
+    if not targets:
+        raise ProfileError(f"{name}: [targets]: name at least one target, e.g. dns = \"127.0.0.1:5353\"")
+
+    ldata = _table(data, "load", name, required=True)
+    w = f"{name}: [load]"
+    if "locustfile" not in ldata:
+        raise ProfileError(f"{w} locustfile: missing")
+    files = ldata["locustfile"]
+    files = files if isinstance(files, list) else [files]
+    if not files:
+        raise ProfileError(f"{w} locustfile: the list is empty")
+    locustfiles = tuple(
+        _resolve_file(_str(f, f"{w} locustfile"), path, f"{w} locustfile") for f in files
+    )
+    for f in locustfiles:
+        if f.suffix != ".py":
+            raise ProfileError(f"{w} locustfile: {f.name} is not a Python file")
+    if "users" not in ldata:
+        raise ProfileError(f"{w} users: missing (number of concurrent Locust users)")
+    users = _pos_int(ldata["users"], f"{w} users")
+    spawn_rate = _pos_number(ldata.get("spawn_rate", users), f"{w} spawn_rate")
+    host = ldata.get("host")
+    if host is not None:
+        _str(host, f"{w} host")
+        if host not in targets:
+            raise ProfileError(f"{w} host: {host!r} is not one of [targets] ({', '.join(targets)})")
+    options = _check_options(ldata.get("options", {}), targets, f"{w} options")
+    load = LoadSpec(locustfiles, users, spawn_rate, host, options)
+
+    cdata = _table(data, "collect", name)
+    w = f"{name}: [collect]"
+    groups = cdata.get("groups", {})
+    if not isinstance(groups, dict):
+        raise ProfileError(f"{w} groups: must be a table of name = \"spec\", e.g. p1 = \"cgroup:/sys/fs/cgroup/p1\"")
+    for g, spec in groups.items():
+        _check_name(g, f"{w} groups name")
+        s = _str(spec, f"{w} groups.{g}")
+        if ":" not in s:
+            raise ProfileError(f"{w} groups.{g}: {s!r} must be KIND:VALUE, e.g. name:dovecot or cgroup:PATH")
+    udp_ports = cdata.get("udp_ports", [])
+    if not isinstance(udp_ports, list):
+        raise ProfileError(f"{w} udp_ports: must be a list of ports, got {udp_ports!r}")
+    ports = tuple(_port(p, f"{w} udp_ports") for p in udp_ports)
+    urls = cdata.get("urls", [])
+    if isinstance(urls, str):
+        urls = [urls]
+    if not isinstance(urls, list):
+        raise ProfileError(f"{w} urls: must be a list of collector URLs, got {urls!r}")
+    for u in urls:
+        if not isinstance(u, str) or not u.startswith(("http://", "https://")):
+            raise ProfileError(f"{w} urls: {u!r} is not an http:// URL")
+    interval = _pos_number(cdata.get("interval_s", 0.5), f"{w} interval_s")
+    collect = CollectSpec(dict(groups), ports, tuple(urls), interval)
+
+    kdata = _table(data, "caps", name)
+    w = f"{name}: [caps]"
+    caps = Caps(
+        max_users=_pos_int(kdata.get("max_users", DEFAULT_CAPS["max_users"]), f"{w} max_users"),
+        max_duration_s=parse_duration(kdata.get("max_duration_s", DEFAULT_CAPS["max_duration_s"]), f"{w} max_duration_s"),
+        max_rate_qps=_pos_number(kdata.get("max_rate_qps", DEFAULT_CAPS["max_rate_qps"]), f"{w} max_rate_qps"),
+    )
+
+    adata = _table(data, "abort", name)
+    w = f"{name}: [abort]"
+    abort = AbortSpec(
+        cgroup_memory_fraction=_fraction(adata["cgroup_memory_fraction"], f"{w} cgroup_memory_fraction")
+        if "cgroup_memory_fraction" in adata
+        else None,
+        failure_ratio=_fraction(adata["failure_ratio"], f"{w} failure_ratio") if "failure_ratio" in adata else None,
+        min_requests=_pos_int(adata.get("min_requests", 50), f"{w} min_requests"),
+    )
+
+    gdata = _table(data, "gates", name)
+    w = f"{name}: [gates]"
+    gates = GateSpec(
+        **{
+            k: (_fraction(v, f"{w} {k}") if k == "failure_ratio" else _pos_number(v, f"{w} {k}"))
+            for k, v in gdata.items()
+        }
+    )
+    if gates.min_headroom_pct is not None and gates.min_headroom_pct > 100:
+        raise ProfileError(f"{w} min_headroom_pct: is a percentage 0-100, got {gates.min_headroom_pct:g}")
+
+    rdata = _table(data, "record", name)
+    record_interval_s = _pos_number(rdata.get("interval_s", 1.0), f"{name}: [record] interval_s")
+
+    lab_hints = _table(data, "lab", name)
+
+    profile = Profile(
+        path=path,
+        scenario=scenario,
+        release=release,
+        duration_s=duration_s,
+        targets=targets,
+        allowlist=allowlist,
+        load=load,
+        collect=collect,
+        caps=caps,
+        abort=abort,
+        gates=gates,
+        record_interval_s=record_interval_s,
+        stop_timeout_s=stop_timeout_s,
+        description=description,
+        lab_hints=dict(lab_hints),
+        raw=data,
+    )
+    check_caps(profile, name)
+    return profile
+
+
+def resolve_targets(profile: Profile) -> dict[str, Any]:
+    """Resolve every target and collector URL; :class:`TargetNotAllowed` before anything is sent.
+
+    Returns ``{target name: Target}``; collector URLs are checked too (they are contacted).
+    """
+    resolved = {}
+    allow: Sequence[str] | None = profile.allowlist
+    for key, spec in profile.targets.items():
+        resolved[key] = check_target(spec, DEFAULT_PORTS.get(key, 0), allow)
+    for url in profile.collect.urls:
+        check_target(url, 443 if url.startswith("https") else 80, allow)
+    return resolved
+
+
+def expand_target_refs(value: Any, resolved: dict[str, Any]) -> Any:
+    """Replace ``{target:NAME}`` in option strings by the resolved ``address:port``."""
+    if isinstance(value, list):
+        return [expand_target_refs(v, resolved) for v in value]
+    if isinstance(value, str):
+        return _TARGET_REF_RE.sub(lambda m: str(resolved[m.group(1)]), value)
+    return value

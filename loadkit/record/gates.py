@@ -1,0 +1,112 @@
+"""Gates: the pass/fail answer a release pipeline uses, from a finished run record.
+
+Latency gates read Locust's whole-run percentiles (the ``Aggregated`` row of
+``locust/locust_stats.csv``, which Locust computes from its full response-time histogram);
+the failure-ratio gate sums the run's request intervals; the headroom gate asks
+:mod:`loadkit.model` for the minimum headroom and is *not evaluated* (``passed`` None, which
+does not fail the run) when no model is available or it cannot answer for this run.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+from loadkit.records import RUN_LAYOUT
+
+log = logging.getLogger(__name__)
+
+#: gate key -> Locust CSV percentile column
+_PERCENTILE_COLUMNS = {"p50_latency_s": "50%", "p95_latency_s": "95%", "p99_latency_s": "99%"}
+
+LOCUST_CSV_PREFIX = "locust"  #: Locust writes <run>/locust/locust_stats.csv
+
+
+def gate_result(name: str, passed: bool | None, value: float | None, limit: float, detail: str = "") -> dict:
+    return {"name": name, "passed": passed, "value": value, "limit": limit, "detail": detail}
+
+
+def aggregated_percentiles(run_dir: Path) -> dict[str, float] | None:
+    """Locust's whole-run percentiles in seconds, or None when the CSV is missing or empty."""
+    path = Path(run_dir) / RUN_LAYOUT["locust"] / f"{LOCUST_CSV_PREFIX}_stats.csv"
+    if not path.exists():
+        return None
+    with path.open(newline="") as fh:
+        for row in csv.DictReader(fh):
+            if row.get("Name") == "Aggregated":
+                out = {}
+                for key, column in _PERCENTILE_COLUMNS.items():
+                    try:
+                        out[key] = float(row[column]) / 1000.0
+                    except (KeyError, ValueError):  # "N/A" when nothing completed
+                        return None
+                return out
+    return None
+
+
+def _headroom_pct(run_dir: Path) -> tuple[float | None, str]:
+    """Minimum headroom (percent) from loadkit.model, or (None, why not)."""
+    try:
+        from loadkit.model import headroom  # type: ignore[attr-defined]
+    except ImportError:
+        return None, "loadkit.model.headroom is not available"
+    fn: Callable[..., Any] | None = getattr(headroom, "min_headroom_pct", None)
+    if fn is None:
+        return None, "loadkit.model.headroom has no min_headroom_pct"
+    try:
+        from loadkit.record.reader import load_run
+
+        value = fn(load_run(run_dir))
+    except Exception as err:  # a model that cannot answer for this run is "not evaluated"
+        return None, f"headroom model could not answer: {err}"
+    return (None, "headroom model returned nothing") if value is None else (float(value), "")
+
+
+def evaluate(run_dir: Path, gates: dict[str, float], requests: Any = None) -> list[dict]:
+    """Evaluate ``gates`` ({"p99_latency_s": 0.5, ...}) against the run in ``run_dir``."""
+    results = []
+    percentiles = None
+    for name, limit in gates.items():
+        if limit is None:
+            continue
+        if name in _PERCENTILE_COLUMNS:
+            if percentiles is None:
+                percentiles = aggregated_percentiles(run_dir) or {}
+            value = percentiles.get(name)
+            if value is None:
+                results.append(gate_result(name, None, None, limit, "no completed requests"))
+            else:
+                results.append(gate_result(name, value <= limit, value, limit))
+        elif name == "failure_ratio":
+            if requests is None:
+                from loadkit.record.reader import read_table
+
+                requests = read_table(Path(run_dir), "requests")
+            total = float(requests["requests_n"].sum()) if len(requests) else 0.0
+            if total == 0:
+                results.append(gate_result(name, False, None, limit, "no requests completed"))
+            else:
+                ratio = float(requests["failures_n"].sum()) / total
+                results.append(gate_result(name, ratio <= limit, ratio, limit))
+        elif name == "min_headroom_pct":
+            value, why = _headroom_pct(Path(run_dir))
+            if value is None:
+                results.append(gate_result(name, None, None, limit, f"not evaluated: {why}"))
+            else:
+                results.append(gate_result(name, value >= limit, value, limit))
+        else:
+            results.append(gate_result(name, None, None, limit, "unknown gate: not evaluated"))
+    return results
+
+
+def describe(result: dict) -> str:
+    """``p99_latency_s 0.012 <= 0.5 pass`` — one line for the terminal."""
+    name, value, limit = result["name"], result["value"], result["limit"]
+    if result["passed"] is None:
+        return f"{name}: {result['detail'] or 'not evaluated'}"
+    op = ">=" if name.startswith("min_") else "<="
+    verdict = "pass" if result["passed"] else "FAIL"
+    shown = "n/a" if value is None else f"{value:.4g}"
+    return f"{name}: {shown} (limit {op} {limit:g}) {verdict}" + (f" ({result['detail']})" if result["detail"] else "")

@@ -1,0 +1,202 @@
+"""Write one run directory as the run goes (layout: :data:`loadkit.records.RUN_LAYOUT`).
+
+:class:`RunWriter` owns the tables (Parquet part files), ``events.jsonl`` and ``manifest.json``.
+Rows are buffered and :meth:`RunWriter.flush` writes one part file per table that has rows,
+atomically, so after a SIGKILL everything up to the last flush is readable with
+:func:`loadkit.record.reader.load_run`. Each event line is written and flushed at once. The
+manifest is rewritten atomically (temporary file + rename) at start, on :meth:`finish` and
+whenever the runner adds gate results.
+
+A ``status.json`` beside the manifest holds the latest live figures (elapsed, requests,
+failures by class, target memory) for the runner's status line; it is not part of the record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterable, NamedTuple
+
+from loadkit.partfiles import PartWriter
+from loadkit.records import (
+    RUN_LAYOUT,
+    Event,
+    FailureInterval,
+    GeneratorMetric,
+    GroupSample,
+    NetSample,
+    RequestInterval,
+    RunManifest,
+    SocketSample,
+    SystemSample,
+)
+
+#: record type -> table name in RUN_LAYOUT
+_TABLE_OF: dict[type, str] = {
+    RequestInterval: "requests",
+    FailureInterval: "failures",
+    GeneratorMetric: "generator",
+    GroupSample: "groups",
+    NetSample: "net",
+    SocketSample: "sockets",
+    SystemSample: "system",
+}
+
+STATUS_FILE = "status.json"
+
+
+def new_run_id(scenario: str, now_unix_s: float | None = None) -> str:
+    """``20261125T204912-smoke-3f9a``: sortable by time, readable, unique enough."""
+    now = time.time() if now_unix_s is None else now_unix_s
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now))
+    return f"{stamp}-{scenario}-{os.urandom(2).hex()}"
+
+
+def versions() -> dict[str, str]:
+    from loadkit import __version__
+
+    try:
+        import locust
+
+        locust_version = locust.__version__
+    except Exception:  # the record stage must not need Locust to write a manifest
+        locust_version = ""
+    return {
+        "loadkit": __version__,
+        "locust": locust_version,
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+    }
+
+
+def host_facts() -> dict[str, Any]:
+    try:
+        import psutil
+
+        mem = int(psutil.virtual_memory().total)
+    except Exception:
+        mem = 0
+    return {"hostname": socket.gethostname(), "cpus": os.cpu_count() or 0, "mem_total_bytes": mem}
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+class RunWriter:
+    """One run directory, written incrementally. Thread-safe for appends and events."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / RUN_LAYOUT["locust"]).mkdir(exist_ok=True)
+        self._tables: dict[str, PartWriter] = {}
+        self._events_lock = threading.Lock()
+        self.manifest_path = self.run_dir / RUN_LAYOUT["manifest"]
+        self.events_path = self.run_dir / RUN_LAYOUT["events"]
+
+    # -- tables ----------------------------------------------------------------------------------
+    def table(self, name: str) -> PartWriter:
+        if name not in self._tables:
+            record = next((r for r, t in _TABLE_OF.items() if t == name), None)
+            columns = record._fields if record is not None else None
+            self._tables[name] = PartWriter(self.run_dir / RUN_LAYOUT[name], columns)
+        return self._tables[name]
+
+    def add(self, row: NamedTuple) -> None:
+        """Buffer a record (RequestInterval, GroupSample, ...) or write an :class:`Event`."""
+        if isinstance(row, Event):
+            self.event(row.kind, row.source, row.detail, row.ts_unix_s)
+            return
+        self.table(_TABLE_OF[type(row)]).append(row)
+
+    def add_many(self, rows: Iterable[NamedTuple]) -> None:
+        for row in rows:
+            self.add(row)
+
+    def add_row(self, table: str, row: dict[str, Any]) -> None:
+        """A row with extra columns (e.g. the ``*_delta`` columns of ``net``)."""
+        self.table(table).append(row)
+
+    def flush(self) -> None:
+        for writer in list(self._tables.values()):
+            writer.flush()
+
+    # -- events ----------------------------------------------------------------------------------
+    def event(self, kind: str, source: str, detail: dict | None = None, ts_unix_s: float | None = None) -> Event:
+        ev = Event(time.time() if ts_unix_s is None else ts_unix_s, kind, source, dict(detail or {}))
+        line = json.dumps(ev._asdict(), default=str)
+        with self._events_lock, self.events_path.open("a") as fh:
+            fh.write(line + "\n")
+            fh.flush()
+        return ev
+
+    # -- manifest --------------------------------------------------------------------------------
+    def read_manifest(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.manifest_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    def write_manifest(self, manifest: RunManifest | dict[str, Any]) -> dict[str, Any]:
+        data = manifest._asdict() if isinstance(manifest, RunManifest) else dict(manifest)
+        write_json_atomic(self.manifest_path, data)
+        return data
+
+    def update_manifest(self, **fields: Any) -> dict[str, Any]:
+        data = self.read_manifest() or {}
+        unknown = set(fields) - set(RunManifest._fields)
+        if unknown:
+            raise KeyError(f"not manifest fields: {sorted(unknown)}")
+        data.update(fields)
+        return self.write_manifest(data)
+
+    def start(
+        self,
+        run_id: str,
+        scenario: str,
+        release: str,
+        profile: dict | None = None,
+        targets: list | None = None,
+        lab: dict | None = None,
+        started_unix_s: float | None = None,
+    ) -> dict[str, Any]:
+        """Write the manifest with status ``running`` (keeping what an earlier writer put there)."""
+        previous = self.read_manifest() or {}
+        manifest = RunManifest(
+            run_id=run_id,
+            scenario=scenario,
+            release=release,
+            status="running",
+            started_unix_s=started_unix_s or previous.get("started_unix_s") or time.time(),
+            ended_unix_s=0.0,
+            profile=profile if profile is not None else previous.get("profile", {}),
+            targets=targets if targets is not None else previous.get("targets", []),
+            versions=versions(),
+            host=host_facts(),
+            lab=lab if lab is not None else previous.get("lab", {}),
+            gates=previous.get("gates", []),
+        )
+        return self.write_manifest(manifest)
+
+    def finish(self, status: str, ended_unix_s: float | None = None) -> dict[str, Any]:
+        """Flush every table and rewrite the manifest with its final status and end time."""
+        self.flush()
+        return self.update_manifest(status=status, ended_unix_s=ended_unix_s or time.time())
+
+    # -- live status (not part of the record) ----------------------------------------------------
+    def write_status(self, status: dict[str, Any]) -> None:
+        write_json_atomic(self.run_dir / STATUS_FILE, status)
+
+
+def python_command() -> list[str]:
+    """How to start a Python module in this interpreter (the venv's)."""
+    return [sys.executable]
