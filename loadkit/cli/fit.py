@@ -1,16 +1,120 @@
-"""`loadkit fit`: placeholder until its stage lands."""
+"""`loadkit fit KIND RUN...`: fit a model to recorded runs, print its summary, write its JSON."""
 
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
-from loadkit.errors import LoadkitError
+from loadkit.errors import LoadkitError, ModelError
+
+KINDS = ("headroom", "usl", "udp-burst", "retries", "anomalies")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("fit", help="(not built yet)")
+    p = sub.add_parser(
+        "fit",
+        help="fit a model (headroom, usl, udp-burst, retries, anomalies) to recorded runs",
+        description="Fit a model to one or more run directories, print its one-line summary and "
+        "optionally write the result as JSON. headroom combines all runs given; the other kinds "
+        "fit each run on its own.",
+    )
+    p.add_argument("kind", choices=KINDS, metavar="KIND", help="one of: " + ", ".join(KINDS))
+    p.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run directory")
+    p.add_argument("--out", type=Path, metavar="FILE.json", help="write the result(s) as JSON here")
+
+    h = p.add_argument_group("headroom")
+    h.add_argument("--policy", default="roundrobin", choices=("roundrobin", "leastconn", "weighted"),
+                   help="load-balancer policy (default %(default)s)")
+    h.add_argument("--weight", action="append", default=[], metavar="PROXY=W",
+                   help="balancer weight of one proxy (repeat per proxy)")
+    h.add_argument("--admission-fraction", type=float, default=0.9, metavar="F",
+                   help="admission limit keeps each proxy under F × its memory limit (default %(default)s)")
+    h.add_argument("--forecast-peak", type=float, default=None, metavar="SESSIONS",
+                   help="forecast peak of concurrent sessions, for headroom and proxies needed")
+    h.add_argument("--limit-bytes", type=float, default=None, metavar="BYTES",
+                   help="memory each proxy may use when the run recorded no cgroup limit")
+    h.add_argument("--reconnect-overhead", type=float, default=0.0, metavar="F",
+                   help="extra sessions per lost session while clients reconnect (default 0)")
+
+    u = p.add_argument_group("usl")
+    u.add_argument("--concurrency-metric", default="users", metavar="GAUGE",
+                   help="generator gauge giving each interval's concurrency (default %(default)s)")
+
+    b = p.add_argument_group("udp-burst")
+    b.add_argument("--rcvbuf", type=float, default=None, metavar="BYTES",
+                   help="the socket's sk_rcvbuf in bytes (ss -m 'rb'; twice so-rcvbuf)")
+    b.add_argument("--bytes-per-datagram", type=float, default=832.0, metavar="BYTES",
+                   help="buffer charge per datagram (default %(default)s, a small query on loopback)")
+    b.add_argument("--burst-window", type=float, default=0.0, metavar="SECONDS",
+                   help="burst duration the headline figure is for (default 0: all at once)")
+    b.add_argument("--port", type=int, default=None, help="the server's UDP port among watched sockets")
+
+    r = p.add_argument_group("retries")
+    r.add_argument("--trigger-end", type=float, default=None, metavar="UNIX_S",
+                   help="when the trigger ended (default: from events, else from the original rate)")
+
+    a = p.add_argument_group("anomalies")
+    a.add_argument("--table", default="net", choices=("net", "groups", "sockets", "system", "requests"),
+                   help="sample table holding the KPI (default %(default)s)")
+    a.add_argument("--column", default="udp_rcvbuf_errors_n", help="KPI column (default %(default)s)")
+    a.add_argument("--group", default=None, help="only this group (groups table)")
+    a.add_argument("--delta", action="store_true",
+                   help="use the per-interval increase (for cumulative counters)")
+    a.add_argument("--z", type=float, default=6.0, help="spike threshold in robust σ (default %(default)s)")
     p.set_defaults(func=_run)
 
 
+def _weights(specs: list[str]) -> dict[str, float] | None:
+    if not specs:
+        return None
+    weights = {}
+    for spec in specs:
+        name, sep, value = spec.partition("=")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise ModelError(f"--weight {spec!r}: expected PROXY=NUMBER, e.g. proxy1=2") from None
+        if not sep or not name:
+            raise ModelError(f"--weight {spec!r}: expected PROXY=NUMBER, e.g. proxy1=2")
+    return weights
+
+
+def _fit_one(kind: str, run, args: argparse.Namespace):
+    from loadkit import model
+
+    if kind == "usl":
+        return model.fit_usl_run(run, args.concurrency_metric)
+    if kind == "udp-burst":
+        return model.fit_udp_burst(run, rcvbuf_bytes=args.rcvbuf, bytes_per_datagram=args.bytes_per_datagram,
+                                   burst_window_s=args.burst_window, port=args.port)
+    if kind == "retries":
+        return model.metastability(run, args.trigger_end)
+    if kind == "anomalies":
+        series = model.kpi_series(run, args.table, args.column, group=args.group, delta=args.delta)
+        return model.find_anomalies(series, z_threshold=args.z, name=args.column)
+    raise AssertionError(kind)  # pragma: no cover
+
+
 def _run(args: argparse.Namespace) -> int:
-    raise LoadkitError("'loadkit fit' is not built yet")
+    from loadkit import model
+    from loadkit.record.reader import load_run
+
+    runs = [load_run(path) for path in args.runs]
+    if args.kind == "headroom":
+        results = [model.fit_headroom(
+            runs, policy=args.policy, weights=_weights(args.weight),
+            admission_fraction=args.admission_fraction, forecast_peak_sessions=args.forecast_peak,
+            limit_bytes=args.limit_bytes, reconnect_overhead=args.reconnect_overhead)]
+    else:
+        results = [_fit_one(args.kind, run, args) for run in runs]
+    for run, result in zip(runs if len(results) > 1 else [None], results):
+        prefix = f"{run.run_id}: " if run is not None else ""
+        print(prefix + result.summary())
+    if args.out:
+        data = results[0].to_dict() if len(results) == 1 else [r.to_dict() for r in results]
+        try:
+            args.out.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
+        except OSError as err:
+            raise LoadkitError(f"cannot write {args.out}: {err.strerror}") from err
+    return 0
