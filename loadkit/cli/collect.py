@@ -1,16 +1,143 @@
-"""`loadkit collect`: placeholder until its stage lands."""
+"""`loadkit collect`: sample a host's memory and socket-buffer saturation every interval.
+
+Examples::
+
+    loadkit collect --group proxies=dovecot --group dns=unbound --udp-port 5353 \\
+        --interval 0.5 --duration 60 --out runs/collect-1
+    loadkit collect --group proxy1=cgroup:/loadkit/proxy1@11243 --listen 127.0.0.1:9108
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import signal
+import time
+from pathlib import Path
 
-from loadkit.errors import LoadkitError
+from loadkit.errors import CollectorError
+
+log = logging.getLogger("loadkit.collect")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("collect", help="(not built yet)")
+    p = sub.add_parser(
+        "collect",
+        help="sample memory, UDP buffers, listen queues and process events of this host",
+        description="Sample process groups, cgroups, UDP/TCP saturation counters and host memory "
+        "every --interval; write Parquet (--out) and/or serve /metrics and /snapshot (--listen).",
+    )
+    p.add_argument(
+        "--group",
+        action="append",
+        default=[],
+        metavar="NAME=SPEC",
+        help="a process group: NAME=REGEX (process name or first word of the command line), "
+        "NAME=cmdline:REGEX (whole command line) or NAME=cgroup:PATH (a memory cgroup), each "
+        "optionally @PORT,PORT (listening ports: established connections there are sessions). "
+        "Repeatable.",
+    )
+    p.add_argument(
+        "--udp-port",
+        action="append",
+        default=[],
+        metavar="PORT[,PORT]",
+        help="record the receive queue and drops of UDP sockets bound to this port. Repeatable.",
+    )
+    p.add_argument("--interval", type=str, default="1", metavar="SECONDS", help="time between samples (0.1-3600, default 1)")
+    p.add_argument("--duration", type=str, default=None, metavar="SECONDS", help="stop after this long (default: until Ctrl-C)")
+    p.add_argument("--out", type=Path, default=None, metavar="DIR", help="write Parquet tables and events.jsonl here")
+    p.add_argument("--listen", default=None, metavar="HOST:PORT", help="serve /metrics and /snapshot here (e.g. 127.0.0.1:9108)")
+    p.add_argument(
+        "--full-memory-interval",
+        type=str,
+        default="10",
+        metavar="SECONDS",
+        help="read USS/PSS (costly) at most this often; 0 never (default 10)",
+    )
+    p.add_argument("--host-label", default=None, metavar="NAME", help="host name written in records (default: hostname)")
+    p.add_argument("--proc-root", default="/proc", help=argparse.SUPPRESS)
+    p.add_argument("--cgroup-root", default="/sys/fs/cgroup", help=argparse.SUPPRESS)
     p.set_defaults(func=_run)
 
 
+def _seconds(text: str | None, what: str) -> float | None:
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise CollectorError(f"--{what} {text!r} is not a number of seconds") from None
+
+
+def _ports(values: list[str]) -> list[int]:
+    ports: list[int] = []
+    for value in values:
+        for part in value.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            try:
+                port = int(part)
+            except ValueError:
+                raise CollectorError(f"--udp-port {value!r}: {part!r} is not a port number") from None
+            if not 1 <= port <= 65535:
+                raise CollectorError(f"--udp-port {value!r}: port {port} is out of range 1-65535")
+            ports.append(port)
+    return ports
+
+
+def build_config(args: argparse.Namespace):
+    """The :class:`CollectorConfig` for parsed arguments (validated; CollectorError if bad)."""
+    from loadkit.observe.collector import CollectorConfig
+    from loadkit.observe.groups import parse_group_spec
+
+    full = _seconds(args.full_memory_interval, "full-memory-interval")
+    config = CollectorConfig(
+        groups=[parse_group_spec(g) for g in args.group],
+        udp_ports=_ports(args.udp_port),
+        interval_s=_seconds(args.interval, "interval"),
+        duration_s=_seconds(args.duration, "duration"),
+        out_dir=args.out,
+        proc_root=args.proc_root,
+        cgroup_root=args.cgroup_root,
+        full_memory_interval_s=full or None,
+    )
+    if args.host_label:
+        config.host = args.host_label
+    config.validate()
+    return config
+
+
 def _run(args: argparse.Namespace) -> int:
-    raise LoadkitError("'loadkit collect' is not built yet")
+    from loadkit.observe.collector import Collector
+    from loadkit.observe.exporter import Exporter, parse_listen
+
+    config = build_config(args)
+    listen = parse_listen(args.listen) if args.listen else None
+    collector = Collector(config)
+    exporter = Exporter(collector, *listen).start() if listen else None
+    if exporter is not None:
+        log.info("serving %s/metrics and %s/snapshot", exporter.url, exporter.url)
+    # SIGTERM (a supervisor, `timeout`) ends the run like Ctrl-C: flushed, not cut short
+    previous = signal.signal(signal.SIGTERM, lambda *_: collector.stop(timeout_s=0))
+    started = time.perf_counter()
+    try:
+        collector.start()
+        while collector.running:
+            collector.join(0.1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        collector.stop()
+        if exporter is not None:
+            exporter.stop()
+        signal.signal(signal.SIGTERM, previous)
+    elapsed = time.perf_counter() - started
+    where = f" to {config.out_dir}" if config.out_dir else ""
+    print(
+        f"collected {collector.samples_n} samples in {elapsed:.1f} s{where} "
+        f"(mean sample {1000 * collector.sample_s_total / max(1, collector.samples_n):.1f} ms, "
+        f"overruns {collector.overruns_n}, warnings {len(collector.warn.keys)})"
+    )
+    return 0

@@ -1,0 +1,245 @@
+"""HTTP endpoints of a running collector: Prometheus exposition and a JSON snapshot.
+
+- ``GET /metrics``: the latest sample in the Prometheus text format, using node_exporter's names
+  where node_exporter has the figure (``node_netstat_Udp_RcvbufErrors``,
+  ``node_netstat_TcpExt_ListenOverflows``, ``node_sockstat_UDP_mem``,
+  ``node_nf_conntrack_entries``, ``node_memory_MemAvailable_bytes``, ``node_load1``...) so
+  existing dashboards and alerts apply, and ``loadkit_`` names otherwise
+  (``loadkit_group_cgroup_memory_bytes{group="proxy1"}``).
+- ``GET /snapshot?cursor=N``: JSON with the latest sample (records as in the run directory, with
+  ``*_delta`` columns), the events after cursor ``N`` and the next cursor. A load run on another
+  host pulls this every interval (``loadkit.record.live_collector``), so the target's samples
+  land in the run record on the load's timeline.
+
+The server binds to the address it is given (loopback by default) and only reads the
+collector's last sample: a scrape never triggers sampling work.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+from loadkit.errors import CollectorError
+
+from .collector import Collector, Sample
+
+log = logging.getLogger("loadkit.observe")
+
+DEFAULT_LISTEN = ("127.0.0.1", 9108)
+
+# NetSample field -> (metric name, help); node_exporter's netstat/sockstat/conntrack collectors
+# export these as untyped/gauge with exactly these names
+_NET_METRICS: dict[str, tuple[str, str, str]] = {
+    "udp_in_datagrams_n": ("node_netstat_Udp_InDatagrams", "untyped", "Statistic UdpInDatagrams."),
+    "udp_in_errors_n": ("node_netstat_Udp_InErrors", "untyped", "Statistic UdpInErrors."),
+    "udp_rcvbuf_errors_n": ("node_netstat_Udp_RcvbufErrors", "untyped", "Statistic UdpRcvbufErrors."),
+    "udp_sndbuf_errors_n": ("node_netstat_Udp_SndbufErrors", "untyped", "Statistic UdpSndbufErrors."),
+    "udp_no_ports_n": ("node_netstat_Udp_NoPorts", "untyped", "Statistic UdpNoPorts."),
+    "udp6_in_datagrams_n": ("node_netstat_Udp6_InDatagrams", "untyped", "Statistic Udp6InDatagrams."),
+    "udp6_in_errors_n": ("node_netstat_Udp6_InErrors", "untyped", "Statistic Udp6InErrors."),
+    "udp6_rcvbuf_errors_n": ("node_netstat_Udp6_RcvbufErrors", "untyped", "Statistic Udp6RcvbufErrors."),
+    "tcp_listen_overflows_n": ("node_netstat_TcpExt_ListenOverflows", "untyped", "Statistic TcpExtListenOverflows."),
+    "tcp_listen_drops_n": ("node_netstat_TcpExt_ListenDrops", "untyped", "Statistic TcpExtListenDrops."),
+    "tcp_backlog_drops_n": ("node_netstat_TcpExt_TCPBacklogDrop", "untyped", "Statistic TcpExtTCPBacklogDrop."),
+    "sockets_used_n": ("node_sockstat_sockets_used", "gauge", "Number of IPv4 sockets in use."),
+    "udp_mem_pages": ("node_sockstat_UDP_mem", "gauge", "Number of UDP sockets in state mem."),
+    "conntrack_count_n": ("node_nf_conntrack_entries", "gauge", "Number of currently allocated flow entries for connection tracking."),
+    "conntrack_max_n": ("node_nf_conntrack_entries_limit", "gauge", "Maximum size of connection tracking table."),
+    "softnet_dropped_n": ("loadkit_softnet_dropped_total", "counter", "Packets dropped because a CPU's input backlog was full, all CPUs."),
+}
+
+_SYSTEM_METRICS: dict[str, tuple[str, str, str]] = {
+    "mem_available_bytes": ("node_memory_MemAvailable_bytes", "gauge", "Memory information field MemAvailable_bytes."),
+    "mem_total_bytes": ("node_memory_MemTotal_bytes", "gauge", "Memory information field MemTotal_bytes."),
+    "swap_used_bytes": ("loadkit_swap_used_bytes", "gauge", "SwapTotal - SwapFree."),
+    "load1": ("node_load1", "gauge", "1m load average."),
+    "cpu_percent": ("loadkit_host_cpu_percent", "gauge", "Host CPU busy over the last interval; 100 = one core."),
+}
+
+_GROUP_METRICS: dict[str, tuple[str, str, str]] = {
+    "procs_n": ("loadkit_group_processes", "gauge", "Processes in the group."),
+    "rss_bytes": ("loadkit_group_rss_bytes", "gauge", "Summed RSS (overstates memory when pages are shared)."),
+    "uss_bytes": ("loadkit_group_uss_bytes", "gauge", "Summed USS (refreshed every full-memory interval)."),
+    "pss_bytes": ("loadkit_group_pss_bytes", "gauge", "Summed PSS (refreshed every full-memory interval)."),
+    "cpu_percent": ("loadkit_group_cpu_percent", "gauge", "Summed CPU over the last interval; 100 = one core."),
+    "fds_n": ("loadkit_group_open_fds", "gauge", "Open file descriptors."),
+    "tcp_established_n": ("loadkit_group_tcp_established", "gauge", "Established TCP connections of the group."),
+    "tcp_other_n": ("loadkit_group_tcp_other", "gauge", "TCP sockets of the group in any other state."),
+    "sessions_n": ("loadkit_group_sessions", "gauge", "Established connections on the group's listening ports."),
+    "cgroup_memory_bytes": ("loadkit_group_cgroup_memory_bytes", "gauge", "Memory charged to the group's cgroup."),
+    "cgroup_limit_bytes": ("loadkit_group_cgroup_limit_bytes", "gauge", "Memory limit of the group's cgroup (0 = none)."),
+    "cgroup_failcnt_n": ("loadkit_group_cgroup_failcnt_total", "counter", "Times the cgroup hit its memory limit."),
+    "cgroup_oom_kills_n": ("loadkit_group_cgroup_oom_kills_total", "counter", "Processes OOM-killed in the cgroup."),
+}
+
+_SOCKET_METRICS: dict[str, tuple[str, str, str]] = {
+    "rx_queue_bytes": ("loadkit_udp_socket_rx_queue_bytes", "gauge", "Receive-buffer memory in use by the UDP socket."),
+    "tx_queue_bytes": ("loadkit_udp_socket_tx_queue_bytes", "gauge", "Send-buffer memory in use by the UDP socket."),
+    "drops_n": ("loadkit_udp_socket_drops_total", "counter", "Datagrams the UDP socket dropped (receive buffer full)."),
+}
+
+
+def _label(value: Any) -> str:
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _num(value: Any) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, int):
+        return str(value)
+    return repr(float(value))
+
+
+def exposition(sample: Sample | None, collector: Collector | None = None) -> str:
+    """The Prometheus text format (version 0.0.4) for one sample."""
+    out: list[str] = []
+
+    def family(name: str, kind: str, help_: str, rows: list[tuple[dict[str, Any], Any]]) -> None:
+        if not rows:
+            return
+        out.append(f"# HELP {name} {help_}")
+        out.append(f"# TYPE {name} {kind}")
+        for labels, value in rows:
+            lab = ",".join(f'{k}="{_label(v)}"' for k, v in labels.items())
+            out.append(f"{name}{{{lab}}} {_num(value)}" if lab else f"{name} {_num(value)}")
+
+    if sample is not None:
+        for field, (name, kind, help_) in _NET_METRICS.items():
+            family(name, kind, help_, [({}, getattr(sample.net, field))])
+        for field, (name, kind, help_) in _SYSTEM_METRICS.items():
+            family(name, kind, help_, [({}, getattr(sample.system, field))])
+        for field, (name, kind, help_) in _GROUP_METRICS.items():
+            family(name, kind, help_, [({"group": g.group}, getattr(g, field)) for g in sample.groups])
+        for field, (name, kind, help_) in _SOCKET_METRICS.items():
+            family(
+                name,
+                kind,
+                help_,
+                [({"address": s.local_address, "port": s.local_port}, getattr(s, field)) for s in sample.sockets],
+            )
+        family("loadkit_collector_last_sample_timestamp_seconds", "gauge", "When the last sample was taken.", [({}, sample.ts_unix_s)])
+        family("loadkit_collector_last_sample_duration_seconds", "gauge", "Time the last sample took.", [({}, sample.sample_s)])
+    if collector is not None:
+        family("loadkit_collector_samples_total", "counter", "Samples taken.", [({}, collector.samples_n)])
+        family("loadkit_collector_overruns_total", "counter", "Ticks skipped because a sample overran its interval.", [({}, collector.overruns_n)])
+    return "\n".join(out) + "\n"
+
+
+def snapshot(collector: Collector, cursor: int = 0) -> dict[str, Any]:
+    """The ``/snapshot`` document: latest sample, events after ``cursor``, next cursor."""
+    events, next_cursor = collector.events_since(cursor)
+    latest = collector.latest
+    return {
+        "sample": latest.to_json() if latest is not None else None,
+        "events": [e._asdict() for e in events],
+        "cursor": next_cursor,
+        "collector": {
+            "host": collector.host,
+            "interval_s": collector.config.interval_s,
+            "samples_n": collector.samples_n,
+            "overruns_n": collector.overruns_n,
+            "warnings": sorted(collector.warn.keys),
+        },
+    }
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: "_Server"
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        url = urlparse(self.path)
+        collector = self.server.collector
+        if url.path == "/metrics":
+            body = exposition(collector.latest, collector).encode()
+            self._send(200, "text/plain; version=0.0.4; charset=utf-8", body)
+        elif url.path == "/snapshot":
+            try:
+                cursor = int(parse_qs(url.query).get("cursor", ["0"])[0])
+            except ValueError:
+                self._send(400, "text/plain", b"cursor must be an integer\n")
+                return
+            body = json.dumps(snapshot(collector, cursor), default=str).encode()
+            self._send(200, "application/json", body)
+        elif url.path in ("/", "/healthz"):
+            self._send(200, "text/plain", b"loadkit collector: /metrics (Prometheus), /snapshot?cursor=N (JSON)\n")
+        else:
+            self._send(404, "text/plain", b"not found: try /metrics or /snapshot\n")
+
+    def _send(self, status: int, ctype: str, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:  # scrapes every second: keep quiet
+        log.debug("exporter: " + format, *args)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    collector: Collector
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+class Exporter:
+    """Serves a collector's endpoints from a daemon thread. ``port=0`` picks a free port."""
+
+    def __init__(self, collector: Collector, host: str = DEFAULT_LISTEN[0], port: int = DEFAULT_LISTEN[1]) -> None:
+        self.collector = collector
+        server_cls = _Server6 if ":" in host else _Server
+        try:
+            self._server = server_cls((host, port), _Handler)
+        except OSError as err:
+            raise CollectorError(f"cannot listen on {host}:{port}: {err.strerror or err}") from err
+        self._server.collector = collector
+        self._thread: threading.Thread | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self._server.server_address[:2]
+        return str(host), int(port)
+
+    @property
+    def url(self) -> str:
+        host, port = self.address
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+    def start(self) -> "Exporter":
+        self._thread = threading.Thread(target=self._server.serve_forever, name="loadkit-exporter", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(5)
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``"127.0.0.1:9108"``, ``":9108"``, ``"[::1]:9108"`` -> ``(host, port)``."""
+    s = text.strip()
+    if s.startswith("["):
+        host, _, rest = s[1:].partition("]")
+        port_s = rest[1:] if rest.startswith(":") else ""
+    else:
+        host, _, port_s = s.rpartition(":")
+    host = host or DEFAULT_LISTEN[0]
+    try:
+        port = int(port_s)
+    except ValueError:
+        raise CollectorError(f"listen address {text!r} is not HOST:PORT (e.g. 127.0.0.1:9108)") from None
+    if not 0 <= port <= 65535:
+        raise CollectorError(f"listen address {text!r}: port {port} is out of range 0-65535")
+    return host, port

@@ -1,0 +1,387 @@
+"""Process groups: the processes of one service, by name pattern or by memory cgroup.
+
+A group is given as ``NAME=PATTERN``, ``NAME=cmdline:REGEX`` or ``NAME=cgroup:PATH``, each with
+an optional ``@PORT,PORT`` (the group's listening ports; established TCP connections on them are
+the group's client sessions, ``GroupSample.sessions_n``):
+
+- ``proxies=dovecot``: a regular expression searched in the process name (``comm``) and in the
+  first word of its command line (``dovecot/imap-login``), like ``pgrep``;
+- ``dns=cmdline:unbound.*lab``: searched in the whole command line (``pgrep -f``);
+- ``proxy1=cgroup:/loadkit/proxy1@11243,11210``: every process in a memory cgroup and its
+  descendants, plus the cgroup's memory, limit, failcnt and OOM-kill counters.
+
+This is per-sample work, so it is kept cheap: the host's PIDs are listed once per sample, only
+PIDs not seen before are classified (name and command line read once; a PID caught between
+``fork`` and ``exec`` is looked at again a few times), and members are read with psutil's
+``oneshot()``. Socket inodes come from one ``readlink`` per descriptor and are looked up in one
+read of ``/proc/net/tcp`` per sample, instead of psutil's per-process ``net_connections`` which
+re-reads that table for every process. USS/PSS (``memory_full_info``, which walks every mapping)
+is read at most every ``full_memory_interval_s``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+from typing import Iterable, NamedTuple
+
+import psutil
+
+from loadkit.errors import CollectorError
+from loadkit.records import GroupSample
+
+from . import cgroups
+from .degrade import WarnOnce
+from .procfs import TCP_ESTABLISHED, TcpSocket
+
+_NAME_RE = re.compile(r"[A-Za-z0-9_.\-]+")
+_PORTS_RE = re.compile(r"[0-9]+(,[0-9]+)*")
+
+#: a PID classified this soon after it was created may still be between fork and exec
+_YOUNG_S = 2.0
+_RECHECKS = 3
+
+
+class GroupSpec(NamedTuple):
+    """A parsed ``--group`` option (:func:`parse_group_spec`)."""
+
+    name: str
+    pattern: str  #: regular expression; "" for a cgroup group
+    cgroup: str  #: cgroup path; "" for a pattern group
+    ports: tuple[int, ...]  #: listening ports whose established connections are sessions
+    full_cmdline: bool = False  #: match ``pattern`` against the whole command line
+
+    def __str__(self) -> str:
+        what = f"cgroup:{self.cgroup}" if self.cgroup else ("cmdline:" if self.full_cmdline else "") + self.pattern
+        ports = "@" + ",".join(map(str, self.ports)) if self.ports else ""
+        return f"{self.name}={what}{ports}"
+
+
+def parse_group_spec(text: str) -> GroupSpec:
+    """``NAME=PATTERN``, ``NAME=cmdline:REGEX``, ``NAME=cgroup:PATH``, each ``[@PORT,PORT]``."""
+    name, eq, rest = text.partition("=")
+    name = name.strip()
+    if not eq or not name or not rest.strip():
+        raise CollectorError(
+            f"group {text!r} is not NAME=PATTERN or NAME=cgroup:PATH (e.g. proxies=dovecot)"
+        )
+    if not _NAME_RE.fullmatch(name):
+        raise CollectorError(f"group {text!r}: name {name!r} may use only letters, digits, '_', '.', '-'")
+    ports: tuple[int, ...] = ()
+    head, at, tail = rest.rpartition("@")
+    if at and _PORTS_RE.fullmatch(tail):
+        rest = head
+        ports = tuple(int(p) for p in tail.split(","))
+        for port in ports:
+            if not 1 <= port <= 65535:
+                raise CollectorError(f"group {text!r}: port {port} is out of range 1-65535")
+    if rest.startswith("cgroup:"):
+        path = rest[len("cgroup:") :].strip()
+        if not path:
+            raise CollectorError(f"group {text!r}: cgroup: needs a path (e.g. cgroup:/loadkit/proxy1)")
+        return GroupSpec(name, "", path, ports)
+    full = rest.startswith("cmdline:")
+    pattern = rest[len("cmdline:") :] if full else rest
+    if not pattern:
+        raise CollectorError(f"group {text!r}: empty pattern")
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        raise CollectorError(f"group {text!r}: pattern {pattern!r} is not a regular expression ({err})") from None
+    return GroupSpec(name, pattern, "", ports, full)
+
+
+def check_unique(specs: Iterable[GroupSpec]) -> None:
+    seen: set[str] = set()
+    for spec in specs:
+        if spec.name in seen:
+            raise CollectorError(f"group name {spec.name!r} is given twice; each group needs its own name")
+        seen.add(spec.name)
+
+
+class ProcInfo(NamedTuple):
+    """A member process as the events tracker sees it."""
+
+    pid: int
+    name: str
+    ppid: int
+    create_time_unix_s: float
+
+
+class _Proc:
+    """A cached host process: its psutil handle, what it is, and its last CPU reading."""
+
+    __slots__ = ("proc", "info", "argv0", "cmdline", "classified_at", "checks", "groups", "cpu_s", "cpu_at", "uss", "pss")
+
+    def __init__(self, proc: psutil.Process, info: ProcInfo, argv0: str, cmdline: str) -> None:
+        self.proc = proc
+        self.info = info
+        self.argv0 = argv0
+        self.cmdline = cmdline
+        self.classified_at = time.time()
+        self.checks = 1
+        self.groups: frozenset[str] = frozenset()
+        self.cpu_s = -1.0
+        self.cpu_at = 0.0
+        self.uss = 0
+        self.pss = 0
+
+
+class ProcessGroups:
+    """Samples every group once per call of :meth:`sample`."""
+
+    def __init__(
+        self,
+        specs: Iterable[GroupSpec],
+        warn: WarnOnce,
+        proc_root: str = "/proc",
+        cgroup_root: str = cgroups.CGROUP_ROOT,
+        full_memory_interval_s: float | None = 10.0,
+        exclude_pids: Iterable[int] = (),
+    ) -> None:
+        self.specs = list(specs)
+        check_unique(self.specs)
+        self.warn = warn
+        self.proc_root = proc_root
+        self.cgroup_root = cgroup_root
+        self.full_memory_interval_s = full_memory_interval_s
+        self._exclude = {os.getpid(), *exclude_pids}
+        self._regex = {
+            s.name: re.compile(s.pattern) for s in self.specs if not s.cgroup
+        }
+        self._procs: dict[int, _Proc] = {}
+        self._cgroup_dirs: dict[str, tuple[Path, int]] = {}
+        self._last_full_memory = -1e18
+        #: group -> {pid: ProcInfo} of the last sample, for the events tracker
+        self.members: dict[str, dict[int, ProcInfo]] = {s.name: {} for s in self.specs}
+        #: group -> cgroup reading of the last sample (None when the group has no cgroup)
+        self.cgroup_readings: dict[str, cgroups.CgroupMemory | None] = {}
+
+    @property
+    def has_patterns(self) -> bool:
+        return bool(self._regex)
+
+    # -- classification -----------------------------------------------------------------------
+
+    def _load(self, pid: int) -> _Proc | None:
+        try:
+            proc = psutil.Process(pid)
+            with proc.oneshot():
+                name = proc.name()
+                ppid = proc.ppid()
+                created = proc.create_time()
+                try:
+                    argv = proc.cmdline()
+                except psutil.AccessDenied:
+                    argv = []
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            return None
+        except psutil.AccessDenied:
+            self.warn.warn("access_denied_classify", f"access denied reading process {pid}; processes like it are not grouped")
+            return None
+        argv0 = argv[0] if argv else ""
+        return _Proc(proc, ProcInfo(pid, name, ppid, created), argv0, " ".join(argv))
+
+    def _classify(self, entry: _Proc) -> frozenset[str]:
+        hits = []
+        for spec in self.specs:
+            rx = self._regex.get(spec.name)
+            if rx is None:
+                continue
+            if spec.full_cmdline:
+                if rx.search(entry.cmdline):
+                    hits.append(spec.name)
+            elif rx.search(entry.info.name) or (entry.argv0 and (rx.search(entry.argv0) or rx.search(os.path.basename(entry.argv0)))):
+                hits.append(spec.name)
+        return frozenset(hits)
+
+    def _refresh_patterns(self) -> None:
+        """List host PIDs; classify new ones and re-check young ones (fork before exec)."""
+        try:
+            pids = set(psutil.pids())
+        except OSError as err:
+            self.warn.warn("pids", f"cannot list processes ({err}); pattern groups are empty")
+            return
+        for pid in list(self._procs):
+            if pid not in pids:
+                del self._procs[pid]
+        now = time.time()
+        for pid in pids:
+            if pid in self._exclude:
+                continue
+            entry = self._procs.get(pid)
+            if entry is None:
+                entry = self._load(pid)
+                if entry is None:
+                    continue
+                entry.groups = self._classify(entry)
+                self._procs[pid] = entry
+            elif entry.checks < _RECHECKS and entry.classified_at - entry.info.create_time_unix_s < _YOUNG_S:
+                fresh = self._load(pid)
+                if fresh is None:
+                    del self._procs[pid]
+                    continue
+                if fresh.info.create_time_unix_s != entry.info.create_time_unix_s:
+                    entry = fresh  # PID reused
+                else:
+                    fresh.checks = entry.checks + 1
+                    fresh.cpu_s, fresh.cpu_at = entry.cpu_s, entry.cpu_at
+                    fresh.classified_at = entry.classified_at if fresh.argv0 == entry.argv0 else now
+                    entry = fresh
+                entry.groups = self._classify(entry)
+                self._procs[pid] = entry
+
+    def _cgroup_members(self, spec: GroupSpec) -> tuple[set[int], cgroups.CgroupMemory | None]:
+        found = self._cgroup_dirs.get(spec.name)
+        if found is None or not found[0].exists():
+            found = cgroups.resolve(spec.cgroup, self.cgroup_root)
+            if found is None:
+                self.warn.warn(
+                    f"cgroup_missing:{spec.name}",
+                    f"group {spec.name}: memory cgroup {spec.cgroup} not found under {self.cgroup_root} "
+                    "(not created yet, or no memory controller); its figures are 0 until it appears",
+                )
+                self._cgroup_dirs.pop(spec.name, None)
+                return set(), None
+            self._cgroup_dirs[spec.name] = found
+        directory, version = found
+        try:
+            reading = cgroups.read_memory(directory, version)
+        except (OSError, ValueError) as err:
+            self.warn.warn(f"cgroup_read:{spec.name}", f"group {spec.name}: cannot read cgroup {directory} ({err})")
+            reading = None
+        pids = cgroups.read_pids(directory) - self._exclude
+        return pids, reading
+
+    # -- sampling -------------------------------------------------------------------------------
+
+    def _socket_inodes(self, pid: int) -> tuple[int, list[int]]:
+        """(open descriptors, socket inodes) of ``pid`` from ``/proc/PID/fd``."""
+        fd_dir = f"{self.proc_root}/{pid}/fd"
+        names = os.listdir(fd_dir)
+        inodes = []
+        for fd in names:
+            try:
+                target = os.readlink(f"{fd_dir}/{fd}")
+            except OSError:
+                continue  # closed between listdir and readlink
+            if target.startswith("socket:["):
+                inodes.append(int(target[8:-1]))
+        return len(names), inodes
+
+    def sample(self, ts_unix_s: float, host: str, tcp_sockets: list[TcpSocket] | None) -> list[GroupSample]:
+        """One :class:`GroupSample` per group; never raises for a vanished or denied process."""
+        if self._regex:
+            self._refresh_patterns()
+        tcp_by_inode = {s.inode: s for s in tcp_sockets} if tcp_sockets else {}
+        now_perf = time.perf_counter()
+        full_due = bool(self.full_memory_interval_s) and now_perf - self._last_full_memory >= (
+            self.full_memory_interval_s or 0
+        )
+        if full_due:
+            self._last_full_memory = now_perf
+        rows: list[GroupSample] = []
+        for spec in self.specs:
+            reading = None
+            if spec.cgroup:
+                pids, reading = self._cgroup_members(spec)
+                entries = []
+                for pid in pids:
+                    entry = self._procs.get(pid)
+                    if entry is None:
+                        entry = self._load(pid)
+                        if entry is None:
+                            continue
+                        self._procs[pid] = entry
+                    entries.append(entry)
+                if not self._regex:  # nothing else prunes the cache
+                    for pid in [p for p in self._procs if p not in pids and spec.name in self._procs[p].groups]:
+                        del self._procs[pid]
+                for entry in entries:
+                    entry.groups = entry.groups | {spec.name}
+            else:
+                entries = [e for e in self._procs.values() if spec.name in e.groups]
+            self.cgroup_readings[spec.name] = reading
+            rows.append(self._sample_group(spec, entries, reading, ts_unix_s, host, tcp_by_inode, now_perf, full_due))
+        return rows
+
+    def _sample_group(self, spec, entries, reading, ts_unix_s, host, tcp_by_inode, now_perf, full_due) -> GroupSample:
+        procs_n = rss = uss = pss = fds = 0
+        cpu_pct = 0.0
+        inodes: set[int] = set()
+        members: dict[int, ProcInfo] = {}
+        for entry in entries:
+            proc = entry.proc
+            try:
+                with proc.oneshot():
+                    mem = proc.memory_info()
+                    cpu = proc.cpu_times()
+                    status = proc.status()
+                if status == psutil.STATUS_ZOMBIE:
+                    continue  # exited, not yet reaped: no longer a running member
+            except (psutil.NoSuchProcess, psutil.ZombieProcess):
+                self._procs.pop(entry.info.pid, None)
+                continue  # vanished mid-sample: it is simply not a member any more
+            except psutil.AccessDenied:
+                self.warn.warn(f"access_denied:{spec.name}", f"group {spec.name}: access denied reading process {entry.info.pid}; its figures are 0")
+                members[entry.info.pid] = entry.info
+                procs_n += 1
+                continue
+            procs_n += 1
+            members[entry.info.pid] = entry.info
+            rss += mem.rss
+            cpu_s = cpu.user + cpu.system
+            if entry.cpu_s >= 0 and now_perf > entry.cpu_at:
+                cpu_pct += max(0.0, cpu_s - entry.cpu_s) / (now_perf - entry.cpu_at) * 100.0
+            entry.cpu_s, entry.cpu_at = cpu_s, now_perf
+            try:
+                n, sock = self._socket_inodes(entry.info.pid)
+                fds += n
+                inodes.update(sock)
+            except FileNotFoundError:
+                pass  # exited between the two reads
+            except OSError as err:
+                self.warn.warn(f"fds:{spec.name}", f"group {spec.name}: cannot list descriptors of process {entry.info.pid} ({err}); fds and TCP counts are partial")
+            if full_due:
+                try:
+                    full = proc.memory_full_info()
+                    entry.uss, entry.pss = full.uss, getattr(full, "pss", 0)
+                except (psutil.NoSuchProcess, psutil.ZombieProcess):
+                    pass
+                except (psutil.AccessDenied, OSError) as err:
+                    self.warn.warn(f"uss:{spec.name}", f"group {spec.name}: USS/PSS not readable ({err}); recorded as 0")
+            uss += entry.uss
+            pss += entry.pss
+        established = other = sessions = 0
+        ports = set(spec.ports)
+        for inode in inodes:
+            sock = tcp_by_inode.get(inode)
+            if sock is None:
+                continue  # UDP, unix or a socket closed since the table was read
+            if sock.state == TCP_ESTABLISHED:
+                established += 1
+                if sock.local_port in ports:
+                    sessions += 1
+            else:
+                other += 1
+        self.members[spec.name] = members
+        return GroupSample(
+            ts_unix_s=ts_unix_s,
+            host=host,
+            group=spec.name,
+            procs_n=procs_n,
+            rss_bytes=rss,
+            uss_bytes=uss,
+            pss_bytes=pss,
+            cpu_percent=round(cpu_pct, 3),
+            fds_n=fds,
+            tcp_established_n=established,
+            tcp_other_n=other,
+            sessions_n=sessions,
+            cgroup_memory_bytes=reading.memory_bytes if reading else 0,
+            cgroup_limit_bytes=reading.limit_bytes if reading else 0,
+            cgroup_failcnt_n=reading.failcnt_n if reading else 0,
+            cgroup_oom_kills_n=reading.oom_kills_n if reading else 0,
+        )
