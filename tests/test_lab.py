@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import csv
+import imaplib
 import ipaddress
 import json
+import poplib
 import subprocess
 import sys
 from pathlib import Path
@@ -52,6 +55,113 @@ def test_dns_refuses_outside_the_zone(lab):
     assert _query(lab, "no-such-name.lab.test").rcode() == dns.rcode.NXDOMAIN
 
 
+def _accounts(status, n=3):
+    with open(status.accounts_file, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and set(rows[0]) == {"user", "password"}
+    return [(r["user"], r["password"]) for r in rows[:n]]
+
+
+def _imap_login_select(endpoint, user, password):
+    m = imaplib.IMAP4(endpoint.host, endpoint.port, timeout=10)
+    try:
+        typ, _ = m.login(user, password)
+        assert typ == "OK"
+        typ, data = m.select("INBOX")
+        assert typ == "OK"
+        return int(data[0])
+    finally:
+        m.logout()
+
+
+def _pop3_stat(endpoint, user, password):
+    c = poplib.POP3(endpoint.host, endpoint.port, timeout=10)
+    try:
+        c.user(user)
+        assert c.pass_(password).startswith(b"+OK")
+        return c.stat()
+    finally:
+        c.quit()
+
+
+def test_accounts_file_lists_every_account(lab):
+    rows = _accounts(lab, n=100000)
+    assert len(rows) == lab.accounts == 5000
+    assert rows[0][0] == "user0001" and rows[-1][0] == "user5000"
+
+
+def test_imap_and_pop3_through_haproxy_and_each_proxy(lab):
+    (user, password), = _accounts(lab, 1)
+    endpoints_imap = [lab.imap] + [p.imap for p in lab.proxies]
+    endpoints_pop3 = [lab.pop3] + [p.pop3 for p in lab.proxies]
+    assert len(lab.proxies) == 3
+    for ep in endpoints_imap:
+        assert _imap_login_select(ep, user, password) == 3  # user0001 has 3 messages
+    for ep in endpoints_pop3:
+        count, size = _pop3_stat(ep, user, password)
+        assert count == 3 and size > 0
+
+
+def test_haproxy_spreads_sessions_over_the_proxies(lab):
+    accounts = _accounts(lab, 6)
+    held = []
+    try:
+        for user, password in accounts:
+            m = imaplib.IMAP4(lab.imap.host, lab.imap.port, timeout=10)
+            held.append(m)
+            m.login(user, password)
+        status = Lab.from_dir(lab.dir).status()
+        sessions = [p.sessions for p in status.proxies]
+        assert all(p.haproxy_state == "UP" for p in status.proxies)
+        # round robin: 6 sessions over 3 proxies, each gets some (health checks may add one)
+        assert all(s is not None and s >= 1 for s in sessions), sessions
+        assert sum(sessions) >= 6
+    finally:
+        for m in held:
+            m.logout()
+
+
+def test_wrong_password_is_rejected(lab):
+    (user, password), = _accounts(lab, 1)
+    for ep in (lab.imap, lab.proxies[0].imap):
+        m = imaplib.IMAP4(ep.host, ep.port, timeout=15)
+        with pytest.raises(imaplib.IMAP4.error):
+            m.login(user, password + "x")
+        m.shutdown()
+    c = poplib.POP3(lab.pop3.host, lab.pop3.port, timeout=15)
+    c.user(user)
+    with pytest.raises(poplib.error_proto):
+        c.pass_("not-" + password)
+    c.close()
+
+
+def test_proxy_cgroup_limit_set_and_charged(lab):
+    if not lab.cgroups.enabled:
+        pytest.skip(f"no memory cgroups here: {lab.cgroups.reason}")
+    proxy = lab.proxies[0]
+    assert proxy.limit_bytes == 256 * 1024 * 1024
+    cg = Path(proxy.cgroup)
+    assert cg.is_dir() and lab.component("proxy1").pid in _cgroup_procs(cg)
+    before = Lab.from_dir(lab.dir).status().proxies[0].memory_bytes
+    held = []
+    try:
+        for user, password in _accounts(lab, 30):
+            m = imaplib.IMAP4(proxy.imap.host, proxy.imap.port, timeout=10)
+            held.append(m)
+            m.login(user, password)
+        during = Lab.from_dir(lab.dir).status().proxies[0]
+        # one login process per held session: 30 sessions are several MiB of charge
+        assert during.memory_bytes - before > 30 * 200 * 1024, (before, during.memory_bytes)
+        assert len(_cgroup_procs(cg)) >= 30
+    finally:
+        for m in held:
+            m.logout()
+
+
+def _cgroup_procs(cg):
+    return [int(x) for x in (cg / "cgroup.procs").read_text().split()]
+
+
 def test_up_twice_is_idempotent(lab):
     again = Lab.from_dir(lab.dir).up()
     assert again.running
@@ -69,19 +179,38 @@ def test_status_json_shape(lab):
     assert d["imap"]["port"] == lab.imap.port and d["pop3"]["port"] == lab.pop3.port
     assert d["accounts_file"] == lab.accounts_file
     names = {c["name"] for c in d["components"]}
-    assert "unbound" in names
+    assert names == {"unbound", "dovecot-backend", "proxy1", "proxy2", "proxy3", "haproxy"}
     for c in d["components"]:
         assert {"name", "up", "pid", "ports", "memory_bytes", "limit_bytes", "failcnt"} <= set(c)
         assert c["up"] is True
+    assert [p["name"] for p in d["proxies"]] == ["proxy1", "proxy2", "proxy3"]
+    for p in d["proxies"]:
+        assert {"imap", "pop3", "cgroup", "memory_bytes", "limit_bytes", "sessions"} <= set(p)
+    assert {"enabled", "version", "reason"} <= set(d["cgroups"])
+    with open(d["accounts_file"]) as f:
+        assert f.readline().strip() == "user,password"
 
 
-def test_down_leaves_no_process(make_lab):
-    status = make_lab(dns_names=100, accounts=10, proxies=1)
-    pids = [c.pid for c in status.components]
+def _running(pid):
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_down_leaves_no_process_and_no_cgroup(make_lab):
+    status = make_lab(dns_names=100, accounts=10, proxies=2)
+    assert status.running
+    pids = {c.pid for c in status.components}
+    cgroup_dirs = [Path(p.cgroup) for p in status.proxies if p.cgroup]
+    for cg in cgroup_dirs:
+        pids.update(_cgroup_procs(cg))  # the proxies' children too
     lab = Lab.from_dir(status.dir)
     lab.down()
-    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
-                   for p in pids)
+    assert not [p for p in pids if _running(p)]
+    assert not any(cg.exists() for cg in cgroup_dirs)
+    if cgroup_dirs:
+        assert not cgroup_dirs[0].parent.exists()  # the lab's own group is gone too
     assert not lab.status().running
     lab.down()  # safe when nothing runs
 

@@ -21,7 +21,7 @@ from typing import Any
 from loadkit.defaults import ACCOUNTS_FILE_NAME, LAB_ZONE, NAMES_FILE_NAME
 from loadkit.errors import LabError
 
-from . import cgroups, dns, procs
+from . import cgroups, dns, mail, procs
 from .config import LabConfig
 from .status import CgroupSupport, ComponentStatus, Endpoint, LabStatus, ProxyStatus
 
@@ -101,6 +101,7 @@ class Lab:
         self._write_state(state)
         try:
             self._start_dns(state)
+            self._start_mail(state)
         except BaseException:
             self.down()
             raise
@@ -145,6 +146,71 @@ class Lab:
             log_path=log_path,
         )
 
+    def _start_mail(self, state: dict[str, Any]) -> None:
+        cfg = self.config
+        conf, logs, run = self.dir / "conf", self.dir / "logs", self.runtime_dir
+        users = mail.write_accounts(cfg, run, self.accounts_file)
+        mail_root = mail.write_maildirs(cfg, run)
+
+        log_path = logs / "dovecot-backend.log"
+        backend_conf = mail.write_backend_conf(cfg, conf, run, users, mail_root, log_path)
+        self._start_dovecot(state, "dovecot-backend", backend_conf, list(cfg.backend_ports()),
+                            log_path, cgroup=None)
+
+        cg = state["cgroups"]
+        for n in range(1, cfg.proxies + 1):
+            log_path = logs / f"dovecot-proxy{n}.log"
+            proxy_conf = mail.write_proxy_conf(cfg, n, conf, run, log_path)
+            cgroup = None
+            if cg["version"] is not None:
+                try:
+                    cgroup = cgroups.create(cg["version"], Path(cg["hier"]), cfg.lab_id,
+                                            f"proxy{n}", cfg.proxy_memory_bytes, cfg.oom_kill)
+                except OSError as err:
+                    # e.g. a container that mounts the controller read-only: run without limits
+                    log.warning("cannot create a memory cgroup (%s): proxies run without limits",
+                                err)
+                    cg.update(version=None, hier=None,
+                              reason=f"cannot create memory cgroups ({err.strerror}): "
+                              "proxies run without limits")
+                    self._write_state(state)
+            self._start_dovecot(state, f"proxy{n}", proxy_conf, list(cfg.proxy_ports(n)),
+                                log_path, cgroup=cgroup)
+
+        log_path = logs / "haproxy.log"
+        haproxy_conf = mail.write_haproxy_conf(cfg, conf, self.stats_socket)
+        started = procs.start(["haproxy", "-db", "-f", str(haproxy_conf)], log_path)
+        self._record(state, "haproxy", started, [cfg.imap_port, cfg.pop3_port])
+
+        def ready() -> bool:
+            if not (procs.tcp_open(cfg.address, cfg.imap_port)
+                    and procs.tcp_open(cfg.address, cfg.pop3_port)):
+                return False
+            stats = mail.haproxy_stats(self.stats_socket)
+            return len(stats) == 2 * cfg.proxies and all(s.state == "UP" for s in stats)
+
+        procs.wait_until(ready, "haproxy (with every proxy UP)", READY_TIMEOUT_S,
+                         still_running=lambda: procs.alive(*started), log_path=log_path)
+
+    def _start_dovecot(self, state: dict[str, Any], name: str, conf: Path, ports: list[int],
+                       log_path: Path, cgroup: Path | None) -> None:
+        cfg = self.config
+        preexec = (lambda: cgroups.join(cgroup)) if cgroup else None
+        started = procs.start(["dovecot", "-F", "-c", str(conf)], log_path.with_suffix(".out"),
+                              preexec=preexec)
+        self._record(state, name, started, ports, cgroup)
+        procs.wait_until(
+            lambda: all(procs.tcp_open(cfg.address, p) for p in ports),
+            f"dovecot {name}",
+            READY_TIMEOUT_S,
+            still_running=lambda: procs.alive(*started),
+            log_path=log_path,
+        )
+
+    @property
+    def stats_socket(self) -> Path:
+        return self.runtime_dir / "haproxy.sock"
+
     # -- status ----------------------------------------------------------------------------------
 
     def status(self) -> LabStatus:
@@ -165,7 +231,32 @@ class Lab:
             components.append(
                 ComponentStatus(c["name"], up, c["pid"], list(c["ports"]), *mem)
             )
-        proxies: list[ProxyStatus] = []
+        stats: dict[str, list[mail.ServerStat]] = {}
+        if any(c.name == "haproxy" and c.up for c in components):
+            for row in mail.haproxy_stats(self.stats_socket):
+                stats.setdefault(row.server, []).append(row)
+        proxies = []
+        for c in components:
+            if not c.name.startswith("proxy"):
+                continue
+            n = int(c.name[len("proxy"):])
+            imap_port, pop3_port = cfg.proxy_ports(n)
+            rows = stats.get(c.name)
+            cgroup = next((s.get("cgroup") for s in state["components"] if s["name"] == c.name),
+                          None)
+            proxies.append(ProxyStatus(
+                name=c.name,
+                up=c.up,
+                imap=Endpoint(cfg.address, imap_port),
+                pop3=Endpoint(cfg.address, pop3_port),
+                cgroup=cgroup,
+                memory_bytes=c.memory_bytes,
+                limit_bytes=c.limit_bytes,
+                failcnt=c.failcnt,
+                oom_kills=c.oom_kills,
+                sessions=sum(r.sessions for r in rows) if rows else None,
+                haproxy_state="/".join(sorted({r.state for r in rows})) if rows else None,
+            ))
         expected = self._expected_components()
         running = bool(components) and all(c.up for c in components) and (
             {c.name for c in components} >= set(expected)
@@ -186,7 +277,8 @@ class Lab:
         )
 
     def _expected_components(self) -> list[str]:
-        return ["unbound"]
+        proxies = [f"proxy{n}" for n in range(1, self.config.proxies + 1)]
+        return ["unbound", "dovecot-backend", *proxies, "haproxy"]
 
     # -- down ------------------------------------------------------------------------------------
 
@@ -200,11 +292,15 @@ class Lab:
             return
         errors = []
         # reverse start order: the entrance (haproxy) first, DNS last
-        for c in reversed(state.get("components", [])):
-            try:
-                procs.stop(c["pid"], c["create_time_s"])
-            except OSError as err:
-                errors.append(f"{c['name']} (pid {c['pid']}): {err}")
+        started = [procs.Started(c["pid"], c["create_time_s"])
+                   for c in reversed(state.get("components", []))]
+        try:
+            procs.stop_all(started)
+        except OSError as err:
+            errors.append(f"stopping the lab's processes: {err}")
+        for c in state.get("components", []):
+            if procs.alive(c["pid"], c["create_time_s"]):
+                errors.append(f"{c['name']} (pid {c['pid']}) is still running")
         for c in state.get("components", []):
             if c.get("cgroup"):
                 try:
