@@ -1,16 +1,44 @@
-"""`loadkit run`: placeholder until its stage lands."""
+"""`loadkit run PROFILE`: validate, check targets, run Locust, record, evaluate gates."""
 
 from __future__ import annotations
 
 import argparse
 
-from loadkit.errors import LoadkitError
+_EPILOG = """\
+exit status:
+  0  the run completed and every gate passed (or was not evaluated)
+  1  a gate failed, or the run was aborted by a threshold in [abort]
+  2  error: bad profile or option, a target outside the allowlist (nothing was sent),
+     Locust failed to start, or the run was interrupted (SIGTERM/Ctrl-C; the record is
+     completed with status "interrupted")
+
+The run record is written to OUT/<run id>/ as the run goes (manifest.json, requests/,
+failures/, generator/, samples/, events.jsonl, locust/). List records with 'loadkit runs list'.
+"""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("run", help="(not built yet)")
+    p = sub.add_parser(
+        "run",
+        help="run a load-test profile with Locust and record it",
+        description="Run a profile (TOML): resolve and allow every target before anything is sent, "
+        "start collectors, run Locust headless, write the run record, evaluate the gates.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("profile", help="profile TOML file, e.g. scenarios/smoke.toml")
+    p.add_argument("--release", help="release label (overrides [run] release)")
+    p.add_argument("--out", default="runs", help="directory for run records (default: ./runs)")
+    p.add_argument("--duration", help="run length, e.g. 30s or 5m (overrides [run] duration)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="run Locust distributed: a master and N worker processes (default: one process)")
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    raise LoadkitError("'loadkit run' is not built yet")
+    from loadkit.profile.profile import load_profile
+    from loadkit.record.runner import run_profile
+
+    profile = load_profile(args.profile).with_overrides(release=args.release, duration=args.duration)
+    result = run_profile(profile, out_dir=args.out, workers=args.workers)
+    return result.exit_code

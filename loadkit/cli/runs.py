@@ -1,16 +1,78 @@
-"""`loadkit runs`: placeholder until its stage lands."""
+"""`loadkit runs list | show RUN`: the catalog of run records."""
 
 from __future__ import annotations
 
 import argparse
-
-from loadkit.errors import LoadkitError
+import json
+import time
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("runs", help="(not built yet)")
-    p.set_defaults(func=_run)
+    p = sub.add_parser("runs", help="list and show run records (DuckDB over the Parquet files)")
+    actions = p.add_subparsers(dest="runs_command", metavar="ACTION", required=True)
+    lst = actions.add_parser("list", help="one line per run, oldest first")
+    lst.add_argument("--release", help="only runs of this release")
+    lst.add_argument("--scenario", help="only runs of this scenario")
+    lst.add_argument("--dir", default="runs", help="runs directory (default: ./runs)")
+    lst.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
+    lst.set_defaults(func=_list)
+    show = actions.add_parser("show", help="one run: manifest, requests, failures, events, gates")
+    show.add_argument("run", help="run id, unique prefix of one, or a run directory")
+    show.add_argument("--dir", default="runs", help="runs directory (default: ./runs)")
+    show.add_argument("--json", action="store_true", help="print JSON")
+    show.set_defaults(func=_show)
 
 
-def _run(args: argparse.Namespace) -> int:
-    raise LoadkitError("'loadkit runs' is not built yet")
+def _list(args: argparse.Namespace) -> int:
+    from loadkit.record.catalog import list_runs
+
+    runs = list_runs(args.dir, release=args.release, scenario=args.scenario)
+    if args.json:
+        for row in runs.to_dict(orient="records"):
+            print(json.dumps(row, default=str))
+        return 0
+    if runs.empty:
+        print("no runs")
+        return 0
+    print(f"{'run':40} {'scenario':20} {'release':12} {'status':11} {'started (UTC)':19} "
+          f"{'dur s':>6} {'requests':>9} {'fail':>7}  gates")
+    for r in runs.itertuples():
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r.started_unix_s))
+        print(f"{r.run_id:40} {r.scenario:20} {r.release:12} {r.status:11} {started:19} "
+              f"{r.duration_s:6.0f} {r.requests_n:9d} {r.failures_n:7d}  {r.gates}")
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    from loadkit.record.catalog import show_run
+
+    info = show_run(args.run, args.dir)
+    m = info["manifest"]
+    if args.json:
+        out = dict(info, requests=info["requests"].to_dict(orient="records"),
+                   failures=info["failures"].to_dict(orient="records"))
+        print(json.dumps(out, default=str, indent=2))
+        return 0
+    started, ended = m.get("started_unix_s") or 0, m.get("ended_unix_s") or 0
+    print(f"run       {m.get('run_id')}  ({info['path']})")
+    print(f"scenario  {m.get('scenario')}   release {m.get('release')}   status {m.get('status')}")
+    print(f"started   {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(started))}"
+          + (f"   duration {ended - started:.1f} s" if ended else "   (not ended)"))
+    print(f"targets   {', '.join(m.get('targets') or [])}")
+    if not info["requests"].empty:
+        print("\nrequests")
+        print(info["requests"].to_string(index=False))
+    if not info["failures"].empty:
+        print("\nfailures by class")
+        print(info["failures"].to_string(index=False))
+    print("\nevents    " + ", ".join(f"{k} {v}" for k, v in sorted(info["event_counts"].items())))
+    for e in info["notable_events"]:
+        print(f"  {e.get('kind')} {e.get('source')}: {json.dumps(e.get('detail'))}")
+    gates = m.get("gates") or []
+    if gates:
+        from loadkit.record.gates import describe
+
+        print("\ngates")
+        for g in gates:
+            print("  " + describe(g))
+    return 0

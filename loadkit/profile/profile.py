@@ -53,7 +53,8 @@ Schema (every table but ``[run]``, ``[targets]`` and ``[load]`` is optional)::
     p95_latency_s = 0.2
     p99_latency_s = 0.5
     failure_ratio = 0.01            # failures / requests over the whole run
-    min_headroom_pct = 20           # from loadkit.model; "not evaluated" when unavailable
+    min_headroom_pct = 20           # from loadkit.model.headroom: first proxy failure vs ...
+    forecast_peak_sessions = 5000   # ... this forecast peak; "not evaluated" when it cannot fit
 
     [record]
     interval_s = 1.0                # one request/failure/generator row set per interval
@@ -82,7 +83,10 @@ _TABLES: dict[str, tuple[str, ...]] = {
     "collect": ("groups", "udp_ports", "urls", "interval_s"),
     "caps": ("max_users", "max_duration_s", "max_rate_qps"),
     "abort": ("cgroup_memory_fraction", "failure_ratio", "min_requests"),
-    "gates": ("p50_latency_s", "p95_latency_s", "p99_latency_s", "failure_ratio", "min_headroom_pct"),
+    "gates": (
+        "p50_latency_s", "p95_latency_s", "p99_latency_s", "failure_ratio", "min_headroom_pct",
+        "forecast_peak_sessions",
+    ),
     "record": ("interval_s",),
     "lab": (),  # hints, free form
 }
@@ -179,6 +183,7 @@ class GateSpec:
     p99_latency_s: float | None = None
     failure_ratio: float | None = None
     min_headroom_pct: float | None = None
+    forecast_peak_sessions: float | None = None  #: the load the headroom is measured against
 
     def items(self) -> list[tuple[str, float]]:
         return [(k, v) for k, v in vars(self).items() if v is not None]

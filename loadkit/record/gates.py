@@ -12,7 +12,7 @@ from __future__ import annotations
 import csv
 import logging
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from loadkit.records import RUN_LAYOUT
 
@@ -46,30 +46,34 @@ def aggregated_percentiles(run_dir: Path) -> dict[str, float] | None:
     return None
 
 
-def _headroom_pct(run_dir: Path) -> tuple[float | None, str]:
-    """Minimum headroom (percent) from loadkit.model, or (None, why not)."""
+def _headroom_pct(run_dir: Path, forecast_peak_sessions: float | None) -> tuple[float | None, str]:
+    """Headroom (percent) of the first proxy failure over the forecast peak, or (None, why not)."""
+    if forecast_peak_sessions is None:
+        return None, "set [gates] forecast_peak_sessions to compare the fitted capacity with"
     try:
-        from loadkit.model import headroom  # type: ignore[attr-defined]
+        from loadkit.model.headroom import fit_headroom
     except ImportError:
         return None, "loadkit.model.headroom is not available"
-    fn: Callable[..., Any] | None = getattr(headroom, "min_headroom_pct", None)
-    if fn is None:
-        return None, "loadkit.model.headroom has no min_headroom_pct"
     try:
         from loadkit.record.reader import load_run
 
-        value = fn(load_run(run_dir))
+        result = fit_headroom(load_run(run_dir), forecast_peak_sessions=forecast_peak_sessions)
     except Exception as err:  # a model that cannot answer for this run is "not evaluated"
         return None, f"headroom model could not answer: {err}"
+    value = getattr(result, "headroom_pct", None)
     return (None, "headroom model returned nothing") if value is None else (float(value), "")
 
 
 def evaluate(run_dir: Path, gates: dict[str, float], requests: Any = None) -> list[dict]:
-    """Evaluate ``gates`` ({"p99_latency_s": 0.5, ...}) against the run in ``run_dir``."""
+    """Evaluate ``gates`` ({"p99_latency_s": 0.5, ...}) against the run in ``run_dir``.
+
+    ``forecast_peak_sessions`` in ``gates`` is a parameter of the headroom gate, not a gate.
+    """
     results = []
     percentiles = None
+    forecast = gates.get("forecast_peak_sessions")
     for name, limit in gates.items():
-        if limit is None:
+        if limit is None or name == "forecast_peak_sessions":
             continue
         if name in _PERCENTILE_COLUMNS:
             if percentiles is None:
@@ -91,7 +95,7 @@ def evaluate(run_dir: Path, gates: dict[str, float], requests: Any = None) -> li
                 ratio = float(requests["failures_n"].sum()) / total
                 results.append(gate_result(name, ratio <= limit, ratio, limit))
         elif name == "min_headroom_pct":
-            value, why = _headroom_pct(Path(run_dir))
+            value, why = _headroom_pct(Path(run_dir), forecast)
             if value is None:
                 results.append(gate_result(name, None, None, limit, f"not evaluated: {why}"))
             else:

@@ -46,7 +46,7 @@ from locust.stats import calculate_response_time_percentile, diff_response_time_
 
 from loadkit.generate.metrics import forget_worker, metrics_for
 from loadkit.records import Event, FailureInterval, GeneratorMetric, GroupSample, RequestInterval
-from loadkit.record.writer import RunWriter, new_run_id
+from loadkit.record.writer import INTERRUPT_MARKER, RunWriter, new_run_id
 
 log = logging.getLogger(__name__)
 
@@ -303,7 +303,12 @@ class Recorder:
             self._drain()
             self.tick()
         finally:
-            status = "aborted" if self.abort_reason else "completed"
+            if self.abort_reason:
+                status = "aborted"
+            elif (self.writer.run_dir / INTERRUPT_MARKER).exists():
+                status = "interrupted"
+            else:
+                status = "completed"
             self.status = status
             self.writer.event("run_ended", "locust", {"status": status})
             self.writer.finish(status)

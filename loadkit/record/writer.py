@@ -17,7 +17,6 @@ import json
 import os
 import platform
 import socket
-import sys
 import threading
 import time
 from pathlib import Path
@@ -49,6 +48,9 @@ _TABLE_OF: dict[type, str] = {
 }
 
 STATUS_FILE = "status.json"
+#: left in the run directory by the runner before it stops Locust with SIGTERM, so the record's
+#: final status is ``interrupted`` rather than ``completed``
+INTERRUPT_MARKER = ".interrupted"
 
 
 def new_run_id(scenario: str, now_unix_s: float | None = None) -> str:
@@ -195,8 +197,3 @@ class RunWriter:
     # -- live status (not part of the record) ----------------------------------------------------
     def write_status(self, status: dict[str, Any]) -> None:
         write_json_atomic(self.run_dir / STATUS_FILE, status)
-
-
-def python_command() -> list[str]:
-    """How to start a Python module in this interpreter (the venv's)."""
-    return [sys.executable]

@@ -1,0 +1,343 @@
+"""The runner behind ``loadkit run``: one profile in, one run record and a verdict out.
+
+Order of work, so that nothing is sent before it is allowed:
+
+1. the profile is validated and the overrides applied, caps checked (:mod:`loadkit.profile.profile`);
+2. every target and collector URL is resolved and checked against the allowlist
+   (:func:`loadkit.profile.profile.resolve_targets`): a refusal raises before any process starts;
+3. the run directory and its manifest (status ``running``) are written;
+4. Locust runs headless as child processes (one local process, or a master and N workers) with
+   the loadkit plugin options; the plugin writes the record as the run goes and stops the run on
+   an abort threshold. Children get ``LOADKIT_ALLOWLIST`` so every generator checks again, and
+   die with the runner (``PR_SET_PDEATHSIG``) so a killed runner leaves no load behind;
+5. the gates are evaluated on the finished record and written to the manifest and events.
+
+SIGTERM/SIGINT to the runner is passed on to Locust as SIGTERM (graceful stop: the record is
+completed with status ``interrupted``). Exit status: 0 passed, 1 a gate failed or the run was
+aborted, 2 an error (bad profile, refused target, Locust failed, interrupted).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from loadkit.errors import LoadkitError, ProfileError
+from loadkit.profile.profile import Profile, expand_target_refs, resolve_targets
+from loadkit.profile.targets import parse_allowlist
+from loadkit.record import gates as gates_mod
+from loadkit.record.writer import INTERRUPT_MARKER, STATUS_FILE, RunWriter, new_run_id
+from loadkit.records import RUN_LAYOUT
+
+#: seconds Locust may take to start (and a master to see its workers) before the deadline counts
+STARTUP_GRACE_S = 60.0
+
+_SCHEMES = {"dns": "udp", "imap": "imap", "pop3": "pop3", "pop": "pop3", "http": "http"}
+
+EXIT_PASSED, EXIT_GATE_FAILED, EXIT_ERROR = 0, 1, 2
+
+
+class RunError(LoadkitError):
+    """Locust could not be started or ended without a usable record."""
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    status: str
+    gates: list[dict] = field(default_factory=list)
+    exit_code: int = EXIT_PASSED
+
+
+def _set_pdeathsig() -> None:  # pragma: no cover - runs in the child between fork and exec
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die when the runner dies
+    except OSError:
+        pass
+
+
+def _free_port(address: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((address, 0))
+        return s.getsockname()[1]
+
+
+def option_args(options: dict[str, Any], resolved: dict[str, Any]) -> list[str]:
+    """``{"rate-qps": 2000, "tcp": True, "source": ["a", "b"]}`` -> Locust arguments."""
+    args: list[str] = []
+    for key, value in options.items():
+        flag = f"--{key}"
+        value = expand_target_refs(value, resolved)
+        for v in value if isinstance(value, list) else [value]:
+            if v is True:
+                args.append(flag)
+            elif v is False:
+                continue
+            else:
+                args += [flag, str(v)]
+    return args
+
+
+def locust_args(profile: Profile, resolved: dict[str, Any], run_root: Path, run_id: str,
+                run_dir: Path) -> list[str]:
+    """Arguments shared by a local Locust process and a master (not the workers' role flags)."""
+    load = profile.load
+    args = ["-f", ",".join(str(f) for f in load.locustfiles), "--headless",
+            "-u", str(load.users), "-r", f"{load.spawn_rate:g}",
+            "-t", f"{max(1, round(profile.duration_s))}s",
+            "--stop-timeout", f"{profile.stop_timeout_s:g}",
+            "--csv", str(run_dir / RUN_LAYOUT["locust"] / gates_mod.LOCUST_CSV_PREFIX),
+            "--html", str(run_dir / RUN_LAYOUT["locust"] / "report.html"),
+            "--only-summary", "--exit-code-on-error", "0",
+            "--record-dir", str(run_root), "--run-id", run_id,
+            "--scenario", profile.scenario, "--release", profile.release,
+            "--record-interval", f"{profile.record_interval_s:g}"]
+    if load.host:
+        args += ["--host", str(resolved[load.host])]
+    c = profile.collect
+    for name, spec in c.groups.items():
+        args += ["--collect-group", f"{name}={spec}"]
+    for port in c.udp_ports:
+        args += ["--collect-udp-port", str(port)]
+    for url in c.urls:
+        args += ["--collector", url]
+    if c.enabled:
+        args += ["--collect-interval", f"{c.interval_s:g}"]
+    a = profile.abort
+    if a.cgroup_memory_fraction:
+        args += ["--abort-cgroup-memory-fraction", f"{a.cgroup_memory_fraction:g}"]
+    if a.failure_ratio:
+        args += ["--abort-failure-ratio", f"{a.failure_ratio:g}", "--abort-min-requests", str(a.min_requests)]
+    return args + option_args(load.options, resolved)
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """One line: elapsed, offered/answered, failures by class, target memory."""
+    counters = status.get("counters", {})
+    requests, failures = status.get("requests_n", 0), status.get("failures_n", 0)
+    if "dns.original_sent" in counters:  # the DNS sender counts what it offered itself
+        offered = counters.get("dns.original_sent", 0) + counters.get("dns.retry_sent", 0)
+        answered = counters.get("dns.answered", requests - failures)
+    else:
+        offered, answered = requests, requests - failures
+    parts = [f"[{status.get('elapsed_s', 0):6.1f}s]", f"users {status.get('users', 0)}"]
+    if status.get("workers"):
+        parts.append(f"workers {status['workers']}")
+    parts.append(f"offered {offered:.0f} answered {answered:.0f}")
+    by_class = status.get("failures_by_class") or {}
+    fails = f"failures {failures}"
+    if by_class:
+        fails += " (" + ", ".join(f"{k} {v}" for k, v in by_class.items()) + ")"
+    parts.append(fails)
+    mem = status.get("memory") or {}
+    shown = [f"{g} {m / l:.0%}" for g, (m, l) in mem.items() if l]
+    if shown:
+        parts.append("memory " + " ".join(shown))
+    if status.get("abort"):
+        parts.append(f"ABORT {status['abort'].get('reason')}")
+    return "  ".join(parts)
+
+
+class Runner:
+    """Runs one validated profile; see the module docstring for the order of work."""
+
+    def __init__(self, profile: Profile, out_dir: str | Path = "runs", workers: int = 0,
+                 stream: TextIO | None = None, lab: dict | None = None) -> None:
+        if workers < 0:
+            raise ProfileError(f"--workers must be 0 or more, got {workers}")
+        self.profile = profile
+        self.out_dir = Path(out_dir)
+        self.workers = workers
+        self.stream = stream if stream is not None else sys.stderr
+        self.lab = lab or {}
+        self.interrupted = threading.Event()
+        self.procs: list[subprocess.Popen] = []
+        self.run_dir: Path | None = None
+
+    # -- safety first ----------------------------------------------------------------------------
+    def prepare(self) -> dict[str, Any]:
+        """Resolve and allow every target; raises before anything is started or sent."""
+        return resolve_targets(self.profile)
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        nets = parse_allowlist(self.profile.allowlist)  # the profile's, else env, else loopback
+        env["LOADKIT_ALLOWLIST"] = ",".join(str(n) for n in nets)
+        env["LOADKIT_MAX_RATE_QPS"] = f"{self.profile.caps.max_rate_qps:g}"
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    def _spawn(self, args: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen:
+        log = log_path.open("ab")
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "locust", *args], stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+                preexec_fn=_set_pdeathsig,
+            )
+        finally:
+            log.close()
+        self.procs.append(proc)
+        return proc
+
+    def run(self) -> RunResult:
+        resolved = self.prepare()
+        p = self.profile
+        run_id = new_run_id(p.scenario)
+        run_dir = self.out_dir / run_id
+        self.run_dir = run_dir
+        writer = RunWriter(run_dir)
+        targets = [f"{_SCHEMES.get(k, 'tcp')}://{t}" for k, t in resolved.items()]
+        writer.start(run_id, p.scenario, p.release, profile=p.to_dict(), targets=targets, lab=self.lab)
+        env = self._env()
+        args = locust_args(p, resolved, self.out_dir, run_id, run_dir)
+        logs = run_dir / RUN_LAYOUT["locust"]
+        self._print(f"run {run_id}: {p.scenario} ({p.release}) for {p.duration_s:g} s -> {run_dir}")
+        if self.workers:
+            port = _free_port()
+            master = self._spawn(
+                args + ["--master", "--master-bind-host", "127.0.0.1", "--master-bind-port", str(port),
+                        "--expect-workers", str(self.workers), "--expect-workers-max-wait", "30"],
+                logs / "master.log", env)
+            worker_args = ["-f", args[1], "--worker", "--master-host", "127.0.0.1",
+                           "--master-port", str(port)]
+            for i in range(self.workers):
+                self._spawn(worker_args, logs / f"worker-{i + 1}.log", env)
+            log_path = logs / "master.log"
+        else:
+            master = self._spawn(args, logs / "locust.log", env)
+            log_path = logs / "locust.log"
+        deadline = time.monotonic() + p.duration_s + p.stop_timeout_s + STARTUP_GRACE_S
+        self._wait(master, run_dir, deadline)
+        return self._finish(master, writer, log_path)
+
+    # -- while it runs ---------------------------------------------------------------------------
+    def _print(self, line: str) -> None:
+        print(line, file=self.stream, flush=True)
+
+    def _wait(self, master: subprocess.Popen, run_dir: Path, deadline: float) -> None:
+        tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        every = 1.0 if tty else 5.0
+        next_status = time.monotonic() + every
+        status_path = run_dir / STATUS_FILE
+        sent_term = False
+        while master.poll() is None:
+            time.sleep(0.2)
+            if (self.interrupted.is_set() or time.monotonic() > deadline) and not sent_term:
+                sent_term = True
+                if not self.interrupted.is_set():
+                    self._print("run: deadline passed, stopping Locust")
+                (run_dir / INTERRUPT_MARKER).write_text("")
+                self._signal_all(signal.SIGTERM)
+                kill_at = time.monotonic() + self.profile.stop_timeout_s + 15
+                while master.poll() is None and time.monotonic() < kill_at:
+                    time.sleep(0.2)
+                if master.poll() is None:
+                    self._signal_all(signal.SIGKILL)
+            if time.monotonic() >= next_status:
+                next_status += every
+                try:
+                    line = format_status(json.loads(status_path.read_text()))
+                except (OSError, ValueError):
+                    continue
+                if tty:
+                    self.stream.write("\r\033[K" + line)
+                    self.stream.flush()
+                else:
+                    self._print(line)
+        if tty:
+            self.stream.write("\n")
+        # workers leave when the master quits; make sure of it
+        for proc in self.procs[1:]:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def _signal_all(self, sig: int) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                try:
+                    proc.send_signal(sig)
+                except ProcessLookupError:
+                    pass
+
+    # -- after -----------------------------------------------------------------------------------
+    def _finish(self, master: subprocess.Popen, writer: RunWriter, log_path: Path) -> RunResult:
+        manifest = writer.read_manifest() or {}
+        status = manifest.get("status", "running")
+        interrupted = (writer.run_dir / INTERRUPT_MARKER).exists()
+        if status == "running":  # the plugin never finished the record
+            status = "interrupted" if interrupted else "failed"
+            writer.event("run_ended", "runner", {"status": status, "locust_exit_code": master.returncode})
+            writer.finish(status)
+        elif interrupted and status == "completed":
+            status = "interrupted"
+            writer.update_manifest(status=status)
+        if status == "failed":
+            raise RunError(self._locust_failure(log_path, master.returncode))
+        results = gates_mod.evaluate(writer.run_dir, vars(self.profile.gates))
+        if status == "aborted":
+            abort = next((e for e in reversed(_events(writer)) if e.get("kind") == "abort"), {})
+            results.append(gates_mod.gate_result("no_abort", False, None, 0, str(abort.get("detail", {}).get("reason", ""))))
+        for r in results:
+            writer.event("gate", r["name"], r)
+        writer.update_manifest(gates=results)
+        for r in results:
+            self._print("gate " + gates_mod.describe(r))
+        self._print(f"run {writer.run_dir.name}: {status}")
+        if status == "interrupted":
+            code = EXIT_ERROR
+        elif any(r["passed"] is False for r in results):
+            code = EXIT_GATE_FAILED
+        else:
+            code = EXIT_PASSED
+        return RunResult(writer.run_dir, status, results, code)
+
+    @staticmethod
+    def _locust_failure(log_path: Path, code: int | None) -> str:
+        try:
+            lines = [line.strip() for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
+        except OSError:
+            lines = []
+        for line in reversed(lines):
+            if "unrecognized arguments" in line:
+                return (f"Locust does not know {line.split('unrecognized arguments:', 1)[1].strip()}: "
+                        "check [load] options against the locustfile's options")
+        last = lines[-1] if lines else "no output"
+        return f"Locust exited with status {code} before recording the run: {last} (see {log_path})"
+
+
+def _events(writer: RunWriter) -> list[dict]:
+    from loadkit.record.reader import read_events
+
+    return read_events(writer.run_dir)
+
+
+def run_profile(profile: Profile, out_dir: str | Path = "runs", workers: int = 0,
+                stream: TextIO | None = None, lab: dict | None = None) -> RunResult:
+    """Run ``profile`` with SIGTERM/SIGINT passed on to Locust as a graceful stop."""
+    runner = Runner(profile, out_dir, workers, stream, lab)
+    runner.prepare()  # refuse before installing handlers or creating anything
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            handlers[sig] = signal.signal(sig, lambda *_a: runner.interrupted.set())
+    try:
+        return runner.run()
+    finally:
+        for sig, old in handlers.items():
+            signal.signal(sig, old)
+        runner._signal_all(signal.SIGKILL)  # nothing outlives the runner
