@@ -1,0 +1,136 @@
+"""Profiles: the schema, the malformed profiles in tests/profiles_bad/, overrides and caps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from loadkit.cli import main
+from loadkit.errors import ProfileError, TargetNotAllowed
+from loadkit.profile.profile import load_profile, parse_duration, resolve_targets
+
+HERE = Path(__file__).parent
+BAD = sorted((HERE / "profiles_bad").glob("*.toml"))
+TINY = HERE / "locustfiles" / "tiny.py"
+
+
+def _expected(path: Path) -> str:
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# expect:"), f"{path.name} must start with '# expect: <message part>'"
+    return first.split("expect:", 1)[1].strip()
+
+
+def test_there_are_at_least_twenty_malformed_profiles() -> None:
+    assert len(BAD) >= 20
+
+
+@pytest.mark.parametrize("path", BAD, ids=[p.stem for p in BAD])
+def test_malformed_profile_gives_one_line_naming_file_and_problem(path: Path) -> None:
+    with pytest.raises(ProfileError) as info:
+        load_profile(path)
+    message = str(info.value)
+    assert "\n" not in message
+    assert path.name in message
+    assert _expected(path) in message
+
+
+@pytest.mark.parametrize("path", BAD[:3], ids=[p.stem for p in BAD[:3]])
+def test_cli_prints_the_line_and_exits_2(path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("loadkit: error: ") and "\n" not in err and _expected(path) in err
+
+
+def _write(tmp_path: Path, body: str) -> Path:
+    p = tmp_path / "p.toml"
+    p.write_text(body.replace("TINY", str(TINY)))
+    return p
+
+
+GOOD = """
+[run]
+scenario = "s1"
+release = "r9"
+duration = "1m30s"
+[targets]
+dns = "127.0.0.1"
+echo = "127.0.0.1:7007"
+allowlist = ["127.0.0.0/8"]
+[load]
+locustfile = "TINY"
+host = "echo"
+users = 20
+spawn_rate = 5
+options = { rate-qps = 500, server = "{target:dns}", tcp = true, source = ["127.0.5.1", "127.0.5.2"] }
+[collect]
+groups = { p1 = "cgroup:/sys/fs/cgroup/x@1143" }
+udp_ports = [5353]
+interval_s = 0.25
+[caps]
+max_users = 100
+max_rate_qps = 1000
+[abort]
+cgroup_memory_fraction = 0.9
+failure_ratio = 0.5
+[gates]
+p99_latency_s = 0.5
+failure_ratio = 0.01
+"""
+
+
+def test_good_profile_is_read_with_units_and_defaults(tmp_path: Path) -> None:
+    p = load_profile(_write(tmp_path, GOOD))
+    assert (p.scenario, p.release, p.duration_s) == ("s1", "r9", 90.0)
+    assert p.load.users == 20 and p.load.spawn_rate == 5.0 and p.load.locustfiles == (TINY.resolve(),)
+    assert p.collect.groups == {"p1": "cgroup:/sys/fs/cgroup/x@1143"} and p.collect.udp_ports == (5353,)
+    assert p.abort.cgroup_memory_fraction == 0.9 and p.abort.min_requests == 50
+    assert dict(p.gates.items()) == {"p99_latency_s": 0.5, "failure_ratio": 0.01}
+    resolved = resolve_targets(p)
+    assert str(resolved["dns"]) == "127.0.0.1:53"  # dns may leave out its port
+    assert str(resolved["echo"]) == "127.0.0.1:7007"
+    d = p.to_dict()
+    assert d["load"]["options"]["rate-qps"] == 500 and d["targets"]["echo"] == "127.0.0.1:7007"
+
+
+def test_overrides_are_checked_against_caps(tmp_path: Path) -> None:
+    p = load_profile(_write(tmp_path, GOOD))
+    q = p.with_overrides(release="r10", duration="2m")
+    assert (q.release, q.duration_s) == ("r10", 120.0)
+    with pytest.raises(ProfileError, match="--duration: 'soon' is not a duration"):
+        p.with_overrides(duration="soon")
+    with pytest.raises(ProfileError, match="exceeds \\[caps\\] max_duration_s"):
+        p.with_overrides(duration="3h")
+    with pytest.raises(ProfileError, match="--release: must be a name"):
+        p.with_overrides(release="a b")
+
+
+def test_target_outside_allowlist_is_refused_naming_the_allowlist(tmp_path: Path) -> None:
+    p = load_profile(_write(tmp_path, GOOD.replace('echo = "127.0.0.1:7007"', 'echo = "192.0.2.10:7007"')))
+    with pytest.raises(TargetNotAllowed, match="outside the allowlist \\(127.0.0.0/8\\)"):
+        resolve_targets(p)
+
+
+def test_collector_urls_are_checked_against_the_allowlist_too(tmp_path: Path) -> None:
+    body = GOOD.replace("interval_s = 0.25", 'interval_s = 0.25\nurls = ["http://198.51.100.7:9109"]')
+    with pytest.raises(TargetNotAllowed, match="198.51.100.7"):
+        resolve_targets(load_profile(_write(tmp_path, body)))
+
+
+@pytest.mark.parametrize(
+    "text, seconds",
+    [("90", 90), ("90s", 90), ("5m", 300), ("1h30m", 5400), ("500ms", 0.5), (2.5, 2.5), ("1m30s", 90)],
+)
+def test_durations(text: object, seconds: float) -> None:
+    assert parse_duration(text, "x") == seconds
+
+
+SCENARIOS = sorted((HERE.parent / "scenarios").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", SCENARIOS, ids=[p.stem for p in SCENARIOS])
+def test_shipped_scenarios_are_valid_and_name_loopback_targets(path: Path) -> None:
+    p = load_profile(path)
+    assert p.targets, "a scenario names its targets explicitly"
+    resolved = resolve_targets(p)  # all inside the default (loopback) allowlist
+    assert all(t.address.startswith("127.") for t in resolved.values())
