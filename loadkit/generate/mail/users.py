@@ -1,0 +1,571 @@
+"""Locust users for POP3 and IMAP login storms, their options, arrivals and reconnects.
+
+A user is one mail client: it logs in, opens the mailbox, reads a little, holds the session for
+a dwell time (or in IMAP IDLE until the test ends), logs out and comes back. Held sessions are
+what fill a proxy's memory, so the number held right now is a gauge (``imap.held_sessions``,
+``pop3.held_sessions``) next to counters of logins, lost sessions and users that gave up.
+
+Options are Locust custom arguments (shown in the web UI), validated once per process in the
+``init`` event: a bad value or a missing/malformed accounts file stops the run with one line
+and exit status 2 before anything is sent. Targets are checked against the allowlist there too.
+
+Arrivals: ``herd`` (every user starts its first login together, once spawning completes, then
+loops) or ``rate:N`` (open loop: new logins start at N per second per Locust process,
+independent of how fast sessions end; a slot that finds no free user is counted as
+``<proto>.arrivals_late``). Reconnects after a failure: ``immediate``, ``fixed``, ``backoff``
+(exponential with full jitter), each with a give-up count. A fast failure never spins: every
+retry waits at least ``--mail-min-retry-delay`` and retries per process are capped by
+``--mail-max-retry-rate``.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import random
+import ssl
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import gevent
+import gevent.event
+from gevent.monkey import get_original
+from locust import User, events, task
+from locust.exception import StopUser
+from locust.runners import MasterRunner
+
+from loadkit import defaults
+from loadkit.errors import InputFileError, LoadkitError, ProfileError
+from loadkit.generate import bridge
+from loadkit.generate.metrics import metrics_for
+from loadkit.generate.mail.classify import Phase, PhaseResult, Timeouts, classify
+from loadkit.generate.mail.imap import ImapSession, ImapSpec
+from loadkit.generate.mail.pop3 import Pop3Session, Pop3Spec
+from loadkit.profile.targets import check_target
+
+log = logging.getLogger(__name__)
+
+_OPTIONS_ATTR = "loadkit_mail_options"
+_SHARED_ATTR = "loadkit_mail_shared"
+
+
+# --------------------------------------------------------------------------------------------
+# accounts
+# --------------------------------------------------------------------------------------------
+
+
+def read_accounts(path: str | Path) -> list[tuple[str, str]]:
+    """``(user, password)`` pairs from a CSV file with the header ``user,password``."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputFileError(
+            f"accounts file {p} does not exist (bring the lab up with `loadkit lab up`, "
+            "or pass --mail-accounts FILE with a header line user,password)"
+        ) from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputFileError(f"accounts file {p} cannot be read: {err}") from err
+    rows = list(csv.reader(text.splitlines()))
+    if not rows or [c.strip().lower() for c in rows[0]] != ["user", "password"]:
+        got = ",".join(rows[0]) if rows else "an empty file"
+        raise InputFileError(f"accounts file {p} line 1: expected the header 'user,password', got {got!r}")
+    accounts = []
+    for lineno, row in enumerate(rows[1:], start=2):
+        if not row or not "".join(row).strip():
+            continue
+        if len(row) != 2 or not row[0].strip() or not row[1]:
+            raise InputFileError(f"accounts file {p} line {lineno}: expected 'user,password', got {','.join(row)!r}")
+        accounts.append((row[0].strip(), row[1]))
+    if not accounts:
+        raise InputFileError(f"accounts file {p} has a header but no accounts")
+    return accounts
+
+
+# --------------------------------------------------------------------------------------------
+# reconnect policy and arrivals
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReconnectPolicy:
+    """How long a client waits before the next login after ``failures_n`` failures in a row."""
+
+    kind: str = "backoff"  #: "immediate", "fixed" or "backoff"
+    delay_s: float = 1.0  #: fixed delay, or the first backoff step
+    max_delay_s: float = 30.0  #: backoff cap
+    give_up_n: int = 0  #: stop the user after this many failures in a row; 0 never
+    min_delay_s: float = 0.1  #: floor under every retry, so a refusing server is not spun on
+
+    KINDS: ClassVar[tuple[str, ...]] = ("immediate", "fixed", "backoff")
+
+    def delay(self, failures_n: int, rng: random.Random) -> float:
+        if self.kind == "immediate":
+            d = 0.0
+        elif self.kind == "fixed":
+            d = self.delay_s
+        else:  # "full jitter": uniform in [0, min(cap, base * 2^(n-1))]
+            d = rng.uniform(0.0, min(self.max_delay_s, self.delay_s * 2 ** min(failures_n - 1, 30)))
+        return max(self.min_delay_s, d)
+
+    def gives_up(self, failures_n: int) -> bool:
+        return self.give_up_n > 0 and failures_n >= self.give_up_n
+
+
+class Pacer:
+    """Hands out start times ``1/rate_per_s`` apart to the greenlets of one process.
+
+    Open loop: a slot is not moved because a session is slow. A slot that nobody took in time is
+    dropped (not caught up in a burst) and counted as late.
+    """
+
+    def __init__(self, rate_per_s: float) -> None:
+        self.interval_s = 1.0 / rate_per_s
+        self._next = time.monotonic()
+        self.late_n = 0
+
+    def wait(self) -> None:
+        now = time.monotonic()
+        if self._next < now - self.interval_s:
+            self.late_n += int((now - self._next) / self.interval_s)
+            self._next = now
+        t = self._next
+        self._next = t + self.interval_s
+        if t > now:
+            gevent.sleep(t - now)
+
+
+# --------------------------------------------------------------------------------------------
+# options
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MailOptions:
+    """Everything a mail storm is told, validated (from Locust's parsed options)."""
+
+    accounts_file: Path = field(default_factory=defaults.accounts_file)
+    dwell_s: float | None = 5.0  #: None: hold until the test ends (IMAP in IDLE)
+    fetch_n: int = 3  #: IMAP: FETCH headers of this many messages; POP3: RETR one if > 0
+    pop3_uidl: bool = True
+    arrival: str = "herd"  #: "herd" or "rate:N"
+    reconnect: ReconnectPolicy = ReconnectPolicy()
+    max_retry_rate_per_s: float = 200.0
+    tls: str = "off"
+    tls_verify: bool = False
+    timeouts: Timeouts = Timeouts()
+
+    @property
+    def arrival_rate_per_s(self) -> float | None:
+        return float(self.arrival.split(":", 1)[1]) if self.arrival.startswith("rate:") else None
+
+
+def parse_timeouts(spec: str) -> Timeouts:
+    """``"connect=5,login=10"`` -> :class:`Timeouts` (unnamed phases keep their defaults)."""
+    values: dict[str, float] = {}
+    phases = [f[: -len("_s")] for f in Timeouts._fields]
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        name, sep, value = part.partition("=")
+        name = name.strip()
+        if not sep or name not in phases:
+            raise ProfileError(
+                f"--mail-timeouts: {part!r} is not PHASE=SECONDS with PHASE one of {', '.join(phases)}"
+            )
+        try:
+            v = float(value)
+        except ValueError:
+            raise ProfileError(f"--mail-timeouts: {name}={value!r} is not a number of seconds") from None
+        if not v > 0:
+            raise ProfileError(f"--mail-timeouts: {name} must be > 0 seconds, got {value}")
+        values[f"{name}_s"] = v
+    return Timeouts()._replace(**values)
+
+
+def options_from_parsed(parsed: Any) -> MailOptions:
+    """Validate Locust's parsed options (attributes ``mail_*``) into :class:`MailOptions`."""
+    base = MailOptions()
+    if parsed is None:
+        return base
+
+    def get(name: str, default: Any) -> Any:
+        v = getattr(parsed, name, None)
+        return default if v is None or v == "" else v
+
+    dwell_raw = str(get("mail_dwell", "5"))
+    if dwell_raw.strip().lower() in ("idle", "end"):
+        dwell_s = None
+    else:
+        try:
+            dwell_s = float(dwell_raw)
+        except ValueError:
+            raise ProfileError(f"--mail-dwell {dwell_raw!r}: give seconds (e.g. 30) or 'idle'") from None
+        if dwell_s < 0:
+            raise ProfileError(f"--mail-dwell {dwell_raw}: must be >= 0 seconds")
+    arrival = str(get("mail_arrival", "herd")).strip().lower()
+    if arrival != "herd":
+        rate = arrival.split(":", 1)[1] if arrival.startswith("rate:") else ""
+        try:
+            ok = float(rate) > 0
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ProfileError(f"--mail-arrival {arrival!r}: use 'herd' or 'rate:N' with N logins/s > 0")
+    kind = str(get("mail_reconnect", base.reconnect.kind)).strip().lower()
+    if kind not in ReconnectPolicy.KINDS:
+        raise ProfileError(f"--mail-reconnect {kind!r}: use one of {', '.join(ReconnectPolicy.KINDS)}")
+    nums = {}
+    for opt, default, minimum in (
+        ("mail_reconnect_delay", base.reconnect.delay_s, 0.0),
+        ("mail_reconnect_max", base.reconnect.max_delay_s, 0.0),
+        ("mail_min_retry_delay", base.reconnect.min_delay_s, 0.0),
+        ("mail_max_retry_rate", base.max_retry_rate_per_s, 1e-9),
+        ("mail_give_up", base.reconnect.give_up_n, 0),
+        ("mail_fetch", base.fetch_n, 0),
+    ):
+        raw = get(opt, default)
+        try:
+            v = float(raw)
+        except (TypeError, ValueError):
+            raise ProfileError(f"--{opt.replace('_', '-')} {raw!r} is not a number") from None
+        if v < minimum:
+            raise ProfileError(f"--{opt.replace('_', '-')} {raw}: must be >= {minimum:g}")
+        nums[opt] = v
+    tls = str(get("mail_tls", "off")).strip().lower()
+    if tls not in ("off", "tls", "starttls"):
+        raise ProfileError(f"--mail-tls {tls!r}: use off, tls or starttls")
+    return MailOptions(
+        accounts_file=Path(get("mail_accounts", str(base.accounts_file))),
+        dwell_s=dwell_s,
+        fetch_n=int(nums["mail_fetch"]),
+        pop3_uidl=not bool(getattr(parsed, "pop3_no_uidl", False)),
+        arrival=arrival,
+        reconnect=ReconnectPolicy(
+            kind=kind,
+            delay_s=nums["mail_reconnect_delay"],
+            max_delay_s=nums["mail_reconnect_max"],
+            give_up_n=int(nums["mail_give_up"]),
+            min_delay_s=nums["mail_min_retry_delay"],
+        ),
+        max_retry_rate_per_s=nums["mail_max_retry_rate"],
+        tls=tls,
+        tls_verify=bool(getattr(parsed, "mail_tls_verify", False)),
+        timeouts=parse_timeouts(str(get("mail_timeouts", ""))),
+    )
+
+
+@events.init_command_line_parser.add_listener
+def add_arguments(parser: Any, **_kw: Any) -> None:
+    """Custom Locust arguments of the mail storms (also shown in the web UI)."""
+    g = parser.add_argument_group("loadkit mail storm")
+    g.add_argument("--mail-accounts", default=str(defaults.accounts_file()),
+                   help="CSV file with header user,password (default: the lab's accounts file)")
+    g.add_argument("--mail-dwell", default="5",
+                   help="seconds a session is held after login, or 'idle' to hold it until the "
+                   "test ends (IMAP: in IDLE)")
+    g.add_argument("--mail-fetch", default="3",
+                   help="IMAP: FETCH the headers of this many messages; POP3: RETR one message if > 0")
+    g.add_argument("--pop3-no-uidl", action="store_true", default=False, help="POP3: skip UIDL")
+    g.add_argument("--mail-arrival", default="herd",
+                   help="'herd' (all users log in together, then loop) or 'rate:N' (open loop: "
+                   "N new logins per second per Locust process)")
+    g.add_argument("--mail-reconnect", default="backoff",
+                   help="after a failure: immediate, fixed or backoff (exponential, full jitter)")
+    g.add_argument("--mail-reconnect-delay", default="1.0",
+                   help="fixed delay, or first backoff step, in seconds")
+    g.add_argument("--mail-reconnect-max", default="30", help="backoff cap in seconds")
+    g.add_argument("--mail-give-up", default="0",
+                   help="a user stops after this many failed sessions in a row (0: never)")
+    g.add_argument("--mail-min-retry-delay", default="0.1",
+                   help="every retry waits at least this long (seconds), so refusals never spin")
+    g.add_argument("--mail-max-retry-rate", default="200",
+                   help="retries per second per Locust process, at most")
+    g.add_argument("--mail-tls", default="off", help="off, tls (implicit) or starttls")
+    g.add_argument("--mail-tls-verify", action="store_true", default=False,
+                   help="verify the server certificate (off by default: staging certificates)")
+    g.add_argument("--mail-timeouts", default="",
+                   help="per-phase deadlines, e.g. connect=5,greeting=10,login=10,select=10,"
+                   "fetch=10,logout=5")
+
+
+def set_options(environment: Any, options: MailOptions) -> None:
+    """Give an environment its options directly (Locust used as a library, benchmarks)."""
+    setattr(environment, _OPTIONS_ATTR, options)
+    if hasattr(environment, _SHARED_ATTR):
+        delattr(environment, _SHARED_ATTR)
+
+
+def make_ssl_context(verify: bool, for_asyncio: bool) -> ssl.SSLContext:
+    """A client context: gevent's for gevent sockets, the original class for the asyncio loop."""
+    if for_asyncio:
+        ctx = get_original("ssl", "SSLContext")(ssl.PROTOCOL_TLS_CLIENT)
+    else:
+        from gevent import ssl as gssl
+
+        ctx = gssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if verify:
+        ctx.load_default_certs()
+    else:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+# --------------------------------------------------------------------------------------------
+# users
+# --------------------------------------------------------------------------------------------
+
+
+class _Shared:
+    """Per-process state of one user class: options, accounts, target, pacers, herd gate."""
+
+    def __init__(self, environment: Any, user_class: type["MailUser"]) -> None:
+        options = getattr(environment, _OPTIONS_ATTR, None) or options_from_parsed(
+            getattr(environment, "parsed_options", None)
+        )
+        self.options = options
+        self.accounts = read_accounts(options.accounts_file)
+        spec = environment.host or user_class.host
+        self.target = check_target(spec, user_class.default_port)
+        self.spec = user_class.make_spec(self.target.address, self.target.port, options)
+        rate = options.arrival_rate_per_s
+        self.arrivals = Pacer(rate) if rate else None
+        self.retries = Pacer(options.max_retry_rate_per_s)
+        self.next_account = 0
+        self.go = gevent.event.Event()
+        runner = getattr(environment, "runner", None)
+        if options.arrival != "herd" or runner is None:
+            self.go.set()
+        else:
+            environment.events.spawning_complete.add_listener(lambda **_kw: self.go.set())
+        self.metrics = metrics_for(environment)
+        self.rng = random.Random()
+
+
+class MailUser(User):
+    """Base of the storm users: one mail client looping over sessions."""
+
+    abstract = True
+    #: Locust request_type and metric prefix ("IMAP"/"imap", "POP3"/"pop3")
+    request_type: ClassVar[str] = ""
+    metric_prefix: ClassVar[str] = ""
+    default_port: ClassVar[int] = 0
+
+    def __init__(self, environment: Any) -> None:
+        super().__init__(environment)
+        shared = self.shared(environment)
+        self._shared = shared
+        self.account = shared.accounts[shared.next_account % len(shared.accounts)]
+        shared.next_account += 1
+        self._failures_n = 0
+
+    @classmethod
+    def shared(cls, environment: Any) -> _Shared:
+        cache = getattr(environment, _SHARED_ATTR, None)
+        if cache is None:
+            cache = {}
+            setattr(environment, _SHARED_ATTR, cache)
+        if cls not in cache:
+            cache[cls] = _Shared(environment, cls)
+        return cache[cls]
+
+    @classmethod
+    def make_spec(cls, address: str, port: int, options: MailOptions) -> Any:
+        raise NotImplementedError
+
+    # -- reporting ------------------------------------------------------------------------------
+    def fire(self, result: PhaseResult) -> None:
+        self.environment.events.request.fire(
+            request_type=self.request_type,
+            name=result.name,
+            response_time=result.elapsed_s * 1000.0,
+            response_length=result.response_length,
+            exception=result.failure,
+            context={},
+        )
+
+    def count(self, metric: str, n: float = 1) -> None:
+        self._shared.metrics.add(f"{self.metric_prefix}.{metric}", n)
+
+    def held(self, delta: int) -> None:
+        self._shared.metrics.add_gauge(f"{self.metric_prefix}.held_sessions", delta)
+
+    # -- the loop -------------------------------------------------------------------------------
+    @task
+    def session(self) -> None:
+        shared = self._shared
+        shared.go.wait()
+        if shared.arrivals is not None:
+            before = shared.arrivals.late_n
+            shared.arrivals.wait()
+            if shared.arrivals.late_n > before:
+                self.count("arrivals_late", shared.arrivals.late_n - before)
+        ok = self.one_session()
+        if ok:
+            self._failures_n = 0
+            return
+        self._failures_n += 1
+        policy = shared.options.reconnect
+        if policy.gives_up(self._failures_n):
+            self.count("gave_up")
+            raise StopUser()
+        gevent.sleep(policy.delay(self._failures_n, shared.rng))
+        shared.retries.wait()
+
+    def one_session(self) -> bool:
+        """Log in, hold, log out; fire one request per phase; True if all went well."""
+        raise NotImplementedError
+
+    def _report_open(self, results: list[PhaseResult]) -> bool:
+        for r in results:
+            self.fire(r)
+            if r.name in ("LOGIN", "PASS"):
+                self.count("login_attempts")
+                if r.ok:
+                    self.count("logins")
+        return bool(results) and results[-1].ok
+
+    def _report_lost(self, err: BaseException, held_s: float) -> None:
+        self.count("sessions_lost")
+        failure = classify(err, Phase.HOLD)
+        self.fire(PhaseResult("hold", Phase.HOLD, held_s, 0, failure))
+
+
+class ImapUser(MailUser):
+    """IMAP client: connect+greeting, LOGIN, SELECT, FETCH, [IDLE], hold, LOGOUT."""
+
+    abstract = True
+    host = f"{defaults.LAB_ADDRESS}:{defaults.IMAP_PORT}"
+    request_type = "IMAP"
+    metric_prefix = "imap"
+    default_port = defaults.IMAP_PORT
+
+    @classmethod
+    def make_spec(cls, address: str, port: int, options: MailOptions) -> ImapSpec:
+        ctx = make_ssl_context(options.tls_verify, for_asyncio=True) if options.tls != "off" else None
+        return ImapSpec(
+            address, port, tls=options.tls, ssl_context=ctx, timeouts=options.timeouts,
+            fetch_n=options.fetch_n, idle=options.dwell_s is None,
+        )
+
+    def one_session(self) -> bool:
+        shared = self._shared
+        signal = bridge.Signal()
+        session = ImapSession(shared.spec, signal)
+        b = bridge.get_bridge()
+        holding = False
+        closed = False
+        try:
+            if not self._report_open(b.run(session.open(*self.account))):
+                return False
+            holding = True
+            self.held(+1)
+            t0 = time.perf_counter()
+            lost = signal.wait(shared.options.dwell_s)
+            holding = False
+            self.held(-1)
+            if lost:
+                self._report_lost(_lost_error(session), time.perf_counter() - t0)
+                return False
+            results = b.run(session.logout())
+            closed = True
+            for r in results:
+                self.fire(r)
+            return all(r.ok for r in results)
+        finally:
+            if holding:
+                self.held(-1)
+            if not closed:
+                b.spawn(session.abort())
+
+
+def _lost_error(session: ImapSession) -> BaseException:
+    proto = session.proto
+    if proto is not None and proto.lost.done():
+        return proto.lost.result()
+    return EOFError("connection lost")
+
+
+class Pop3User(MailUser):
+    """POP3 client: connect+greeting, PASS (USER+PASS), STAT, UIDL, RETR, hold, QUIT."""
+
+    abstract = True
+    host = f"{defaults.LAB_ADDRESS}:{defaults.POP3_PORT}"
+    request_type = "POP3"
+    metric_prefix = "pop3"
+    default_port = defaults.POP3_PORT
+
+    @classmethod
+    def make_spec(cls, address: str, port: int, options: MailOptions) -> Pop3Spec:
+        ctx = make_ssl_context(options.tls_verify, for_asyncio=False) if options.tls != "off" else None
+        return Pop3Spec(
+            address, port, tls=options.tls, ssl_context=ctx, timeouts=options.timeouts,
+            uidl=options.pop3_uidl, retr=options.fetch_n > 0,
+        )
+
+    def one_session(self) -> bool:
+        shared = self._shared
+        session = Pop3Session(shared.spec)
+        holding = False
+        try:
+            if not self._report_open(session.open(*self.account)):
+                return False
+            holding = True
+            self.held(+1)
+            t0 = time.perf_counter()
+            lasted = session.hold(shared.options.dwell_s)
+            holding = False
+            self.held(-1)
+            if not lasted:
+                self._report_lost(EOFError("server closed a held session"), time.perf_counter() - t0)
+                return False
+            result = session.quit()
+            self.fire(result)
+            return result.ok
+        finally:
+            if holding:
+                self.held(-1)
+            session.abort()
+
+
+# --------------------------------------------------------------------------------------------
+# process wiring
+# --------------------------------------------------------------------------------------------
+
+
+@events.init.add_listener
+def _validate_before_running(environment: Any, **_kw: Any) -> None:
+    """Options, accounts and targets are checked before the first user spawns."""
+    if isinstance(getattr(environment, "runner", None), MasterRunner):
+        return  # a master runs no users; its workers check on their own host
+    for cls in environment.user_classes or ():
+        if isinstance(cls, type) and issubclass(cls, MailUser):
+            try:
+                cls.shared(environment)
+            except LoadkitError as err:
+                print(f"loadkit: error: {err}", file=sys.stderr)
+                sys.exit(err.exit_code)
+
+
+@events.quitting.add_listener
+def _stop_bridge(**_kw: Any) -> None:
+    # sessions were aborted when their users stopped; drain whatever is left on the loop
+    bridge.shutdown(timeout_s=3.0)
+
+
+__all__ = [
+    "ImapUser",
+    "MailOptions",
+    "MailUser",
+    "Pacer",
+    "Pop3User",
+    "ReconnectPolicy",
+    "make_ssl_context",
+    "options_from_parsed",
+    "read_accounts",
+    "set_options",
+]

@@ -1,0 +1,21 @@
+"""POP3 login storm: clients that log in, STAT, UIDL, RETR one message and hold the session.
+
+    locust -f locustfiles/pop_storm.py --headless -u 150 -r 50 -t 20s --csv out/pop
+    locust -f locustfiles/pop_storm.py --host 127.0.0.1:1110 --mail-dwell 30 --mail-reconnect backoff
+
+Defaults target the lab's haproxy (127.0.0.1:1110) and its accounts file; ``locust --help``
+lists the ``--mail-*`` options (dwell, arrival model, reconnect policy, TLS, per-phase timeouts).
+"""
+
+import loadkit.record.locust_plugin  # noqa: F401  (records the run)
+from locust import run_single_user
+
+from loadkit.generate.mail.users import Pop3User
+
+
+class PopStormUser(Pop3User):
+    """One POP3 client of the storm."""
+
+
+if __name__ == "__main__":
+    run_single_user(PopStormUser)
