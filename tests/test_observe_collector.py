@@ -1,0 +1,486 @@
+"""Collector parts on canned roots and real child processes: cgroups, wrap-safe deltas, groups,
+events, degradation, the sampler loop, the HTTP endpoints and ``loadkit collect``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+
+from loadkit.cli import main as cli_main
+from loadkit.errors import CollectorError
+from loadkit.observe import cgroups
+from loadkit.observe.collector import Collector, CollectorConfig, Sample
+from loadkit.observe.degrade import WarnOnce
+from loadkit.observe.events import EventTracker
+from loadkit.observe.exporter import Exporter, exposition, parse_listen
+from loadkit.observe.groups import ProcessGroups, ProcInfo, parse_group_spec
+from loadkit.observe.wrap import WRAP_32, CounterTracker
+from loadkit.record.reader import read_events, read_table
+
+CANNED = Path(__file__).parent / "data" / "proc"
+ADDR = "127.0.5.1"
+
+
+@pytest.fixture
+def proc_root(tmp_path):
+    """A writable copy of the canned /proc, so a test can move counters between samples."""
+    root = tmp_path / "proc"
+    shutil.copytree(CANNED, root)
+    return root
+
+
+def _set_udp(root: Path, **values: int) -> None:
+    path = root / "net" / "snmp"
+    lines = path.read_text().splitlines()
+    i = next(k for k, ln in enumerate(lines) if ln.startswith("Udp:"))
+    names, nums = lines[i].split()[1:], lines[i + 1].split()[1:]
+    for key, value in values.items():
+        nums[names.index(key)] = str(value)
+    lines[i + 1] = "Udp: " + " ".join(nums)
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _make_cgroup_tree(root: Path) -> None:
+    v1 = root / "memory" / "loadkit" / "proxy1"
+    (v1 / "child").mkdir(parents=True)
+    for d, usage, limit, failcnt, oom, procs in (
+        (v1, 201326592, 268435456, 12, "oom_kill_disable 0\nunder_oom 0\noom_kill 3\n", "101\n102\n"),
+        (v1 / "child", 1000, 9223372036854771712, 0, "oom_kill_disable 1\nunder_oom 1\noom_kill 0\n", "103\n"),
+    ):
+        (d / "memory.usage_in_bytes").write_text(f"{usage}\n")
+        (d / "memory.limit_in_bytes").write_text(f"{limit}\n")
+        (d / "memory.failcnt").write_text(f"{failcnt}\n")
+        (d / "memory.oom_control").write_text(oom)
+        (d / "cgroup.procs").write_text(procs)
+    v2 = root / "loadkit" / "proxy2"
+    v2.mkdir(parents=True)
+    (v2 / "memory.current").write_text("67108864\n")
+    (v2 / "memory.max").write_text("max\n")
+    (v2 / "memory.events").write_text("low 0\nhigh 0\nmax 9\noom 2\noom_kill 2\noom_group_kill 0\n")
+    (v2 / "cgroup.procs").write_text("201\n")
+
+
+# -- cgroups -----------------------------------------------------------------------------------
+
+
+def test_cgroup_v1_and_v2_readers(tmp_path):
+    _make_cgroup_tree(tmp_path)
+    d1, v = cgroups.resolve("/loadkit/proxy1", tmp_path)
+    assert v == 1 and d1 == tmp_path / "memory" / "loadkit" / "proxy1"
+    assert cgroups.resolve(d1, "/nonexistent") == (d1, 1)  # an absolute directory works as is
+    m1 = cgroups.read_memory(d1, 1)
+    assert (m1.memory_bytes, m1.limit_bytes, m1.failcnt_n, m1.oom_kills_n) == (201326592, 268435456, 12, 3)
+    child = cgroups.read_memory(d1 / "child", 1)
+    assert child.limit_bytes == 0 and child.under_oom and child.oom_kill_disabled  # unlimited -> 0
+    assert cgroups.read_pids(d1) == {101, 102, 103}  # descendants included
+    d2, v = cgroups.resolve("loadkit/proxy2", tmp_path)
+    assert v == 2
+    m2 = cgroups.read_memory(d2, 2)
+    assert (m2.memory_bytes, m2.limit_bytes, m2.failcnt_n, m2.oom_kills_n) == (67108864, 0, 9, 2)
+    assert cgroups.resolve("/loadkit/nothing", tmp_path) is None
+
+
+# -- wrap-safe counters ------------------------------------------------------------------------
+
+
+def test_counter_deltas_first_growth_wrap_and_restart():
+    t = CounterTracker(wrap32={"drops"})
+    assert t.update("s", {"drops": 10, "rcvbuf": 5}) == ({"drops": 10, "rcvbuf": 5}, {"drops": 0, "rcvbuf": 0})
+    assert t.update("s", {"drops": 15, "rcvbuf": 9})[1] == {"drops": 5, "rcvbuf": 4}
+    t.update("s", {"drops": WRAP_32 - 3, "rcvbuf": 9})
+    total, delta = t.update("s", {"drops": 4, "rcvbuf": 9})  # 32-bit wrap: 3 to the top, 4 after
+    assert delta["drops"] == 7 and total["drops"] == WRAP_32 - 3 + 7
+    total, delta = t.update("s", {"drops": 4, "rcvbuf": 2})  # 64-bit counter went down: restart
+    assert delta["rcvbuf"] == 2 and total["rcvbuf"] == 11  # still growing
+    t.forget("s")
+    assert t.update("s", {"drops": 100})[1] == {"drops": 0}
+
+
+# -- group specs -------------------------------------------------------------------------------
+
+
+def test_group_specs_parse():
+    assert parse_group_spec("proxies=dovecot") == ("proxies", "dovecot", "", (), False)
+    assert parse_group_spec("p1=cgroup:/loadkit/p1@11243,11210") == ("p1", "", "/loadkit/p1", (11243, 11210), False)
+    assert parse_group_spec("d=cmdline:unbound -c .*@5353").full_cmdline
+    assert parse_group_spec("m=user@example") .pattern == "user@example"  # '@' not followed by ports
+    assert str(parse_group_spec("p1=cgroup:/x@1,2")) == "p1=cgroup:/x@1,2"
+
+
+@pytest.mark.parametrize(
+    "spec, words",
+    [
+        ("dovecot", "NAME=PATTERN"),
+        ("=dovecot", "NAME=PATTERN"),
+        ("a b=dovecot", "may use only"),
+        ("x=(", "not a regular expression"),
+        ("x=cgroup:", "needs a path"),
+        ("x=dovecot@0", "out of range"),
+        ("x=dovecot@70000", "out of range"),
+    ],
+)
+def test_bad_group_specs_are_one_line_errors(spec, words):
+    with pytest.raises(CollectorError) as err:
+        parse_group_spec(spec)
+    assert words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_config_validation():
+    for bad in (dict(interval_s=0.05), dict(interval_s=0), dict(duration_s=-1), dict(udp_ports=[0])):
+        with pytest.raises(CollectorError):
+            CollectorConfig(**bad).validate()
+    with pytest.raises(CollectorError, match="twice"):
+        CollectorConfig(groups=[parse_group_spec("a=x"), parse_group_spec("a=y")]).validate()
+
+
+# -- process groups on real processes -----------------------------------------------------------
+
+
+def _spawn_sleepers(n: int, tag: str) -> list[subprocess.Popen]:
+    # exec -a gives the processes a distinctive argv[0] to match on
+    return [subprocess.Popen(["bash", "-c", f"exec -a {tag} sleep 60"]) for _ in range(n)]
+
+
+def _reap(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait(5)
+
+
+def test_pattern_group_counts_members_and_sees_exits():
+    tag = f"lk-sleeper-{time.time_ns()}"
+    procs = _spawn_sleepers(3, tag)
+    try:
+        time.sleep(0.3)
+        warn = WarnOnce("t")
+        groups = ProcessGroups([parse_group_spec(f"s={tag}")], warn)
+        tracker = EventTracker("t")
+        row = groups.sample(time.time(), "t", [])[0]
+        assert row.procs_n == 3 and row.rss_bytes > 0 and row.fds_n >= 9
+        tracker.update(time.time(), groups.members)
+        procs[0].kill()
+        procs[0].wait(5)
+        row = groups.sample(time.time(), "t", [])[0]
+        assert row.procs_n == 2
+        events = tracker.update(time.time(), groups.members)
+        assert [(e.kind, e.detail["pid"]) for e in events] == [("process_exited", procs[0].pid)]
+        assert events[0].detail["group_procs_n"] == 2
+    finally:
+        _reap(procs)
+
+
+def test_process_caught_before_exec_is_rechecked():
+    """A PID first seen as its parent's fork (before exec) joins the group once it execs."""
+    tag = f"lk-late-{time.time_ns()}"
+    p = subprocess.Popen(["bash", "-c", f"sleep 0.6; exec -a {tag} sleep 60"])
+    try:
+        time.sleep(0.2)
+        groups = ProcessGroups([parse_group_spec(f"s={tag}")], WarnOnce("t"))
+        assert groups.sample(time.time(), "t", [])[0].procs_n == 0
+        time.sleep(0.8)
+        assert groups.sample(time.time(), "t", [])[0].procs_n == 1
+    finally:
+        _reap([p])
+
+
+def test_vanishing_and_denied_processes_never_stop_sampling(monkeypatch):
+    tag = f"lk-flaky-{time.time_ns()}"
+    procs = _spawn_sleepers(2, tag)
+    try:
+        time.sleep(0.3)
+        warn = WarnOnce("t")
+        groups = ProcessGroups([parse_group_spec(f"s={tag}")], warn)
+        assert groups.sample(time.time(), "t", [])[0].procs_n == 2
+        victim = procs[0].pid
+        real = psutil.Process.status  # (memory_info is wrapped by oneshot's cache: patch status)
+
+        def flaky(self):
+            if self.pid == victim:
+                raise psutil.NoSuchProcess(self.pid)
+            return real(self)
+
+        monkeypatch.setattr(psutil.Process, "status", flaky)
+        assert groups.sample(time.time(), "t", [])[0].procs_n == 1  # vanished mid-sample
+
+        def denied(self):
+            raise psutil.AccessDenied(self.pid)
+
+        monkeypatch.setattr(psutil.Process, "status", denied)
+        row = groups.sample(time.time(), "t", [])[0]
+        groups.sample(time.time(), "t", [])
+        assert row.procs_n >= 1 and row.rss_bytes == 0
+        assert [e.detail["key"] for e in warn.take()] == ["access_denied:s"]  # once, not per sample
+    finally:
+        _reap(procs)
+
+
+SERVER = """
+import socket, sys, time
+srv = socket.create_server(("{addr}", 0))
+print(srv.getsockname()[1], flush=True)
+conns = []
+srv.settimeout(20)
+while len(conns) < {n}:
+    conns.append(srv.accept()[0])
+time.sleep(30)
+"""
+
+
+def test_sessions_are_established_connections_on_the_groups_ports():
+    n = 4
+    tag = f"lk-server-{time.time_ns()}"
+    code = f"# {tag}\n" + SERVER.format(addr=ADDR, n=n)
+    server = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    clients = []
+    try:
+        port = int(server.stdout.readline())
+        import socket
+
+        clients = [socket.create_connection((ADDR, port)) for _ in range(n)]
+        time.sleep(0.3)
+        from loadkit.observe import procfs
+
+        groups = ProcessGroups([parse_group_spec(f"srv=cmdline:{tag}@{port}")], WarnOnce("t"))
+        row = groups.sample(time.time(), "t", procfs.read_tcp_sockets())[0]
+        assert row.procs_n == 1
+        assert row.sessions_n == n and row.tcp_established_n == n
+        assert row.tcp_other_n == 1  # the listener
+    finally:
+        for c in clients:
+            c.close()
+        server.kill()
+        server.wait(5)
+
+
+# -- events -------------------------------------------------------------------------------------
+
+
+def _info(pid, name, ppid=1, created=1000.0):
+    return ProcInfo(pid, name, ppid, created)
+
+
+def test_events_start_exit_restart_fold_and_oom():
+    tr = EventTracker("h", restart_window_s=30, max_events_per_sample=3)
+    master = _info(10, "dovecot")
+    assert tr.update(100.0, {"p": {10: master}}) == []  # baseline: no events
+    kids = {i: _info(i, "imap-login", ppid=10) for i in range(20, 22)}
+    ev = tr.update(101.0, {"p": {10: master, **kids}})
+    assert sorted(e.kind for e in ev) == ["process_started"] * 2  # children: not restarts
+    ev = tr.update(102.0, {"p": {}})
+    assert [e.kind for e in ev] == ["process_exited"] * 3  # 3 exits: at the fold threshold
+    assert ev[-1].detail["group_procs_n"] == 0
+    new_master = _info(11, "dovecot", created=1002.5)
+    ev = tr.update(103.0, {"p": {11: new_master}})
+    kinds = {e.kind: e for e in ev}
+    assert set(kinds) == {"process_started", "process_restarted"}
+    assert kinds["process_restarted"].detail["previous_pid"] == 10
+    assert kinds["process_restarted"].detail["down_s"] == pytest.approx(1.0)
+    many = {i: _info(i, "imap-login", ppid=11) for i in range(100, 110)}
+    ev = tr.update(104.0, {"p": {11: new_master, **many}})
+    assert len(ev) == 1 and ev[0].detail["count"] == 10 and ev[0].detail["names"] == {"imap-login": 10}
+
+
+def test_events_fold_exact_threshold():
+    tr = EventTracker("h", max_events_per_sample=2)
+    tr.update(0.0, {"g": {1: _info(1, "a"), 2: _info(2, "a")}})
+    assert len(tr.update(1.0, {"g": {}})) == 2  # at the threshold: one event each
+    tr.update(2.0, {"g": {i: _info(i, "a") for i in range(3)}})
+    assert len(tr.update(3.0, {"g": {}})) == 1  # above it: folded
+
+
+def test_oom_kill_and_under_oom_events():
+    from loadkit.observe.cgroups import CgroupMemory
+
+    tr = EventTracker("h")
+    base = CgroupMemory(1, 100, 200, 0, 0, False, False)
+    assert tr.update(0.0, {}, {"p": base}) == []
+    ev = tr.update(1.0, {}, {"p": base._replace(memory_bytes=199, oom_kills_n=2, failcnt_n=5)})
+    assert [(e.kind, e.source, e.detail["count"]) for e in ev] == [("oom_kill", "p", 2)]
+    assert ev[0].detail["cgroup_limit_bytes"] == 200 and ev[0].ts_unix_s == 1.0
+    ev = tr.update(2.0, {}, {"p": base._replace(oom_kills_n=2, under_oom=True)})
+    assert [e.kind for e in ev] == ["warning"] and ev[0].detail["under_oom"]
+    assert tr.update(3.0, {}, {"p": None}) == []  # cgroup gone: no invented events
+
+
+# -- the collector on a canned root -------------------------------------------------------------
+
+
+def test_collector_deltas_from_canned_root(proc_root, tmp_path):
+    c = Collector(CollectorConfig(udp_ports=[5353], proc_root=str(proc_root), out_dir=tmp_path / "out", host="canned"))
+    seen: list[Sample] = []
+    c.add_sink(seen.append)
+    s1 = c.sample()
+    assert s1.net.udp_rcvbuf_errors_n == 150890 and s1.net_delta["udp_rcvbuf_errors_n"] == 0
+    assert s1.net.tcp_listen_overflows_n == 42 and s1.net.conntrack_count_n == 4711
+    assert s1.net.softnet_dropped_n == 12 and s1.net.udp_mem_pages == 57
+    assert s1.net.udp6_rcvbuf_errors_n == 4
+    assert s1.system.mem_available_bytes == 24261112 * 1024 and s1.system.swap_used_bytes == 1024 * 1024
+    assert {(s.local_address, s.drops_n) for s in s1.sockets} == {("127.0.0.1", 17), ("127.0.3.1", 150873), ("::1", 1)}
+    _set_udp(proc_root, RcvbufErrors=150990, InErrors=150991)
+    udp = proc_root / "net" / "udp"
+    udp.write_text(udp.read_text().replace(" 17        ", " 117       "))
+    s2 = c.sample()
+    assert s2.net_delta["udp_rcvbuf_errors_n"] == 100 and s2.net_delta["udp_in_errors_n"] == 100
+    assert s2.socket_drops_delta[("127.0.0.1", 5353)] == 100
+    assert seen == [s1, s2]
+    c.close()
+    net = read_table(tmp_path / "out", "net")
+    assert list(net["udp_rcvbuf_errors_n_delta"]) == [0, 100]
+    assert "tcp_listen_overflows_n" in net.columns and "softnet_dropped_n_delta" in net.columns
+    socks = read_table(tmp_path / "out", "sockets")
+    assert socks[socks.local_address == "127.0.0.1"]["drops_n_delta"].tolist() == [0, 100]
+    assert len(read_table(tmp_path / "out", "system")) == 2
+
+
+def test_missing_conntrack_and_unreadable_files_degrade_with_one_warning(proc_root, tmp_path):
+    shutil.rmtree(proc_root / "sys")  # no conntrack module
+    (proc_root / "net" / "netstat").unlink()
+    (proc_root / "net" / "netstat").mkdir()  # unreadable: reading a directory fails
+    c = Collector(CollectorConfig(proc_root=str(proc_root), out_dir=tmp_path / "out"))
+    s1 = c.sample()
+    s2 = c.sample()
+    assert s1.net.conntrack_count_n == 0 and s1.net.conntrack_max_n == 0
+    assert s1.net.tcp_listen_overflows_n == 0
+    assert s2.net.udp_rcvbuf_errors_n == 150890  # the rest is still recorded
+    keys = sorted(e.detail["key"] for e in s1.events)
+    assert keys == ["conntrack", "netstat"] and s2.events == []
+    c.close()
+    assert sorted(e["detail"]["key"] for e in read_events(tmp_path / "out")) == ["conntrack", "netstat"]
+
+
+def test_missing_cgroup_and_broken_sink_do_not_stop_the_loop(proc_root, tmp_path):
+    cfg = CollectorConfig(
+        groups=[parse_group_spec("gone=cgroup:/loadkit/never-made")],
+        proc_root=str(proc_root),
+        cgroup_root=str(tmp_path),
+        interval_s=0.1,
+        duration_s=0.5,
+    )
+    c = Collector(cfg)
+    c.add_sink(lambda s: 1 / 0)
+    c.run()
+    assert c.samples_n >= 5
+    assert c.latest.groups[0].cgroup_memory_bytes == 0
+    assert "cgroup_missing:gone" in c.warn.keys
+
+
+def test_collector_thread_duration_and_stop(proc_root):
+    c = Collector(CollectorConfig(proc_root=str(proc_root), interval_s=0.1, duration_s=60))
+    c.start()
+    time.sleep(0.45)
+    c.stop()
+    assert not c.running
+    assert 3 <= c.samples_n <= 7
+    events, cursor = c.events_since(0)
+    assert cursor == len(events)
+
+
+# -- exporter -----------------------------------------------------------------------------------
+
+
+def test_exporter_metrics_and_snapshot(proc_root):
+    c = Collector(CollectorConfig(udp_ports=[5353], proc_root=str(proc_root), host="canned"))
+    exp = Exporter(c, ADDR, 0).start()
+    try:
+        c.sample()
+        text = urllib.request.urlopen(exp.url + "/metrics", timeout=5).read().decode()
+        assert "\nnode_netstat_Udp_RcvbufErrors 150890\n" in text
+        assert "\nnode_netstat_TcpExt_ListenOverflows 42\n" in text
+        assert "\nnode_nf_conntrack_entries 4711\n" in text
+        assert "# TYPE node_netstat_Udp_InErrors untyped" in text
+        assert f"\nnode_memory_MemAvailable_bytes {24261112 * 1024}\n" in text
+        assert 'loadkit_udp_socket_drops_total{address="127.0.0.1",port="5353"} 17' in text
+        snap = json.loads(urllib.request.urlopen(exp.url + "/snapshot?cursor=0", timeout=5).read())
+        assert snap["sample"]["net"]["udp_rcvbuf_errors_n"] == 150890
+        back = Sample.from_json(snap["sample"], snap["events"])
+        assert back.net == c.latest.net and back.sockets == c.latest.sockets
+        c.warn.warn("test", "a test warning")
+        c.sample()
+        snap2 = json.loads(urllib.request.urlopen(f"{exp.url}/snapshot?cursor={snap['cursor']}", timeout=5).read())
+        assert [e["detail"]["key"] for e in snap2["events"]] == ["test"]
+        assert snap2["cursor"] == snap["cursor"] + 1
+    finally:
+        exp.stop()
+
+
+def test_exposition_labels_groups():
+    from loadkit.records import GroupSample
+
+    c = Collector(CollectorConfig(proc_root=str(CANNED)))
+    s = c.sample()
+    g = GroupSample(s.ts_unix_s, "h", 'proxy"1', 3, 1, 0, 0, 0.0, 0, 0, 0, 2, 5 << 20, 256 << 20, 0, 1)
+    text = exposition(s._replace(groups=[g]))
+    assert f'loadkit_group_cgroup_memory_bytes{{group="proxy\\"1"}} {5 << 20}' in text
+    assert 'loadkit_group_cgroup_oom_kills_total{group="proxy\\"1"} 1' in text
+
+
+def test_parse_listen():
+    assert parse_listen("127.0.0.1:9108") == ("127.0.0.1", 9108)
+    assert parse_listen("[::1]:9") == ("::1", 9)
+    with pytest.raises(CollectorError):
+        parse_listen("localhost")
+
+
+# -- the command line ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--group", "nonsense"], "NAME=PATTERN"),
+        (["--interval", "0.01"], "out of range"),
+        (["--interval", "fast"], "not a number"),
+        (["--udp-port", "5353,x"], "not a port"),
+        (["--listen", "nowhere"], "HOST:PORT"),
+        (["--duration", "0"], "positive"),
+    ],
+)
+def test_cli_bad_input_is_one_line_and_exit_2(argv, words, capsys):
+    assert cli_main(["collect", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err and "\n" not in err and "Traceback" not in err
+
+
+def test_cli_collect_writes_parquet_tables(tmp_path, capsys):
+    out = tmp_path / "c"
+    argv = ["collect", "--group", "me=python", "--udp-port", "5353", "--interval", "0.1",
+            "--duration", "0.5", "--out", str(out), "--proc-root", str(CANNED), "--listen", f"{ADDR}:0"]
+    assert cli_main(argv) == 0
+    assert "samples" in capsys.readouterr().out
+    net = read_table(out, "net")
+    assert len(net) >= 5 and (net["udp_rcvbuf_errors_n"] == 150890).all()
+    assert "udp_rcvbuf_errors_n_delta" in net.columns
+    assert set(read_table(out, "groups")["group"]) == {"me"}
+
+
+def test_cli_collect_stops_cleanly_on_sigterm(tmp_path):
+    out = tmp_path / "c"
+    p = subprocess.Popen(
+        [sys.executable, "-m", "loadkit", "collect", "--interval", "0.1", "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not (out / "samples" / "net").is_dir() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)
+        p.send_signal(signal.SIGTERM)
+        stdout, _ = p.communicate(timeout=20)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 0 and "collected" in stdout
+    assert len(read_table(out, "net")) >= 3  # flushed at the end, not lost
