@@ -484,3 +484,61 @@ def test_cli_collect_stops_cleanly_on_sigterm(tmp_path):
             p.wait()
     assert p.returncode == 0 and "collected" in stdout
     assert len(read_table(out, "net")) >= 3  # flushed at the end, not lost
+
+
+# -- a real memory cgroup: charge, limit and an OOM kill ------------------------------------------
+
+HOG = """
+import sys, time
+sys.stdin.readline()  # wait until moved into the cgroup
+chunks = []
+for _ in range(64):
+    chunks.append(bytearray(4 << 20))  # 4 MiB, touched
+    time.sleep(0.01)
+time.sleep(30)
+"""
+
+
+@pytest.fixture
+def memory_cgroup():
+    base = Path(cgroups.CGROUP_ROOT) / "memory"
+    if not (base / "memory.usage_in_bytes").exists() or not (base / "cgroup.procs").stat().st_mode & 0o200:
+        pytest.skip("no writable cgroup v1 memory controller on this host")
+    path = base / f"loadkit-test-{time.time_ns()}"
+    try:
+        path.mkdir()
+    except OSError as err:
+        pytest.skip(f"cannot create a memory cgroup here ({err})")
+    try:
+        yield path
+    finally:
+        for _ in range(50):
+            try:
+                path.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
+
+
+def test_real_cgroup_memory_and_oom_kill_event(memory_cgroup):
+    (memory_cgroup / "memory.limit_in_bytes").write_text(str(48 << 20))
+    c = Collector(CollectorConfig(groups=[parse_group_spec(f"hog=cgroup:{memory_cgroup}")], full_memory_interval_s=None))
+    hog = subprocess.Popen([sys.executable, "-c", HOG], stdin=subprocess.PIPE, text=True)
+    try:
+        (memory_cgroup / "cgroup.procs").write_text(str(hog.pid))
+        s0 = c.sample()
+        assert s0.groups[0].procs_n == 1 and s0.groups[0].cgroup_limit_bytes == 48 << 20
+        hog.stdin.write("go\n")
+        hog.stdin.flush()
+        assert hog.wait(30) == -signal.SIGKILL  # the kernel's OOM killer
+        s1 = c.sample()
+    finally:
+        if hog.poll() is None:
+            hog.kill()
+            hog.wait(5)
+    g = s1.groups[0]
+    assert g.procs_n == 0 and g.cgroup_oom_kills_n >= 1 and g.cgroup_failcnt_n > 0
+    assert s1.group_delta["hog"]["cgroup_oom_kills_n"] == g.cgroup_oom_kills_n
+    kinds = {e.kind: e for e in s1.events}
+    assert kinds["oom_kill"].source == "hog" and kinds["oom_kill"].detail["cgroup_limit_bytes"] == 48 << 20
+    assert kinds["process_exited"].detail["pid"] == hog.pid
