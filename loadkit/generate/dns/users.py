@@ -1,0 +1,500 @@
+"""Locust side of the DNS generator: custom arguments, one sender per process, a user class.
+
+The load is open loop, so it is not made by users waiting for replies: each Locust process
+(standalone, or each worker) runs one :class:`~.sender.DnsSender` from ``test_start`` to
+``test_stop``, sending its share of the configured totals (worker ``index`` of ``count``; the
+master tells workers how many there are when the test starts). :class:`DnsUser` only keeps a
+user slot and, under ``run_single_user``, runs the sender itself for debugging.
+
+A locustfile calls :func:`install` with its defaults; every option is a Locust custom argument
+(``--dns-*``), so it shows in the web UI. Every option, the names file and the target are
+checked in ``init`` before anything is sent: a bad value prints one line and locust exits 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import gevent
+from locust import User, task
+
+from loadkit import defaults
+from loadkit.errors import LoadkitError, ProfileError
+from loadkit.generate.locust_stats import inject
+from loadkit.generate.metrics import metrics_for
+from loadkit.generate.shapes import KneeCriteria, KneeDetector, KneePoint
+from loadkit.profile.targets import Target, check_target
+
+from . import schedule, wire
+from .histogram import LatencyHistogram
+from .sender import DnsSender, IntervalReport, source_addresses
+
+log = logging.getLogger(__name__)
+
+#: the hidden option the master sets at test start so each worker knows its share
+_WORKERS_OPTION = "loadkit_dns_workers"
+#: outstanding queries one socket may hold (IDs are 16 bits; keep clear of wrapping)
+_IDS_PER_SOCKET = 30000
+
+
+@dataclass
+class DnsSettings:
+    """Every option of the DNS locustfiles, with the defaults a locustfile passes to
+    :func:`install`. Rates and burst sizes are totals over all workers."""
+
+    host: str = f"{defaults.LAB_ADDRESS}:{defaults.DNS_PORT}"
+    """target when Locust's --host is not given (the lab's unbound)"""
+    rate_qps: float = 2000.0
+    """base query rate (0: bursts only)"""
+    arrival: str = "constant"
+    """base arrivals: constant (evenly spaced) or poisson"""
+    burst_size_n: int = 2000
+    """queries in each burst (0: no bursts)"""
+    burst_ms: float = 10.0
+    """time over which a burst's queries are spread (0: as fast as possible)"""
+    burst_period_s: float = 5.0
+    first_burst_s: float = 2.0
+    names_file: str = ""
+    """names file, one DNS name per line ('' = the lab's names file)"""
+    qtypes: str = "A:80,AAAA:20"
+    nxdomain_share: float = 0.0
+    """share of queries for names that do not exist (their NXDOMAIN counts as success)"""
+    random_subdomain_share: float = 0.0
+    """share of queries for a fresh random label under the zone (cache-busting)"""
+    protocol: str = "udp"
+    edns_bytes: int = 1232
+    """EDNS UDP payload size (0: no EDNS)"""
+    timeout_s: float = 1.0
+    """first attempt's timeout"""
+    retries: int = 2
+    """attempts after the first, like a stub resolver"""
+    backoff: float = 2.0
+    """each retry waits this many times longer than the previous attempt"""
+    tcp_fallback: str = "on"
+    """on: a truncated (TC) reply is asked again over TCP"""
+    sources: int = 1
+    """distinct source addresses (each a home router / client)"""
+    first_source: str = "127.1.0.1"
+    source_qps: float = 0.0
+    """when > 0: the base rate is this per source (sources x source_qps in total)"""
+    ports_per_source: int = 0
+    """sockets per source address (0: enough for the rate and timeouts)"""
+    stats_interval_s: float = 0.5
+    ramp_to_qps: float = 0.0
+    """when > 0: the base rate ramps linearly from --dns-rate to this (resperf-like)"""
+    ramp_s: float = 60.0
+    knee_loss: float = 0.05
+    """ramp stops when loss passes this ratio..."""
+    knee_p99_ms: float = 100.0
+    """...or the 99th percentile of answers passes this (ms), for two intervals in a row"""
+    max_queries: int = 50_000_000
+    """safety cap on original queries per process"""
+
+
+#: command-line names that differ from ``--dns-<field with dashes>`` (units go in the help)
+_FLAGS = {
+    "rate_qps": "--dns-rate",
+    "burst_size_n": "--dns-burst-size",
+    "burst_period_s": "--dns-burst-period",
+    "first_burst_s": "--dns-first-burst",
+    "timeout_s": "--dns-timeout",
+    "stats_interval_s": "--dns-stats-interval",
+    "ramp_to_qps": "--dns-ramp-to",
+    "ramp_s": "--dns-ramp-duration",
+}
+
+
+def _flag(field_name: str) -> str:
+    """Command-line option of a :class:`DnsSettings` field."""
+    return _FLAGS.get(field_name, "--dns-" + field_name.replace("_", "-"))
+
+
+_HELP_SKIP = {"host"}
+
+
+def add_arguments(parser: Any, settings: DnsSettings) -> None:
+    """Register every :class:`DnsSettings` field but ``host`` as a Locust custom argument."""
+    group = parser.add_argument_group("DNS load (loadkit)")
+    docs = _field_docs()
+    for f in fields(DnsSettings):
+        if f.name in _HELP_SKIP:
+            continue
+        default = getattr(settings, f.name)
+        kwargs: dict[str, Any] = {"default": default, "help": docs.get(f.name, "")}
+        if f.name == "names_file" and not default:
+            kwargs["default"] = str(defaults.names_file())
+        elif isinstance(default, (int, float)) and not isinstance(default, bool):
+            kwargs["type"] = type(default)
+        if f.name in ("protocol", "arrival", "tcp_fallback"):
+            kwargs["choices"] = {"protocol": ["udp", "tcp"], "arrival": ["constant", "poisson"],
+                                 "tcp_fallback": ["on", "off"]}[f.name]
+        group.add_argument(_flag(f.name), dest="dns_" + f.name, **kwargs)
+
+
+def _field_docs() -> dict[str, str]:
+    # the docstrings under the dataclass fields, as --help text
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(DnsSettings))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for prev, node in zip(body, body[1:]):
+        if (
+            isinstance(prev, ast.AnnAssign)
+            and isinstance(node, ast.Expr)
+            and isinstance(node.value, ast.Constant)
+            and isinstance(node.value.value, str)
+        ):
+            docs[prev.target.id] = " ".join(node.value.value.split())  # type: ignore[union-attr]
+    return docs
+
+
+def settings_from_options(options: Any, base: DnsSettings, host: str | None) -> DnsSettings:
+    """:class:`DnsSettings` from parsed Locust options (web UI values arrive as strings)."""
+    values: dict[str, Any] = {}
+    for f in fields(DnsSettings):
+        if f.name == "host":
+            continue
+        raw = getattr(options, "dns_" + f.name, None) if options is not None else None
+        if raw is None:
+            continue
+        default = getattr(base, f.name)
+        try:
+            values[f.name] = type(default)(raw) if not isinstance(default, str) else str(raw)
+        except (TypeError, ValueError):
+            raise ProfileError(f"option {_flag(f.name)} {raw!r} is not a {type(default).__name__}") from None
+    s = replace(base, **values)
+    if host:
+        s = replace(s, host=host)
+    return s
+
+
+@dataclass
+class DnsPlan:
+    """Everything checked and built before the first packet."""
+
+    settings: DnsSettings
+    target: Target
+    pool: wire.QueryPool
+    base: Any
+    bursts: schedule.BurstTrain | None
+    sources: list[str]
+
+    @property
+    def total_rate_qps(self) -> float:
+        s = self.settings
+        return s.source_qps * s.sources if s.source_qps > 0 else s.rate_qps
+
+
+def plan(settings: DnsSettings) -> DnsPlan:
+    """Check every setting, the names file and the target; build pool and schedules.
+
+    Raises a :class:`LoadkitError` with a one-line message on the first problem."""
+    s = settings
+    for name in ("rate_qps", "source_qps", "ramp_to_qps", "burst_ms", "first_burst_s"):
+        value = getattr(s, name)
+        if not (value >= 0) or math.isinf(value):
+            raise ProfileError(f"option {_flag(name)} {value:g} must be a number >= 0")
+    for name in ("burst_size_n", "retries", "ports_per_source", "edns_bytes"):
+        if getattr(s, name) < 0:
+            raise ProfileError(f"option {_flag(name)} {getattr(s, name)} must be >= 0")
+    if s.max_queries < 1:
+        raise ProfileError(f"option {_flag('max_queries')} {s.max_queries} must be >= 1")
+    if s.protocol not in ("udp", "tcp"):
+        raise ProfileError(f"option --dns-protocol {s.protocol!r} must be udp or tcp")
+    if s.arrival not in ("constant", "poisson"):
+        raise ProfileError(f"option --dns-arrival {s.arrival!r} must be constant or poisson")
+    if s.tcp_fallback not in ("on", "off"):
+        raise ProfileError(f"option --dns-tcp-fallback {s.tcp_fallback!r} must be on or off")
+    if s.sources < 1 or s.sources > 60000:
+        raise ProfileError(f"option --dns-sources {s.sources} must be between 1 and 60000")
+    if not s.timeout_s > 0:
+        raise ProfileError(f"option --dns-timeout {s.timeout_s:g} must be > 0")
+    if not s.backoff >= 1:
+        raise ProfileError(f"option --dns-backoff {s.backoff:g} must be >= 1")
+    if not s.stats_interval_s > 0:
+        raise ProfileError(f"option --dns-stats-interval {s.stats_interval_s:g} must be > 0")
+    mix = wire.parse_qtype_mix(s.qtypes)
+    target = check_target(s.host, defaults.DNS_PORT)
+    sources = source_addresses(s.sources, s.first_source)
+    names = wire.load_names(Path(s.names_file or defaults.names_file()))
+    pool = wire.QueryPool(
+        names, mix, s.nxdomain_share, s.random_subdomain_share, edns_payload_bytes=s.edns_bytes
+    )
+    rate = s.source_qps * s.sources if s.source_qps > 0 else s.rate_qps
+    if s.ramp_to_qps > 0:
+        base: Any = schedule.LinearRamp(rate, s.ramp_to_qps, s.ramp_s)
+    elif s.arrival == "poisson":
+        base = schedule.PoissonRate(rate)
+    else:
+        base = schedule.ConstantRate(rate)
+    bursts = None
+    if s.burst_size_n > 0:
+        bursts = schedule.BurstTrain(s.burst_size_n, s.burst_ms / 1000.0, s.burst_period_s, s.first_burst_s)
+    return DnsPlan(s, target, pool, base, bursts, sources)
+
+
+def worker_share(environment: Any) -> tuple[int, int]:
+    """``(index, count)`` of this process among the processes that send."""
+    runner = environment.runner
+    if runner is None or type(runner).__name__ == "LocalRunner":
+        return 0, 1
+    count = int(getattr(environment.parsed_options, _WORKERS_OPTION, 0) or 0)
+    index = int(getattr(runner, "worker_index", 0))
+    if count < 1 or index < 0:
+        log.warning("the master did not say how many workers there are: sending the full rate here")
+        return 0, 1
+    return index % count, count
+
+
+def build_sender(p: DnsPlan, index: int = 0, count: int = 1, on_interval=None) -> DnsSender:
+    """The sender for worker ``index`` of ``count``: its part of rates, bursts and sources."""
+    s = p.settings
+    mine = [src for j, src in enumerate(p.sources) if j % count == index] or [p.sources[index % len(p.sources)]]
+    base = p.base.share(index, count)
+    bursts = p.bursts.share(index, count) if p.bursts is not None else None
+    ports = s.ports_per_source
+    if ports == 0:
+        # enough sockets that outstanding queries never exhaust the 16-bit IDs of one socket
+        peak_qps = max(getattr(base, "rate_qps", 0.0), getattr(base, "end_qps", 0.0))
+        horizon_s = sum(s.timeout_s * s.backoff**k for k in range(s.retries + 1))
+        ports = max(1, math.ceil(peak_qps * horizon_s / _IDS_PER_SOCKET / len(mine)))
+        ports = min(ports, 64)
+    return DnsSender(
+        p.target,
+        p.pool,
+        base=base,
+        bursts=bursts,
+        protocol=s.protocol,
+        timeout_s=s.timeout_s,
+        retries_n=s.retries,
+        backoff=s.backoff,
+        tcp_fallback=s.tcp_fallback == "on",
+        sources=mine,
+        ports_per_source=ports,
+        interval_s=s.stats_interval_s,
+        max_queries_n=s.max_queries,
+        on_interval=on_interval,
+    )
+
+
+class DnsRun:
+    """One process's DNS load inside a Locust environment (see the module docstring)."""
+
+    def __init__(self, environment: Any, settings: DnsSettings) -> None:
+        self.environment = environment
+        self.defaults = settings
+        self.plan: DnsPlan | None = None
+        self.sender: DnsSender | None = None
+        self.greenlet: gevent.Greenlet | None = None
+        self.knee: KneeDetector | None = None
+        self.knee_point: KneePoint | None = None
+        self.request_type = "DNS"
+
+    def make_plan(self) -> DnsPlan:
+        """Check the options (again: they may have changed in the web UI); build only when
+        they differ from the last plan."""
+        env = self.environment
+        settings = settings_from_options(env.parsed_options, self.defaults, env.host)
+        if self.plan is None or self.plan.settings != settings:
+            self.plan = plan(settings)
+        return self.plan
+
+    # -- interval reports -> Locust stats and generator metrics -----------------------------------
+    def on_interval(self, report: IntervalReport) -> None:
+        env = self.environment
+        for tally in report.qtypes:
+            h: LatencyHistogram = tally.latencies
+            if h.count or tally.failures:
+                inject(
+                    env,
+                    self.request_type,
+                    tally.qtype,
+                    h.items_s(),
+                    tally.failures,
+                    min_s=h.min_s if h.count else None,
+                    max_s=h.max_s,
+                    total_s=h.sum_s,
+                    ts_unix_s=report.ts_unix_s,
+                )
+        metrics = metrics_for(env)
+        for key, value in report.counters.items():
+            metrics.add(key, value)
+        metrics.set_gauge("dns.outstanding", report.outstanding_n)
+        for bw in report.bursts:
+            metrics.set_gauge("dns.burst_window_s", bw.window_s)
+        if self.knee is not None and self.sender is not None:
+            self._check_knee(report)
+
+    def _check_knee(self, report: IntervalReport) -> None:
+        c = report.counters
+        dt = report.interval_s or 1.0
+        sent = c.get("dns.original_sent", 0) + c.get("dns.retry_sent", 0)
+        good = sum(t.latencies.count - sum(t.failures.values()) for t in report.qtypes)
+        failed = sum(sum(t.failures.values()) for t in report.qtypes)
+        done = good + failed
+        loss = failed / done if done else 0.0
+        answers = LatencyHistogram()
+        for t in report.qtypes:
+            answers.merge(t.latencies)
+        run_time = report.ts_unix_s - self.sender.started_unix_s
+        knee = self.knee.observe(run_time, sent / dt, good / dt, loss, answers.percentile_s(0.99))
+        if knee is not None and self.knee_point is None:
+            self.knee_point = knee
+            log.warning(
+                "ramp-to-knee: passed the knee (%s) at %.1f s; max throughput %.0f qps at offered "
+                "%.0f qps, loss %.2f %%",
+                knee.reason, knee.stopped_at_s, knee.max_throughput_rps, knee.offered_rps, knee.loss_ratio * 100,
+            )
+            metrics_for(self.environment).set_gauge("dns.knee_qps", knee.max_throughput_rps)
+            self.sender.stop()
+            runner = self.environment.runner
+            if runner is not None:
+                gevent.spawn_later(0.1, runner.quit)
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+    def start(self) -> None:
+        p = self.make_plan()
+        index, count = worker_share(self.environment)
+        self.sender = build_sender(p, index, count, on_interval=self.on_interval)
+        self.request_type = "DNS" if p.settings.protocol == "udp" else "DNS-TCP"
+        if p.settings.ramp_to_qps > 0:
+            self.knee = KneeDetector(KneeCriteria(p.settings.knee_loss, p.settings.knee_p99_ms / 1000.0))
+        self.sender.open()
+        log.info(
+            "DNS load to %s: worker %d of %d, %d source(s) x %d port(s), base %s, bursts %s",
+            p.target, index + 1, count, len(self.sender.sources), self.sender.ports_per_source,
+            _describe(self.sender.base), _describe(self.sender.burst_train),
+        )
+        self.greenlet = gevent.spawn(self._run)
+
+    def _run(self) -> None:
+        assert self.sender is not None
+        try:
+            self.sender.run()
+        finally:
+            self.sender.close()
+            log.info("DNS load done: %s", self.sender.summary())
+
+    def stop(self) -> None:
+        if self.sender is not None:
+            self.sender.stop()
+        if self.greenlet is not None:
+            # the sender drains replies for at most one retry cycle, then flushes its last interval
+            self.greenlet.join(timeout=sum(self.sender.attempt_timeouts_s) + 2.0)
+            if not self.greenlet.dead:
+                self.greenlet.kill(block=True, timeout=1.0)
+            self.greenlet = None
+
+
+def _describe(sched: Any) -> str:
+    if sched is None:
+        return "none"
+    if isinstance(sched, schedule.BurstTrain):
+        return f"{sched.size_n} in {sched.window_s * 1000:g} ms every {sched.period_s:g} s"
+    if isinstance(sched, schedule.LinearRamp):
+        return f"ramp {sched.start_qps:g}->{sched.end_qps:g} qps over {sched.duration_s:g} s"
+    if isinstance(sched, (schedule.ConstantRate, schedule.PoissonRate)):
+        return f"{type(sched).__name__} {sched.rate_qps:g} qps"
+    return type(sched).__name__
+
+
+def _fail_init(message: str) -> None:
+    # a user error: one line and a non-zero exit, before anything is sent
+    print(f"locust: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def install(events: Any, settings: DnsSettings | None = None) -> None:
+    """Wire the DNS generator into a locustfile: options, checks, one sender per process."""
+    base = settings or DnsSettings()
+
+    @events.init_command_line_parser.add_listener
+    def _add_arguments(parser: Any, **_kw: Any) -> None:
+        add_arguments(parser, base)
+
+    @events.init.add_listener
+    def _on_init(environment: Any, runner: Any = None, **_kw: Any) -> None:
+        run = DnsRun(environment, base)
+        environment.loadkit_dns = run
+        if type(runner).__name__ == "MasterRunner":
+            return  # the master sends nothing; workers check their own options
+        try:
+            run.make_plan()
+        except LoadkitError as err:
+            _fail_init(str(err))
+
+    @events.test_start.add_listener
+    def _on_test_start(environment: Any, **_kw: Any) -> None:
+        runner = environment.runner
+        if type(runner).__name__ == "MasterRunner":
+            setattr(environment.parsed_options, _WORKERS_OPTION, runner.worker_count)
+            return
+        run: DnsRun | None = getattr(environment, "loadkit_dns", None)
+        if run is None or runner is None:
+            return  # run_single_user: the user runs the sender itself
+        try:
+            run.start()
+        except LoadkitError as err:
+            log.error("%s", err)
+            print(f"locust: error: {err}", file=sys.stderr, flush=True)
+            environment.process_exit_code = 2
+            gevent.spawn_later(0, runner.quit)
+
+    @events.test_stop.add_listener
+    def _on_test_stop(environment: Any, **_kw: Any) -> None:
+        run: DnsRun | None = getattr(environment, "loadkit_dns", None)
+        if run is not None:
+            run.stop()
+
+
+class DnsUser(User):
+    """Holds a user slot while the process's DNS sender runs (the load does not come from
+    users: it is open loop). Under ``run_single_user`` it runs the sender itself for
+    ``debug_duration_s`` and prints each interval."""
+
+    abstract = True
+    debug_duration_s: float = 10.0
+    """how long ``run_single_user`` sends"""
+
+    @task
+    def hold(self) -> None:
+        env = self.environment
+        if env.runner is not None:
+            gevent.sleep(1.0)
+            return
+        run: DnsRun = env.loadkit_dns
+        p = run.plan or run.make_plan()
+        sender = build_sender(p, on_interval=_print_interval)
+        sender.max_duration_s = self.debug_duration_s
+        sender.open()
+        try:
+            sender.run()
+        finally:
+            sender.close()
+        print(sender.summary(), flush=True)
+        from locust.exception import StopUser
+
+        raise StopUser()
+
+
+def _print_interval(report: IntervalReport) -> None:
+    c = report.counters
+    answers = LatencyHistogram()
+    fails: dict[str, int] = {}
+    for t in report.qtypes:
+        answers.merge(t.latencies)
+        for k, v in t.failures.items():
+            fails[k] = fails.get(k, 0) + v
+    print(
+        f"{report.interval_s:5.2f}s sent={c.get('dns.original_sent', 0)} retries={c.get('dns.retry_sent', 0)} "
+        f"answered={c.get('dns.answered', 0)} failures={fails or 0} outstanding={report.outstanding_n} "
+        f"latency {answers.summary()}",
+        flush=True,
+    )
