@@ -11,6 +11,7 @@ Output directory (``reports/<release>/`` by default)::
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,6 +171,8 @@ def _execute(notebook: Path, output: Path, parameters: dict, cwd: Path) -> None:
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
 
+    # papermill logs every path at INFO; our own progress lines say what matters
+    logging.getLogger("papermill").setLevel(logging.WARNING)
     try:
         pm.execute_notebook(
             str(notebook),
@@ -180,6 +183,7 @@ def _execute(notebook: Path, output: Path, parameters: dict, cwd: Path) -> None:
             cwd=str(cwd),
             execution_timeout=CELL_TIMEOUT_S,
             kernel_manager_class=_ipc_kernel_manager(),
+            shutdown_kernel="immediate",  # a graceful stop makes the kernel log a KeyboardInterrupt
         )
     except PapermillExecutionError as err:
         raise ReportError(

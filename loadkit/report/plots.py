@@ -4,6 +4,8 @@ matplotlib Figure with a title and units on every axis; the notebook only calls 
 
 from __future__ import annotations
 
+import base64
+import html
 import io
 import math
 from typing import Sequence
@@ -53,6 +55,15 @@ def to_png(fig: Figure, dpi: int = 110) -> bytes:
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight", facecolor="white")
     plt.close(fig)
     return buf.getvalue()
+
+
+def to_img_html(fig: Figure, dpi: int = 110) -> str:
+    """The figure as an ``<img>`` with its titles as alternative text (closed afterwards)."""
+    titles = [fig._suptitle.get_text()] if fig._suptitle is not None else []
+    titles += [ax.get_title() for ax in fig.axes if ax.get_title()]
+    alt = html.escape("; ".join(titles) or "figure", quote=True)
+    data = base64.b64encode(to_png(fig, dpi)).decode("ascii")
+    return f'<img alt="{alt}" src="data:image/png;base64,{data}" style="max-width:100%;height:auto;">'
 
 
 def _time_axis(ts: pd.Series | np.ndarray | pd.Index, start: float) -> tuple[np.ndarray, str]:
