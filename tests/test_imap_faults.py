@@ -1,0 +1,118 @@
+"""IMAP servers that fail in each way a storm meets give classed failures, never a traceback."""
+
+from __future__ import annotations
+
+import pytest
+
+from loadkit.generate import bridge
+from loadkit.generate.mail.classify import Timeouts
+from loadkit.generate.mail.imap import ImapSession, ImapSpec
+from loadkit.generate.mail.users import ReconnectPolicy
+from loadkit.generate.metrics import metrics_for
+from mailfakes import FakeMailServer
+from mailrun import opts, storm, tracebacks, write_accounts
+
+RETRY = ReconnectPolicy(kind="fixed", delay_s=0.2, min_delay_s=0.1)
+
+# behaviour -> (request name that fails, failure class)
+EXPECTED = {
+    "refuse": ("connect+greeting", "conn_refused"),
+    "reset": ("connect+greeting", "conn_reset"),
+    "never_greet": ("connect+greeting", "timeout_greeting"),
+    "bye_greeting": ("connect+greeting", "bye_greeting"),
+    "reject_login": ("LOGIN", "auth_rejected"),
+    "silent_after_login": ("SELECT", "timeout_select"),
+    "drop_after_login": ("hold", "eof_after_login"),
+}
+
+
+@pytest.mark.parametrize("behaviour", sorted(EXPECTED))
+def test_fault_gives_its_class_and_no_traceback(behaviour: str, tmp_path) -> None:
+    accounts = write_accounts(tmp_path)
+    with FakeMailServer("imap", behaviour) as fake:
+        out = storm(
+            "imap", fake.address,
+            opts(accounts, fetch_n=0, dwell_s=5.0, reconnect=RETRY),
+            users=3, seconds=2.5,
+        )
+    name, cls = EXPECTED[behaviour]
+    assert out["errors"], out
+    assert set(out["errors"]) == {(name, cls)}, out["errors"]
+    assert out["exceptions"] == {}
+    assert tracebacks(out["records"]) == []
+    assert out["gauges"].get("imap.held_sessions", 0) == 0
+
+
+def test_well_behaved_server_runs_every_phase_without_failure(tmp_path) -> None:
+    accounts = write_accounts(tmp_path)
+    with FakeMailServer("imap", "ok") as fake:
+        out = storm(
+            "imap", fake.address, opts(accounts, dwell_s=0.5), users=10, seconds=2.5,
+            during=lambda env: metrics_for(env).gauges(),
+        )
+    assert out["errors"] == {}
+    for name in ("connect+greeting", "LOGIN", "SELECT", "FETCH", "LOGOUT"):
+        assert out["requests"].get(name, 0) > 0, (name, out["requests"])
+    assert out["counters"]["imap.logins"] >= 10
+    assert out["during"]["imap.held_sessions"] > 0
+    assert out["gauges"]["imap.held_sessions"] == 0
+    assert tracebacks(out["records"]) == []
+
+
+def test_idle_holds_sessions_until_the_end(tmp_path) -> None:
+    accounts = write_accounts(tmp_path)
+    with FakeMailServer("imap", "ok") as fake:
+        out = storm(
+            "imap", fake.address, opts(accounts, dwell_s=None), users=8, seconds=2.0,
+            during=lambda env: metrics_for(env).gauges(),
+        )
+    assert out["errors"] == {}
+    assert out["requests"]["IDLE"] == 8  # each user entered IDLE once and stayed there
+    assert out["during"]["imap.held_sessions"] == 8
+    assert out["gauges"]["imap.held_sessions"] == 0
+    assert tracebacks(out["records"]) == []
+
+
+def test_session_phases_are_timed_on_the_loop_and_classed() -> None:
+    # a silent server: SELECT must end at its own deadline, not the library's
+    with FakeMailServer("imap", "silent_after_login") as fake:
+        t = Timeouts(1, 1, 1, 0.3, 1, 1)
+        session = ImapSession(ImapSpec("127.0.0.1", fake.port, timeouts=t))
+        results = bridge.run(session.open("u", "p"), timeout=10)
+    assert [r.name for r in results] == ["connect+greeting", "LOGIN", "SELECT"]
+    assert [repr(r.failure) for r in results] == ["None", "None", "timeout_select"]
+    assert 0.3 <= results[-1].elapsed_s < 5
+
+
+def test_refused_server_does_not_spin(tmp_path) -> None:
+    # immediate reconnect against a refusing server: the retry floor bounds the attempts
+    accounts = write_accounts(tmp_path)
+    policy = ReconnectPolicy(kind="immediate", min_delay_s=0.1)
+    with FakeMailServer("imap", "refuse") as fake:
+        out = storm("imap", fake.address, opts(accounts, reconnect=policy), users=20, seconds=2.0)
+    attempts = out["requests"]["connect+greeting"]
+    assert attempts > 20
+    assert attempts <= 20 * (2.0 / 0.1 + 2)
+    assert tracebacks(out["records"]) == []
+
+
+def test_retry_rate_cap_bounds_a_process(tmp_path) -> None:
+    accounts = write_accounts(tmp_path)
+    policy = ReconnectPolicy(kind="immediate", min_delay_s=0.0)
+    with FakeMailServer("imap", "refuse") as fake:
+        out = storm(
+            "imap", fake.address, opts(accounts, reconnect=policy, max_retry_rate_per_s=50.0),
+            users=20, seconds=2.0,
+        )
+    assert out["requests"]["connect+greeting"] <= 50 * 2.0 + 20 + 10
+
+
+def test_give_up_stops_the_user(tmp_path) -> None:
+    accounts = write_accounts(tmp_path)
+    policy = ReconnectPolicy(kind="fixed", delay_s=0.05, min_delay_s=0.05, give_up_n=3)
+    with FakeMailServer("imap", "reject_login") as fake:
+        out = storm("imap", fake.address, opts(accounts, reconnect=policy), users=4, seconds=2.0)
+    assert out["requests"]["LOGIN"] == 12  # 4 users x 3 attempts, then they stopped
+    assert out["counters"]["imap.gave_up"] == 4
+    assert out["exceptions"] == {}
+
