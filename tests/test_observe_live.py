@@ -1,0 +1,164 @@
+"""The Locust-facing collector: local sampling and remote pulls into a sink, status line, web tab."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import urllib.request
+from pathlib import Path
+
+import gevent
+import gevent.monkey
+import pytest
+from locust.env import Environment
+
+from loadkit.errors import CollectorError
+from loadkit.observe.collector import Collector, CollectorConfig
+from loadkit.observe.exporter import Exporter
+from loadkit.record.live_collector import attach_collector, live_collector_of
+from loadkit.records import Event, GroupSample, SystemSample
+
+CANNED = Path(__file__).parent / "data" / "proc"
+ADDR = "127.0.5.1"
+
+
+class Sink:
+    def __init__(self):
+        self.records = []
+        self.rows = []
+
+    def __call__(self, record, table=None):
+        if table is None:
+            self.records.append(record)
+        else:
+            self.rows.append((table, record))
+
+    def of(self, kind):
+        return [r for r in self.records if isinstance(r, kind)]
+
+
+def test_local_collector_feeds_the_sink_on_the_load_clock():
+    env = Environment()
+    sink = Sink()
+    live = attach_collector(env, groups={"me": "python"}, udp_ports=[5353], interval_s=0.2, sink=sink)
+    try:
+        assert live_collector_of(env) is live
+        t0 = time.time()
+        gevent.sleep(0.9)
+    finally:
+        env.events.quitting.fire(environment=env)  # Locust's shutdown stops the collector
+    groups = sink.of(GroupSample)
+    assert len(groups) >= 4 and all(g.group == "me" for g in groups)
+    assert all(t0 - 1 <= g.ts_unix_s <= time.time() for g in groups)  # time.time() clock
+    assert len(sink.of(SystemSample)) == len(groups)
+    nets = [row for table, row in sink.rows if table == "net"]
+    assert len(nets) == len(groups) and "udp_rcvbuf_errors_n_delta" in nets[0]
+    n = len(groups)
+    gevent.sleep(0.5)
+    assert len(sink.of(GroupSample)) == n  # stopped
+    assert "me " in live.status_line() and "rcvbuf_err +" in live.status_line()
+
+
+def test_sampling_runs_off_the_hub_and_sinks_run_on_it():
+    """/proc reads happen in a native pool thread (the load's greenlets keep running meanwhile);
+    the sink is called back in the hub's thread, so the recorder needs no locking."""
+    native_id = gevent.monkey.get_original("threading", "get_native_id")
+    hub_thread = native_id()
+    sampled_in, sunk_in = [], []
+    env = Environment()
+    live = attach_collector(env, groups=["me=python"], interval_s=0.1, sink=lambda *a, **k: sunk_in.append(native_id()), start=False)
+    live.local.add_sink(lambda s: sampled_in.append(native_id()))
+    live.start()
+    try:
+        gevent.sleep(0.5)
+    finally:
+        live.stop()
+    assert sampled_in and hub_thread not in set(sampled_in)
+    assert sunk_in and set(sunk_in) == {hub_thread}
+
+
+@pytest.fixture
+def remote(tmp_path):
+    root = tmp_path / "proc"
+    shutil.copytree(CANNED, root)
+    c = Collector(CollectorConfig(proc_root=str(root), interval_s=0.1, host="target-1", udp_ports=[5353]))
+    exp = Exporter(c, ADDR, 0).start()
+    c.start()
+    try:
+        yield c, exp
+    finally:
+        c.stop()
+        exp.stop()
+
+
+def test_remote_snapshots_are_pulled_once_each_with_events(remote):
+    collector, exporter = remote
+    env = Environment()
+    sink = Sink()
+    live = attach_collector(env, urls=[exporter.url], interval_s=0.05, sink=sink)
+    try:
+        gevent.sleep(0.3)
+        collector.warn.warn("remote-test", "a remote warning")
+        gevent.sleep(0.5)
+    finally:
+        live.stop()
+    systems = sink.of(SystemSample)
+    assert systems and all(s.host == "target-1" for s in systems)
+    stamps = [s.ts_unix_s for s in systems]
+    assert stamps == sorted(set(stamps))  # pulled faster than sampled: no duplicate rows
+    warnings = [e for e in sink.of(Event) if e.detail.get("key") == "remote-test"]
+    assert len(warnings) == 1
+    sockets = [row for table, row in sink.rows if table == "sockets"]
+    assert sockets and sockets[0]["drops_n"] in (17, 150873, 1)
+
+
+def test_unreachable_remote_warns_once_and_keeps_trying():
+    env = Environment()
+    sink = Sink()
+    live = attach_collector(env, urls=[f"http://{ADDR}:9"], interval_s=0.05, timeout_s=0.2, sink=sink)
+    try:
+        gevent.sleep(0.4)
+    finally:
+        live.stop()
+    assert live.remotes[0].failures_n >= 2
+    assert len([e for e in sink.of(Event) if e.kind == "warning"]) == 1
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        (dict(urls=["http://192.0.2.1:9108"]), "outside the allowlist"),
+        (dict(urls=["https://127.0.0.1:9108"]), "only http://"),
+        (dict(groups=["nonsense"]), "NAME=PATTERN"),
+        (dict(udp_ports=[5353], interval_s=0.01), "interval"),
+        (dict(), "needs groups"),
+    ],
+)
+def test_bad_settings_are_collector_errors(kwargs, words):
+    with pytest.raises(CollectorError, match=words):
+        attach_collector(Environment(), start=False, **kwargs)
+
+
+def test_web_ui_gets_a_target_tab_and_json_route(monkeypatch):
+    monkeypatch.setattr("sys.argv", ["locust"])  # the web UI parses Locust's own options
+    env = Environment()
+    env.create_local_runner()
+    web_ui = env.create_web_ui(ADDR, 0)
+    try:
+        gevent.sleep(0.1)
+        port = web_ui.server.server_port
+        base = f"http://{ADDR}:{port}"
+        urllib.request.urlopen(base + "/stats/requests", timeout=5).read()  # UI already in use
+        live = attach_collector(env, groups={"me": "python"}, interval_s=0.1)
+        gevent.sleep(0.3)
+        stats = json.loads(urllib.request.urlopen(base + "/stats/requests", timeout=5).read())
+        tab = [e for e in stats["extended_stats"] if e["key"] == "loadkit-target"]
+        assert tab and any(r["what"] == "me processes" for r in tab[0]["data"])
+        doc = json.loads(urllib.request.urlopen(base + "/loadkit/collector", timeout=5).read())
+        assert doc["local"]["groups"][0]["group"] == "me"
+        assert {"title": "Target", "key": "loadkit-target"} in web_ui.template_args["extended_tabs"]
+        live.stop()
+    finally:
+        web_ui.stop()
+        env.runner.quit()
