@@ -23,7 +23,9 @@ Schema (every table but ``[run]``, ``[targets]`` and ``[load]`` is optional)::
 
     [load]                          # one Locust run (``[[load]]`` with one entry is accepted)
     locustfile = "locustfiles/dns_burst.py"   # or a list of files (Locust merges them)
-    host = "dns"                    # a target name, given to Locust as --host (optional)
+    host = "dns"                    # a target name, given to Locust as --host ADDRESS:PORT;
+                                    #   "imap.address" gives the address alone, so each user
+                                    #   class adds its own default port (IMAP and POP3 together)
     users = 50                      # Locust -u (concurrent users)
     spawn_rate = 10                 # Locust -r (users started per second)
     options = { rate-qps = 2000, names-file = ".loadkit/lab/names.txt" }
@@ -104,6 +106,9 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _OPTION_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 _DURATION_RE = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?!s))?(?:(\d+(?:\.\d+)?)s)?(?:(\d+)ms)?$")
 _TARGET_REF_RE = re.compile(r"\{target:([^}]*)\}")
+#: options that set a request rate, checked against [caps] max_rate_qps (``--dns-rate``,
+#: ``--dns-ramp-to``, ``--rate-qps``...; ``spawn-rate`` is users per second, not requests)
+_RATE_OPTION_RE = re.compile(r"(?<!spawn)(?:qps|-rate|^rate|ramp-to)$")
 
 # Locust options the runner sets itself from the profile: an options entry may not override them
 _RESERVED_OPTIONS = {
@@ -146,7 +151,7 @@ class LoadSpec:
     locustfiles: tuple[Path, ...]
     users: int
     spawn_rate: float
-    host: str | None = None  #: a target name
+    host: str | None = None  #: a target name, or "NAME.address" for the address alone
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -369,7 +374,7 @@ def _check_options(options: Any, targets: dict[str, str], where: str) -> dict[st
 
 
 def check_caps(profile: Profile, where: str) -> None:
-    """Refuse a profile whose users, duration or any *qps option exceeds ``[caps]``."""
+    """Refuse a profile whose users, duration or any rate option exceeds ``[caps]``."""
     caps = profile.caps
     if profile.load.users > caps.max_users:
         raise ProfileError(
@@ -380,16 +385,25 @@ def check_caps(profile: Profile, where: str) -> None:
             f"{where}: duration {profile.duration_s:g} s exceeds [caps] max_duration_s = {caps.max_duration_s:g}"
         )
     for key, value in profile.load.options.items():
-        if key.replace("_", "-").lower().endswith("qps"):
-            for v in value if isinstance(value, list) else [value]:
-                if isinstance(v, bool) or not isinstance(v, (int, float)):
-                    raise ProfileError(f"{where}: [load] options.{key}: must be a number, got {v!r}")
-                if v < 0:
-                    raise ProfileError(f"{where}: [load] options.{key}: must not be negative, got {v}")
-                if v > caps.max_rate_qps:
-                    raise ProfileError(
-                        f"{where}: [load] options.{key} = {v:g} exceeds [caps] max_rate_qps = {caps.max_rate_qps:g}"
-                    )
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, str) and v.startswith("rate:"):  # e.g. --mail-arrival rate:100
+                v = v[5:]
+            elif not _RATE_OPTION_RE.search(key.replace("_", "-").lower()):
+                continue
+            try:
+                if isinstance(v, bool):
+                    raise ValueError
+                v = float(v)
+            except (TypeError, ValueError):
+                raise ProfileError(
+                    f"{where}: [load] options.{key}: must be a number of requests/s, got {v!r}"
+                ) from None
+            if v < 0:
+                raise ProfileError(f"{where}: [load] options.{key}: must not be negative, got {v:g}")
+            if v > caps.max_rate_qps:
+                raise ProfileError(
+                    f"{where}: [load] options.{key} = {v:g} exceeds [caps] max_rate_qps = {caps.max_rate_qps:g}"
+                )
 
 
 def load_profile(path: str | Path) -> Profile:
@@ -475,7 +489,7 @@ def profile_from_dict(data: dict[str, Any], path: Path) -> Profile:
     host = ldata.get("host")
     if host is not None:
         _str(host, f"{w} host")
-        if host not in targets:
+        if host.removesuffix(".address") not in targets:
             raise ProfileError(f"{w} host: {host!r} is not one of [targets] ({', '.join(targets)})")
     options = _check_options(ldata.get("options", {}), targets, f"{w} options")
     load = LoadSpec(locustfiles, users, spawn_rate, host, options)
@@ -525,14 +539,17 @@ def profile_from_dict(data: dict[str, Any], path: Path) -> Profile:
 
     gdata = _table(data, "gates", name)
     w = f"{name}: [gates]"
-    gates = GateSpec(
-        **{
-            k: (_fraction(v, f"{w} {k}") if k == "failure_ratio" else _pos_number(v, f"{w} {k}"))
-            for k, v in gdata.items()
-        }
-    )
-    if gates.min_headroom_pct is not None and gates.min_headroom_pct > 100:
-        raise ProfileError(f"{w} min_headroom_pct: is a percentage 0-100, got {gates.min_headroom_pct:g}")
+    gate_values = {}
+    for k, v in gdata.items():
+        if k == "failure_ratio":
+            gate_values[k] = _fraction(v, f"{w} {k}")
+        elif k == "min_headroom_pct":
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 100:
+                raise ProfileError(f"{w} {k}: must be a percentage 0-100, got {v!r}")
+            gate_values[k] = float(v)
+        else:
+            gate_values[k] = _pos_number(v, f"{w} {k}")
+    gates = GateSpec(**gate_values)
 
     rdata = _table(data, "record", name)
     record_interval_s = _pos_number(rdata.get("interval_s", 1.0), f"{name}: [record] interval_s")

@@ -176,7 +176,14 @@ class _CgroupReader:
         for name, spec in groups.items():
             kind, _, rest = spec.partition(":")
             if kind == "cgroup":
-                self.paths[name] = Path(rest.split("@", 1)[0])
+                path = Path(rest.split("@", 1)[0])
+                # a path inside the hierarchy (/loadkit/lab/proxy1) is looked up under v1 and v2
+                for candidate in (path, Path("/sys/fs/cgroup/memory") / path.relative_to(path.anchor),
+                                  Path("/sys/fs/cgroup") / path.relative_to(path.anchor)):
+                    if candidate.is_dir():
+                        path = candidate
+                        break
+                self.paths[name] = path
 
     @staticmethod
     def _int(path: Path) -> int:

@@ -104,7 +104,11 @@ def locust_args(profile: Profile, resolved: dict[str, Any], run_root: Path, run_
             "--scenario", profile.scenario, "--release", profile.release,
             "--record-interval", f"{profile.record_interval_s:g}"]
     if load.host:
-        args += ["--host", str(resolved[load.host])]
+        target = resolved[load.host.removesuffix(".address")]
+        if load.host.endswith(".address"):  # each user class adds its own default port
+            args += ["--host", f"[{target.address}]" if ":" in target.address else target.address]
+        else:
+            args += ["--host", str(target)]
     c = profile.collect
     for name, spec in c.groups.items():
         args += ["--collect-group", f"{name}={spec}"]
