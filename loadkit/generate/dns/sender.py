@@ -52,8 +52,12 @@ _EPOLLIN = 0x001
 CLIENT_RCVBUF_BYTES = 4 * 1024 * 1024
 #: send buffer asked for on each client socket (capped at net.core.wmem_max)
 CLIENT_SNDBUF_BYTES = 4 * 1024 * 1024
-#: most queries sent in one pass of the loop before replies are read again
-MAX_SEND_BATCH = 512
+#: most base-rate queries sent in one pass of the loop before replies are read again: small,
+#: so a steady rate stays steady (a server's default 208 KiB receive buffer holds only about
+#: 256 queries, and a catch-up block of 512 would itself be a burst)
+MAX_BASE_BATCH = 48
+#: most burst queries sent in one pass: a burst should leave as one block
+MAX_BURST_BATCH = 2048
 #: when the next query is due sooner than this, keep looping instead of waiting
 SPIN_S = 0.0002
 
@@ -485,11 +489,11 @@ class DnsSender:
                             n_burst = min(n_burst, room - n_base)
                             sending = room > n_base + n_burst
                         n = n_base + n_burst
-                        if n > MAX_SEND_BATCH:
-                            # behind schedule (a slow pass): catch up in chunks, bursts first so a
-                            # burst leaves as one block, and read replies in between
-                            n_burst = min(n_burst, MAX_SEND_BATCH)
-                            n_base = min(n_base, MAX_SEND_BATCH - n_burst)
+                        if n_base > MAX_BASE_BATCH or n_burst > MAX_BURST_BATCH:
+                            # behind schedule (a slow pass): catch up in chunks and read replies
+                            # in between
+                            n_burst = min(n_burst, MAX_BURST_BATCH)
+                            n_base = min(n_base, MAX_BASE_BATCH)
                             n = n_base + n_burst
                         if n:
                             if n_burst:
