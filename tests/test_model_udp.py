@@ -15,23 +15,25 @@ from model_synth import T0, write_manifest
 
 
 def test_default_buffer_holds_about_256_queries():
-    # 212,992 / 832 = 256: the kernel admits while the charge is <= rcvbuf, so 257 fit
-    assert buffer_datagrams(212_992, 832) == 257
+    # 212,992 / 832 = 256 exactly; a tiny buffer still takes one datagram
+    assert buffer_datagrams(212_992, 832) == 256
+    assert buffer_datagrams(32_768, 832) == 39
+    assert buffer_datagrams(100, 832) == 1
     r = udp_burst(212_992, service_rate_qps=0.0)
-    assert r.max_burst_no_loss == 257
-    assert r.expected_loss(1000) == 1000 - 257
+    assert r.max_burst_no_loss == 256
+    assert r.expected_loss(1000) == 1000 - 256
 
 
 def test_service_during_the_window_and_arrival_rate():
     r = udp_burst(212_992, service_rate_qps=100_000, burst_window_s=0.01)
-    assert r.max_burst_no_loss == pytest.approx(257 + 1000)
-    assert r.expected_loss(2000, 0.01) == pytest.approx(2000 - 1000 - 257)
+    assert r.max_burst_no_loss == pytest.approx(256 + 1000)
+    assert r.expected_loss(2000, 0.01) == pytest.approx(2000 - 1000 - 256)
     assert r.expected_loss(1000, 0.01) == 0
     # arriving at 150k/s against 100k/s service: the queue grows at 50k/s -> B / (1 - 2/3) = 3 B
-    assert r.max_burst_at_rate(150_000) == pytest.approx(3 * 257)
+    assert r.max_burst_at_rate(150_000) == pytest.approx(3 * 256)
     assert math.isinf(r.max_burst_at_rate(90_000))
     at_rate = udp_burst(212_992, 100_000, arrival_rate_qps=150_000)
-    assert at_rate.max_burst_no_loss == pytest.approx(771)
+    assert at_rate.max_burst_no_loss == pytest.approx(768)
     assert "arriving at 150000/s" in at_rate.summary()
 
 
