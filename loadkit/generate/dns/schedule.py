@@ -18,6 +18,10 @@ from typing import Protocol
 from loadkit.errors import ProfileError
 
 
+#: float slack so that ``due(time_of(i)) > i`` despite rounding
+_EPS = 1e-6
+
+
 class Schedule(Protocol):
     def due(self, t_s: float) -> int: ...
 
@@ -42,7 +46,7 @@ class ConstantRate:
     def due(self, t_s: float) -> int:
         if t_s < 0 or self.rate_qps == 0:
             return 0
-        return int(t_s * self.rate_qps) + 1
+        return int(t_s * self.rate_qps + _EPS) + 1
 
     def time_of(self, i: int) -> float:
         return math.inf if self.rate_qps == 0 else i / self.rate_qps
@@ -121,7 +125,7 @@ class LinearRamp:
     def due(self, t_s: float) -> int:
         if t_s < 0:
             return 0
-        return int(self._cum(t_s))
+        return int(self._cum(t_s) + _EPS)
 
     def time_of(self, i: int) -> float:
         # invert the cumulative count: solve _cum(t) = i + 1 (the instant due() reaches i + 1)
@@ -181,7 +185,7 @@ class BurstTrain:
         if self.window_s == 0 or into >= self.window_s:
             part = self.size_n
         else:
-            part = min(self.size_n, int(into / self.window_s * self.size_n) + 1)
+            part = min(self.size_n, int(into / self.window_s * self.size_n + _EPS) + 1)
         return k * self.size_n + part
 
     def time_of(self, i: int) -> float:

@@ -100,6 +100,7 @@ class IntervalReport(NamedTuple):
     counters: dict  #: metric name -> increase during the interval (``dns.original_sent`` ...)
     outstanding_n: int  #: queries sent and not yet answered, timed out or given up
     bursts: list  #: [BurstWindow] of bursts completed during the interval
+    answers: LatencyHistogram  #: successful answers only, all qtypes
 
 
 def source_addresses(count: int, first: str = "127.1.0.1") -> list[str]:
@@ -264,9 +265,11 @@ class DnsSender:
 
     def _flush(self, interval_s: float) -> IntervalReport:
         qtypes = []
+        answers = LatencyHistogram()
         for qi, qtype in enumerate(self.pool.qtypes):
             ok, failed = self._hists[2 * qi], self._hists[2 * qi + 1]
             self.answer_latency.merge(ok)
+            answers.merge(ok)
             both = LatencyHistogram()
             both.merge(ok)
             both.merge(failed)
@@ -274,7 +277,9 @@ class DnsSender:
         counts = dict(self._counts)
         for k, v in counts.items():
             self.totals[k] = self.totals.get(k, 0) + v
-        report = IntervalReport(time.time(), interval_s, qtypes, counts, self.outstanding_n(), self._done_bursts)
+        report = IntervalReport(
+            time.time(), interval_s, qtypes, counts, self.outstanding_n(), self._done_bursts, answers
+        )
         self._new_tally()
         if self.on_interval is not None:
             self.on_interval(report)
@@ -282,8 +287,8 @@ class DnsSender:
 
     # -- TCP --------------------------------------------------------------------------------
     def _tcp_query(self, tail: bytes, kind: int, qi: int, t_first: float, src: str, fallback: bool) -> None:
-        """One query over TCP in its own greenlet (protocol tcp, or a TC=1 reply's retry)."""
-        self._tcp_inflight += 1
+        """One query over TCP in its own greenlet (protocol tcp, or a TC=1 reply's retry).
+        ``_spawn_tcp`` has counted it in flight already."""
         family = _socket.AF_INET6 if ":" in self.target.address else _socket.AF_INET
         sock = gevent.socket.socket(family, _socket.SOCK_STREAM)
         try:
@@ -319,6 +324,8 @@ class DnsSender:
             self._count("dns.send_errors")
             self._fail(qi, "send_error", 0.0)
             return
+        # counted in flight now, not when the greenlet first runs, so the drain waits for it
+        self._tcp_inflight += 1
         gevent.spawn(self._tcp_query, tail, kind, qi, t_first, src, fallback)
 
     def _reply_outcome(self, code: int, kind: int, qi: int, latency: float) -> None:

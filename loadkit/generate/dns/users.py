@@ -22,6 +22,7 @@ from typing import Any
 
 import gevent
 from locust import User, task
+from locust.util.timespan import parse_timespan
 
 from loadkit import defaults
 from loadkit.errors import LoadkitError, ProfileError
@@ -340,11 +341,8 @@ class DnsRun:
         failed = sum(sum(t.failures.values()) for t in report.qtypes)
         done = good + failed
         loss = failed / done if done else 0.0
-        answers = LatencyHistogram()
-        for t in report.qtypes:
-            answers.merge(t.latencies)
         run_time = report.ts_unix_s - self.sender.started_unix_s
-        knee = self.knee.observe(run_time, sent / dt, good / dt, loss, answers.percentile_s(0.99))
+        knee = self.knee.observe(run_time, sent / dt, good / dt, loss, report.answers.percentile_s(0.99))
         if knee is not None and self.knee_point is None:
             self.knee_point = knee
             log.warning(
@@ -461,7 +459,7 @@ class DnsUser(User):
 
     abstract = True
     debug_duration_s: float = 10.0
-    """how long ``run_single_user`` sends"""
+    """how long ``run_single_user`` sends when no ``--run-time`` is given"""
 
     @task
     def hold(self) -> None:
@@ -472,7 +470,8 @@ class DnsUser(User):
         run: DnsRun = env.loadkit_dns
         p = run.plan or run.make_plan()
         sender = build_sender(p, on_interval=_print_interval)
-        sender.max_duration_s = self.debug_duration_s
+        run_time = getattr(env.parsed_options, "run_time", None)
+        sender.max_duration_s = parse_timespan(str(run_time)) if run_time else self.debug_duration_s
         sender.open()
         try:
             sender.run()
@@ -486,10 +485,9 @@ class DnsUser(User):
 
 def _print_interval(report: IntervalReport) -> None:
     c = report.counters
-    answers = LatencyHistogram()
+    answers = report.answers
     fails: dict[str, int] = {}
     for t in report.qtypes:
-        answers.merge(t.latencies)
         for k, v in t.failures.items():
             fails[k] = fails.get(k, 0) + v
     print(

@@ -1,0 +1,242 @@
+"""The sender against small in-process fake servers, for behaviour unbound cannot be made to
+show on demand: chosen RCODEs, truncation, dropping first attempts, a closed port, silence."""
+
+from __future__ import annotations
+
+import socket as stdsocket
+
+import dns.message
+import gevent
+import gevent.socket
+import pytest
+
+from loadkit.errors import ProfileError
+from loadkit.generate.dns import schedule, wire
+from loadkit.generate.dns.sender import DnsSender, source_addresses
+from loadkit.profile.targets import check_target
+
+NAMES = [f"h{i:04d}.lab.test." for i in range(200)]
+
+
+def raw_reply(query: bytes, rcode: int = 0, tc: bool = False) -> bytes:
+    """The query turned into a reply header-wise (QR set, RCODE, optionally TC)."""
+    flags2 = query[2] | 0x80 | (0x02 if tc else 0)
+    return query[:2] + bytes([flags2, 0x80 | rcode]) + query[4:]
+
+
+class FakeServer:
+    """UDP (and TCP) on 127.0.0.1:<free port>, answering by ``policy(query, source) -> bytes|None``."""
+
+    def __init__(self, policy, tcp_policy=None) -> None:
+        self.policy = policy
+        self.tcp_policy = tcp_policy
+        for _ in range(50):  # a UDP port whose TCP twin is free too
+            self.udp = gevent.socket.socket(stdsocket.AF_INET, stdsocket.SOCK_DGRAM)
+            self.udp.setsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_RCVBUF, 4 << 20)
+            self.udp.bind(("127.0.0.1", 0))
+            self.port = self.udp.getsockname()[1]
+            if tcp_policy is None:
+                break
+            self.tcp = gevent.socket.socket(stdsocket.AF_INET, stdsocket.SOCK_STREAM)
+            try:
+                self.tcp.bind(("127.0.0.1", self.port))
+                break
+            except OSError:
+                self.tcp.close()
+                self.udp.close()
+        self.sources: set[str] = set()
+        self.received = 0
+        self.greenlets = [gevent.spawn(self._serve_udp)]
+        if tcp_policy is not None:
+            self.tcp.listen(128)
+            self.greenlets.append(gevent.spawn(self._serve_tcp))
+
+    def _serve_udp(self) -> None:
+        while True:
+            data, addr = self.udp.recvfrom(4096)
+            self.received += 1
+            self.sources.add(addr[0])
+            reply = self.policy(data, addr)
+            if reply is not None:
+                self.udp.sendto(reply, addr)
+
+    def _serve_tcp(self) -> None:
+        while True:
+            conn, _ = self.tcp.accept()
+            gevent.spawn(self._tcp_conn, conn)
+
+    def _tcp_conn(self, conn) -> None:
+        with conn:
+            n = int.from_bytes(conn.recv(2), "big")
+            query = b""
+            while len(query) < n:
+                query += conn.recv(n - len(query))
+            reply = self.tcp_policy(query)
+            conn.sendall(len(reply).to_bytes(2, "big") + reply)
+
+    def close(self) -> None:
+        gevent.killall(self.greenlets)
+        self.udp.close()
+        if self.tcp_policy is not None:
+            self.tcp.close()
+
+
+@pytest.fixture
+def fake():
+    servers = []
+
+    def make(policy, tcp_policy=None) -> FakeServer:
+        servers.append(FakeServer(policy, tcp_policy))
+        return servers[-1]
+
+    yield make
+    for s in servers:
+        s.close()
+
+
+def qname(query: bytes) -> str:
+    return dns.message.from_wire(query).question[0].name.to_text()
+
+
+def run(port: int, pool=None, **kw) -> DnsSender:
+    kw.setdefault("timeout_s", 0.2)
+    kw.setdefault("max_duration_s", 0.5)
+    sender = DnsSender(check_target(f"127.0.0.1:{port}", 53), pool or wire.QueryPool(NAMES, [("A", 1.0)]), **kw)
+    sender.open()
+    try:
+        sender.run()
+    finally:
+        sender.close()
+    return sender
+
+
+def collecting(sender_kwargs: dict) -> dict:
+    """Failure counts by class over every interval report (installs the callback)."""
+    seen: dict[str, int] = {}
+
+    def on_interval(report) -> None:
+        for t in report.qtypes:
+            for k, v in t.failures.items():
+                seen[k] = seen.get(k, 0) + v
+
+    sender_kwargs["on_interval"] = on_interval
+    return seen
+
+
+def test_rcodes_are_classified_and_nxdomain_is_success_only_when_meant(fake) -> None:
+    rcode_of = {"h0000": 0, "h0001": 3, "h0002": 2, "h0003": 5, "h0004": 4}
+
+    def policy(q, _addr):
+        label = qname(q).split(".")[0]
+        if label.startswith("nx-"):
+            return raw_reply(q, 3)
+        return raw_reply(q, rcode_of.get(label, 0))
+
+    server = fake(policy)
+    names = list(rcode_of)
+    pool = wire.QueryPool([n + ".lab.test." for n in names], [("A", 1.0)], nxdomain_share=0.2, size=500, seed=1)
+    kw: dict = {}
+    seen = collecting(kw)
+    s = run(server.port, pool, base=schedule.ConstantRate(1000), max_queries_n=500, max_duration_s=2.0, **kw)
+    t = s.totals
+    assert t["dns.original_sent"] == 500 and t["dns.answered"] == 500
+    nx_meant = sum(1 for q in pool.queries if q.kind == wire.KIND_NXDOMAIN)
+    assert t["dns.rcode.nxdomain"] > nx_meant  # meant ones plus the h0001 ones
+    assert seen.keys() == {"nxdomain_unexpected", "servfail", "refused", "rcode_other"}
+    assert sum(seen.values()) == 500 - t["dns.rcode.noerror"] - nx_meant
+    assert s.answer_latency.count == t["dns.rcode.noerror"] + nx_meant
+
+
+def test_retries_are_counted_as_retries(fake) -> None:
+    attempts: dict[str, int] = {}
+
+    def drop_first(q, _addr):
+        name = qname(q)
+        attempts[name] = attempts.get(name, 0) + 1
+        return raw_reply(q) if attempts[name] > 1 else None
+
+    server = fake(drop_first)
+    pool = wire.QueryPool(NAMES, [("A", 1.0)], size=200, seed=2)  # 200 distinct names, each once
+    s = run(server.port, pool, base=schedule.ConstantRate(1000), max_queries_n=200, timeout_s=0.05, retries_n=2,
+            backoff=2.0, max_duration_s=2.0)
+    t = s.totals
+    assert t["dns.original_sent"] == 200
+    assert t["dns.retry_sent"] == 200  # each dropped once, answered on the retry
+    assert t["dns.answered"] == 200 and t.get("dns.timeouts", 0) == 0
+    assert server.received == 400  # offered = original + retries
+    # answer latency runs from the first send, so it includes the 50 ms timeout
+    assert s.answer_latency.percentile_s(0.5) >= 0.05
+
+
+def test_silent_server_gets_the_scheduled_load_anyway(fake) -> None:
+    server = fake(lambda q, a: None)
+    kw: dict = {}
+    seen = collecting(kw)
+    s = run(server.port, base=schedule.ConstantRate(2000), max_duration_s=0.5, timeout_s=0.1, retries_n=1, **kw)
+    t = s.totals
+    # open loop: about rate x duration originals, whatever the server does
+    assert 900 <= t["dns.original_sent"] <= 1100
+    assert t["dns.retry_sent"] > 0
+    assert seen["timeout"] == t["dns.timeouts"] > 0
+    assert t.get("dns.answered", 0) == 0
+
+
+def test_truncated_reply_is_retried_over_tcp(fake) -> None:
+    server = fake(lambda q, a: raw_reply(q, tc=True), tcp_policy=lambda q: raw_reply(q))
+    s = run(server.port, base=schedule.ConstantRate(200), max_queries_n=50, max_duration_s=1.0)
+    t = s.totals
+    assert t["dns.rcode.truncated"] == 50
+    assert t["dns.tcp_fallback"] == 50 and t["dns.retry_sent"] == 50
+    assert t["dns.rcode.noerror"] == 50  # the TCP answers
+    assert s.answer_latency.count == 50
+
+
+def test_truncated_without_fallback_is_a_failure(fake) -> None:
+    server = fake(lambda q, a: raw_reply(q, tc=True))
+    kw: dict = {}
+    seen = collecting(kw)
+    run(server.port, base=schedule.ConstantRate(200), max_queries_n=20, tcp_fallback=False, **kw)
+    assert seen == {"truncated": 20}
+
+
+def test_closed_port_is_icmp_unreachable_not_timeout() -> None:
+    probe = stdsocket.socket(stdsocket.AF_INET, stdsocket.SOCK_DGRAM)
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()  # nothing listens there now
+    kw: dict = {}
+    seen = collecting(kw)
+    s = run(port, base=schedule.ConstantRate(200), max_queries_n=40, timeout_s=1.0, **kw)
+    assert seen.get("icmp_unreachable", 0) > 0
+    assert "timeout" not in seen
+    assert sum(seen.values()) == 40
+
+
+def test_many_sources_each_get_their_own_address(fake) -> None:
+    server = fake(lambda q, a: raw_reply(q))
+    sources = source_addresses(50, "127.1.3.250")  # crosses .255/.0, which are skipped
+    assert "127.1.4.0" not in sources and "127.1.3.255" not in sources and len(set(sources)) == 50
+    s = run(server.port, base=schedule.ConstantRate(2000), max_queries_n=500, sources=sources)
+    assert server.sources == set(sources)
+    assert s.totals["dns.answered"] == 500
+
+
+def test_burst_window_is_recorded(fake) -> None:
+    server = fake(lambda q, a: raw_reply(q))
+    s = run(server.port, bursts=schedule.BurstTrain(300, 0.02, 10.0, first_s=0.05, count=1))
+    assert len(s.bursts) == 1
+    b = s.bursts[0]
+    assert b.sent_n == 300
+    assert 0.0 < b.window_s < 0.5
+    assert b.first_sent_unix_s >= b.planned_start_unix_s - 0.001
+
+
+def test_bad_sender_settings() -> None:
+    target = check_target("127.0.0.1:53", 53)
+    pool = wire.QueryPool(NAMES, [("A", 1.0)], size=10)
+    with pytest.raises(ProfileError, match="timeout"):
+        DnsSender(target, pool, timeout_s=0)
+    with pytest.raises(ProfileError, match="protocol"):
+        DnsSender(target, pool, protocol="quic")
+    with pytest.raises(ProfileError, match="loopback"):
+        source_addresses(10, "127.255.255.250")
