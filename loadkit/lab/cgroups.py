@@ -120,6 +120,16 @@ def read_memory(version: int | None, path: Path | None) -> Memory:
         return Memory(None, None, None, None)
 
 
+def under_oom(version: int | None, path: Path | None) -> bool | None:
+    """v1 only: the group is at its limit and, the OOM killer being disabled, its tasks wait."""
+    if version != 1 or path is None:
+        return None
+    try:
+        return bool(_kv(path / "memory.oom_control").get("under_oom", 0))
+    except OSError:
+        return None
+
+
 def procs(path: Path) -> list[int]:
     try:
         return [int(x) for x in (path / "cgroup.procs").read_text().split()]

@@ -77,10 +77,16 @@ class Lab:
         state = _read_state(self.state_path)
         if state is not None:
             current = self.status()
-            if current.running and self._same_config(state):
+            if current.running:
+                diff = self._config_diff(state)
+                if diff:
+                    raise LabError(
+                        f"lab in {self.dir} is running with other settings ({diff}); "
+                        f"run 'loadkit lab down --dir {self.dir}' first"
+                    )
                 log.info("lab in %s is already running", self.dir)
                 return current
-            log.info("lab in %s is partly running or configured differently: restarting", self.dir)
+            log.info("lab in %s is partly running: restarting it", self.dir)
             self.down()
         cfg = self.config
         procs.check_ports_free(cfg.address, cfg.all_ports(), [cfg.dns_port])
@@ -107,10 +113,12 @@ class Lab:
             raise
         return self.status()
 
-    def _same_config(self, state: dict[str, Any]) -> bool:
+    def _config_diff(self, state: dict[str, Any]) -> str:
+        """``"proxies 3 -> 5, ..."`` between the running lab's settings and ours ('' if none)."""
         mine = self.config.to_dict()
         theirs = {**state["config"], "dir": mine["dir"]}
-        return mine == theirs
+        return ", ".join(f"{k} {theirs.get(k)!r} -> {v!r}" for k, v in mine.items()
+                         if theirs.get(k) != v)
 
     def _write_state(self, state: dict[str, Any]) -> None:
         tmp = self.state_path.with_suffix(".tmp")
@@ -254,6 +262,7 @@ class Lab:
                 limit_bytes=c.limit_bytes,
                 failcnt=c.failcnt,
                 oom_kills=c.oom_kills,
+                under_oom=cgroups.under_oom(version, Path(cgroup) if cgroup else None),
                 sessions=sum(r.sessions for r in rows) if rows else None,
                 haproxy_state="/".join(sorted({r.state for r in rows})) if rows else None,
             ))

@@ -50,6 +50,7 @@ class ProxyStatus(NamedTuple):
     limit_bytes: int | None
     failcnt: int | None
     oom_kills: int | None
+    under_oom: bool | None  #: stalled at its limit with the OOM killer disabled (v1 under_oom)
     sessions: int | None  #: current sessions haproxy has open to it (stats ``scur``, IMAP+POP3)
     haproxy_state: str | None  #: haproxy's view of the server: UP, DOWN, ...
 
