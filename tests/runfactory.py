@@ -191,8 +191,8 @@ def write_mail_run(
         ],
     }
     profile = {"scenario": scenario, "protocol": request_type.lower(), "users": peak_sessions}
-    if forecast_peak_sessions is not None:
-        profile["forecast_peak_sessions"] = forecast_peak_sessions
+    if forecast_peak_sessions is not None:  # where a profile's [gates] table puts it
+        profile["gates"] = {"forecast_peak_sessions": forecast_peak_sessions}
     gates = [{"name": "failure_ratio<=0.5", "passed": True, "value": 0.0, "limit": 0.5}]
     _write_manifest(
         run_dir,
@@ -299,9 +299,13 @@ def write_dns_run(
     started_unix_s: float | None = None,
     status: str = "completed",
     forecast_peak_qps: float | None = 3000.0,
+    other_server_drops_per_s: int = 0,
     seed: int = 0,
 ) -> Path:
     """Write a DNS burst run; return its directory (``root/run_id``).
+
+    ``other_server_drops_per_s``: drops of another server's socket on the same host
+    (127.0.3.1:5353), which the host-wide RcvbufErrors count and the target's socket does not.
 
     Each second carries ``base_rate_qps`` queries; every ``burst_every_s`` seconds a burst of
     ``burst_queries`` arrives at once. Of a burst, what does not fit in the buffer (plus what the
@@ -327,7 +331,7 @@ def write_dns_run(
     original = retry = answered = dropped = 0.0
     counters = {"udp_in_datagrams_n": 10_000, "udp_rcvbuf_errors_n": 5}
     prev: dict[str, int] = {}
-    sock_drops = 0
+    sock_drops = other_drops = 0
     pending_retries = 0.0
     for second in range(1, duration_s + 1):
         ts = started + second
@@ -345,11 +349,17 @@ def write_dns_run(
         answered += offered - drops
         dropped += drops
         counters["udp_in_datagrams_n"] += int(offered - drops)
-        counters["udp_rcvbuf_errors_n"] += int(drops)
+        counters["udp_rcvbuf_errors_n"] += int(drops) + other_server_drops_per_s
         sock_drops += int(drops)
+        other_drops += other_server_drops_per_s
         w.tables["net"].append(_net_row(ts, "runfactory", counters, prev))
         prev = dict(counters)
-        w.tables["sockets"].append(SocketSample(ts, "runfactory", 5353, int(min(burst, rcvbuf_datagrams) * 832), 0, sock_drops))
+        w.tables["sockets"].extend(
+            [
+                SocketSample(ts, "runfactory", 5353, int(min(burst, rcvbuf_datagrams) * 832), 0, sock_drops, "127.0.0.1"),
+                SocketSample(ts, "runfactory", 5353, 0, 0, other_drops, "127.0.3.1"),
+            ]
+        )
         latency = 0.0004 + (0.003 if burst else 0.0) + abs(rng.normal(0, 0.00005))
         timeouts = int(drops)
         w.tables["requests"].extend(_request_rows(ts, "DNS", names, round(offered), timeouts, latency))

@@ -189,3 +189,12 @@ def test_cli_exit_1_when_the_verdict_is_fail(tmp_path, capsys):
     assert code == 1
     assert out.startswith("FAIL:")
     assert "forecast peak 900" in out
+
+
+def test_dns_drops_are_the_target_sockets_not_the_whole_hosts(tmp_path):
+    # another server on the host drops 500 datagrams a second; the report must not blame the target
+    run = load_run(write_dns_run(tmp_path, duration_s=60, other_server_drops_per_s=500))
+    (dns,) = summarize([run], release="r1")["dns"]
+    assert dns["rcvbuf_errors_n"] == pytest.approx(6 * 944, abs=6)
+    assert dns["host_rcvbuf_errors_n"] == pytest.approx(6 * 944 + 59 * 500, abs=6)
+    assert dns["drops_source"] == "drops at 127.0.0.1:5353"

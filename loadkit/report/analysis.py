@@ -13,6 +13,7 @@ peak; ``WARN`` when a figure regressed against the baseline release or a run did
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -90,6 +91,51 @@ def gauge(run: RunData, metric: str) -> pd.Series:
     return s[~s.index.duplicated(keep="last")]
 
 
+def dns_target(run: RunData) -> tuple[str, int] | None:
+    """(address, port) of the run's first ``udp://`` target, from its manifest."""
+    for target in run.manifest.get("targets") or []:
+        text = str(target)
+        if text.startswith("udp://"):
+            host, _, port = text[len("udp://"):].rpartition(":")
+            try:
+                return host.strip("[]"), int(port)
+            except ValueError:
+                return None
+    return None
+
+
+def target_socket(run: RunData) -> pd.DataFrame:
+    """Samples of the DNS target's own UDP socket (address and port), empty when not watched.
+
+    The host-wide ``Udp: RcvbufErrors`` counts every socket on the host, other servers' too; the
+    ``drops`` column of ``/proc/net/udp`` for the target's socket counts only its own drops.
+    """
+    sockets = run.sockets
+    target = dns_target(run)
+    if target is None or not len(sockets):
+        return sockets.iloc[0:0]
+    address, port = target
+    mine = sockets[sockets["local_port"] == port]
+    if "local_address" in mine:
+        mine = mine[mine["local_address"].isin([address, "0.0.0.0", "::"])]
+    return mine
+
+
+def socket_drops(run: RunData) -> tuple[str, pd.Series]:
+    """Per-interval receive-buffer drops of the DNS target: its socket's ``drops`` when it was
+    watched, else the host-wide ``RcvbufErrors``; with a label saying which."""
+    mine = target_socket(run)
+    if len(mine):
+        per_ts = mine.groupby("ts_unix_s")["drops_n"].sum().sort_index()
+        target = dns_target(run)
+        return f"drops at {target[0]}:{target[1]}", per_ts.diff().clip(lower=0).iloc[1:]
+    net = run.net
+    if len(net) and "udp_rcvbuf_errors_n" in net:
+        per_ts = net.groupby("ts_unix_s")["udp_rcvbuf_errors_n"].sum().sort_index()
+        return "RcvbufErrors (whole host)", per_ts.diff().clip(lower=0).iloc[1:]
+    return "drops", pd.Series(dtype="float64")
+
+
 def _first_oom_ts(run: RunData) -> dict[str, float]:
     """group -> time of its first OOM kill or exit (events first, cgroup counters second)."""
     first: dict[str, float] = {}
@@ -111,8 +157,14 @@ def _first_oom_ts(run: RunData) -> dict[str, float]:
 
 
 def _forecast(runs: Iterable[RunData], key: str) -> float | None:
-    values = [r.manifest.get("profile", {}).get(key) for r in runs]
-    values = [float(v) for v in values if isinstance(v, (int, float)) and v > 0]
+    """The largest forecast peak the runs' profiles give (``[gates]`` or the top level)."""
+    values = []
+    for run in runs:
+        profile = run.manifest.get("profile") or {}
+        for table in (profile, profile.get("gates") or {}):
+            value = table.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+                values.append(float(value))
     return max(values) if values else None
 
 
@@ -165,16 +217,21 @@ def dns_figures(run: RunData, notes: list[str]) -> dict:
             retry_amplification_max=_num(amp["amplification"].max()),
             peak_offered_qps=_num(amp["offered_qps"].max()),
         )
-    rcvbuf = None
+    label, drops = socket_drops(run)
+    out["drops_source"] = label
+    out["rcvbuf_errors_n"] = float(drops.sum()) if len(drops) else None
     net = run.net
     if len(net) and "udp_rcvbuf_errors_n" in net:
         per_ts = net.groupby("ts_unix_s")["udp_rcvbuf_errors_n"].sum().sort_index()
-        rcvbuf = float(per_ts.iloc[-1] - per_ts.iloc[0])
-    out["rcvbuf_errors_n"] = rcvbuf
+        out["host_rcvbuf_errors_n"] = float(per_ts.iloc[-1] - per_ts.iloc[0])
     offered_n = out.get("offered_n")
-    out["drop_ratio"] = _num(rcvbuf / offered_n) if rcvbuf is not None and offered_n else None
+    dropped = out["rcvbuf_errors_n"]
+    out["drop_ratio"] = _num(dropped / offered_n) if dropped is not None and offered_n else None
+    # the burst model sees only the target's socket, not other servers' drops on this host
+    mine = target_socket(run)
+    burst_run = dataclasses.replace(run, sockets=mine) if len(mine) else run
     try:
-        burst = model.fit_udp_burst(run)
+        burst = model.fit_udp_burst(burst_run)
         out.update(
             largest_burst_without_loss=_num(burst.max_burst_no_loss),
             buffer_datagrams=burst.buffer_datagrams,
@@ -217,11 +274,12 @@ def latency_figures(run: RunData) -> list[dict]:
 
 
 def kpi_series(run: RunData) -> tuple[str, pd.Series]:
-    """The KPI the anomaly search looks at: DNS receive-buffer drops per second, else the worst
-    p99 latency per interval."""
-    if run_service(run) == "DNS" and len(run.net) and "udp_rcvbuf_errors_n" in run.net:
-        n = run.net.sort_values("ts_unix_s").set_index("ts_unix_s")
-        return "RcvbufErrors per second", n["udp_rcvbuf_errors_n"].diff().iloc[1:].clip(lower=0)
+    """The KPI the anomaly search looks at: DNS receive-buffer drops per interval, else the
+    worst p99 latency per interval."""
+    if run_service(run) == "DNS":
+        label, drops = socket_drops(run)
+        if len(drops):
+            return f"{label} per interval", drops
     req = run.requests
     if not len(req):
         return "p99 latency (s)", pd.Series(dtype="float64")

@@ -24,7 +24,7 @@ from loadkit import model  # noqa: E402
 from loadkit.errors import ModelError  # noqa: E402
 from loadkit.record.reader import RunData  # noqa: E402
 
-from .analysis import _first_oom_ts, gauge, kpi_series, proxy_groups  # noqa: E402
+from .analysis import _first_oom_ts, gauge, kpi_series, proxy_groups, socket_drops  # noqa: E402
 
 MIB = 1024 * 1024
 #: one colour per proxy / series, colour-blind safe (Okabe-Ito)
@@ -206,16 +206,15 @@ def dns_traffic(run: RunData) -> Figure:
     ax.legend(fontsize=8, loc="upper left")
 
     ax = axes[1]
-    net = run.net.sort_values("ts_unix_s") if len(run.net) else run.net
-    if len(net):
-        drops = net["udp_rcvbuf_errors_n"].diff().iloc[1:].clip(lower=0)
-        t, tlabel = _time_axis(net["ts_unix_s"].iloc[1:], start)
+    label, drops = socket_drops(run)
+    if len(drops):
+        t, tlabel = _time_axis(drops.index, start)
         width = 0.8 * float(np.median(np.diff(t))) if len(t) > 1 else 0.8
         ax.bar(t, drops.values, width=width, color=RED)
-        ax.set_title(f"Receive-buffer drops (Udp RcvbufErrors): {int(drops.sum()):,} in the run")
+        ax.set_title(f"Receive-buffer drops, {label}: {int(drops.sum()):,} in the run")
     else:
-        ax.set_title("Receive-buffer drops: no network samples in this run")
-    ax.set_ylabel("RcvbufErrors per interval")
+        ax.set_title("Receive-buffer drops: no socket or network samples in this run")
+    ax.set_ylabel("dropped datagrams per interval")
 
     ax = axes[2]
     ratio = amp["amplification"].dropna()
@@ -280,7 +279,7 @@ def anomalies(run: RunData, found: dict) -> Figure | None:
         if isinstance(cp_ts, (int, float)):
             tc, _ = _time_axis(np.array([cp_ts]), start)
             ax.axvline(tc[0], color="#8E44AD", ls="--", lw=1)
-    unit = "RcvbufErrors per second" if "Rcvbuf" in label else "p99 latency (s)"
+    unit = "p99 latency (s)" if "latency" in label else "dropped datagrams per interval"
     ax.set_ylabel(unit)
     ax.set_xlabel(tlabel)
     ax.set_title(f"Run {run.run_id}: anomalies in {label}")
