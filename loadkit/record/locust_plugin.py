@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,16 @@ log = logging.getLogger(__name__)
 #: happens within one sampling interval plus this
 WATCH_INTERVAL_S = 0.25
 
+#: master -> workers: an abort threshold was crossed, stop users without a grace period
+ABORT_MESSAGE = "loadkit_abort"
+
 _recorder: "Recorder | None" = None
+
+
+def _stop_now(environment: Any) -> None:
+    """Users are killed at once on the coming stop (no --stop-timeout grace): after an abort
+    every held session is load the target cannot take."""
+    environment.stop_timeout = 0
 
 
 @events.init_command_line_parser.add_listener
@@ -85,6 +95,7 @@ def _on_init(environment: Any, **_kw: Any) -> None:
     if options is None or not getattr(options, "record_dir", ""):
         return
     if isinstance(environment.runner, WorkerRunner):
+        environment.runner.register_message(ABORT_MESSAGE, lambda *_a, **_kw: _stop_now(environment))
         return
     _recorder = Recorder(environment, options)
     _recorder.start()
@@ -296,8 +307,15 @@ class Recorder:
             )
 
     def sink(self, record: Any, table: str | None = None) -> None:
-        """Collector output: any sample record, an Event, or a dict row for ``table``."""
+        """Collector output: any sample record, an Event, or a dict row for ``table``.
+
+        Rows are queued for the next drain; a memory sample is checked against the abort
+        threshold at once when it arrives in the hub's thread (the live collector's promise),
+        so an abort does not wait for the drain.
+        """
         self._queue.append((record, table))
+        if isinstance(record, GroupSample) and threading.current_thread() is threading.main_thread():
+            self._on_group_sample(record)
 
     def stop(self) -> None:
         """Final interval, final flush, manifest status ``completed`` or ``aborted``."""
@@ -351,7 +369,7 @@ class Recorder:
                 continue
             self.writer.add(record)
             if isinstance(record, GroupSample):
-                self._on_group_sample(record)
+                self._on_group_sample(record)  # a second look is harmless: abort acts once
             elif isinstance(record, Event) and record.kind == "oom_kill":
                 log.warning("OOM kill in %s: %s", record.source, record.detail)
 
@@ -388,6 +406,9 @@ class Recorder:
         log.warning("aborting run: %s on %s (%s)", reason, source, detail)
         runner = self.environment.runner
         if runner is not None:
+            _stop_now(self.environment)
+            if isinstance(runner, MasterRunner):
+                runner.send_message(ABORT_MESSAGE, {})
             gevent.spawn(runner.quit)
 
     # -- workers ---------------------------------------------------------------------------------
