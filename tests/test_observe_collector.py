@@ -202,20 +202,20 @@ def test_vanishing_and_denied_processes_never_stop_sampling(monkeypatch):
         groups = ProcessGroups([parse_group_spec(f"s={tag}")], warn)
         assert groups.sample(time.time(), "t", [])[0].procs_n == 2
         victim = procs[0].pid
-        real = psutil.Process.status  # (memory_info is wrapped by oneshot's cache: patch status)
+        real = ProcessGroups._read_stat
 
-        def flaky(self):
-            if self.pid == victim:
-                raise psutil.NoSuchProcess(self.pid)
-            return real(self)
+        def flaky(self, pid):
+            if pid == victim:  # /proc/PID gone between listing and reading
+                raise FileNotFoundError(f"/proc/{pid}/stat")
+            return real(self, pid)
 
-        monkeypatch.setattr(psutil.Process, "status", flaky)
+        monkeypatch.setattr(ProcessGroups, "_read_stat", flaky)
         assert groups.sample(time.time(), "t", [])[0].procs_n == 1  # vanished mid-sample
 
-        def denied(self):
-            raise psutil.AccessDenied(self.pid)
+        def denied(self, pid):
+            raise PermissionError(f"/proc/{pid}/stat")
 
-        monkeypatch.setattr(psutil.Process, "status", denied)
+        monkeypatch.setattr(ProcessGroups, "_read_stat", denied)
         row = groups.sample(time.time(), "t", [])[0]
         groups.sample(time.time(), "t", [])
         assert row.procs_n >= 1 and row.rss_bytes == 0

@@ -376,10 +376,11 @@ class Collector:
         net, net_delta = self._net(ts)
         sockets, sock_delta = self._sockets(ts)
         system = self._system(ts)
-        tcp = None
-        if self.config.groups:
-            root = self.config.proc_root
-            tcp = self._try("tcp", f"{root}/net/tcp", lambda: procfs.read_tcp_sockets(root), [])
+        root = self.config.proc_root
+
+        def tcp(inodes: set[int]) -> list:
+            return self._try("tcp", f"{root}/net/tcp", lambda: procfs.read_tcp_sockets(root, inodes), [])
+
         group_rows: list[GroupSample] = []
         group_delta: dict[str, dict[str, int]] = {}
         try:

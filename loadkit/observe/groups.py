@@ -12,11 +12,13 @@ the group's client sessions, ``GroupSample.sessions_n``):
 
 This is per-sample work, so it is kept cheap: the host's PIDs are listed once per sample, only
 PIDs not seen before are classified (name and command line read once; a PID caught between
-``fork`` and ``exec`` is looked at again a few times), and members are read with psutil's
-``oneshot()``. Socket inodes come from one ``readlink`` per descriptor and are looked up in one
-read of ``/proc/net/tcp`` per sample, instead of psutil's per-process ``net_connections`` which
-re-reads that table for every process. USS/PSS (``memory_full_info``, which walks every mapping)
-is read at most every ``full_memory_interval_s``.
+``fork`` and ``exec`` is looked at again a few times), and each member costs one read of
+``/proc/PID/stat`` (state, CPU time and RSS together) and one ``listdir`` of its descriptors.
+Socket inodes come from one ``readlink`` per descriptor and are looked up in one read of
+``/proc/net/tcp`` per sample, and only when some member holds a socket, instead of psutil's
+per-process ``net_connections`` which re-reads that table for every process. USS/PSS
+(``memory_full_info``, which walks every mapping) is read at most every
+``full_memory_interval_s``.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Iterable, NamedTuple
+from typing import Callable, Iterable, NamedTuple
 
 import psutil
 
@@ -34,7 +36,7 @@ from loadkit.records import GroupSample
 
 from . import cgroups
 from .degrade import WarnOnce
-from .procfs import TCP_ESTABLISHED, TcpSocket
+from .procfs import CLOCK_TICKS, TCP_ESTABLISHED, PidStat, TcpSocket, parse_pid_stat, read_pid_stat
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_.\-]+")
 _PORTS_RE = re.compile(r"[0-9]+(,[0-9]+)*")
@@ -113,10 +115,11 @@ class ProcInfo(NamedTuple):
 class _Proc:
     """A cached host process: its psutil handle, what it is, and its last CPU reading."""
 
-    __slots__ = ("proc", "info", "argv0", "cmdline", "classified_at", "checks", "groups", "cpu_s", "cpu_at", "uss", "pss")
+    __slots__ = ("pid", "_proc", "info", "argv0", "cmdline", "classified_at", "checks", "groups", "cpu_s", "cpu_at", "uss", "pss")
 
-    def __init__(self, proc: psutil.Process, info: ProcInfo, argv0: str, cmdline: str) -> None:
-        self.proc = proc
+    def __init__(self, pid: int, info: ProcInfo, argv0: str, cmdline: str) -> None:
+        self.pid = pid
+        self._proc: psutil.Process | None = None
         self.info = info
         self.argv0 = argv0
         self.cmdline = cmdline
@@ -127,6 +130,13 @@ class _Proc:
         self.cpu_at = 0.0
         self.uss = 0
         self.pss = 0
+
+    @property
+    def proc(self) -> psutil.Process:
+        """psutil's handle, made only when needed (USS/PSS)."""
+        if self._proc is None:
+            self._proc = psutil.Process(self.pid)
+        return self._proc
 
 
 class ProcessGroups:
@@ -154,6 +164,7 @@ class ProcessGroups:
         self._procs: dict[int, _Proc] = {}
         self._cgroup_dirs: dict[str, tuple[Path, int]] = {}
         self._last_full_memory = -1e18
+        self._boot_time = psutil.boot_time()
         #: group -> {pid: ProcInfo} of the last sample, for the events tracker
         self.members: dict[str, dict[int, ProcInfo]] = {s.name: {} for s in self.specs}
         #: group -> cgroup reading of the last sample (None when the group has no cgroup)
@@ -166,23 +177,26 @@ class ProcessGroups:
     # -- classification -----------------------------------------------------------------------
 
     def _load(self, pid: int) -> _Proc | None:
+        """Name, parent, start time and command line of ``pid``: two small reads, no psutil."""
+        base = f"{self.proc_root}/{pid}"
         try:
-            proc = psutil.Process(pid)
-            with proc.oneshot():
-                name = proc.name()
-                ppid = proc.ppid()
-                created = proc.create_time()
-                try:
-                    argv = proc.cmdline()
-                except psutil.AccessDenied:
-                    argv = []
-        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            with open(f"{base}/stat", "rb") as fh:
+                stat_text = fh.read().decode("utf-8", "replace")
+            with open(f"{base}/cmdline", "rb") as fh:
+                raw_cmd = fh.read()
+            name = stat_text[stat_text.index("(") + 1 : stat_text.rindex(")")]
+            st = parse_pid_stat(stat_text)
+        except (FileNotFoundError, ProcessLookupError):
             return None
-        except psutil.AccessDenied:
+        except PermissionError:
             self.warn.warn("access_denied_classify", f"access denied reading process {pid}; processes like it are not grouped")
             return None
+        except (OSError, ValueError, IndexError):
+            return None
+        argv = [a.decode("utf-8", "replace") for a in raw_cmd.rstrip(b"\0").split(b"\0")] if raw_cmd else []
         argv0 = argv[0] if argv else ""
-        return _Proc(proc, ProcInfo(pid, name, ppid, created), argv0, " ".join(argv))
+        created = self._boot_time + st.start_ticks / CLOCK_TICKS
+        return _Proc(pid, ProcInfo(pid, name, st.ppid, created), argv0, " ".join(argv))
 
     def _classify(self, entry: _Proc) -> frozenset[str]:
         hits = []
@@ -218,7 +232,7 @@ class ProcessGroups:
                     continue
                 entry.groups = self._classify(entry)
                 self._procs[pid] = entry
-            elif entry.checks < _RECHECKS and entry.classified_at - entry.info.create_time_unix_s < _YOUNG_S:
+            elif not entry.groups and entry.checks < _RECHECKS and entry.classified_at - entry.info.create_time_unix_s < _YOUNG_S:
                 fresh = self._load(pid)
                 if fresh is None:
                     del self._procs[pid]
@@ -271,18 +285,27 @@ class ProcessGroups:
                 inodes.append(int(target[8:-1]))
         return len(names), inodes
 
-    def sample(self, ts_unix_s: float, host: str, tcp_sockets: list[TcpSocket] | None) -> list[GroupSample]:
-        """One :class:`GroupSample` per group; never raises for a vanished or denied process."""
+    def sample(
+        self,
+        ts_unix_s: float,
+        host: str,
+        tcp_sockets: list[TcpSocket] | Callable[[set[int]], list[TcpSocket]] | None,
+    ) -> list[GroupSample]:
+        """One :class:`GroupSample` per group; never raises for a vanished or denied process.
+
+        ``tcp_sockets`` is the TCP table, or a function that reads it for a set of socket inodes;
+        it is called only when some member holds a socket (watched ``sleep``s cost no table read).
+        """
         if self._regex:
             self._refresh_patterns()
-        tcp_by_inode = {s.inode: s for s in tcp_sockets} if tcp_sockets else {}
         now_perf = time.perf_counter()
         full_due = bool(self.full_memory_interval_s) and now_perf - self._last_full_memory >= (
             self.full_memory_interval_s or 0
         )
         if full_due:
             self._last_full_memory = now_perf
-        rows: list[GroupSample] = []
+        partial = []
+        all_inodes: set[int] = set()
         for spec in self.specs:
             reading = None
             if spec.cgroup:
@@ -304,49 +327,72 @@ class ProcessGroups:
             else:
                 entries = [e for e in self._procs.values() if spec.name in e.groups]
             self.cgroup_readings[spec.name] = reading
-            rows.append(self._sample_group(spec, entries, reading, ts_unix_s, host, tcp_by_inode, now_perf, full_due))
+            row, inodes = self._sample_group(spec, entries, reading, ts_unix_s, host, now_perf, full_due)
+            partial.append((spec, row, inodes))
+            all_inodes |= inodes
+        tcp_by_inode: dict[int, TcpSocket] = {}
+        if all_inodes and tcp_sockets is not None:
+            table = tcp_sockets(all_inodes) if callable(tcp_sockets) else tcp_sockets
+            tcp_by_inode = {s.inode: s for s in table}
+        rows = []
+        for spec, row, inodes in partial:
+            established = other = sessions = 0
+            ports = set(spec.ports)
+            for inode in inodes:
+                sock = tcp_by_inode.get(inode)
+                if sock is None:
+                    continue  # UDP, unix or a socket closed since the table was read
+                if sock.state == TCP_ESTABLISHED:
+                    established += 1
+                    if sock.local_port in ports:
+                        sessions += 1
+                else:
+                    other += 1
+            rows.append(row._replace(tcp_established_n=established, tcp_other_n=other, sessions_n=sessions))
         return rows
 
-    def _sample_group(self, spec, entries, reading, ts_unix_s, host, tcp_by_inode, now_perf, full_due) -> GroupSample:
+    def _read_stat(self, pid: int) -> PidStat:
+        return read_pid_stat(pid, self.proc_root)
+
+    def _sample_group(self, spec, entries, reading, ts_unix_s, host, now_perf, full_due) -> tuple[GroupSample, set[int]]:
         procs_n = rss = uss = pss = fds = 0
         cpu_pct = 0.0
         inodes: set[int] = set()
         members: dict[int, ProcInfo] = {}
         for entry in entries:
-            proc = entry.proc
+            pid = entry.info.pid
             try:
-                with proc.oneshot():
-                    mem = proc.memory_info()
-                    cpu = proc.cpu_times()
-                    status = proc.status()
-                if status == psutil.STATUS_ZOMBIE:
+                st = self._read_stat(pid)
+                if st.state == "Z":
                     continue  # exited, not yet reaped: no longer a running member
-            except (psutil.NoSuchProcess, psutil.ZombieProcess):
-                self._procs.pop(entry.info.pid, None)
+            except (FileNotFoundError, ProcessLookupError, psutil.NoSuchProcess):
+                self._procs.pop(pid, None)
                 continue  # vanished mid-sample: it is simply not a member any more
-            except psutil.AccessDenied:
-                self.warn.warn(f"access_denied:{spec.name}", f"group {spec.name}: access denied reading process {entry.info.pid}; its figures are 0")
-                members[entry.info.pid] = entry.info
+            except (PermissionError, psutil.AccessDenied) as err:
+                self.warn.warn(f"access_denied:{spec.name}", f"group {spec.name}: access denied reading process {pid} ({err}); its figures are 0")
+                members[pid] = entry.info
                 procs_n += 1
                 continue
+            except (OSError, ValueError, IndexError) as err:
+                self.warn.warn(f"stat:{spec.name}", f"group {spec.name}: unreadable /proc/{pid}/stat ({err}); skipped")
+                continue
             procs_n += 1
-            members[entry.info.pid] = entry.info
-            rss += mem.rss
-            cpu_s = cpu.user + cpu.system
+            members[pid] = entry.info
+            rss += st.rss_bytes
             if entry.cpu_s >= 0 and now_perf > entry.cpu_at:
-                cpu_pct += max(0.0, cpu_s - entry.cpu_s) / (now_perf - entry.cpu_at) * 100.0
-            entry.cpu_s, entry.cpu_at = cpu_s, now_perf
+                cpu_pct += max(0.0, st.cpu_s - entry.cpu_s) / (now_perf - entry.cpu_at) * 100.0
+            entry.cpu_s, entry.cpu_at = st.cpu_s, now_perf
             try:
-                n, sock = self._socket_inodes(entry.info.pid)
+                n, sock = self._socket_inodes(pid)
                 fds += n
                 inodes.update(sock)
             except FileNotFoundError:
                 pass  # exited between the two reads
             except OSError as err:
-                self.warn.warn(f"fds:{spec.name}", f"group {spec.name}: cannot list descriptors of process {entry.info.pid} ({err}); fds and TCP counts are partial")
+                self.warn.warn(f"fds:{spec.name}", f"group {spec.name}: cannot list descriptors of process {pid} ({err}); fds and TCP counts are partial")
             if full_due:
                 try:
-                    full = proc.memory_full_info()
+                    full = entry.proc.memory_full_info()
                     entry.uss, entry.pss = full.uss, getattr(full, "pss", 0)
                 except (psutil.NoSuchProcess, psutil.ZombieProcess):
                     pass
@@ -354,20 +400,8 @@ class ProcessGroups:
                     self.warn.warn(f"uss:{spec.name}", f"group {spec.name}: USS/PSS not readable ({err}); recorded as 0")
             uss += entry.uss
             pss += entry.pss
-        established = other = sessions = 0
-        ports = set(spec.ports)
-        for inode in inodes:
-            sock = tcp_by_inode.get(inode)
-            if sock is None:
-                continue  # UDP, unix or a socket closed since the table was read
-            if sock.state == TCP_ESTABLISHED:
-                established += 1
-                if sock.local_port in ports:
-                    sessions += 1
-            else:
-                other += 1
         self.members[spec.name] = members
-        return GroupSample(
+        row = GroupSample(
             ts_unix_s=ts_unix_s,
             host=host,
             group=spec.name,
@@ -377,11 +411,12 @@ class ProcessGroups:
             pss_bytes=pss,
             cpu_percent=round(cpu_pct, 3),
             fds_n=fds,
-            tcp_established_n=established,
-            tcp_other_n=other,
-            sessions_n=sessions,
+            tcp_established_n=0,
+            tcp_other_n=0,
+            sessions_n=0,
             cgroup_memory_bytes=reading.memory_bytes if reading else 0,
             cgroup_limit_bytes=reading.limit_bytes if reading else 0,
             cgroup_failcnt_n=reading.failcnt_n if reading else 0,
             cgroup_oom_kills_n=reading.oom_kills_n if reading else 0,
         )
+        return row, inodes

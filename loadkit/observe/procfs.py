@@ -149,7 +149,9 @@ def _hex_address(hexaddr: str) -> str:
     return socket.inet_ntop(socket.AF_INET6, struct.pack(">4I", *words))
 
 
-def parse_udp(text: str) -> list[UdpSocket]:
+def parse_udp(text: str, ports: set[int] | None = None) -> list[UdpSocket]:
+    """Lines of ``/proc/net/udp``/``udp6``; with ``ports``, only sockets bound to them (the
+    port is checked before anything else is decoded: the table can hold thousands of sockets)."""
     sockets: list[UdpSocket] = []
     for line in text.splitlines()[1:]:
         f = line.split()
@@ -157,6 +159,8 @@ def parse_udp(text: str) -> list[UdpSocket]:
             continue
         try:
             addr, _, port = f[1].partition(":")
+            if ports is not None and int(port, 16) not in ports:
+                continue
             tx, _, rx = f[4].partition(":")
             sockets.append(
                 UdpSocket(_hex_address(addr), int(port, 16), int(rx, 16), int(tx, 16), int(f[12]), int(f[9]))
@@ -174,23 +178,24 @@ def read_udp_sockets(
     A missing ``udp6`` (IPv6 disabled) is not an error; a missing ``udp`` is.
     """
     wanted = set(ports) if ports is not None else None
-    sockets = parse_udp(_read(proc_root, "net/udp"))
+    sockets = parse_udp(_read(proc_root, "net/udp"), wanted)
     try:
-        sockets += parse_udp(_read(proc_root, "net/udp6"))
+        sockets += parse_udp(_read(proc_root, "net/udp6"), wanted)
     except FileNotFoundError:
         pass
-    if wanted is not None:
-        sockets = [s for s in sockets if s.local_port in wanted]
     return sockets
 
 
-def parse_tcp(text: str) -> list[TcpSocket]:
+def parse_tcp(text: str, inodes: set[int] | None = None) -> list[TcpSocket]:
+    """Lines of ``/proc/net/tcp``/``tcp6``; with ``inodes``, only those sockets."""
     sockets: list[TcpSocket] = []
     for line in text.splitlines()[1:]:
         f = line.split()
         if len(f) < 10:
             continue
         try:
+            if inodes is not None and int(f[9]) not in inodes:
+                continue
             sockets.append(
                 TcpSocket(
                     int(f[1].rpartition(":")[2], 16),
@@ -205,11 +210,14 @@ def parse_tcp(text: str) -> list[TcpSocket]:
     return sockets
 
 
-def read_tcp_sockets(proc_root: str | os.PathLike = PROC_ROOT) -> list[TcpSocket]:
-    """TCP sockets of ``net/tcp`` and ``net/tcp6`` (``tcp6`` may be absent)."""
-    sockets = parse_tcp(_read(proc_root, "net/tcp"))
+def read_tcp_sockets(
+    proc_root: str | os.PathLike = PROC_ROOT, inodes: Iterable[int] | None = None
+) -> list[TcpSocket]:
+    """TCP sockets of ``net/tcp`` and ``net/tcp6`` (``tcp6`` may be absent), only ``inodes`` if given."""
+    wanted = set(inodes) if inodes is not None else None
+    sockets = parse_tcp(_read(proc_root, "net/tcp"), wanted)
     try:
-        sockets += parse_tcp(_read(proc_root, "net/tcp6"))
+        sockets += parse_tcp(_read(proc_root, "net/tcp6"), wanted)
     except FileNotFoundError:
         pass
     return sockets
@@ -340,3 +348,43 @@ def parse_cpu_times(text: str) -> CpuTimes:
 
 def read_cpu_times(proc_root: str | os.PathLike = PROC_ROOT) -> CpuTimes:
     return parse_cpu_times(_read(proc_root, "stat"))
+
+
+# --------------------------------------------------------------------------------------------
+# one process: /proc/PID/stat
+# --------------------------------------------------------------------------------------------
+
+#: clock ticks per second and page size, for /proc/PID/stat
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
+
+
+class PidStat(NamedTuple):
+    """What one read of ``/proc/PID/stat`` gives (:func:`read_pid_stat`)."""
+
+    state: str  #: "R", "S", "D", "Z" (zombie: exited, not reaped)...
+    ppid: int
+    cpu_s: float  #: user + system CPU time
+    rss_bytes: int
+    start_ticks: int  #: start time after boot in clock ticks (tells a reused PID apart)
+
+
+def parse_pid_stat(text: str) -> PidStat:
+    # the command name may contain spaces and parentheses: split after the last ')'
+    f = text[text.rindex(")") + 2 :].split()
+    return PidStat(
+        f[0],
+        int(f[1]),
+        (int(f[11]) + int(f[12])) / CLOCK_TICKS,
+        int(f[21]) * PAGE_BYTES,
+        int(f[19]),
+    )
+
+
+def read_pid_stat(pid: int, proc_root: str | os.PathLike = PROC_ROOT) -> PidStat:
+    """One file read per process per sample: state, parent, CPU time and RSS together.
+
+    ``FileNotFoundError``/``ProcessLookupError`` when the process is gone.
+    """
+    with open(f"{proc_root}/{pid}/stat", "rb") as fh:
+        return parse_pid_stat(fh.read().decode("ascii", "replace"))
