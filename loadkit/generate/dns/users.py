@@ -116,6 +116,8 @@ def _flag(field_name: str) -> str:
 
 
 _HELP_SKIP = {"host"}
+#: field annotation -> option type (a locustfile may pass 2 where 2.0 is meant)
+_TYPES = {"float": float, "int": int, "str": str}
 
 
 def add_arguments(parser: Any, settings: DnsSettings) -> None:
@@ -129,8 +131,8 @@ def add_arguments(parser: Any, settings: DnsSettings) -> None:
         kwargs: dict[str, Any] = {"default": default, "help": docs.get(f.name, "")}
         if f.name == "names_file" and not default:
             kwargs["default"] = str(defaults.names_file())
-        elif isinstance(default, (int, float)) and not isinstance(default, bool):
-            kwargs["type"] = type(default)
+        elif _TYPES[f.type] is not str:
+            kwargs["type"] = _TYPES[f.type]
         if f.name in ("protocol", "arrival", "tcp_fallback"):
             kwargs["choices"] = {"protocol": ["udp", "tcp"], "arrival": ["constant", "poisson"],
                                  "tcp_fallback": ["on", "off"]}[f.name]
@@ -165,11 +167,11 @@ def settings_from_options(options: Any, base: DnsSettings, host: str | None) -> 
         raw = getattr(options, "dns_" + f.name, None) if options is not None else None
         if raw is None:
             continue
-        default = getattr(base, f.name)
+        kind = _TYPES[f.type]
         try:
-            values[f.name] = type(default)(raw) if not isinstance(default, str) else str(raw)
+            values[f.name] = kind(raw)
         except (TypeError, ValueError):
-            raise ProfileError(f"option {_flag(f.name)} {raw!r} is not a {type(default).__name__}") from None
+            raise ProfileError(f"option {_flag(f.name)} {raw!r} is not a {kind.__name__}") from None
     s = replace(base, **values)
     if host:
         s = replace(s, host=host)

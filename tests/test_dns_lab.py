@@ -1,0 +1,250 @@
+"""The DNS locustfiles and sender against the real lab (unbound on loopback)."""
+
+from __future__ import annotations
+
+import csv
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from loadkit.generate.dns import schedule, wire
+from loadkit.generate.dns.sender import DnsSender, source_addresses
+from loadkit.profile.targets import check_target
+
+REPO = Path(__file__).resolve().parents[1]
+LOCUST = str(Path(sys.executable).with_name("locust"))
+BURST = str(REPO / "locustfiles" / "dns_burst.py")
+FLOOD = str(REPO / "locustfiles" / "dns_flood.py")
+
+
+def run_locust(args: list[str], cwd: Path, timeout_s: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [LOCUST, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout_s,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def aggregated_row(csv_prefix: Path) -> dict[str, str]:
+    with open(f"{csv_prefix}_stats.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return next(r for r in rows if r["Name"] == "Aggregated")
+
+
+def failure_rows(csv_prefix: Path) -> list[dict[str, str]]:
+    with open(f"{csv_prefix}_failures.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def udp_snmp() -> dict[str, int]:
+    """The ``Udp:`` counters of /proc/net/snmp (RcvbufErrors is there, not in psutil)."""
+    rows = [line.split() for line in Path("/proc/net/snmp").read_text().splitlines() if line.startswith("Udp:")]
+    return dict(zip(rows[0][1:], map(int, rows[1][1:])))
+
+
+def socket_drops(address: str, port: int) -> int:
+    """The ``drops`` column of /proc/net/udp for the socket bound to address:port."""
+    a = socket.inet_aton(address)
+    local = f"{int.from_bytes(a, 'little'):08X}:{port:04X}"
+    for line in Path("/proc/net/udp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1] == local:
+            return int(fields[-1])
+    raise AssertionError(f"no UDP socket bound to {address}:{port}")
+
+
+def send(status, *, sources: int = 1, **kw) -> tuple[DnsSender, dict[str, int]]:
+    """Run a sender against a lab's unbound; returns it and its failure counts by class."""
+    failures: dict[str, int] = {}
+
+    def on_interval(report) -> None:
+        for t in report.qtypes:
+            for k, v in t.failures.items():
+                failures[k] = failures.get(k, 0) + v
+
+    pool = wire.QueryPool(wire.load_names(status.names_file), [("A", 1.0)])
+    sender = DnsSender(
+        check_target(str(status.dns), 53), pool, sources=source_addresses(sources, "127.1.0.1"),
+        on_interval=on_interval, **kw,
+    )
+    sender.open()
+    try:
+        sender.run()
+    finally:
+        sender.close()
+    return sender, failures
+
+
+@pytest.mark.lab
+def test_dns_burst_locustfile_headless_records_sane_requests(lab, tmp_path: Path) -> None:
+    prefix = tmp_path / "X"
+    out = run_locust(
+        ["-f", BURST, "--headless", "-t", "15s", "--csv", str(prefix), "--host", str(lab.dns),
+         "--dns-names-file", lab.names_file],
+        cwd=tmp_path,
+    )
+    assert out.returncode in (0, 1), out.stderr[-2000:]  # 1: Locust saw failures (burst drops)
+    assert "Traceback" not in out.stderr
+    row = aggregated_row(prefix)
+    requests = int(row["Request Count"])
+    assert requests > 1000
+    assert int(row["Failure Count"]) < 0.2 * requests
+    assert float(row["50%"]) <= 50  # ms; loopback answers are sub-millisecond
+    assert float(row["Average Response Time"]) < 1000
+    assert {r["Name"] for r in csv.DictReader(open(f"{prefix}_stats.csv"))} >= {"A", "AAAA", "Aggregated"}
+    for r in failure_rows(prefix):  # failures by class token, never a per-query detail
+        assert r["Error"] in {"timeout", "servfail", "refused", "nxdomain_unexpected", "rcode_other",
+                              "truncated", "icmp_unreachable", "send_error"}
+    assert "burst 0: 2000 queries left in" in out.stderr
+
+
+@pytest.mark.lab
+def test_burst_drops_match_rcvbuf_errors(make_lab) -> None:
+    status = make_lab(dns_rcvbuf_bytes=16384)
+    host, port = status.dns
+    # RcvbufErrors is host-wide: another process's UDP drops in the same window would add to
+    # it, so allow a second window before calling it a mismatch
+    for attempt in range(3):
+        before, drops_before = udp_snmp(), socket_drops(host, port)
+        sender, failures = send(
+            status,
+            bursts=schedule.BurstTrain(2000, 0.0, 10.0, first_s=0.05, count=1),
+            retries_n=0, timeout_s=1.0, max_duration_s=1.0,
+        )
+        after, drops_after = udp_snmp(), socket_drops(host, port)
+        timeouts = sender.totals.get("dns.timeouts", 0)
+        rcvbuf_delta = after["RcvbufErrors"] - before["RcvbufErrors"]
+        assert sender.totals["dns.original_sent"] == 2000
+        assert timeouts > 100, sender.summary()  # a 16 KiB buffer cannot hold the burst
+        assert failures.get("timeout", 0) == timeouts
+        assert timeouts + sender.totals.get("dns.answered", 0) == 2000
+        # the server socket's own drop counter accounts for every timeout
+        assert drops_after - drops_before == pytest.approx(timeouts, rel=0.05)
+        if abs(rcvbuf_delta - timeouts) <= 0.05 * timeouts:
+            return
+    pytest.fail(f"loadkit counted {timeouts} timeouts, RcvbufErrors rose by {rcvbuf_delta} (3 windows)")
+
+
+@pytest.mark.lab
+def test_ratelimit_limits_one_source_not_a_thousand(make_lab) -> None:
+    status = make_lab(dns_ratelimit_qps=100)
+    one, one_failures = send(status, sources=1, base=schedule.ConstantRate(1000), timeout_s=0.5,
+                             retries_n=0, max_duration_s=3.0)
+    many, many_failures = send(status, sources=1000, base=schedule.ConstantRate(1000), timeout_s=0.5,
+                               retries_n=0, max_duration_s=3.0)
+    sent_one, sent_many = one.totals["dns.original_sent"], many.totals["dns.original_sent"]
+    assert sent_one == pytest.approx(3000, rel=0.05) and sent_many == pytest.approx(3000, rel=0.05)
+    # one source at 10x the limit: most queries are dropped and time out
+    assert one_failures.get("timeout", 0) > 0.5 * sent_one
+    assert one.totals.get("dns.rcode.noerror", 0) < 0.3 * sent_one
+    # the same total from 1,000 sources at 1 q/s each: none is over the per-address limit
+    assert many.totals.get("dns.rcode.noerror", 0) > 0.98 * sent_many
+    assert many_failures.get("timeout", 0) < 0.02 * sent_many
+
+
+@pytest.mark.lab
+def test_processes_split_the_rate_instead_of_multiplying_it(lab, tmp_path: Path) -> None:
+    prefix = tmp_path / "P"
+    out = run_locust(
+        ["-f", BURST, "--headless", "-t", "6s", "--processes", "2", "--csv", str(prefix),
+         "--host", str(lab.dns), "--dns-names-file", lab.names_file, "--dns-rate", "1000",
+         "--dns-burst-size", "0", "--dns-retries", "0"],
+        cwd=tmp_path,
+    )
+    assert out.returncode in (0, 1), out.stderr[-2000:]
+    assert "worker 1 of 2" in out.stderr and "worker 2 of 2" in out.stderr
+    assert "ConstantRate 500 qps" in out.stderr
+    requests = int(aggregated_row(prefix)["Request Count"])
+    assert 3000 < requests < 8000  # about 1,000 q/s for ~6 s in total, not 2,000 q/s
+
+
+@pytest.mark.lab
+def test_run_single_user_debug_mode(lab, tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, BURST, "--host", str(lab.dns), "--dns-names-file", lab.names_file, "-t", "2s",
+         "--dns-retries", "0", "--dns-rate", "200", "--dns-burst-size", "100", "--dns-first-burst", "0.5"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    last = out.stdout.strip().splitlines()[-1]
+    assert last.startswith("sent=")
+    sent = int(last.split()[0].split("=")[1])
+    answered = int(next(f for f in last.split() if f.startswith("answered=")).split("=")[1])
+    assert 400 <= sent <= 600 and answered >= 0.9 * sent
+
+
+@pytest.mark.lab
+def test_flood_many_sources_default(lab, tmp_path: Path) -> None:
+    prefix = tmp_path / "F"
+    out = run_locust(
+        ["-f", FLOOD, "--headless", "-t", "6s", "--csv", str(prefix), "--host", str(lab.dns),
+         "--dns-names-file", lab.names_file],
+        cwd=tmp_path,
+    )
+    assert out.returncode in (0, 1), out.stderr[-2000:]
+    assert "2000 source(s)" in out.stderr
+    row = aggregated_row(prefix)
+    assert int(row["Request Count"]) > 10000  # 2,000 sources x 2 q/s
+    assert int(row["Failure Count"]) < 0.05 * int(row["Request Count"])
+
+
+@pytest.mark.lab
+def test_flood_ramp_stops_at_the_knee(make_lab, tmp_path: Path) -> None:
+    # a per-address limit of 300 q/s puts the knee of a one-source ramp at a gentle rate
+    status = make_lab(dns_ratelimit_qps=300)
+    started = time.monotonic()
+    out = run_locust(
+        ["-f", FLOOD, "--headless", "-t", "60s", "--host", str(status.dns), "--dns-names-file",
+         status.names_file, "--dns-sources", "1", "--dns-source-qps", "0", "--dns-rate", "100",
+         "--dns-ramp-to", "3000", "--dns-ramp-duration", "15", "--dns-random-subdomain-share", "0",
+         "--dns-retries", "0", "--dns-timeout", "0.5"],
+        cwd=tmp_path,
+    )
+    assert "Traceback" not in out.stderr
+    assert "ramp-to-knee: passed the knee (loss)" in out.stderr, out.stderr[-3000:]
+    line = next(ln for ln in out.stderr.splitlines() if "ramp-to-knee" in ln)
+    max_qps = float(line.split("max throughput ")[1].split()[0])
+    assert 150 <= max_qps <= 1000
+    assert time.monotonic() - started < 45  # stopped at the knee, not at -t 60s
+
+
+def bound_sink() -> socket.socket:
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sink.bind(("127.0.0.1", 0))
+    sink.setblocking(False)
+    return sink
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--dns-names-file", "{bad_names}"], "bad.txt line 3: 'exa mple.com' is not a valid DNS name"),
+        (["--dns-rate", "-5"], "option --dns-rate -5 must be a number >= 0"),
+        (["--dns-qtypes", "A:50,BOGUS:50"], "qtype 'BOGUS' is not a DNS query type"),
+        (["--host", "no-such-host.invalid:5353"], "'no-such-host.invalid' does not resolve"),
+        (["--host", "192.0.2.1:53"], "outside the allowlist"),
+    ],
+)
+def test_bad_input_is_one_line_and_nonzero_exit_before_any_packet(tmp_path: Path, extra, message) -> None:
+    names = tmp_path / "names.txt"
+    names.write_text("h1.lab.test\nh2.lab.test\n")
+    bad = tmp_path / "bad.txt"
+    bad.write_text("h1.lab.test\n# comment\nexa mple.com\n")
+    sink = bound_sink()
+    try:
+        args = ["-f", BURST, "--headless", "-t", "5s", "--host", f"127.0.0.1:{sink.getsockname()[1]}",
+                "--dns-names-file", str(names)]
+        args += [a.replace("{bad_names}", str(bad)) for a in extra]
+        out = run_locust(args, cwd=tmp_path, timeout_s=60)
+        assert out.returncode == 2, out.stderr[-2000:]
+        errors = [ln for ln in out.stderr.splitlines() if ln.startswith("locust: error:")]
+        assert len(errors) == 1 and message in errors[0], out.stderr
+        assert "Traceback" not in out.stderr
+        with pytest.raises(BlockingIOError):
+            sink.recv(512)  # nothing was sent
+    finally:
+        sink.close()
