@@ -1,0 +1,115 @@
+"""`loadkit run` against the real lab: the shipped scenarios, and an abort before any OOM kill."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from loadkit.record.catalog import list_runs
+from loadkit.record.reader import load_run
+
+pytestmark = [pytest.mark.lab, pytest.mark.slow]
+
+ROOT = Path(__file__).parent.parent
+SCENARIOS = sorted((ROOT / "scenarios").glob("*.toml"))
+MiB = 1024 * 1024
+
+#: a shortened duration per scenario so the suite stays modest on a shared machine
+SHORT = {"smoke": "6s", "burst_retry_storm": "8s", "many_small_sources": "6s", "proxies_fall_over": "90s"}
+
+
+def for_lab(text: str, lab) -> str:
+    """A shipped scenario pointed at a test lab: its address, cgroups and files instead of the
+    defaults of `loadkit lab up` (the scenario text is otherwise unchanged)."""
+    address = lab.dns.host
+    lab_id = re.sub(r"[^0-9A-Za-z]+", "-", f"{address}-{lab.imap.port}").strip("-")
+    text = text.replace("127.0.0.1:", f"{address}:").replace("127-0-0-1-1143", lab_id)
+    text = text.replace('"locustfiles/', f'"{ROOT}/locustfiles/')
+    text = text.replace("\\\\.loadkit/lab/conf", re.escape(str(Path(lab.dir) / "conf")).replace("\\", "\\\\"))
+    if "dns_burst.py" in text:
+        text = text.replace("options = { ", f'options = {{ dns-names-file = "{lab.names_file}", ', 1)
+    else:
+        text = text.replace("options = { ", f'options = {{ mail-accounts = "{lab.accounts_file}", ', 1)
+    return text
+
+
+def loadkit(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "loadkit", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=[p.stem for p in SCENARIOS])
+def test_each_scenario_runs_against_the_lab_and_leaves_a_complete_record(
+    scenario: Path, lab, tmp_path: Path
+) -> None:
+    profile = tmp_path / scenario.name
+    profile.write_text(for_lab(scenario.read_text(), lab))
+    out = tmp_path / "runs"
+    res = loadkit("run", str(profile), "--out", str(out), "--duration", SHORT[scenario.stem],
+                  "--release", "test")
+    assert res.returncode in (0, 1), res.stderr  # 1: a gate failed or the run aborted (the finding)
+    [run_dir] = list(out.iterdir())
+    run = load_run(run_dir)
+    assert run.complete and run.manifest["status"] in ("completed", "aborted")
+    assert run.manifest["scenario"] == scenario.stem and run.manifest["release"] == "test"
+    assert run.requests["requests_n"].sum() > 0
+    assert len(run.groups) > 0, "collector samples recorded"
+    assert [e["kind"] for e in run.events].count("gate") == len(run.manifest["gates"]) > 0
+    assert (run_dir / "locust" / "report.html").exists()
+    listed = list_runs(out, scenario=scenario.stem, release="test")
+    assert list(listed["run_id"]) == [run.run_id]
+    if scenario.stem == "proxies_fall_over":  # sessions on every proxy, memory rising with them
+        assert set(run.groups["group"]) == {"proxy1", "proxy2", "proxy3"}
+        assert run.groups["sessions_n"].max() > 50
+    if scenario.stem in ("burst_retry_storm", "smoke", "many_small_sources"):
+        assert len(run.sockets) > 0 and "dns.original_sent" in set(run.generator["metric"])
+
+
+def test_imap_storm_stops_at_90_percent_before_any_oom_kill(make_lab, tmp_path: Path) -> None:
+    lab = make_lab(proxies=3, proxy_memory_bytes=64 * MiB)
+    if not lab.cgroups.enabled:
+        pytest.skip(f"no memory cgroups here: {lab.cgroups.reason}")
+    before = {p.name: p.oom_kills or 0 for p in lab.proxies}
+    groups = ", ".join(f'{p.name} = "cgroup:{p.cgroup}@{p.imap.port},{p.pop3.port}"' for p in lab.proxies)
+    profile = tmp_path / "storm.toml"
+    profile.write_text(f"""
+[run]
+scenario = "imap_abort"
+duration = "120s"
+[targets]
+imap = "{lab.imap.host}:{lab.imap.port}"
+[load]
+locustfile = "{ROOT}/locustfiles/imap_storm.py"
+host = "imap"
+users = 400
+spawn_rate = 100
+options = {{ mail-accounts = "{lab.accounts_file}", mail-arrival = "rate:6", mail-dwell = "idle" }}
+[collect]
+groups = {{ {groups} }}
+interval_s = 0.5
+[abort]
+cgroup_memory_fraction = 0.9
+""")
+    out = tmp_path / "runs"
+    res = loadkit("run", str(profile), "--out", str(out))
+    assert res.returncode == 1, res.stderr
+    [run_dir] = list(out.iterdir())
+    run = load_run(run_dir)
+    assert run.manifest["status"] == "aborted"
+    [abort] = [e for e in run.events if e["kind"] == "abort"]
+    assert abort["detail"]["reason"] == "cgroup_memory_fraction" and abort["detail"]["fraction"] >= 0.9
+    # the abort came within 2 s of the first sample at or over the threshold
+    g = run.groups
+    over = g[(g["cgroup_limit_bytes"] > 0) & (g["cgroup_memory_bytes"] >= 0.9 * g["cgroup_limit_bytes"])]
+    assert abort["ts_unix_s"] - over["ts_unix_s"].min() <= 2.0
+    # and no proxy was OOM-killed: not in the samples, not in the events, not in the cgroups now
+    assert not [e for e in run.events if e["kind"] == "oom_kill"]
+    for name, kills in before.items():
+        assert g[g["group"] == name]["cgroup_oom_kills_n"].max() == kills
+    after = make_lab.labs[-1].status()
+    assert {p.name: p.oom_kills or 0 for p in after.proxies} == before
+    assert all(p.up for p in after.proxies)
