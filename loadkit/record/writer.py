@@ -13,6 +13,7 @@ failures by class, target memory) for the runner's status line; it is not part o
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import platform
@@ -63,11 +64,9 @@ def new_run_id(scenario: str, now_unix_s: float | None = None) -> str:
 def versions() -> dict[str, str]:
     from loadkit import __version__
 
-    try:
-        import locust
-
-        locust_version = locust.__version__
-    except Exception:  # the record stage must not need Locust to write a manifest
+    try:  # from the package metadata: importing Locust would monkey-patch this process
+        locust_version = importlib.metadata.version("locust")
+    except importlib.metadata.PackageNotFoundError:
         locust_version = ""
     return {
         "loadkit": __version__,
