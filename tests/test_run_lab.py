@@ -50,12 +50,13 @@ def test_each_scenario_runs_against_the_lab_and_leaves_a_complete_record(
     profile.write_text(for_lab(scenario.read_text(), lab))
     out = tmp_path / "runs"
     res = loadkit("run", str(profile), "--out", str(out), "--duration", SHORT[scenario.stem],
-                  "--release", "test")
+                  "--release", "test", "--lab-dir", lab.dir)
     assert res.returncode in (0, 1), res.stderr  # 1: a gate failed or the run aborted (the finding)
     [run_dir] = list(out.iterdir())
     run = load_run(run_dir)
     assert run.complete and run.manifest["status"] in ("completed", "aborted")
     assert run.manifest["scenario"] == scenario.stem and run.manifest["release"] == "test"
+    assert run.manifest["lab"]["dir"] == lab.dir  # the target is the lab: its status is kept
     assert run.requests["requests_n"].sum() > 0
     assert len(run.groups) > 0, "collector samples recorded"
     assert [e["kind"] for e in run.events].count("gate") == len(run.manifest["gates"]) > 0

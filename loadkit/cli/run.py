@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import logging
+
+from loadkit.errors import ProfileError
 
 _EPILOG = """\
 exit status:
@@ -32,13 +35,47 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--duration", help="run length, e.g. 30s or 5m (overrides [run] duration)")
     p.add_argument("--workers", type=int, default=0,
                    help="run Locust distributed: a master and N worker processes (default: one process)")
+    p.add_argument("--lab-dir", default=None,
+                   help="lab directory whose status is recorded in the manifest when the profile "
+                   "targets that lab (default: .loadkit/lab or $LOADKIT_LAB_DIR)")
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from loadkit.profile.profile import load_profile
+    from loadkit.profile.profile import load_profile, resolve_targets
     from loadkit.record.runner import run_profile
 
     profile = load_profile(args.profile).with_overrides(release=args.release, duration=args.duration)
-    result = run_profile(profile, out_dir=args.out, workers=args.workers)
+    if args.workers < 0:
+        raise ProfileError(f"--workers must be 0 or more, got {args.workers}")
+    targets = resolve_targets(profile)  # a refusal comes first: before the lab is even looked at
+    lab = _lab_status(targets, args.lab_dir)
+    result = run_profile(profile, out_dir=args.out, workers=args.workers, lab=lab)
     return result.exit_code
+
+
+def _lab_status(targets: dict, lab_dir: str | None) -> dict:
+    """The lab's status when one of the profile's targets is a running lab's endpoint, else {}.
+
+    Only the command line looks at the lab: the runner records what it is given.
+    """
+    from pathlib import Path
+
+    from loadkit import defaults
+
+    directory = Path(lab_dir) if lab_dir else defaults.LAB_DIR
+    if not directory.is_dir():
+        return {}
+    try:
+        from loadkit.lab import Lab
+
+        status = Lab.from_dir(directory).status()
+    except Exception as err:  # a broken lab directory must not stop a run against staging
+        logging.getLogger(__name__).debug("no lab status from %s: %s", directory, err)
+        return {}
+    if not status.running:
+        return {}
+    endpoints = {(e.host, e.port) for e in (status.dns, status.imap, status.pop3)}
+    if any((t.address, t.port) in endpoints for t in targets.values()):
+        return status.to_dict()
+    return {}
