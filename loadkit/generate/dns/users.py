@@ -172,7 +172,8 @@ def settings_from_options(options: Any, base: DnsSettings, host: str | None) -> 
         try:
             values[f.name] = kind(raw)
         except (TypeError, ValueError):
-            raise ProfileError(f"option {_flag(f.name)} {raw!r} is not a {kind.__name__}") from None
+            what = "an integer" if kind is int else "a number"
+            raise ProfileError(f"option {_flag(f.name)} {raw!r} is not {what}") from None
     s = replace(base, **values)
     if host:
         s = replace(s, host=host)
