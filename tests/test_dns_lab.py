@@ -160,6 +160,10 @@ def test_processes_split_the_rate_instead_of_multiplying_it(lab, tmp_path: Path)
     assert "ConstantRate 500 qps" in out.stderr
     requests = int(aggregated_row(prefix)["Request Count"])
     assert 3000 < requests < 8000  # about 1,000 q/s for ~6 s in total, not 2,000 q/s
+    # the workers' fine latency histograms reach the master and are merged there
+    line = next(ln for ln in out.stderr.splitlines() if "all workers (fine histogram)" in ln)
+    merged_n = int(line.split("n=")[1].split()[0])
+    assert 0.95 * requests <= merged_n <= requests
 
 
 @pytest.mark.lab

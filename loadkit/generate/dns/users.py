@@ -301,6 +301,9 @@ class DnsRun:
         self.knee: KneeDetector | None = None
         self.knee_point: KneePoint | None = None
         self.request_type = "DNS"
+        #: fine latency of successful answers over the whole test (on a master: every worker's)
+        self.answer_latency = LatencyHistogram()
+        self._unreported = LatencyHistogram()
 
     def make_plan(self) -> DnsPlan:
         """Check the options (again: they may have changed in the web UI); build only when
@@ -328,6 +331,8 @@ class DnsRun:
                     total_s=h.sum_s,
                     ts_unix_s=report.ts_unix_s,
                 )
+        self.answer_latency.merge(report.answers)
+        self._unreported.merge(report.answers)
         metrics = metrics_for(env)
         for key, value in report.counters.items():
             metrics.add(key, value)
@@ -407,6 +412,13 @@ def _describe(sched: Any) -> str:
     return type(sched).__name__
 
 
+_HIST_KEY = "loadkit_dns_answer_latency"
+
+
+def _env_of(ref: list) -> Any:
+    return ref[0] if ref else None
+
+
 def _fail_init(message: str) -> None:
     # a user error: one line and a non-zero exit, before anything is sent
     print(f"locust: error: {message}", file=sys.stderr, flush=True)
@@ -421,10 +433,13 @@ def install(events: Any, settings: DnsSettings | None = None) -> None:
     def _add_arguments(parser: Any, **_kw: Any) -> None:
         add_arguments(parser, base)
 
+    run_ref: list = []  # the environment, once init has run (report events carry none)
+
     @events.init.add_listener
     def _on_init(environment: Any, runner: Any = None, **_kw: Any) -> None:
         run = DnsRun(environment, base)
         environment.loadkit_dns = run
+        run_ref[:] = [environment]
         if type(runner).__name__ == "MasterRunner":
             return  # the master sends nothing; workers check their own options
         try:
@@ -454,6 +469,29 @@ def install(events: Any, settings: DnsSettings | None = None) -> None:
         run: DnsRun | None = getattr(environment, "loadkit_dns", None)
         if run is not None:
             run.stop()
+            if run.answer_latency.count and type(environment.runner).__name__ != "MasterRunner":
+                log.info("DNS answer latency (fine histogram): %s", run.answer_latency.summary())
+
+    @events.quitting.add_listener
+    def _on_quitting(environment: Any, **_kw: Any) -> None:
+        # on a master the workers' last reports have arrived by now
+        run: DnsRun | None = getattr(environment, "loadkit_dns", None)
+        if run is not None and run.answer_latency.count and type(environment.runner).__name__ == "MasterRunner":
+            log.info("DNS answer latency, all workers (fine histogram): %s", run.answer_latency.summary())
+
+    # Locust's stats keep whole milliseconds; the fine histogram travels to the master too
+    @events.report_to_master.add_listener
+    def _on_report_to_master(client_id: str, data: dict, **_kw: Any) -> None:
+        run: DnsRun | None = getattr(_env_of(run_ref), "loadkit_dns", None)
+        if run is not None and run._unreported.count:
+            data[_HIST_KEY] = run._unreported.to_dict()
+            run._unreported = LatencyHistogram()
+
+    @events.worker_report.add_listener
+    def _on_worker_report(client_id: str, data: dict, **_kw: Any) -> None:
+        run: DnsRun | None = getattr(_env_of(run_ref), "loadkit_dns", None)
+        if run is not None and _HIST_KEY in data:
+            run.answer_latency.merge(LatencyHistogram.from_dict(data[_HIST_KEY]))
 
 
 class DnsUser(User):
