@@ -103,12 +103,6 @@ def locust_args(profile: Profile, resolved: dict[str, Any], run_root: Path, run_
             "--record-dir", str(run_root), "--run-id", run_id,
             "--scenario", profile.scenario, "--release", profile.release,
             "--record-interval", f"{profile.record_interval_s:g}"]
-    if load.host:
-        target = resolved[load.host.removesuffix(".address")]
-        if load.host.endswith(".address"):  # each user class adds its own default port
-            args += ["--host", f"[{target.address}]" if ":" in target.address else target.address]
-        else:
-            args += ["--host", str(target)]
     c = profile.collect
     for name, spec in c.groups.items():
         args += ["--collect-group", f"{name}={spec}"]
@@ -123,7 +117,24 @@ def locust_args(profile: Profile, resolved: dict[str, Any], run_root: Path, run_
         args += ["--abort-cgroup-memory-fraction", f"{a.cgroup_memory_fraction:g}"]
     if a.failure_ratio:
         args += ["--abort-failure-ratio", f"{a.failure_ratio:g}", "--abort-min-requests", str(a.min_requests)]
-    return args + option_args(load.options, resolved)
+    return args + user_args(profile, resolved)
+
+
+def user_args(profile: Profile, resolved: dict[str, Any]) -> list[str]:
+    """``--host`` and the profile's options: what every process that runs users needs.
+
+    Workers get them on their own command line too, because locustfiles read their options
+    when the process starts (the ``init`` event), before the master's first message arrives.
+    """
+    args: list[str] = []
+    host = profile.load.host
+    if host:
+        target = resolved[host.removesuffix(".address")]
+        if host.endswith(".address"):  # each user class adds its own default port
+            args += ["--host", f"[{target.address}]" if ":" in target.address else target.address]
+        else:
+            args += ["--host", str(target)]
+    return args + option_args(profile.load.options, resolved)
 
 
 def format_status(status: dict[str, Any]) -> str:
@@ -215,7 +226,7 @@ class Runner:
                         "--expect-workers", str(self.workers), "--expect-workers-max-wait", "30"],
                 logs / "master.log", env)
             worker_args = ["-f", args[1], "--worker", "--master-host", "127.0.0.1",
-                           "--master-port", str(port)]
+                           "--master-port", str(port), *user_args(p, resolved)]
             for i in range(self.workers):
                 self._spawn(worker_args, logs / f"worker-{i + 1}.log", env)
             log_path = logs / "master.log"
