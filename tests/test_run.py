@@ -184,6 +184,19 @@ def test_credentials_never_reach_the_record_or_the_output(tmp_path: Path, echo) 
     assert secret not in stdout + stderr and env_secret not in stdout + stderr
 
 
+def test_an_option_locust_does_not_know_is_one_line_and_exit_2(tmp_path: Path, echo) -> None:
+    out = tmp_path / "runs"
+    p = profile(tmp_path, echo.server_address[1], options="no-such-option = 3")
+    proc = loadkit("run", str(p), "--out", str(out))
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("loadkit: error: Locust does not know --no-such-option")
+    assert last.endswith("check [load] options against the locustfile's options")
+    assert echo.received == []
+    assert load_run(only_run(out)).manifest["status"] == "failed"
+
+
 class _SocketSpy:
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.calls: list[tuple] = []

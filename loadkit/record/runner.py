@@ -331,6 +331,9 @@ class Runner:
             if "unrecognized arguments" in line:
                 return (f"Locust does not know {line.split('unrecognized arguments:', 1)[1].strip()}: "
                         "check [load] options against the locustfile's options")
+        for line in reversed(lines):
+            if line.startswith("loadkit: error: "):  # a locustfile refused an option: its own line
+                return f"{line.removeprefix('loadkit: error: ')} (nothing was run; see {log_path})"
         last = lines[-1] if lines else "no output"
         return f"Locust exited with status {code} before recording the run: {last} (see {log_path})"
 
