@@ -34,8 +34,10 @@ $(STAMP): pyproject.toml
 test: setup
 	$(BIN)/python -m pytest -ra -p no:cacheprovider $(PYTEST_ARGS)
 
+# The full demo (loadkit.demo) when present; until then the lab's smoke load: up, DNS/IMAP/POP3, down.
 demo: setup
-	$(BIN)/python -m loadkit.demo
+	@if [ -f loadkit/demo.py ]; then $(BIN)/python -m loadkit.demo; \
+	else $(BIN)/python -m loadkit.lab.smoke; fi
 
 lab-up: setup
 	$(BIN)/loadkit lab up

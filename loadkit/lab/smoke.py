@@ -1,0 +1,156 @@
+"""A short smoke load against the lab: bring it up, send a little DNS, IMAP and POP3, report, down.
+
+``python -m loadkit.lab.smoke [--dir DIR] [--keep]`` is what ``make demo`` runs until the full
+demo (burst scenarios and the capacity report) replaces it. Every loop is bounded in count and
+time, and every target passes :func:`loadkit.profile.targets.check_target` first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import imaplib
+import poplib
+import random
+import socket
+import sys
+import time
+from pathlib import Path
+
+import dns.message
+import dns.rcode
+
+from loadkit import defaults
+from loadkit.errors import LoadkitError
+from loadkit.profile.targets import check_target
+
+from .config import LabConfig
+from .lab import Lab
+from .status import LabStatus
+
+DNS_QUERIES = 2000
+IMAP_SESSIONS = 60
+POP3_SESSIONS = 30
+#: wall-clock cap on each phase
+PHASE_TIMEOUT_S = 30.0
+
+
+def dns_smoke(status: LabStatus, n: int = DNS_QUERIES) -> dict[str, float]:
+    """Send ``n`` A/AAAA/MX/TXT queries for names from the names file, one at a time over UDP."""
+    target = check_target(str(status.dns), status.dns.port)
+    names = Path(status.names_file).read_text().split()
+    rng = random.Random(1)
+    answered = refused = timeouts = 0
+    latencies = []
+    family = socket.AF_INET6 if ":" in target.address else socket.AF_INET
+    deadline = time.perf_counter() + PHASE_TIMEOUT_S
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        s.settimeout(1.0)
+        for i in range(n):
+            if time.perf_counter() > deadline:
+                break
+            query = dns.message.make_query(rng.choice(names), "A")
+            t0 = time.perf_counter()
+            s.sendto(query.to_wire(), (target.address, target.port))
+            try:
+                reply = dns.message.from_wire(s.recv(4096))
+            except (TimeoutError, socket.timeout):
+                timeouts += 1
+                continue
+            latencies.append(time.perf_counter() - t0)
+            if reply.rcode() == dns.rcode.REFUSED:
+                refused += 1
+            else:
+                answered += 1
+    latencies.sort()
+    return {
+        "sent": answered + refused + timeouts,
+        "answered": answered,
+        "refused": refused,
+        "timeouts": timeouts,
+        "latency_p50_s": latencies[len(latencies) // 2] if latencies else float("nan"),
+        "latency_p99_s": latencies[int(len(latencies) * 0.99)] if latencies else float("nan"),
+    }
+
+
+def _accounts(status: LabStatus) -> list[tuple[str, str]]:
+    with open(status.accounts_file, newline="") as f:
+        return [(r["user"], r["password"]) for r in csv.DictReader(f)]
+
+
+def imap_smoke(status: LabStatus, n: int = IMAP_SESSIONS) -> dict[str, float]:
+    """``n`` sessions of LOGIN, SELECT INBOX, LOGOUT through haproxy."""
+    target = check_target(str(status.imap), status.imap.port)
+    ok = failed = messages = 0
+    t_start = time.perf_counter()
+    for user, password in _accounts(status)[:n]:
+        if time.perf_counter() - t_start > PHASE_TIMEOUT_S:
+            break
+        try:
+            m = imaplib.IMAP4(target.address, target.port, timeout=5)
+            m.login(user, password)
+            typ, data = m.select("INBOX")
+            messages += int(data[0]) if typ == "OK" else 0
+            m.logout()
+            ok += 1
+        except (OSError, imaplib.IMAP4.error):
+            failed += 1
+    elapsed = time.perf_counter() - t_start
+    return {"sessions": ok, "failed": failed, "messages_seen": messages,
+            "rate_per_s": ok / elapsed if elapsed else 0.0}
+
+
+def pop3_smoke(status: LabStatus, n: int = POP3_SESSIONS) -> dict[str, float]:
+    """``n`` sessions of USER, PASS, STAT, QUIT through haproxy."""
+    target = check_target(str(status.pop3), status.pop3.port)
+    ok = failed = 0
+    t_start = time.perf_counter()
+    for user, password in _accounts(status)[:n]:
+        if time.perf_counter() - t_start > PHASE_TIMEOUT_S:
+            break
+        try:
+            c = poplib.POP3(target.address, target.port, timeout=5)
+            c.user(user)
+            c.pass_(password)
+            c.stat()
+            c.quit()
+            ok += 1
+        except (OSError, poplib.error_proto):
+            failed += 1
+    return {"sessions": ok, "failed": failed}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m loadkit.lab.smoke", description=__doc__)
+    p.add_argument("--dir", type=Path, default=defaults.LAB_DIR)
+    p.add_argument("--keep", action="store_true", help="leave the lab running afterwards")
+    args = p.parse_args(argv)
+    lab = Lab(LabConfig(dir=args.dir))
+    try:
+        print(f"bringing the lab up in {lab.dir} ...", flush=True)
+        status = lab.up()
+        print(status.to_table(), "\n", flush=True)
+        d = dns_smoke(status)
+        print(f"DNS  {status.dns}: {d['sent']} queries, {d['answered']} answered, "
+              f"{d['refused']} refused, {d['timeouts']} timed out; latency p50 "
+              f"{d['latency_p50_s'] * 1e3:.2f} ms, p99 {d['latency_p99_s'] * 1e3:.2f} ms")
+        i = imap_smoke(status)
+        print(f"IMAP {status.imap}: {i['sessions']} sessions (LOGIN, SELECT, LOGOUT), "
+              f"{i['failed']} failed, {i['rate_per_s']:.0f}/s, {i['messages_seen']} messages seen")
+        q = pop3_smoke(status)
+        print(f"POP3 {status.pop3}: {q['sessions']} sessions (USER, PASS, STAT, QUIT), "
+              f"{q['failed']} failed")
+        print("\n" + lab.status().to_table(), flush=True)
+        healthy = d["answered"] > 0 and i["failed"] == 0 and q["failed"] == 0
+        return 0 if healthy else 1
+    except LoadkitError as err:
+        print(f"loadkit: error: {err}", file=sys.stderr)
+        return err.exit_code
+    finally:
+        if not args.keep:
+            lab.down()
+            print(f"lab in {lab.dir} is down")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
