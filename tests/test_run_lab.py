@@ -114,3 +114,20 @@ cgroup_memory_fraction = 0.9
     after = make_lab.labs[-1].status()
     assert {p.name: p.oom_kills or 0 for p in after.proxies} == before
     assert all(p.up for p in after.proxies)
+
+
+def test_distributed_dns_run_gives_one_record_with_summed_generator_counters(lab, tmp_path: Path) -> None:
+    scenario = ROOT / "scenarios" / "smoke.toml"
+    profile = tmp_path / "smoke.toml"
+    profile.write_text(for_lab(scenario.read_text(), lab).replace("users = 1\nspawn_rate = 1", "users = 2\nspawn_rate = 2"))
+    out = tmp_path / "runs"
+    res = loadkit("run", str(profile), "--out", str(out), "--duration", "8s", "--workers", "2")
+    assert res.returncode in (0, 1), res.stderr
+    [run_dir] = list(out.iterdir())
+    run = load_run(run_dir)
+    assert run.manifest["status"] == "completed"
+    g = run.generator
+    assert g[g["metric"] == "workers"]["value"].max() == 2
+    sent = g[g["metric"] == "dns.original_sent"]["value"].max()  # summed over both workers
+    completed = run.requests["requests_n"].sum()
+    assert completed > 0 and abs(sent - completed) <= 0.05 * sent
