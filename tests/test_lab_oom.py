@@ -41,6 +41,13 @@ def _storm(status, max_sessions=80):
     return held, failures
 
 
+def _still_alive(m):
+    try:
+        return m.noop()[0] == "OK"
+    except (OSError, imaplib.IMAP4.abort, imaplib.IMAP4.error):
+        return False
+
+
 def _close(held):
     for m in held:
         try:
@@ -64,7 +71,9 @@ def test_oom_killer_kills_login_processes(make_lab):
         # the storm went past the limit: the kernel hit it and killed processes in the group
         assert after.failcnt > 0
         assert after.oom_kills is None or after.oom_kills > 0
-        assert failures, "no login failed although the proxy is over its memory limit"
+        # the victims' clients see EOF: a login in the storm or a session it already held
+        dead = [m for m in held if not _still_alive(m)]
+        assert failures or dead, "no session failed although the proxy is over its memory limit"
         assert after.up  # the master survives; its login processes were the victims
         assert after.memory_bytes <= SMALL_LIMIT
     finally:
