@@ -69,7 +69,6 @@ def run_loadkit(address: str, port: int, names: list[str], seconds: float, rate_
         sender.run()
     finally:
         sender.close()
-    elapsed = sender.ended_unix_s - sender.started_unix_s
     t = sender.totals
     sent = t.get("dns.original_sent", 0)
     answered = t.get("dns.answered", 0)

@@ -83,7 +83,7 @@ def send(status, *, sources: int = 1, **kw) -> tuple[DnsSender, dict[str, int]]:
 def test_dns_burst_locustfile_headless_records_sane_requests(lab, tmp_path: Path) -> None:
     prefix = tmp_path / "X"
     out = run_locust(
-        ["-f", BURST, "--headless", "-t", "15s", "--csv", str(prefix), "--host", str(lab.dns),
+        ["-f", BURST, "--headless", "-t", "15s", "--csv", str(prefix), "--host", f"udp://{lab.dns}",
          "--dns-names-file", lab.names_file],
         cwd=tmp_path,
     )

@@ -210,6 +210,8 @@ def test_closed_port_is_icmp_unreachable_not_timeout() -> None:
     assert seen.get("icmp_unreachable", 0) > 0
     assert "timeout" not in seen
     assert sum(seen.values()) == 40
+    assert s.totals["dns.icmp_unreachable"] == seen["icmp_unreachable"]
+    assert s.totals.get("dns.answered", 0) == 0
 
 
 def test_many_sources_each_get_their_own_address(fake) -> None:
