@@ -24,7 +24,7 @@ from loadkit import model  # noqa: E402
 from loadkit.errors import ModelError  # noqa: E402
 from loadkit.record.reader import RunData  # noqa: E402
 
-from .analysis import _first_oom_ts, gauge, kpi_series, proxy_groups, socket_drops  # noqa: E402
+from .analysis import HOLD_NAMES, _first_oom_ts, gauge, kpi_series, proxy_groups, socket_drops  # noqa: E402
 
 MIB = 1024 * 1024
 #: one colour per proxy / series, colour-blind safe (Okabe-Ito)
@@ -231,8 +231,11 @@ def dns_traffic(run: RunData) -> Figure:
 
 
 def latency_over_time(run: RunData) -> Figure | None:
-    """p50 / p95 / p99 over time, request-weighted over request names, per request type."""
+    """p50 / p95 / p99 over time, request-weighted over request names, per request type
+    (without the held-session pseudo-requests)."""
     req = run.requests
+    if len(req):
+        req = req[~req["name"].isin(HOLD_NAMES)]  # held-session time is not a latency
     if not len(req):
         return None
     types = sorted(req["request_type"].unique())

@@ -1,0 +1,133 @@
+"""`make demo` (python -m loadkit.demo): the profiles it writes, the whole demo against a real
+lab, and that the lab comes down when the demo is stopped."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from conftest import free_lab_address
+from loadkit import demo
+from loadkit.lab import Endpoint
+from loadkit.profile.profile import load_profile
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _status(tmp_path: Path):
+    """A LabStatus-shaped object for profile generation (no lab needed)."""
+
+    class Proxy:
+        def __init__(self, n: int) -> None:
+            self.name = f"proxy{n}"
+            self.cgroup = f"/sys/fs/cgroup/loadkit/x/proxy{n}"
+            self.imap = Endpoint("127.0.9.9", 11143 + 100 * n)
+            self.pop3 = Endpoint("127.0.9.9", 11110 + 100 * n)
+
+    class Status:
+        dir = str(tmp_path / "demo-lab")
+        dns = Endpoint("127.0.9.9", 5353)
+        imap = Endpoint("127.0.9.9", 1143)
+        names_file = str(tmp_path / "names.txt")
+        accounts_file = str(tmp_path / "accounts.csv")
+        proxies = [Proxy(1), Proxy(2), Proxy(3)]
+
+    (tmp_path / "names.txt").write_text("a.lab.test.\n")
+    (tmp_path / "accounts.csv").write_text("user,password\nuser0001,pw\n")
+    return Status()
+
+
+def test_demo_profiles_are_valid_and_point_at_the_demo_lab(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)  # locustfiles are found relative to the working directory
+    status = _status(tmp_path)
+    for name, profile in (("dns", demo.dns_profile(status)), ("storm", demo.storm_profile(status))):
+        text = demo.dump_toml(profile)
+        assert tomllib.loads(text) == profile  # the writer round-trips
+        path = tmp_path / f"{name}.toml"
+        path.write_text(text)
+        loaded = load_profile(path)
+        assert loaded.release == "demo"
+        assert all("127.0.9.9" in str(t) for t in loaded.targets.values())
+    storm = demo.storm_profile(status)
+    assert "abort" not in storm  # the demo shows the fall-over itself
+    assert storm["collect"]["groups"]["proxy2"] == "cgroup:/sys/fs/cgroup/loadkit/x/proxy2@11343,11310"
+    assert storm["load"]["options"]["mail-arrival"].startswith("rate:")
+
+
+def _lab_processes(lab_dir: Path) -> list[int]:
+    """PIDs of processes whose command line names the lab directory."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if str(lab_dir) in cmd:
+                pids.append(int(entry.name))
+    return pids
+
+
+@pytest.mark.lab
+@pytest.mark.slow
+def test_make_demo_produces_the_report_and_brings_the_lab_down(tmp_path):
+    address = free_lab_address()
+    env = dict(os.environ, LOADKIT_DEMO_ADDRESS=address, LOADKIT_DEMO_DIR=str(tmp_path))
+    t0 = time.monotonic()
+    res = subprocess.run([sys.executable, "-m", "loadkit.demo"], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=600)
+    elapsed = time.monotonic() - t0
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    report = tmp_path / "reports" / "demo"
+    assert f"the report is at {report / 'index.html'}" in res.stdout
+    assert "3 x 96 MiB" in res.stdout or "96 MiB each" in res.stdout  # says the proxies are small
+    summary = json.loads((report / "summary.json").read_text())
+    services = {s["service"]: s for s in summary["services"]}
+    assert set(services) == {"IMAP", "DNS"}
+    # the storm reached fall-over: proxies were OOM-killed and the model found where
+    assert services["IMAP"]["first_failure"] > 0
+    assert summary["dns"][0]["rcvbuf_errors_n"] > 0  # bursts overflowed the default buffer
+    assert (report / "capacity_report.ipynb").exists() and (report / "index.html").exists()
+    assert "lab down" in res.stdout
+    assert not (tmp_path / ".loadkit" / "demo-lab" / "state.json").exists()
+    assert _lab_processes(tmp_path / ".loadkit" / "demo-lab") == []
+    assert elapsed < 600
+
+
+@pytest.mark.lab
+@pytest.mark.slow
+def test_sigterm_during_the_demo_brings_the_lab_down(tmp_path):
+    address = free_lab_address()
+    env = dict(os.environ, LOADKIT_DEMO_ADDRESS=address, LOADKIT_DEMO_DIR=str(tmp_path))
+    proc = subprocess.Popen([sys.executable, "-m", "loadkit.demo"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        deadline = time.monotonic() + 120
+        for line in proc.stdout:
+            lines.append(line)
+            if "1/3 DNS burst" in line or time.monotonic() > deadline:
+                break
+        time.sleep(3)  # the DNS run is under way
+        assert _lab_processes(tmp_path / ".loadkit" / "demo-lab"), "lab not up"
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=90)
+        lines.append(out)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = "".join(lines)
+    assert proc.returncode == 130, text[-3000:]
+    assert "interrupted; bringing the lab down" in text
+    assert "lab down" in text
+    assert _lab_processes(tmp_path / ".loadkit" / "demo-lab") == []
+    assert not (tmp_path / ".loadkit" / "demo-lab" / "state.json").exists()
