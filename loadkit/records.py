@@ -231,6 +231,7 @@ EVENT_KINDS: tuple[str, ...] = (
     "worker_lost",
     "gate",
     "warning",
+    "phase",  # a load phase began: detail {"phase": "trigger_start" | "trigger_end" | ...}
 )
 
 

@@ -198,3 +198,154 @@ def test_udp_drop_onset_16kib_buffer(make_lab):
     print("16 KiB so-rcvbuf:", m)
     assert m["rcvbuf_bytes"] == 32 * 1024
     _check_onset(m)
+
+
+# ---------------------------------------------------------------------------------------------
+# metastability: a retrying client population against unbound's per-client rate limit
+# ---------------------------------------------------------------------------------------------
+
+
+class RetryingClients:
+    """Open-loop DNS clients that retry on timeout, recording the generator counters.
+
+    Each query is resent ``fanout`` times whenever ``timeout_s`` passes without an answer, up to
+    ``max_sends`` sends in all; answers are matched by message ID and counted once per query.
+    Counters ``dns.original_sent``, ``dns.retry_sent`` and ``dns.answered`` are written every
+    ``sample_s`` to ``generator/`` of a run directory, like the DNS generator's.
+    """
+
+    def __init__(self, server: tuple[str, int], source: str, wires: list[bytes], *, timeout_s: float,
+                 fanout: int, max_sends: int) -> None:
+        from loadkit.profile.targets import check_source_address
+
+        target = check_target(f"{server[0]}:{server[1]}", 53)
+        check_source_address(source)
+        self.dst = (target.address, target.port)
+        self.source = source
+        self.templates = [w[2:] for w in wires]  # the ID is set per query
+        self.timeout_s, self.fanout, self.max_sends = timeout_s, fanout, max_sends
+
+    def run(self, run_dir: Path, *, base_qps: float, burst_n: int, burst_at_s: float, duration_s: float,
+            tick_s: float = 0.01, sample_s: float = 0.25) -> dict:
+        import collections
+        import json
+
+        from loadkit.partfiles import PartWriter
+        from loadkit.records import RUN_LAYOUT, GeneratorMetric
+
+        assert duration_s <= 30 and base_qps <= 5000 and burst_n <= 5000  # bounded load
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        sock.bind((self.source, 0))
+        sock.setblocking(False)
+        writer = PartWriter(run_dir / RUN_LAYOUT["generator"])
+        pending: dict[int, list] = {}  # id -> [wire, sends, answered]
+        deadlines: collections.deque = collections.deque()  # (deadline, id), in deadline order
+        counts = {"dns.original_sent": 0, "dns.retry_sent": 0, "dns.answered": 0}
+        next_id = 0
+        base_sent = 0
+        burst_ts = None
+        t0 = time.perf_counter()
+        started = time.time()
+        next_tick = next_sample = t0
+
+        def new_query(now: float, batch: list) -> None:
+            nonlocal next_id
+            qid, next_id = next_id, (next_id + 1) & 0xFFFF
+            wire = qid.to_bytes(2, "big") + self.templates[qid % len(self.templates)]
+            pending[qid] = [wire, 1, False]
+            deadlines.append((now + self.timeout_s, qid))
+            batch.append(wire)
+
+        try:
+            while True:
+                now = time.perf_counter()
+                elapsed = now - t0
+                if elapsed >= duration_s:
+                    break
+                batch: list[bytes] = []
+                due = int(base_qps * elapsed) - base_sent
+                for _ in range(due):
+                    new_query(now, batch)
+                base_sent += due
+                counts["dns.original_sent"] += due
+                if burst_ts is None and elapsed >= burst_at_s:
+                    for _ in range(burst_n):
+                        new_query(now, batch)
+                    counts["dns.original_sent"] += burst_n
+                    burst_ts = time.time()
+                while deadlines and deadlines[0][0] <= now:
+                    _, qid = deadlines.popleft()
+                    q = pending.get(qid)
+                    if q is None or q[2] or q[1] >= self.max_sends:
+                        pending.pop(qid, None)
+                        continue
+                    k = min(self.fanout, self.max_sends - q[1])
+                    q[1] += k
+                    counts["dns.retry_sent"] += k
+                    batch.extend([q[0]] * k)
+                    deadlines.append((now + self.timeout_s, qid))
+                for wire in batch:
+                    sock.sendto(wire, self.dst)
+                next_tick += tick_s
+                while True:
+                    try:
+                        data = sock.recv(4096)
+                    except BlockingIOError:
+                        now = time.perf_counter()
+                        if now >= next_tick:
+                            break
+                        time.sleep(0.001)
+                        continue
+                    q = pending.get(int.from_bytes(data[:2], "big"))
+                    if q is not None and not q[2]:
+                        q[2] = True
+                        counts["dns.answered"] += 1
+                if now >= next_sample:
+                    ts = time.time()
+                    writer.extend(GeneratorMetric(ts, k, "counter", float(v)) for k, v in counts.items())
+                    next_sample += sample_s
+        finally:
+            sock.close()
+            writer.flush()
+        events = [{"ts_unix_s": burst_ts, "kind": "phase", "source": "test", "detail": {"phase": p}}
+                  for p in ("trigger_start", "trigger_end")]
+        (run_dir / RUN_LAYOUT["events"]).write_text("".join(json.dumps(e) + "\n" for e in events))
+        (run_dir / RUN_LAYOUT["manifest"]).write_text(json.dumps({
+            "run_id": run_dir.name, "scenario": "dns_burst_retries", "release": "", "status": "completed",
+            "started_unix_s": started, "ended_unix_s": time.time(), "profile": {}, "targets": [],
+            "versions": {}, "host": {}, "lab": {}, "gates": []}))
+        return counts
+
+
+def test_metastability_retry_storm_vs_recovery(make_lab, tmp_path):
+    from loadkit.model import metastability, retry_amplification
+    from loadkit.record.reader import load_run
+
+    # unbound drops each client address's queries beyond 1,500/s: the capacity at the entrance
+    # (the incident's firewall session table played this part). 1,000/s of base demand fits.
+    status = make_lab(dns_ratelimit_qps=1500, proxies=1, accounts=10)
+    wires = prebuilt_queries(status.names_file)
+    server = (status.dns.host, status.dns.port)
+    prefix = status.dns.host.rsplit(".", 1)[0]
+    runs = {}
+    # aggressive clients: every 100 ms without an answer, two more copies, up to 40 sends
+    # standard stub resolvers: one retry after 500 ms, 3 sends in all
+    for name, source, policy in (("aggressive", f"{prefix}.2", dict(timeout_s=0.1, fanout=2, max_sends=40)),
+                                 ("standard", f"{prefix}.3", dict(timeout_s=0.5, fanout=1, max_sends=3))):
+        run_dir = tmp_path / name
+        RetryingClients(server, source, wires, **policy).run(
+            run_dir, base_qps=1000, burst_n=1500, burst_at_s=2.0, duration_s=9.0)
+        runs[name] = load_run(run_dir)
+
+    storm = metastability(runs["aggressive"])
+    calm = metastability(runs["standard"])
+    print("aggressive:", storm.summary())
+    print("standard:", calm.summary())
+    assert storm.verdict == "metastable"
+    assert storm.post_amplification > 2.0  # retries, not demand, fill the limit after the burst
+    assert calm.verdict == "recovers"
+    assert calm.recovery_s < 4.0
+    amp = retry_amplification(runs["aggressive"])
+    before = amp[amp.index < storm.trigger_start_unix_s - 0.3]
+    assert before["amplification"].max() < 1.2  # healthy before the burst

@@ -94,8 +94,9 @@ class MetastabilityResult(Result):
 
 
 def _trigger_window(amp: pd.DataFrame, run: RunData) -> tuple[float, float]:
-    """Trigger start/end from events (``detail.phase`` "trigger_start"/"trigger_end"), else from
-    the original (not retried) rate: the span where it is above the midpoint of its range."""
+    """Trigger start/end from events (kind ``phase`` with ``detail.phase`` "trigger_start" /
+    "trigger_end"), else from the original (not retried) rate: the span where it is above the
+    midpoint of its range."""
     start = end = None
     for ev in run.events:
         phase = (ev.get("detail") or {}).get("phase") or ev.get("kind")
@@ -137,7 +138,11 @@ def metastability(run: RunData, trigger_end_unix_s: float | None = None, *,
     if start is None:
         start = float(ts[0] - amp["interval_s"].iloc[0])
     before = amp[ts <= start]
-    during = amp[(ts > start) & (ts <= end)]
+    in_trigger = (ts > start) & (ts <= end)
+    if not in_trigger.any() and (ts > start).any():
+        # an instant trigger (one burst): judge it on the interval that holds it
+        in_trigger = ts == ts[ts > start][0]
+    during = amp[in_trigger]
     after = amp[ts > end]
     if len(after) < 3:
         raise ModelError(f"run {run.run_id}: {len(after)} intervals after the trigger ended; "
@@ -170,7 +175,7 @@ def metastability(run: RunData, trigger_end_unix_s: float | None = None, *,
                   baseline_goodput_ratio=base_good, trigger_goodput_ratio=trig_good,
                   trigger_amplification=trig_amp, post_goodput_ratio=post_good,
                   post_amplification=post_amp, post_window_s=window)
-    during_healthy = healthy[(ts > start) & (ts <= end)]
+    during_healthy = healthy[in_trigger]
     if len(during_healthy) and during_healthy.all():
         return MetastabilityResult(verdict="stable", recovery_s=None, **common)
     after_healthy = healthy[ts > end]
