@@ -282,7 +282,10 @@ class DnsSender:
         )
         self._new_tally()
         if self.on_interval is not None:
-            self.on_interval(report)
+            try:
+                self.on_interval(report)
+            except Exception:  # a reporting bug must not stop the offered load
+                log.exception("DNS interval report failed")
         return report
 
     # -- TCP --------------------------------------------------------------------------------
@@ -564,8 +567,9 @@ class DnsSender:
                     if not sending:
                         close_burst()
                         burst_cur, burst_cur_n = -1, 0
-                        # wait for what is in flight: at most one full retry cycle
-                        drain_until = perf() + sum(timeouts) + 0.01
+                        # wait for what is in flight: one full retry cycle when the schedule ran
+                        # out, one attempt's timeout when stopped (no more retries are sent then)
+                        drain_until = perf() + (max(timeouts) if self._stop else sum(timeouts)) + 0.01
                 # ---- read replies -----------------------------------------------------------
                 if nsock <= 8:
                     ready = range(nsock)
