@@ -349,3 +349,29 @@ def test_metastability_retry_storm_vs_recovery(make_lab, tmp_path):
     amp = retry_amplification(runs["aggressive"])
     before = amp[amp.index < storm.trigger_start_unix_s - 0.3]
     assert before["amplification"].max() < 1.2  # healthy before the burst
+
+
+# ---------------------------------------------------------------------------------------------
+# headroom: the fidelity benchmark on a small lab
+# ---------------------------------------------------------------------------------------------
+
+
+def test_headroom_fit_at_half_capacity_predicts_fall_over():
+    import re
+    import sys
+
+    from conftest import free_lab_address
+
+    # two proxies of 32 MiB fall over at about 45 held sessions: small enough for a test
+    overrides = {"proxies": 2, "proxy_memory_bytes": 32 * 2**20}
+    address = free_lab_address(overrides)
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "headroom_fidelity.py"
+    proc = subprocess.run([sys.executable, str(script), "--address", address, "--proxies", "2",
+                           "--proxy-memory", "32MiB", "--step", "3", "--max-sessions", "300",
+                           "--max-seconds", "240"], capture_output=True, text=True, timeout=400)
+    print(proc.stdout[-3000:], proc.stderr[-2000:])
+    assert proc.returncode == 0
+    last = proc.stdout.strip().splitlines()[-1]
+    error_pct = float(re.fullmatch(r"error_pct=(-?[0-9.]+)", last).group(1))
+    assert abs(error_pct) <= 10.0  # acceptance: the half-capacity fit predicts fall-over within 10 %
+    assert "all 2 proxies fall over at" in proc.stdout
