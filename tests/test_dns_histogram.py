@@ -49,3 +49,17 @@ def test_merge_and_dict_round_trip() -> None:
     assert LatencyHistogram().percentile_s(0.5) == 0.0
     with pytest.raises(ValueError):
         merged.percentile_s(1.5)
+
+
+def test_add_many_equals_adding_one_by_one() -> None:
+    rng = random.Random(9)
+    samples = [rng.expovariate(1 / 2e-4) for _ in range(5000)] + [0.0, 5e-7, 1e-6, 3.0]
+    one, bulk = LatencyHistogram(), LatencyHistogram()
+    for s in samples:
+        one.add(s)
+    bulk.add_many(samples[:2000])
+    bulk.add_many(samples[2000:])
+    bulk.add_many([])
+    assert bulk.counts == one.counts
+    assert (bulk.count, bulk.min_s, bulk.max_s) == (one.count, one.min_s, one.max_s)
+    assert bulk.sum_s == pytest.approx(one.sum_s)

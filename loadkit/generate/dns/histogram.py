@@ -9,7 +9,9 @@ Histograms merge by adding counts (per interval, per worker) and travel as plain
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from typing import Mapping, Sequence
+
+import numpy as np
 
 #: buckets per doubling of latency
 BUCKETS_PER_OCTAVE = 16
@@ -52,6 +54,24 @@ class LatencyHistogram:
             self.min_s = latency_s
         if latency_s > self.max_s:
             self.max_s = latency_s
+
+    def add_many(self, latencies_s: Sequence[float]) -> None:
+        """Add many latencies at once (vectorised: the sender buffers an interval's latencies
+        in a list and buckets them here)."""
+        n = len(latencies_s)
+        if n == 0:
+            return
+        a = np.asarray(latencies_s, dtype=np.float64)
+        us = a * 1e6
+        buckets = np.where(us <= 1.0, 0, np.log2(np.maximum(us, 1.0)) * BUCKETS_PER_OCTAVE).astype(np.int64)
+        index, count = np.unique(buckets, return_counts=True)
+        counts = self.counts
+        for b, c in zip(index.tolist(), count.tolist()):
+            counts[b] = counts.get(b, 0) + c
+        self.count += n
+        self.sum_s += float(a.sum())
+        self.min_s = min(self.min_s, float(a.min()))
+        self.max_s = max(self.max_s, float(a.max()))
 
     def merge(self, other: LatencyHistogram) -> None:
         for b, c in other.counts.items():
