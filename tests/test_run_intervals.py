@@ -56,3 +56,18 @@ def test_interval_rows_are_deltas_with_percentiles_from_the_histogram_delta() ->
     assert out["idle"] == []  # an interval without requests writes no rows
     [c] = out["after_reset"]  # Locust reset its stats: counting starts again from zero
     assert c["requests_n"] == 1 and c["latency_p50_s"] == 0.03
+
+
+def test_status_line_shows_offered_answered_failures_and_target_memory() -> None:
+    from loadkit.record.runner import format_status
+
+    line = format_status({
+        "elapsed_s": 3.2, "users": 5, "workers": 2, "requests_n": 100, "failures_n": 3,
+        "failures_by_class": {"timeout": 3}, "memory": {"p1": [50, 100], "unbound": [115 * 2**20, 0]},
+        "counters": {"dns.original_sent": 90, "dns.retry_sent": 10, "dns.answered": 97},
+        "abort": {"reason": "cgroup_memory_fraction"},
+    })
+    assert line == ("[   3.2s]  users 5  workers 2  offered 100 answered 97  failures 3 (timeout 3)  "
+                    "memory p1 50% unbound 115MiB  ABORT cgroup_memory_fraction")
+    # without DNS counters, offered/answered come from Locust's requests and failures
+    assert "offered 10 answered 8" in format_status({"requests_n": 10, "failures_n": 2})

@@ -375,7 +375,11 @@ class Recorder:
 
     # -- abort thresholds ------------------------------------------------------------------------
     def _on_group_sample(self, s: GroupSample) -> None:
-        self._memory[s.group] = (s.cgroup_memory_bytes, s.cgroup_limit_bytes)
+        # cgroup charge and limit when the group has one, else the group's RSS (limit 0)
+        if s.cgroup_limit_bytes > 0:
+            self._memory[s.group] = (s.cgroup_memory_bytes, s.cgroup_limit_bytes)
+        else:
+            self._memory[s.group] = (s.cgroup_memory_bytes or s.rss_bytes, 0)
         threshold = self.options.abort_cgroup_memory_fraction
         if threshold > 0 and s.cgroup_limit_bytes > 0:
             fraction = s.cgroup_memory_bytes / s.cgroup_limit_bytes

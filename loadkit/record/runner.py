@@ -156,7 +156,7 @@ def format_status(status: dict[str, Any]) -> str:
         fails += " (" + ", ".join(f"{k} {v}" for k, v in by_class.items()) + ")"
     parts.append(fails)
     mem = status.get("memory") or {}
-    shown = [f"{g} {m / l:.0%}" for g, (m, l) in mem.items() if l]
+    shown = [f"{g} {m / l:.0%}" if l else f"{g} {m / 2**20:.0f}MiB" for g, (m, l) in mem.items() if m or l]
     if shown:
         parts.append("memory " + " ".join(shown))
     if status.get("abort"):
