@@ -2,8 +2,8 @@
 
 A profile says what load to offer, against which targets, inside which safety limits, and what
 counts as a pass. Every problem is reported as one :class:`~loadkit.errors.ProfileError` line
-naming the file, the key and the problem (``smoke.toml: [load] users: must be a positive
-integer, got -5``). Loading checks the shape of the profile and that referenced files exist; it
+naming the file, the key and the problem (``smoke.toml: [load] users: must be more than 0,
+got -5``). Loading checks the shape of the profile and that referenced files exist; it
 sends nothing: resolving targets against the allowlist is :func:`resolve_targets`.
 
 Schema (every table but ``[run]``, ``[targets]`` and ``[load]`` is optional)::
@@ -35,7 +35,9 @@ Schema (every table but ``[run]``, ``[targets]`` and ``[load]`` is optional)::
         # point to a file (accounts-file = "...") or read them from the environment.
 
     [collect]                       # collectors started with the run
-    groups = { p1 = "cgroup:/sys/fs/cgroup/loadkit/p1@1143,1110", unbound = "name:unbound" }
+    groups = { p1 = "cgroup:/loadkit/lab/proxy1@11243,11210", unbound = "cmdline:unbound.*lab" }
+                                    # NAME = "PATTERN" | "cmdline:REGEX" | "cgroup:PATH",
+                                    #   "@PORT,PORT": listening ports whose sessions are counted
     udp_ports = [5353]              # UDP sockets whose queue and drops are sampled
     urls = ["http://127.0.0.1:9109"]  # remote collectors (also checked against the allowlist)
     interval_s = 0.5                # sampling interval
@@ -43,7 +45,9 @@ Schema (every table but ``[run]``, ``[targets]`` and ``[load]`` is optional)::
     [caps]                          # hard ceilings; a profile or flag above them is refused
     max_users = 2000
     max_duration_s = 600
-    max_rate_qps = 20000            # checked against every option whose name ends in "qps"
+    max_rate_qps = 20000            # checked against every rate option: names ending in
+                                    #   "qps", "-rate" or "ramp-to" (not spawn-rate), and
+                                    #   "rate:N" values (--mail-arrival rate:100)
 
     [abort]                         # the run stops within about 2 s of a breach (an event)
     cgroup_memory_fraction = 0.9    # any group's cgroup memory >= 90 % of its limit
