@@ -506,8 +506,13 @@ def profile_from_dict(data: dict[str, Any], path: Path) -> Profile:
     for g, spec in groups.items():
         _check_name(g, f"{w} groups name")
         s = _str(spec, f"{w} groups.{g}")
-        if ":" not in s:
-            raise ProfileError(f"{w} groups.{g}: {s!r} must be KIND:VALUE, e.g. name:dovecot or cgroup:PATH")
+        body, at, ports_s = s.rpartition("@") if "@" in s else (s, "", "")
+        if not body.strip() or body.strip() in ("cgroup:", "cmdline:"):
+            raise ProfileError(
+                f"{w} groups.{g}: {s!r} names no processes (PATTERN, cmdline:REGEX or cgroup:PATH)"
+            )
+        if at and not re.fullmatch(r"[0-9]+(,[0-9]+)*", ports_s):
+            raise ProfileError(f"{w} groups.{g}: {s!r}: after '@' give listening ports, e.g. @1143,1110")
     udp_ports = cdata.get("udp_ports", [])
     if not isinstance(udp_ports, list):
         raise ProfileError(f"{w} udp_ports: must be a list of ports, got {udp_ports!r}")
