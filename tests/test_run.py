@@ -322,3 +322,30 @@ def test_two_workers_give_one_record_and_a_lost_worker_is_an_event(tmp_path: Pat
     assert after["requests_n"].sum() > 0
     workers_gauge = run.generator[run.generator["metric"] == "workers"]["value"]
     assert workers_gauge.max() == 2 and (workers_gauge == 1).any()  # 0 once the run has ended
+
+
+def test_samples_from_a_remote_collector_url_reach_the_record(tmp_path: Path, echo) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    collector = subprocess.Popen(
+        [sys.executable, "-m", "loadkit", "collect", "--group", "echo=cmdline:pytest", "--interval", "0.5",
+         "--duration", "60", "--listen", f"127.0.0.1:{port}", "--host-label", "target-1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        def listening() -> bool:
+            with socket.socket() as c:
+                return c.connect_ex(("127.0.0.1", port)) == 0
+        wait_for(listening, what="the collector's endpoint")
+        out = tmp_path / "runs"
+        p = profile(tmp_path, echo.server_address[1], duration="4s",
+                    extra=f'[collect]\nurls = ["http://127.0.0.1:{port}"]\ninterval_s = 0.5')
+        proc = loadkit("run", str(p), "--out", str(out))
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        collector.terminate()  # the collector we started
+        collector.wait(timeout=10)
+    assert proc.returncode == 0, stderr
+    run = load_run(only_run(out))
+    assert set(run.groups["host"]) == {"target-1"} and set(run.groups["group"]) == {"echo"}
+    assert run.groups["procs_n"].max() >= 1 and len(run.system) > 0
