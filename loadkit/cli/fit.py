@@ -53,6 +53,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     r = p.add_argument_group("retries")
     r.add_argument("--trigger-end", type=float, default=None, metavar="UNIX_S",
                    help="when the trigger ended (default: from events, else from the original rate)")
+    r.add_argument("--min-post", type=float, default=5.0, metavar="SECONDS",
+                   help="run time needed after the trigger, longer than the clients' retry horizon "
+                   "(default %(default)s)")
 
     a = p.add_argument_group("anomalies")
     a.add_argument("--table", default="net", choices=("net", "groups", "sockets", "system", "requests"),
@@ -89,7 +92,7 @@ def _fit_one(kind: str, run, args: argparse.Namespace):
         return model.fit_udp_burst(run, rcvbuf_bytes=args.rcvbuf, bytes_per_datagram=args.bytes_per_datagram,
                                    burst_window_s=args.burst_window, port=args.port)
     if kind == "retries":
-        return model.metastability(run, args.trigger_end)
+        return model.metastability(run, args.trigger_end, min_post_s=args.min_post)
     if kind == "anomalies":
         series = model.kpi_series(run, args.table, args.column, group=args.group, delta=args.delta)
         return model.find_anomalies(series, z_threshold=args.z, name=args.column)

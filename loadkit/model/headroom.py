@@ -9,8 +9,9 @@ From the fits: sessions at each proxy's limit; with the balancer's shares (round
 least-connections both keep held-session counts equal; weights make them proportional) the total
 concurrency at which the first proxy fails; then the cascade: the failed proxy's clients reconnect
 to the survivors, whose shares grow, until either the survivors hold or all N fail. The 95 %
-interval comes from sampling the fitted lines' parameters (their covariance), so it covers fit
-noise, not a change of workload.
+interval comes from sampling the fitted lines' parameters (their covariance) and the samples'
+scatter about the lines, so it covers fit and measurement noise, not a change of workload (a
+different client mix, TLS, a new release) and not the extrapolation from a partial ramp.
 """
 
 from __future__ import annotations
@@ -285,7 +286,7 @@ def fit_headroom(
     shares = _shares(names, policy, weights)
 
     fits: list[ProxyFit] = []
-    betas, covs = [], []
+    betas, covs, scatters = [], [], []
     for name, share in zip(names, shares):
         sub = pts[(pts["proxy"] == name) & pts["in_fit"]]
         x = sub["sessions_n"].to_numpy(dtype=float)
@@ -297,6 +298,8 @@ def fit_headroom(
             )
         beta, cov = huber_line(x, y)
         base, slope = float(beta[0]), float(beta[1])
+        resid = y - (base + slope * x)
+        scatters.append(1.4826 * float(np.median(np.abs(resid - np.median(resid)))))
         if slope <= 0:
             raise ModelError(f"proxy {name}: memory does not grow with sessions (slope "
                              f"{slope:.0f} B/session); is sessions_n recorded for its ports?")
@@ -327,17 +330,19 @@ def fit_headroom(
     order = cascade(all_total, caps, shares, reconnect_overhead)
     cascade_all = len(cascade(first_total, caps, shares, reconnect_overhead)) == int(live.sum())
 
-    # 95 % interval: propagate each line's parameter covariance through the cascade
+    # 95 % interval: propagate each line's parameter covariance through the cascade, plus the
+    # samples' own scatter about the line (the charge at the moment of failure is one sample)
     rng = np.random.default_rng(seed)
     limits = np.array([f.limit_bytes for f in fits])
     draws = np.stack([rng.multivariate_normal(b, c, size=ci_draws, check_valid="ignore")
                       for b, c in zip(betas, covs)], axis=1)  # (draws, proxies, 2)
+    noise = rng.normal(0.0, 1.0, size=(ci_draws, len(fits))) * np.array(scatters)
     totals = []
-    for d in draws:
+    for d, eps in zip(draws, noise):
         slope_d = d[:, 1]
         if (slope_d <= 0).any():
             continue
-        caps_d = (limits - d[:, 0]) / slope_d
+        caps_d = (limits - d[:, 0] - eps) / slope_d
         if (caps_d <= 0).any():
             continue
         totals.append(_all_fail_total(caps_d, shares, reconnect_overhead))

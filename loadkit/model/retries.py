@@ -121,14 +121,16 @@ def _trigger_window(amp: pd.DataFrame, run: RunData) -> tuple[float, float]:
 def metastability(run: RunData, trigger_end_unix_s: float | None = None, *,
                   trigger_start_unix_s: float | None = None, goodput_tolerance: float = 0.1,
                   amplification_tolerance: float = 0.2, hold_s: float | None = None,
-                  prefix: str = "dns") -> MetastabilityResult:
+                  min_post_s: float = 5.0, prefix: str = "dns") -> MetastabilityResult:
     """Verdict on a trigger-then-remove run.
 
     An interval is healthy when answered/offered is within ``goodput_tolerance`` of the baseline
     before the trigger and amplification is below ``1 + amplification_tolerance``. "stable": the
     trigger itself was healthy; "recovers": after the trigger ended, health returns and lasts to
     the end of the run (``recovery_s`` is when it returned); "metastable": the end of the run is
-    still unhealthy with the original demand back to normal.
+    still unhealthy with the original demand back to normal. The run must go on for at least
+    ``min_post_s`` after the trigger (longer than the clients' retry horizon), else retries still
+    in flight would pass for a stuck state and :class:`ModelError` is raised.
     """
     amp = retry_amplification(run, prefix=prefix)
     start, end = _trigger_window(amp, run) if trigger_end_unix_s is None else (None, trigger_end_unix_s)
@@ -144,9 +146,11 @@ def metastability(run: RunData, trigger_end_unix_s: float | None = None, *,
         in_trigger = ts == ts[ts > start][0]
     during = amp[in_trigger]
     after = amp[ts > end]
-    if len(after) < 3:
-        raise ModelError(f"run {run.run_id}: {len(after)} intervals after the trigger ended; "
-                         "need >= 3 to judge recovery (run longer after the trigger)")
+    post_s = float(ts[-1] - end)
+    if len(after) < 3 or post_s < min_post_s:
+        raise ModelError(f"run {run.run_id}: {post_s:.1f} s ({len(after)} intervals) after the trigger "
+                         f"ended; need >= {min_post_s:g} s and 3 intervals to judge recovery (run "
+                         "longer after the trigger, or lower --min-post)")
 
     def ratio(frame: pd.DataFrame, num: str, den: str) -> float:
         n, d = float(frame[num].mul(frame["interval_s"]).sum()), float(frame[den].mul(frame["interval_s"]).sum())
