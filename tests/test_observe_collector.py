@@ -288,6 +288,9 @@ def test_events_start_exit_restart_fold_and_oom():
     many = {i: _info(i, "imap-login", ppid=11) for i in range(100, 110)}
     ev = tr.update(104.0, {"p": {11: new_master, **many}})
     assert len(ev) == 1 and ev[0].detail["count"] == 10 and ev[0].detail["names"] == {"imap-login": 10}
+    ev = tr.update(105.0, {"p": {}})  # the master dies and takes its children with it
+    assert [e.detail.get("pid") for e in ev] == [11, None]  # the master alone, the children folded
+    assert ev[1].detail["count"] == 10
 
 
 def test_events_fold_exact_threshold():

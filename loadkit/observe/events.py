@@ -7,7 +7,8 @@ cgroup's memory and limit at that moment.
 
 - ``process_started`` / ``process_exited``: membership of a group changed between two samples.
   A burst of short-lived children (one dovecot login process per connection) is folded into one
-  event per group and sample once it exceeds ``max_events_per_sample``, with the count.
+  event per group and sample once it exceeds ``max_events_per_sample``, with the count; a
+  process whose parent is not in the group (a master) always has an event of its own.
 - ``process_restarted``: a process appears whose parent is not in the group (a new master, not a
   child spawned by one) and whose name matches a process that left the group within
   ``restart_window_s``.
@@ -73,8 +74,8 @@ class EventTracker:
                     del recent[k]
                     break
         self._recent_exits[group] = recent
-        events = self._fold(ts, "process_exited", group, exited, len(now))
-        events += self._fold(ts, "process_started", group, started, len(now))
+        events = self._fold(ts, "process_exited", group, exited, len(now), set(before))
+        events += self._fold(ts, "process_started", group, started, len(now), set(now))
         for info, old, down_s in restarts:
             events.append(
                 Event(
@@ -93,29 +94,38 @@ class EventTracker:
             )
         return events
 
-    def _fold(self, ts: float, kind: str, group: str, infos: list[ProcInfo], procs_n: int) -> list[Event]:
+    def _fold(self, ts: float, kind: str, group: str, infos: list[ProcInfo], procs_n: int, pids: set[int]) -> list[Event]:
+        """One event per process; children beyond ``max_events_per_sample`` folded into one.
+
+        A process whose parent is not in the group (a master, a server) always gets its own
+        event: it is the one whose death matters.
+        """
         if not infos:
             return []
+        roots = [i for i in infos if i.ppid not in pids]
+        children = [i for i in infos if i.ppid in pids]
         if len(infos) <= self.max_events_per_sample:
-            return [
-                Event(ts, kind, group, {"host": self.host, "pid": i.pid, "name": i.name, "ppid": i.ppid, "group_procs_n": procs_n})
-                for i in infos
-            ]
-        names = Counter(i.name for i in infos)
-        return [
-            Event(
-                ts,
-                kind,
-                group,
-                {
-                    "host": self.host,
-                    "count": len(infos),
-                    "names": dict(names),
-                    "pids": [i.pid for i in infos[: self.max_events_per_sample]],
-                    "group_procs_n": procs_n,
-                },
-            )
+            roots, children = infos, []
+        events = [
+            Event(ts, kind, group, {"host": self.host, "pid": i.pid, "name": i.name, "ppid": i.ppid, "group_procs_n": procs_n})
+            for i in roots
         ]
+        if children:
+            events.append(
+                Event(
+                    ts,
+                    kind,
+                    group,
+                    {
+                        "host": self.host,
+                        "count": len(children),
+                        "names": dict(Counter(i.name for i in children)),
+                        "pids": [i.pid for i in children[: self.max_events_per_sample]],
+                        "group_procs_n": procs_n,
+                    },
+                )
+            )
+        return events
 
     # -- cgroups ------------------------------------------------------------------------------
 
