@@ -60,7 +60,7 @@ def test_bad_input_and_json():
 
 def test_fit_from_run_measures_service_rate_and_drops(tmp_path):
     run_dir = tmp_path / "run"
-    write_manifest(run_dir, "dns", "dns_burst", lab={"dns_so_rcvbuf_bytes": 8192})
+    write_manifest(run_dir, "dns", "dns_burst", lab={"config": {"dns_rcvbuf_bytes": 8192}})
     gen = PartWriter(run_dir / RUN_LAYOUT["generator"])
     net = PartWriter(run_dir / RUN_LAYOUT["net"])
     sent = answered = errs = 0.0

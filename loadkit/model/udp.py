@@ -127,6 +127,17 @@ def _counter_rates(run: RunData, metric: str) -> pd.Series:
     return pd.Series(np.diff(s.to_numpy(dtype=float)) / dt, index=s.index[1:])
 
 
+def _recorded_so_rcvbuf(manifest: dict) -> float:
+    """The lab's ``dns_rcvbuf_bytes`` (unbound ``so-rcvbuf``) as the run recorded it, 0 if none."""
+    lab = manifest.get("lab") or {}
+    profile_lab = (manifest.get("profile") or {}).get("lab") or {}
+    for where in (lab, lab.get("config") or {}, profile_lab):
+        value = where.get("dns_rcvbuf_bytes")
+        if value:
+            return float(value)
+    return 0.0
+
+
 def fit_udp_burst(run: RunData, *, rcvbuf_bytes: float | None = None,
                   bytes_per_datagram: float = BYTES_PER_DATAGRAM, burst_window_s: float = 0.0,
                   port: int | None = None) -> UdpBurstResult:
@@ -135,8 +146,9 @@ def fit_udp_burst(run: RunData, *, rcvbuf_bytes: float | None = None,
     Service rate: the highest answered rate of any interval (``dns.answered`` counter, else
     successful DNS requests), the best estimate of capacity when the run saturated the server.
     Drops: ``RcvbufErrors`` increments from the collector's net samples (or the watched socket's
-    ``drops``). ``rcvbuf_bytes`` defaults to the lab's recorded ``dns_so_rcvbuf_bytes`` doubled,
-    else the platform default.
+    ``drops``). ``rcvbuf_bytes`` defaults to the lab's recorded ``dns_rcvbuf_bytes`` (unbound's
+    ``so-rcvbuf``, from the manifest's lab or profile) doubled as the kernel does, else the
+    platform default.
     """
     answered = _counter_rates(run, "dns.answered")
     if not len(answered):
@@ -149,8 +161,7 @@ def fit_udp_burst(run: RunData, *, rcvbuf_bytes: float | None = None,
         answered = (per["n"] - per["f"]) / per["dt"]
     service = float(answered.max())
     if rcvbuf_bytes is None:
-        lab = run.manifest.get("lab") or {}
-        so = lab.get("dns_so_rcvbuf_bytes") or (lab.get("config") or {}).get("dns_so_rcvbuf_bytes")
+        so = _recorded_so_rcvbuf(run.manifest)
         rcvbuf_bytes = 2 * float(so) if so else DEFAULT_RCVBUF_BYTES
     result = udp_burst(rcvbuf_bytes, service, bytes_per_datagram=bytes_per_datagram,
                        burst_window_s=burst_window_s)
