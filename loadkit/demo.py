@@ -61,14 +61,14 @@ DEMO_STORM_DURATION = "55s"
 #: the forecast peak the demo's headroom is measured against
 DEMO_FORECAST_PEAK_SESSIONS = 150
 DNS_DURATION = "20s"
-#: incident mitigations: an 8 MiB receive buffer; a per-IP limit above the 4 queries/s each
+#: incident mitigations: an 8 MiB receive buffer; a per-IP limit above the 20 queries/s each
 #: source of incident 3 sends (and, to show why, one below it)
 MITIGATION_RCVBUF_BYTES = 8 * MIB
-MITIGATION_RATELIMIT_QPS = 10
-BLUNT_RATELIMIT_QPS = 2
+MITIGATION_RATELIMIT_QPS = 40
+BLUNT_RATELIMIT_QPS = 10
 #: incident 3's load: many sources, each small, with cache-missing random subdomains
 SOURCES_DURATION = "20s"
-SOURCES_LOAD = {"dns-sources": 300, "dns-source-qps": 4, "dns-random-subdomain-share": 0.3}
+SOURCES_LOAD = {"dns-sources": 300, "dns-source-qps": 20, "dns-random-subdomain-share": 0.3}
 #: the DNS forecast peak (average queries/s) the demo's DNS headroom is measured against
 DEMO_FORECAST_PEAK_QPS = 800
 #: the whole demo must finish within this (each step has its own share)
