@@ -33,12 +33,32 @@ MESSAGES_PER_MAILBOX = 3
 
 
 def mail_ids() -> tuple[int, int]:
-    """(uid, gid) that mail processes run as: nobody/nogroup (never root)."""
+    """(uid, gid) that mail processes run as: nobody/nogroup as root (never root), else ours."""
+    if os.geteuid() != 0:
+        return os.geteuid(), os.getegid()
     try:
         pw = pwd.getpwnam("nobody")
         return pw.pw_uid, pw.pw_gid
     except KeyError:
         return 65534, 65534
+
+
+def _chown(path: Path, uid: int, gid: int) -> None:
+    if os.geteuid() == 0:
+        os.chown(path, uid, gid)
+
+
+def _privilege_lines() -> list[str]:
+    """Users dovecot's processes run as. Without root, dovecot runs every process as the
+    calling user, which needs the login and internal users to be that user and no chroots."""
+    if os.geteuid() == 0:
+        return ["default_login_user = dovenull", "default_internal_user = dovecot"]
+    me = pwd.getpwuid(os.geteuid()).pw_name
+    lines = [f"default_login_user = {me}", f"default_internal_user = {me}"]
+    for service in ("imap-login", "pop3-login", "anvil", "auth", "auth-worker", "log", "stats",
+                    "config", "dict", "imap", "pop3"):
+        lines.append(f"service {service} {{\n  chroot =\n  user = {me}\n}}")
+    return lines
 
 
 def account_name(i: int) -> str:
@@ -64,14 +84,14 @@ def write_maildirs(cfg: LabConfig, run_dir: Path) -> Path:
     uid, gid = mail_ids()
     root = run_dir / "mail"
     root.mkdir(mode=0o755)
-    os.chown(root, uid, gid)
+    _chown(root, uid, gid)
     now = int(time.time())
     for i in range(1, min(cfg.accounts, ACCOUNTS_WITH_MAIL) + 1):
         user = account_name(i)
         home = root / user
         for sub in ("", "Maildir", "Maildir/cur", "Maildir/new", "Maildir/tmp"):
             (home / sub).mkdir(mode=0o700, exist_ok=True)
-            os.chown(home / sub, uid, gid)
+            _chown(home / sub, uid, gid)
         for m in range(1, MESSAGES_PER_MAILBOX + 1):
             msg = home / "Maildir" / "new" / f"{now}.M{m}P{i}.loadkit-lab"
             msg.write_text(
@@ -82,7 +102,7 @@ def write_maildirs(cfg: LabConfig, run_dir: Path) -> Path:
                 f"Message {m} of {MESSAGES_PER_MAILBOX} in the loadkit lab.\r\n"
                 + "This line pads the body so a FETCH or RETR moves some bytes.\r\n" * 20
             )
-            os.chown(msg, uid, gid)
+            _chown(msg, uid, gid)
     return root
 
 
@@ -99,8 +119,7 @@ def _common(cfg: LabConfig, base_dir: Path, instance: str, log_path: Path) -> li
         "auth_mechanisms = plain login",
         f"log_path = {log_path}",
         f"info_log_path = {log_path}",
-        "default_login_user = dovenull",
-        "default_internal_user = dovecot",
+        *_privilege_lines(),
         # thousands of sessions from one loopback address are the point of the lab
         "mail_max_userip_connections = 100000",
         "default_process_limit = 5000",
