@@ -42,6 +42,7 @@ from typing import Any
 
 import gevent
 from locust import events
+from locust import runners as locust_runners
 from locust.runners import MasterRunner, WorkerRunner
 from locust.stats import calculate_response_time_percentile, diff_response_time_dicts
 
@@ -92,10 +93,15 @@ def _on_init(environment: Any, **_kw: Any) -> None:
     global _recorder
     metrics_for(environment)  # wire generator metrics in every process, workers included
     options = environment.parsed_options
-    if options is None or not getattr(options, "record_dir", ""):
+    if options is None:
         return
     if isinstance(environment.runner, WorkerRunner):
         environment.runner.register_message(ABORT_MESSAGE, lambda *_a, **_kw: _stop_now(environment))
+        # workers report every 3 s by default: report once per record interval instead, so an
+        # interval row on the master holds about one interval of requests, not three or none
+        locust_runners.WORKER_REPORT_INTERVAL = min(3.0, max(0.2, float(options.record_interval)))
+        return
+    if not getattr(options, "record_dir", ""):
         return
     _recorder = Recorder(environment, options)
     _recorder.start()

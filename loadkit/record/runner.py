@@ -226,7 +226,8 @@ class Runner:
                         "--expect-workers", str(self.workers), "--expect-workers-max-wait", "30"],
                 logs / "master.log", env)
             worker_args = ["-f", args[1], "--worker", "--master-host", "127.0.0.1",
-                           "--master-port", str(port), *user_args(p, resolved)]
+                           "--master-port", str(port), "--record-interval", f"{p.record_interval_s:g}",
+                           *user_args(p, resolved)]
             for i in range(self.workers):
                 self._spawn(worker_args, logs / f"worker-{i + 1}.log", env)
             log_path = logs / "master.log"
