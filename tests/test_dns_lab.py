@@ -252,3 +252,39 @@ def test_bad_input_is_one_line_and_nonzero_exit_before_any_packet(tmp_path: Path
             sink.recv(512)  # nothing was sent
     finally:
         sink.close()
+
+
+SHAPED_LOCUSTFILE = '''
+from locust import events
+import loadkit.record.locust_plugin  # noqa: F401
+from loadkit.generate.dns.users import DnsSettings, DnsUser, install
+from loadkit.generate.shapes import StepShape
+
+install(events, DnsSettings(burst_size_n=0, retries=0))
+
+
+class ShapedDnsUser(DnsUser):
+    pass
+
+
+class TwoSteps(StepShape):
+    steps = ((3, 1), (3, 4))
+    spawn_rate = 10
+'''
+
+
+@pytest.mark.lab
+def test_dns_rate_follows_a_load_shape(lab, tmp_path: Path) -> None:
+    locustfile = tmp_path / "shaped.py"
+    locustfile.write_text(SHAPED_LOCUSTFILE)
+    prefix = tmp_path / "S"
+    out = run_locust(
+        ["-f", str(locustfile), "--headless", "--csv", str(prefix), "--host", str(lab.dns),
+         "--dns-names-file", lab.names_file, "--dns-rate", "1000"],
+        cwd=tmp_path,
+    )
+    assert out.returncode in (0, 1), out.stderr[-2000:]
+    assert "follows the load shape TwoSteps (peak 1000 qps)" in out.stderr
+    # 3 s at a quarter of the peak, then 3 s at the peak: about 750 + 3,000 queries
+    requests = int(aggregated_row(prefix)["Request Count"])
+    assert 2800 <= requests <= 4500

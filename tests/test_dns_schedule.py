@@ -85,3 +85,35 @@ def test_shares_split_rates_bursts_without_multiplying() -> None:
 def test_bad_schedules_are_profile_errors(make) -> None:
     with pytest.raises(ProfileError):
         make()
+
+
+def test_rate_curve_integrates_and_inverts() -> None:
+    curve = schedule.RateCurve(lambda t: 1000.0 if t < 2 else (0.0 if t < 3 else (500.0 if t < 4 else None)))
+    assert curve.due(1.0) == pytest.approx(1000, abs=1)
+    assert curve.due(2.5) == pytest.approx(2000, abs=1)  # nothing during the zero stretch
+    assert curve.due(4.0) == pytest.approx(2500, abs=1)
+    assert curve.due(100.0) == curve.due(4.0)  # the curve ended
+    assert 3.0 <= curve.time_of(2100) < 3.3
+    assert curve.time_of(2600) == math.inf
+    for i in (0, 500, 1999, 2001, 2400):
+        t = curve.time_of(i)
+        assert curve.due(t + 1e-9) >= i + 1 > curve.due(t - 1e-4)
+    assert curve.share(0, 4).due(1.0) == pytest.approx(250, abs=1)
+
+
+def test_shape_rate_follows_a_daily_shape_with_its_noon_spike() -> None:
+    from loadkit.generate.shapes import DailyShape
+
+    class Day(DailyShape):
+        night_users, peak_users, spike_users = 10, 100, 400
+        spike_hour, spike_minutes, day_s = 12.5, 30, 240
+
+    curve = schedule.shape_rate(Day(), peak_qps=4000)
+    assert curve.peak_qps == 4000 and curve.share(1, 2).peak_qps == 2000
+    hour = 10.0  # 24 h in 240 s
+    spike_s = 12.5 * hour
+    in_spike = curve.due(spike_s + 2) - curve.due(spike_s + 1)
+    night = curve.due(4 * hour + 1) - curve.due(4 * hour)
+    assert in_spike == pytest.approx(4000, rel=0.02)  # the spike is the peak
+    assert night == pytest.approx(100, rel=0.05)  # 10 of 400 users
+    assert curve.time_of(10**9) == math.inf  # one day, then it ends

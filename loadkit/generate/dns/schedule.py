@@ -11,9 +11,10 @@ Rates and burst sizes are for the whole test; :meth:`share` gives one worker's p
 
 from __future__ import annotations
 
+import bisect
 import math
 import random
-from typing import Protocol
+from typing import Callable, Protocol
 
 from loadkit.errors import ProfileError
 
@@ -198,6 +199,86 @@ class BurstTrain:
 
     def share(self, index: int, count: int) -> BurstTrain:
         return BurstTrain(_split(self.size_n, index, count), self.window_s, self.period_s, self.first_s, self.count)
+
+
+class RateCurve:
+    """Offered rate following any function of time, ``rate_at(t) -> qps`` (``None``: the curve
+    has ended), integrated in ``step_s`` slices. Used to make the DNS rate follow a load shape
+    (steps, spike train, daily pattern with its noon spike), see :func:`shape_rate`."""
+
+    def __init__(self, rate_at: Callable[[float], float | None], step_s: float = 0.01,
+                 scale: float = 1.0, peak_qps: float = 0.0) -> None:
+        if not step_s > 0:
+            raise ProfileError(f"rate curve step {step_s} s must be > 0")
+        self._rate_at = rate_at
+        #: the highest rate of the curve when known (sizes the sender's sockets)
+        self.peak_qps = peak_qps * scale
+        self.step_s = float(step_s)
+        self.scale = float(scale)
+        self._cum = [0.0]  # queries due by k * step_s
+        self._ended = False
+
+    def _rate(self, t_s: float) -> float | None:
+        r = self._rate_at(t_s)
+        if r is None:
+            return None
+        if not r >= 0 or math.isinf(r):
+            raise ProfileError(f"rate curve gave {r} qps at {t_s:.2f} s (must be a number >= 0)")
+        return r * self.scale
+
+    def _extend(self, k: int) -> None:
+        cum = self._cum
+        while len(cum) <= k and not self._ended:
+            r = self._rate((len(cum) - 0.5) * self.step_s)
+            if r is None:
+                self._ended = True
+                break
+            cum.append(cum[-1] + r * self.step_s)
+
+    def due(self, t_s: float) -> int:
+        if t_s <= 0:
+            return 0
+        k = int(t_s / self.step_s)
+        self._extend(k + 1)
+        cum = self._cum
+        if k + 1 >= len(cum):
+            return int(cum[-1] + _EPS)
+        frac = (t_s - k * self.step_s) / self.step_s
+        return int(cum[k] + (cum[k + 1] - cum[k]) * frac + _EPS)
+
+    def time_of(self, i: int) -> float:
+        target = i + 1
+        cum = self._cum
+        # extend until the curve reaches the target; a long zero stretch is fine, the end is not
+        while cum[-1] < target and not self._ended:
+            self._extend(len(cum) + 1000)
+        if cum[-1] < target:
+            return math.inf
+        k = bisect.bisect_left(cum, target) - 1  # cum[k] < target <= cum[k + 1]
+        k = max(k, 0)
+        rise = cum[k + 1] - cum[k]
+        return (k + (target - cum[k]) / rise) * self.step_s if rise > 0 else (k + 1) * self.step_s
+
+    def share(self, index: int, count: int) -> RateCurve:
+        return RateCurve(self._rate_at, self.step_s, self.scale / count, self.peak_qps / self.scale if self.scale else 0.0)
+
+
+def shape_rate(shape: object, peak_qps: float, horizon_s: float = 86400.0) -> RateCurve:
+    """A rate that follows a load shape's ``users_at(t)``, scaled so the shape's peak is
+    ``peak_qps``: a daily pattern of users becomes a daily pattern of queries."""
+    users_at = getattr(shape, "users_at")
+    peak = 0
+    t = 0.0
+    while t < horizon_s:  # the shape's peak, sampled every 0.1 s until it ends
+        u = users_at(t)
+        if u is None:
+            break
+        peak = max(peak, u)
+        t += 0.1
+    if peak <= 0:
+        raise ProfileError(f"load shape {type(shape).__name__} never has any users")
+    return RateCurve(lambda t_s: None if (u := users_at(t_s)) is None else u * peak_qps / peak,
+                     peak_qps=peak_qps)
 
 
 class Nothing:

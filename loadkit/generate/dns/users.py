@@ -267,7 +267,7 @@ def build_sender(p: DnsPlan, index: int = 0, count: int = 1, on_interval=None) -
     ports = s.ports_per_source
     if ports == 0:
         # enough sockets that outstanding queries never exhaust the 16-bit IDs of one socket
-        peak_qps = max(getattr(base, "rate_qps", 0.0), getattr(base, "end_qps", 0.0))
+        peak_qps = max(getattr(base, "rate_qps", 0.0), getattr(base, "end_qps", 0.0), getattr(base, "peak_qps", 0.0))
         horizon_s = sum(s.timeout_s * s.backoff**k for k in range(s.retries + 1))
         ports = max(1, math.ceil(peak_qps * horizon_s / _IDS_PER_SOCKET / len(mine)))
         ports = min(ports, 64)
@@ -368,6 +368,12 @@ class DnsRun:
     # -- lifecycle ----------------------------------------------------------------------------------
     def start(self) -> None:
         p = self.make_plan()
+        shape = getattr(self.environment, "shape_class", None)
+        if shape is not None and hasattr(shape, "users_at") and p.settings.ramp_to_qps <= 0:
+            # a loadkit shape in the locustfile: the base rate follows it, --dns-rate at its peak
+            p = replace(p, base=schedule.shape_rate(shape, p.total_rate_qps))
+            log.info("DNS base rate follows the load shape %s (peak %g qps)", type(shape).__name__,
+                     p.total_rate_qps)
         index, count = worker_share(self.environment)
         self.sender = build_sender(p, index, count, on_interval=self.on_interval)
         self.request_type = "DNS" if p.settings.protocol == "udp" else "DNS-TCP"
@@ -405,6 +411,8 @@ def _describe(sched: Any) -> str:
         return "none"
     if isinstance(sched, schedule.BurstTrain):
         return f"{sched.size_n} in {sched.window_s * 1000:g} ms every {sched.period_s:g} s"
+    if isinstance(sched, schedule.RateCurve):
+        return f"rate curve, peak {sched.peak_qps:g} qps"
     if isinstance(sched, schedule.LinearRamp):
         return f"ramp {sched.start_qps:g}->{sched.end_qps:g} qps over {sched.duration_s:g} s"
     if isinstance(sched, (schedule.ConstantRate, schedule.PoissonRate)):
