@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -9,7 +10,7 @@ import pytest
 from loadkit.errors import ModelError
 from loadkit.model import UdpBurstResult, buffer_datagrams, fit_udp_burst, udp_burst
 from loadkit.partfiles import PartWriter
-from loadkit.records import RUN_LAYOUT, GeneratorMetric, NetSample
+from loadkit.records import RUN_LAYOUT, GeneratorMetric, NetSample, SocketSample
 from loadkit.record.reader import load_run
 from model_synth import T0, write_manifest
 
@@ -81,3 +82,26 @@ def test_fit_from_run_measures_service_rate_and_drops(tmp_path):
     assert r.rcvbuf_bytes == 16384  # so-rcvbuf 8192, doubled by the kernel
     assert r.observed_drops_n == 3000 + 11000 + 3000
     assert r.observed_onset_qps == pytest.approx(8000)
+
+
+def test_fit_counts_only_the_target_sockets_drops(tmp_path):
+    run_dir = tmp_path / "run"
+    write_manifest(run_dir, "dns", "dns_burst")
+    manifest = run_dir / RUN_LAYOUT["manifest"]
+    data = json.loads(manifest.read_text())
+    data["targets"] = ["udp://127.0.0.9:5353"]
+    manifest.write_text(json.dumps(data))
+    gen = PartWriter(run_dir / RUN_LAYOUT["generator"])
+    socks = PartWriter(run_dir / RUN_LAYOUT["sockets"])
+    for k in range(4):
+        ts = T0 + k
+        gen.extend([GeneratorMetric(ts, "dns.original_sent", "counter", 1000.0 * k),
+                    GeneratorMetric(ts, "dns.answered", "counter", 900.0 * k)])
+        # another server on the same port (another lab) drops far more: not ours
+        socks.append(SocketSample(ts, "lab", 5353, 0, 0, 100 * k, "127.0.0.9"))
+        socks.append(SocketSample(ts, "lab", 5353, 0, 0, 5000 * k, "127.0.0.8"))
+    gen.flush()
+    socks.flush()
+    r = fit_udp_burst(load_run(run_dir))
+    assert r.observed_drops_n == 300
+    assert fit_udp_burst(load_run(run_dir), address="127.0.0.8", port=5353).observed_drops_n == 15000

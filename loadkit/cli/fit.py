@@ -48,7 +48,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="buffer charge per datagram (default %(default)s, a small query on loopback)")
     b.add_argument("--burst-window", type=float, default=0.0, metavar="SECONDS",
                    help="burst duration the headline figure is for (default 0: all at once)")
-    b.add_argument("--port", type=int, default=None, help="the server's UDP port among watched sockets")
+    b.add_argument("--port", type=int, default=None,
+                   help="the server's UDP port among watched sockets (default: the run's udp:// target)")
 
     r = p.add_argument_group("retries")
     r.add_argument("--trigger-end", type=float, default=None, metavar="UNIX_S",

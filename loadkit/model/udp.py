@@ -138,15 +138,35 @@ def _recorded_so_rcvbuf(manifest: dict) -> float:
     return 0.0
 
 
+def _target_socket(run: RunData, address: str | None, port: int | None) -> pd.DataFrame:
+    """Samples of the DNS server's own socket: by the given address/port, else the run's target."""
+    sockets = run.sockets
+    if not len(sockets):
+        return sockets
+    if port is None:
+        for target in run.manifest.get("targets") or []:
+            if str(target).startswith("udp://"):
+                host, _, port_s = str(target)[len("udp://"):].rpartition(":")
+                address = address or host.strip("[]")
+                port = int(port_s) if port_s.isdigit() else None
+                break
+    if port is None:
+        return sockets if sockets["local_port"].nunique() == 1 else sockets.iloc[0:0]
+    mine = sockets[sockets["local_port"] == port]
+    if address and "local_address" in mine and (mine["local_address"] != "").any():
+        mine = mine[mine["local_address"].isin([address, "0.0.0.0", "::"])]
+    return mine
+
+
 def fit_udp_burst(run: RunData, *, rcvbuf_bytes: float | None = None,
                   bytes_per_datagram: float = BYTES_PER_DATAGRAM, burst_window_s: float = 0.0,
-                  port: int | None = None) -> UdpBurstResult:
+                  address: str | None = None, port: int | None = None) -> UdpBurstResult:
     """The burst model with the service rate and drops measured in a recorded DNS run.
 
     Service rate: the highest answered rate of any interval (``dns.answered`` counter, else
     successful DNS requests), the best estimate of capacity when the run saturated the server.
-    Drops: ``RcvbufErrors`` increments from the collector's net samples (or the watched socket's
-    ``drops``). ``rcvbuf_bytes`` defaults to the lab's recorded ``dns_rcvbuf_bytes`` (unbound's
+    Drops: the ``drops`` of the server's own socket (``address``/``port``, default the run's
+    ``udp://`` target) when the collector watched it, else the host-wide ``RcvbufErrors``. ``rcvbuf_bytes`` defaults to the lab's recorded ``dns_rcvbuf_bytes`` (unbound's
     ``so-rcvbuf``, from the manifest's lab or profile) doubled as the kernel does, else the
     platform default.
     """
@@ -166,11 +186,12 @@ def fit_udp_burst(run: RunData, *, rcvbuf_bytes: float | None = None,
     result = udp_burst(rcvbuf_bytes, service, bytes_per_datagram=bytes_per_datagram,
                        burst_window_s=burst_window_s)
     drops = pd.Series(dtype=float)
-    if len(run.sockets) and (port is not None or run.sockets["local_port"].nunique() == 1):
-        s = run.sockets if port is None else run.sockets[run.sockets["local_port"] == port]
-        d = s.groupby("ts_unix_s")["drops_n"].sum().sort_index()
+    mine = _target_socket(run, address, port)
+    if len(mine):
+        d = mine.groupby("ts_unix_s")["drops_n"].sum().sort_index()
         drops = d.diff().clip(lower=0).dropna()
     elif len(run.net):
+        # host-wide: counts every UDP socket on the host, other servers' too
         d = run.net.groupby("ts_unix_s")["udp_rcvbuf_errors_n"].sum().sort_index()
         drops = d.diff().clip(lower=0).dropna()
     result.observed_drops_n = int(drops.sum()) if len(drops) else 0
