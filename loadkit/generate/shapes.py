@@ -10,6 +10,10 @@ To use one, subclass it in a locustfile and set the fields::
 
     class Shape(StepShape):
         steps = ((30, 100), (30, 200), (30, 400))
+
+Open-loop DNS load does not come from users, so in a locustfile with the DNS users the base
+query rate follows the shape instead: ``users_at(t)`` scaled so the shape's peak is
+``--dns-rate`` (see :func:`loadkit.generate.dns.schedule.shape_rate`).
 """
 
 from __future__ import annotations
