@@ -320,6 +320,8 @@ def test_two_workers_give_one_record_and_a_lost_worker_is_an_event(tmp_path: Pat
     # the surviving worker kept the run going after the loss was noticed
     after = run.requests[run.requests["ts_unix_s"] > lost[0]["ts_unix_s"] + 1]
     assert after["requests_n"].sum() > 0
+    # workers report every record interval (not Locust's 3 s), so most intervals have rows
+    assert run.requests["ts_unix_s"].nunique() >= 0.6 * 20
     workers_gauge = run.generator[run.generator["metric"] == "workers"]["value"]
     assert workers_gauge.max() == 2 and (workers_gauge == 1).any()  # 0 once the run has ended
 
