@@ -545,3 +545,71 @@ def test_real_cgroup_memory_and_oom_kill_event(memory_cgroup):
     kinds = {e.kind: e for e in s1.events}
     assert kinds["oom_kill"].source == "hog" and kinds["oom_kill"].detail["cgroup_limit_bytes"] == 48 << 20
     assert kinds["process_exited"].detail["pid"] == hog.pid
+
+
+def test_exposition_parses_as_prometheus_text(proc_root):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    c = Collector(CollectorConfig(udp_ports=[5353], proc_root=str(proc_root), groups=[parse_group_spec("me=python")]))
+    c.sample()
+    families = {f.name: f for f in text_string_to_metric_families(exposition(c.latest, c))}
+    assert families["node_netstat_Udp_RcvbufErrors"].samples[0].value == 150890
+    assert families["node_netstat_TcpExt_ListenOverflows"].samples[0].value == 42
+    # counters are exposed with _total, as Prometheus names them
+    drops = families["loadkit_udp_socket_drops"].samples
+    assert {(s.labels["address"], s.value) for s in drops} >= {("127.0.0.1", 17.0)}
+    assert families["loadkit_group_processes"].samples[0].labels == {"group": "me"}
+
+
+def test_restarted_master_is_an_event_on_real_processes():
+    """A server process exits and a new one of the same name appears, not as a child of the
+    group: ``process_restarted`` with the old PID and how long the group was without it."""
+    tag = f"lk-master-{time.time_ns()}"
+    first = _spawn_sleepers(1, tag)
+    second: list[subprocess.Popen] = []
+    try:
+        time.sleep(0.3)
+        groups = ProcessGroups([parse_group_spec(f"m={tag}")], WarnOnce("t"))
+        tracker = EventTracker("t")
+        groups.sample(time.time(), "t", [])
+        tracker.update(time.time(), groups.members)
+        first[0].kill()
+        first[0].wait(5)
+        groups.sample(time.time(), "t", [])
+        exited = tracker.update(time.time(), groups.members)
+        assert [e.kind for e in exited] == ["process_exited"]
+        second = _spawn_sleepers(1, tag)
+        time.sleep(0.3)
+        groups.sample(time.time(), "t", [])
+        ev = {e.kind: e for e in tracker.update(time.time(), groups.members)}
+        assert set(ev) == {"process_started", "process_restarted"}
+        assert ev["process_restarted"].detail["previous_pid"] == first[0].pid
+        assert ev["process_restarted"].detail["pid"] == second[0].pid
+        assert ev["process_restarted"].detail["down_s"] > 0
+    finally:
+        _reap(first + second)
+
+
+def test_sigkill_loses_at_most_the_unflushed_chunk(tmp_path):
+    """Parts are flushed every --flush-interval: after a SIGKILL every flushed part reads back."""
+    out = tmp_path / "c"
+    p = subprocess.Popen(
+        [sys.executable, "-m", "loadkit", "collect", "--interval", "0.1", "--flush-interval", "0.3",
+         "--proc-root", str(CANNED), "--out", str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while len(list((out / "samples" / "net").glob("part-*.parquet"))) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        p.kill()  # SIGKILL: no chance to flush
+        p.wait(10)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    parts = sorted((out / "samples" / "net").glob("part-*.parquet"))
+    assert len(parts) >= 3
+    net = read_table(out, "net")
+    assert len(net) >= len(parts) and (net["udp_rcvbuf_errors_n"] == 150890).all()
+    assert net["ts_unix_s"].is_monotonic_increasing

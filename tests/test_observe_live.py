@@ -162,3 +162,41 @@ def test_web_ui_gets_a_target_tab_and_json_route(monkeypatch):
     finally:
         web_ui.stop()
         env.runner.quit()
+
+
+LOCUSTFILE = '''
+from locust import User, constant, events, task
+
+from loadkit.record.live_collector import attach_collector
+
+
+@events.test_start.add_listener
+def _attach(environment, **_kw):
+    attach_collector(environment, groups={"me": "python"}, udp_ports=[5353], interval_s=0.5)
+
+
+class Idle(User):
+    wait_time = constant(0.5)
+
+    @task
+    def nothing(self):
+        pass
+'''
+
+
+def test_headless_locust_prints_the_target_line(tmp_path):
+    """A real headless Locust run shows the collector's line with its own status output."""
+    import subprocess
+    import sys
+
+    lf = tmp_path / "idle_locustfile.py"
+    lf.write_text(LOCUSTFILE)
+    proc = subprocess.run(
+        [sys.executable, "-m", "locust", "-f", str(lf), "--headless", "-u", "1", "-r", "1", "-t", "5s"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-2000:]
+    lines = [ln for ln in out.splitlines() if "target: [" in ln]
+    assert lines, out[-2000:]
+    assert "me " in lines[-1] and "rcvbuf_err +" in lines[-1]

@@ -55,6 +55,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="SECONDS",
         help="read USS/PSS (costly) at most this often; 0 never (default 10)",
     )
+    p.add_argument(
+        "--flush-interval",
+        type=str,
+        default="5",
+        metavar="SECONDS",
+        help="write a Parquet part at least this often; a crash loses at most this much (default 5)",
+    )
     p.add_argument("--host-label", default=None, metavar="NAME", help="host name written in records (default: hostname)")
     p.add_argument("--proc-root", default="/proc", help=argparse.SUPPRESS)
     p.add_argument("--cgroup-root", default="/sys/fs/cgroup", help=argparse.SUPPRESS)
@@ -102,6 +109,7 @@ def build_config(args: argparse.Namespace):
         proc_root=args.proc_root,
         cgroup_root=args.cgroup_root,
         full_memory_interval_s=full or None,
+        flush_interval_s=_seconds(args.flush_interval, "flush-interval"),
     )
     if args.host_label:
         config.host = args.host_label

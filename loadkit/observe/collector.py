@@ -186,6 +186,8 @@ class CollectorConfig:
         for port in self.udp_ports:
             if not isinstance(port, int) or not 1 <= port <= 65535:
                 raise CollectorError(f"UDP port {port!r} is out of range 1-65535")
+        if not isinstance(self.flush_interval_s, (int, float)) or not self.flush_interval_s > 0:
+            raise CollectorError(f"flush interval {self.flush_interval_s!r} s must be a positive number of seconds")
         if self.full_memory_interval_s is not None and self.full_memory_interval_s < 0:
             raise CollectorError(f"full-memory interval {self.full_memory_interval_s!r} s must be >= 0")
         check_unique(self.groups)
