@@ -555,12 +555,12 @@ class DnsSender:
                                         except OSError:
                                             self._count("dns.send_errors")
                                             self._fail(q[2], "send_error", 0.0)
-                                if j >= n_base:
-                                    # burst queries are sent after the base ones of this pass
-                                    if burst_first < 0:
-                                        burst_first = t
-                                    burst_last = t
-                                    burst_cur_n += 1
+                                if j == n_base and burst_first < 0:
+                                    # burst queries go after the base ones of this pass
+                                    burst_first = t
+                            if n_burst:
+                                burst_last = t
+                                burst_cur_n += n_burst
                             orig_sent += n
                             base_sent += n_base
                             burst_sent += n_burst
