@@ -429,7 +429,10 @@ class Collector:
         next_t = start
         try:
             while not self._stop.is_set():
-                self.sample()
+                try:
+                    self.sample()
+                except Exception:  # a bug in one tick must not end the recording
+                    log.exception("collector sample failed; sampling goes on")
                 next_t += interval
                 now = time.perf_counter()
                 if now > next_t:
