@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import csv
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -258,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--settle", type=float, default=1.0, help="seconds to wait after each step")
     ap.add_argument("--max-sessions", type=int, default=2000)
     ap.add_argument("--max-seconds", type=float, default=600.0)
+    ap.add_argument("--keep-run", type=Path, default=None, metavar="DIR",
+                    help="keep the run directory the fit used (collector group samples) here")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="headroom-fidelity-") as tmp:
         lab = Lab(LabConfig(dir=Path(tmp) / "lab", address=args.address, proxies=args.proxies,
@@ -267,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
             status = lab.up()
             print(f"lab: {args.proxies} proxies × {args.proxy_memory} on {status.imap}", flush=True)
             predicted, measured = asyncio.run(ramp(args, lab, Path(tmp)))
+            if args.keep_run is not None:
+                shutil.copytree(Path(tmp) / "fit-run", args.keep_run, dirs_exist_ok=True)
         except LoadkitError as err:
             print(f"headroom_fidelity: {err}", file=sys.stderr)
             return 2

@@ -24,6 +24,8 @@ from loadkit.profile.targets import check_target
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+
 BYTES_PER_DATAGRAM = 832
 
 
@@ -350,15 +352,27 @@ def test_metastability_retry_storm_vs_recovery(make_lab, tmp_path):
     before = amp[amp.index < storm.trigger_start_unix_s - 0.3]
     assert before["amplification"].max() < 1.2  # healthy before the burst
 
+    # the DNS-burst notebook on these two recorded lab runs
+    import papermill as pm
+
+    out_nb = tmp_path / "dns_burst.out.ipynb"
+    pm.execute_notebook(str(NOTEBOOKS / "dns_burst.ipynb"), str(out_nb), kernel_name="python3",
+                        parameters={"run_dirs": [str(tmp_path / "aggressive"), str(tmp_path / "standard")],
+                                    "release": "lab"}, progress_bar=False, cwd=str(tmp_path))
+    text = out_nb.read_text()
+    assert "aggressive: metastable" in text and "standard: recovers" in text
+
 
 # ---------------------------------------------------------------------------------------------
 # headroom: the fidelity benchmark on a small lab
 # ---------------------------------------------------------------------------------------------
 
 
-def test_headroom_fit_at_half_capacity_predicts_fall_over():
+def test_headroom_fit_at_half_capacity_predicts_fall_over(tmp_path):
     import re
     import sys
+
+    import papermill as pm
 
     from conftest import free_lab_address
 
@@ -368,10 +382,17 @@ def test_headroom_fit_at_half_capacity_predicts_fall_over():
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "headroom_fidelity.py"
     proc = subprocess.run([sys.executable, str(script), "--address", address, "--proxies", "2",
                            "--proxy-memory", "32MiB", "--step", "3", "--max-sessions", "300",
-                           "--max-seconds", "240"], capture_output=True, text=True, timeout=400)
+                           "--max-seconds", "240", "--keep-run", str(tmp_path / "fit-run")],
+                          capture_output=True, text=True, timeout=400)
     print(proc.stdout[-3000:], proc.stderr[-2000:])
     assert proc.returncode == 0
     last = proc.stdout.strip().splitlines()[-1]
     error_pct = float(re.fullmatch(r"error_pct=(-?[0-9.]+)", last).group(1))
     assert abs(error_pct) <= 10.0  # acceptance: the half-capacity fit predicts fall-over within 10 %
     assert "all 2 proxies fall over at" in proc.stdout
+    # the headroom notebook on the recorded lab run
+    out_nb = tmp_path / "headroom.out.ipynb"
+    pm.execute_notebook(str(NOTEBOOKS / "headroom.ipynb"), str(out_nb), kernel_name="python3",
+                        parameters={"run_dirs": [str(tmp_path / "fit-run")], "release": "lab"},
+                        progress_bar=False, cwd=str(tmp_path))
+    assert "release lab: all 2 proxies fall over at" in out_nb.read_text()
