@@ -49,7 +49,7 @@ def test_local_collector_feeds_the_sink_on_the_load_clock():
     finally:
         env.events.quitting.fire(environment=env)  # Locust's shutdown stops the collector
     groups = sink.of(GroupSample)
-    assert len(groups) >= 4 and all(g.group == "me" for g in groups)
+    assert len(groups) >= 2 and all(g.group == "me" for g in groups)
     assert all(t0 - 1 <= g.ts_unix_s <= time.time() for g in groups)  # time.time() clock
     assert len(sink.of(SystemSample)) == len(groups)
     nets = [row for table, row in sink.rows if table == "net"]
