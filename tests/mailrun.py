@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -44,8 +45,10 @@ def storm(
     seconds: float = 2.0,
     spawn_rate: float | None = None,
     during: Any = None,
+    until: Any = None,
 ) -> dict:
-    """Run ``users`` for ``seconds``; return stats, errors, metrics and what was logged."""
+    """Run ``users`` for ``seconds`` (or until ``until(env)`` is true, polled twice a second);
+    return stats, errors, metrics and what was logged. ``during(env)`` runs at half time."""
     cls = TestImapUser if protocol == "imap" else TestPop3User
     env = Environment(user_classes=[cls], host=host)
     set_options(env, options)
@@ -64,7 +67,11 @@ def storm(
         runner = env.create_local_runner()
         runner.start(users, spawn_rate=spawn_rate or users)
         seen = None
-        if during is not None:
+        if until is not None:
+            t_end = time.monotonic() + seconds
+            while time.monotonic() < t_end and not until(env):
+                gevent.sleep(0.5)
+        elif during is not None:
             gevent.sleep(seconds / 2)
             seen = during(env)
             gevent.sleep(seconds / 2)

@@ -116,3 +116,14 @@ def test_give_up_stops_the_user(tmp_path) -> None:
     assert out["counters"]["imap.gave_up"] == 4
     assert out["exceptions"] == {}
 
+
+
+def test_temporary_refusal_is_not_an_auth_rejection() -> None:
+    from loadkit.generate.mail.classify import Phase, ServerReply, classify
+
+    assert repr(classify(ServerReply("NO", "[AUTHENTICATIONFAILED] Authentication failed."), Phase.LOGIN)) == "auth_rejected"
+    assert repr(classify(ServerReply("NO", "[UNAVAILABLE] Temporary authentication failure."), Phase.LOGIN)) == "no"
+    assert repr(classify(ServerReply("-ERR", "[SYS/TEMP] try later"), Phase.LOGIN)) == "no"
+    assert repr(classify(ServerReply("-ERR", "[AUTH] Authentication failed."), Phase.LOGIN)) == "auth_rejected"
+    assert repr(classify(ServerReply("BYE", "Shutting down"), Phase.GREETING)) == "bye_greeting"
+    assert repr(classify(ServerReply("BAD", "junk"), Phase.SELECT)) == "bad"

@@ -250,26 +250,29 @@ class _HubKeeper:
 
     ``run_callback_threadsafe`` wakes the hub through a watcher that does not count as
     activity, so a hub whose only greenlets are waiting on the loop would conclude that nothing
-    can ever wake them and raise ``LoopExit``. An async watcher referenced only while waits are
-    pending tells it otherwise, and costs nothing when idle.
+    can ever wake them and raise ``LoopExit``. A long timer that runs only while waits are
+    pending tells it otherwise; libev counts a started watcher itself, so nothing is unbalanced
+    however greenlets end.
     """
 
     def __init__(self, hub: Any) -> None:
         self.hub_loop = hub.loop
-        self._watcher = hub.loop.async_()
-        self._watcher.start(lambda: None)
-        self._watcher.ref = False
+        self._timer = hub.loop.timer(3600.0, 3600.0)
         self._pending = 0
 
     def hold(self) -> None:
         self._pending += 1
         if self._pending == 1:
-            self._watcher.ref = True
+            self._timer.start(_noop)
 
     def release(self) -> None:
         self._pending -= 1
         if self._pending == 0:
-            self._watcher.ref = False
+            self._timer.stop()
+
+
+def _noop() -> None:
+    pass
 
 
 def _keeper() -> _HubKeeper:

@@ -10,6 +10,7 @@ process is OOM-killed closes a held session (``eof_after_login``); a proxy that 
 from __future__ import annotations
 
 import errno
+import re
 import ssl
 from enum import Enum
 from typing import NamedTuple
@@ -58,6 +59,11 @@ _RESET_ERRNOS = {errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED}
 _REFUSED_ERRNOS = {errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EADDRNOTAVAIL}
 _CLIENT_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
+# response codes of a server that is in trouble rather than refusing the credentials: IMAP
+# RFC 5530 ([UNAVAILABLE] "Temporary authentication failure" from an overloaded dovecot), POP3
+# RFC 3206 ([SYS/TEMP], [IN-USE]); these are "no", not "auth_rejected"
+_TEMPORARY = re.compile(r"\[(UNAVAILABLE|SERVERBUG|LIMIT|INUSE|SYS/|IN-USE)", re.IGNORECASE)
+
 _EOF_BY_PHASE = {
     Phase.CONNECT: "eof_before_greeting",
     Phase.GREETING: "eof_before_greeting",
@@ -90,8 +96,8 @@ def classify(err: BaseException, phase: Phase) -> Failure:
             token = "eof_after_login" if phase not in _EOF_BY_PHASE else _EOF_BY_PHASE[phase]
         elif status == "BAD":
             token = "bad"
-        elif phase is Phase.LOGIN:  # NO or -ERR to LOGIN, USER or PASS
-            token = "auth_rejected"
+        elif phase is Phase.LOGIN and not _TEMPORARY.search(err.text):
+            token = "auth_rejected"  # NO or -ERR to LOGIN, USER or PASS: credentials refused
         else:
             token = "no"
     elif isinstance(err, (ServerClosed, EOFError, ssl.SSLEOFError)):

@@ -1,0 +1,69 @@
+"""A storm with sessions in flight ends cleanly on its time limit, SIGINT and SIGTERM.
+
+Runs the real locustfile in a subprocess (``locust --headless``) against an in-process IMAP fake
+that holds every session in IDLE, then stops it the three ways a user does.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import gevent
+import pytest
+
+from mailfakes import FakeMailServer
+from mailrun import write_accounts
+
+ROOT = Path(__file__).resolve().parents[1]
+LOCUST = str(Path(sys.executable).with_name("locust"))
+
+NOISE = ("Traceback", "Task was destroyed", "exception was never retrieved", "Unhandled exception")
+
+
+def _locust(locustfile: str, address: str, accounts: Path, extra: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        [LOCUST, "-f", str(ROOT / "locustfiles" / locustfile), "--headless", "-u", "40", "-r", "40",
+         "--host", address, "--mail-accounts", str(accounts), "--mail-dwell", "idle", *extra],
+        cwd=accounts.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def _wait(proc: subprocess.Popen, timeout_s: float) -> str:
+    # gevent's subprocess lets the in-process fake keep serving while we wait
+    deadline = time.monotonic() + timeout_s
+    while proc.poll() is None and time.monotonic() < deadline:
+        gevent.sleep(0.1)
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+        pytest.fail("locust did not exit in time")
+    return proc.stdout.read()
+
+
+@pytest.mark.parametrize("how", ["time_limit", "SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("protocol", ["imap", "pop3"])
+def test_clean_exit_with_sessions_in_flight(how: str, protocol: str, tmp_path: Path) -> None:
+    accounts = write_accounts(tmp_path, 40)
+    locustfile = "imap_storm.py" if protocol == "imap" else "pop_storm.py"
+    with FakeMailServer(protocol, "ok") as fake:
+        extra = ["-t", "3s"] if how == "time_limit" else ["-t", "60s"]
+        proc = _locust(locustfile, fake.address, accounts, extra)
+        if how != "time_limit":
+            # wait until every user holds a session, then signal THIS process
+            deadline = time.monotonic() + 20
+            while fake.connections_n < 40 and time.monotonic() < deadline:
+                gevent.sleep(0.1)
+            assert fake.connections_n >= 40
+            gevent.sleep(0.5)
+            os.kill(proc.pid, getattr(signal, how))
+        out = _wait(proc, 30)
+    assert proc.returncode in (0, 1), out  # not killed by the signal itself
+    for word in NOISE:
+        assert word not in out, out
+    kind = "IMAP" if protocol == "imap" else "POP3"
+    assert f"{kind}     connect+greeting" in out  # the final stats were printed
