@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import sys
+import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -404,6 +405,12 @@ class DnsRun:
             if not self.greenlet.dead:
                 self.greenlet.kill(block=True, timeout=1.0)
             self.greenlet = None
+        if self.knee is not None and self.knee_point is None and self.sender is not None:
+            best = self.knee.result(time.time() - self.sender.started_unix_s)
+            log.warning(
+                "ramp-to-knee: the ramp ended before the knee; max throughput %.0f qps at offered "
+                "%.0f qps, loss %.2f %%", best.max_throughput_rps, best.offered_rps, best.loss_ratio * 100,
+            )
 
 
 def _describe(sched: Any) -> str:
