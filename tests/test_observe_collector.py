@@ -548,7 +548,9 @@ def test_real_cgroup_memory_and_oom_kill_event(memory_cgroup):
 
 
 def test_exposition_parses_as_prometheus_text(proc_root):
-    from prometheus_client.parser import text_string_to_metric_families
+    # Prometheus's own parser (installed with jupyter_server), as a scraper would read it
+    parser = pytest.importorskip("prometheus_client.parser")
+    text_string_to_metric_families = parser.text_string_to_metric_families
 
     c = Collector(CollectorConfig(udp_ports=[5353], proc_root=str(proc_root), groups=[parse_group_spec("me=python")]))
     c.sample()
