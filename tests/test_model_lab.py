@@ -396,3 +396,89 @@ def test_headroom_fit_at_half_capacity_predicts_fall_over(tmp_path):
                         parameters={"run_dirs": [str(tmp_path / "fit-run")], "release": "lab"},
                         progress_bar=False, cwd=str(tmp_path))
     assert "release lab: all 2 proxies fall over at" in out_nb.read_text()
+
+
+# ---------------------------------------------------------------------------------------------
+# scalability: closed-loop DNS clients at growing concurrency, USL and Little's law
+# ---------------------------------------------------------------------------------------------
+
+
+def closed_loop_run(run_dir: Path, server: tuple[str, int], wires: list[bytes],
+                    levels=(1, 2, 4, 8, 16, 32, 64), level_s: float = 0.6, interval_s: float = 0.2) -> None:
+    """Keep N queries in flight (N users without think time) for ``level_s`` per level, and write
+    request intervals plus a ``users`` gauge like the recorder does."""
+    import json
+
+    from loadkit.partfiles import PartWriter
+    from loadkit.records import RUN_LAYOUT, GeneratorMetric, RequestInterval
+
+    target = check_target(f"{server[0]}:{server[1]}", 53)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((target.address, 0))
+    sock.settimeout(1.0)
+    req = PartWriter(run_dir / RUN_LAYOUT["requests"])
+    gen = PartWriter(run_dir / RUN_LAYOUT["generator"])
+    templates = [w[2:] for w in wires]
+    started = time.time()
+    qid = 0
+    try:
+        for n in levels:
+            inflight: dict[int, float] = {}
+            for _ in range(n):
+                qid = (qid + 1) & 0xFFFF
+                inflight[qid] = time.perf_counter()
+                sock.sendto(qid.to_bytes(2, "big") + templates[qid % len(templates)], (target.address, target.port))
+            level_end = time.perf_counter() + level_s
+            next_flush = time.perf_counter() + interval_s
+            lat: list[float] = []
+            while time.perf_counter() < level_end:
+                data = sock.recv(4096)
+                sent = inflight.pop(int.from_bytes(data[:2], "big"), None)
+                if sent is None:
+                    continue
+                now = time.perf_counter()
+                lat.append(now - sent)
+                qid = (qid + 1) & 0xFFFF
+                inflight[qid] = time.perf_counter()
+                sock.sendto(qid.to_bytes(2, "big") + templates[qid % len(templates)], (target.address, target.port))
+                if now >= next_flush:
+                    lat.sort()
+                    ts = time.time()
+                    pct = lambda p: lat[min(len(lat) - 1, int(p * len(lat)))]  # noqa: E731
+                    req.append(RequestInterval(ts, interval_s, "DNS", "A", len(lat), 0, sum(lat) / len(lat),
+                                               pct(0.5), pct(0.9), pct(0.95), pct(0.99), lat[-1]))
+                    gen.append(GeneratorMetric(ts, "users", "gauge", float(n)))
+                    lat = []
+                    next_flush += interval_s
+            while inflight:  # let the level's queries come home before the next level
+                data = sock.recv(4096)
+                inflight.pop(int.from_bytes(data[:2], "big"), None)
+    finally:
+        sock.close()
+        req.flush()
+        gen.flush()
+    (run_dir / RUN_LAYOUT["manifest"]).write_text(json.dumps({
+        "run_id": run_dir.name, "scenario": "dns_closed_loop_steps", "release": "", "status": "completed",
+        "started_unix_s": started, "ended_unix_s": time.time(), "profile": {}, "targets": [],
+        "versions": {}, "host": {}, "lab": {}, "gates": []}))
+
+
+def test_usl_and_littles_law_on_a_lab_run(lab, tmp_path):
+    from loadkit.model import fit_usl_run, littles_law_check, usl_points
+    from loadkit.record.reader import load_run
+
+    closed_loop_run(tmp_path / "steps", (lab.dns.host, lab.dns.port), prebuilt_queries(lab.names_file))
+    run = load_run(tmp_path / "steps")
+    little = littles_law_check(run)
+    print(little.summary())
+    # N users with no think time: N = X × R must hold for a closed loop measured right
+    assert little.consistent
+    pts = usl_points(run)
+    usl = fit_usl_run(run)
+    print(usl.summary())
+    # the fit describes the measured curve: every level within 25 % (a shared, noisy machine)
+    pred = usl.predict(pts["concurrency"].to_numpy())
+    assert ((abs(pred - pts["throughput_rps"]) / pts["throughput_rps"]) < 0.25).all(), (pts, usl)
+    # and lambda is the single-user throughput the run measured, not assumed from one point
+    x1 = float(pts.loc[pts["concurrency"] == 1, "throughput_rps"].iloc[0])
+    assert usl.lambda_ == pytest.approx(x1, rel=0.3)

@@ -56,8 +56,14 @@ class UslResult(Result):
         return usl_throughput(concurrency, self.sigma, self.kappa, self.lambda_)
 
     def summary(self) -> str:
-        peak = (f"peak ≈ {self.x_max:.4g}/s at N* ≈ {self.n_star:.0f}" if math.isfinite(self.n_star)
-                else f"no retrograde region (kappa≈0), ceiling ≈ {self.x_max:.4g}/s")
+        if not math.isfinite(self.n_star):
+            peak = f"no retrograde region (kappa=0), ceiling ≈ {self.x_max:.4g}/s"
+        elif self.n_star > 10 * self.max_concurrency_observed:
+            # a kappa this small is not measured: the data never bend down
+            peak = (f"no peak within 10× the measured concurrency ({self.max_concurrency_observed:.0f}), "
+                    f"ceiling ≈ {self.lambda_ / self.sigma if self.sigma > 0 else math.inf:.4g}/s")
+        else:
+            peak = f"peak ≈ {self.x_max:.4g}/s at N* ≈ {self.n_star:.0f}"
         return (f"USL sigma={self.sigma:.4f}±{self.sigma_stderr:.4f} kappa={self.kappa:.2e}±"
                 f"{self.kappa_stderr:.1e} lambda={self.lambda_:.4g}/s; {peak} (R²={self.r_squared:.3f}, "
                 f"{self.points_n} points)")
