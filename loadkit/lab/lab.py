@@ -312,6 +312,9 @@ class Lab:
                 errors.append(f"{c['name']} (pid {c['pid']}) is still running")
         for c in state.get("components", []):
             if c.get("cgroup"):
+                # anything still in the lab's own cgroup is ours (a child that left the group)
+                for pid in cgroups.procs(Path(c["cgroup"])):
+                    procs.kill_pid(pid)
                 try:
                     cgroups.remove(Path(c["cgroup"]))
                 except OSError as err:

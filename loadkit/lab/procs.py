@@ -121,41 +121,39 @@ def stop_all(started: Sequence[Started], timeout_s: float = 5.0) -> None:
                 os.kill(p.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        _kill_group(*p)
+    _kill_groups(started)
     deadline = time.monotonic() + 2.0
     while time.monotonic() < deadline and any(alive(*p) for p in started):
         time.sleep(0.05)
 
 
-def _kill_group(pid: int, create_time_s: float) -> None:
-    """SIGKILL what is left of the process group ``pid`` led (children of a dead master).
+def _kill_groups(started: Sequence[Started]) -> None:
+    """SIGKILL what is left of the process groups our processes led (children of a dead master).
 
-    Only processes whose group is ``pid`` and that started no earlier than our process are
-    touched, so a reused group id cannot hit someone else's processes.
+    Only processes whose group is one of ours and that started no earlier than its leader are
+    touched, so a reused group id cannot hit someone else's processes. One pass over the
+    process table for all groups: other labs on the host may hold thousands of processes.
     """
-    if pid <= 0:
+    leaders = {p.pid: p.create_time_s for p in started if p.pid > 0}
+    if not leaders:
         return
-    for p in group_members(pid, create_time_s):
+    for proc in psutil.process_iter(["status", "create_time"]):
         try:
-            p.kill()
-        except psutil.Error:
-            pass
-
-
-def group_members(pgid: int, create_time_s: float) -> list[psutil.Process]:
-    """Live processes in process group ``pgid`` started since ``create_time_s``."""
-    found = []
-    for p in psutil.process_iter(["pid", "status", "create_time"]):
-        try:
-            if p.info["status"] == psutil.STATUS_ZOMBIE:
+            if proc.info["status"] == psutil.STATUS_ZOMBIE:
                 continue
-            if create_time_s and p.info["create_time"] + 1.0 < create_time_s:
-                continue
-            if os.getpgid(p.pid) == pgid:
-                found.append(p)
+            pgid = os.getpgid(proc.pid)
+            if pgid in leaders and proc.info["create_time"] + 1.0 >= leaders[pgid]:
+                proc.kill()
         except (psutil.Error, ProcessLookupError, PermissionError):
             continue
-    return found
+
+
+def kill_pid(pid: int) -> None:
+    """SIGKILL one process we know to be ours (e.g. found in the lab's own cgroup)."""
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 # -- ports ------------------------------------------------------------------------------------
