@@ -615,3 +615,20 @@ def test_sigkill_loses_at_most_the_unflushed_chunk(tmp_path):
     net = read_table(out, "net")
     assert len(net) >= len(parts) and (net["udp_rcvbuf_errors_n"] == 150890).all()
     assert net["ts_unix_s"].is_monotonic_increasing
+
+
+def test_cgroup_with_a_missing_file_warns_once_and_keeps_the_rest(tmp_path, proc_root):
+    _make_cgroup_tree(tmp_path)
+    (tmp_path / "memory" / "loadkit" / "proxy1" / "memory.failcnt").unlink()  # controller file gone
+    cfg = CollectorConfig(
+        groups=[parse_group_spec("p1=cgroup:/loadkit/proxy1"), parse_group_spec("p2=cgroup:/loadkit/proxy2")],
+        cgroup_root=str(tmp_path),
+        proc_root=str(proc_root),
+    )
+    c = Collector(cfg)
+    s1, s2 = c.sample(), c.sample()
+    p1, p2 = s2.groups
+    assert p1.cgroup_memory_bytes == 0 and p1.cgroup_limit_bytes == 0
+    assert p2.cgroup_memory_bytes == 67108864 and p2.cgroup_oom_kills_n == 2  # the other group is intact
+    assert [e.detail["key"] for e in s1.events if e.kind == "warning"] == ["cgroup_read:p1"]
+    assert not [e for e in s2.events if e.kind == "warning"]
