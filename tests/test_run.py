@@ -351,3 +351,22 @@ def test_samples_from_a_remote_collector_url_reach_the_record(tmp_path: Path, ec
     run = load_run(only_run(out))
     assert set(run.groups["host"]) == {"target-1"} and set(run.groups["group"]) == {"echo"}
     assert run.groups["procs_n"].max() >= 1 and len(run.system) > 0
+
+
+def test_plain_locust_with_the_plugin_records_a_sigterm_as_interrupted(tmp_path: Path, echo) -> None:
+    out = tmp_path / "runs"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "locust", "-f", str(TINY), "--headless", "-u", "2", "-r", "2", "-t", "60s",
+         "--host", f"127.0.0.1:{echo.server_address[1]}", "--record-dir", str(out), "--run-id", "plain",
+         "--scenario", "qa", "--release", "r7", "--only-summary"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: live_status(out).get("requests_n", 0) > 0, what="requests")
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    run = load_run(out / "plain")
+    assert (run.manifest["status"], run.manifest["scenario"], run.manifest["release"]) == ("interrupted", "qa", "r7")
+    assert run.manifest["ended_unix_s"] > 0 and run.requests["requests_n"].sum() > 0

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import signal
 import threading
 import time
 from pathlib import Path
@@ -276,6 +277,9 @@ class Recorder:
         self.writer.start(self.run_id, o.scenario or "adhoc", o.release or "unlabelled")
         self.writer.event("run_started", "locust", {"run_id": self.run_id, "distributed": self.distributed})
         self._attach_collectors()
+        # Locust stops gracefully on SIGTERM and then reports "quitting" exactly as after a
+        # normal end; this marks the run as interrupted first (the runner leaves the same mark)
+        gevent.signal_handler(signal.SIGTERM, self._mark_interrupted)
         self._greenlets = [gevent.spawn(self._tick_loop), gevent.spawn(self._watch_loop)]
         log.info("recording run %s in %s", self.run_id, self.writer.run_dir)
 
@@ -311,6 +315,9 @@ class Recorder:
                 "warning", "collector",
                 {"message": "live collector unavailable: reading cgroup memory only"},
             )
+
+    def _mark_interrupted(self) -> None:
+        (self.writer.run_dir / INTERRUPT_MARKER).touch()
 
     def sink(self, record: Any, table: str | None = None) -> None:
         """Collector output: any sample record, an Event, or a dict row for ``table``.
