@@ -212,7 +212,10 @@ class Runner:
         run_id = new_run_id(p.scenario)
         run_dir = self.out_dir / run_id
         self.run_dir = run_dir
-        writer = RunWriter(run_dir)
+        try:
+            writer = RunWriter(run_dir)
+        except OSError as err:
+            raise RunError(f"cannot write the run record under {self.out_dir}: {err.strerror}") from err
         targets = [f"{_SCHEMES.get(k, 'tcp')}://{t}" for k, t in resolved.items()]
         writer.start(run_id, p.scenario, p.release, profile=p.to_dict(), targets=targets, lab=self.lab)
         env = self._env()
