@@ -386,5 +386,10 @@ def read_pid_stat(pid: int, proc_root: str | os.PathLike = PROC_ROOT) -> PidStat
 
     ``FileNotFoundError``/``ProcessLookupError`` when the process is gone.
     """
-    with open(f"{proc_root}/{pid}/stat", "rb") as fh:
-        return parse_pid_stat(fh.read().decode("ascii", "replace"))
+    # os.open/os.read: a third of the cost of open() for a file read 500 times per sample
+    fd = os.open(f"{proc_root}/{pid}/stat", os.O_RDONLY)
+    try:
+        data = os.read(fd, 4096)
+    finally:
+        os.close(fd)
+    return parse_pid_stat(data.decode("ascii", "replace"))
