@@ -324,6 +324,20 @@ def test_dns_ratelimit_drops_excess_from_one_address(make_lab):
     assert 20 <= answered <= 50 * 4, (sent, answered)  # without the limit all 600 are answered
 
 
+def test_dns_rcvbuf_and_threads_reach_unbound_sockets(make_lab):
+    status = make_lab(dns_rcvbuf_bytes=4 * 1024 * 1024, dns_threads=2, proxies=1, accounts=10,
+                      dns_names=100)
+    out = subprocess.run(["ss", "-ulmnH", "src", f"{status.dns.host}:{status.dns.port}"],
+                         capture_output=True, text=True, timeout=30).stdout
+    import re
+
+    rcvbufs = [int(x) for x in re.findall(r"rb(\d+)", out)]
+    assert len(rcvbufs) == 2, out  # one UDP socket per thread (so-reuseport)
+    # the kernel reports twice the size asked for (bookkeeping overhead, socket(7))
+    assert all(rb >= 4 * 1024 * 1024 for rb in rcvbufs), out
+    assert _query(status, "h00001.lab.test").rcode() == dns.rcode.NOERROR
+
+
 def test_cgroup_v2_tree_is_handled(tmp_path, monkeypatch):
     """cgroup v2 on a machine that may run v1: the same code against a v2-shaped tree."""
     from loadkit.lab import cgroups

@@ -40,12 +40,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--proxy-memory", metavar="SIZE", default="256MiB",
                     help="memory cgroup limit per proxy, e.g. 256MiB, 64M, bytes (default %(default)s)")
     up.add_argument("--no-oom-kill", action="store_true",
-                    help="disable the OOM killer in the proxy cgroups, so a proxy over its limit "
-                    "dies whole (as in the incident)")
+                    help="disable the OOM killer in the proxy cgroups: a proxy at its limit "
+                    "stalls whole and haproxy marks it DOWN, instead of losing single login "
+                    "processes (as in the incident)")
     up.add_argument("--json", action="store_true", help="print the status as one JSON object")
     up.set_defaults(func=_up)
 
-    st = lab_sub.add_parser("status", help="show the lab's components, endpoints and cgroups")
+    st = lab_sub.add_parser(
+        "status",
+        help="show the lab's components, endpoints and cgroups (exit status 1 if not running)",
+    )
     _dir_option(st)
     st.add_argument("--json", action="store_true", help="print one JSON object")
     st.set_defaults(func=_status)

@@ -73,7 +73,9 @@ def create(version: int, hier: Path, lab_id: str, name: str, limit_bytes: int, o
         _enable_memory(lab)
         path.mkdir(exist_ok=True)
         (path / "memory.max").write_text(str(limit_bytes))
-        (path / "memory.swap.max").exists() and (path / "memory.swap.max").write_text("0")
+        if (path / "memory.swap.max").exists():
+            # as on v1 without memsw: the limit is on memory, nothing is pushed to swap
+            (path / "memory.swap.max").write_text("0")
         if not oom_kill:
             (path / "memory.oom.group").write_text("1")
     else:

@@ -301,10 +301,18 @@ class Lab:
             return
         errors = []
         # reverse start order: the entrance (haproxy) first, DNS last
-        started = [procs.Started(c["pid"], c["create_time_s"])
-                   for c in reversed(state.get("components", []))]
+        comps = state.get("components", [])
+        # the entrance first, so no health check or client starts a login process on a proxy
+        # whose master is shutting down (it would wait seconds for services already gone)
+        entrance = [procs.Started(c["pid"], c["create_time_s"]) for c in comps
+                    if c["name"] == "haproxy"]
+        rest = [procs.Started(c["pid"], c["create_time_s"]) for c in reversed(comps)
+                if c["name"] != "haproxy"]
         try:
-            procs.stop_all(started)
+            procs.stop_all(entrance)
+            if entrance:
+                time.sleep(0.2)  # let login processes spawned for the last checks finish
+            procs.stop_all(rest)
         except OSError as err:
             errors.append(f"stopping the lab's processes: {err}")
         for c in state.get("components", []):
