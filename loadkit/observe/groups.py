@@ -115,10 +115,11 @@ class ProcInfo(NamedTuple):
 class _Proc:
     """A cached host process: its psutil handle, what it is, and its last CPU reading."""
 
-    __slots__ = ("pid", "_proc", "info", "argv0", "cmdline", "classified_at", "checks", "groups", "cpu_s", "cpu_at", "uss", "pss")
+    __slots__ = ("pid", "start_ticks", "_proc", "info", "argv0", "cmdline", "classified_at", "checks", "groups", "cpu_s", "cpu_at", "uss", "pss")
 
-    def __init__(self, pid: int, info: ProcInfo, argv0: str, cmdline: str) -> None:
+    def __init__(self, pid: int, start_ticks: int, info: ProcInfo, argv0: str, cmdline: str) -> None:
         self.pid = pid
+        self.start_ticks = start_ticks
         self._proc: psutil.Process | None = None
         self.info = info
         self.argv0 = argv0
@@ -170,10 +171,6 @@ class ProcessGroups:
         #: group -> cgroup reading of the last sample (None when the group has no cgroup)
         self.cgroup_readings: dict[str, cgroups.CgroupMemory | None] = {}
 
-    @property
-    def has_patterns(self) -> bool:
-        return bool(self._regex)
-
     # -- classification -----------------------------------------------------------------------
 
     def _load(self, pid: int) -> _Proc | None:
@@ -196,7 +193,7 @@ class ProcessGroups:
         argv = [a.decode("utf-8", "replace") for a in raw_cmd.rstrip(b"\0").split(b"\0")] if raw_cmd else []
         argv0 = argv[0] if argv else ""
         created = self._boot_time + st.start_ticks / CLOCK_TICKS
-        return _Proc(pid, ProcInfo(pid, name, st.ppid, created), argv0, " ".join(argv))
+        return _Proc(pid, st.start_ticks, ProcInfo(pid, name, st.ppid, created), argv0, " ".join(argv))
 
     def _classify(self, entry: _Proc) -> frozenset[str]:
         hits = []
@@ -365,6 +362,9 @@ class ProcessGroups:
                 st = self._read_stat(pid)
                 if st.state == "Z":
                     continue  # exited, not yet reaped: no longer a running member
+                if st.start_ticks != entry.start_ticks:
+                    self._procs.pop(pid, None)  # PID reused by another process: classify it again
+                    continue
             except (FileNotFoundError, ProcessLookupError, psutil.NoSuchProcess):
                 self._procs.pop(pid, None)
                 continue  # vanished mid-sample: it is simply not a member any more
