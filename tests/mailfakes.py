@@ -7,7 +7,8 @@ Behaviours: ``ok`` (a well-behaved server with three messages), ``refuse`` (noth
 ``reset`` (accept, then RST), ``never_greet`` (accept, then silence), ``reject_login`` (NO /
 -ERR to the login), ``bye_greeting`` (greet with BYE and close), ``silent_after_login`` (accept
 the login, then never answer again), ``drop_after_login`` (accept the login and the mailbox,
-then close the held session).
+then close the held session). ``tls="tls"`` serves implicit TLS, ``tls="starttls"`` answers
+STARTTLS / STLS, with the given certificate.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import socket
 import struct
 
 import gevent
+from gevent import ssl as gssl
 from gevent.server import StreamServer
 
 BEHAVIOURS = (
@@ -56,12 +58,21 @@ class _Lines:
 class FakeMailServer:
     """``with FakeMailServer("imap", "reject_login") as fake: ... fake.port ...``"""
 
-    def __init__(self, protocol: str, behaviour: str, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, protocol: str, behaviour: str, host: str = "127.0.0.1",
+        tls: str = "off", certfile: str | None = None, keyfile: str | None = None,
+    ) -> None:
         assert protocol in ("imap", "pop3"), protocol
         assert behaviour in BEHAVIOURS, behaviour
+        assert tls in ("off", "tls", "starttls"), tls
         self.protocol = protocol
         self.behaviour = behaviour
         self.host = host
+        self.tls = tls
+        self._ssl = None
+        if tls != "off":
+            self._ssl = gssl.SSLContext(gssl.PROTOCOL_TLS_SERVER)
+            self._ssl.load_cert_chain(certfile, keyfile)
         self.port = 0
         self.connections_n = 0
         self._server: StreamServer | None = None
@@ -74,7 +85,8 @@ class FakeMailServer:
             self.port = s.getsockname()[1]
             s.close()  # nothing listens there now: connections are refused
             return self
-        self._server = StreamServer((self.host, 0), self._handle, backlog=256)
+        kw = {"ssl_context": self._ssl} if self.tls == "tls" else {}
+        self._server = StreamServer((self.host, 0), self._handle, backlog=256, **kw)
         self._server.start()
         self.port = self._server.address[1]
         return self
@@ -132,7 +144,11 @@ class FakeMailServer:
                 continue
             tag, _, rest = line.partition(b" ")
             cmd = rest.split(b" ", 1)[0].upper()
-            if cmd == b"CAPABILITY":
+            if cmd == b"STARTTLS" and self.tls == "starttls":
+                sock.sendall(tag + b" OK Begin TLS negotiation now.\r\n")
+                sock = self._ssl.wrap_socket(sock, server_side=True)
+                lines = _Lines(sock)
+            elif cmd == b"CAPABILITY":
                 sock.sendall(b"* CAPABILITY IMAP4rev1 IDLE LITERAL+\r\n" + tag + b" OK done\r\n")
             elif cmd == b"LOGIN":
                 if b == "reject_login":
@@ -182,7 +198,11 @@ class FakeMailServer:
             if logged_in and b == "silent_after_login":
                 continue
             cmd = line.split(b" ", 1)[0].upper()
-            if cmd == b"USER":
+            if cmd == b"STLS" and self.tls == "starttls":
+                sock.sendall(b"+OK Begin TLS negotiation\r\n")
+                sock = self._ssl.wrap_socket(sock, server_side=True)
+                lines = _Lines(sock)
+            elif cmd == b"USER":
                 sock.sendall(b"+OK\r\n")
             elif cmd == b"PASS":
                 if b == "reject_login":

@@ -67,3 +67,25 @@ def test_clean_exit_with_sessions_in_flight(how: str, protocol: str, tmp_path: P
         assert word not in out, out
     kind = "IMAP" if protocol == "imap" else "POP3"
     assert f"{kind}     connect+greeting" in out  # the final stats were printed
+
+
+@pytest.mark.parametrize("protocol", ["imap", "pop3"])
+def test_locustfile_runs_a_single_user_for_debugging(protocol: str, tmp_path: Path) -> None:
+    accounts = write_accounts(tmp_path, 2)
+    locustfile = ROOT / "locustfiles" / ("imap_storm.py" if protocol == "imap" else "pop_storm.py")
+    with FakeMailServer(protocol, "ok") as fake:
+        proc = subprocess.Popen(
+            [sys.executable, str(locustfile), "--host", fake.address, "--mail-accounts", str(accounts),
+             "--mail-dwell", "0.2"],
+            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        deadline = time.monotonic() + 20
+        while fake.connections_n < 3 and time.monotonic() < deadline:
+            gevent.sleep(0.1)
+        gevent.sleep(0.3)
+        proc.terminate()  # run_single_user runs until stopped; this is the process we started
+        out = _wait(proc, 10)
+    assert fake.connections_n >= 3, out
+    login = "LOGIN" if protocol == "imap" else "PASS"
+    assert login in out and "connect+greeting" in out, out
+    assert "Traceback" not in out, out

@@ -32,7 +32,6 @@ from typing import Any, ClassVar
 
 import gevent
 import gevent.event
-from gevent.monkey import get_original
 from locust import User, events, task
 from locust.exception import StopUser
 from locust.runners import MasterRunner
@@ -300,9 +299,11 @@ def set_options(environment: Any, options: MailOptions) -> None:
 
 
 def make_ssl_context(verify: bool, for_asyncio: bool) -> ssl.SSLContext:
-    """A client context: gevent's for gevent sockets, the original class for the asyncio loop."""
+    """A client context: gevent's for gevent sockets; for the asyncio loop the ``ssl`` module's
+    (asyncio only calls ``wrap_bio``, which gevent leaves alone; the original class cannot be
+    configured once ``ssl`` is patched: its property setters recurse)."""
     if for_asyncio:
-        ctx = get_original("ssl", "SSLContext")(ssl.PROTOCOL_TLS_CLIENT)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     else:
         from gevent import ssl as gssl
 
