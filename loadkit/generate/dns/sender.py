@@ -47,11 +47,14 @@ log = logging.getLogger(__name__)
 _epoll = monkey.get_original("select", "epoll")
 _EPOLLIN = 0x001
 
-#: receive buffer asked for on each client socket: replies to a 2,000-query burst must not be
-#: dropped on our side (the kernel caps this at net.core.rmem_max)
-CLIENT_RCVBUF_BYTES = 4 * 1024 * 1024
-#: send buffer asked for on each client socket (capped at net.core.wmem_max)
-CLIENT_SNDBUF_BYTES = 4 * 1024 * 1024
+#: receive buffer for all client sockets together, split between them (each gets between the
+#: two bounds below): replies must not be dropped on our side while this process is briefly
+#: descheduled at a high rate (about 1 KiB per reply on loopback)
+CLIENT_RCVBUF_TOTAL_BYTES = 64 * 1024 * 1024
+CLIENT_RCVBUF_MIN_BYTES = 256 * 1024
+CLIENT_RCVBUF_MAX_BYTES = 16 * 1024 * 1024
+#: setsockopt option that may exceed net.core.rmem_max (Linux, needs CAP_NET_ADMIN)
+SO_RCVBUFFORCE = getattr(_socket, "SO_RCVBUFFORCE", 33)
 #: most base-rate queries sent in one pass of the loop before replies are read again: small,
 #: so a steady rate stays steady (a server's default 208 KiB receive buffer holds only about
 #: 256 queries, and a catch-up block of 512 would itself be a burst)
@@ -206,6 +209,8 @@ class DnsSender:
         """Create and bind every socket (before the first packet, so errors come early)."""
         family = _socket.AF_INET6 if ":" in self.target.address else _socket.AF_INET
         dest = (self.target.address, self.target.port)
+        n_sockets = len(self.sources) * self.ports_per_source
+        rcvbuf = min(CLIENT_RCVBUF_MAX_BYTES, max(CLIENT_RCVBUF_MIN_BYTES, CLIENT_RCVBUF_TOTAL_BYTES // n_sockets))
         self._ep = _epoll()
         try:
             for src in self.sources:
@@ -214,10 +219,7 @@ class DnsSender:
                 for _ in range(self.ports_per_source):
                     s = _socket.socket(family, _socket.SOCK_DGRAM)
                     try:
-                        s.setsockopt(_socket.SOL_SOCKET, _socket.SO_RCVBUF, CLIENT_RCVBUF_BYTES)
-                        # on loopback a datagram stays charged to the sender's buffer until the
-                        # server reads it, so a backlog at the server fills ours (EAGAIN)
-                        s.setsockopt(_socket.SOL_SOCKET, _socket.SO_SNDBUF, CLIENT_SNDBUF_BYTES)
+                        _set_rcvbuf(s, rcvbuf)
                         s.bind((src, 0))
                         s.connect(dest)
                     except OSError as err:
@@ -680,6 +682,14 @@ class DnsSender:
             f"timeouts={t.get('dns.timeouts', 0)} {rc} late={t.get('dns.late_replies', 0)} "
             f"answer latency: {self.answer_latency.summary()}"
         )
+
+
+def _set_rcvbuf(sock, size_bytes: int) -> None:
+    # past net.core.rmem_max when allowed (root), else as much as the kernel grants
+    try:
+        sock.setsockopt(_socket.SOL_SOCKET, SO_RCVBUFFORCE, size_bytes)
+    except PermissionError:
+        sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_RCVBUF, size_bytes)
 
 
 def _recv_exact(sock, n: int) -> bytes:
