@@ -198,3 +198,19 @@ def test_dns_drops_are_the_target_sockets_not_the_whole_hosts(tmp_path):
     assert dns["rcvbuf_errors_n"] == pytest.approx(6 * 944, abs=6)
     assert dns["host_rcvbuf_errors_n"] == pytest.approx(6 * 944 + 59 * 500, abs=6)
     assert dns["drops_source"] == "drops at 127.0.0.1:5353"
+
+
+def test_dns_bursts_are_judged_by_burst_size(tmp_path):
+    path = write_dns_run(tmp_path, duration_s=60, burst_queries=1200, rcvbuf_datagrams=256)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["profile"]["load"] = {"options": {"dns-burst-size": 1200, "dns-burst-ms": 0}}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    summary = summarize([load_run(path)], release="r1")
+    (dns,) = [s for s in summary["services"] if s["service"] == "DNS"]
+    assert dns["unit"] == "queries per burst"
+    assert dns["forecast_peak"] == 1200
+    assert dns["fall_over"] == pytest.approx(256, abs=2)  # the default buffer's 256 datagrams
+    assert dns["headroom_pct"] == pytest.approx((256 / 1200 - 1) * 100, abs=1)
+    assert dns["rcvbuf_needed_bytes"] == 1200 * 832
+    assert summary["verdict"] == "FAIL"
+    assert any("bursts of 1,200 queries overflow the receive buffer" in r for r in summary["verdict_reasons"])

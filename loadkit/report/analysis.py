@@ -252,6 +252,73 @@ def dns_figures(run: RunData, notes: list[str]) -> dict:
     return out
 
 
+def offered_burst(run: RunData) -> tuple[int, float]:
+    """(queries per burst, burst window in s) the run's profile offered; (0, 0.0) without bursts."""
+    options = ((run.manifest.get("profile") or {}).get("load") or {}).get("options") or {}
+    try:
+        size = int(options.get("dns-burst-size") or 0)
+        window_s = float(options.get("dns-burst-ms") or 0.0) / 1000.0
+    except (TypeError, ValueError):
+        return 0, 0.0
+    return max(size, 0), max(window_s, 0.0)
+
+
+def _dns_service(runs: Sequence[RunData], dns: list[dict], forecast_peak_qps: float | None) -> dict:
+    """The DNS row of the headroom table.
+
+    When the runs offered bursts, capacity is a burst size: the largest burst the receive buffer
+    absorbs in the burst's window (``loadkit.model`` UDP burst model, service rate measured)
+    against the burst offered, and the recommendation is the buffer that would absorb it. Without
+    bursts it is a rate: the lowest offered rate of an interval with drops against the forecast.
+    """
+    bursts = [(offered_burst(r), r) for r in runs]
+    bursts = [(size, window, r) for (size, window), r in bursts if size > 0]
+    row: dict[str, Any] = {"service": "DNS", "fall_over_ci95": [], "runs": [r.run_id for r in runs],
+                           "admission_limit": None}
+    if bursts:
+        size, window_s, run = max(bursts, key=lambda b: b[0])
+        mine = target_socket(run)
+        try:
+            fit = model.fit_udp_burst(dataclasses.replace(run, sockets=mine) if len(mine) else run,
+                                      burst_window_s=window_s)
+        except ModelError:
+            fit = None
+        absorbed = _num(fit.max_burst_no_loss) if fit else None
+        needed = fit.rcvbuf_for(size, window_s) if fit else None
+        row.update(
+            unit="queries per burst",
+            forecast_peak=float(size),
+            first_failure=absorbed,
+            fall_over=absorbed,
+            headroom_pct=_num((absorbed / size - 1) * 100) if absorbed else None,
+            rcvbuf_needed_bytes=needed,
+            recommendation=(
+                f"receive buffer ≥ {needed / 2**20:.1f} MiB (so-rcvbuf {needed / 2 / 2**20:.1f} MiB)"
+                if needed else ""
+            ),
+            source=f"UDP burst model: largest burst absorbed within {window_s * 1000:.0f} ms at the measured "
+            "service rate, against the burst the profile offered",
+        )
+        return row
+    forecast = forecast_peak_qps or _forecast(runs, "forecast_peak_qps")
+    onsets = [d["drop_onset_qps"] for d in dns if d["drop_onset_qps"]]
+    peaks = [d["peak_offered_qps"] for d in dns if d["peak_offered_qps"]]
+    fall = min(onsets) if onsets else (max(peaks) if peaks else None)
+    row.update(
+        unit="queries/s",
+        forecast_peak=_num(forecast),
+        first_failure=_num(fall),
+        fall_over=_num(fall),
+        fall_over_is_lower_bound=not onsets,
+        headroom_pct=_num((fall / forecast - 1) * 100) if fall and forecast else None,
+        admission_limit=_num(ADMISSION_FRACTION * fall) if fall else None,
+        recommendation=f"rate limit ≤ {ADMISSION_FRACTION * fall:,.0f} queries/s" if fall else "",
+        source="drop onset: lowest offered rate of an interval with receive-buffer drops"
+        + (" (none: the highest rate offered, a lower bound)" if not onsets else ""),
+    )
+    return row
+
+
 # --------------------------------------------------------------------------------------------
 # latency and anomalies
 # --------------------------------------------------------------------------------------------
@@ -459,6 +526,11 @@ def summarize(
                 "admission_limit": _num(admission),
                 "admission_limit_per_proxy": [_num(v) for v in per_proxy],
                 "proxies_needed_for_forecast": h.get("proxies_needed_for_forecast"),
+                "recommendation": (
+                    "admission limit per proxy "
+                    + "/".join(f"{v:.0f}" for v in per_proxy if v is not None)
+                    + " sessions"
+                ),
                 "proxies": h.get("proxies", []),
                 "source": h.get("source"),
                 "runs": [r.run_id for r in svc_runs],
@@ -471,28 +543,7 @@ def summarize(
         d["scenario"] = run.manifest.get("scenario", "")
         dns.append(d)
     if dns:
-        forecast = forecast_peak_qps or _forecast(by_service["DNS"], "forecast_peak_qps")
-        onsets = [d["drop_onset_qps"] for d in dns if d["drop_onset_qps"]]
-        peaks = [d["peak_offered_qps"] for d in dns if d["peak_offered_qps"]]
-        fall = min(onsets) if onsets else (max(peaks) if peaks else None)
-        services.append(
-            {
-                "service": "DNS",
-                "unit": "queries/s",
-                "forecast_peak": _num(forecast),
-                "first_failure": _num(fall),
-                "fall_over": _num(fall),
-                "fall_over_is_lower_bound": not onsets,
-                "fall_over_ci95": [],
-                "headroom_pct": _num((fall / forecast - 1) * 100) if fall and forecast else None,
-                "admission_limit": _num(ADMISSION_FRACTION * fall) if fall else None,
-                "largest_burst_without_loss": min(
-                    (d["largest_burst_without_loss"] for d in dns if d["largest_burst_without_loss"]), default=None
-                ),
-                "source": "drop onset: lowest offered rate of a second with receive-buffer drops",
-                "runs": [r.run_id for r in by_service["DNS"]],
-            }
-        )
+        services.append(_dns_service(by_service["DNS"], dns, forecast_peak_qps))
 
     latency = [row for run in runs for row in latency_figures(run)]
     anomalies = [anomaly_figures(run, notes) for run in runs]
@@ -528,7 +579,12 @@ def summarize(
 
     reasons_fail = [f"gate {g.get('name')} failed in run {g['run_id']}" for g in gates if not g.get("passed", True)]
     for s in services:
-        if s["headroom_pct"] is not None and s["headroom_pct"] < 0:
+        if s["headroom_pct"] is not None and s["headroom_pct"] < 0 and s["unit"] == "queries per burst":
+            reasons_fail.append(
+                f"{s['service']}: bursts of {s['forecast_peak']:,.0f} queries overflow the receive buffer, "
+                f"which absorbs ≈ {s['first_failure']:,.0f}; {s.get('recommendation', '')}"
+            )
+        elif s["headroom_pct"] is not None and s["headroom_pct"] < 0:
             reasons_fail.append(
                 f"{s['service']}: forecast peak {s['forecast_peak']:.0f} {s['unit']} is above the first "
                 f"failure at {s['first_failure']:.0f} {s['unit']}"

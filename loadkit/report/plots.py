@@ -86,7 +86,10 @@ def headroom_bars(services: Sequence[dict]) -> Figure:
     n = max(1, len(services))
     fig, axes = plt.subplots(1, n, figsize=(5.2 * n, 3.6), squeeze=False)
     for ax, svc in zip(axes[0], services):
-        labels = ["forecast peak", "admission limit", "first failure", "all fall over"]
+        if svc.get("unit") == "queries per burst":
+            labels = ["burst offered", "admission limit", "first failure", "absorbed without loss"]
+        else:
+            labels = ["forecast peak", "admission limit", "first failure", "all fall over"]
         values = [svc.get("forecast_peak"), svc.get("admission_limit"), svc.get("first_failure"), svc.get("fall_over")]
         colours = ["#34495E", GREEN, "#E67E22", RED]
         shown = [(lab, v, c) for lab, v, c in zip(labels, values, colours) if v is not None]
