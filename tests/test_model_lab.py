@@ -399,12 +399,12 @@ def test_headroom_fit_at_half_capacity_predicts_fall_over(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# scalability: closed-loop DNS clients at growing concurrency, USL and Little's law
+# scalability: closed-loop DNS clients at growing concurrency, Little's law
 # ---------------------------------------------------------------------------------------------
 
 
 def closed_loop_run(run_dir: Path, server: tuple[str, int], wires: list[bytes],
-                    levels=(1, 2, 4, 8, 16, 32, 64), level_s: float = 0.6, interval_s: float = 0.2) -> None:
+                    levels=(1, 2, 4, 8, 16, 32, 64), level_s: float = 1.0, interval_s: float = 0.2) -> None:
     """Keep N queries in flight (N users without think time) for ``level_s`` per level, and write
     request intervals plus a ``users`` gauge like the recorder does."""
     import json
@@ -463,8 +463,8 @@ def closed_loop_run(run_dir: Path, server: tuple[str, int], wires: list[bytes],
         "versions": {}, "host": {}, "lab": {}, "gates": []}))
 
 
-def test_usl_and_littles_law_on_a_lab_run(lab, tmp_path):
-    from loadkit.model import fit_usl_run, littles_law_check, usl_points
+def test_littles_law_on_a_lab_run(lab, tmp_path):
+    from loadkit.model import littles_law_check
     from loadkit.record.reader import load_run
 
     closed_loop_run(tmp_path / "steps", (lab.dns.host, lab.dns.port), prebuilt_queries(lab.names_file))
@@ -473,12 +473,8 @@ def test_usl_and_littles_law_on_a_lab_run(lab, tmp_path):
     print(little.summary())
     # N users with no think time: N = X × R must hold for a closed loop measured right
     assert little.consistent
-    pts = usl_points(run)
-    usl = fit_usl_run(run)
-    print(usl.summary())
-    # the fit describes the measured curve: every level within 25 % (a shared, noisy machine)
-    pred = usl.predict(pts["concurrency"].to_numpy())
-    assert ((abs(pred - pts["throughput_rps"]) / pts["throughput_rps"]) < 0.25).all(), (pts, usl)
-    # and lambda is the single-user throughput the run measured, not assumed from one point
-    x1 = float(pts.loc[pts["concurrency"] == 1, "throughput_rps"].iloc[0])
-    assert usl.lambda_ == pytest.approx(x1, rel=0.3)
+    assert little.intervals_n >= 20
+    # with a one-second think time the same run cannot add up
+    assert not littles_law_check(run, think_time_s=1.0).consistent
+    # (no USL assertion here: one Python client is its own bottleneck, so throughput is flat from
+    # N=1 on and the fitted sigma/kappa describe the client, not unbound)
