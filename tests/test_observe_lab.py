@@ -209,8 +209,8 @@ def test_proxy_cgroup_memory_rises_with_its_sessions_then_oom_kills_are_events(m
     assert all(t_storm <= e.ts_unix_s <= time.time() for e in ooms)
     assert {e.source for e in ooms} <= {p.name for p in status.proxies}
     assert all(e.detail["cgroup_limit_bytes"] == 64 * MiB for e in ooms)
-    exits = [e for e in events if e.kind == "process_exited"]
-    assert exits and all(e.ts_unix_s >= t_storm for e in exits)  # the killed login processes
+    # the killed login processes (health-check logins may come and go during the ramp too)
+    assert [e for e in events if e.kind == "process_exited" and e.ts_unix_s >= t_storm]
 
 
 def test_proxy_stall_and_death_without_oom_killer_are_timestamped_events(make_lab, tmp_path):
