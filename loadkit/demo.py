@@ -296,6 +296,7 @@ def incident_proxies(work: Path, address: str, runs_dir: Path) -> dict:
         profile = storm_profile(status)
         profile["run"]["release"] = "incident1"
         before = run_scenario(profile, "proxies_fall_over", runs_dir, timeout_s=240)
+        profile["run"]["release"] = "incident1-mitigated"
         results["before"] = mail_outcome(before)
         fit = fit_headroom(load_run(before), admission_fraction=0.9)
         limits = {p.name: int(p.admission_limit_sessions) for p in fit.proxies}
@@ -321,7 +322,8 @@ def incident_burst(work: Path, address: str, runs_dir: Path) -> dict:
         try:
             status = lab.up()
             profile = dns_profile(status)
-            profile["run"]["release"] = "incident2"
+            profile["run"]["release"] = "incident2" if label == "before" else "incident2-mitigated"
+            profile.setdefault("lab", {})["dns_rcvbuf_bytes"] = rcvbuf
             run = run_scenario(profile, f"burst_retry_storm_rcvbuf_{rcvbuf}", runs_dir, timeout_s=180)
             results[label] = {"so_rcvbuf_bytes": rcvbuf or "platform default", **dns_outcome(run)}
         finally:
@@ -345,7 +347,9 @@ def incident_sources(work: Path, address: str, runs_dir: Path) -> dict:
         try:
             status = lab.up()
             p = _scenario("many_small_sources")
-            p["run"].update(release="incident3", duration=SOURCES_DURATION)
+            p["run"].update(release="incident3" if label == "before" else f"incident3-{label}",
+                            duration=SOURCES_DURATION)
+            p.setdefault("lab", {}).update(overrides)
             p["targets"]["dns"] = str(status.dns)
             p["load"]["options"].update(SOURCES_LOAD)
             p["load"]["options"]["dns-names-file"] = status.names_file

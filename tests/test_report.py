@@ -214,3 +214,19 @@ def test_dns_bursts_are_judged_by_burst_size(tmp_path):
     assert dns["rcvbuf_needed_bytes"] == 1200 * 832
     assert summary["verdict"] == "FAIL"
     assert any("bursts of 1,200 queries overflow the receive buffer" in r for r in summary["verdict_reasons"])
+
+
+def test_dns_bursts_without_drops_pass_whatever_the_model_assumed(tmp_path):
+    # a buffer large enough for the bursts: nothing dropped, even though the record has no
+    # buffer size and the model would assume the platform default
+    path = write_dns_run(tmp_path, duration_s=60, burst_queries=1200, rcvbuf_datagrams=5000)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["profile"]["load"] = {"options": {"dns-burst-size": 1200, "dns-burst-ms": 0}}
+    manifest["lab"] = {}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    summary = summarize([load_run(path)], release="r1")
+    (dns,) = [s for s in summary["services"] if s["service"] == "DNS"]
+    assert summary["dns"][0]["rcvbuf_errors_n"] == 0
+    assert dns["fall_over"] >= 1200 and dns["fall_over_is_lower_bound"]
+    assert dns["headroom_pct"] >= 0
+    assert summary["verdict"] == "PASS"

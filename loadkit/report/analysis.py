@@ -278,13 +278,30 @@ def _dns_service(runs: Sequence[RunData], dns: list[dict], forecast_peak_qps: fl
     if bursts:
         size, window_s, run = max(bursts, key=lambda b: b[0])
         mine = target_socket(run)
+        # the run's record has no socket buffer size; the profile's [lab] hint says what it expects
+        hint = ((run.manifest.get("profile") or {}).get("lab") or {}).get("dns_rcvbuf_bytes")
+        rcvbuf = 2.0 * float(hint) if isinstance(hint, (int, float)) and hint > 0 else None  # kernel doubles it
         try:
             fit = model.fit_udp_burst(dataclasses.replace(run, sockets=mine) if len(mine) else run,
-                                      burst_window_s=window_s)
+                                      burst_window_s=window_s, rcvbuf_bytes=rcvbuf)
         except ModelError:
             fit = None
         absorbed = _num(fit.max_burst_no_loss) if fit else None
         needed = fit.rcvbuf_for(size, window_s) if fit else None
+        drops = next((d.get("rcvbuf_errors_n") for d in dns if d["run_id"] == run.run_id), None)
+        if drops == 0:
+            # what was measured beats the model: every burst offered was absorbed
+            row.update(
+                unit="queries per burst",
+                forecast_peak=float(size),
+                first_failure=max(float(size), absorbed or 0.0),
+                fall_over=max(float(size), absorbed or 0.0),
+                fall_over_is_lower_bound=True,
+                headroom_pct=_num((max(float(size), absorbed or 0.0) / size - 1) * 100),
+                recommendation="none: no drops at the server's socket",
+                source="no drops observed: the buffer absorbed every burst offered (a lower bound)",
+            )
+            return row
         row.update(
             unit="queries per burst",
             forecast_peak=float(size),
@@ -401,6 +418,7 @@ def _change(metric: str, service: str, base: Any, cur: Any, unit: str, worse: st
     else:
         delta = (cur - base) / abs(base) * 100 if base else (0.0 if cur == 0 else math.inf)
     regression = (delta < -limit) if worse == "lower" else (delta > limit)
+    improvement = (delta > limit) if worse == "lower" else (delta < -limit)
     return {
         "service": service,
         "metric": METRIC_LABELS.get(metric, metric),
@@ -410,6 +428,7 @@ def _change(metric: str, service: str, base: Any, cur: Any, unit: str, worse: st
         "change": _num(delta),
         "change_unit": "pp" if pp else "%",
         "regression": bool(regression),
+        "improvement": bool(improvement),
     }
 
 

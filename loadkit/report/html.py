@@ -94,3 +94,10 @@ def bad_if(predicate: Callable[[dict], bool]) -> Callable[[dict], str]:
 
 def good_or_bad(predicate_bad: Callable[[dict], bool]) -> Callable[[dict], str]:
     return lambda row: _BAD if predicate_bad(row) else _GOOD
+
+
+def regression_style(row: dict) -> str:
+    """Red for a regression, green for an improvement, plain otherwise."""
+    if row.get("regression"):
+        return _BAD
+    return _GOOD if row.get("improvement") else ""

@@ -300,7 +300,7 @@ def baseline_changes(changes: Sequence[dict], baseline_release: str) -> Figure |
         return None
     labels = [f"{c['service']} {c['metric']}" for c in changes]
     values = [c["change"] or 0.0 for c in changes]
-    colours = [RED if c["regression"] else GREY for c in changes]
+    colours = [RED if c["regression"] else GREEN if c.get("improvement") else GREY for c in changes]
     fig, ax = plt.subplots(figsize=(12, 0.45 * len(changes) + 1.4))
     ax.barh(labels, values, color=colours)
     for i, c in enumerate(changes):
@@ -308,6 +308,6 @@ def baseline_changes(changes: Sequence[dict], baseline_release: str) -> Figure |
     ax.axvline(0, color="black", lw=0.8)
     ax.invert_yaxis()
     ax.set_xlabel("change against the baseline (% of the baseline value; pp for percentages)")
-    ax.set_title(f"Change against {baseline_release} (red: regression)")
+    ax.set_title(f"Change against {baseline_release} (red: regression, green: improvement)")
     fig.tight_layout()
     return fig
