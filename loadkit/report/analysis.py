@@ -196,6 +196,17 @@ def headroom_for(
 # --------------------------------------------------------------------------------------------
 
 
+def offered_burst(run: RunData) -> tuple[int, float]:
+    """(queries per burst, burst window in s) the run's profile offered; (0, 0.0) without bursts."""
+    options = ((run.manifest.get("profile") or {}).get("load") or {}).get("options") or {}
+    try:
+        size = int(options.get("dns-burst-size") or 0)
+        window_s = float(options.get("dns-burst-ms") or 0.0) / 1000.0
+    except (TypeError, ValueError):
+        return 0, 0.0
+    return max(size, 0), max(window_s, 0.0)
+
+
 def dns_figures(run: RunData, notes: list[str]) -> dict:
     """Offered/answered/dropped totals, RcvbufErrors, retry amplification, drop onset and the
     largest burst the receive buffer absorbs without loss."""
@@ -233,18 +244,28 @@ def dns_figures(run: RunData, notes: list[str]) -> dict:
     # the burst model sees only the target's socket, not other servers' drops on this host
     mine = target_socket(run)
     burst_run = dataclasses.replace(run, sockets=mine) if len(mine) else run
+    size, window_s = offered_burst(run)
     try:
-        burst = model.fit_udp_burst(burst_run)
+        burst = model.fit_udp_burst(burst_run, burst_window_s=window_s, rcvbuf_bytes=_rcvbuf_hint(run))
+    except ModelError as err:
+        notes.append(f"DNS run {run.run_id}: no burst figures: {err}")
+    else:
+        absorbed = _num(burst.max_burst_no_loss)
+        lower_bound = bool(size and dropped == 0)
+        if lower_bound:  # what was measured beats the model: every burst offered was absorbed
+            absorbed = max(float(size), absorbed or 0.0)
         out.update(
-            largest_burst_without_loss=_num(burst.max_burst_no_loss),
+            offered_burst_n=size or None,
+            burst_window_s=window_s,
+            largest_burst_without_loss=absorbed,
+            largest_burst_is_lower_bound=lower_bound,
+            rcvbuf_needed_bytes=burst.rcvbuf_for(size, window_s) if size and not lower_bound else None,
             buffer_datagrams=burst.buffer_datagrams,
             rcvbuf_bytes=_num(burst.rcvbuf_bytes),
             service_rate_qps=_num(burst.service_rate_qps),
             drop_onset_qps=_num(burst.observed_onset_qps),
             udp_burst_summary=burst.summary(),
         )
-    except ModelError as err:
-        notes.append(f"DNS run {run.run_id}: no burst figures: {err}")
     for key in ("offered_n", "original_n", "retry_n", "answered_n", "dropped_n", "retry_amplification_mean",
                 "retry_amplification_max", "peak_offered_qps", "largest_burst_without_loss",
                 "buffer_datagrams", "rcvbuf_bytes", "service_rate_qps", "drop_onset_qps"):
@@ -252,15 +273,13 @@ def dns_figures(run: RunData, notes: list[str]) -> dict:
     return out
 
 
-def offered_burst(run: RunData) -> tuple[int, float]:
-    """(queries per burst, burst window in s) the run's profile offered; (0, 0.0) without bursts."""
-    options = ((run.manifest.get("profile") or {}).get("load") or {}).get("options") or {}
-    try:
-        size = int(options.get("dns-burst-size") or 0)
-        window_s = float(options.get("dns-burst-ms") or 0.0) / 1000.0
-    except (TypeError, ValueError):
-        return 0, 0.0
-    return max(size, 0), max(window_s, 0.0)
+def _rcvbuf_hint(run: RunData) -> float | None:
+    """Receive-buffer bytes from the profile's ``[lab] dns_rcvbuf_bytes`` hint (the record itself
+    has no socket buffer size), doubled as the kernel does; None for the platform default."""
+    hint = ((run.manifest.get("profile") or {}).get("lab") or {}).get("dns_rcvbuf_bytes")
+    if isinstance(hint, (int, float)) and not isinstance(hint, bool) and hint > 0:
+        return 2.0 * float(hint)
+    return None
 
 
 def _dns_service(runs: Sequence[RunData], dns: list[dict], forecast_peak_qps: float | None) -> dict:
@@ -277,44 +296,31 @@ def _dns_service(runs: Sequence[RunData], dns: list[dict], forecast_peak_qps: fl
                            "admission_limit": None}
     if bursts:
         size, window_s, run = max(bursts, key=lambda b: b[0])
-        mine = target_socket(run)
-        # the run's record has no socket buffer size; the profile's [lab] hint says what it expects
-        hint = ((run.manifest.get("profile") or {}).get("lab") or {}).get("dns_rcvbuf_bytes")
-        rcvbuf = 2.0 * float(hint) if isinstance(hint, (int, float)) and hint > 0 else None  # kernel doubles it
-        try:
-            fit = model.fit_udp_burst(dataclasses.replace(run, sockets=mine) if len(mine) else run,
-                                      burst_window_s=window_s, rcvbuf_bytes=rcvbuf)
-        except ModelError:
-            fit = None
-        absorbed = _num(fit.max_burst_no_loss) if fit else None
-        needed = fit.rcvbuf_for(size, window_s) if fit else None
-        drops = next((d.get("rcvbuf_errors_n") for d in dns if d["run_id"] == run.run_id), None)
-        if drops == 0:
-            # what was measured beats the model: every burst offered was absorbed
-            row.update(
-                unit="queries per burst",
-                forecast_peak=float(size),
-                first_failure=max(float(size), absorbed or 0.0),
-                fall_over=max(float(size), absorbed or 0.0),
-                fall_over_is_lower_bound=True,
-                headroom_pct=_num((max(float(size), absorbed or 0.0) / size - 1) * 100),
-                recommendation="none: no drops at the server's socket",
-                source="no drops observed: the buffer absorbed every burst offered (a lower bound)",
+        d = next(d for d in dns if d["run_id"] == run.run_id)
+        absorbed = d.get("largest_burst_without_loss")
+        needed = d.get("rcvbuf_needed_bytes")
+        lower_bound = bool(d.get("largest_burst_is_lower_bound"))
+        if lower_bound:
+            recommendation = "none: no drops at the server's socket"
+            source = "no drops observed: the buffer absorbed every burst offered (a lower bound)"
+        else:
+            recommendation = (
+                f"receive buffer ≥ {needed / 2**20:.1f} MiB (so-rcvbuf {needed / 2 / 2**20:.1f} MiB)" if needed else ""
             )
-            return row
+            source = (
+                f"UDP burst model: largest burst absorbed within {window_s * 1000:.0f} ms at the measured "
+                "service rate, against the burst the profile offered"
+            )
         row.update(
             unit="queries per burst",
             forecast_peak=float(size),
             first_failure=absorbed,
             fall_over=absorbed,
+            fall_over_is_lower_bound=lower_bound,
             headroom_pct=_num((absorbed / size - 1) * 100) if absorbed else None,
             rcvbuf_needed_bytes=needed,
-            recommendation=(
-                f"receive buffer ≥ {needed / 2**20:.1f} MiB (so-rcvbuf {needed / 2 / 2**20:.1f} MiB)"
-                if needed else ""
-            ),
-            source=f"UDP burst model: largest burst absorbed within {window_s * 1000:.0f} ms at the measured "
-            "service rate, against the burst the profile offered",
+            recommendation=recommendation,
+            source=source,
         )
         return row
     forecast = forecast_peak_qps or _forecast(runs, "forecast_peak_qps")
