@@ -145,7 +145,10 @@ class Sample(NamedTuple):
             net=rec(NetSample, net_row),
             net_delta={k: int(net_row.get(f"{k}_delta", 0)) for k in NET_COUNTERS},
             sockets=[rec(SocketSample, r) for r in d.get("sockets", [])],
-            socket_drops_delta={(r.get("local_address", ""), r["local_port"]): int(r.get("drops_n_delta", 0)) for r in d.get("sockets", [])},
+            socket_drops_delta={
+                (r.get("local_address", ""), r["local_port"]): int(r.get("drops_n_delta", 0))
+                for r in d.get("sockets", [])
+            },
             group_delta={r["group"]: {k: int(r.get(f"{k}_delta", 0)) for k in GROUP_COUNTERS} for r in d.get("groups", [])},
             system=rec(SystemSample, d["system"]),
             events=[Event(e["ts_unix_s"], e["kind"], e["source"], e.get("detail", {})) for e in events],

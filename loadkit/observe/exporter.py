@@ -128,7 +128,12 @@ def exposition(sample: Sample | None, collector: Collector | None = None) -> str
         family("loadkit_collector_last_sample_duration_seconds", "gauge", "Time the last sample took.", [({}, sample.sample_s)])
     if collector is not None:
         family("loadkit_collector_samples_total", "counter", "Samples taken.", [({}, collector.samples_n)])
-        family("loadkit_collector_overruns_total", "counter", "Ticks skipped because a sample overran its interval.", [({}, collector.overruns_n)])
+        family(
+            "loadkit_collector_overruns_total",
+            "counter",
+            "Ticks skipped because a sample overran its interval.",
+            [({}, collector.overruns_n)],
+        )
     return "\n".join(out) + "\n"
 
 

@@ -115,7 +115,10 @@ class ProcInfo(NamedTuple):
 class _Proc:
     """A cached host process: its psutil handle, what it is, and its last CPU reading."""
 
-    __slots__ = ("pid", "start_ticks", "_proc", "info", "argv0", "cmdline", "classified_at", "checks", "groups", "cpu_s", "cpu_at", "uss", "pss")
+    __slots__ = (
+        "pid", "start_ticks", "_proc", "info", "argv0", "cmdline",
+        "classified_at", "checks", "groups", "cpu_s", "cpu_at", "uss", "pss",
+    )
 
     def __init__(self, pid: int, start_ticks: int, info: ProcInfo, argv0: str, cmdline: str) -> None:
         self.pid = pid
@@ -369,7 +372,10 @@ class ProcessGroups:
                 self._procs.pop(pid, None)
                 continue  # vanished mid-sample: it is simply not a member any more
             except (PermissionError, psutil.AccessDenied) as err:
-                self.warn.warn(f"access_denied:{spec.name}", f"group {spec.name}: access denied reading process {pid} ({err}); its figures are 0")
+                self.warn.warn(
+                    f"access_denied:{spec.name}",
+                    f"group {spec.name}: access denied reading process {pid} ({err}); its figures are 0",
+                )
                 members[pid] = entry.info
                 procs_n += 1
                 continue
@@ -389,7 +395,11 @@ class ProcessGroups:
             except FileNotFoundError:
                 pass  # exited between the two reads
             except OSError as err:
-                self.warn.warn(f"fds:{spec.name}", f"group {spec.name}: cannot list descriptors of process {pid} ({err}); fds and TCP counts are partial")
+                self.warn.warn(
+                    f"fds:{spec.name}",
+                    f"group {spec.name}: cannot list descriptors of process {pid} ({err}); "
+                    "fds and TCP counts are partial",
+                )
             if full_due:
                 try:
                     full = entry.proc.memory_full_info()

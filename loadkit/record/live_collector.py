@@ -108,7 +108,12 @@ class LiveCollector:
         self.warn = WarnOnce("collector")
         self.local: Collector | None = None
         if groups or udp_ports:
-            config = CollectorConfig(groups=list(groups), udp_ports=list(udp_ports), interval_s=self.interval_s, **dict(collector_config or {}))
+            config = CollectorConfig(
+                groups=list(groups),
+                udp_ports=list(udp_ports),
+                interval_s=self.interval_s,
+                **dict(collector_config or {}),
+            )
             self.local = Collector(config)  # validates: CollectorError on bad settings
         elif not urls:
             raise CollectorError("attach_collector needs groups, udp_ports or collector URLs")
@@ -257,7 +262,8 @@ class LiveCollector:
                 rows.append({"host": s.host, "what": f"{g.group} OOM kills", "value": g.cgroup_oom_kills_n})
             for sock in s.sockets:
                 key = (sock.local_address, sock.local_port)
-                rows.append({"host": s.host, "what": f"udp {sock.local_address}:{sock.local_port} drops /interval", "value": s.socket_drops_delta.get(key, 0)})
+                what = f"udp {sock.local_address}:{sock.local_port} drops /interval"
+                rows.append({"host": s.host, "what": what, "value": s.socket_drops_delta.get(key, 0)})
         return rows
 
     def _status_loop(self) -> None:
