@@ -230,3 +230,22 @@ def test_dns_bursts_without_drops_pass_whatever_the_model_assumed(tmp_path):
     assert dns["fall_over"] >= 1200 and dns["fall_over_is_lower_bound"]
     assert dns["headroom_pct"] >= 0
     assert summary["verdict"] == "PASS"
+
+
+def test_notebook_runs_on_its_own_with_papermill(tmp_path):
+    """Without a summary from `loadkit report`, the notebook computes it from the runs."""
+    import papermill as pm
+
+    from loadkit.report.build import _ipc_kernel_manager
+
+    run = write_mail_run(tmp_path / "runs", duration_s=60)
+    out = tmp_path / "executed.ipynb"
+    pm.execute_notebook(str(NOTEBOOK), str(out), parameters={"release": "r1", "run_dirs": [str(run)]},
+                        kernel_name="python3", progress_bar=False, cwd=str(tmp_path),
+                        kernel_manager_class=_ipc_kernel_manager(), shutdown_kernel="immediate")
+    nb = nbformat.read(str(out), as_version=4)
+    outputs = [o for c in nb.cells for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    html = "".join(o.get("data", {}).get("text/html", "") for o in outputs if "data" in o)
+    assert "Capacity report · release <b>r1</b>" in html
+    assert "mail-run" in html

@@ -14,7 +14,6 @@ peak; ``WARN`` when a figure regressed against the baseline release or a run did
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import time
 from typing import Any, Iterable, Sequence
@@ -25,8 +24,6 @@ import pandas as pd
 from loadkit import model
 from loadkit.errors import ModelError
 from loadkit.record.reader import RunData
-
-log = logging.getLogger(__name__)
 
 #: fraction of a proxy's memory limit the recommended admission limit keeps it under
 ADMISSION_FRACTION = 0.9
