@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
             lab.down()
     print(f"predicted={predicted:.0f} sessions (all {args.proxies} proxies fall over)")
     print(f"measured={measured:.0f} sessions (most held at once before the first failure)")
-    print(f"error_pct={(predicted - measured) / measured * 100:.1f}")
+    print(f"error_pct={round((predicted - measured) / measured * 100, 1) + 0.0:.1f}")  # no "-0.0"
     return 0
 
 
