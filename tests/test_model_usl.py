@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from loadkit.errors import ModelError
-from loadkit.model import KneeResult, UslResult, fit_usl, fit_usl_run, latency_knee, littles_law_check, usl_throughput
+from loadkit.model import KneeResult, LittleResult, UslResult, fit_usl, fit_usl_run, latency_knee, littles_law_check, usl_throughput
 from loadkit.record.reader import load_run
 from model_synth import write_usl_run
 
@@ -76,6 +76,7 @@ def test_littles_law_consistent_run_and_inconsistent_one(tmp_path):
     run = load_run(tmp_path / "run")
     ok = littles_law_check(run)
     assert ok.consistent and ok.ratio_median == pytest.approx(1.0, abs=0.05)
+    assert LittleResult.from_json(ok.to_json()) == ok
     # with a 1 s think time the same run does not add up: users spent time the stats did not see
     bad = littles_law_check(run, think_time_s=1.0)
     assert not bad.consistent and bad.ratio_median < 0.5
