@@ -133,7 +133,13 @@ def metastability(run: RunData, trigger_end_unix_s: float | None = None, *,
     in flight would pass for a stuck state and :class:`ModelError` is raised.
     """
     amp = retry_amplification(run, prefix=prefix)
-    start, end = _trigger_window(amp, run) if trigger_end_unix_s is None else (None, trigger_end_unix_s)
+    if trigger_end_unix_s is None:
+        start, end = _trigger_window(amp, run)
+    else:
+        end = float(trigger_end_unix_s)
+        marked = [float(ev["ts_unix_s"]) for ev in run.events
+                  if (ev.get("detail") or {}).get("phase") == "trigger_start"]
+        start = max((t for t in marked if t <= end), default=None)
     if trigger_start_unix_s is not None:
         start = trigger_start_unix_s
     ts = amp.index.to_numpy(dtype=float)
