@@ -365,3 +365,13 @@ def test_cgroup_v2_tree_is_handled(tmp_path, monkeypatch):
     no_mem.mkdir()
     (no_mem / "cgroup.controllers").write_text("cpu io pids\n")
     assert cgroups.detect(no_mem)[0] is None
+
+
+def test_smoke_load_sees_answers_and_sessions(lab):
+    from loadkit.lab import smoke
+
+    d = smoke.dns_smoke(lab, n=200)
+    assert d["answered"] == 200 and d["timeouts"] == 0
+    i = smoke.imap_smoke(lab, n=6)
+    assert i["sessions"] == 6 and i["failed"] == 0 and i["messages_seen"] == 18
+    assert smoke.pop3_smoke(lab, n=3) == {"sessions": 3, "failed": 0}
