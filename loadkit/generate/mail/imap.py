@@ -90,9 +90,8 @@ class _Protocol(aioimaplib.IMAP4ClientProtocol):
             self.ready.set_result(None)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        err: Exception = ConnectionResetError(str(exc)) if exc is not None else ServerClosed("EOF")
-        if isinstance(exc, ConnectionResetError):
-            err = exc
+        # None is a clean EOF; an OSError (reset, ...) is classed by its errno
+        err: Exception = exc if isinstance(exc, OSError) else ServerClosed(str(exc or "EOF"))
         if not self.lost.done():
             self.lost.set_result(err)
         if not self.ready.done():
