@@ -347,8 +347,8 @@ def incident_sources(work: Path, address: str, runs_dir: Path) -> dict:
         try:
             status = lab.up()
             p = _scenario("many_small_sources")
-            p["run"].update(release="incident3" if label == "before" else f"incident3-{label}",
-                            duration=SOURCES_DURATION)
+            release = {"before": "incident3", "after": "incident3-mitigated"}.get(label, f"incident3-{label}")
+            p["run"].update(release=release, duration=SOURCES_DURATION)
             p.setdefault("lab", {}).update(overrides)
             p["targets"]["dns"] = str(status.dns)
             p["load"]["options"].update(SOURCES_LOAD)
