@@ -3,7 +3,7 @@
 A proxy holds one login process per session, so its cgroup charge grows with the sessions it
 holds until the limit. With the OOM killer on, the kernel kills login processes and their
 clients see EOF; with it disabled (``oom_kill=False``, cgroup v1) the proxy stalls at its limit
-and haproxy's health check marks it DOWN.
+or its master exits, and either way haproxy's health check marks it DOWN.
 """
 
 from __future__ import annotations
@@ -98,8 +98,10 @@ def test_without_oom_killer_the_proxy_stalls_and_haproxy_marks_it_down(make_lab)
                 break
             time.sleep(0.5)
         assert proxy.haproxy_state == "DOWN"
-        # stalled at the limit, and nothing was killed to make room
-        assert proxy.memory_bytes > 0.9 * SMALL_LIMIT and proxy.failcnt > 0
+        # it hit the limit and nothing was killed to make room: the proxy either stalls at the
+        # limit or its dovecot master gives up and exits (both seen here, timing-dependent)
+        assert proxy.failcnt > 0
+        assert (not proxy.up) or proxy.memory_bytes > 0.9 * SMALL_LIMIT, proxy
         if status.cgroups.version == 1:
             assert proxy.oom_kills in (0, None)
     finally:
