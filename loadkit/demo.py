@@ -472,8 +472,8 @@ def main(argv: list[str] | None = None) -> int:
         _say(f"  - {line}")
     for svc in report.summary.get("services", []):
         _say(
-            f"  {svc['service']}: fall-over at ≈ {svc['fall_over'] or 0:,.0f} {svc['unit']}, "
-            f"admission limit {svc['admission_limit'] or 0:,.0f} {svc['unit']}"
+            f"  {svc['service']}: fall-over at ≈ {svc['fall_over'] or 0:,.0f} {svc['unit']}; "
+            f"recommended: {svc.get('recommendation') or '-'}"
         )
     _say(f"done in {time.perf_counter() - t0:.0f} s; verdict {report.verdict}")
     if report.verdict == "FAIL":
