@@ -131,3 +131,19 @@ def test_sigterm_during_the_demo_brings_the_lab_down(tmp_path):
     assert "lab down" in text
     assert _lab_processes(tmp_path / ".loadkit" / "demo-lab") == []
     assert not (tmp_path / ".loadkit" / "demo-lab" / "state.json").exists()
+
+
+def test_a_taken_port_is_one_line_and_leaves_nothing_running(tmp_path):
+    import socket
+
+    address = free_lab_address()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as squatter:
+        squatter.bind((address, 5353))  # the demo lab's DNS port is taken
+        env = dict(os.environ, LOADKIT_DEMO_ADDRESS=address, LOADKIT_DEMO_DIR=str(tmp_path))
+        res = subprocess.run([sys.executable, "-m", "loadkit.demo"], cwd=REPO, env=env, capture_output=True,
+                             text=True, timeout=120)
+    assert res.returncode == 2, res.stdout + res.stderr
+    errors = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("demo: error: ") and "5353" in errors[0], res.stderr
+    assert "Traceback" not in res.stderr
+    assert _lab_processes(tmp_path / ".loadkit" / "demo-lab") == []
