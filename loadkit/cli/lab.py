@@ -41,8 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="memory cgroup limit per proxy, e.g. 256MiB, 64M, bytes (default %(default)s)")
     up.add_argument("--no-oom-kill", action="store_true",
                     help="disable the OOM killer in the proxy cgroups: a proxy at its limit "
-                    "stalls whole and haproxy marks it DOWN, instead of losing single login "
-                    "processes (as in the incident)")
+                    "stalls whole or its master exits, and haproxy marks it DOWN, instead of "
+                    "losing single login processes (as in the incident)")
     up.add_argument("--json", action="store_true", help="print the status as one JSON object")
     up.set_defaults(func=_up)
 
