@@ -64,8 +64,8 @@ class LabConfig:
     """memory limit of each proxy's cgroup"""
     oom_kill: bool = True
     """False: the kernel OOM killer is disabled in the proxy cgroups (v1), so a proxy at its
-    limit stalls whole or its dovecot master exits, and haproxy marks it DOWN, as in the incident (v2 cannot disable the
-    OOM killer: there the whole proxy cgroup is killed at once instead)"""
+    limit stalls whole or its dovecot master exits, and haproxy marks it DOWN, as in the
+    incident (v2 cannot disable the OOM killer: there the whole proxy cgroup is killed at once)"""
 
     def __post_init__(self) -> None:
         self.dir = Path(self.dir)
