@@ -88,6 +88,17 @@ def test_failed_gate_fails_the_verdict(tmp_path):
     assert "gate p99<=50ms failed in run mail-run" in summary["verdict_reasons"]
 
 
+def test_gate_not_evaluated_warns_but_does_not_fail(tmp_path):
+    # the recorder writes passed=None when a gate could not be computed (e.g. no headroom fit)
+    path = write_mail_run(tmp_path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["gates"] = [{"name": "min_headroom_pct", "passed": None, "value": None, "limit": 20}]
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    summary = summarize([load_run(path)], release="r1")
+    assert summary["verdict"] == "WARN"
+    assert "gate min_headroom_pct not evaluated in run mail-run" in summary["verdict_reasons"]
+
+
 # -- errors a user can cause ----------------------------------------------------------------------
 
 

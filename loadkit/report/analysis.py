@@ -599,7 +599,8 @@ def summarize(
         summary["regressions"] = [c for c in summary["changes"] if c["regression"]]
         summary["baseline_runs"] = base["runs"]
 
-    reasons_fail = [f"gate {g.get('name')} failed in run {g['run_id']}" for g in gates if not g.get("passed", True)]
+    # passed is None for a gate that could not be evaluated: that is a warning, not a failure
+    reasons_fail = [f"gate {g.get('name')} failed in run {g['run_id']}" for g in gates if g.get("passed") is False]
     for s in services:
         if s["headroom_pct"] is not None and s["headroom_pct"] < 0 and s["unit"] == "queries per burst":
             reasons_fail.append(
@@ -617,6 +618,9 @@ def summarize(
     ]
     reasons_warn += [
         f"run {r['run_id']} ended '{r['status']}'" for r in summary["runs"] if r["status"] != "completed"
+    ]
+    reasons_warn += [
+        f"gate {g.get('name')} not evaluated in run {g['run_id']}" for g in gates if g.get("passed") is None
     ]
     if reasons_fail:
         verdict = "FAIL"
