@@ -106,3 +106,8 @@ def test_without_oom_killer_the_proxy_stalls_and_haproxy_marks_it_down(make_lab)
             assert proxy.oom_kills in (0, None)
     finally:
         _close(held)
+    # down copes with a proxy stalled at its limit: nothing left, cgroup gone
+    lab = Lab.from_dir(status.dir)
+    lab.down()
+    assert not Path(status.proxies[0].cgroup).exists()
+    assert not lab.status().components

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -139,7 +140,19 @@ def procs(path: Path) -> list[int]:
         return []
 
 
-def remove(path: Path, timeout_s: float = 3.0) -> None:
+def release(path: Path) -> None:
+    """Lift the group's limit and re-enable the OOM killer, so tasks stalled at the limit (OOM
+    killer disabled) can run on to their exit when they are killed."""
+    for name, value in (("memory.oom_control", "0"), ("memory.limit_in_bytes", "-1"),
+                        ("memory.max", "max")):
+        try:
+            if (path / name).exists():
+                (path / name).write_text(value)
+        except OSError:
+            pass
+
+
+def remove(path: Path, timeout_s: float = 5.0) -> None:
     """Remove a proxy's cgroup, then its lab's and the ``loadkit`` parent when empty.
 
     A cgroup can only be removed once its processes are gone; exiting tasks can linger for a
@@ -154,6 +167,11 @@ def remove(path: Path, timeout_s: float = 3.0) -> None:
                 break
             if time.monotonic() > deadline:
                 raise
+            for pid in procs(path):  # ours: they are in the lab's own group
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
             time.sleep(0.05)
     for parent in (path.parent, path.parent.parent):
         if parent.name and parent.exists():

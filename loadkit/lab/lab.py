@@ -302,6 +302,10 @@ class Lab:
         errors = []
         # reverse start order: the entrance (haproxy) first, DNS last
         comps = state.get("components", [])
+        for c in comps:
+            if c.get("cgroup"):
+                # a proxy stalled at its limit (OOM killer off) cannot even exit: lift the limit
+                cgroups.release(Path(c["cgroup"]))
         # the entrance first, so no health check or client starts a login process on a proxy
         # whose master is shutting down (it would wait seconds for services already gone)
         entrance = [procs.Started(c["pid"], c["create_time_s"]) for c in comps
