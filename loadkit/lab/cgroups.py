@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
+from loadkit.observe import cgroups as observed
+
 from .status import CgroupSupport
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -100,27 +102,15 @@ def join(path: Path) -> None:
 
 
 def read_memory(version: int | None, path: Path | None) -> Memory:
+    """The proxy group's figures, read with the collector's reader so the lab's status and a
+    collector watching the same group never disagree."""
     if version is None or path is None or not path.exists():
         return Memory(None, None, None, None)
     try:
-        if version == 1:
-            oom = _kv(path / "memory.oom_control")
-            return Memory(
-                _int(path / "memory.usage_in_bytes"),
-                _int(path / "memory.limit_in_bytes"),
-                _int(path / "memory.failcnt"),
-                oom.get("oom_kill"),
-            )
-        events = _kv(path / "memory.events")
-        limit = (path / "memory.max").read_text().strip()
-        return Memory(
-            _int(path / "memory.current"),
-            None if limit == "max" else int(limit),
-            events.get("max"),
-            events.get("oom_kill"),
-        )
-    except OSError:
+        m = observed.read_memory(path, version)
+    except (OSError, ValueError):
         return Memory(None, None, None, None)
+    return Memory(m.memory_bytes, m.limit_bytes or None, m.failcnt_n, m.oom_kills_n)
 
 
 def under_oom(version: int | None, path: Path | None) -> bool | None:
@@ -128,16 +118,13 @@ def under_oom(version: int | None, path: Path | None) -> bool | None:
     if version != 1 or path is None:
         return None
     try:
-        return bool(_kv(path / "memory.oom_control").get("under_oom", 0))
-    except OSError:
+        return observed.read_memory(path, version).under_oom
+    except (OSError, ValueError):
         return None
 
 
 def procs(path: Path) -> list[int]:
-    try:
-        return [int(x) for x in (path / "cgroup.procs").read_text().split()]
-    except OSError:
-        return []
+    return sorted(observed.read_pids(path))
 
 
 def release(path: Path) -> None:
@@ -179,16 +166,3 @@ def remove(path: Path, timeout_s: float = 5.0) -> None:
                 parent.rmdir()
             except OSError:
                 break  # still holds another proxy's or another lab's group
-
-
-def _int(p: Path) -> int:
-    return int(p.read_text().split()[0])
-
-
-def _kv(p: Path) -> dict[str, int]:
-    out = {}
-    for line in p.read_text().splitlines():
-        parts = line.split()
-        if len(parts) == 2 and parts[1].lstrip("-").isdigit():
-            out[parts[0]] = int(parts[1])
-    return out
