@@ -99,7 +99,8 @@ def test_make_demo_produces_the_report_and_brings_the_lab_down(tmp_path):
     assert "lab down" in res.stdout
     assert not (tmp_path / ".loadkit" / "demo-lab" / "state.json").exists()
     assert _lab_processes(tmp_path / ".loadkit" / "demo-lab") == []
-    assert elapsed < 600
+    # the 10-minute budget is watched, not asserted: tests never assert on wall-clock speed
+    print(f"demo took {elapsed:.0f} s")
 
 
 @pytest.mark.lab
