@@ -3,8 +3,10 @@
     locust -f locustfiles/imap_storm.py --headless -u 150 -r 50 -t 20s --csv out/imap
     locust -f locustfiles/imap_storm.py --host 127.0.0.1:1143 --mail-dwell idle --mail-arrival rate:100
 
-Defaults target the lab's haproxy (127.0.0.1:1143) and its accounts file; ``locust --help``
-lists the ``--mail-*`` options (dwell, arrival model, reconnect policy, TLS, per-phase timeouts).
+Defaults target the lab's haproxy (127.0.0.1:1143) and its accounts file. The ``--mail-*``
+options (dwell, arrival model, reconnect policy, TLS, per-phase timeouts) show in the web UI's
+custom parameters and in the README; Locust prints ``--help`` before it imports a locustfile,
+so they are not listed there.
 """
 
 import loadkit.record.locust_plugin  # noqa: F401  (records the run)

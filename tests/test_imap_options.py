@@ -95,6 +95,20 @@ def test_locust_stops_before_connecting_with_one_line(locustfile, extra, message
     assert "Traceback" not in err
 
 
+def test_options_are_locust_custom_arguments_shown_in_the_web_ui() -> None:
+    from locust.argument_parser import LocustArgumentParser
+
+    from loadkit.generate.mail.users import add_arguments
+
+    parser = LocustArgumentParser()
+    add_arguments(parser)
+    shown = parser.args_included_in_web_ui
+    for dest in ("mail_accounts", "mail_dwell", "mail_arrival", "mail_reconnect", "mail_give_up",
+                 "mail_tls", "mail_timeouts"):
+        assert dest in shown, dest
+    assert "backoff" in shown["mail_reconnect"].help
+
+
 def test_option_values_are_parsed() -> None:
     o = options_from_parsed(Namespace(
         mail_dwell="idle", mail_arrival="rate:25", mail_reconnect="fixed", mail_reconnect_delay="2",

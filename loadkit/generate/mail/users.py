@@ -260,7 +260,9 @@ def options_from_parsed(parsed: Any) -> MailOptions:
 @events.init_command_line_parser.add_listener
 def add_arguments(parser: Any, **_kw: Any) -> None:
     """Custom Locust arguments of the mail storms (also shown in the web UI)."""
-    g = parser.add_argument_group("loadkit mail storm")
+    # straight on Locust's parser, not an argument group: only the parser's own add_argument
+    # marks an option for the web UI's custom parameters
+    g = parser
     g.add_argument("--mail-accounts", default=str(defaults.accounts_file()),
                    help="CSV file with header user,password (default: the lab's accounts file)")
     g.add_argument("--mail-dwell", default="5",
