@@ -36,6 +36,7 @@ from __future__ import annotations
 import collections
 import logging
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -46,12 +47,17 @@ from locust import events
 from locust import runners as locust_runners
 from locust.runners import MasterRunner, WorkerRunner
 from locust.stats import calculate_response_time_percentile, diff_response_time_dicts
+from locust.util.timespan import parse_timespan
 
+from loadkit.errors import LoadkitError, ProfileError
 from loadkit.generate.metrics import forget_worker, metrics_for
 from loadkit.records import Event, FailureInterval, GeneratorMetric, GroupSample, RequestInterval
 from loadkit.record.writer import INTERRUPT_MARKER, RunWriter, new_run_id
 
 log = logging.getLogger(__name__)
+
+#: a test with no -t still stops by itself after this long (--max-run-time)
+DEFAULT_MAX_RUN_TIME = "1h"
 
 #: how often queued collector samples are drained and abort thresholds checked: an abort
 #: happens within one sampling interval plus this
@@ -87,6 +93,27 @@ def _add_arguments(parser: Any) -> None:
                        help="abort when failures/requests over one interval reach this (0: off)")
     group.add_argument("--abort-min-requests", type=int, default=50,
                        help="an interval needs this many requests before the failure ratio counts")
+    group.add_argument("--max-run-time", default=DEFAULT_MAX_RUN_TIME,
+                       help="safety cap: the test stops itself after this long even without -t "
+                       "(e.g. 30m, 2h); -t may not exceed it")
+
+
+def max_run_time_s(options: Any) -> float:
+    """The safety cap on a test's length, checked against ``-t``; a bad value is one line."""
+    text = str(getattr(options, "max_run_time", "") or DEFAULT_MAX_RUN_TIME)
+    try:
+        cap_s = float(parse_timespan(text))
+    except (ValueError, TypeError):
+        raise ProfileError(f"--max-run-time {text!r} is not a duration (e.g. 30m, 2h)") from None
+    if cap_s <= 0:
+        raise ProfileError(f"--max-run-time must be more than 0, got {text!r}")
+    run_time_s = float(getattr(options, "run_time", 0) or 0)
+    if run_time_s > cap_s:
+        raise ProfileError(
+            f"-t {run_time_s:.0f}s is longer than the safety cap --max-run-time {text}; raise the cap "
+            "if this target can take it"
+        )
+    return cap_s
 
 
 @events.init.add_listener
@@ -96,6 +123,13 @@ def _on_init(environment: Any, **_kw: Any) -> None:
     options = environment.parsed_options
     if options is None:
         return
+    if not isinstance(environment.runner, WorkerRunner):
+        try:
+            cap_s = max_run_time_s(options)
+        except LoadkitError as err:
+            print(f"locust: error: {err}", file=sys.stderr, flush=True)
+            sys.exit(err.exit_code)
+        _arm_run_time_cap(environment, cap_s)
     if isinstance(environment.runner, WorkerRunner):
         environment.runner.register_message(ABORT_MESSAGE, lambda *_a, **_kw: _stop_now(environment))
         # workers report every 3 s by default: report once per record interval instead, so an
@@ -106,6 +140,29 @@ def _on_init(environment: Any, **_kw: Any) -> None:
         return
     _recorder = Recorder(environment, options)
     _recorder.start()
+
+
+def _arm_run_time_cap(environment: Any, cap_s: float) -> None:
+    """Every load loop stops by itself: without -t (the web UI, or a forgotten option) the test
+    is stopped after ``cap_s`` from its start."""
+
+    def _cap() -> None:
+        log.warning("stopping the test: it reached the safety cap --max-run-time (%.0f s)", cap_s)
+        runner = environment.runner
+        if runner is not None:
+            runner.quit()
+
+    timer: list = []
+
+    @environment.events.test_start.add_listener
+    def _start(**_kw: Any) -> None:
+        if not timer:
+            timer.append(gevent.spawn_later(cap_s, _cap))
+
+    @environment.events.quitting.add_listener
+    def _quit(**_kw: Any) -> None:
+        for g in timer:
+            g.kill(block=False)
 
 
 @events.quitting.add_listener
