@@ -13,7 +13,7 @@ from loadkit.lab import LabConfig, parse_bytes
 
 def test_bad_option_values():
     with pytest.raises(ProfileError):
-        LabConfig(address="10.0.0.1")
+        LabConfig(address="192.0.2.1")  # not loopback: refused
     with pytest.raises(ProfileError):
         LabConfig(proxies=0)
     with pytest.raises(ProfileError):

@@ -457,7 +457,7 @@ def profile_from_dict(data: dict[str, Any], path: Path) -> Profile:
                 try:
                     ipaddress.ip_network(v, strict=False)
                 except ValueError:
-                    raise ProfileError(f"{wk}: {v!r} is not a network (e.g. 10.20.0.0/16)") from None
+                    raise ProfileError(f"{wk}: {v!r} is not a network (e.g. 198.51.100.0/24)") from None
             allowlist = tuple(value)
             continue
         _check_name(key, f"{name}: [targets] name")

@@ -65,7 +65,7 @@ def _group_specs(groups: Mapping[str, str] | Iterable[str | GroupSpec] | None) -
 def _snapshot_url(url: str, allowlist: Sequence[str] | str | None) -> str:
     """Validate a collector URL (scheme, host in the allowlist) and return its base."""
     if "://" in url and not url.startswith("http://"):
-        raise CollectorError(f"collector URL {url!r}: only http:// is supported (e.g. http://10.0.0.5:9108)")
+        raise CollectorError(f"collector URL {url!r}: only http:// is supported (e.g. http://192.0.2.5:9108)")
     try:
         host, port = split_host_port(url.removeprefix("http://").split("/", 1)[0], DEFAULT_COLLECTOR_PORT)
         target = check_target(f"{host}:{port}", DEFAULT_COLLECTOR_PORT, allowlist)
