@@ -216,7 +216,7 @@ def write_mail_run(
             if alive[i] and memory >= limit_bytes:
                 alive[i] = False
                 w.events.append(Event(ts, "oom_kill", name, {"pid": 1000 + i, "process": "dovecot"}))
-                w.events.append(Event(ts, "process_exited", name, {"pid": 1000 + i}))
+                w.events.append(Event(ts, "process_exited", name, {"pid": 1000 + i, "root": True}))
             if not alive[i]:
                 fails_now += int(sessions)
                 sessions, memory = 0.0, base_bytes * 0.2

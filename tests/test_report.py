@@ -260,3 +260,20 @@ def test_notebook_runs_on_its_own_with_papermill(tmp_path):
     html = "".join(o.get("data", {}).get("text/html", "") for o in outputs if "data" in o)
     assert "Capacity report · release <b>r1</b>" in html
     assert "mail-run" in html
+
+
+def test_a_login_process_ending_its_session_is_not_a_proxy_failure(tmp_path):
+    # one login process per connection: children exit all the time; only an OOM kill or the
+    # master's exit marks where a proxy failed
+    from loadkit.report.analysis import first_failure_ts
+
+    path = write_mail_run(tmp_path)
+    run = load_run(path)
+    oom = first_failure_ts(run)
+    child_exit = {"ts_unix_s": run.events[0]["ts_unix_s"] - 100, "kind": "process_exited", "source": "proxy1",
+                  "detail": {"pid": 4242, "name": "imap-login", "root": False}}
+    run.events.insert(0, child_exit)
+    assert first_failure_ts(run) == oom
+    master_exit = dict(child_exit, detail={"pid": 4243, "name": "dovecot", "root": True})
+    run.events.insert(0, master_exit)
+    assert first_failure_ts(run)["proxy1"] == master_exit["ts_unix_s"]

@@ -107,7 +107,9 @@ class EventTracker:
         if len(infos) <= self.max_events_per_sample:
             roots, children = infos, []
         events = [
-            Event(ts, kind, group, {"host": self.host, "pid": i.pid, "name": i.name, "ppid": i.ppid, "group_procs_n": procs_n})
+            Event(ts, kind, group, {"host": self.host, "pid": i.pid, "name": i.name, "ppid": i.ppid,
+                                    # root: its parent is outside the group (a master, a server)
+                                    "root": i.ppid not in pids, "group_procs_n": procs_n})
             for i in roots
         ]
         if children:

@@ -136,11 +136,14 @@ def socket_drops(run: RunData) -> tuple[str, pd.Series]:
     return "drops", pd.Series(dtype="float64")
 
 
-def _first_oom_ts(run: RunData) -> dict[str, float]:
-    """group -> time of its first OOM kill or exit (events first, cgroup counters second)."""
+def first_failure_ts(run: RunData) -> dict[str, float]:
+    """group -> time of its first OOM kill or the exit of its master (events first, cgroup
+    counters second). A login process ending its session is not a failure: with one process per
+    connection they exit all the time."""
     first: dict[str, float] = {}
     for ev in run.events:
-        if ev.get("kind") in ("oom_kill", "process_exited"):
+        kind = ev.get("kind")
+        if kind == "oom_kill" or (kind == "process_exited" and (ev.get("detail") or {}).get("root")):
             src = str(ev.get("source"))
             first[src] = min(first.get(src, math.inf), float(ev.get("ts_unix_s", math.inf)))
     g = proxy_groups(run)

@@ -24,7 +24,7 @@ from loadkit import model  # noqa: E402
 from loadkit.errors import ModelError  # noqa: E402
 from loadkit.record.reader import RunData  # noqa: E402
 
-from .analysis import HOLD_NAMES, _first_oom_ts, gauge, kpi_series, proxy_groups, socket_drops  # noqa: E402
+from .analysis import HOLD_NAMES, first_failure_ts, gauge, kpi_series, proxy_groups, socket_drops  # noqa: E402
 
 MIB = 1024 * 1024
 #: one colour per proxy / series, colour-blind safe (Okabe-Ito)
@@ -114,7 +114,7 @@ def proxy_memory(run: RunData, service: dict | None) -> Figure:
     g = proxy_groups(run)
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
     fits = {p["name"]: p for p in (service or {}).get("proxies", [])}
-    first = _first_oom_ts(run)
+    first = first_failure_ts(run)
     start = _start(run)
     limit_mib = None
     for i, (name, rows) in enumerate(g.groupby("group")):
