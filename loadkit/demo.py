@@ -71,8 +71,6 @@ SOURCES_DURATION = "20s"
 SOURCES_LOAD = {"dns-sources": 300, "dns-source-qps": 20, "dns-random-subdomain-share": 0.3}
 #: the DNS forecast peak (average queries/s) the demo's DNS headroom is measured against
 DEMO_FORECAST_PEAK_QPS = 800
-#: the whole demo must finish within this (each step has its own share)
-DEMO_BUDGET_S = 600.0
 
 
 class DemoInterrupted(Exception):

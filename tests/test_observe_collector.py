@@ -12,7 +12,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-import psutil
 import pytest
 
 from loadkit.cli import main as cli_main

@@ -29,8 +29,7 @@ import atexit
 import logging
 import os
 import socket as _socket_mod
-import time
-from typing import Any, Awaitable, Callable, Coroutine, TypeVar
+from typing import Any, Callable, Coroutine, TypeVar
 
 import gevent
 import gevent.event
@@ -349,12 +348,6 @@ def shutdown(timeout_s: float = 5.0) -> None:
 def run(coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
     """Shorthand for ``get_bridge().run(coro, timeout)``."""
     return get_bridge().run(coro, timeout)
-
-
-async def timed(awaitable: Awaitable[T]) -> tuple[T, float]:
-    """Await on the loop and return ``(result, elapsed_s)`` measured on the loop."""
-    t0 = time.perf_counter()
-    return await awaitable, time.perf_counter() - t0
 
 
 atexit.register(shutdown, 2.0)

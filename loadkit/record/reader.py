@@ -19,7 +19,6 @@ import pyarrow.parquet as pq
 from loadkit.errors import RecordError
 from loadkit.records import (
     RUN_LAYOUT,
-    Event,
     FailureInterval,
     GeneratorMetric,
     GroupSample,

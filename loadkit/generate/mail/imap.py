@@ -303,11 +303,6 @@ class ImapSession:
             proto._lost_signal = None  # a loss we cause is not a server failure
             proto.transport.abort()
 
-    @property
-    def is_lost(self) -> bool:
-        """True once the server closed or reset the connection (loop-side view)."""
-        return self.proto is not None and self.proto.lost.done()
-
 
 def _check(resp: Any, command: str) -> None:
     if resp.result != "OK":
