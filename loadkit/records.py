@@ -232,6 +232,7 @@ EVENT_KINDS: tuple[str, ...] = (
     "gate",
     "warning",
     "phase",  # a load phase began: detail {"phase": "trigger_start" | "trigger_end" | ...}
+    "burst",  # a DNS burst left one process: detail {"burst_index", "first_sent_unix_s", "window_s", "sent_n", ...}
 )
 
 

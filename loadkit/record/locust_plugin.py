@@ -21,7 +21,9 @@ In the process that owns the statistics (Locust's master, or the single local pr
 response-time histograms, :class:`~loadkit.records.GeneratorMetric` rows from
 :func:`loadkit.generate.metrics.metrics_for`, and the collector samples received since the last
 interval; each interval is flushed as part files, so a SIGKILL loses at most one interval.
-Events (run start/end, aborts, lost workers, collector events) go to ``events.jsonl`` at once.
+Events (run start/end, aborts, lost workers, collector events) go to ``events.jsonl`` at once;
+generator events (:func:`loadkit.generate.events.events_for`, e.g. each DNS burst) within one
+watch interval.
 Workers record nothing: their statistics and generator metrics reach the master.
 
 Collectors are attached through ``loadkit.record.live_collector.attach_collector(environment,
@@ -50,6 +52,7 @@ from locust.stats import calculate_response_time_percentile, diff_response_time_
 from locust.util.timespan import parse_timespan
 
 from loadkit.errors import LoadkitError, ProfileError
+from loadkit.generate.events import events_for
 from loadkit.generate.metrics import forget_worker, metrics_for
 from loadkit.records import Event, FailureInterval, GeneratorMetric, GroupSample, RequestInterval
 from loadkit.record.writer import INTERRUPT_MARKER, RunWriter, new_run_id
@@ -120,6 +123,7 @@ def max_run_time_s(options: Any) -> float:
 def _on_init(environment: Any, **_kw: Any) -> None:
     global _recorder
     metrics_for(environment)  # wire generator metrics in every process, workers included
+    events_for(environment)  # and generator events (a master merges its workers' from the start)
     options = environment.parsed_options
     if options is None:
         return
@@ -432,6 +436,9 @@ class Recorder:
                 log.exception("collector drain failed")
 
     def _drain(self) -> None:
+        # generator events (DNS bursts ...), this process's and its workers', then collector output
+        for event in events_for(self.environment).drain():
+            self.writer.add(event)
         while self._queue:
             record, table = self._queue.popleft()
             if table is not None:

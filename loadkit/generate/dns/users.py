@@ -27,6 +27,7 @@ from locust.util.timespan import parse_timespan
 
 from loadkit import defaults
 from loadkit.errors import LoadkitError, ProfileError
+from loadkit.generate.events import events_for
 from loadkit.generate.locust_stats import inject
 from loadkit.generate.metrics import metrics_for
 from loadkit.generate.shapes import KneeCriteria, KneeDetector, KneePoint
@@ -34,7 +35,7 @@ from loadkit.profile.targets import Target, check_target
 
 from . import schedule, wire
 from .histogram import LatencyHistogram
-from .sender import DnsSender, IntervalReport, source_addresses
+from .sender import BurstWindow, DnsSender, IntervalReport, source_addresses
 
 log = logging.getLogger(__name__)
 
@@ -305,6 +306,8 @@ class DnsRun:
         #: fine latency of successful answers over the whole test (on a master: every worker's)
         self.answer_latency = LatencyHistogram()
         self._unreported = LatencyHistogram()
+        #: (index, count) of this process among the processes that send
+        self.share = (0, 1)
 
     def make_plan(self) -> DnsPlan:
         """Check the options (again: they may have changed in the web UI); build only when
@@ -340,8 +343,28 @@ class DnsRun:
         metrics.set_gauge("dns.outstanding", report.outstanding_n)
         for bw in report.bursts:
             metrics.set_gauge("dns.burst_window_s", bw.window_s)
+            self.record_burst(bw)
         if self.knee is not None and self.sender is not None:
             self._check_knee(report)
+
+    def record_burst(self, bw: BurstWindow) -> None:
+        """One ``burst`` event in the run record: when this process's share of a burst really
+        left (the sender times its first and last query; nothing is added per query)."""
+        events_for(self.environment).emit(
+            "burst",
+            "dns",
+            {
+                "burst_index": bw.burst_index,
+                "planned_start_unix_s": bw.planned_start_unix_s,
+                "first_sent_unix_s": bw.first_sent_unix_s,
+                "last_sent_unix_s": bw.last_sent_unix_s,
+                "window_s": bw.window_s,
+                "sent_n": bw.sent_n,
+                "worker_index": self.share[0],
+                "workers_n": self.share[1],
+            },
+            ts_unix_s=bw.first_sent_unix_s,
+        )
 
     def _check_knee(self, report: IntervalReport) -> None:
         c = report.counters
@@ -376,6 +399,7 @@ class DnsRun:
             log.info("DNS base rate follows the load shape %s (peak %g qps)", type(shape).__name__,
                      p.total_rate_qps)
         index, count = worker_share(self.environment)
+        self.share = (index, count)
         self.sender = build_sender(p, index, count, on_interval=self.on_interval)
         self.request_type = "DNS" if p.settings.protocol == "udp" else "DNS-TCP"
         if p.settings.ramp_to_qps > 0:
