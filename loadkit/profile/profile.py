@@ -26,8 +26,20 @@ Schema (every table but ``[run]``, ``[targets]`` and ``[load]`` is optional)::
     host = "dns"                    # a target name, given to Locust as --host ADDRESS:PORT;
                                     #   "imap.address" gives the address alone, so each user
                                     #   class adds its own default port (IMAP and POP3 together)
-    users = 50                      # Locust -u (concurrent users)
+    users = 50                      # Locust -u (concurrent users); leave out with a shape
     spawn_rate = 10                 # Locust -r (users started per second)
+    shape = { kind = "steps", steps = [["30s", 10], ["30s", 50]] }
+        # optional load shape (loadkit.generate.shapes), applied to Locust by the runner;
+        # it sets the users over time (and the DNS base rate, scaled so its peak is
+        # --dns-rate) and ends at [run] duration at the latest. Kinds and keys:
+        #   steps         steps = [[DURATION, USERS], ...] (or [{duration, users}, ...])
+        #   spike_train   base_users, spike_users; spike_s, period_s, first_spike_s, duration_s
+        #   daily         night_users, peak_users, spike_users; spike_hour, spike_minutes,
+        #                 day_s, days
+        #   ramp_to_knee  max_users; start_users, users_per_s, max_s, max_loss_ratio,
+        #                 max_p99_s, intervals_n, check_every_s
+        # every kind also takes spawn_rate (default: [load] spawn_rate); keys ending in _s
+        # are durations ("30s", "5m" or seconds)
     options = { rate-qps = 2000, names-file = ".loadkit/lab/names.txt" }
         # extra Locust/locustfile options: --KEY VALUE; true is a bare flag, false leaves
         # it out, a list repeats the option. A string "{target:NAME}" is replaced by the
@@ -85,7 +97,7 @@ from loadkit.profile.targets import check_target, split_host_port
 _TABLES: dict[str, tuple[str, ...]] = {
     "run": ("scenario", "release", "duration", "description", "stop_timeout"),
     "targets": (),  # free target names plus "allowlist"
-    "load": ("locustfile", "host", "users", "spawn_rate", "options"),
+    "load": ("locustfile", "host", "users", "spawn_rate", "options", "shape"),
     "collect": ("groups", "udp_ports", "urls", "interval_s"),
     "caps": ("max_users", "max_duration_s", "max_rate_qps"),
     "abort": ("cgroup_memory_fraction", "failure_ratio", "min_requests"),
@@ -157,6 +169,8 @@ class LoadSpec:
     spawn_rate: float
     host: str | None = None  #: a target name, or "NAME.address" for the address alone
     options: dict[str, Any] = field(default_factory=dict)
+    shape: dict[str, Any] | None = None
+    """``{"kind": ..., param: value}`` with durations in seconds (:func:`check_shape`), or None"""
 
 
 @dataclass(frozen=True)
@@ -248,6 +262,7 @@ class Profile:
                 "spawn_rate": self.load.spawn_rate,
                 "host": self.load.host,
                 "options": dict(self.load.options),
+                "shape": dict(self.load.shape) if self.load.shape else None,
             },
             "collect": {
                 "groups": dict(self.collect.groups),
@@ -377,9 +392,118 @@ def _check_options(options: Any, targets: dict[str, str], where: str) -> dict[st
     return out
 
 
+#: ``[load] shape`` kinds: parameter -> (kind of value, required); "users" may be 0, "count"
+#: may not; "duration" takes 30s/5m or seconds. The names are the attributes of the shape
+#: classes in loadkit.generate.shapes (loadkit.generate.profile_shape maps kind -> class).
+SHAPE_KINDS: dict[str, dict[str, tuple[str, bool]]] = {
+    "steps": {"steps": ("steps", True)},
+    "spike_train": {
+        "base_users": ("users", True), "spike_users": ("count", True), "spike_s": ("duration", False),
+        "period_s": ("duration", False), "first_spike_s": ("duration", False),
+        "duration_s": ("duration", False),
+    },
+    "daily": {
+        "night_users": ("users", True), "peak_users": ("count", True), "spike_users": ("count", True),
+        "spike_hour": ("hour", False), "spike_minutes": ("number", False), "day_s": ("duration", False),
+        "days": ("count", False),
+    },
+    "ramp_to_knee": {
+        "max_users": ("count", True), "start_users": ("users", False), "users_per_s": ("number", False),
+        "max_s": ("duration", False), "max_loss_ratio": ("fraction", False),
+        "max_p99_s": ("duration", False), "intervals_n": ("count", False),
+        "check_every_s": ("duration", False),
+    },
+}
+
+#: the parameters of each kind that are user counts: the shape's peak is the largest of them
+_SHAPE_USER_KEYS = ("base_users", "spike_users", "night_users", "peak_users", "start_users", "max_users")
+
+
+def check_shape(value: Any, default_spawn_rate: float | None, where: str) -> dict[str, Any]:
+    """``[load] shape`` -> ``{"kind": ..., param: value}`` (durations in seconds)."""
+    if not isinstance(value, dict):
+        raise ProfileError(
+            f"{where}: must be a table such as {{ kind = \"steps\", steps = [[\"30s\", 10]] }}, "
+            f"got {type(value).__name__} {value!r}"
+        )
+    kinds = ", ".join(SHAPE_KINDS)
+    kind = value.get("kind")
+    if kind is None:
+        raise ProfileError(f"{where}.kind: missing (one of {kinds})")
+    if kind not in SHAPE_KINDS:
+        raise ProfileError(f"{where}.kind: {kind!r} is not a shape (one of {kinds})")
+    params = SHAPE_KINDS[kind]
+    out: dict[str, Any] = {"kind": kind}
+    for key, v in value.items():
+        if key in ("kind", "spawn_rate"):
+            continue
+        if key not in params:
+            raise ProfileError(
+                f"{where}.{key}: not a parameter of a {kind} shape (allowed: {', '.join(params)}, spawn_rate)"
+            )
+    for key, (what, required) in params.items():
+        wk = f"{where}.{key}"
+        if key not in value:
+            if required:
+                raise ProfileError(f"{wk}: missing (a {kind} shape needs {', '.join(k for k, (_, r) in params.items() if r)})")
+            continue
+        v = value[key]
+        if what == "users":
+            out[key] = _pos_int(v, wk, zero_ok=True)
+        elif what == "count":
+            out[key] = _pos_int(v, wk)
+        elif what == "duration":
+            out[key] = parse_duration(v, wk)
+        elif what == "number":
+            out[key] = _pos_number(v, wk)
+        elif what == "fraction":
+            out[key] = _fraction(v, wk)
+        elif what == "hour":
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 24:
+                raise ProfileError(f"{wk}: must be an hour of the day 0-24 (12.5 = 12:30), got {v!r}")
+            out[key] = float(v)
+        else:  # steps
+            out[key] = _check_steps(v, wk)
+    rate = value.get("spawn_rate", default_spawn_rate)
+    if rate is not None:
+        out["spawn_rate"] = _pos_number(rate, f"{where}.spawn_rate")
+    if shape_peak_users(out) <= 0:
+        raise ProfileError(f"{where}: the shape never has any users")
+    return out
+
+
+def _check_steps(value: Any, where: str) -> list[list[float]]:
+    example = 'e.g. steps = [["30s", 10], ["30s", 50]]'
+    if not isinstance(value, list) or not value:
+        raise ProfileError(f"{where}: must be a list of [duration, users] steps, {example}")
+    steps: list[list[float]] = []
+    for i, step in enumerate(value, 1):
+        ws = f"{where}[{i}]"
+        if isinstance(step, dict):
+            unknown = set(step) - {"duration", "users"}
+            if unknown or len(step) != 2:
+                raise ProfileError(f"{ws}: a step is {{ duration = \"30s\", users = 10 }}, got {step!r}")
+            step = [step["duration"], step["users"]]
+        if not isinstance(step, list) or len(step) != 2:
+            raise ProfileError(f"{ws}: a step is [duration, users], {example}; got {step!r}")
+        steps.append([parse_duration(step[0], f"{ws} duration"), _pos_int(step[1], f"{ws} users", zero_ok=True)])
+    return steps
+
+
+def shape_peak_users(shape: dict[str, Any]) -> int:
+    """The most users a checked shape asks for (what [caps] max_users is checked against)."""
+    if shape["kind"] == "steps":
+        return max(int(users) for _, users in shape["steps"])
+    return max(int(v) for k, v in shape.items() if k in _SHAPE_USER_KEYS)
+
+
 def check_caps(profile: Profile, where: str) -> None:
     """Refuse a profile whose users, duration or any rate option exceeds ``[caps]``."""
     caps = profile.caps
+    if profile.load.shape and profile.load.users > caps.max_users:
+        raise ProfileError(
+            f"{where}: [load] shape peaks at {profile.load.users} users, above [caps] max_users = {caps.max_users}"
+        )
     if profile.load.users > caps.max_users:
         raise ProfileError(
             f"{where}: {profile.load.users} users exceeds [caps] max_users = {caps.max_users}"
@@ -486,9 +610,17 @@ def profile_from_dict(data: dict[str, Any], path: Path) -> Profile:
     for f in locustfiles:
         if f.suffix != ".py":
             raise ProfileError(f"{w} locustfile: {f.name} is not a Python file")
-    if "users" not in ldata:
-        raise ProfileError(f"{w} users: missing (number of concurrent Locust users)")
-    users = _pos_int(ldata["users"], f"{w} users")
+    shape = None
+    if "shape" in ldata:
+        if "users" in ldata:
+            raise ProfileError(f"{w} users: leave it out when [load] shape is set (the shape sets the users)")
+        spawn = _pos_number(ldata["spawn_rate"], f"{w} spawn_rate") if "spawn_rate" in ldata else None
+        shape = check_shape(ldata["shape"], spawn, f"{w} shape")
+        users = shape_peak_users(shape)
+    elif "users" not in ldata:
+        raise ProfileError(f"{w} users: missing (number of concurrent Locust users, or a [load] shape)")
+    else:
+        users = _pos_int(ldata["users"], f"{w} users")
     spawn_rate = _pos_number(ldata.get("spawn_rate", users), f"{w} spawn_rate")
     host = ldata.get("host")
     if host is not None:
@@ -496,7 +628,7 @@ def profile_from_dict(data: dict[str, Any], path: Path) -> Profile:
         if host.removesuffix(".address") not in targets:
             raise ProfileError(f"{w} host: {host!r} is not one of [targets] ({', '.join(targets)})")
     options = _check_options(ldata.get("options", {}), targets, f"{w} options")
-    load = LoadSpec(locustfiles, users, spawn_rate, host, options)
+    load = LoadSpec(locustfiles, users, spawn_rate, host, options, shape)
 
     cdata = _table(data, "collect", name)
     w = f"{name}: [collect]"
