@@ -16,6 +16,11 @@ independent of how fast sessions end; a slot that finds no free user is counted 
 (exponential with full jitter), each with a give-up count. A fast failure never spins: every
 retry waits at least ``--mail-min-retry-delay`` and retries per process are capped by
 ``--mail-max-retry-rate``.
+
+Accounts: each user keeps one account from the accounts file, taken round robin. With several
+Locust processes (``--processes N`` or workers) each worker takes its own contiguous part of the
+file (the master tells the workers how many there are when the test starts), so no two
+workers log in with the same account; one process uses the whole file from its first line.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import gevent
 import gevent.event
 from locust import User, events, task
 from locust.exception import StopUser
-from locust.runners import MasterRunner
+from locust.runners import MasterRunner, WorkerRunner
 
 from loadkit import defaults
 from loadkit.errors import InputFileError, LoadkitError, ProfileError
@@ -49,6 +54,8 @@ log = logging.getLogger(__name__)
 
 _OPTIONS_ATTR = "loadkit_mail_options"
 _SHARED_ATTR = "loadkit_mail_shared"
+#: the hidden option the master sets at test start so each worker takes its own accounts
+_WORKERS_OPTION = "loadkit_mail_workers"
 
 
 # --------------------------------------------------------------------------------------------
@@ -82,6 +89,41 @@ def read_accounts(path: str | Path) -> list[tuple[str, str]]:
     if not accounts:
         raise InputFileError(f"accounts file {p} has a header but no accounts")
     return accounts
+
+
+def account_slice(accounts_n: int, index: int, count: int) -> range:
+    """Positions in the accounts file that Locust process ``index`` of ``count`` logs in with.
+
+    Each process takes its own contiguous part (worker 0 the first ``accounts_n / count``
+    accounts, worker 1 the next ...), so workers never share an account while there are enough
+    of them; one process takes them all. With fewer accounts than processes, sharing cannot be
+    avoided: each process takes one account.
+    """
+    if count <= 1:
+        return range(accounts_n)
+    if accounts_n < count:
+        j = index % accounts_n
+        return range(j, j + 1)
+    return range(index * accounts_n // count, (index + 1) * accounts_n // count)
+
+
+def worker_share(environment: Any, warn: bool = True) -> tuple[int, int]:
+    """``(index, count)`` of this Locust process among the processes that run users.
+
+    The master puts the number of workers into the options it sends with every spawn (see
+    :func:`_tell_workers_their_count`); Locust gives each worker its index. A worker that was
+    not told (a master without this module) counts as the only one.
+    """
+    runner = getattr(environment, "runner", None)
+    if not isinstance(runner, WorkerRunner):
+        return 0, 1
+    count = int(getattr(environment.parsed_options, _WORKERS_OPTION, 0) or 0)
+    index = int(getattr(runner, "worker_index", -1))
+    if count < 1 or index < 0:
+        if warn:
+            log.warning("the master did not say how many workers there are: this worker uses every account")
+        return 0, 1
+    return index % count, count
 
 
 # --------------------------------------------------------------------------------------------
@@ -338,7 +380,7 @@ class _Shared:
         rate = options.arrival_rate_per_s
         self.arrivals = Pacer(rate) if rate else None
         self.retries = Pacer(options.max_retry_rate_per_s)
-        self.next_account = 0
+        self.next_account = 0  #: users created so far in this process
         self.go = gevent.event.Event()
         runner = getattr(environment, "runner", None)
         if options.arrival != "herd" or runner is None:
@@ -347,6 +389,19 @@ class _Shared:
             environment.events.spawning_complete.add_listener(lambda **_kw: self.go.set())
         self.metrics = metrics_for(environment)
         self.rng = random.Random()
+        self.environment = environment
+
+    def take_account(self) -> tuple[str, str]:
+        """The account of the next user of this process, from this process's part of the file
+        (:func:`account_slice`), round robin within it."""
+        index, count = worker_share(self.environment, warn=self.next_account == 0)
+        mine = account_slice(len(self.accounts), index, count)
+        if self.next_account == 0 and count > 1:
+            log.info("worker %d of %d logs in with accounts %d-%d of %d", index + 1, count, mine.start + 1,
+                     mine.stop, len(self.accounts))
+        account = self.accounts[mine[self.next_account % len(mine)]]
+        self.next_account += 1
+        return account
 
 
 class MailUser(User):
@@ -362,8 +417,7 @@ class MailUser(User):
         super().__init__(environment)
         shared = self.shared(environment)
         self._shared = shared
-        self.account = shared.accounts[shared.next_account % len(shared.accounts)]
-        shared.next_account += 1
+        self.account = shared.take_account()
         self._failures_n = 0
 
     @classmethod
@@ -554,6 +608,15 @@ def _validate_before_running(environment: Any, **_kw: Any) -> None:
                 sys.exit(err.exit_code)
 
 
+@events.test_start.add_listener
+def _tell_workers_their_count(environment: Any, **_kw: Any) -> None:
+    """On a master: the worker count travels to the workers with the spawn message's options
+    (``test_start`` fires before Locust sends them), so each worker takes its own accounts."""
+    runner = getattr(environment, "runner", None)
+    if isinstance(runner, MasterRunner) and environment.parsed_options is not None:
+        setattr(environment.parsed_options, _WORKERS_OPTION, runner.worker_count)
+
+
 @events.quitting.add_listener
 def _stop_bridge(**_kw: Any) -> None:
     # sessions were aborted when their users stopped; drain whatever is left on the loop
@@ -567,8 +630,10 @@ __all__ = [
     "Pacer",
     "Pop3User",
     "ReconnectPolicy",
+    "account_slice",
     "make_ssl_context",
     "options_from_parsed",
     "read_accounts",
     "set_options",
+    "worker_share",
 ]
