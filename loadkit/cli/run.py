@@ -15,6 +15,17 @@ exit status:
      Locust failed to start, or the run was interrupted (SIGTERM/Ctrl-C; the record is
      completed with status "interrupted")
 
+distributed runs:
+  --workers N starts a master and N local workers. The master listens on --master-bind
+  (default 127.0.0.1, this host only). To let workers on other hosts join, bind an address
+  they can reach (or 0.0.0.0 / :: for every interface) and a fixed --master-port; on each
+  remote host run
+      locust -f <same locustfile(s)> --worker --master-host <this host> --master-port PORT
+  with the profile's [load] options (the command is printed when the run starts). The bind
+  address must be inside the allowlist (the profile's, else LOADKIT_ALLOWLIST, else
+  loopback) unless it is 0.0.0.0 or ::, which are accepted as they are. Remote workers check
+  their own targets against their own LOADKIT_ALLOWLIST.
+
 The run record is written to OUT/<run id>/ as the run goes (manifest.json, requests/,
 failures/, generator/, samples/, events.jsonl, locust/). List records with 'loadkit runs list'.
 """
@@ -35,6 +46,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--duration", help="run length, e.g. 30s or 5m (overrides [run] duration)")
     p.add_argument("--workers", type=int, default=0,
                    help="run Locust distributed: a master and N worker processes (default: one process)")
+    p.add_argument("--master-bind", default="127.0.0.1", metavar="ADDR",
+                   help="with --workers: address the master listens on for workers (default "
+                   "127.0.0.1); must be in the allowlist unless it is 0.0.0.0 or ::")
+    p.add_argument("--master-port", type=int, default=0, metavar="PORT",
+                   help="with --workers: port the master listens on (default: a free port)")
     p.add_argument("--lab-dir", default=None,
                    help="lab directory whose status is recorded in the manifest when the profile "
                    "targets that lab (default: .loadkit/lab or $LOADKIT_LAB_DIR)")
@@ -43,14 +59,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from loadkit.profile.profile import load_profile, resolve_targets
-    from loadkit.record.runner import run_profile
+    from loadkit.record.runner import check_master_bind, run_profile
 
     profile = load_profile(args.profile).with_overrides(release=args.release, duration=args.duration)
     if args.workers < 0:
         raise ProfileError(f"--workers must be 0 or more, got {args.workers}")
+    if not args.workers and (args.master_bind != "127.0.0.1" or args.master_port):
+        raise ProfileError("--master-bind and --master-port need --workers N (a distributed run)")
+    check_master_bind(args.master_bind, profile.allowlist)
     targets = resolve_targets(profile)  # a refusal comes first: before the lab is even looked at
     lab = _lab_status(targets, args.lab_dir)
-    result = run_profile(profile, out_dir=args.out, workers=args.workers, lab=lab)
+    result = run_profile(profile, out_dir=args.out, workers=args.workers, lab=lab,
+                         master_bind=args.master_bind, master_port=args.master_port)
     return result.exit_code
 
 

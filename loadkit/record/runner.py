@@ -20,6 +20,7 @@ aborted, 2 an error (bad profile, refused target, Locust failed, interrupted).
 from __future__ import annotations
 
 import ctypes
+import ipaddress
 import json
 import os
 import signal
@@ -32,9 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from loadkit.errors import LoadkitError, ProfileError
+from loadkit.errors import LoadkitError, ProfileError, TargetNotAllowed
 from loadkit.profile.profile import Profile, expand_target_refs, resolve_targets
-from loadkit.profile.targets import parse_allowlist
+from loadkit.profile.targets import check_target, parse_allowlist
 from loadkit.record import gates as gates_mod
 from loadkit.record.writer import INTERRUPT_MARKER, STATUS_FILE, RunWriter, new_run_id
 from loadkit.records import RUN_LAYOUT
@@ -45,6 +46,12 @@ STARTUP_GRACE_S = 60.0
 _SCHEMES = {"dns": "udp", "imap": "imap", "pop3": "pop3", "pop": "pop3", "http": "http"}
 
 EXIT_PASSED, EXIT_GATE_FAILED, EXIT_ERROR = 0, 1, 2
+
+#: the locustfile that turns ``[load] shape`` into Locust's shape class (first ``-f`` file)
+#: (not imported here: importing Locust would monkey-patch the runner with gevent)
+PROFILE_SHAPE_FILE = Path(__file__).resolve().parents[1] / "generate" / "profile_shape.py"
+#: the environment variable it reads the shape from (``profile_shape.ENV_VAR``)
+PROFILE_SHAPE_ENV = "LOADKIT_PROFILE_SHAPE"
 
 
 class RunError(LoadkitError):
@@ -68,9 +75,39 @@ def _set_pdeathsig() -> None:  # pragma: no cover - runs in the child between fo
 
 
 def _free_port(address: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
+    with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET) as s:
         s.bind((address, 0))
         return s.getsockname()[1]
+
+
+#: master bind addresses that mean "every interface": allowed without the allowlist check
+WILDCARD_BINDS = ("0.0.0.0", "::")
+
+
+def check_master_bind(address: str, allowlist: Any = None) -> str:
+    """The address a distributed run's master listens on, checked like a target.
+
+    ``0.0.0.0``/``::`` (every interface) are taken as they are; any other address must be an
+    IP address inside the allowlist (the profile's, else ``LOADKIT_ALLOWLIST``, else loopback).
+    """
+    address = address.strip().strip("[]")
+    if address in WILDCARD_BINDS:
+        return address
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        raise ProfileError(
+            f"--master-bind {address!r} is not an IP address (e.g. 127.0.0.1, 192.0.2.10 or 0.0.0.0)"
+        ) from None
+    try:
+        check_target(f"[{ip}]:1" if ip.version == 6 else f"{ip}:1", 1, allowlist)
+    except TargetNotAllowed:
+        nets = ", ".join(str(n) for n in parse_allowlist(allowlist))
+        raise TargetNotAllowed(
+            f"--master-bind {address} is outside the allowlist ({nets}); add the load network to "
+            "the profile's allowlist or LOADKIT_ALLOWLIST, or bind 0.0.0.0"
+        ) from None
+    return str(ip)
 
 
 def option_args(options: dict[str, Any], resolved: dict[str, Any]) -> list[str]:
@@ -93,9 +130,13 @@ def locust_args(profile: Profile, resolved: dict[str, Any], run_root: Path, run_
                 run_dir: Path) -> list[str]:
     """Arguments shared by a local Locust process and a master (not the workers' role flags)."""
     load = profile.load
-    args = ["-f", ",".join(str(f) for f in load.locustfiles), "--headless",
-            "-u", str(load.users), "-r", f"{load.spawn_rate:g}",
-            "-t", f"{max(1, round(profile.duration_s))}s",
+    files = [str(f) for f in load.locustfiles]
+    if load.shape:  # first, so its shape class is the one Locust uses (see profile_shape.py)
+        files.insert(0, str(PROFILE_SHAPE_FILE))
+    args = ["-f", ",".join(files), "--headless"]
+    if not load.shape:  # a shape sets users and spawn rate itself; Locust would warn and ignore them
+        args += ["-u", str(load.users), "-r", f"{load.spawn_rate:g}"]
+    args += ["-t", f"{max(1, round(profile.duration_s))}s",
             "--stop-timeout", f"{profile.stop_timeout_s:g}",
             "--csv", str(run_dir / RUN_LAYOUT["locust"] / gates_mod.LOCUST_CSV_PREFIX),
             "--html", str(run_dir / RUN_LAYOUT["locust"] / "report.html"),
@@ -168,9 +209,14 @@ class Runner:
     """Runs one validated profile; see the module docstring for the order of work."""
 
     def __init__(self, profile: Profile, out_dir: str | Path = "runs", workers: int = 0,
-                 stream: TextIO | None = None, lab: dict | None = None) -> None:
+                 stream: TextIO | None = None, lab: dict | None = None,
+                 master_bind: str = "127.0.0.1", master_port: int = 0) -> None:
         if workers < 0:
             raise ProfileError(f"--workers must be 0 or more, got {workers}")
+        if not 0 <= master_port <= 65535:
+            raise ProfileError(f"--master-port {master_port} is out of range 1-65535")
+        self.master_bind = check_master_bind(master_bind, profile.allowlist)
+        self.master_port = master_port
         self.profile = profile
         self.out_dir = Path(out_dir)
         self.workers = workers
@@ -191,6 +237,10 @@ class Runner:
         env["LOADKIT_ALLOWLIST"] = ",".join(str(n) for n in nets)
         env["LOADKIT_MAX_RATE_QPS"] = f"{self.profile.caps.max_rate_qps:g}"
         env["PYTHONUNBUFFERED"] = "1"
+        env.pop(PROFILE_SHAPE_ENV, None)
+        if self.profile.load.shape:  # workers get it too: the DNS users' rate follows the shape
+            env[PROFILE_SHAPE_ENV] = json.dumps(
+                {**self.profile.load.shape, "run_time_s": self.profile.duration_s})
         return env
 
     def _spawn(self, args: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen:
@@ -223,12 +273,18 @@ class Runner:
         logs = run_dir / RUN_LAYOUT["locust"]
         self._print(f"run {run_id}: {p.scenario} ({p.release}) for {p.duration_s:g} s -> {run_dir}")
         if self.workers:
-            port = _free_port()
+            wildcard = self.master_bind in WILDCARD_BINDS
+            port = self.master_port or _free_port(self.master_bind)
             master = self._spawn(
-                args + ["--master", "--master-bind-host", "127.0.0.1", "--master-bind-port", str(port),
+                args + ["--master", "--master-bind-host", "*" if wildcard else self.master_bind,
+                        "--master-bind-port", str(port),
                         "--expect-workers", str(self.workers), "--expect-workers-max-wait", "30"],
                 logs / "master.log", env)
-            worker_args = ["-f", args[1], "--worker", "--master-host", "127.0.0.1",
+            connect = ("::1" if self.master_bind == "::" else "127.0.0.1") if wildcard else self.master_bind
+            if not ipaddress.ip_address(connect).is_loopback:
+                self._print(f"master listening on {self.master_bind} port {port}: remote workers run "
+                            f"locust -f {args[1]} --worker --master-host <this host> --master-port {port}")
+            worker_args = ["-f", args[1], "--worker", "--master-host", connect,
                            "--master-port", str(port), "--record-interval", f"{p.record_interval_s:g}",
                            *user_args(p, resolved)]
             for i in range(self.workers):
@@ -349,9 +405,10 @@ def _events(writer: RunWriter) -> list[dict]:
 
 
 def run_profile(profile: Profile, out_dir: str | Path = "runs", workers: int = 0,
-                stream: TextIO | None = None, lab: dict | None = None) -> RunResult:
+                stream: TextIO | None = None, lab: dict | None = None,
+                master_bind: str = "127.0.0.1", master_port: int = 0) -> RunResult:
     """Run ``profile`` with SIGTERM/SIGINT passed on to Locust as a graceful stop."""
-    runner = Runner(profile, out_dir, workers, stream, lab)
+    runner = Runner(profile, out_dir, workers, stream, lab, master_bind, master_port)
     runner.prepare()  # refuse before installing handlers or creating anything
     handlers = {}
     if threading.current_thread() is threading.main_thread():
