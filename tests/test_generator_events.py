@@ -151,7 +151,7 @@ def test_two_worker_processes_each_record_their_share_of_each_burst(tmp_path: Pa
         assert e["detail"]["workers_n"] == 2
         by_worker.setdefault(e["detail"]["worker_index"], []).append(e["detail"])
     assert sorted(by_worker) == [0, 1], bursts
-    for index, details in by_worker.items():
+    for details in by_worker.values():
         assert len(details) >= 2, details
         assert sorted(d["burst_index"] for d in details) == list(range(len(details)))
         # each worker sends half of every burst of 200

@@ -16,10 +16,10 @@ from pathlib import Path
 import gevent
 import pytest
 from locust.env import Environment
-
-from loadkit.generate.mail.users import account_slice, worker_share
 from mailfakes import FakeMailServer
 from mailrun import write_accounts
+
+from loadkit.generate.mail.users import account_slice, worker_share
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCUST = str(Path(sys.executable).with_name("locust"))

@@ -4,7 +4,9 @@ The load is open loop, so it is not made by users waiting for replies: each Locu
 (standalone, or each worker) runs one :class:`~.sender.DnsSender` from ``test_start`` to
 ``test_stop``, sending its share of the configured totals (worker ``index`` of ``count``; the
 master tells workers how many there are when the test starts). :class:`DnsUser` only keeps a
-user slot and, under ``run_single_user``, runs the sender itself for debugging.
+user slot and, under ``run_single_user``, runs the sender itself for debugging. When a burst
+has left, its real emission window becomes a ``burst`` event of the run record
+(:mod:`loadkit.generate.events`; from the sender's per-interval report, nothing per query).
 
 A locustfile calls :func:`install` with its defaults; every option is a Locust custom argument
 (``--dns-*``), so it shows in the web UI. Every option, the names file and the target are
