@@ -10,7 +10,9 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from typing import Iterator
 
 import psutil
 import pytest
@@ -222,3 +224,77 @@ def test_the_master_listens_on_master_bind_and_workers_join(tmp_path: Path, echo
     assert run.manifest["status"] == "completed" and len(echo.received) > 0
     workers = run.generator[run.generator["metric"] == "workers"]["value"]
     assert workers.max() == 1  # the local worker joined the master on that address
+
+
+# -- the DNS rate follows a profile shape ------------------------------------------------------------
+
+DNS_BURST = Path(__file__).parents[1] / "locustfiles" / "dns_burst.py"
+
+
+@pytest.fixture
+def dns_responder() -> Iterator[tuple[str, int]]:
+    """A loopback UDP responder answering every query with an empty NOERROR response."""
+    import dns.message
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                data, peer = sock.recvfrom(4096)
+                reply = dns.message.make_response(dns.message.from_wire(data)).to_wire()
+                sock.sendto(reply, peer)
+            except (OSError, ValueError, dns.exception.DNSException):
+                continue
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield sock.getsockname()
+    finally:
+        stop.set()
+        thread.join(timeout=2)
+        sock.close()
+
+
+def test_the_dns_rate_follows_a_profile_steps_shape(tmp_path: Path, dns_responder) -> None:
+    names = tmp_path / "names.txt"
+    names.write_text("".join(f"n{i}.lab.test.\n" for i in range(50)))
+    host, port = dns_responder
+    p = tmp_path / "dns.toml"
+    p.write_text(f"""
+[run]
+scenario = "dns-shaped"
+duration = "12s"
+stop_timeout = "1s"
+[targets]
+dns = "{host}:{port}"
+[load]
+locustfile = "{DNS_BURST}"
+host = "dns"
+options = {{ dns-rate = 200, dns-burst-size = 0, dns-names-file = "{names}" }}
+shape = {{ kind = "steps", steps = [["3s", 1], ["3s", 4]] }}
+[record]
+interval_s = 0.5
+""")
+    run_dir = _run(tmp_path, p)
+    log = (run_dir / "locust" / "locust.log").read_text()
+    assert "follows the load shape ProfileShape (peak 200 qps)" in log
+    g = load_run(run_dir).generator
+    sent = g[g["metric"] == "dns.original_sent"].sort_values("ts_unix_s")
+    t0 = float(sent["ts_unix_s"].iloc[0])
+    t = sent["ts_unix_s"] - t0
+    v = sent["value"]
+
+    def rate(lo: float, hi: float) -> float:  # the counter is cumulative: its slope is the rate
+        rows = (t > lo) & (t < hi)
+        assert rows.sum() >= 2, sent
+        return float((v[rows].iloc[-1] - v[rows].iloc[0]) / (t[rows].iloc[-1] - t[rows].iloc[0]))
+
+    # 3 s at a quarter of the peak (50 qps) then 3 s at the peak (200 qps), then the shape ends
+    # the run: 750 queries where 200 qps for the 12 s duration would be 2,400
+    assert 700 <= v.iloc[-1] <= 800, sent
+    assert rate(3.8, 5.6) > 2 * rate(0.8, 2.6) > 0, sent
