@@ -224,6 +224,9 @@ def test_the_master_listens_on_master_bind_and_workers_join(tmp_path: Path, echo
     assert run.manifest["status"] == "completed" and len(echo.received) > 0
     workers = run.generator[run.generator["metric"] == "workers"]["value"]
     assert workers.max() == 1  # the local worker joined the master on that address
+    # others may join a master on every interface: the command for them is printed
+    printed = f"--worker --master-host <this host> --master-port {port}" in stderr
+    assert printed == (bind == "0.0.0.0") and ("LOADKIT_PROFILE_SHAPE='{" in stderr) == printed
 
 
 # -- the DNS rate follows a profile shape ------------------------------------------------------------

@@ -24,7 +24,9 @@ distributed runs:
   with the profile's [load] options (the command is printed when the run starts). The bind
   address must be inside the allowlist (the profile's, else LOADKIT_ALLOWLIST, else
   loopback) unless it is 0.0.0.0 or ::, which are accepted as they are. Remote workers check
-  their own targets against their own LOADKIT_ALLOWLIST.
+  their own targets against their own LOADKIT_ALLOWLIST. With a [load] shape the master sets
+  the users; for the DNS rate to follow the shape on a remote worker too, give it the
+  LOADKIT_PROFILE_SHAPE value and -f line from the master's command (printed at start).
 
 The run record is written to OUT/<run id>/ as the run goes (manifest.json, requests/,
 failures/, generator/, samples/, events.jsonl, locust/). List records with 'loadkit runs list'.

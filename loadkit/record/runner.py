@@ -8,7 +8,9 @@ Order of work, so that nothing is sent before it is allowed:
 3. the run directory and its manifest (status ``running``) are written;
 4. Locust runs headless as child processes (one local process, or a master and N workers) with
    the loadkit plugin options; the plugin writes the record as the run goes and stops the run on
-   an abort threshold. Children get ``LOADKIT_ALLOWLIST`` so every generator checks again, and
+   an abort threshold. A ``[load] shape`` reaches Locust as the first locustfile
+   (:mod:`loadkit.generate.profile_shape`) and the JSON in ``LOADKIT_PROFILE_SHAPE``; a master
+   listens on ``master_bind`` (loopback unless asked, checked by :func:`check_master_bind`). Children get ``LOADKIT_ALLOWLIST`` so every generator checks again, and
    die with the runner (``PR_SET_PDEATHSIG``) so a killed runner leaves no load behind;
 5. the gates are evaluated on the finished record and written to the manifest and events.
 
@@ -281,9 +283,11 @@ class Runner:
                         "--expect-workers", str(self.workers), "--expect-workers-max-wait", "30"],
                 logs / "master.log", env)
             connect = ("::1" if self.master_bind == "::" else "127.0.0.1") if wildcard else self.master_bind
-            if not ipaddress.ip_address(connect).is_loopback:
+            if not ipaddress.ip_address(self.master_bind).is_loopback:  # others may join
+                shape_env = f"{PROFILE_SHAPE_ENV}='{env[PROFILE_SHAPE_ENV]}' " if p.load.shape else ""
                 self._print(f"master listening on {self.master_bind} port {port}: remote workers run "
-                            f"locust -f {args[1]} --worker --master-host <this host> --master-port {port}")
+                            f"{shape_env}locust -f {args[1]} --worker --master-host <this host> "
+                            f"--master-port {port}")
             worker_args = ["-f", args[1], "--worker", "--master-host", connect,
                            "--master-port", str(port), "--record-interval", f"{p.record_interval_s:g}",
                            *user_args(p, resolved)]
