@@ -23,7 +23,13 @@ from typing import Any
 from locust import LoadTestShape
 
 from loadkit.errors import ProfileError
-from loadkit.generate.shapes import DailyShape, KneeCriteria, RampToKnee, SpikeTrainShape, StepShape
+from loadkit.generate.shapes import (
+    DailyShape,
+    KneeCriteria,
+    RampToKnee,
+    SpikeTrainShape,
+    StepShape,
+)
 
 #: the environment variable the runner puts the shape into
 ENV_VAR = "LOADKIT_PROFILE_SHAPE"
