@@ -256,6 +256,19 @@ RUN_LAYOUT: dict[str, str] = {
 }
 
 
+#: table name -> the record type of its rows (tables may add columns, e.g. the ``*_delta``
+#: counters of ``net``); the writer and the reader of run directories both go by this
+TABLE_RECORDS: dict[str, type] = {
+    "requests": RequestInterval,
+    "failures": FailureInterval,
+    "generator": GeneratorMetric,
+    "groups": GroupSample,
+    "net": NetSample,
+    "sockets": SocketSample,
+    "system": SystemSample,
+}
+
+
 class RunManifest(NamedTuple):
     """What a run was: written at start, rewritten at the end (``loadkit.record``)."""
 

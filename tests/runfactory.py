@@ -10,22 +10,20 @@ Two kinds of run, each with known parameters so a test can check what a model or
   receive buffer holds ``rcvbuf_datagrams`` queries; what overflows it is dropped (``RcvbufErrors``)
   and retried by the clients ``retry_factor`` times as often a second later.
 
-Everything goes through :class:`loadkit.partfiles.PartWriter`, one part file per ``chunk_s`` of
-run time, as the recorder writes them. Runs are deterministic for a given ``seed``.
+Everything goes through the recorder's own :class:`loadkit.record.writer.RunWriter`, one part
+file per ``chunk_s`` of run time, as in a recorded run. Runs are deterministic for a given ``seed``.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 
-from loadkit.partfiles import PartWriter
+from loadkit.record.writer import RunWriter
 from loadkit.records import (
-    RUN_LAYOUT,
     Event,
     FailureInterval,
     GeneratorMetric,
@@ -41,28 +39,6 @@ MIB = 1024 * 1024
 
 MAIL_NAMES = ("connect+greeting", "LOGIN", "SELECT", "FETCH", "LOGOUT")
 DNS_NAMES = ("A",)
-
-
-class _Writers:
-    """One PartWriter per table, flushed together every ``chunk_s`` of run time."""
-
-    def __init__(self, run_dir: Path) -> None:
-        self.run_dir = run_dir
-        self.tables = {
-            name: PartWriter(run_dir / RUN_LAYOUT[name])
-            for name in ("requests", "failures", "generator", "groups", "net", "sockets", "system")
-        }
-        self.events: list[Event] = []
-
-    def flush(self) -> None:
-        for writer in self.tables.values():
-            writer.flush()
-
-    def close(self) -> None:
-        self.flush()
-        with (self.run_dir / RUN_LAYOUT["events"]).open("w") as fh:
-            for ev in self.events:
-                fh.write(json.dumps(ev._asdict()) + "\n")
 
 
 def _manifest(
@@ -91,10 +67,6 @@ def _manifest(
         lab=lab,
         gates=gates,
     )
-
-
-def _write_manifest(run_dir: Path, manifest: RunManifest) -> None:
-    (run_dir / RUN_LAYOUT["manifest"]).write_text(json.dumps(manifest._asdict(), indent=2))
 
 
 def _request_rows(
@@ -194,12 +166,11 @@ def write_mail_run(
     if forecast_peak_sessions is not None:  # where a profile's [gates] table puts it
         profile["gates"] = {"forecast_peak_sessions": forecast_peak_sessions}
     gates = [{"name": "failure_ratio<=0.5", "passed": True, "value": 0.0, "limit": 0.5}]
-    _write_manifest(
-        run_dir,
+    w = RunWriter(run_dir)
+    w.write_manifest(
         _manifest(run_id, scenario, release, "running", started, 0.0, ["tcp://127.0.0.1:1143"], lab, profile, []),
     )
-    w = _Writers(run_dir)
-    w.events.append(Event(started, "run_started", "runfactory", {"run_id": run_id}))
+    w.add(Event(started, "run_started", "runfactory", {"run_id": run_id}))
     alive = [True] * proxies
     logins = 0.0
     failures_total = 0
@@ -215,13 +186,13 @@ def write_mail_run(
             memory = base_bytes + bytes_per_session * sessions + rng.normal(0, noise_bytes)
             if alive[i] and memory >= limit_bytes:
                 alive[i] = False
-                w.events.append(Event(ts, "oom_kill", name, {"pid": 1000 + i, "process": "dovecot"}))
-                w.events.append(Event(ts, "process_exited", name, {"pid": 1000 + i, "root": True}))
+                w.add(Event(ts, "oom_kill", name, {"pid": 1000 + i, "process": "dovecot"}))
+                w.add(Event(ts, "process_exited", name, {"pid": 1000 + i, "root": True}))
             if not alive[i]:
                 fails_now += int(sessions)
                 sessions, memory = 0.0, base_bytes * 0.2
             held += int(sessions)
-            w.tables["groups"].append(
+            w.add(
                 GroupSample(
                     ts_unix_s=ts,
                     host="runfactory",
@@ -248,31 +219,30 @@ def write_mail_run(
         latency = 0.004 + 0.02 * load**3 + abs(rng.normal(0, 0.0005))
         if latency_spike_at_s is not None and second == latency_spike_at_s:
             latency *= 25
-        w.tables["requests"].extend(
+        w.add_many(
             _request_rows(ts, request_type, names, max(1, round(rate)), min(fails_now, round(rate)), latency)
         )
         if fails_now:
-            w.tables["failures"].append(
+            w.add(
                 FailureInterval(ts, 1.0, request_type, names[0], "eof_after_login", min(fails_now, round(rate)))
             )
         proto = request_type.lower()
-        w.tables["generator"].extend(
+        w.add_many(
             [
                 GeneratorMetric(ts, f"{proto}.logins", "counter", logins),
                 GeneratorMetric(ts, f"{proto}.held_sessions", "gauge", float(held)),
                 GeneratorMetric(ts, "users", "gauge", float(round(total))),
             ]
         )
-        w.tables["system"].append(
+        w.add(
             SystemSample(ts, "runfactory", 4 * 1024 * MIB - int(held * MIB), 8 * 1024 * MIB, 0, 1.0, 50.0)
         )
         if second % chunk_s == 0:
             w.flush()
-    w.events.append(Event(started + duration_s, "run_ended", "runfactory", {"status": status}))
-    w.close()
+    w.add(Event(started + duration_s, "run_ended", "runfactory", {"status": status}))
+    w.flush()
     if status != "running":
-        _write_manifest(
-            run_dir,
+        w.write_manifest(
             _manifest(
                 run_id, scenario, release, status, started, started + duration_s,
                 ["tcp://127.0.0.1:1143"], lab, profile, gates,
@@ -322,12 +292,11 @@ def write_dns_run(
     gates = [{"name": "failure_ratio<=0.05", "passed": True, "value": 0.0, "limit": 0.05}]
     # the kernel doubles a requested so-rcvbuf; the lab records the requested value
     lab = {"dns": ["127.0.0.1", 5353], "dns_so_rcvbuf_bytes": rcvbuf_datagrams * 832 // 2}
-    _write_manifest(
-        run_dir,
+    w = RunWriter(run_dir)
+    w.write_manifest(
         _manifest(run_id, scenario, release, "running", started, 0.0, ["udp://127.0.0.1:5353"], lab, profile, []),
     )
-    w = _Writers(run_dir)
-    w.events.append(Event(started, "run_started", "runfactory", {"run_id": run_id}))
+    w.add(Event(started, "run_started", "runfactory", {"run_id": run_id}))
     original = retry = answered = dropped = 0.0
     counters = {"udp_in_datagrams_n": 10_000, "udp_rcvbuf_errors_n": 5}
     prev: dict[str, int] = {}
@@ -352,9 +321,9 @@ def write_dns_run(
         counters["udp_rcvbuf_errors_n"] += int(drops) + other_server_drops_per_s
         sock_drops += int(drops)
         other_drops += other_server_drops_per_s
-        w.tables["net"].append(_net_row(ts, "runfactory", counters, prev))
+        w.add_row("net", _net_row(ts, "runfactory", counters, prev))
         prev = dict(counters)
-        w.tables["sockets"].extend(
+        w.add_many(
             [
                 SocketSample(ts, "runfactory", 5353, int(min(burst, rcvbuf_datagrams) * 832), 0, sock_drops, "127.0.0.1"),
                 SocketSample(ts, "runfactory", 5353, 0, 0, other_drops, "127.0.3.1"),
@@ -362,10 +331,10 @@ def write_dns_run(
         )
         latency = 0.0004 + (0.003 if burst else 0.0) + abs(rng.normal(0, 0.00005))
         timeouts = int(drops)
-        w.tables["requests"].extend(_request_rows(ts, "DNS", names, round(offered), timeouts, latency))
+        w.add_many(_request_rows(ts, "DNS", names, round(offered), timeouts, latency))
         if timeouts:
-            w.tables["failures"].append(FailureInterval(ts, 1.0, "DNS", names[0], "timeout", timeouts))
-        w.tables["generator"].extend(
+            w.add(FailureInterval(ts, 1.0, "DNS", names[0], "timeout", timeouts))
+        w.add_many(
             [
                 GeneratorMetric(ts, "dns.original_sent", "counter", original),
                 GeneratorMetric(ts, "dns.retry_sent", "counter", retry),
@@ -374,17 +343,16 @@ def write_dns_run(
                 GeneratorMetric(ts, "dns.timeouts", "counter", dropped),
             ]
         )
-        w.tables["groups"].append(
+        w.add(
             GroupSample(ts, "runfactory", "unbound", 1, 40 * MIB, 30 * MIB, 32 * MIB, 60.0, 20, 0, 0, 0, 0, 0, 0, 0)
         )
-        w.tables["system"].append(SystemSample(ts, "runfactory", 4 * 1024 * MIB, 8 * 1024 * MIB, 0, 1.0, 60.0))
+        w.add(SystemSample(ts, "runfactory", 4 * 1024 * MIB, 8 * 1024 * MIB, 0, 1.0, 60.0))
         if second % chunk_s == 0:
             w.flush()
-    w.events.append(Event(started + duration_s, "run_ended", "runfactory", {"status": status}))
-    w.close()
+    w.add(Event(started + duration_s, "run_ended", "runfactory", {"status": status}))
+    w.flush()
     if status != "running":
-        _write_manifest(
-            run_dir,
+        w.write_manifest(
             _manifest(
                 run_id, scenario, release, status, started, started + duration_s,
                 ["udp://127.0.0.1:5353"], lab, profile, gates,

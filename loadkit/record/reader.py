@@ -17,30 +17,9 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from loadkit.errors import RecordError
-from loadkit.records import (
-    RUN_LAYOUT,
-    FailureInterval,
-    GeneratorMetric,
-    GroupSample,
-    NetSample,
-    RequestInterval,
-    SocketSample,
-    SystemSample,
-)
+from loadkit.records import RUN_LAYOUT, TABLE_RECORDS
 
 log = logging.getLogger(__name__)
-
-#: table name -> record type whose fields are the table's columns (tables may add columns,
-#: e.g. the ``*_delta`` counters of ``net``)
-TABLE_RECORDS = {
-    "requests": RequestInterval,
-    "failures": FailureInterval,
-    "generator": GeneratorMetric,
-    "groups": GroupSample,
-    "net": NetSample,
-    "sockets": SocketSample,
-    "system": SystemSample,
-}
 
 
 @dataclass

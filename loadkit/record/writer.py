@@ -26,27 +26,13 @@ from typing import Any, Iterable, NamedTuple
 from loadkit.partfiles import PartWriter
 from loadkit.records import (
     RUN_LAYOUT,
+    TABLE_RECORDS,
     Event,
-    FailureInterval,
-    GeneratorMetric,
-    GroupSample,
-    NetSample,
-    RequestInterval,
     RunManifest,
-    SocketSample,
-    SystemSample,
 )
 
 #: record type -> table name in RUN_LAYOUT
-_TABLE_OF: dict[type, str] = {
-    RequestInterval: "requests",
-    FailureInterval: "failures",
-    GeneratorMetric: "generator",
-    GroupSample: "groups",
-    NetSample: "net",
-    SocketSample: "sockets",
-    SystemSample: "system",
-}
+_TABLE_OF: dict[type, str] = {record: table for table, record in TABLE_RECORDS.items()}
 
 STATUS_FILE = "status.json"
 #: left in the run directory by the runner before it stops Locust with SIGTERM, so the record's
@@ -107,7 +93,7 @@ class RunWriter:
     # -- tables ----------------------------------------------------------------------------------
     def table(self, name: str) -> PartWriter:
         if name not in self._tables:
-            record = next((r for r, t in _TABLE_OF.items() if t == name), None)
+            record = TABLE_RECORDS.get(name)
             columns = record._fields if record is not None else None
             self._tables[name] = PartWriter(self.run_dir / RUN_LAYOUT[name], columns)
         return self._tables[name]
