@@ -29,8 +29,8 @@ Workers record nothing: their statistics and generator metrics reach the master.
 Collectors are attached through ``loadkit.record.live_collector.attach_collector(environment,
 groups, udp_ports, urls, interval_s, sink)``; ``sink(record)`` takes any sample record or
 :class:`~loadkit.records.Event` (and ``sink(row_dict, table="net")`` for rows with extra columns).
-It may be called from any thread. When that module is not available, ``cgroup:`` groups are
-still read directly (memory, limit, failcnt, OOM kills) so that memory aborts keep working.
+It may be called from any thread. A collector that cannot be attached is a ``warning`` event in
+the record, not a lost run.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ from loadkit.errors import LoadkitError, ProfileError
 from loadkit.generate.events import events_for
 from loadkit.generate.metrics import forget_worker, metrics_for
 from loadkit.records import Event, FailureInterval, GeneratorMetric, GroupSample, RequestInterval
+from loadkit.record.live_collector import attach_collector
 from loadkit.record.writer import INTERRUPT_MARKER, RunWriter, new_run_id
 
 log = logging.getLogger(__name__)
@@ -247,64 +248,6 @@ def failure_intervals(
     return rows
 
 
-class _CgroupReader:
-    """Reads ``cgroup:PATH`` groups directly when the live collector is not available."""
-
-    def __init__(self, groups: dict[str, str]) -> None:
-        self.paths = {}
-        for name, spec in groups.items():
-            kind, _, rest = spec.partition(":")
-            if kind == "cgroup":
-                path = Path(rest.split("@", 1)[0])
-                # a path inside the hierarchy (/loadkit/lab/proxy1) is looked up under v1 and v2
-                for candidate in (path, Path("/sys/fs/cgroup/memory") / path.relative_to(path.anchor),
-                                  Path("/sys/fs/cgroup") / path.relative_to(path.anchor)):
-                    if candidate.is_dir():
-                        path = candidate
-                        break
-                self.paths[name] = path
-
-    @staticmethod
-    def _int(path: Path) -> int:
-        try:
-            text = path.read_text().strip()
-        except OSError:
-            return 0
-        return 0 if text in ("", "max") else int(text.split()[0])
-
-    @staticmethod
-    def _keyed(path: Path) -> dict[str, int]:
-        try:
-            return {k: int(v) for k, v in (line.split() for line in path.read_text().splitlines() if line)}
-        except (OSError, ValueError):
-            return {}
-
-    def samples(self, host: str) -> list[GroupSample]:
-        out = []
-        now = time.time()
-        for name, p in self.paths.items():
-            if (p / "memory.current").exists():  # cgroup v2
-                mem, limit = self._int(p / "memory.current"), self._int(p / "memory.max")
-                ev = self._keyed(p / "memory.events")
-                failcnt, ooms = ev.get("max", 0), ev.get("oom_kill", 0)
-            else:  # cgroup v1
-                mem, limit = self._int(p / "memory.usage_in_bytes"), self._int(p / "memory.limit_in_bytes")
-                failcnt = self._int(p / "memory.failcnt")
-                ooms = self._keyed(p / "memory.oom_control").get("oom_kill", 0)
-                if limit >= 1 << 60:  # v1 reports "unlimited" as a huge number
-                    limit = 0
-            procs = _count_lines(p / "cgroup.procs")
-            out.append(GroupSample(now, host, name, procs, 0, 0, 0, 0.0, 0, 0, 0, 0, mem, limit, failcnt, ooms))
-        return out
-
-
-def _count_lines(path: Path) -> int:
-    try:
-        return sum(1 for line in path.read_text().splitlines() if line.strip())
-    except OSError:
-        return 0
-
-
 class Recorder:
     """Writes one run record from a Locust master or local process."""
 
@@ -328,8 +271,6 @@ class Recorder:
         self._started_perf = time.perf_counter()
         self._last_tick_unix_s = time.time()
         self._stopped = False
-        self._fallback: _CgroupReader | None = None
-        self._next_fallback = 0.0
         self.groups = dict(g.split("=", 1) for g in options.collect_group if "=" in g)
 
     # -- life cycle ------------------------------------------------------------------------------
@@ -353,29 +294,17 @@ class Recorder:
         if not (self.groups or o.collect_udp_port or o.collector):
             return
         try:
-            from loadkit.record.live_collector import attach_collector
-        except ImportError:
-            attach_collector = None
-        if attach_collector is not None:
-            try:
-                attach_collector(
-                    self.environment,
-                    groups=self.groups,
-                    udp_ports=list(o.collect_udp_port),
-                    urls=list(o.collector),
-                    interval_s=o.collect_interval,
-                    sink=self.sink,
-                )
-                return
-            except Exception as err:  # a collector problem must not lose the run record
-                self.writer.event("warning", "collector", {"message": f"collector not attached: {err}"})
-                log.warning("collector not attached: %s", err)
-        self._fallback = _CgroupReader(self.groups)
-        if self._fallback.paths:
-            self.writer.event(
-                "warning", "collector",
-                {"message": "live collector unavailable: reading cgroup memory only"},
+            attach_collector(
+                self.environment,
+                groups=self.groups,
+                udp_ports=list(o.collect_udp_port),
+                urls=list(o.collector),
+                interval_s=o.collect_interval,
+                sink=self.sink,
             )
+        except Exception as err:  # a collector problem must not lose the run record
+            self.writer.event("warning", "collector", {"message": f"collector not attached: {err}"})
+            log.warning("collector not attached: %s", err)
 
     def _mark_interrupted(self) -> None:
         (self.writer.run_dir / INTERRUPT_MARKER).touch()
@@ -426,10 +355,6 @@ class Recorder:
         while True:
             gevent.sleep(WATCH_INTERVAL_S)
             try:
-                if self._fallback is not None and time.monotonic() >= self._next_fallback:
-                    self._next_fallback = time.monotonic() + self.options.collect_interval
-                    for s in self._fallback.samples(self.environment.host or "local"):
-                        self.sink(s)
                 self._drain()
                 self._check_workers()
             except Exception:
