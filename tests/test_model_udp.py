@@ -8,7 +8,7 @@ import math
 import pytest
 
 from loadkit.errors import ModelError
-from loadkit.model import UdpBurstResult, buffer_datagrams, fit_udp_burst, udp_burst
+from loadkit.model import UdpBurstResult, buffer_datagrams, fit_udp_burst, receive_drops, udp_burst
 from loadkit.partfiles import PartWriter
 from loadkit.records import RUN_LAYOUT, GeneratorMetric, NetSample, SocketSample
 from loadkit.record.reader import load_run
@@ -105,3 +105,18 @@ def test_fit_counts_only_the_target_sockets_drops(tmp_path):
     r = fit_udp_burst(load_run(run_dir))
     assert r.observed_drops_n == 300
     assert fit_udp_burst(load_run(run_dir), address="127.0.0.8", port=5353).observed_drops_n == 15000
+    # the same drops, with where they were counted (the report labels its charts with it)
+    label, drops = receive_drops(load_run(run_dir))
+    assert label == "drops at 127.0.0.9:5353" and list(drops) == [100, 100, 100]
+
+
+def test_drops_fall_back_to_the_host_wide_counter_when_no_socket_was_watched(tmp_path):
+    run_dir = tmp_path / "run"
+    write_manifest(run_dir, "dns", "dns_burst")
+    net = PartWriter(run_dir / RUN_LAYOUT["net"])
+    for k in range(3):
+        net.append({"ts_unix_s": T0 + k, "udp_rcvbuf_errors_n": 40 * k})
+    net.flush()
+    label, drops = receive_drops(load_run(run_dir))
+    assert label == "RcvbufErrors (whole host)" and list(drops) == [40, 40]
+

@@ -20,6 +20,8 @@ from loadkit.model.udp import (
     UdpBurstResult,
     buffer_datagrams,
     fit_udp_burst,
+    receive_drops,
+    target_socket,
     udp_burst,
 )
 from loadkit.model.usl import (
@@ -39,6 +41,6 @@ __all__ = [
     "HeadroomResult", "KneeResult", "LittleResult", "MetastabilityResult", "ProxyFit", "Spike",
     "UdpBurstResult", "UslResult", "buffer_datagrams", "cascade", "find_anomalies", "fit_headroom",
     "fit_udp_burst", "fit_usl", "fit_usl_run", "headroom_points", "huber_line", "kpi_series",
-    "latency_knee", "littles_law_check", "metastability", "retry_amplification", "udp_burst",
+    "latency_knee", "littles_law_check", "metastability", "receive_drops", "retry_amplification", "target_socket", "udp_burst",
     "usl_points", "usl_throughput",
 ]

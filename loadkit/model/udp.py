@@ -138,8 +138,9 @@ def _recorded_so_rcvbuf(manifest: dict) -> float:
     return 0.0
 
 
-def _target_socket(run: RunData, address: str | None, port: int | None) -> pd.DataFrame:
-    """Samples of the DNS server's own socket: by the given address/port, else the run's target."""
+def target_socket(run: RunData, address: str | None = None, port: int | None = None) -> pd.DataFrame:
+    """Samples of the DNS server's own socket: by the given address/port, else the run's
+    ``udp://`` target; empty when the collector did not watch it."""
     sockets = run.sockets
     if not len(sockets):
         return sockets
@@ -156,6 +157,26 @@ def _target_socket(run: RunData, address: str | None, port: int | None) -> pd.Da
     if address and "local_address" in mine and (mine["local_address"] != "").any():
         mine = mine[mine["local_address"].isin([address, "0.0.0.0", "::"])]
     return mine
+
+
+def receive_drops(run: RunData, address: str | None = None, port: int | None = None) -> tuple[str, pd.Series]:
+    """Receive-buffer drops per interval and where they were counted.
+
+    The ``drops`` column of ``/proc/net/udp`` for the server's own socket when the collector
+    watched it; else the host-wide ``Udp: RcvbufErrors``, which counts every UDP socket on the
+    host, other servers' too (the label says which).
+    """
+    mine = target_socket(run, address, port)
+    if len(mine):
+        d = mine.groupby("ts_unix_s")["drops_n"].sum().sort_index()
+        first = mine.iloc[0]
+        where = f"{first.get('local_address') or address or '*'}:{int(first['local_port'])}"
+        return f"drops at {where}", d.diff().clip(lower=0).dropna()
+    net = run.net
+    if len(net) and "udp_rcvbuf_errors_n" in net:
+        d = net.groupby("ts_unix_s")["udp_rcvbuf_errors_n"].sum().sort_index()
+        return "RcvbufErrors (whole host)", d.diff().clip(lower=0).dropna()
+    return "drops", pd.Series(dtype=float)
 
 
 def fit_udp_burst(run: RunData, *, rcvbuf_bytes: float | None = None,
@@ -185,15 +206,7 @@ def fit_udp_burst(run: RunData, *, rcvbuf_bytes: float | None = None,
         rcvbuf_bytes = 2 * float(so) if so else DEFAULT_RCVBUF_BYTES
     result = udp_burst(rcvbuf_bytes, service, bytes_per_datagram=bytes_per_datagram,
                        burst_window_s=burst_window_s)
-    drops = pd.Series(dtype=float)
-    mine = _target_socket(run, address, port)
-    if len(mine):
-        d = mine.groupby("ts_unix_s")["drops_n"].sum().sort_index()
-        drops = d.diff().clip(lower=0).dropna()
-    elif len(run.net):
-        # host-wide: counts every UDP socket on the host, other servers' too
-        d = run.net.groupby("ts_unix_s")["udp_rcvbuf_errors_n"].sum().sort_index()
-        drops = d.diff().clip(lower=0).dropna()
+    _, drops = receive_drops(run, address, port)
     result.observed_drops_n = int(drops.sum()) if len(drops) else 0
     offered = _counter_rates(run, "dns.original_sent").add(
         _counter_rates(run, "dns.retry_sent"), fill_value=0.0)

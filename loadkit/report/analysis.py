@@ -13,7 +13,6 @@ peak; ``WARN`` when a figure regressed against the baseline release or a run did
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from typing import Any, Iterable, Sequence
@@ -89,51 +88,6 @@ def gauge(run: RunData, metric: str) -> pd.Series:
         return pd.Series(dtype="float64")
     s = gen[gen["metric"] == metric].set_index("ts_unix_s")["value"].sort_index()
     return s[~s.index.duplicated(keep="last")]
-
-
-def dns_target(run: RunData) -> tuple[str, int] | None:
-    """(address, port) of the run's first ``udp://`` target, from its manifest."""
-    for target in run.manifest.get("targets") or []:
-        text = str(target)
-        if text.startswith("udp://"):
-            host, _, port = text[len("udp://"):].rpartition(":")
-            try:
-                return host.strip("[]"), int(port)
-            except ValueError:
-                return None
-    return None
-
-
-def target_socket(run: RunData) -> pd.DataFrame:
-    """Samples of the DNS target's own UDP socket (address and port), empty when not watched.
-
-    The host-wide ``Udp: RcvbufErrors`` counts every socket on the host, other servers' too; the
-    ``drops`` column of ``/proc/net/udp`` for the target's socket counts only its own drops.
-    """
-    sockets = run.sockets
-    target = dns_target(run)
-    if target is None or not len(sockets):
-        return sockets.iloc[0:0]
-    address, port = target
-    mine = sockets[sockets["local_port"] == port]
-    if "local_address" in mine:
-        mine = mine[mine["local_address"].isin([address, "0.0.0.0", "::"])]
-    return mine
-
-
-def socket_drops(run: RunData) -> tuple[str, pd.Series]:
-    """Per-interval receive-buffer drops of the DNS target: its socket's ``drops`` when it was
-    watched, else the host-wide ``RcvbufErrors``; with a label saying which."""
-    mine = target_socket(run)
-    if len(mine):
-        per_ts = mine.groupby("ts_unix_s")["drops_n"].sum().sort_index()
-        target = dns_target(run)
-        return f"drops at {target[0]}:{target[1]}", per_ts.diff().clip(lower=0).iloc[1:]
-    net = run.net
-    if len(net) and "udp_rcvbuf_errors_n" in net:
-        per_ts = net.groupby("ts_unix_s")["udp_rcvbuf_errors_n"].sum().sort_index()
-        return "RcvbufErrors (whole host)", per_ts.diff().clip(lower=0).iloc[1:]
-    return "drops", pd.Series(dtype="float64")
 
 
 def first_failure_ts(run: RunData) -> dict[str, float]:
@@ -231,7 +185,7 @@ def dns_figures(run: RunData, notes: list[str]) -> dict:
             retry_amplification_max=_num(amp["amplification"].max()),
             peak_offered_qps=_num(amp["offered_qps"].max()),
         )
-    label, drops = socket_drops(run)
+    label, drops = model.receive_drops(run)
     out["drops_source"] = label
     out["rcvbuf_errors_n"] = float(drops.sum()) if len(drops) else None
     net = run.net
@@ -241,12 +195,9 @@ def dns_figures(run: RunData, notes: list[str]) -> dict:
     offered_n = out.get("offered_n")
     dropped = out["rcvbuf_errors_n"]
     out["drop_ratio"] = _num(dropped / offered_n) if dropped is not None and offered_n else None
-    # the burst model sees only the target's socket, not other servers' drops on this host
-    mine = target_socket(run)
-    burst_run = dataclasses.replace(run, sockets=mine) if len(mine) else run
     size, window_s = offered_burst(run)
     try:
-        burst = model.fit_udp_burst(burst_run, burst_window_s=window_s, rcvbuf_bytes=_rcvbuf_hint(run))
+        burst = model.fit_udp_burst(run, burst_window_s=window_s, rcvbuf_bytes=_rcvbuf_hint(run))
     except ModelError as err:
         notes.append(f"DNS run {run.run_id}: no burst figures: {err}")
     else:
@@ -370,7 +321,7 @@ def kpi_series(run: RunData) -> tuple[str, pd.Series]:
     """The KPI the anomaly search looks at: DNS receive-buffer drops per interval, else the
     worst p99 latency per interval."""
     if run_service(run) == "DNS":
-        label, drops = socket_drops(run)
+        label, drops = model.receive_drops(run)
         if len(drops):
             return f"{label} per interval", drops
     req = run.requests

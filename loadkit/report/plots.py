@@ -24,7 +24,7 @@ from loadkit import model  # noqa: E402
 from loadkit.errors import ModelError  # noqa: E402
 from loadkit.record.reader import RunData  # noqa: E402
 
-from .analysis import HOLD_NAMES, first_failure_ts, gauge, kpi_series, proxy_groups, socket_drops  # noqa: E402
+from .analysis import HOLD_NAMES, first_failure_ts, gauge, kpi_series, proxy_groups  # noqa: E402
 
 MIB = 1024 * 1024
 #: one colour per proxy / series, colour-blind safe (Okabe-Ito)
@@ -209,7 +209,7 @@ def dns_traffic(run: RunData) -> Figure:
     ax.legend(fontsize=8, loc="upper left")
 
     ax = axes[1]
-    label, drops = socket_drops(run)
+    label, drops = model.receive_drops(run)
     if len(drops):
         t, tlabel = _time_axis(drops.index, start)
         width = 0.8 * float(np.median(np.diff(t))) if len(t) > 1 else 0.8
