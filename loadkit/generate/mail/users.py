@@ -474,7 +474,51 @@ class MailUser(User):
         shared.retries.wait()
 
     def one_session(self) -> bool:
-        """Log in, hold, log out; fire one request per phase; True if all went well."""
+        """Log in, hold, log out; fire one request per phase; True if all went well.
+
+        The held-sessions gauge is up exactly while a logged-in session is held; a session that
+        is not closed cleanly is aborted, whatever happened.
+        """
+        session = self.new_session()
+        holding = closed = False
+        try:
+            if not self._report_open(self.open_session(session)):
+                return False
+            holding = True
+            self.held(+1)
+            t0 = time.perf_counter()
+            lost = self.hold_session(session, self._shared.options.dwell_s)
+            holding = False
+            self.held(-1)
+            if lost is not None:
+                self._report_lost(lost, time.perf_counter() - t0)
+                return False
+            results = self.close_session(session)
+            closed = True
+            for r in results:
+                self.fire(r)
+            return all(r.ok for r in results)
+        finally:
+            if holding:
+                self.held(-1)
+            self.abort_session(session, closed)
+
+    # -- protocol hooks ---------------------------------------------------------------------------
+    def new_session(self) -> Any:
+        raise NotImplementedError
+
+    def open_session(self, session: Any) -> list[PhaseResult]:
+        """Connect, greet, log in (and SELECT/STAT...): the phases' results."""
+        raise NotImplementedError
+
+    def hold_session(self, session: Any, dwell_s: float | None) -> BaseException | None:
+        """Hold for ``dwell_s`` (None: until the user stops); the error if the server dropped it."""
+        raise NotImplementedError
+
+    def close_session(self, session: Any) -> list[PhaseResult]:
+        raise NotImplementedError
+
+    def abort_session(self, session: Any, closed: bool) -> None:
         raise NotImplementedError
 
     def _report_open(self, results: list[PhaseResult]) -> bool:
@@ -509,35 +553,22 @@ class ImapUser(MailUser):
             fetch_n=options.fetch_n, idle=options.dwell_s is None,
         )
 
-    def one_session(self) -> bool:
-        shared = self._shared
-        signal = bridge.Signal()
-        session = ImapSession(shared.spec, signal)
-        b = bridge.get_bridge()
-        holding = False
-        closed = False
-        try:
-            if not self._report_open(b.run(session.open(*self.account))):
-                return False
-            holding = True
-            self.held(+1)
-            t0 = time.perf_counter()
-            lost = signal.wait(shared.options.dwell_s)
-            holding = False
-            self.held(-1)
-            if lost:
-                self._report_lost(_lost_error(session), time.perf_counter() - t0)
-                return False
-            results = b.run(session.logout())
-            closed = True
-            for r in results:
-                self.fire(r)
-            return all(r.ok for r in results)
-        finally:
-            if holding:
-                self.held(-1)
-            if not closed:
-                b.spawn(session.abort())
+    def new_session(self) -> ImapSession:
+        return ImapSession(self._shared.spec, bridge.Signal())
+
+    def open_session(self, session: ImapSession) -> list[PhaseResult]:
+        return bridge.get_bridge().run(session.open(*self.account))
+
+    def hold_session(self, session: ImapSession, dwell_s: float | None) -> BaseException | None:
+        # the signal is set from the loop when the server closes or resets the connection
+        return _lost_error(session) if session.lost_signal.wait(dwell_s) else None
+
+    def close_session(self, session: ImapSession) -> list[PhaseResult]:
+        return bridge.get_bridge().run(session.logout())
+
+    def abort_session(self, session: ImapSession, closed: bool) -> None:
+        if not closed:
+            bridge.get_bridge().spawn(session.abort())
 
 
 def _lost_error(session: ImapSession) -> BaseException:
@@ -564,29 +595,20 @@ class Pop3User(MailUser):
             uidl=options.pop3_uidl, retr=options.fetch_n > 0,
         )
 
-    def one_session(self) -> bool:
-        shared = self._shared
-        session = Pop3Session(shared.spec)
-        holding = False
-        try:
-            if not self._report_open(session.open(*self.account)):
-                return False
-            holding = True
-            self.held(+1)
-            t0 = time.perf_counter()
-            lasted = session.hold(shared.options.dwell_s)
-            holding = False
-            self.held(-1)
-            if not lasted:
-                self._report_lost(EOFError("server closed a held session"), time.perf_counter() - t0)
-                return False
-            result = session.quit()
-            self.fire(result)
-            return result.ok
-        finally:
-            if holding:
-                self.held(-1)
-            session.abort()
+    def new_session(self) -> Pop3Session:
+        return Pop3Session(self._shared.spec)
+
+    def open_session(self, session: Pop3Session) -> list[PhaseResult]:
+        return session.open(*self.account)
+
+    def hold_session(self, session: Pop3Session, dwell_s: float | None) -> BaseException | None:
+        return None if session.hold(dwell_s) else EOFError("server closed a held session")
+
+    def close_session(self, session: Pop3Session) -> list[PhaseResult]:
+        return [session.quit()]
+
+    def abort_session(self, session: Pop3Session, closed: bool) -> None:
+        session.abort()  # closes the socket; harmless after QUIT
 
 
 # --------------------------------------------------------------------------------------------
