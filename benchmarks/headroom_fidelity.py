@@ -41,7 +41,7 @@ from loadkit.observe.cgroups import read_memory, resolve
 from loadkit.partfiles import PartWriter
 from loadkit.profile.targets import check_target
 from loadkit.record.reader import load_run
-from loadkit.records import RUN_LAYOUT, GroupSample
+from loadkit.schema import RUN_LAYOUT, GroupSample
 
 LOGIN_TIMEOUT_S = 15.0
 

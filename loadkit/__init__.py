@@ -6,7 +6,7 @@ Pipeline (one subpackage per stage)::
 
     profile -> generate -> observe -> record -> model -> report
 
-The records that pass between stages are in :mod:`loadkit.records`; the one root error is
+The records that pass between stages are in :mod:`loadkit.schema`; the one root error is
 :class:`loadkit.errors.LoadkitError`.
 """
 

@@ -8,7 +8,7 @@ queries per second to the lab's unbound (127.0.0.1:5353) plus a burst of 2,000 q
 
 from locust import events, run_single_user
 
-import loadkit.record.locust_plugin  # noqa: F401
+import loadkit.plugin.recorder  # noqa: F401
 from loadkit.generate.dns.users import DnsSettings, DnsUser, install
 
 install(

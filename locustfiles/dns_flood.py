@@ -13,7 +13,7 @@ intervals in a row; the maximum throughput and the loss at that point are logged
 
 from locust import events, run_single_user
 
-import loadkit.record.locust_plugin  # noqa: F401
+import loadkit.plugin.recorder  # noqa: F401
 from loadkit.generate.dns.users import DnsSettings, DnsUser, install
 
 install(

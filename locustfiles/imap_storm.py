@@ -9,7 +9,7 @@ custom parameters and in the README; Locust prints ``--help`` before it imports 
 so they are not listed there.
 """
 
-import loadkit.record.locust_plugin  # noqa: F401  (records the run)
+import loadkit.plugin.recorder  # noqa: F401  (records the run)
 from locust import run_single_user
 
 from loadkit.generate.mail.users import ImapUser

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from loadkit.partfiles import PartWriter
-from loadkit.records import RUN_LAYOUT, GeneratorMetric, GroupSample, NetSample, RequestInterval
+from loadkit.schema import RUN_LAYOUT, GeneratorMetric, GroupSample, NetSample, RequestInterval
 
 MiB = 2**20
 T0 = 1_764_000_000.0  # a fixed start so runs are reproducible

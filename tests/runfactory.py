@@ -1,4 +1,4 @@
-"""Synthetic run records in the :data:`loadkit.records.RUN_LAYOUT` format, for tests and benchmarks.
+"""Synthetic run records in the :data:`loadkit.schema.RUN_LAYOUT` format, for tests and benchmarks.
 
 Two kinds of run, each with known parameters so a test can check what a model or a report says:
 
@@ -23,7 +23,7 @@ from typing import Iterable
 import numpy as np
 
 from loadkit.record.writer import RunWriter
-from loadkit.records import (
+from loadkit.schema import (
     Event,
     FailureInterval,
     GeneratorMetric,

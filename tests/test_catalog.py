@@ -11,7 +11,7 @@ from loadkit.cli import main
 from loadkit.errors import RecordError
 from loadkit.record.catalog import find_run, list_runs, show_run
 from loadkit.record.writer import RunWriter
-from loadkit.records import FailureInterval, RequestInterval
+from loadkit.schema import FailureInterval, RequestInterval
 
 
 def make_run(runs: Path, run_id: str, scenario: str, release: str, started: float,
@@ -78,7 +78,7 @@ def test_catalog_does_not_import_locust() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, loadkit.record.catalog, loadkit.record.writer, loadkit.record.runner; "
+    code = ("import sys, loadkit.record.catalog, loadkit.record.writer, loadkit.run.runner; "
             "print('locust' in sys.modules)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.stdout.strip() == "False", res.stderr  # Locust monkey-patches whoever imports it

@@ -257,7 +257,7 @@ def test_bad_input_is_one_line_and_nonzero_exit_before_any_packet(tmp_path: Path
 
 SHAPED_LOCUSTFILE = '''
 from locust import events
-import loadkit.record.locust_plugin  # noqa: F401
+import loadkit.plugin.recorder  # noqa: F401
 from loadkit.generate.dns.users import DnsSettings, DnsUser, install
 from loadkit.generate.shapes import StepShape
 

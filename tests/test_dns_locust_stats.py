@@ -9,7 +9,7 @@ from locust.env import Environment
 from locust.stats import RequestStats, StatsEntry
 
 from loadkit.generate.locust_stats import inject
-from loadkit.records import Failure
+from loadkit.schema import Failure
 
 
 def per_event(stats: RequestStats, method: str, name: str, latencies_ms, failures) -> None:

@@ -13,9 +13,9 @@ import gevent
 import pytest
 from locust.env import Environment
 
-from loadkit.generate.events import GeneratorEvents, events_for
+from loadkit.generate.event_channel import GeneratorEvents, events_for
 from loadkit.record.reader import load_manifest, read_events
-from loadkit.records import EVENT_KINDS, Event
+from loadkit.schema import EVENT_KINDS, Event
 
 REPO = Path(__file__).resolve().parents[1]
 LOCUST = str(Path(sys.executable).with_name("locust"))

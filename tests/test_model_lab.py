@@ -233,7 +233,7 @@ class RetryingClients:
         import json
 
         from loadkit.partfiles import PartWriter
-        from loadkit.records import RUN_LAYOUT, GeneratorMetric
+        from loadkit.schema import RUN_LAYOUT, GeneratorMetric
 
         assert duration_s <= 30 and base_qps <= 5000 and burst_n <= 5000  # bounded load
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -410,7 +410,7 @@ def closed_loop_run(run_dir: Path, server: tuple[str, int], wires: list[bytes],
     import json
 
     from loadkit.partfiles import PartWriter
-    from loadkit.records import RUN_LAYOUT, GeneratorMetric, RequestInterval
+    from loadkit.schema import RUN_LAYOUT, GeneratorMetric, RequestInterval
 
     target = check_target(f"{server[0]}:{server[1]}", 53)
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

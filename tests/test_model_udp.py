@@ -10,7 +10,7 @@ import pytest
 from loadkit.errors import ModelError
 from loadkit.model import UdpBurstResult, buffer_datagrams, fit_udp_burst, receive_drops, udp_burst
 from loadkit.partfiles import PartWriter
-from loadkit.records import RUN_LAYOUT, GeneratorMetric, NetSample, SocketSample
+from loadkit.schema import RUN_LAYOUT, GeneratorMetric, NetSample, SocketSample
 from loadkit.record.reader import load_run
 from model_synth import T0, write_manifest
 

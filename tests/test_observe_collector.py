@@ -416,7 +416,7 @@ def test_exporter_metrics_and_snapshot(proc_root):
 
 
 def test_exposition_labels_groups():
-    from loadkit.records import GroupSample
+    from loadkit.schema import GroupSample
 
     c = Collector(CollectorConfig(proc_root=str(CANNED)))
     s = c.sample()

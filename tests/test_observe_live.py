@@ -16,8 +16,8 @@ from locust.env import Environment
 from loadkit.errors import CollectorError
 from loadkit.observe.collector import Collector, CollectorConfig
 from loadkit.observe.exporter import Exporter
-from loadkit.record.live_collector import attach_collector, live_collector_of
-from loadkit.records import Event, GroupSample, SystemSample
+from loadkit.plugin.live_collector import attach_collector, live_collector_of
+from loadkit.schema import Event, GroupSample, SystemSample
 
 CANNED = Path(__file__).parent / "data" / "proc"
 ADDR = "127.0.5.1"
@@ -167,7 +167,7 @@ def test_web_ui_gets_a_target_tab_and_json_route(monkeypatch):
 LOCUSTFILE = '''
 from locust import User, constant, events, task
 
-from loadkit.record.live_collector import attach_collector
+from loadkit.plugin.live_collector import attach_collector
 
 
 @events.test_start.add_listener

@@ -12,8 +12,8 @@ import sys
 SCRIPT = r"""
 import json
 from locust.stats import RequestStats
-from loadkit.record.locust_plugin import failure_intervals, request_intervals
-from loadkit.records import Failure
+from loadkit.plugin.recorder import failure_intervals, request_intervals
+from loadkit.schema import Failure
 
 stats = RequestStats()
 prev, prev_f, out = {}, {}, {}
@@ -59,7 +59,7 @@ def test_interval_rows_are_deltas_with_percentiles_from_the_histogram_delta() ->
 
 
 def test_status_line_shows_offered_answered_failures_and_target_memory() -> None:
-    from loadkit.record.runner import format_status
+    from loadkit.run.runner import format_status
 
     line = format_status({
         "elapsed_s": 3.2, "users": 5, "workers": 2, "requests_n": 100, "failures_n": 3,

@@ -24,7 +24,7 @@ from loadkit.errors import ProfileError, TargetNotAllowed
 from loadkit.generate import profile_shape
 from loadkit.generate.shapes import DailyShape, RampToKnee, SpikeTrainShape, StepShape
 from loadkit.profile.profile import SHAPE_KINDS, load_profile, resolve_targets
-from loadkit.record import runner
+from loadkit.run import runner
 from loadkit.record.reader import load_run
 
 echo = test_run.echo  # the loopback TCP echo server fixture

@@ -61,7 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from loadkit.profile.profile import load_profile, resolve_targets
-    from loadkit.record.runner import check_master_bind, run_profile
+    from loadkit.run.runner import check_master_bind, run_profile
 
     profile = load_profile(args.profile).with_overrides(release=args.release, duration=args.duration)
     if args.workers < 0:

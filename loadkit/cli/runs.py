@@ -70,7 +70,7 @@ def _show(args: argparse.Namespace) -> int:
         print(f"  {e.get('kind')} {e.get('source')}: {json.dumps(e.get('detail'))}")
     gates = m.get("gates") or []
     if gates:
-        from loadkit.record.gates import describe
+        from loadkit.run.gates import describe
 
         print("\ngates")
         for g in gates:

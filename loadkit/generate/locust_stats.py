@@ -19,7 +19,7 @@ from typing import Any, Iterable, Mapping
 
 from locust.stats import StatsError, bucket_response_time
 
-from loadkit.records import Failure
+from loadkit.schema import Failure
 
 
 def inject(
@@ -39,7 +39,7 @@ def inject(
     ``latencies_s`` is ``(latency in seconds, count)`` pairs for *every* completed request,
     failed or not (Locust counts a failure as a request with a response time). ``failures``
     maps failure class -> count (a subset of those requests); each class becomes one row of
-    Locust's failure table, keyed by the :class:`~loadkit.records.Failure` token. ``min_s``,
+    Locust's failure table, keyed by the :class:`~loadkit.schema.Failure` token. ``min_s``,
     ``max_s`` and ``total_s`` are exact values when the caller has them (the pairs may be
     bucketed). Returns the number of requests added.
     """

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-from loadkit.records import GeneratorMetric
+from loadkit.schema import GeneratorMetric
 
 _ENV_ATTR = "loadkit_metrics"
 _REPORT_KEY = "loadkit_metrics"

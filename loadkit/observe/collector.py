@@ -2,7 +2,7 @@
 
 :class:`Collector` takes one :class:`Sample` per interval (default 1 s, down to 0.1 s) in its own
 thread, for a duration or until stopped. Each sample holds the records of
-:mod:`loadkit.records` (``GroupSample`` per group, one ``NetSample`` with per-interval deltas,
+:mod:`loadkit.schema` (``GroupSample`` per group, one ``NetSample`` with per-interval deltas,
 ``SocketSample`` per watched UDP socket, one ``SystemSample``) and the events since the last one.
 Samples go to
 
@@ -34,7 +34,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 from loadkit.errors import CollectorError
 from loadkit.partfiles import PartWriter
-from loadkit.records import RUN_LAYOUT, Event, GroupSample, NetSample, SocketSample, SystemSample
+from loadkit.schema import RUN_LAYOUT, Event, GroupSample, NetSample, SocketSample, SystemSample
 
 from . import cgroups, procfs
 from .degrade import WarnOnce

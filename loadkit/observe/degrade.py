@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 
-from loadkit.records import Event
+from loadkit.schema import Event
 
 log = logging.getLogger("loadkit.observe")
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Mapping
 
-from loadkit.records import Event
+from loadkit.schema import Event
 
 from .cgroups import CgroupMemory
 from .groups import ProcInfo

@@ -8,7 +8,7 @@
   (``loadkit_group_cgroup_memory_bytes{group="proxy1"}``).
 - ``GET /snapshot?cursor=N``: JSON with the latest sample (records as in the run directory, with
   ``*_delta`` columns), the events after cursor ``N`` and the next cursor. A load run on another
-  host pulls this every interval (``loadkit.record.live_collector``), so the target's samples
+  host pulls this every interval (``loadkit.plugin.live_collector``), so the target's samples
   land in the run record on the load's timeline.
 
 The server binds to the address it is given (loopback by default) and only reads the

@@ -32,7 +32,7 @@ from typing import Callable, Iterable, NamedTuple
 import psutil
 
 from loadkit.errors import CollectorError
-from loadkit.records import GroupSample
+from loadkit.schema import GroupSample
 
 from . import cgroups
 from .degrade import WarnOnce

@@ -1,1 +1,4 @@
-"""record stage."""
+"""record stage: run directories (writer, reader), the catalog across runs.
+
+Storage only: nothing here imports Locust or the analysis (:mod:`loadkit.model`).
+"""

@@ -18,7 +18,7 @@ import pandas as pd
 
 from loadkit.errors import RecordError
 from loadkit.record.reader import load_manifest, read_events
-from loadkit.records import RUN_LAYOUT
+from loadkit.schema import RUN_LAYOUT
 
 log = logging.getLogger(__name__)
 

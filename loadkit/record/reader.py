@@ -1,7 +1,7 @@
 """Read a run directory back as typed tables.
 
 Models and reports start here: :func:`load_run` gives a :class:`RunData` with one pandas
-DataFrame per table of :data:`loadkit.records.RUN_LAYOUT` (empty, with the record's columns,
+DataFrame per table of :data:`loadkit.schema.RUN_LAYOUT` (empty, with the record's columns,
 when the run has none) and the manifest. A part file cut short by a crash is skipped with a
 warning; everything flushed before it is returned.
 """
@@ -17,7 +17,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from loadkit.errors import RecordError
-from loadkit.records import RUN_LAYOUT, TABLE_RECORDS
+from loadkit.schema import RUN_LAYOUT, TABLE_RECORDS
 
 log = logging.getLogger(__name__)
 

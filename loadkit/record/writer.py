@@ -1,4 +1,4 @@
-"""Write one run directory as the run goes (layout: :data:`loadkit.records.RUN_LAYOUT`).
+"""Write one run directory as the run goes (layout: :data:`loadkit.schema.RUN_LAYOUT`).
 
 :class:`RunWriter` owns the tables (Parquet part files), ``events.jsonl`` and ``manifest.json``.
 Rows are buffered and :meth:`RunWriter.flush` writes one part file per table that has rows,
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Iterable, NamedTuple
 
 from loadkit.partfiles import PartWriter
-from loadkit.records import (
+from loadkit.schema import (
     RUN_LAYOUT,
     TABLE_RECORDS,
     Event,

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from loadkit.errors import RecordError, ReportError
-from loadkit.records import RUN_LAYOUT
+from loadkit.schema import RUN_LAYOUT
 from loadkit.record.reader import RunData, load_manifest, load_run
 
 from .analysis import summarize

@@ -16,10 +16,10 @@ import time
 
 from locust import User, between, events, task
 
-import loadkit.record.locust_plugin  # noqa: F401  (records the run)
+import loadkit.plugin.recorder  # noqa: F401  (records the run)
 from loadkit.generate.metrics import metrics_for
 from loadkit.profile.targets import check_target
-from loadkit.records import Failure
+from loadkit.schema import Failure
 
 
 @events.init_command_line_parser.add_listener

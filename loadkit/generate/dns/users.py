@@ -6,7 +6,7 @@ The load is open loop, so it is not made by users waiting for replies: each Locu
 master tells workers how many there are when the test starts). :class:`DnsUser` only keeps a
 user slot and, under ``run_single_user``, runs the sender itself for debugging. When a burst
 has left, its real emission window becomes a ``burst`` event of the run record
-(:mod:`loadkit.generate.events`; from the sender's per-interval report, nothing per query).
+(:mod:`loadkit.generate.event_channel`; from the sender's per-interval report, nothing per query).
 
 A locustfile calls :func:`install` with its defaults; every option is a Locust custom argument
 (``--dns-*``), so it shows in the web UI. Every option, the names file and the target are
@@ -29,7 +29,7 @@ from locust.util.timespan import parse_timespan
 
 from loadkit import defaults
 from loadkit.errors import LoadkitError, ProfileError
-from loadkit.generate.events import events_for
+from loadkit.generate.event_channel import events_for
 from loadkit.generate.locust_stats import inject
 from loadkit.generate.metrics import metrics_for
 from loadkit.generate.shapes import KneeCriteria, KneeDetector, KneePoint

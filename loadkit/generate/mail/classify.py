@@ -1,4 +1,4 @@
-"""Every mail-session failure becomes one class token from :data:`loadkit.records.FAILURE_CLASSES`.
+"""Every mail-session failure becomes one class token from :data:`loadkit.schema.FAILURE_CLASSES`.
 
 What a storm must tell apart is *where* a session died: a proxy that is out of memory cannot
 fork a login process and closes before greeting (``eof_before_greeting``); one whose login
@@ -15,7 +15,7 @@ import ssl
 from enum import Enum
 from typing import NamedTuple
 
-from loadkit.records import FAILURE_CLASSES, Failure
+from loadkit.schema import FAILURE_CLASSES, Failure
 
 
 class Phase(str, Enum):
@@ -77,7 +77,7 @@ def timeout_class(phase: Phase) -> str:
 
 
 def classify(err: BaseException, phase: Phase) -> Failure:
-    """Map ``err`` raised during ``phase`` to a :class:`~loadkit.records.Failure`.
+    """Map ``err`` raised during ``phase`` to a :class:`~loadkit.schema.Failure`.
 
     Unknown exceptions become ``protocol_error`` with the exception in ``detail`` (never a
     traceback at the user: Locust counts it like any other failure).

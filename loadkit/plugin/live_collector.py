@@ -38,7 +38,7 @@ from loadkit.observe.collector import Collector, CollectorConfig, Sample
 from loadkit.observe.degrade import WarnOnce
 from loadkit.observe.groups import GroupSpec, parse_group_spec
 from loadkit.profile.targets import check_target, split_host_port
-from loadkit.records import Event
+from loadkit.schema import Event
 
 log = logging.getLogger("loadkit.record.collector")
 #: Locust prints its headless stats table through this logger: the summary line goes with it

@@ -38,9 +38,9 @@ from typing import Any, TextIO
 from loadkit.errors import LoadkitError, ProfileError, TargetNotAllowed
 from loadkit.profile.profile import Profile, expand_target_refs, resolve_targets
 from loadkit.profile.targets import check_target, parse_allowlist
-from loadkit.record import gates as gates_mod
+from loadkit.run import gates as gates_mod
 from loadkit.record.writer import INTERRUPT_MARKER, STATUS_FILE, RunWriter, new_run_id
-from loadkit.records import RUN_LAYOUT
+from loadkit.schema import RUN_LAYOUT
 
 #: seconds Locust may take to start (and a master to see its workers) before the deadline counts
 STARTUP_GRACE_S = 60.0

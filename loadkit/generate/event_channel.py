@@ -1,7 +1,7 @@
 """Generator events: things a load generator saw happen at one instant.
 
 A DNS burst really leaving the process (how many queries, between which two send times) is an
-event, not a counter: the run record keeps it as one :class:`~loadkit.records.Event` line in
+event, not a counter: the run record keeps it as one :class:`~loadkit.schema.Event` line in
 ``events.jsonl``, on the same clock as the collector's samples. Generators do not know the
 recorder: they :meth:`~GeneratorEvents.emit` into the per-process channel of
 :func:`events_for`, and whoever records the run drains it (``loadkit.record`` does, once per
@@ -19,7 +19,7 @@ import collections
 import time
 from typing import Any
 
-from loadkit.records import Event
+from loadkit.schema import Event
 
 _ENV_ATTR = "loadkit_generator_events"
 _REPORT_KEY = "loadkit_events"

@@ -16,19 +16,19 @@ Importing this module adds loadkit's options to Locust's command line::
     --abort-min-requests N    ... that has at least N requests (default 50)
 
 In the process that owns the statistics (Locust's master, or the single local process) a
-:class:`Recorder` then writes, every interval: :class:`~loadkit.records.RequestInterval` and
-:class:`~loadkit.records.FailureInterval` rows from the deltas of Locust's cumulative stats and
-response-time histograms, :class:`~loadkit.records.GeneratorMetric` rows from
+:class:`Recorder` then writes, every interval: :class:`~loadkit.schema.RequestInterval` and
+:class:`~loadkit.schema.FailureInterval` rows from the deltas of Locust's cumulative stats and
+response-time histograms, :class:`~loadkit.schema.GeneratorMetric` rows from
 :func:`loadkit.generate.metrics.metrics_for`, and the collector samples received since the last
 interval; each interval is flushed as part files, so a SIGKILL loses at most one interval.
 Events (run start/end, aborts, lost workers, collector events) go to ``events.jsonl`` at once;
-generator events (:func:`loadkit.generate.events.events_for`, e.g. each DNS burst) within one
+generator events (:func:`loadkit.generate.event_channel.events_for`, e.g. each DNS burst) within one
 watch interval.
 Workers record nothing: their statistics and generator metrics reach the master.
 
-Collectors are attached through ``loadkit.record.live_collector.attach_collector(environment,
+Collectors are attached through ``loadkit.plugin.live_collector.attach_collector(environment,
 groups, udp_ports, urls, interval_s, sink)``; ``sink(record)`` takes any sample record or
-:class:`~loadkit.records.Event` (and ``sink(row_dict, table="net")`` for rows with extra columns).
+:class:`~loadkit.schema.Event` (and ``sink(row_dict, table="net")`` for rows with extra columns).
 It may be called from any thread. A collector that cannot be attached is a ``warning`` event in
 the record, not a lost run.
 """
@@ -52,10 +52,10 @@ from locust.stats import calculate_response_time_percentile, diff_response_time_
 from locust.util.timespan import parse_timespan
 
 from loadkit.errors import LoadkitError, ProfileError
-from loadkit.generate.events import events_for
+from loadkit.generate.event_channel import events_for
 from loadkit.generate.metrics import forget_worker, metrics_for
-from loadkit.records import Event, FailureInterval, GeneratorMetric, GroupSample, RequestInterval
-from loadkit.record.live_collector import attach_collector
+from loadkit.schema import Event, FailureInterval, GeneratorMetric, GroupSample, RequestInterval
+from loadkit.plugin.live_collector import attach_collector
 from loadkit.record.writer import INTERRUPT_MARKER, RunWriter, new_run_id
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from loadkit.records import RUN_LAYOUT
+from loadkit.schema import RUN_LAYOUT
 
 log = logging.getLogger(__name__)
 
