@@ -246,7 +246,7 @@ def test_bad_input_is_one_line_and_nonzero_exit_before_any_packet(tmp_path: Path
         args += [a.replace("{bad_names}", str(bad)) for a in extra]
         out = run_locust(args, cwd=tmp_path, timeout_s=60)
         assert out.returncode == 2, out.stderr[-2000:]
-        errors = [ln for ln in out.stderr.splitlines() if ln.startswith("locust: error:")]
+        errors = [ln for ln in out.stderr.splitlines() if ln.startswith("loadkit: error:")]
         assert len(errors) == 1 and message in errors[0], out.stderr
         assert "Traceback" not in out.stderr
         with pytest.raises(BlockingIOError):

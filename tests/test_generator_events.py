@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -13,8 +14,11 @@ import gevent
 import pytest
 from locust.env import Environment
 
+from loadkit.errors import ProfileError
+from loadkit.generate import wiring
 from loadkit.generate.event_channel import GeneratorEvents, events_for
 from loadkit.record.reader import load_manifest, read_events
+from loadkit.record.writer import RunWriter
 from loadkit.schema import EVENT_KINDS, Event
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,8 +82,75 @@ def test_worker_events_ride_on_report_to_master_and_are_merged_on_the_master() -
     assert empty == {}
 
 
-def test_burst_is_a_known_event_kind() -> None:
-    assert "burst" in EVENT_KINDS
+def test_a_drained_burst_event_reads_back_from_the_run_record(tmp_path: Path) -> None:
+    ch = GeneratorEvents()
+    sent = ch.emit("burst", "dns", {"sent_n": 200, "window_s": 0.01}, ts_unix_s=12.5)
+    writer = RunWriter(tmp_path)
+    writer.add_many(ch.drain())
+    writer.flush()
+    assert read_events(tmp_path) == [sent._asdict()]
+    assert sent.kind in EVENT_KINDS  # a kind the schema documents
+
+
+# -- the Locust wiring every generator shares -------------------------------------------------------
+
+
+class _Runner:
+    """Stand-ins named like Locust's runners (wiring tells them apart by class name)."""
+
+
+class WorkerRunner(_Runner):
+    def __init__(self, index: int) -> None:
+        self.worker_index = index
+
+
+class MasterRunner(_Runner):
+    def __init__(self, workers_n: int) -> None:
+        self.worker_count = workers_n
+
+
+def test_the_master_tells_workers_their_count_and_each_takes_its_share() -> None:
+    master = Environment(parsed_options=argparse.Namespace())
+    master.runner = MasterRunner(3)
+    wiring.tell_workers_their_count(master)
+    sent = vars(master.parsed_options)  # what the spawn message carries to the workers
+    shares = []
+    for index in range(3):
+        worker = Environment(parsed_options=argparse.Namespace(**sent))
+        worker.runner = WorkerRunner(index)
+        shares.append(wiring.worker_share(worker))
+    assert shares == [(0, 3), (1, 3), (2, 3)]
+    # a worker whose master said nothing makes the whole load; a standalone process too
+    untold = Environment(parsed_options=argparse.Namespace())
+    untold.runner = WorkerRunner(1)
+    assert wiring.worker_share(untold) == (0, 1)
+    assert wiring.worker_share(Environment()) == (0, 1)
+
+
+def test_piggyback_sends_each_key_and_merges_it_on_the_master() -> None:
+    worker, master = Environment(), Environment()
+    merged: list = []
+    pending = {"a": [1, 2], "b": []}
+    for key in ("a", "b"):
+        wiring.piggyback(worker, key, lambda key=key: pending[key], lambda cid, p: None)
+        wiring.piggyback(master, key, lambda: None, lambda cid, p, key=key: merged.append((key, cid, p)))
+    data: dict = {}
+    worker.events.report_to_master.fire(client_id="w-7", data=data)
+    assert data == {"a": [1, 2]}  # an empty payload is not sent
+    master.events.worker_report.fire(client_id="w-7", data=data)
+    assert merged == [("a", "w-7", [1, 2])]
+    # registering a key again replaces its pair rather than sending it twice
+    wiring.piggyback(worker, "a", lambda: [3], lambda cid, p: None)
+    again: dict = {}
+    worker.events.report_to_master.fire(client_id="w-7", data=again)
+    assert again == {"a": [3]}
+
+
+def test_a_user_error_is_one_loadkit_line_and_its_exit_status(capsys) -> None:
+    with pytest.raises(SystemExit) as exited:
+        wiring.exit_on_user_error(ProfileError("--dns-rate 'x' is not a number"))
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == "loadkit: error: --dns-rate 'x' is not a number\n"
 
 
 # -- a real locust run ------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ def test_run_time_longer_than_the_cap_is_one_line_and_exit_2(tmp_path):
                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2
     errors = [line for line in res.stderr.splitlines() if "error" in line]
-    assert errors == ["locust: error: -t 10800s is longer than the safety cap --max-run-time 1h; "
+    assert errors == ["loadkit: error: -t 10800s is longer than the safety cap --max-run-time 1h; "
                       "raise the cap if this target can take it"]
 
 

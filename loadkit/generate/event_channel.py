@@ -4,9 +4,10 @@ A DNS burst really leaving the process (how many queries, between which two send
 event, not a counter: the run record keeps it as one :class:`~loadkit.schema.Event` line in
 ``events.jsonl``, on the same clock as the collector's samples. Generators do not know the
 recorder: they :meth:`~GeneratorEvents.emit` into the per-process channel of
-:func:`events_for`, and whoever records the run drains it (``loadkit.record`` does, once per
-watch interval). In distributed mode a worker's channel is emptied into its ``report_to_master``
-message and the master queues the events with its own, so the record holds every worker's.
+:func:`events_for`, and whoever records the run drains it (the recorder plugin,
+``loadkit.plugin.recorder``, does once per watch interval). In distributed mode a worker's channel
+is emptied into its ``report_to_master`` message and the master queues the events with its own
+(:func:`loadkit.generate.wiring.piggyback`), so the record holds every worker's.
 
 Events are rare (one per burst, not per query): ``emit`` is a deque append, safe from any thread.
 The channel holds at most :data:`MAX_PENDING` undrained events (a run without a recorder keeps
@@ -19,6 +20,7 @@ import collections
 import time
 from typing import Any
 
+from loadkit.generate.wiring import piggyback
 from loadkit.schema import Event
 
 _ENV_ATTR = "loadkit_generator_events"
@@ -70,7 +72,7 @@ class GeneratorEvents:
 def events_for(environment: Any) -> GeneratorEvents:
     """The :class:`GeneratorEvents` of a Locust environment, created and wired on first use.
 
-    Call it once in every process before the test starts (``loadkit.record`` does, in ``init``)
+    Call it once in every process before the test starts (the recorder plugin does, in ``init``)
     so that a master listens for its workers' events from their first report.
     """
     existing = getattr(environment, _ENV_ATTR, None)
@@ -78,17 +80,5 @@ def events_for(environment: Any) -> GeneratorEvents:
         return existing
     channel = GeneratorEvents()
     setattr(environment, _ENV_ATTR, channel)
-    hooks = environment.events
-
-    @hooks.report_to_master.add_listener
-    def _on_report_to_master(client_id: str, data: dict, **_kw: Any) -> None:
-        rows = channel._report()
-        if rows:
-            data[_REPORT_KEY] = rows
-
-    @hooks.worker_report.add_listener
-    def _on_worker_report(client_id: str, data: dict, **_kw: Any) -> None:
-        if data.get(_REPORT_KEY):
-            channel._merge_worker(client_id, data[_REPORT_KEY])
-
+    piggyback(environment, _REPORT_KEY, channel._report, channel._merge_worker)
     return channel

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
+from loadkit.generate.wiring import piggyback
 from loadkit.schema import GeneratorMetric
 
 _ENV_ATTR = "loadkit_metrics"
@@ -85,17 +86,7 @@ def metrics_for(environment: Any) -> GeneratorMetrics:
         return existing
     metrics = GeneratorMetrics()
     setattr(environment, _ENV_ATTR, metrics)
-    events = environment.events
-
-    @events.report_to_master.add_listener
-    def _on_report_to_master(client_id: str, data: dict, **_kw: Any) -> None:
-        data[_REPORT_KEY] = metrics._report()
-
-    @events.worker_report.add_listener
-    def _on_worker_report(client_id: str, data: dict, **_kw: Any) -> None:
-        if _REPORT_KEY in data:
-            metrics._merge_worker(client_id, data[_REPORT_KEY])
-
+    piggyback(environment, _REPORT_KEY, metrics._report, metrics._merge_worker)
     return metrics
 
 

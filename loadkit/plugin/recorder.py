@@ -18,7 +18,8 @@ Importing this module adds loadkit's options to Locust's command line::
 In the process that owns the statistics (Locust's master, or the single local process) a
 :class:`Recorder` then writes, every interval: :class:`~loadkit.schema.RequestInterval` and
 :class:`~loadkit.schema.FailureInterval` rows from the deltas of Locust's cumulative stats and
-response-time histograms, :class:`~loadkit.schema.GeneratorMetric` rows from
+response-time histograms, :class:`~loadkit.schema.LatencyBucket` rows (a generator's fine
+histograms when it reports them, else Locust's), :class:`~loadkit.schema.GeneratorMetric` rows from
 :func:`loadkit.generate.metrics.metrics_for`, and the collector samples received since the last
 interval; each interval is flushed as part files, so a SIGKILL loses at most one interval.
 Events (run start/end, aborts, lost workers, collector events) go to ``events.jsonl`` at once;
@@ -38,7 +39,6 @@ from __future__ import annotations
 import collections
 import logging
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
@@ -48,13 +48,16 @@ import gevent
 from locust import events
 from locust import runners as locust_runners
 from locust.runners import MasterRunner, WorkerRunner
-from locust.stats import calculate_response_time_percentile, diff_response_time_dicts
+from locust.stats import diff_response_time_dicts
 from locust.util.timespan import parse_timespan
 
 from loadkit.errors import LoadkitError, ProfileError
+from loadkit.generate.dns.histogram import fine_latency_for
 from loadkit.generate.event_channel import events_for
 from loadkit.generate.metrics import forget_worker, metrics_for
-from loadkit.schema import Event, FailureInterval, GeneratorMetric, GroupSample, RequestInterval
+from loadkit.generate.wiring import exit_on_user_error
+from loadkit.record.latency import buckets_from_locust_ms, percentile_of_counts
+from loadkit.schema import Event, FailureInterval, GeneratorMetric, GroupSample, LatencyBucket, RequestInterval
 from loadkit.plugin.live_collector import attach_collector
 from loadkit.record.writer import INTERRUPT_MARKER, RunWriter, new_run_id
 
@@ -82,6 +85,9 @@ def _stop_now(environment: Any) -> None:
 @events.init_command_line_parser.add_listener
 def _add_arguments(parser: Any) -> None:
     group = parser.add_argument_group("loadkit record", "Run record, collectors and abort thresholds")
+    group.add_argument("--target", action="append", default=[], metavar="PROTOCOL=HOST[:PORT]",
+                       help="where the users of one protocol (dns, imap, pop3) send, before --host "
+                       "(repeatable; a host without a port means the protocol's standard port)")
     group.add_argument("--record-dir", default="", help="write a run record under DIR/<run id>")
     group.add_argument("--run-id", default="", help="run directory name (default: time-scenario-random)")
     group.add_argument("--scenario", default="adhoc", help="scenario name recorded in the manifest")
@@ -132,8 +138,7 @@ def _on_init(environment: Any, **_kw: Any) -> None:
         try:
             cap_s = max_run_time_s(options)
         except LoadkitError as err:
-            print(f"locust: error: {err}", file=sys.stderr, flush=True)
-            sys.exit(err.exit_code)
+            exit_on_user_error(err)
         _arm_run_time_cap(environment, cap_s)
     if isinstance(environment.runner, WorkerRunner):
         environment.runner.register_message(ABORT_MESSAGE, lambda *_a, **_kw: _stop_now(environment))
@@ -189,13 +194,32 @@ class _Prev:
 def request_intervals(
     entries: dict, previous: dict[tuple[str, str], _Prev], now_unix_s: float, interval_s: float
 ) -> list[RequestInterval]:
-    """Per-(type, name) rows for the requests completed since ``previous``; updates ``previous``.
+    """The :class:`RequestInterval` rows of :func:`interval_rows` (for callers without histograms)."""
+    return interval_rows(entries, previous, now_unix_s, interval_s)[0]
+
+
+def interval_rows(
+    entries: dict,
+    previous: dict[tuple[str, str], _Prev],
+    now_unix_s: float,
+    interval_s: float,
+    fine: dict[tuple[str, str], Any] | None = None,
+) -> tuple[list[RequestInterval], list[LatencyBucket]]:
+    """Per-(type, name) rows and latency histograms for the requests completed since
+    ``previous``; updates ``previous``.
 
     Locust counts every request in ``num_requests`` and its response time in the histogram,
     failures included, so the deltas cover successes and failures alike. A counter that went
     down means Locust reset its stats: the interval starts from zero.
+
+    ``fine`` maps (request_type, name) to a generator's fine histogram of the same requests
+    (:func:`loadkit.generate.dns.histogram.fine_latency_for`); other names get theirs from the delta
+    of Locust's rounded milliseconds. The row's percentiles come from those buckets by
+    :func:`loadkit.record.latency.percentile_of_counts`, the computation every figure of the run uses.
     """
-    rows = []
+    fine = dict(fine or {})
+    rows: list[RequestInterval] = []
+    buckets: list[LatencyBucket] = []
     for (name, method), entry in list(entries.items()):
         prev = previous.get((name, method))
         if prev is None or entry.num_requests < prev.num_requests:
@@ -203,8 +227,14 @@ def request_intervals(
         n = entry.num_requests - prev.num_requests
         if n > 0:
             delta = diff_response_time_dicts(entry.response_times, prev.response_times)
-            total_ms = entry.total_response_time - prev.total_response_time
-            pct = lambda p: calculate_response_time_percentile(delta, n, p) / 1000.0  # noqa: E731
+            hist = fine.pop((str(method), str(name)), None)
+            if hist is not None:
+                counts, source, max_s = hist.counts, "fine", hist.max_s
+            else:
+                counts, source = buckets_from_locust_ms(delta), "locust"
+                max_s = (max(delta) if delta else 0) / 1000.0
+            buckets += _bucket_rows(now_unix_s, interval_s, str(method), str(name), counts, source)
+            pct = lambda q: percentile_of_counts(counts, q) or 0.0  # noqa: E731
             rows.append(
                 RequestInterval(
                     ts_unix_s=now_unix_s,
@@ -213,12 +243,12 @@ def request_intervals(
                     name=str(name),
                     requests_n=n,
                     failures_n=max(0, entry.num_failures - prev.num_failures),
-                    latency_mean_s=total_ms / n / 1000.0,
+                    latency_mean_s=(entry.total_response_time - prev.total_response_time) / n / 1000.0,
                     latency_p50_s=pct(0.5),
                     latency_p90_s=pct(0.9),
                     latency_p95_s=pct(0.95),
                     latency_p99_s=pct(0.99),
-                    latency_max_s=(max(delta) if delta else 0) / 1000.0,
+                    latency_max_s=max_s,
                 )
             )
         cur = _Prev()
@@ -227,7 +257,15 @@ def request_intervals(
         cur.total_response_time = entry.total_response_time
         cur.response_times = dict(entry.response_times)
         previous[(name, method)] = cur
-    return rows
+    for (method, name), hist in fine.items():  # counted by the generator, not (yet) by Locust
+        buckets += _bucket_rows(now_unix_s, interval_s, method, name, hist.counts, "fine")
+    return rows, buckets
+
+
+def _bucket_rows(ts_unix_s: float, interval_s: float, request_type: str, name: str,
+                 counts: dict[int, int], source: str) -> list[LatencyBucket]:
+    return [LatencyBucket(ts_unix_s, interval_s, request_type, name, int(b), int(c), source)
+            for b, c in sorted(counts.items()) if c > 0]
 
 
 def failure_intervals(
@@ -437,11 +475,13 @@ class Recorder:
         interval = max(1e-6, now - self._last_tick_unix_s)
         self._last_tick_unix_s = now
         stats = self.environment.stats
-        rows = request_intervals(stats.entries, self._prev_requests, now, interval)
+        rows, latency = interval_rows(stats.entries, self._prev_requests, now, interval,
+                                      fine_latency_for(self.environment).drain())
         failures = failure_intervals(stats.errors, self._prev_failures, now, interval)
         for f in failures:
             self._failures_by_class[f.failure_class] += f.failures_n
         self.writer.add_many(rows)
+        self.writer.add_many(latency)
         self.writer.add_many(failures)
         self.writer.add_many(metrics_for(self.environment).snapshot(now))
         runner = self.environment.runner

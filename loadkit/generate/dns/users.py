@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -33,16 +32,15 @@ from loadkit.generate.event_channel import events_for
 from loadkit.generate.locust_stats import inject
 from loadkit.generate.metrics import metrics_for
 from loadkit.generate.shapes import KneeCriteria, KneeDetector, KneePoint
+from loadkit.generate.wiring import exit_on_user_error, print_user_error, tell_workers_their_count, worker_share
 from loadkit.profile.targets import Target, check_target
 
 from . import schedule, wire
-from .histogram import LatencyHistogram
+from .histogram import LatencyHistogram, fine_latency_for
 from .sender import BurstWindow, DnsSender, IntervalReport, source_addresses
 
 log = logging.getLogger(__name__)
 
-#: the hidden option the master sets at test start so each worker knows its share
-_WORKERS_OPTION = "loadkit_dns_workers"
 #: outstanding queries one socket may hold (IDs are 16 bits; keep clear of wrapping)
 _IDS_PER_SOCKET = 30000
 
@@ -249,19 +247,6 @@ def plan(settings: DnsSettings) -> DnsPlan:
     return DnsPlan(s, target, pool, base, bursts, sources)
 
 
-def worker_share(environment: Any) -> tuple[int, int]:
-    """``(index, count)`` of this process among the processes that send."""
-    runner = environment.runner
-    if runner is None or type(runner).__name__ == "LocalRunner":
-        return 0, 1
-    count = int(getattr(environment.parsed_options, _WORKERS_OPTION, 0) or 0)
-    index = int(getattr(runner, "worker_index", 0))
-    if count < 1 or index < 0:
-        log.warning("the master did not say how many workers there are: sending the full rate here")
-        return 0, 1
-    return index % count, count
-
-
 def build_sender(p: DnsPlan, index: int = 0, count: int = 1, on_interval=None) -> DnsSender:
     """The sender for worker ``index`` of ``count``: its part of rates, bursts and sources."""
     s = p.settings
@@ -323,8 +308,11 @@ class DnsRun:
     # -- interval reports -> Locust stats and generator metrics -----------------------------------
     def on_interval(self, report: IntervalReport) -> None:
         env = self.environment
+        fine = fine_latency_for(env)
         for tally in report.qtypes:
             h: LatencyHistogram = tally.latencies
+            # the same requests into Locust's stats (whole ms) and, at µs, into the run record
+            fine.add(self.request_type, tally.qtype, h)
             if h.count or tally.failures:
                 inject(
                     env,
@@ -460,12 +448,6 @@ def _env_of(ref: list) -> Any:
     return ref[0] if ref else None
 
 
-def _fail_init(message: str) -> None:
-    # a user error: one line and a non-zero exit, before anything is sent
-    print(f"locust: error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
-
-
 def install(events: Any, settings: DnsSettings | None = None) -> None:
     """Wire the DNS generator into a locustfile: options, checks, one sender per process."""
     base = settings or DnsSettings()
@@ -481,18 +463,19 @@ def install(events: Any, settings: DnsSettings | None = None) -> None:
         run = DnsRun(environment, base)
         environment.loadkit_dns = run
         run_ref[:] = [environment]
+        fine_latency_for(environment)  # a master merges its workers' fine histograms from the start
         if type(runner).__name__ == "MasterRunner":
             return  # the master sends nothing; workers check their own options
         try:
             run.make_plan()
         except LoadkitError as err:
-            _fail_init(str(err))
+            exit_on_user_error(err)  # one line, before anything is sent
 
     @events.test_start.add_listener
     def _on_test_start(environment: Any, **_kw: Any) -> None:
         runner = environment.runner
         if type(runner).__name__ == "MasterRunner":
-            setattr(environment.parsed_options, _WORKERS_OPTION, runner.worker_count)
+            tell_workers_their_count(environment)
             return
         run: DnsRun | None = getattr(environment, "loadkit_dns", None)
         if run is None or runner is None:
@@ -501,7 +484,7 @@ def install(events: Any, settings: DnsSettings | None = None) -> None:
             run.start()
         except LoadkitError as err:
             log.error("%s", err)
-            print(f"locust: error: {err}", file=sys.stderr, flush=True)
+            print_user_error(err)
             environment.process_exit_code = 2
             gevent.spawn_later(0, runner.quit)
 

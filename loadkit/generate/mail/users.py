@@ -29,7 +29,6 @@ import csv
 import logging
 import random
 import ssl
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,23 +38,21 @@ import gevent
 import gevent.event
 from locust import User, events, task
 from locust.exception import StopUser
-from locust.runners import MasterRunner, WorkerRunner
+from locust.runners import MasterRunner
 
-from loadkit import defaults
 from loadkit.errors import InputFileError, LoadkitError, ProfileError
 from loadkit.generate import bridge
 from loadkit.generate.metrics import metrics_for
 from loadkit.generate.mail.classify import Phase, PhaseResult, Timeouts, classify
 from loadkit.generate.mail.imap import ImapSession, ImapSpec
 from loadkit.generate.mail.pop3 import Pop3Session, Pop3Spec
-from loadkit.profile.targets import check_target
+from loadkit.generate.wiring import exit_on_user_error, tell_workers_their_count, worker_share
+from loadkit.profile.targets import target_spec, user_target
 
 log = logging.getLogger(__name__)
 
 _OPTIONS_ATTR = "loadkit_mail_options"
 _SHARED_ATTR = "loadkit_mail_shared"
-#: the hidden option the master sets at test start so each worker takes its own accounts
-_WORKERS_OPTION = "loadkit_mail_workers"
 
 
 # --------------------------------------------------------------------------------------------
@@ -105,25 +102,6 @@ def account_slice(accounts_n: int, index: int, count: int) -> range:
         j = index % accounts_n
         return range(j, j + 1)
     return range(index * accounts_n // count, (index + 1) * accounts_n // count)
-
-
-def worker_share(environment: Any, warn: bool = True) -> tuple[int, int]:
-    """``(index, count)`` of this Locust process among the processes that run users.
-
-    The master puts the number of workers into the options it sends with every spawn (see
-    :func:`_tell_workers_their_count`); Locust gives each worker its index. A worker that was
-    not told (a master without this module) counts as the only one.
-    """
-    runner = getattr(environment, "runner", None)
-    if not isinstance(runner, WorkerRunner):
-        return 0, 1
-    count = int(getattr(environment.parsed_options, _WORKERS_OPTION, 0) or 0)
-    index = int(getattr(runner, "worker_index", -1))
-    if count < 1 or index < 0:
-        if warn:
-            log.warning("the master did not say how many workers there are: this worker uses every account")
-        return 0, 1
-    return index % count, count
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,7 +166,7 @@ class Pacer:
 class MailOptions:
     """Everything a mail storm is told, validated (from Locust's parsed options)."""
 
-    accounts_file: Path = field(default_factory=defaults.accounts_file)
+    accounts_file: Path | None = None  #: None: the accounts file of the lab that serves the target
     dwell_s: float | None = 5.0  #: None: hold until the test ends (IMAP in IDLE)
     fetch_n: int = 3  #: IMAP: FETCH headers of this many messages; POP3: RETR one if > 0
     pop3_uidl: bool = True
@@ -280,7 +258,7 @@ def options_from_parsed(parsed: Any) -> MailOptions:
     if tls not in ("off", "tls", "starttls"):
         raise ProfileError(f"--mail-tls {tls!r}: use off, tls or starttls")
     return MailOptions(
-        accounts_file=Path(get("mail_accounts", str(base.accounts_file))),
+        accounts_file=Path(get("mail_accounts", "")) if get("mail_accounts", "") else None,
         dwell_s=dwell_s,
         fetch_n=int(nums["mail_fetch"]),
         pop3_uidl=not bool(getattr(parsed, "pop3_no_uidl", False)),
@@ -305,8 +283,9 @@ def add_arguments(parser: Any, **_kw: Any) -> None:
     # straight on Locust's parser, not an argument group: only the parser's own add_argument
     # marks an option for the web UI's custom parameters
     g = parser
-    g.add_argument("--mail-accounts", default=str(defaults.accounts_file()),
-                   help="CSV file with header user,password (default: the lab's accounts file)")
+    g.add_argument("--mail-accounts", default="",
+                   help="CSV file with header user,password (default: the accounts file of the "
+                   "loadkit lab that serves the target)")
     g.add_argument("--mail-dwell", default="5",
                    help="seconds a session is held after login, or 'idle' to hold it until the "
                    "test ends (IMAP: in IDLE)")
@@ -373,9 +352,11 @@ class _Shared:
             getattr(environment, "parsed_options", None)
         )
         self.options = options
-        self.accounts = read_accounts(options.accounts_file)
-        spec = environment.host or user_class.host
-        self.target = check_target(spec, user_class.default_port)
+        # --target PROTOCOL=..., else --host, else the lab; the accounts follow the target's lab
+        found = user_target(user_class.protocol, target_spec(environment, user_class.protocol),
+                            tls=options.tls == "tls")
+        self.target = found.target
+        self.accounts = read_accounts(found.file("accounts", options.accounts_file, "--mail-accounts"))
         self.spec = user_class.make_spec(self.target.address, self.target.port, options)
         rate = options.arrival_rate_per_s
         self.arrivals = Pacer(rate) if rate else None
@@ -394,7 +375,7 @@ class _Shared:
     def take_account(self) -> tuple[str, str]:
         """The account of the next user of this process, from this process's part of the file
         (:func:`account_slice`), round robin within it."""
-        index, count = worker_share(self.environment, warn=self.next_account == 0)
+        index, count = worker_share(self.environment)
         mine = account_slice(len(self.accounts), index, count)
         if self.next_account == 0 and count > 1:
             log.info("worker %d of %d logs in with accounts %d-%d of %d", index + 1, count, mine.start + 1,
@@ -411,7 +392,8 @@ class MailUser(User):
     #: Locust request_type and metric prefix ("IMAP"/"imap", "POP3"/"pop3")
     request_type: ClassVar[str] = ""
     metric_prefix: ClassVar[str] = ""
-    default_port: ClassVar[int] = 0
+    #: the protocol of the target this class takes (``--target PROTOCOL=...``, ``[targets]``)
+    protocol: ClassVar[str] = ""
 
     def __init__(self, environment: Any) -> None:
         super().__init__(environment)
@@ -540,10 +522,9 @@ class ImapUser(MailUser):
     """IMAP client: connect+greeting, LOGIN, SELECT, FETCH, [IDLE], hold, LOGOUT."""
 
     abstract = True
-    host = f"{defaults.LAB_ADDRESS}:{defaults.IMAP_PORT}"
     request_type = "IMAP"
     metric_prefix = "imap"
-    default_port = defaults.IMAP_PORT
+    protocol = "imap"
 
     @classmethod
     def make_spec(cls, address: str, port: int, options: MailOptions) -> ImapSpec:
@@ -582,10 +563,9 @@ class Pop3User(MailUser):
     """POP3 client: connect+greeting, PASS (USER+PASS), STAT, UIDL, RETR, hold, QUIT."""
 
     abstract = True
-    host = f"{defaults.LAB_ADDRESS}:{defaults.POP3_PORT}"
     request_type = "POP3"
     metric_prefix = "pop3"
-    default_port = defaults.POP3_PORT
+    protocol = "pop3"
 
     @classmethod
     def make_spec(cls, address: str, port: int, options: MailOptions) -> Pop3Spec:
@@ -624,10 +604,11 @@ def _validate_before_running(environment: Any, **_kw: Any) -> None:
     for cls in environment.user_classes or ():
         if isinstance(cls, type) and issubclass(cls, MailUser):
             try:
-                cls.shared(environment)
+                shared = cls.shared(environment)
             except LoadkitError as err:
-                print(f"loadkit: error: {err}", file=sys.stderr)
-                sys.exit(err.exit_code)
+                exit_on_user_error(err)
+            if not environment.host:  # the web UI's Host field shows where the load goes
+                cls.host = str(shared.target)
 
 
 @events.test_start.add_listener
@@ -636,7 +617,7 @@ def _tell_workers_their_count(environment: Any, **_kw: Any) -> None:
     (``test_start`` fires before Locust sends them), so each worker takes its own accounts."""
     runner = getattr(environment, "runner", None)
     if isinstance(runner, MasterRunner) and environment.parsed_options is not None:
-        setattr(environment.parsed_options, _WORKERS_OPTION, runner.worker_count)
+        tell_workers_their_count(environment)
 
 
 @events.quitting.add_listener
