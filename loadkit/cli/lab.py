@@ -43,6 +43,20 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="disable the OOM killer in the proxy cgroups: a proxy at its limit "
                     "stalls whole or its master exits, and haproxy marks it DOWN, instead of "
                     "losing single login processes (as in the incident)")
+    up.add_argument("--firewall-sessions", metavar="N", type=_int_arg("--firewall-sessions"),
+                    default=0,
+                    help="put a stateful firewall (nftables, needs root) with a session table of N "
+                    "entries in front of DNS on --dns-port+1; new flows finding it full are "
+                    "dropped; 0 = no firewall")
+    up.add_argument("--firewall-udp-timeout", metavar="SECONDS",
+                    type=_float_arg("--firewall-udp-timeout"), default=30.0,
+                    help="seconds a firewall session lives after its flow's last packet "
+                    "(default %(default)s)")
+    up.add_argument("--dns-cpu", metavar="CORES", type=_float_arg("--dns-cpu"), default=0.0,
+                    help="CPU quota of unbound in cores (e.g. 0.25), so its capacity is set, not "
+                    "found; measured at up as dns.capacity_qps; 0 = no quota")
+    up.add_argument("--proxy-cpu", metavar="CORES", type=_float_arg("--proxy-cpu"), default=0.0,
+                    help="CPU quota of each dovecot proxy in cores; 0 = no quota")
     up.add_argument("--json", action="store_true", help="print the status as one JSON object")
     up.set_defaults(func=_up)
 
@@ -73,6 +87,15 @@ def _int_arg(option: str):
     return parse
 
 
+def _float_arg(option: str):
+    def parse(text: str) -> float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ProfileError(f"{option} {text!r} is not a number") from None
+    return parse
+
+
 def _up(args: argparse.Namespace) -> int:
     from loadkit.lab import Lab, LabConfig, parse_bytes
 
@@ -90,6 +113,10 @@ def _up(args: argparse.Namespace) -> int:
         proxies=args.proxies,
         proxy_memory_bytes=parse_bytes(args.proxy_memory, "--proxy-memory"),
         oom_kill=not args.no_oom_kill,
+        firewall_sessions=args.firewall_sessions,
+        firewall_udp_timeout_s=args.firewall_udp_timeout,
+        dns_cpu=args.dns_cpu,
+        proxy_cpu=args.proxy_cpu,
     )
     status = Lab(cfg).up()
     print(json.dumps(status.to_dict(), indent=2) if args.json else status.to_table())

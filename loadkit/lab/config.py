@@ -12,6 +12,8 @@ Port scheme (defaults in brackets)::
     proxy N (1-based) dovecot   imap_port+10000+100*N / pop3_port+10000+100*N
                                                               [11243/11210, 11343/11310, ...]
     haproxy stats               a unix socket in the runtime directory (no port)
+    DNS behind the firewall     dns_port+1 (UDP+TCP, the same unbound) when firewall_sessions > 0
+                                                              [5354]
 """
 
 from __future__ import annotations
@@ -36,6 +38,10 @@ PROXY_PORT_STEP = 100
 MAX_PROXIES = 50
 #: a dovecot proxy with less memory than this cannot even start its master
 MIN_PROXY_MEMORY_BYTES = 16 * MiB
+#: offset of the firewalled DNS port from the plain one
+FIREWALL_PORT_OFFSET = 1
+#: a firewall entry's UDP timeout must lie in this range (seconds)
+FIREWALL_TIMEOUT_RANGE_S = (0.1, 3600.0)
 
 
 @dataclass
@@ -66,6 +72,15 @@ class LabConfig:
     """False: the kernel OOM killer is disabled in the proxy cgroups (v1), so a proxy at its
     limit stalls whole or its dovecot master exits, and haproxy marks it DOWN, as in the
     incident (v2 cannot disable the OOM killer: there the whole proxy cgroup is killed at once)"""
+    firewall_sessions: int = 0
+    """size of the stateful firewall's session table in front of DNS (port ``dns_port+1``); 0: no
+    firewall. A new flow (client address and port) that finds the table full is dropped."""
+    firewall_udp_timeout_s: float = 30.0
+    """seconds a firewall session lives after its flow's last packet"""
+    dns_cpu: float = 0.0
+    """CPU quota of unbound in cores (CFS), e.g. 0.25; 0: no quota"""
+    proxy_cpu: float = 0.0
+    """CPU quota of each dovecot proxy in cores (CFS); 0: no quota"""
 
     def __post_init__(self) -> None:
         self.dir = Path(self.dir)
@@ -98,6 +113,14 @@ class LabConfig:
         if self.proxies > MAX_PROXIES:
             raise ProfileError(f"lab proxies {self.proxies} is more than {MAX_PROXIES}")
         _at_least("proxy_memory_bytes", self.proxy_memory_bytes, MIN_PROXY_MEMORY_BYTES)
+        _at_least("firewall_sessions", self.firewall_sessions, 0)
+        lo, hi = FIREWALL_TIMEOUT_RANGE_S
+        _number_in("firewall_udp_timeout_s", self.firewall_udp_timeout_s, lo, hi)
+        for name in ("dns_cpu", "proxy_cpu"):
+            value = getattr(self, name)
+            # 0 is "no quota"; below 0.01 of a core the server cannot even answer its probe
+            if value != 0:
+                _number_in(name, value, 0.01, 64.0)
         ports = self.all_ports()
         for port in ports:
             if not 1 <= port <= 65535:
@@ -126,9 +149,19 @@ class LabConfig:
         step = BACKEND_PORT_OFFSET + PROXY_PORT_STEP * n
         return self.imap_port + step, self.pop3_port + step
 
+    @property
+    def firewall_dns_port(self) -> int | None:
+        """The DNS port behind the firewall, or None without a firewall."""
+        return self.dns_port + FIREWALL_PORT_OFFSET if self.firewall_sessions else None
+
+    def dns_ports(self) -> list[int]:
+        """The ports unbound binds for UDP and TCP: the plain one, then the firewalled one."""
+        fw = self.firewall_dns_port
+        return [self.dns_port] + ([fw] if fw is not None else [])
+
     def all_ports(self) -> list[int]:
-        """Every TCP port the lab binds (DNS also binds UDP on ``dns_port``)."""
-        ports = [self.dns_port, self.imap_port, self.pop3_port, *self.backend_ports()]
+        """Every TCP port the lab binds (DNS also binds UDP on :meth:`dns_ports`)."""
+        ports = [*self.dns_ports(), self.imap_port, self.pop3_port, *self.backend_ports()]
         for n in range(1, self.proxies + 1):
             ports.extend(self.proxy_ports(n))
         return ports
@@ -149,6 +182,11 @@ class LabConfig:
 def _at_least(name: str, value: Any, minimum: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ProfileError(f"lab {name} {value!r} must be an integer >= {minimum}")
+
+
+def _number_in(name: str, value: Any, lo: float, hi: float) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not lo <= value <= hi:
+        raise ProfileError(f"lab {name} {value!r} must be a number from {lo:g} to {hi:g}")
 
 
 _SIZE_UNITS = {

@@ -68,7 +68,8 @@ def write_unbound_conf(cfg: LabConfig, conf_dir: Path, run_dir: Path, zone_inclu
     v6 = ":" in cfg.address
     opts = [
         "server:",
-        f"    interface: {cfg.address}@{cfg.dns_port}",
+        # one interface per port: the plain one, and the one behind the lab's firewall
+        *(f"    interface: {cfg.address}@{port}" for port in cfg.dns_ports()),
         f"    port: {cfg.dns_port}",
         "    interface-automatic: no",
         f"    do-ip4: {'no' if v6 else 'yes'}",

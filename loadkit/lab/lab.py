@@ -18,12 +18,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from loadkit.defaults import ACCOUNTS_FILE_NAME, LAB_ZONE, NAMES_FILE_NAME
+from loadkit.defaults import ACCOUNTS_FILE_NAME, LAB_ZONE, NAMES_FILE_NAME, register_lab
 from loadkit.errors import LabError
 
-from . import cgroups, dns, mail, procs
+from . import cgroups, dns, firewall, mail, procs
 from .config import LabConfig
-from .status import CgroupSupport, ComponentStatus, Endpoint, LabStatus, ProxyStatus
+from .status import (CgroupSupport, ComponentStatus, Endpoint, FirewallStatus, LabStatus,
+                     ProxyStatus)
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,9 @@ class Lab:
             log.info("lab in %s is partly running: restarting it", self.dir)
             self.down()
         cfg = self.config
-        procs.check_ports_free(cfg.address, cfg.all_ports(), [cfg.dns_port])
+        # what the firewall needs is checked before anything starts (one line, nothing to undo)
+        nft = firewall.check_prerequisites() if cfg.firewall_sessions else None
+        procs.check_ports_free(cfg.address, cfg.all_ports(), cfg.dns_ports())
         for sub in ("conf", "logs"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
         run = self.runtime_dir
@@ -105,7 +108,13 @@ class Lab:
             "components": [],
         }
         self._write_state(state)
+        register_lab(self.dir, cfg.lab_id)  # so load code run from anywhere finds this lab
         try:
+            if nft is not None:
+                # recorded before it exists, so a failed up still removes it at down
+                state["firewall"] = {"family": firewall.family(cfg), "table": firewall.table_name(cfg)}
+                self._write_state(state)
+                firewall.create(cfg, nft)
             self._start_dns(state)
             self._start_mail(state)
         except BaseException:
@@ -267,9 +276,10 @@ class Lab:
                 haproxy_state="/".join(sorted({r.state for r in rows})) if rows else None,
             ))
         expected = self._expected_components()
+        fw = self._firewall_status(state)
         running = bool(components) and all(c.up for c in components) and (
             {c.name for c in components} >= set(expected)
-        )
+        ) and (fw is None or fw.present)
         return LabStatus(
             dir=str(self.dir),
             running=running,
@@ -283,6 +293,23 @@ class Lab:
             cgroups=support,
             zone=LAB_ZONE,
             accounts=cfg.accounts,
+            firewall=fw,
+        )
+
+    def _firewall_status(self, state: dict[str, Any]) -> FirewallStatus | None:
+        cfg = self.config
+        if not cfg.firewall_sessions:
+            return None
+        rec = state.get("firewall")
+        reading = firewall.read(rec["family"], rec["table"]) if rec else None
+        return FirewallStatus(
+            dns=Endpoint(cfg.address, cfg.firewall_dns_port),
+            table=f"{firewall.family(cfg)} {firewall.table_name(cfg)}",
+            size_n=cfg.firewall_sessions,
+            udp_timeout_s=cfg.firewall_udp_timeout_s,
+            present=reading is not None,
+            entries_n=reading.entries_n if reading else None,
+            drops_n=reading.drops_n if reading else None,
         )
 
     def _expected_components(self) -> list[str]:
@@ -331,6 +358,12 @@ class Lab:
                     cgroups.remove(Path(c["cgroup"]))
                 except OSError as err:
                     errors.append(f"cgroup {c['cgroup']}: {err}")
+        fw = state.get("firewall")
+        if fw:
+            try:
+                firewall.remove(fw["family"], fw["table"])
+            except LabError as err:
+                errors.append(str(err))
         run = state.get("runtime_dir")
         if run and Path(run).name.startswith("lk-"):
             shutil.rmtree(run, ignore_errors=True)

@@ -73,6 +73,32 @@ class CgroupSupport(NamedTuple):
         return dict(self._asdict())
 
 
+class FirewallStatus(NamedTuple):
+    """The stateful firewall in front of the lab's DNS (made by ``Lab.status()``)."""
+
+    dns: Endpoint  #: the DNS endpoint behind the firewall (UDP and TCP; the firewall keeps UDP)
+    table: str  #: nftables table, e.g. ``ip loadkit_fw_127_0_0_1_1143``
+    size_n: int  #: session table size: new flows beyond it are dropped
+    udp_timeout_s: float  #: seconds a session lives after its flow's last packet
+    present: bool  #: the table exists in the kernel now
+    entries_n: int | None  #: sessions in the table now
+    drops_n: int | None  #: new flows dropped because the table was full, since ``up``
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dict(self._asdict())
+        d["dns"] = self.dns.to_dict()
+        return d
+
+
+class DnsCpu(NamedTuple):
+    """unbound's CPU quota and the capacity it gives (made by ``Lab.status()``)."""
+
+    cpu_cores: float  #: CFS quota in cores (0: none)
+    cgroup: str | None  #: the CPU cgroup directory, None without a quota
+    capacity_qps: float | None  #: answered q/s at < 1 % loss, measured at ``up``
+    calibration: dict | None  #: how the capacity was measured (steps, loss)
+
+
 class LabStatus(NamedTuple):
     """The whole lab (made by ``Lab.up()`` and ``Lab.status()``)."""
 
@@ -88,6 +114,10 @@ class LabStatus(NamedTuple):
     cgroups: CgroupSupport
     zone: str
     accounts: int
+    firewall: FirewallStatus | None = None  #: None: the lab has no firewall
+    dns_cpu: DnsCpu | None = None  #: None: unbound runs without a CPU quota
+    #: networks that hold every endpoint above: what a profile aimed at this lab allows
+    allowlist: tuple = ("127.0.0.0/8", "::1/128")
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object ``loadkit lab status --json`` prints."""
@@ -95,7 +125,13 @@ class LabStatus(NamedTuple):
             "dir": self.dir,
             "running": self.running,
             "components": [c.to_dict() for c in self.components],
-            "dns": self.dns.to_dict(),
+            "dns": {
+                **self.dns.to_dict(),
+                # a set quota gives a measured capacity; without one, capacity is None
+                "cpu_cores": self.dns_cpu.cpu_cores if self.dns_cpu else None,
+                "capacity_qps": self.dns_cpu.capacity_qps if self.dns_cpu else None,
+                "calibration": self.dns_cpu.calibration if self.dns_cpu else None,
+            },
             "imap": self.imap.to_dict(),
             "pop3": self.pop3.to_dict(),
             "zone": self.zone,
@@ -104,6 +140,8 @@ class LabStatus(NamedTuple):
             "accounts": self.accounts,
             "proxies": [p.to_dict() for p in self.proxies],
             "cgroups": self.cgroups.to_dict(),
+            "firewall": self.firewall.to_dict() if self.firewall else None,
+            "allowlist": list(self.allowlist),
         }
 
     def component(self, name: str) -> ComponentStatus:
