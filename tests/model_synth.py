@@ -39,31 +39,42 @@ def group_row(ts: float, group: str, sessions: float, memory: float, limit: floa
 def write_headroom_run(run_dir: Path, *, proxies: dict[str, tuple[float, float, float]] | None = None,
                        max_sessions: int = 100, step: int = 10, samples_per_step: int = 5,
                        noise_bytes: float = 0.5 * MiB, outliers: int = 3, seed: int = 1,
-                       run_id: str = "headroom-synth") -> dict[str, tuple[float, float, float]]:
-    """Proxies ramped from 0 to ``max_sessions`` each: memory = base + per_session * sessions + noise.
+                       run_id: str = "headroom-synth", t0: float = T0, oom_kills_start: int = 0,
+                       oom_at_sessions: int | None = None, curvature: float = 0.0,
+                       ) -> dict[str, tuple[float, float, float]]:
+    """Proxies ramped from 0 to ``max_sessions`` each: memory = base + per_session * sessions
+    × (1 + curvature × sessions / 100) + noise.
 
     ``proxies``: name -> (base_bytes, bytes_per_session, limit_bytes). Returns it.
+    ``oom_kills_start`` is each cgroup's cumulative OOM-kill counter when the run starts (kills
+    in earlier runs); from ``oom_at_sessions`` on, the first proxy's counter is one higher.
     """
     proxies = proxies or {f"proxy{i}": (30 * MiB, 1.2 * MiB, 256 * MiB) for i in (1, 2, 3)}
     rng = np.random.default_rng(seed)
     writer = PartWriter(run_dir / RUN_LAYOUT["groups"])
-    ts = T0
+    ts = t0
+    first = next(iter(proxies))
     for sessions in range(0, max_sessions + 1, step):
         for _ in range(samples_per_step):
             ts += 1.0
             for name, (base, per, limit) in proxies.items():
                 # jitter the per-proxy count around the step like a real balancer
                 s = max(0, sessions + int(rng.integers(-1, 2)))
-                writer.append(group_row(ts, name, s, base + per * s + rng.normal(0, noise_bytes), limit))
+                kills = oom_kills_start + int(name == first and oom_at_sessions is not None
+                                              and sessions >= oom_at_sessions)
+                mem = base + per * s * (1 + curvature * s / 100) + rng.normal(0, noise_bytes)
+                writer.append(group_row(ts, name, s, mem, limit, oom_kills=kills))
         writer.flush()
     # a few wild samples (a reclaim, a restart) that a robust fit must shrug off
     for k in range(outliers):
         ts += 1.0
         name = list(proxies)[k % len(proxies)]
         base, per, limit = proxies[name]
-        writer.append(group_row(ts, name, max_sessions // 2, base + per * max_sessions * 1.5, limit))
+        kills = oom_kills_start + int(name == first and oom_at_sessions is not None)
+        writer.append(group_row(ts, name, max_sessions // 2, base + per * max_sessions * 1.5, limit,
+                                oom_kills=kills))
     writer.flush()
-    write_manifest(run_dir, run_id, "imap_hold_ramp", started=T0, ended=ts)
+    write_manifest(run_dir, run_id, "imap_hold_ramp", started=t0, ended=ts)
     return proxies
 
 
