@@ -208,6 +208,19 @@ class SystemSample(NamedTuple):
     cpu_percent: float  #: whole host, 100 * cores at most
 
 
+class FirewallSample(NamedTuple):
+    """A stateful firewall's session table at one instant (``observe``, from nftables; see
+    ``loadkit.observe.firewall``). One row per firewall table per sample."""
+
+    ts_unix_s: float
+    host: str
+    firewall: str  #: "FAMILY TABLE", e.g. "ip loadkit_fw_127_0_0_1_1143"
+    entries_n: int  #: sessions in the table now
+    size_n: int  #: the table's size; a new flow that finds it full is dropped
+    drops_n: int  #: new flows dropped because the table was full (cumulative)
+    timeout_s: float  #: per-entry timeout after a flow's last packet
+
+
 class Event(NamedTuple):
     """Something that happened at one instant: a process appeared, exited, was OOM-killed, a
     run aborted, a worker was lost, a gate was evaluated. One JSON line in ``events.jsonl``.
@@ -251,6 +264,7 @@ RUN_LAYOUT: dict[str, str] = {
     "net": "samples/net",  # NetSample (+ *_delta columns)
     "sockets": "samples/sockets",  # SocketSample
     "system": "samples/system",  # SystemSample
+    "firewall": "samples/firewall",  # FirewallSample
     "events": "events.jsonl",  # Event, one JSON object a line
     "locust": "locust",  # Locust's own --csv and --html output
 }
@@ -266,6 +280,7 @@ TABLE_RECORDS: dict[str, type] = {
     "net": NetSample,
     "sockets": SocketSample,
     "system": SystemSample,
+    "firewall": FirewallSample,
 }
 
 

@@ -34,9 +34,11 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 from loadkit.errors import CollectorError
 from loadkit.partfiles import PartWriter
-from loadkit.schema import RUN_LAYOUT, Event, GroupSample, NetSample, SocketSample, SystemSample
+from loadkit.schema import (RUN_LAYOUT, Event, FirewallSample, GroupSample, NetSample, SocketSample,
+                            SystemSample)
 
 from . import cgroups, procfs
+from . import firewall as firewall_tables
 from .degrade import WarnOnce
 from .events import EventTracker
 from .groups import GroupSpec, ProcessGroups, check_unique
@@ -99,6 +101,8 @@ class Sample(NamedTuple):
     system: SystemSample
     events: list[Event]
     sample_s: float  #: time this sample took to take
+    #: FirewallSample per firewall table read this tick (none on ticks a slow read skips)
+    firewall: tuple = ()
 
     def rows(self) -> dict[str, list[dict[str, Any]]]:
         """Rows per table of :data:`RUN_LAYOUT` (``groups``, ``net``, ``sockets``, ``system``)
@@ -115,7 +119,8 @@ class Sample(NamedTuple):
             row = s._asdict()
             row["drops_n_delta"] = self.socket_drops_delta.get((s.local_address, s.local_port), 0)
             sockets.append(row)
-        return {"groups": groups, "net": [net], "sockets": sockets, "system": [self.system._asdict()]}
+        return {"groups": groups, "net": [net], "sockets": sockets, "system": [self.system._asdict()],
+                "firewall": [f._asdict() for f in self.firewall]}
 
     def to_json(self) -> dict[str, Any]:
         """JSON-able form served at ``/snapshot`` (events travel separately, with a cursor)."""
@@ -128,6 +133,7 @@ class Sample(NamedTuple):
             "net": rows["net"][0],
             "sockets": rows["sockets"],
             "system": rows["system"][0],
+            "firewall": rows["firewall"],
         }
 
     @classmethod
@@ -153,6 +159,7 @@ class Sample(NamedTuple):
             system=rec(SystemSample, d["system"]),
             events=[Event(e["ts_unix_s"], e["kind"], e["source"], e.get("detail", {})) for e in events],
             sample_s=float(d.get("sample_s", 0.0)),
+            firewall=tuple(rec(FirewallSample, r) for r in d.get("firewall", [])),
         )
 
 
@@ -180,6 +187,9 @@ class CollectorConfig:
     """write a Parquet part at least this often (a crash loses at most this much)"""
     events_kept: int = 10000
     """events kept in memory for :meth:`Collector.events_since` (the snapshot endpoint)"""
+    firewall: bool = True
+    """read the session tables of loadkit firewalls (nftables ``loadkit_fw_*``) when running as
+    root with ``nft`` installed; elsewhere there is nothing to read and nothing is recorded"""
 
     def validate(self) -> None:
         if not isinstance(self.interval_s, (int, float)) or not MIN_INTERVAL_S <= self.interval_s <= MAX_INTERVAL_S:
@@ -203,7 +213,7 @@ class SampleWriter:
         self.out_dir = Path(out_dir)
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            self.writers = {t: PartWriter(self.out_dir / RUN_LAYOUT[t]) for t in ("groups", "net", "sockets", "system")}
+            self.writers = {t: PartWriter(self.out_dir / RUN_LAYOUT[t]) for t in ("groups", "net", "sockets", "system", "firewall")}
             self._events = (self.out_dir / RUN_LAYOUT["events"]).open("a", encoding="utf-8")
         except OSError as err:
             raise CollectorError(f"cannot write collector output to {self.out_dir}: {err.strerror or err}") from err
@@ -246,6 +256,9 @@ class Collector:
         self.tracker = EventTracker(config.host)
         self._counters = CounterTracker(wrap32={"drops", "softnet"})
         self._cpu_prev: procfs.CpuTimes | None = None
+        # listing nftables needs CAP_NET_ADMIN: a non-root collector has no firewall to read
+        self._firewall = (firewall_tables.FirewallReader()
+                          if config.firewall and os.geteuid() == 0 else None)
         self._sinks: list[Callable[[Sample], None]] = []
         self._writer = SampleWriter(config.out_dir) if config.out_dir is not None else None
         self._last_flush = time.perf_counter()
@@ -374,6 +387,13 @@ class Collector:
             cpu_percent=round(cpu_pct, 3),
         )
 
+    def _firewall_rows(self, ts: float) -> list[FirewallSample]:
+        if self._firewall is None:
+            return []
+        readings = self._try("firewall", "the nftables firewall tables", self._firewall.read, [])
+        return [FirewallSample(ts, self.host, f"{r.family} {r.table}", r.entries_n, r.size_n,
+                               r.drops_n, r.timeout_s) for r in readings]
+
     def sample(self) -> Sample:
         """Take one sample now, hand it to the writer and sinks, and return it."""
         t0 = time.perf_counter()
@@ -396,9 +416,10 @@ class Collector:
             _, d = self._counters.update(("group", g.group), {k: getattr(g, k) for k in GROUP_COUNTERS})
             group_delta[g.group] = d
         events = self.tracker.update(ts, self.groups.members, self.groups.cgroup_readings) if group_rows else []
+        firewall = self._firewall_rows(ts)
         events = self.warn.take() + events
         sample = Sample(ts, self.host, group_rows, net, net_delta, sockets, sock_delta, group_delta, system, events, 0.0)
-        sample = sample._replace(sample_s=time.perf_counter() - t0)
+        sample = sample._replace(firewall=tuple(firewall), sample_s=time.perf_counter() - t0)
         self._publish(sample)
         return sample
 

@@ -97,6 +97,10 @@ def _num(value: Any) -> str:
     return repr(float(value))
 
 
+#: NetSample conntrack field -> FirewallSample field exported under the same node_exporter name
+_FIREWALL_AS_CONNTRACK = {"conntrack_count_n": "entries_n", "conntrack_max_n": "size_n"}
+
+
 def exposition(sample: Sample | None, collector: Collector | None = None) -> str:
     """The Prometheus text format (version 0.0.4) for one sample."""
     out: list[str] = []
@@ -112,7 +116,15 @@ def exposition(sample: Sample | None, collector: Collector | None = None) -> str
 
     if sample is not None:
         for field, (name, kind, help_) in _NET_METRICS.items():
-            family(name, kind, help_, [({}, getattr(sample.net, field))])
+            rows = [({}, getattr(sample.net, field))]
+            # a firewall's session table is a conntrack table of its own: same names, labelled
+            if field in _FIREWALL_AS_CONNTRACK:
+                attr = _FIREWALL_AS_CONNTRACK[field]
+                rows += [({"firewall": f.firewall}, getattr(f, attr)) for f in sample.firewall]
+            family(name, kind, help_, rows)
+        family("loadkit_firewall_new_flow_drops_total", "counter",
+               "New flows a firewall dropped because its session table was full.",
+               [({"firewall": f.firewall}, f.drops_n) for f in sample.firewall])
         for field, (name, kind, help_) in _SYSTEM_METRICS.items():
             family(name, kind, help_, [({}, getattr(sample.system, field))])
         for field, (name, kind, help_) in _GROUP_METRICS.items():

@@ -210,6 +210,8 @@ class LiveCollector:
             self.sink(row, table="net")
         for row in rows["sockets"]:
             self.sink(row, table="sockets")
+        for row in rows.get("firewall", []):
+            self.sink(row, table="firewall")
         self._emit_events(sample.events)
 
     def _emit_events(self, events: Iterable[Event]) -> None:
