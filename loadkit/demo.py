@@ -1,4 +1,4 @@
-"""`make demo` (``python -m loadkit.demo``): the whole story with one command.
+"""`make demo` (``loadkit demo``, or ``python -m loadkit.demo``): the whole story with one command.
 
 1. brings up a lab of its own (unbound, dovecot backend, 3 dovecot proxies in memory cgroups,
    haproxy) on one loopback address;
@@ -14,7 +14,7 @@ The scenarios are the shipped files with the demo lab's address, ports and cgrou
 (written next to the runs, in ``runs/demo/profiles/``), so what the demo shows is what
 ``loadkit run scenarios/...`` does against ``loadkit lab up``.
 
-``python -m loadkit.demo incidents`` replays the three incidents of docs/incidents.md, each twice
+``loadkit demo incidents`` replays the three incidents of docs/incidents.md, each twice
 on a lab of its own (as it happened, then with its mitigation) and prints the figures of both
 runs; they are also written to ``runs/incidents/incidents.json``:
 
@@ -23,14 +23,14 @@ runs; they are also written to ``runs/incidents/incidents.json``:
 2. burst -> buffer drops -> retry storm -> a larger ``so-rcvbuf``;
 3. many small sources -> a per-IP rate limit (unbound ``ip-ratelimit``) plus capacity.
 
-Environment: ``LOADKIT_DEMO_ADDRESS`` (loopback address of the demo lab, default 127.0.0.1),
-``LOADKIT_DEMO_DIR`` (working directory for the lab, runs and report, default ``.``).
+The command line (``--address``, ``--dir``, and the environment variables ``LOADKIT_DEMO_ADDRESS``
+and ``LOADKIT_DEMO_DIR`` they default to) is read by ``loadkit.cli.demo``; this module takes
+arguments.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -45,7 +45,6 @@ from loadkit.lab import Lab, LabConfig, LabStatus
 from loadkit.model import fit_headroom
 from loadkit.record.reader import load_run
 from loadkit.report import build_report
-from loadkit.report.analysis import dns_figures
 
 MIB = 1024 * 1024
 REPO = Path(__file__).resolve().parents[1]
@@ -194,8 +193,17 @@ def run_scenario(profile: dict, name: str, runs_dir: Path, timeout_s: float) -> 
     )
     if not new:
         raise LoadkitError(f"loadkit run {path} left no run record (exit {code})")
-    _say(f"run recorded in {new[-1]} (loadkit run exit {code}: 0 passed, 1 gate failed or aborted)")
+    _say(f"run recorded in {new[-1]}: {_run_outcome(code)}")
     return new[-1]
+
+
+def _run_outcome(code: int) -> str:
+    """What ``loadkit run``'s exit status says, in words (0 passed; 1 a gate failed or it aborted)."""
+    if code == 0:
+        return "every gate passed"
+    if code == 1:
+        return "a gate failed or the run aborted (exit status 1)"
+    return f"loadkit run exited with status {code}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,6 +258,8 @@ def mail_outcome(run_dir: Path) -> dict:
 
 def dns_outcome(run_dir: Path) -> dict:
     """Offered, answered, drops at the server's socket, retries, failures by class."""
+    from loadkit.report.analysis import dns_figures  # the report's own figures, not a second copy
+
     run = load_run(run_dir)
     figures = dns_figures(run, [])
     fails = run.failures.groupby("failure_class")["failures_n"].sum().to_dict() if len(run.failures) else {}
@@ -369,7 +379,16 @@ INCIDENTS = (
 
 
 def incidents(work: Path, address: str, only: list[int] | None = None) -> int:
-    """Replay the incidents (``python -m loadkit.demo incidents [N ...]``); print what changed."""
+    """Replay the incidents (``loadkit demo incidents [N ...]``); print what changed."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return _replay_incidents(work, address, only)
+    except (KeyboardInterrupt, DemoInterrupted):
+        _say("interrupted; the labs are down")
+        return 130
+
+
+def _replay_incidents(work: Path, address: str, only: list[int] | None) -> int:
     runs_dir = work / "runs" / "incidents"
     runs_dir.mkdir(parents=True, exist_ok=True)
     out = {}
@@ -393,79 +412,57 @@ def _on_sigterm(_signum: int, _frame: Any) -> None:
     raise DemoInterrupted("terminated")
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+def run_demo(work: Path, address: str) -> int:
+    """The demo (``loadkit demo``, ``make demo``) in ``work`` on a lab at ``address``.
+
+    A user error (a taken port, a missing scenario) is raised as :class:`LoadkitError` after the
+    lab is down; Ctrl-C or SIGTERM bring the lab down and return 130.
+    """
     t0 = time.perf_counter()
     signal.signal(signal.SIGTERM, _on_sigterm)
-    work = Path(os.environ.get("LOADKIT_DEMO_DIR", ".")).resolve()
-    address = os.environ.get("LOADKIT_DEMO_ADDRESS", "127.0.0.1")
-    if argv[:1] == ["incidents"]:
-        try:
-            only = [int(a) for a in argv[1:]]
-        except ValueError:
-            print("usage: python -m loadkit.demo incidents [1 2 3]", file=sys.stderr)
-            return 2
-        try:
-            return incidents(work, address, only)
-        except (KeyboardInterrupt, DemoInterrupted):
-            _say("interrupted; the labs are down")
-            return 130
-        except LoadkitError as err:
-            print(f"demo: error: {err}", file=sys.stderr)
-            return err.exit_code
-    if argv:
-        print("usage: python -m loadkit.demo [incidents [1 2 3]]", file=sys.stderr)
-        return 2
     runs_dir = work / "runs" / "demo"
-    report_dir = work / "reports" / "demo"
     if runs_dir.exists():
         shutil.rmtree(runs_dir)  # the demo's own runs only: a fresh story each time
     runs_dir.mkdir(parents=True)
-    lab = Lab(
-        LabConfig(
-            dir=work / ".loadkit" / "demo-lab",
-            address=address,
-            proxies=DEMO_PROXIES,
-            proxy_memory_bytes=DEMO_PROXY_MEMORY_BYTES,
-        )
-    )
+    lab = Lab(LabConfig(dir=work / ".loadkit" / "demo-lab", address=address, proxies=DEMO_PROXIES,
+                        proxy_memory_bytes=DEMO_PROXY_MEMORY_BYTES))
     try:
-        _say(f"bringing up the lab on {address} ({DEMO_PROXIES} dovecot proxies of "
-             f"{DEMO_PROXY_MEMORY_BYTES // MIB} MiB each, small so the storm reaches fall-over quickly; "
-             "the shipped scenarios use 256 MiB)")
-        status = lab.up()
-        if not status.cgroups.enabled:
-            _say(f"warning: proxies run without memory limits ({status.cgroups.reason}); "
-                 "they will not fall over")
-        _say(f"lab up in {time.perf_counter() - t0:.0f} s: DNS {status.dns}, IMAP {status.imap}")
-
-        _say("1/3 DNS burst: 1,000 q/s plus 4,000-query bursts every 5 s into the default receive buffer")
-        dns_run = run_scenario(dns_profile(status), "burst_retry_storm", runs_dir, timeout_s=180)
-
-        _say(f"2/3 IMAP storm: ramp to {DEMO_STORM_USERS} held sessions at {DEMO_STORM_SPAWN_RATE}/s "
-             "through haproxy until the proxies fall over")
-        storm_run = run_scenario(storm_profile(status), "proxies_fall_over", runs_dir, timeout_s=240)
-
-        _say("3/3 capacity report of release demo")
-        report = build_report(
-            "demo",
-            [dns_run, storm_run],
-            out_dir=report_dir,
-            forecast_peak_qps=DEMO_FORECAST_PEAK_QPS,
-            progress=lambda m: _say(f"report: {m}"),
-        )
+        report = _demo_steps(lab, address, runs_dir, work / "reports" / "demo", t0)
     except (KeyboardInterrupt, DemoInterrupted):
         _say("interrupted; bringing the lab down")
         return 130
-    except LoadkitError as err:
-        print(f"demo: error: {err}", file=sys.stderr)
-        return err.exit_code
     finally:
         try:
             lab.down()
             _say("lab down")
         except LoadkitError as err:
-            print(f"demo: error bringing the lab down: {err}", file=sys.stderr)
+            print(f"loadkit: error bringing the lab down: {err}", file=sys.stderr)
+    _print_verdict(report, t0)
+    return 0
+
+
+def _demo_steps(lab: Lab, address: str, runs_dir: Path, report_dir: Path, t0: float) -> Any:
+    _say(f"bringing up the lab on {address} ({DEMO_PROXIES} dovecot proxies of "
+         f"{DEMO_PROXY_MEMORY_BYTES // MIB} MiB each, small so the storm reaches fall-over quickly; "
+         "the shipped scenarios use 256 MiB)")
+    status = lab.up()
+    if not status.cgroups.enabled:
+        _say(f"warning: proxies run without memory limits ({status.cgroups.reason}); they will not fall over")
+    _say(f"lab up in {time.perf_counter() - t0:.0f} s: DNS {status.dns}, IMAP {status.imap}")
+
+    _say("1/3 DNS burst: 1,000 q/s plus 4,000-query bursts every 5 s into the default receive buffer")
+    dns_run = run_scenario(dns_profile(status), "burst_retry_storm", runs_dir, timeout_s=180)
+
+    _say(f"2/3 IMAP storm: ramp to {DEMO_STORM_USERS} held sessions at {DEMO_STORM_SPAWN_RATE}/s "
+         "through haproxy until the proxies fall over")
+    storm_run = run_scenario(storm_profile(status), "proxies_fall_over", runs_dir, timeout_s=240)
+
+    _say("3/3 capacity report of release demo")
+    return build_report("demo", [dns_run, storm_run], out_dir=report_dir,
+                        forecast_peak_qps=DEMO_FORECAST_PEAK_QPS, progress=lambda m: _say(f"report: {m}"))
+
+
+def _print_verdict(report: Any, t0: float) -> None:
     for line in report.summary.get("verdict_reasons", []):
         _say(f"  - {line}")
     for svc in report.summary.get("services", []):
@@ -478,8 +475,9 @@ def main(argv: list[str] | None = None) -> int:
         _say("  (a FAIL is the finding, not a demo error: with the platform-default receive buffer the "
              "DNS bursts are dropped and retried, incident 2 of docs/incidents.md)")
     _say(f"the report is at {report.html}")
-    return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # python -m loadkit.demo: the command line is the CLI's
+    from loadkit.cli import main
+
+    sys.exit(main(["demo", *sys.argv[1:]]))

@@ -145,6 +145,6 @@ def test_a_taken_port_is_one_line_and_leaves_nothing_running(tmp_path):
                              text=True, timeout=120)
     assert res.returncode == 2, res.stdout + res.stderr
     errors = [line for line in res.stderr.splitlines() if line.strip()]
-    assert len(errors) == 1 and errors[0].startswith("demo: error: ") and "5353" in errors[0], res.stderr
+    assert len(errors) == 1 and errors[0].startswith("loadkit: error: ") and "5353" in errors[0], res.stderr
     assert "Traceback" not in res.stderr
     assert _lab_processes(tmp_path / ".loadkit" / "demo-lab") == []

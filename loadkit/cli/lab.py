@@ -23,16 +23,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     _dir_option(up)
     up.add_argument("--address", default=defaults.LAB_ADDRESS,
                     help="loopback address every service binds to (default %(default)s)")
-    up.add_argument("--dns-port", type=_int_arg("--dns-port"), default=defaults.DNS_PORT)
-    up.add_argument("--imap-port", type=_int_arg("--imap-port"), default=defaults.IMAP_PORT)
-    up.add_argument("--pop3-port", type=_int_arg("--pop3-port"), default=defaults.POP3_PORT)
+    up.add_argument("--dns-port", metavar="PORT", type=_int_arg("--dns-port"), default=defaults.DNS_PORT,
+                    help="unbound's UDP and TCP port (default %(default)s)")
+    up.add_argument("--imap-port", metavar="PORT", type=_int_arg("--imap-port"), default=defaults.IMAP_PORT,
+                    help="haproxy's IMAP port in front of the proxies; the dovecot backend listens on "
+                    "this port + 10000, proxy N on this port + 10000 + 100 x N (default %(default)s)")
+    up.add_argument("--pop3-port", metavar="PORT", type=_int_arg("--pop3-port"), default=defaults.POP3_PORT,
+                    help="haproxy's POP3 port, proxies as for IMAP (default %(default)s)")
     up.add_argument("--dns-names", type=_int_arg("--dns-names"), default=10000,
                     help="names in the zone lab.test. (default %(default)s)")
     up.add_argument("--dns-rcvbuf", metavar="BYTES", default="0",
                     help="unbound's UDP receive buffer (so-rcvbuf), e.g. 4MiB; 0 = platform default")
     up.add_argument("--dns-ratelimit", metavar="QPS", type=_int_arg("--dns-ratelimit"), default=0,
                     help="per-client-address query limit (ip-ratelimit); excess is dropped; 0 = off")
-    up.add_argument("--dns-threads", metavar="N", type=_int_arg("--dns-threads"), default=1)
+    up.add_argument("--dns-threads", metavar="N", type=_int_arg("--dns-threads"), default=1,
+                    help="unbound worker threads (num-threads; default %(default)s)")
     up.add_argument("--accounts", metavar="N", type=_int_arg("--accounts"), default=5000,
                     help="mail accounts user0001... (default %(default)s)")
     up.add_argument("--proxies", metavar="K", type=_int_arg("--proxies"), default=3,
@@ -71,6 +76,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     down = lab_sub.add_parser("down", help="stop what 'lab up' started and remove its cgroups")
     _dir_option(down)
     down.set_defaults(func=_down)
+
+    smoke = lab_sub.add_parser(
+        "smoke",
+        help="bring the lab up, send a little DNS, IMAP and POP3 without Locust, bring it down "
+        "(exit status 1 if a service did not answer)",
+    )
+    _dir_option(smoke)
+    smoke.add_argument("--keep", action="store_true", help="leave the lab running afterwards")
+    smoke.set_defaults(func=_smoke)
 
 
 def _dir_option(p: argparse.ArgumentParser) -> None:
@@ -138,3 +152,9 @@ def _down(args: argparse.Namespace) -> int:
     lab.down()
     print(f"lab in {lab.dir} is down")
     return 0
+
+
+def _smoke(args: argparse.Namespace) -> int:
+    from loadkit.lab.smoke import run_smoke
+
+    return run_smoke(args.dir or defaults.LAB_DIR, keep=args.keep)

@@ -1,13 +1,12 @@
 """A short smoke load against the lab: bring it up, send a little DNS, IMAP and POP3, report, down.
 
-``python -m loadkit.lab.smoke [--dir DIR] [--keep]`` is what ``make demo`` runs until the full
-demo (burst scenarios and the capacity report) replaces it. Every loop is bounded in count and
-time, and every target passes :func:`loadkit.profile.targets.check_target` first.
+``loadkit lab smoke [--dir DIR] [--keep]`` (``make smoke``, ``python -m loadkit.lab.smoke``) checks
+a lab alone, without Locust: :func:`run_smoke`. Every loop is bounded in count and time, and every
+target passes :func:`loadkit.profile.targets.check_target` first.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import imaplib
 import poplib
@@ -20,8 +19,6 @@ from pathlib import Path
 import dns.message
 import dns.rcode
 
-from loadkit import defaults
-from loadkit.errors import LoadkitError
 from loadkit.profile.targets import check_target
 
 from .config import LabConfig
@@ -120,12 +117,10 @@ def pop3_smoke(status: LabStatus, n: int = POP3_SESSIONS) -> dict[str, float]:
     return {"sessions": ok, "failed": failed}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m loadkit.lab.smoke", description=__doc__)
-    p.add_argument("--dir", type=Path, default=defaults.LAB_DIR)
-    p.add_argument("--keep", action="store_true", help="leave the lab running afterwards")
-    args = p.parse_args(argv)
-    lab = Lab(LabConfig(dir=args.dir))
+def run_smoke(lab_dir: Path, keep: bool = False) -> int:
+    """Bring the lab in ``lab_dir`` up, send a little DNS, IMAP and POP3, print what happened and
+    bring it down again (unless ``keep``). 0 when every service answered, 1 otherwise."""
+    lab = Lab(LabConfig(dir=lab_dir))
     try:
         print(f"bringing the lab up in {lab.dir} ...", flush=True)
         status = lab.up()
@@ -143,14 +138,13 @@ def main(argv: list[str] | None = None) -> int:
         print("\n" + lab.status().to_table(), flush=True)
         healthy = d["answered"] > 0 and i["failed"] == 0 and q["failed"] == 0
         return 0 if healthy else 1
-    except LoadkitError as err:
-        print(f"loadkit: error: {err}", file=sys.stderr)
-        return err.exit_code
     finally:
-        if not args.keep:
+        if not keep:
             lab.down()
             print(f"lab in {lab.dir} is down")
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # python -m loadkit.lab.smoke: the command line is the CLI's
+    from loadkit.cli import main
+
+    sys.exit(main(["lab", "smoke", *sys.argv[1:]]))

@@ -1,0 +1,51 @@
+"""`loadkit demo [incidents [N ...]]`: the whole story with one command (``make demo``)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from loadkit.errors import ProfileError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="bring up a lab, run a DNS burst and an IMAP storm to fall-over, build the report, "
+        "bring the lab down",
+        description="The demo: a lab of its own, the shipped DNS burst scenario, an IMAP storm that "
+        "ramps until the proxies fall over, the capacity report in DIR/reports/demo/, the lab down "
+        "(also after an error, Ctrl-C or SIGTERM). 'incidents' replays the three incidents of "
+        "docs/incidents.md instead, each as it happened and with its mitigation.",
+    )
+    p.add_argument("what", nargs="?", choices=["incidents"], metavar="incidents",
+                   help="replay the incidents instead of the demo")
+    p.add_argument("numbers", nargs="*", metavar="N",
+                   help="with incidents: which ones (1, 2, 3; default all)")
+    p.add_argument("--address", default=os.environ.get("LOADKIT_DEMO_ADDRESS", "127.0.0.1"),
+                   help="loopback address of the demo's lab (default $LOADKIT_DEMO_ADDRESS or 127.0.0.1)")
+    p.add_argument("--dir", type=Path, default=Path(os.environ.get("LOADKIT_DEMO_DIR", ".")),
+                   help="working directory for the lab, runs and report (default $LOADKIT_DEMO_DIR or .)")
+    p.set_defaults(func=_demo)
+
+
+def _incident_numbers(words: list[str]) -> list[int]:
+    numbers = []
+    for word in words:
+        if word not in ("1", "2", "3"):
+            raise ProfileError(f"incident {word!r} does not exist: choose from 1, 2, 3")
+        numbers.append(int(word))
+    return numbers
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from loadkit import demo
+
+    work = args.dir.resolve()
+    if args.what == "incidents":
+        return demo.incidents(work, args.address, _incident_numbers(args.numbers))
+    if args.numbers:
+        raise ProfileError(f"'{' '.join(args.numbers)}' given without 'incidents': "
+                           "loadkit demo takes incident numbers only after 'incidents'")
+    return demo.run_demo(work, args.address)
