@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 
-from loadkit.errors import ProfileError
 
 _EPILOG = """\
 exit status:
@@ -23,7 +22,8 @@ distributed runs:
       locust -f <same locustfile(s)> --worker --master-host <this host> --master-port PORT
   with the profile's [load] options (the command is printed when the run starts). The bind
   address must be inside the allowlist (the profile's, else LOADKIT_ALLOWLIST, else
-  loopback) unless it is 0.0.0.0 or ::, which are accepted as they are. Remote workers check
+  loopback) unless it is a loopback address, 0.0.0.0 or ::, which are accepted as they are
+  (without --workers there is no master to bind and nothing is checked). Remote workers check
   their own targets against their own LOADKIT_ALLOWLIST. With a [load] shape the master sets
   the users; for the DNS rate to follow the shape on a remote worker too, give it the
   LOADKIT_PROFILE_SHAPE value and -f line from the master's command (printed at start).
@@ -48,44 +48,45 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--duration", help="run length, e.g. 30s or 5m (overrides [run] duration)")
     p.add_argument("--workers", type=int, default=0,
                    help="run Locust distributed: a master and N worker processes (default: one process)")
-    p.add_argument("--master-bind", default="127.0.0.1", metavar="ADDR",
+    p.add_argument("--master-bind", default=None, metavar="ADDR",
                    help="with --workers: address the master listens on for workers (default "
-                   "127.0.0.1); must be in the allowlist unless it is 0.0.0.0 or ::")
+                   "127.0.0.1); must be in the allowlist unless it is loopback, 0.0.0.0 or ::")
     p.add_argument("--master-port", type=int, default=0, metavar="PORT",
                    help="with --workers: port the master listens on (default: a free port)")
     p.add_argument("--lab-dir", default=None,
                    help="lab directory whose status is recorded in the manifest when the profile "
-                   "targets that lab (default: .loadkit/lab or $LOADKIT_LAB_DIR)")
+                   "targets that lab (default: the running lab that serves a target)")
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from loadkit.profile.profile import load_profile, resolve_targets
-    from loadkit.run.runner import check_master_bind, run_profile
+    from loadkit.profile.profile import load_profile
+    from loadkit.run.runner import plan_run, run_profile
 
     profile = load_profile(args.profile).with_overrides(release=args.release, duration=args.duration)
-    if args.workers < 0:
-        raise ProfileError(f"--workers must be 0 or more, got {args.workers}")
-    if not args.workers and (args.master_bind != "127.0.0.1" or args.master_port):
-        raise ProfileError("--master-bind and --master-port need --workers N (a distributed run)")
-    check_master_bind(args.master_bind, profile.allowlist)
-    targets = resolve_targets(profile)  # a refusal comes first: before the lab is even looked at
-    lab = _lab_status(targets, args.lab_dir)
-    result = run_profile(profile, out_dir=args.out, workers=args.workers, lab=lab,
-                         master_bind=args.master_bind, master_port=args.master_port)
-    return result.exit_code
+    # workers, master bind and every target checked once; a refusal comes first, before the
+    # lab is even looked at, and the resolved targets are what the run uses
+    plan = plan_run(profile, args.workers, args.master_bind, args.master_port)
+    lab = _lab_status(plan.targets, args.lab_dir)
+    return run_profile(plan, out_dir=args.out, lab=lab).exit_code
 
 
 def _lab_status(targets: dict, lab_dir: str | None) -> dict:
     """The lab's status when one of the profile's targets is a running lab's endpoint, else {}.
 
-    Only the command line looks at the lab: the runner records what it is given.
+    Only the command line looks at the lab: the runner records what it is given. The lab is
+    found from the targets (:func:`loadkit.defaults.find_lab`), not the working directory,
+    unless ``--lab-dir`` names it.
     """
     from pathlib import Path
 
     from loadkit import defaults
 
-    directory = Path(lab_dir) if lab_dir else defaults.LAB_DIR
+    if lab_dir:
+        directory = Path(lab_dir)
+    else:
+        found = [lab for t in targets.values() if (lab := defaults.find_lab(t.address, t.port))]
+        directory = found[0].dir if found else defaults.lab_dir()
     if not directory.is_dir():
         return {}
     try:

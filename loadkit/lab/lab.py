@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from loadkit.defaults import ACCOUNTS_FILE_NAME, LAB_ZONE, NAMES_FILE_NAME
+from loadkit.defaults import ACCOUNTS_FILE_NAME, LAB_ZONE, NAMES_FILE_NAME, register_lab
 from loadkit.errors import LabError
 
 from . import cgroups, dns, firewall, mail, procs
@@ -108,6 +108,7 @@ class Lab:
             "components": [],
         }
         self._write_state(state)
+        register_lab(self.dir, cfg.lab_id)  # so load code run from anywhere finds this lab
         try:
             if nft is not None:
                 # recorded before it exists, so a failed up still removes it at down

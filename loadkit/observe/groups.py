@@ -2,7 +2,8 @@
 
 A group is given as ``NAME=PATTERN``, ``NAME=cmdline:REGEX`` or ``NAME=cgroup:PATH``, each with
 an optional ``@PORT,PORT`` (the group's listening ports; established TCP connections on them are
-the group's client sessions, ``GroupSample.sessions_n``):
+the group's client sessions, ``GroupSample.sessions_n``). The grammar is
+:mod:`loadkit.profile.groupspec`, the same one a profile's ``[collect] groups`` is checked with:
 
 - ``proxies=dovecot``: a regular expression searched in the process name (``comm``) and in the
   first word of its command line (``dovecot/imap-login``), like ``pgrep``;
@@ -31,76 +32,17 @@ from typing import Callable, Iterable, NamedTuple
 
 import psutil
 
-from loadkit.errors import CollectorError
+# the one group-spec grammar (stdlib only, so the collector still runs alone on a target host)
+from loadkit.profile.groupspec import GroupSpec, check_unique, parse_group_spec  # noqa: F401
 from loadkit.schema import GroupSample
 
 from . import cgroups
 from .degrade import WarnOnce
 from .procfs import CLOCK_TICKS, TCP_ESTABLISHED, PidStat, TcpSocket, parse_pid_stat, read_pid_stat
 
-_NAME_RE = re.compile(r"[A-Za-z0-9_.\-]+")
-_PORTS_RE = re.compile(r"[0-9]+(,[0-9]+)*")
-
 #: a PID classified this soon after it was created may still be between fork and exec
 _YOUNG_S = 2.0
 _RECHECKS = 3
-
-
-class GroupSpec(NamedTuple):
-    """A parsed ``--group`` option (:func:`parse_group_spec`)."""
-
-    name: str
-    pattern: str  #: regular expression; "" for a cgroup group
-    cgroup: str  #: cgroup path; "" for a pattern group
-    ports: tuple[int, ...]  #: listening ports whose established connections are sessions
-    full_cmdline: bool = False  #: match ``pattern`` against the whole command line
-
-    def __str__(self) -> str:
-        what = f"cgroup:{self.cgroup}" if self.cgroup else ("cmdline:" if self.full_cmdline else "") + self.pattern
-        ports = "@" + ",".join(map(str, self.ports)) if self.ports else ""
-        return f"{self.name}={what}{ports}"
-
-
-def parse_group_spec(text: str) -> GroupSpec:
-    """``NAME=PATTERN``, ``NAME=cmdline:REGEX``, ``NAME=cgroup:PATH``, each ``[@PORT,PORT]``."""
-    name, eq, rest = text.partition("=")
-    name = name.strip()
-    if not eq or not name or not rest.strip():
-        raise CollectorError(
-            f"group {text!r} is not NAME=PATTERN or NAME=cgroup:PATH (e.g. proxies=dovecot)"
-        )
-    if not _NAME_RE.fullmatch(name):
-        raise CollectorError(f"group {text!r}: name {name!r} may use only letters, digits, '_', '.', '-'")
-    ports: tuple[int, ...] = ()
-    head, at, tail = rest.rpartition("@")
-    if at and _PORTS_RE.fullmatch(tail):
-        rest = head
-        ports = tuple(int(p) for p in tail.split(","))
-        for port in ports:
-            if not 1 <= port <= 65535:
-                raise CollectorError(f"group {text!r}: port {port} is out of range 1-65535")
-    if rest.startswith("cgroup:"):
-        path = rest[len("cgroup:") :].strip()
-        if not path:
-            raise CollectorError(f"group {text!r}: cgroup: needs a path (e.g. cgroup:/loadkit/proxy1)")
-        return GroupSpec(name, "", path, ports)
-    full = rest.startswith("cmdline:")
-    pattern = rest[len("cmdline:") :] if full else rest
-    if not pattern:
-        raise CollectorError(f"group {text!r}: empty pattern")
-    try:
-        re.compile(pattern)
-    except re.error as err:
-        raise CollectorError(f"group {text!r}: pattern {pattern!r} is not a regular expression ({err})") from None
-    return GroupSpec(name, pattern, "", ports, full)
-
-
-def check_unique(specs: Iterable[GroupSpec]) -> None:
-    seen: set[str] = set()
-    for spec in specs:
-        if spec.name in seen:
-            raise CollectorError(f"group name {spec.name!r} is given twice; each group needs its own name")
-        seen.add(spec.name)
 
 
 class ProcInfo(NamedTuple):

@@ -36,7 +36,7 @@ import gevent
 from loadkit.errors import CollectorError, TargetError
 from loadkit.observe.collector import Collector, CollectorConfig, Sample
 from loadkit.observe.degrade import WarnOnce
-from loadkit.observe.groups import GroupSpec, parse_group_spec
+from loadkit.profile.groupspec import GroupSpec, parse_groups
 from loadkit.profile.targets import check_target, split_host_port
 from loadkit.schema import Event
 
@@ -52,14 +52,6 @@ _ENV_ATTR = "loadkit_live_collector"
 _TAB_KEY = "loadkit-target"
 
 Sink = Callable[..., None]
-
-
-def _group_specs(groups: Mapping[str, str] | Iterable[str | GroupSpec] | None) -> list[GroupSpec]:
-    if not groups:
-        return []
-    if isinstance(groups, Mapping):
-        return [parse_group_spec(f"{name}={spec}") for name, spec in groups.items()]
-    return [g if isinstance(g, GroupSpec) else parse_group_spec(g) for g in groups]
 
 
 def _snapshot_url(url: str, allowlist: Sequence[str] | str | None) -> str:
@@ -343,7 +335,7 @@ def attach_collector(
     """
     live = LiveCollector(
         environment,
-        groups=_group_specs(groups),
+        groups=parse_groups(groups),
         udp_ports=list(udp_ports),
         urls=list(urls),
         interval_s=interval_s,

@@ -90,8 +90,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
-from loadkit.errors import ProfileError, TargetError
-from loadkit.profile.targets import check_target, split_host_port
+from loadkit.errors import CollectorError, ProfileError, TargetError
+from loadkit.profile.groupspec import parse_group_spec
+from loadkit.profile.targets import PROTOCOL_NAMES, check_target, split_host_port, standard_port
 
 #: the tables a profile may have and the keys each may hold
 _TABLES: dict[str, tuple[str, ...]] = {
@@ -111,9 +112,6 @@ _TABLES: dict[str, tuple[str, ...]] = {
 
 #: ceilings that apply when a profile sets no [caps]: a test beyond these is deliberate
 DEFAULT_CAPS = {"max_users": 20_000, "max_duration_s": 3600.0, "max_rate_qps": 250_000.0}
-
-#: a target name that is one of these may leave out the port
-DEFAULT_PORTS = {"dns": 53, "imap": 143, "pop3": 110, "pop": 110, "http": 80}
 
 #: option names that would carry a secret; their values must come from a file or environment
 _SECRET_WORDS = ("password", "passwd", "secret", "token", "apikey", "api-key", "api_key")
@@ -550,44 +548,63 @@ def load_profile(path: str | Path) -> Profile:
 
 
 def profile_from_dict(data: dict[str, Any], path: Path) -> Profile:
+    """Validate a parsed profile table by table; the first problem is one :class:`ProfileError`."""
     name = path.name
     for table in data:
         if table not in _TABLES:
             raise ProfileError(f"{name}: unknown table [{table}] (allowed: {', '.join(_TABLES)})")
+    run = _run_table(_table(data, "run", name, required=True), name)
+    targets, allowlist = _targets_table(_table(data, "targets", name, required=True), name)
+    load = _load_table(_table(data, "load", name, required=True), targets, path)
+    profile = Profile(
+        path=path,
+        targets=targets,
+        allowlist=allowlist,
+        load=load,
+        collect=_collect_table(_table(data, "collect", name), name),
+        caps=_caps_table(_table(data, "caps", name), name),
+        abort=_abort_table(_table(data, "abort", name), name),
+        gates=_gates_table(_table(data, "gates", name), name),
+        record_interval_s=_pos_number(_table(data, "record", name).get("interval_s", 1.0),
+                                      f"{name}: [record] interval_s"),
+        lab_hints=dict(_table(data, "lab", name)),
+        raw=data,
+        **run,
+    )
+    check_caps(profile, name)
+    return profile
 
-    run = _table(data, "run", name, required=True)
+
+def _run_table(run: dict[str, Any], name: str) -> dict[str, Any]:
+    """``[run]`` -> the :class:`Profile` fields it sets."""
     w = f"{name}: [run]"
     if "scenario" not in run:
         raise ProfileError(f"{w} scenario: missing (a name such as smoke)")
-    scenario = _check_name(run["scenario"], f"{w} scenario")
-    release = _check_name(run.get("release", "unlabelled"), f"{w} release")
     if "duration" not in run:
         raise ProfileError(f"{w} duration: missing (e.g. duration = \"30s\")")
-    duration_s = parse_duration(run["duration"], f"{w} duration")
-    stop_timeout_s = parse_duration(run.get("stop_timeout", 5), f"{w} stop_timeout")
-    description = _str(run.get("description", ""), f"{w} description")
+    return {
+        "scenario": _check_name(run["scenario"], f"{w} scenario"),
+        "release": _check_name(run.get("release", "unlabelled"), f"{w} release"),
+        "duration_s": parse_duration(run["duration"], f"{w} duration"),
+        "stop_timeout_s": parse_duration(run.get("stop_timeout", 5), f"{w} stop_timeout"),
+        "description": _str(run.get("description", ""), f"{w} description"),
+    }
 
-    tdata = _table(data, "targets", name, required=True)
+
+def _targets_table(tdata: dict[str, Any], name: str) -> tuple[dict[str, str], tuple[str, ...] | None]:
+    """``[targets]`` -> ``({name: spec}, allowlist)``; a port may be left out only for a target
+    named after a protocol (its standard port, :func:`loadkit.profile.targets.standard_port`)."""
     targets: dict[str, str] = {}
     allowlist: tuple[str, ...] | None = None
     for key, value in tdata.items():
         wk = f"{name}: [targets] {key}"
         if key == "allowlist":
-            if isinstance(value, str):
-                value = [value]
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value) or not value:
-                raise ProfileError(f"{wk}: must be a list of networks such as [\"127.0.0.0/8\"]")
-            for v in value:
-                try:
-                    ipaddress.ip_network(v, strict=False)
-                except ValueError:
-                    raise ProfileError(f"{wk}: {v!r} is not a network (e.g. 198.51.100.0/24)") from None
-            allowlist = tuple(value)
+            allowlist = _check_allowlist(value, wk)
             continue
         _check_name(key, f"{name}: [targets] name")
         spec = _str(value, wk)
         try:
-            _, port = split_host_port(spec, DEFAULT_PORTS.get(key, 0))
+            _, port = split_host_port(spec, standard_port(key))
         except TargetError as err:
             raise ProfileError(f"{wk}: {err}") from None
         if port == 0:
@@ -595,9 +612,24 @@ def profile_from_dict(data: dict[str, Any], path: Path) -> Profile:
         targets[key] = spec
     if not targets:
         raise ProfileError(f"{name}: [targets]: name at least one target, e.g. dns = \"127.0.0.1:5353\"")
+    return targets, allowlist
 
-    ldata = _table(data, "load", name, required=True)
-    w = f"{name}: [load]"
+
+def _check_allowlist(value: Any, where: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value) or not value:
+        raise ProfileError(f"{where}: must be a list of networks such as [\"127.0.0.0/8\"]")
+    for v in value:
+        try:
+            ipaddress.ip_network(v, strict=False)
+        except ValueError:
+            raise ProfileError(f"{where}: {v!r} is not a network (e.g. 198.51.100.0/24)") from None
+    return tuple(value)
+
+
+def _load_table(ldata: dict[str, Any], targets: dict[str, str], path: Path) -> LoadSpec:
+    w = f"{path.name}: [load]"
     if "locustfile" not in ldata:
         raise ProfileError(f"{w} locustfile: missing")
     files = ldata["locustfile"]
@@ -628,23 +660,20 @@ def profile_from_dict(data: dict[str, Any], path: Path) -> Profile:
         if host.removesuffix(".address") not in targets:
             raise ProfileError(f"{w} host: {host!r} is not one of [targets] ({', '.join(targets)})")
     options = _check_options(ldata.get("options", {}), targets, f"{w} options")
-    load = LoadSpec(locustfiles, users, spawn_rate, host, options, shape)
+    return LoadSpec(locustfiles, users, spawn_rate, host, options, shape)
 
-    cdata = _table(data, "collect", name)
+
+def _collect_table(cdata: dict[str, Any], name: str) -> CollectSpec:
     w = f"{name}: [collect]"
     groups = cdata.get("groups", {})
     if not isinstance(groups, dict):
         raise ProfileError(f"{w} groups: must be a table of name = \"spec\", e.g. p1 = \"cgroup:/sys/fs/cgroup/p1\"")
     for g, spec in groups.items():
-        _check_name(g, f"{w} groups name")
-        s = _str(spec, f"{w} groups.{g}")
-        body, at, ports_s = s.rpartition("@") if "@" in s else (s, "", "")
-        if not body.strip() or body.strip() in ("cgroup:", "cmdline:"):
-            raise ProfileError(
-                f"{w} groups.{g}: {s!r} names no processes (PATTERN, cmdline:REGEX or cgroup:PATH)"
-            )
-        if at and not re.fullmatch(r"[0-9]+(,[0-9]+)*", ports_s):
-            raise ProfileError(f"{w} groups.{g}: {s!r}: after '@' give listening ports, e.g. @1143,1110")
+        # the collector's own grammar, regex compiled: a bad group is refused here, not mid-run
+        try:
+            parse_group_spec(f"{g}={_str(spec, f'{w} groups.{g}')}")
+        except CollectorError as err:
+            raise ProfileError(f"{w} groups.{g}: {err}") from None
     udp_ports = cdata.get("udp_ports", [])
     if not isinstance(udp_ports, list):
         raise ProfileError(f"{w} udp_ports: must be a list of ports, got {udp_ports!r}")
@@ -658,19 +687,21 @@ def profile_from_dict(data: dict[str, Any], path: Path) -> Profile:
         if not isinstance(u, str) or not u.startswith(("http://", "https://")):
             raise ProfileError(f"{w} urls: {u!r} is not an http:// URL")
     interval = _pos_number(cdata.get("interval_s", 0.5), f"{w} interval_s")
-    collect = CollectSpec(dict(groups), ports, tuple(urls), interval)
+    return CollectSpec(dict(groups), ports, tuple(urls), interval)
 
-    kdata = _table(data, "caps", name)
+
+def _caps_table(kdata: dict[str, Any], name: str) -> Caps:
     w = f"{name}: [caps]"
-    caps = Caps(
+    return Caps(
         max_users=_pos_int(kdata.get("max_users", DEFAULT_CAPS["max_users"]), f"{w} max_users"),
         max_duration_s=parse_duration(kdata.get("max_duration_s", DEFAULT_CAPS["max_duration_s"]), f"{w} max_duration_s"),
         max_rate_qps=_pos_number(kdata.get("max_rate_qps", DEFAULT_CAPS["max_rate_qps"]), f"{w} max_rate_qps"),
     )
 
-    adata = _table(data, "abort", name)
+
+def _abort_table(adata: dict[str, Any], name: str) -> AbortSpec:
     w = f"{name}: [abort]"
-    abort = AbortSpec(
+    return AbortSpec(
         cgroup_memory_fraction=_fraction(adata["cgroup_memory_fraction"], f"{w} cgroup_memory_fraction")
         if "cgroup_memory_fraction" in adata
         else None,
@@ -678,7 +709,8 @@ def profile_from_dict(data: dict[str, Any], path: Path) -> Profile:
         min_requests=_pos_int(adata.get("min_requests", 50), f"{w} min_requests"),
     )
 
-    gdata = _table(data, "gates", name)
+
+def _gates_table(gdata: dict[str, Any], name: str) -> GateSpec:
     w = f"{name}: [gates]"
     gate_values = {}
     for k, v in gdata.items():
@@ -690,33 +722,14 @@ def profile_from_dict(data: dict[str, Any], path: Path) -> Profile:
             gate_values[k] = float(v)
         else:
             gate_values[k] = _pos_number(v, f"{w} {k}")
-    gates = GateSpec(**gate_values)
+    return GateSpec(**gate_values)
 
-    rdata = _table(data, "record", name)
-    record_interval_s = _pos_number(rdata.get("interval_s", 1.0), f"{name}: [record] interval_s")
 
-    lab_hints = _table(data, "lab", name)
-
-    profile = Profile(
-        path=path,
-        scenario=scenario,
-        release=release,
-        duration_s=duration_s,
-        targets=targets,
-        allowlist=allowlist,
-        load=load,
-        collect=collect,
-        caps=caps,
-        abort=abort,
-        gates=gates,
-        record_interval_s=record_interval_s,
-        stop_timeout_s=stop_timeout_s,
-        description=description,
-        lab_hints=dict(lab_hints),
-        raw=data,
-    )
-    check_caps(profile, name)
-    return profile
+def target_default_port(profile: Profile, key: str) -> int:
+    """The port a ``[targets]`` entry without one gets: its protocol's standard port, the
+    implicit-TLS one (993, 995) when ``[load] options`` set ``mail-tls = "tls"``."""
+    tls = str(profile.load.options.get("mail-tls", "off")).lower() == "tls"
+    return standard_port(key, tls=tls and PROTOCOL_NAMES.get(key) in ("imap", "pop3"))
 
 
 def resolve_targets(profile: Profile) -> dict[str, Any]:
@@ -727,7 +740,7 @@ def resolve_targets(profile: Profile) -> dict[str, Any]:
     resolved = {}
     allow: Sequence[str] | None = profile.allowlist
     for key, spec in profile.targets.items():
-        resolved[key] = check_target(spec, DEFAULT_PORTS.get(key, 0), allow)
+        resolved[key] = check_target(spec, target_default_port(profile, key), allow)
     for url in profile.collect.urls:
         check_target(url, 443 if url.startswith("https") else 80, allow)
     return resolved

@@ -3,15 +3,19 @@
 Order of work, so that nothing is sent before it is allowed:
 
 1. the profile is validated and the overrides applied, caps checked (:mod:`loadkit.profile.profile`);
-2. every target and collector URL is resolved and checked against the allowlist
-   (:func:`loadkit.profile.profile.resolve_targets`): a refusal raises before any process starts;
+2. :func:`plan_run` checks the run's own options (workers, master bind) and resolves every
+   target and collector URL against the allowlist once
+   (:func:`loadkit.profile.profile.resolve_targets`): a refusal raises before any process starts,
+   and the :class:`RunPlan` it returns is what everything after uses (nothing is resolved again);
 3. the run directory and its manifest (status ``running``) are written;
 4. Locust runs headless as child processes (one local process, or a master and N workers) with
    the loadkit plugin options; the plugin writes the record as the run goes and stops the run on
    an abort threshold. A ``[load] shape`` reaches Locust as the first locustfile
    (:mod:`loadkit.generate.profile_shape`) and the JSON in ``LOADKIT_PROFILE_SHAPE``; a master
-   listens on ``master_bind`` (loopback unless asked, checked by :func:`check_master_bind`). Children get ``LOADKIT_ALLOWLIST`` so every generator checks again, and
-   die with the runner (``PR_SET_PDEATHSIG``) so a killed runner leaves no load behind;
+   listens on ``master_bind`` (loopback unless asked, checked by :func:`check_master_bind`).
+   Each target named after a protocol reaches the users of that protocol as ``--target
+   PROTOCOL=ADDRESS:PORT``. Children get ``LOADKIT_ALLOWLIST`` so every generator checks again,
+   and die with the runner (``PR_SET_PDEATHSIG``) so a killed runner leaves no load behind;
 5. the gates are evaluated on the finished record and written to the manifest and events.
 
 SIGTERM/SIGINT to the runner is passed on to Locust as SIGTERM (graceful stop: the record is
@@ -37,7 +41,7 @@ from typing import Any, TextIO
 
 from loadkit.errors import LoadkitError, ProfileError, TargetNotAllowed
 from loadkit.profile.profile import Profile, expand_target_refs, resolve_targets
-from loadkit.profile.targets import check_target, parse_allowlist
+from loadkit.profile.targets import PROTOCOL_NAMES, Target, check_target, parse_allowlist
 from loadkit.run import gates as gates_mod
 from loadkit.record.writer import INTERRUPT_MARKER, STATUS_FILE, RunWriter, new_run_id
 from loadkit.schema import RUN_LAYOUT
@@ -84,13 +88,17 @@ def _free_port(address: str = "127.0.0.1") -> int:
 
 #: master bind addresses that mean "every interface": allowed without the allowlist check
 WILDCARD_BINDS = ("0.0.0.0", "::")
+#: where a distributed run's master listens unless told otherwise (this host only)
+DEFAULT_MASTER_BIND = "127.0.0.1"
 
 
 def check_master_bind(address: str, allowlist: Any = None) -> str:
     """The address a distributed run's master listens on, checked like a target.
 
-    ``0.0.0.0``/``::`` (every interface) are taken as they are; any other address must be an
-    IP address inside the allowlist (the profile's, else ``LOADKIT_ALLOWLIST``, else loopback).
+    ``0.0.0.0``/``::`` (every interface) are taken as they are, and so is a loopback address
+    (only this host can reach it: it sends nothing anywhere, so the allowlist, which is about
+    where load goes, does not have to name it); any other address must be an IP address
+    inside the allowlist (the profile's, else ``LOADKIT_ALLOWLIST``, else loopback).
     """
     address = address.strip().strip("[]")
     if address in WILDCARD_BINDS:
@@ -101,15 +109,52 @@ def check_master_bind(address: str, allowlist: Any = None) -> str:
         raise ProfileError(
             f"--master-bind {address!r} is not an IP address (e.g. 127.0.0.1, 192.0.2.10 or 0.0.0.0)"
         ) from None
+    if ip.is_loopback:
+        return str(ip)
     try:
         check_target(f"[{ip}]:1" if ip.version == 6 else f"{ip}:1", 1, allowlist)
     except TargetNotAllowed:
         nets = ", ".join(str(n) for n in parse_allowlist(allowlist))
         raise TargetNotAllowed(
             f"--master-bind {address} is outside the allowlist ({nets}); add the load network to "
-            "the profile's allowlist or LOADKIT_ALLOWLIST, or bind 0.0.0.0"
+            "the profile's allowlist or LOADKIT_ALLOWLIST, or bind 0.0.0.0 (every interface) "
+            "or 127.0.0.1 (this host's workers only)"
         ) from None
     return str(ip)
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """A profile with the run's own options checked and every target resolved, once.
+
+    Made by :func:`plan_run`; the runner, the lab lookup and the manifest all use these
+    resolved targets, so an address cannot change (or be refused) between the check and the load.
+    """
+
+    profile: Profile
+    targets: dict[str, Target]  #: ``[targets]`` name -> resolved, allowed endpoint
+    workers: int = 0
+    master_bind: str = DEFAULT_MASTER_BIND
+    master_port: int = 0
+
+
+def plan_run(profile: Profile, workers: int = 0, master_bind: str | None = None,
+             master_port: int = 0) -> RunPlan:
+    """Check ``--workers``/``--master-bind``/``--master-port`` and resolve every target, once.
+
+    Without workers there is no master to bind, so no bind is checked (and a bind or port given
+    anyway is refused as meaningless); raises before anything is started or sent.
+    """
+    if workers < 0:
+        raise ProfileError(f"--workers must be 0 or more, got {workers}")
+    if not workers and ((master_bind or DEFAULT_MASTER_BIND) != DEFAULT_MASTER_BIND or master_port):
+        raise ProfileError("--master-bind and --master-port need --workers N (a distributed run)")
+    if not 0 <= master_port <= 65535:
+        raise ProfileError(f"--master-port {master_port} is out of range 1-65535")
+    bind = DEFAULT_MASTER_BIND
+    if workers:
+        bind = check_master_bind(master_bind or DEFAULT_MASTER_BIND, profile.allowlist)
+    return RunPlan(profile, resolve_targets(profile), workers, bind, master_port)
 
 
 def option_args(options: dict[str, Any], resolved: dict[str, Any]) -> list[str]:
@@ -164,12 +209,18 @@ def locust_args(profile: Profile, resolved: dict[str, Any], run_root: Path, run_
 
 
 def user_args(profile: Profile, resolved: dict[str, Any]) -> list[str]:
-    """``--host`` and the profile's options: what every process that runs users needs.
+    """``--target``, ``--host`` and the profile's options: what every process that runs users needs.
 
-    Workers get them on their own command line too, because locustfiles read their options
-    when the process starts (the ``init`` event), before the master's first message arrives.
+    Every ``[targets]`` entry named after a protocol goes to that protocol's users as
+    ``--target PROTOCOL=ADDRESS:PORT`` (resolved, with its port), so an IMAP+POP3 profile gives
+    each class its own endpoint with or without ``[load] host``. Workers get these on their own
+    command line too, because locustfiles read their options when the process starts (the
+    ``init`` event), before the master's first message arrives.
     """
     args: list[str] = []
+    for name, target in resolved.items():
+        if name in PROTOCOL_NAMES:
+            args += ["--target", f"{PROTOCOL_NAMES[name]}={target}"]
     host = profile.load.host
     if host:
         target = resolved[host.removesuffix(".address")]
@@ -210,28 +261,19 @@ def format_status(status: dict[str, Any]) -> str:
 class Runner:
     """Runs one validated profile; see the module docstring for the order of work."""
 
-    def __init__(self, profile: Profile, out_dir: str | Path = "runs", workers: int = 0,
-                 stream: TextIO | None = None, lab: dict | None = None,
-                 master_bind: str = "127.0.0.1", master_port: int = 0) -> None:
-        if workers < 0:
-            raise ProfileError(f"--workers must be 0 or more, got {workers}")
-        if not 0 <= master_port <= 65535:
-            raise ProfileError(f"--master-port {master_port} is out of range 1-65535")
-        self.master_bind = check_master_bind(master_bind, profile.allowlist)
-        self.master_port = master_port
-        self.profile = profile
+    def __init__(self, plan: RunPlan, out_dir: str | Path = "runs",
+                 stream: TextIO | None = None, lab: dict | None = None) -> None:
+        self.plan = plan
+        self.master_bind = plan.master_bind
+        self.master_port = plan.master_port
+        self.profile = plan.profile
         self.out_dir = Path(out_dir)
-        self.workers = workers
+        self.workers = plan.workers
         self.stream = stream if stream is not None else sys.stderr
         self.lab = lab or {}
         self.interrupted = threading.Event()
         self.procs: list[subprocess.Popen] = []
         self.run_dir: Path | None = None
-
-    # -- safety first ----------------------------------------------------------------------------
-    def prepare(self) -> dict[str, Any]:
-        """Resolve and allow every target; raises before anything is started or sent."""
-        return resolve_targets(self.profile)
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -259,7 +301,7 @@ class Runner:
         return proc
 
     def run(self) -> RunResult:
-        resolved = self.prepare()
+        resolved = self.plan.targets  # resolved and allowed once, by plan_run
         p = self.profile
         run_id = new_run_id(p.scenario)
         run_dir = self.out_dir / run_id
@@ -408,12 +450,13 @@ def _events(writer: RunWriter) -> list[dict]:
     return read_events(writer.run_dir)
 
 
-def run_profile(profile: Profile, out_dir: str | Path = "runs", workers: int = 0,
-                stream: TextIO | None = None, lab: dict | None = None,
-                master_bind: str = "127.0.0.1", master_port: int = 0) -> RunResult:
-    """Run ``profile`` with SIGTERM/SIGINT passed on to Locust as a graceful stop."""
-    runner = Runner(profile, out_dir, workers, stream, lab, master_bind, master_port)
-    runner.prepare()  # refuse before installing handlers or creating anything
+def run_profile(plan: RunPlan | Profile, out_dir: str | Path = "runs",
+                stream: TextIO | None = None, lab: dict | None = None) -> RunResult:
+    """Run a planned profile (:func:`plan_run`; a bare profile is planned as a one-process run)
+    with SIGTERM/SIGINT passed on to Locust as a graceful stop."""
+    if isinstance(plan, Profile):  # refused here, before handlers are installed or anything made
+        plan = plan_run(plan)
+    runner = Runner(plan, out_dir, stream, lab)
     handlers = {}
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
