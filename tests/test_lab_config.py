@@ -69,3 +69,49 @@ def test_derived_ports_follow_the_public_ones():
     assert cfg.lab_id == "127-0-9-1-2143"
     with pytest.raises(ProfileError, match="out of range"):
         LabConfig(imap_port=60000)
+
+
+def test_firewall_and_cpu_settings_are_checked():
+    cfg = LabConfig(address="127.0.9.1", dns_port=6353, firewall_sessions=100)
+    # the firewalled DNS port is the plain one + 1, bound (UDP and TCP) and checked like the others
+    assert cfg.firewall_dns_port == 6354 and cfg.dns_ports() == [6353, 6354]
+    assert 6354 in cfg.all_ports()
+    assert LabConfig().firewall_dns_port is None and LabConfig().dns_ports() == [5353]
+    with pytest.raises(ProfileError, match="collide"):
+        LabConfig(dns_port=1142, firewall_sessions=10)  # 1143 is IMAP
+    for bad in ({"firewall_sessions": -1}, {"firewall_udp_timeout_s": 0},
+                {"firewall_udp_timeout_s": "30"}, {"dns_cpu": -0.5}, {"proxy_cpu": 0.001}):
+        with pytest.raises(ProfileError):
+            LabConfig(**bad)
+
+
+def test_firewall_ruleset_keys_sessions_by_client_address_and_port():
+    from loadkit.lab import firewall
+
+    v4 = firewall.ruleset(LabConfig(address="127.0.9.1", firewall_sessions=500,
+                                    firewall_udp_timeout_s=2.5))
+    assert "table ip loadkit_fw_127_0_9_1_1143 {" in v4
+    assert "size 500" in v4 and "timeout 2500ms" in v4 and "flags dynamic,timeout" in v4
+    # only the firewalled port is filtered; known flows are refreshed, new ones admitted or counted
+    assert "ip daddr 127.0.9.1 udp dport 5354 update @sessions { ip saddr . udp sport } accept" in v4
+    assert "ip daddr 127.0.9.1 udp dport 5354 counter name new_flow_drops drop" in v4
+    v6 = firewall.ruleset(LabConfig(address="::1", firewall_sessions=5))
+    assert "table ip6 " in v6 and "ipv6_addr . inet_service" in v6 and "ip6 saddr . udp sport" in v6
+
+
+def test_firewall_table_reading_parses_nft_json():
+    from loadkit.observe import firewall as observed
+
+    doc = [
+        {"metainfo": {"version": "1.0.6"}},
+        {"table": {"family": "ip", "name": "loadkit_fw_x"}},
+        {"counter": {"family": "ip", "name": "new_flow_drops", "table": "loadkit_fw_x",
+                     "packets": 50, "bytes": 1450}},
+        {"set": {"family": "ip", "name": "sessions", "table": "loadkit_fw_x", "size": 50,
+                 "timeout": 5, "elem": [{"elem": {"val": {"concat": ["127.0.0.1", p]},
+                                                 "expires": 4}} for p in range(1024, 1054)]}},
+    ]
+    assert observed.parse_table(doc, "ip", "loadkit_fw_x") == observed.FirewallReading(
+        "ip", "loadkit_fw_x", 30, 50, 50, 5.0)
+    with pytest.raises(ValueError, match="no set"):
+        observed.parse_table(doc[:3], "ip", "loadkit_fw_x")
