@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+from scipy import stats
 
 from loadkit.errors import ModelError
 from loadkit.model import KneeResult, LittleResult, UslResult, fit_usl, fit_usl_run, latency_knee, littles_law_check, usl_throughput
@@ -81,3 +82,62 @@ def test_littles_law_consistent_run_and_inconsistent_one(tmp_path):
     bad = littles_law_check(run, think_time_s=1.0)
     assert not bad.consistent and bad.ratio_median < 0.5
     assert "INCONSISTENT" in bad.summary()
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 11 item 4: weights, t intervals, N* only when kappa is measured
+# ------------------------------------------------------------------------------------------------
+
+LEVELS = np.array([1, 2, 4, 8, 12, 16, 24, 32, 48, 64], dtype=float)
+
+
+def test_flat_data_reports_no_retrograde_region_not_a_peak():
+    # throughput flat at every level, and a contention-only (Amdahl) curve: kappa not measurable
+    rng = np.random.default_rng(0)  # before weights and a significance test: "peak at N* ≈ 6"
+    flat = 800.0 * (1 + rng.normal(0, 0.02, LEVELS.size))
+    amdahl = usl_throughput(LEVELS, 0.1, 0.0, 200.0) * (1 + rng.normal(0, 0.02, LEVELS.size))
+    for x in (flat, amdahl):
+        res = fit_usl(LEVELS, x)
+        assert not res.kappa_significant
+        assert math.isinf(res.n_star)
+        assert "no retrograde region measured" in res.summary()
+        assert "N* ≈" not in res.summary()
+    back = UslResult.from_json(res.to_json())
+    assert back.kappa_significant is False and math.isnan(back.n_star)
+
+
+def test_falling_data_clamps_n_star_to_one():
+    x = 1000.0 / LEVELS**0.5  # throughput falls from the first level
+    res = fit_usl(LEVELS, x * (1 + np.random.default_rng(1).normal(0, 0.01, LEVELS.size)))
+    assert res.kappa_significant
+    assert res.n_star >= 1.0 and res.n_star_clamped
+    assert res.n_star_ci95[0] >= 1.0
+    assert "N* = 1 (clamped)" in res.summary()
+
+
+def test_intervals_are_t_quantiles_and_n_star_has_one():
+    sigma, kappa, lam = 0.05, 3e-4, 1200.0
+    rng = np.random.default_rng(3)
+    x = usl_throughput(LEVELS * 2, sigma, kappa, lam) * (1 + rng.normal(0, 0.03, LEVELS.size))
+    res = fit_usl(LEVELS * 2, x)
+    q = stats.t.ppf(0.975, LEVELS.size - 3)
+    lo, hi = res.kappa_ci95
+    assert (hi - lo) / 2 == pytest.approx(q * res.kappa_stderr, rel=1e-9)
+    assert res.dof == LEVELS.size - 3
+    assert res.kappa_significant
+    nlo, nhi = res.n_star_ci95
+    assert 1 <= nlo < res.n_star < nhi
+    assert "95 % CI" in res.summary()
+
+
+def test_relative_weights_give_kappa_intervals_that_cover():
+    # 5 % multiplicative noise: unweighted, ±1.96 SE covered kappa about 77 % of the time
+    sigma, kappa, lam = 0.02, 1e-3, 500.0
+    rng = np.random.default_rng(2)
+    n = np.array([1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48], dtype=float)
+    covered = 0
+    for _ in range(200):
+        x = usl_throughput(n, sigma, kappa, lam) * (1 + rng.normal(0, 0.05, n.size))
+        lo, hi = fit_usl(n, x).kappa_ci95
+        covered += lo <= kappa <= hi
+    assert covered / 200 >= 0.9

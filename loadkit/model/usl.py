@@ -15,10 +15,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 from scipy.optimize import curve_fit
 
 from loadkit.errors import ModelError
 from loadkit.model._result import Result
+from loadkit.record import counters
 from loadkit.record.reader import RunData
 
 MIN_USL_POINTS = 6
@@ -32,7 +34,7 @@ def usl_throughput(n: np.ndarray | float, sigma: float, kappa: float, lambda_: f
 
 @dataclass
 class UslResult(Result):
-    """A USL fit with one-sigma parameter errors."""
+    """A USL fit with one-sigma parameter errors and t-quantile 95 % intervals."""
 
     kind = "usl"
 
@@ -42,11 +44,19 @@ class UslResult(Result):
     sigma_stderr: float
     kappa_stderr: float
     lambda_stderr: float
-    n_star: float  #: concurrency of peak throughput; inf (null in JSON) when kappa = 0
-    x_max: float  #: throughput at N* (or lambda/sigma as N grows when kappa = 0)
+    n_star: float  #: concurrency of peak throughput, >= 1; inf (null in JSON) unless kappa is significant
+    x_max: float  #: throughput at N* (or lambda/sigma as N grows when no peak was measured)
     r_squared: float
     points_n: int
     max_concurrency_observed: float
+    sigma_ci95: tuple[float, float] = (math.nan, math.nan)
+    kappa_ci95: tuple[float, float] = (math.nan, math.nan)
+    lambda_ci95: tuple[float, float] = (math.nan, math.nan)
+    n_star_ci95: tuple[float, float] = (math.nan, math.nan)  #: nan unless kappa is significant
+    kappa_significant: bool = False  #: the 95 % interval of kappa lies above 0
+    n_star_clamped: bool = False  #: the fitted N* was below 1 (throughput falls from the start)
+    dof: int = 0  #: degrees of freedom of the t quantile (points - 3)
+    weighting: str = "relative"  #: noise taken proportional to throughput
 
     @property
     def stderrs(self) -> dict[str, float]:
@@ -56,21 +66,40 @@ class UslResult(Result):
         return usl_throughput(concurrency, self.sigma, self.kappa, self.lambda_)
 
     def summary(self) -> str:
-        if not math.isfinite(self.n_star):
-            peak = f"no retrograde region (kappa=0), ceiling ≈ {self.x_max:.4g}/s"
-        elif self.n_star > 10 * self.max_concurrency_observed:
-            # a kappa this small is not measured: the data never bend down
-            peak = (f"no peak within 10× the measured concurrency ({self.max_concurrency_observed:.0f}), "
-                    f"ceiling ≈ {self.lambda_ / self.sigma if self.sigma > 0 else math.inf:.4g}/s")
+        if not self.kappa_significant:
+            ceiling = self.lambda_ / self.sigma if self.sigma > 0 else math.inf
+            peak = (f"no retrograde region measured (kappa not significantly above 0 up to "
+                    f"N = {self.max_concurrency_observed:.0f}); ceiling ≈ {ceiling:.4g}/s")
+        elif self.n_star_clamped:
+            peak = ("throughput falls from the lowest concurrency measured: peak at N* = 1 "
+                    f"(clamped), ≈ {self.x_max:.4g}/s")
         else:
-            peak = f"peak ≈ {self.x_max:.4g}/s at N* ≈ {self.n_star:.0f}"
+            lo, hi = self.n_star_ci95
+            peak = f"peak ≈ {self.x_max:.4g}/s at N* ≈ {self.n_star:.0f} (95 % CI {lo:.0f}–{hi:.0f})"
+            if self.n_star > self.max_concurrency_observed:
+                peak += f", beyond the largest N measured ({self.max_concurrency_observed:.0f})"
         return (f"USL sigma={self.sigma:.4f}±{self.sigma_stderr:.4f} kappa={self.kappa:.2e}±"
                 f"{self.kappa_stderr:.1e} lambda={self.lambda_:.4g}/s; {peak} (R²={self.r_squared:.3f}, "
                 f"{self.points_n} points)")
 
 
+def _curve_fit(n: np.ndarray, x: np.ndarray, scale: np.ndarray, p0: list[float]):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return curve_fit(
+            lambda nn, s, k, l: usl_throughput(nn, s, k, l), n, x, p0=p0, sigma=scale,
+            absolute_sigma=False, bounds=([0.0, 0.0, 0.0], [1.0, np.inf, np.inf]), maxfev=20000,
+        )
+
+
 def fit_usl(concurrency, throughput) -> UslResult:
-    """Fit the USL to measured (concurrency, throughput) pairs; >= 6 distinct concurrencies."""
+    """Fit the USL to measured (concurrency, throughput) pairs; >= 6 distinct concurrencies.
+
+    Throughput noise grows with throughput (a 5 % jitter is 5 % at every level), so the fit is
+    weighted by the fitted throughput (two passes: observed, then fitted values as the scale);
+    unweighted, the few high-throughput points decide kappa and its interval covers the truth
+    far less often than it says. Intervals are t quantiles with points - 3 degrees of freedom.
+    """
     n = np.asarray(concurrency, dtype=float)
     x = np.asarray(throughput, dtype=float)
     if n.shape != x.shape:
@@ -83,31 +112,47 @@ def fit_usl(concurrency, throughput) -> UslResult:
     # start lambda from the best per-user throughput at low load, not from X(1) alone
     low = n <= np.quantile(n, 0.34)
     lam0 = float(np.max(x[low] / n[low])) if low.any() else float(np.max(x / n))
+    floor = max(float(np.max(x)) * 1e-3, 1e-12)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            popt, pcov = curve_fit(
-                lambda nn, s, k, l: usl_throughput(nn, s, k, l), n, x,
-                p0=[0.05, 1e-4, max(lam0, 1e-9)],
-                bounds=([0.0, 0.0, 0.0], [1.0, np.inf, np.inf]), maxfev=20000,
-            )
+        popt, _ = _curve_fit(n, x, np.maximum(x, floor), [0.05, 1e-4, max(lam0, 1e-9)])
+        popt, pcov = _curve_fit(n, x, np.maximum(usl_throughput(n, *popt), floor), list(popt))
     except (RuntimeError, ValueError) as err:
         raise ModelError(f"USL fit did not converge on {len(n)} points: {err}") from err
     sigma, kappa, lam = (float(v) for v in popt)
-    errs = np.sqrt(np.clip(np.diag(pcov), 0, np.inf)) if np.all(np.isfinite(pcov)) else [math.nan] * 3
-    if kappa > 0:
-        n_star = math.sqrt(max(1.0 - sigma, 0.0) / kappa)
-        x_max = float(usl_throughput(n_star, sigma, kappa, lam))
-    else:
-        n_star = math.inf
-        x_max = lam / sigma if sigma > 0 else math.inf
+    errs = np.sqrt(np.clip(np.diag(pcov), 0, np.inf)) if np.all(np.isfinite(pcov)) else np.full(3, math.nan)
+    dof = max(len(n) - 3, 1)
+    q = float(stats.t.ppf(0.975, dof))
+    cis = [(float(v - q * e), float(v + q * e)) for v, e in zip((sigma, kappa, lam), errs)]
+    significant = bool(kappa > 0 and math.isfinite(errs[1]) and cis[1][0] > 0)
+    n_star, n_star_ci, x_max, clamped = _peak(sigma, kappa, lam, pcov, q, significant)
     pred = usl_throughput(n, sigma, kappa, lam)
     ss_tot = float(np.sum((x - x.mean()) ** 2))
     r2 = 1.0 - float(np.sum((x - pred) ** 2)) / ss_tot if ss_tot > 0 else math.nan
     return UslResult(sigma=sigma, kappa=kappa, lambda_=lam, sigma_stderr=float(errs[0]),
                      kappa_stderr=float(errs[1]), lambda_stderr=float(errs[2]), n_star=n_star,
                      x_max=x_max, r_squared=r2, points_n=int(len(n)),
-                     max_concurrency_observed=float(n.max()))
+                     max_concurrency_observed=float(n.max()), sigma_ci95=cis[0], kappa_ci95=cis[1],
+                     lambda_ci95=cis[2], n_star_ci95=n_star_ci, kappa_significant=significant,
+                     n_star_clamped=clamped, dof=dof)
+
+
+def _peak(sigma: float, kappa: float, lam: float, pcov: np.ndarray, q: float, significant: bool):
+    """(N*, its 95 % interval, X at N*, clamped) — N* only when kappa is significantly above 0.
+
+    The interval is the delta method on log N* = (log(1 - sigma) - log kappa) / 2, which keeps
+    it positive and follows the skew of 1/sqrt(kappa); N* and the interval are clamped to >= 1.
+    """
+    if not significant:
+        return math.inf, (math.nan, math.nan), (lam / sigma if sigma > 0 else math.inf), False
+    raw = math.sqrt(max(1.0 - sigma, 0.0) / kappa)
+    n_star = max(1.0, raw)
+    x_max = float(usl_throughput(n_star, sigma, kappa, lam))
+    if raw < 1.0:  # sigma at its bound of 1 or kappa huge: throughput falls from the start
+        return n_star, (1.0, 1.0), x_max, True
+    grad = np.array([-0.5 / (1.0 - sigma), -0.5 / kappa])
+    se_log = math.sqrt(max(float(grad @ pcov[:2, :2] @ grad), 0.0))
+    half = min(q * se_log, 700.0)  # exp() overflows past ~709
+    return n_star, (max(1.0, raw * math.exp(-half)), max(1.0, raw * math.exp(half))), x_max, False
 
 
 # ------------------------------------------------------------------------------------------------
@@ -163,12 +208,6 @@ def latency_knee(concurrency, latency_s) -> KneeResult:
 # ------------------------------------------------------------------------------------------------
 
 
-def _gauge(run: RunData, metric: str) -> pd.Series:
-    g = run.generator
-    g = g[(g["metric"] == metric) & (g["kind"] == "gauge")]
-    return g.groupby("ts_unix_s")["value"].sum().sort_index()
-
-
 def _concurrency_per_interval(run: RunData, metric: str) -> pd.DataFrame:
     req = run.requests
     if not len(req):
@@ -180,7 +219,7 @@ def _concurrency_per_interval(run: RunData, metric: str) -> pd.DataFrame:
     ).reset_index()
     per["throughput_rps"] = (per["requests_n"] - per["failures_n"]) / per["interval_s"]
     per["latency_mean_s"] = per["latency_sum"] / per["requests_n"].where(per["requests_n"] > 0)
-    gauge = _gauge(run, metric)
+    gauge = counters.gauge(run, metric)
     if not len(gauge):
         raise ModelError(f"run {run.run_id} has no '{metric}' gauge in generator/: cannot tell the "
                          "concurrency of each interval")
