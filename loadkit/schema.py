@@ -192,8 +192,11 @@ class SocketSample(NamedTuple):
     tx_queue_bytes: int
     drops_n: int  #: cumulative per-socket drops (the ``drops`` column)
     #: bound address ("0.0.0.0", "127.0.0.1", "::"); sockets sharing address and port (several
-    #: threads with SO_REUSEPORT) are summed into one row
+    #: threads with SO_REUSEPORT) are one row each, told apart by ``inode``
     local_address: str = ""
+    inode: int = 0  #: the socket's inode (0 in records made before sockets had one row each)
+    #: the kernel's sk_rcvbuf (``ss -m`` ``rb``) via netlink sock_diag; 0 when unavailable
+    rcvbuf_bytes: int = 0
 
 
 class SystemSample(NamedTuple):

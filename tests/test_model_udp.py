@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import time
 
 import pytest
 
@@ -59,7 +61,7 @@ def test_bad_input_and_json():
     assert math.isnan(UdpBurstResult.from_json(inf.to_json()).max_burst_no_loss)
 
 
-def test_fit_from_run_measures_service_rate_and_drops(tmp_path):
+def test_fit_without_bursts_claims_no_drain_rate_and_counts_host_drops(tmp_path):
     run_dir = tmp_path / "run"
     write_manifest(run_dir, "dns", "dns_burst", lab={"config": {"dns_rcvbuf_bytes": 8192}})
     gen = PartWriter(run_dir / RUN_LAYOUT["generator"])
@@ -78,7 +80,10 @@ def test_fit_from_run_measures_service_rate_and_drops(tmp_path):
     gen.flush()
     net.flush()
     r = fit_udp_burst(load_run(run_dir))
-    assert r.service_rate_qps == pytest.approx(5000)
+    # no burst events: the busiest second's answered rate is the load, not the drain rate inside a
+    # burst, so no drain rate is claimed
+    assert math.isnan(r.service_rate_qps) and r.drain_source == "none"
+    assert r.max_burst_no_loss == r.buffer_datagrams == 19
     assert r.rcvbuf_bytes == 16384  # so-rcvbuf 8192, doubled by the kernel
     assert r.observed_drops_n == 3000 + 11000 + 3000
     assert r.observed_onset_qps == pytest.approx(8000)
@@ -120,3 +125,185 @@ def test_drops_fall_back_to_the_host_wide_counter_when_no_socket_was_watched(tmp
     label, drops = receive_drops(load_run(run_dir))
     assert label == "RcvbufErrors (whole host)" and list(drops) == [40, 40]
 
+
+
+# -- the drain rate inside bursts (issue: one-second averages are the load, not the drain) ---------
+
+
+def _write_burst_run(run_dir, *, drain_qps=50_000.0, rcvbuf_bytes=212_992, bursts=((2000, 0.010),) * 6,
+                     sockets=1, period_s=5.0, answers=True, so_rcvbuf=None, host=None, sock_diag=True):
+    """A DNS run with bursts every ``period_s``: the server drains ``drain_qps`` while each arrives
+    (split evenly over ``sockets`` SO_REUSEPORT sockets of ``rcvbuf_bytes`` each), and drops what its
+    buffers cannot hold; the collector samples every second, the events carry the answer timing."""
+    lab = {"config": {"dns_rcvbuf_bytes": so_rcvbuf}} if so_rcvbuf else None
+    write_manifest(run_dir, "dns", "dns_burst", lab=lab)
+    manifest = run_dir / RUN_LAYOUT["manifest"]
+    data = json.loads(manifest.read_text())
+    data["targets"] = ["udp://127.0.0.1:5353"]
+    data["host"] = host or {}
+    manifest.write_text(json.dumps(data))
+    buf = buffer_datagrams(rcvbuf_bytes)
+    socks = PartWriter(run_dir / RUN_LAYOUT["sockets"])
+    gen = PartWriter(run_dir / RUN_LAYOUT["generator"])
+    events, drops, sent_total, lost = [], [0] * sockets, 0, []
+    t = T0 + 1.0
+    for i in range(sockets):  # the collector starts before the load
+        socks.append(SocketSample(t, "lab", 5353, 0, 0, 0, "127.0.0.1", 100 + i, rcvbuf_bytes if sock_diag else 0))
+    for k, (n, w) in enumerate(bursts):
+        first = t + 0.3
+        per_socket_loss = max(0.0, n / sockets - drain_qps * w / sockets - buf)
+        loss = int(round(per_socket_loss)) * sockets
+        for i in range(sockets):
+            drops[i] += int(round(per_socket_loss))
+        lost.append(loss)
+        # answers read by the end of the window: what the server drained meanwhile
+        detail = {"burst_index": k, "first_sent_unix_s": first, "last_sent_unix_s": first + w, "window_s": w,
+                  "sent_n": n}
+        if answers:
+            served = min(n, drain_qps * (w + 0.0005))
+            detail.update(answered_in_window_n=int(served), answers_read_unix_s=first + w + 0.0005)
+        events.append({"ts_unix_s": first, "kind": "burst", "source": "dns", "detail": detail})
+        sent_total += n
+        for second in range(int(period_s)):
+            ts = t + second + 1.0
+            for i in range(sockets):
+                socks.append(SocketSample(ts, "lab", 5353, 0, 0, drops[i], "127.0.0.1", 100 + i,
+                                          rcvbuf_bytes if sock_diag else 0))
+            gen.extend([GeneratorMetric(ts, "dns.original_sent", "counter", float(sent_total)),
+                        GeneratorMetric(ts, "dns.answered", "counter", float(sent_total - sum(lost)))])
+        t += period_s
+    socks.flush()
+    gen.flush()
+    (run_dir / RUN_LAYOUT["events"]).write_text("".join(json.dumps(e) + "\n" for e in events))
+    return lost
+
+
+def test_drain_rate_is_measured_inside_the_bursts(tmp_path):
+    # 50,000/s drain, 2,000 queries in 10 ms every 5 s: the one-second answered rate is ~400/s, but
+    # the server absorbs 256 + 500 = 756 of each burst
+    lost = _write_burst_run(tmp_path / "run")
+    fit = fit_udp_burst(load_run(tmp_path / "run"))
+    assert fit.drain_rate_qps == pytest.approx(50_000, rel=0.06)
+    assert fit.drain_source == "answers in the burst window" and not fit.drain_is_lower_bound
+    assert fit.max_burst_no_loss == pytest.approx(756, rel=0.03)
+    assert fit.burst_n == 2000 and fit.burst_window_s == pytest.approx(0.010)
+    assert fit.predicted_loss_n == pytest.approx(lost[0], rel=0.05)
+    assert fit.measured_loss_mean_n == pytest.approx(lost[0])
+    assert [b.measured_loss_n for b in fit.bursts] == lost
+    assert fit.sockets[0].rcvbuf_source == "sock_diag" and fit.buffer_datagrams == 256
+    # the buffer for the burst at the slowest drain, in whole queries, rounded up; so-rcvbuf is half
+    queued = 2000 - fit.drain_rate_min_qps * 0.010
+    assert fit.needed_rcvbuf_bytes == math.ceil(queued) * 832
+    assert fit.recommended_so_rcvbuf_bytes == math.ceil(fit.needed_rcvbuf_bytes / 2)
+    assert 2 * fit.recommended_so_rcvbuf_bytes >= fit.needed_rcvbuf_bytes
+    text = fit.summary()
+    assert f"so-rcvbuf {fit.recommended_so_rcvbuf_bytes:,} B" in text and "net.core.rmem_max must be ≥" in text
+    assert "predicted" in text and "measured" in text
+    back = type(fit).from_json(fit.to_json())
+    assert back.bursts == fit.bursts and back.sockets == fit.sockets
+
+
+def test_rounding_never_goes_down():
+    # a 300-query burst needs 300 × 832 B; rounding to 0.1 MiB would give a buffer of 252 queries
+    r = udp_burst(212_992, 0.0)
+    need = r.rcvbuf_for(300)
+    assert need == 300 * 832 and buffer_datagrams(need) >= 300
+    from loadkit.model.udp import so_rcvbuf_for
+
+    assert so_rcvbuf_for(249_601) == 124_801 and 2 * so_rcvbuf_for(249_601) >= 249_601
+
+
+def test_never_saturated_is_a_lower_bound(tmp_path):
+    _write_burst_run(tmp_path / "run", rcvbuf_bytes=4 << 20)
+    fit = fit_udp_burst(load_run(tmp_path / "run"))
+    assert fit.observed_drops_n == 0 and fit.drain_is_lower_bound
+    assert any("lower bound" in c for c in fit.caveats) and "lower bound" in fit.summary()
+    assert "≥" in fit.summary()
+
+
+def test_one_fit_per_socket_when_several_share_the_port(tmp_path):
+    # two SO_REUSEPORT sockets of 256 queries each: a 2,000 burst in 10 ms splits 1,000 / 1,000
+    lost = _write_burst_run(tmp_path / "run", sockets=2)
+    fit = fit_udp_burst(load_run(tmp_path / "run"))
+    assert len(fit.sockets) == 2 and {s.inode for s in fit.sockets} == {100, 101}
+    assert fit.max_burst_no_loss == pytest.approx(2 * 256 + 500, rel=0.03)
+    assert fit.predicted_loss_n == pytest.approx(lost[0], rel=0.05)
+    # each socket needs the queue of its share only
+    assert fit.needed_rcvbuf_bytes == pytest.approx(math.ceil(1000 - fit.drain_rate_min_qps * 0.005) * 832, rel=0.01)
+    assert any("2 sockets" in c for c in fit.caveats)
+
+
+def test_without_sock_diag_the_request_is_doubled_and_capped_by_rmem_max(tmp_path):
+    _write_burst_run(tmp_path / "run", so_rcvbuf=8 << 20, host={"rmem_max_bytes": 4 << 20}, sock_diag=False)
+    fit = fit_udp_burst(load_run(tmp_path / "run"))
+    assert fit.rcvbuf_bytes == 8 << 20 and fit.sockets[0].rcvbuf_source == "so-rcvbuf doubled"
+    _write_burst_run(tmp_path / "run2", so_rcvbuf=8 << 20, sock_diag=False)
+    assert fit_udp_burst(load_run(tmp_path / "run2")).rcvbuf_bytes == 16 << 20
+
+
+def test_without_answer_timing_the_drain_is_inferred_from_the_loss(tmp_path):
+    lost = _write_burst_run(tmp_path / "run", bursts=((2000, 0.010), (3000, 0.010)) * 3, answers=False)
+    fit = fit_udp_burst(load_run(tmp_path / "run"))
+    assert fit.drain_source == "inferred from drops"
+    assert fit.drain_rate_qps == pytest.approx(50_000, rel=0.02)
+    assert fit.burst_n == 3000 and fit.predicted_loss_n == pytest.approx(lost[1], abs=15)
+
+
+# -- the socket's real receive buffer (netlink sock_diag) ----------------------------------------
+
+
+def test_sock_diag_reads_the_kernels_rcvbuf_of_a_real_socket():
+    import socket
+
+    from loadkit.observe import sockdiag
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as a, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as b:
+        for s in (a, b):
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 50_000)
+        a.bind(("127.0.0.1", 0))
+        port = a.getsockname()[1]
+        b.bind(("127.0.0.1", port))  # a second SO_REUSEPORT socket: a row of its own
+        found = {m.inode: m for m in sockdiag.udp_meminfo([port])}
+        ino_a, ino_b = (os.fstat(s.fileno()).st_ino for s in (a, b))
+        # what getsockopt says, i.e. the doubled request (ss -m "rb")
+        assert found[ino_a].rcvbuf_bytes == a.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) == 100_000
+        assert found[ino_b].rcvbuf_bytes == b.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        assert found[ino_a].local_port == port and found[ino_a].local_address == "127.0.0.1"
+        # queued bytes are seen too
+        b.close()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as c:
+            c.sendto(b"x" * 40, ("127.0.0.1", port))
+            time.sleep(0.05)
+        assert sockdiag.udp_rcvbuf([port])[ino_a].rmem_alloc_bytes > 0
+
+
+def test_collector_records_one_row_per_socket_with_its_rcvbuf(tmp_path):
+    import socket
+
+    from loadkit.observe.collector import Collector, CollectorConfig
+
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]
+    try:
+        for s, size in zip(socks, (20_000, 40_000)):
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+        socks[0].bind(("127.0.0.1", 0))
+        port = socks[0].getsockname()[1]
+        socks[1].bind(("127.0.0.1", port))
+        c = Collector(CollectorConfig(udp_ports=[port], out_dir=None, host="t"))
+        sample = c.sample()
+        rows = sorted((r.inode, r.rcvbuf_bytes) for r in sample.sockets)
+        assert rows == sorted((os.fstat(s.fileno()).st_ino, 2 * size) for s, size in zip(socks, (20_000, 40_000)))
+        c.close()
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_sk_rcvbuf_of_a_request_is_capped_then_doubled():
+    from loadkit.observe.sockdiag import doubled_rcvbuf
+
+    assert doubled_rcvbuf(8 << 20, 4 << 20) == 8 << 20  # capped at rmem_max, then doubled
+    assert doubled_rcvbuf(8 << 20, 4 << 20, forced=True) == 16 << 20  # SO_RCVBUFFORCE: no cap
+    assert doubled_rcvbuf(1000, 4 << 20) == 2000

@@ -117,16 +117,6 @@ def udp_burst(rcvbuf_bytes: float = DEFAULT_RCVBUF_BYTES, service_rate_qps: floa
     return r
 
 
-def _counter_rates(run: RunData, metric: str) -> pd.Series:
-    g = run.generator
-    g = g[(g["metric"] == metric) & (g["kind"] == "counter")]
-    s = g.groupby("ts_unix_s")["value"].sum().sort_index()
-    if len(s) < 2:
-        return pd.Series(dtype=float)
-    dt = np.diff(s.index.to_numpy(dtype=float))
-    return pd.Series(np.diff(s.to_numpy(dtype=float)) / dt, index=s.index[1:])
-
-
 def _recorded_so_rcvbuf(manifest: dict) -> float:
     """The lab's ``dns_rcvbuf_bytes`` (unbound ``so-rcvbuf``) as the run recorded it, 0 if none."""
     lab = manifest.get("lab") or {}
@@ -179,41 +169,302 @@ def receive_drops(run: RunData, address: str | None = None, port: int | None = N
     return "drops", pd.Series(dtype=float)
 
 
-def fit_udp_burst(run: RunData, *, rcvbuf_bytes: float | None = None,
-                  bytes_per_datagram: float = BYTES_PER_DATAGRAM, burst_window_s: float = 0.0,
-                  address: str | None = None, port: int | None = None) -> UdpBurstResult:
-    """The burst model with the service rate and drops measured in a recorded DNS run.
 
-    Service rate: the highest answered rate of any interval (``dns.answered`` counter, else
-    successful DNS requests), the best estimate of capacity when the run saturated the server.
-    Drops: the ``drops`` of the server's own socket (``address``/``port``, default the run's
-    ``udp://`` target) when the collector watched it, else the host-wide ``RcvbufErrors``. ``rcvbuf_bytes`` defaults to the lab's recorded ``dns_rcvbuf_bytes`` (unbound's
-    ``so-rcvbuf``, from the manifest's lab or profile) doubled as the kernel does, else the
-    platform default.
+# --------------------------------------------------------------------------------------------
+# a recorded run: the drain rate inside each burst, one fit per server socket
+# --------------------------------------------------------------------------------------------
+
+
+def so_rcvbuf_for(sk_rcvbuf_bytes: float) -> int:
+    """The ``SO_RCVBUF``/``so-rcvbuf`` request that gives at least ``sk_rcvbuf_bytes``: the kernel
+    doubles a request (``sock_setsockopt``), so half of it, rounded up (never down)."""
+    return int(math.ceil(max(float(sk_rcvbuf_bytes), 0.0) / 2.0))
+
+
+@dataclass
+class SocketFit(Result):
+    """One server socket: its buffer and the drops counted on it."""
+
+    kind = "udp_socket"
+
+    address: str
+    port: int
+    inode: int  #: 0 when the run recorded sockets without one (or none at all)
+    rcvbuf_bytes: float  #: sk_rcvbuf
+    rcvbuf_source: str  #: "sock_diag", "so-rcvbuf doubled", "given", "platform default"
+    buffer_datagrams: int
+    drops_n: int  #: drops counted on this socket during the run (0 when not watched)
+
+    def summary(self) -> str:
+        return (f"{self.address}:{self.port} rb {self.rcvbuf_bytes:.0f} B ({self.rcvbuf_source}) = "
+                f"{self.buffer_datagrams} queries; dropped {self.drops_n}")
+
+
+@dataclass
+class BurstObservation(Result):
+    """One burst of the run: what was sent, the drain rate inside it, loss predicted and measured."""
+
+    kind = "udp_burst_observation"
+
+    burst_index: int
+    first_sent_unix_s: float
+    window_s: float
+    sent_n: int
+    drain_qps: float  #: answers read during the burst / time from its first query to that read; nan if unknown
+    predicted_loss_n: float  #: with the run's median drain rate
+    measured_loss_n: float  #: drops on the server sockets between this burst and the next; nan if unknown
+
+
+@dataclass
+class UdpBurstFit(Result):
+    """The burst model fitted to a recorded DNS run (``loadkit fit udp-burst`` and the report).
+
+    The drain rate is measured *inside* bursts: how many answers came back between a burst's
+    first query and the sender's first read after its last one, over that time (the burst events
+    carry both). A burst that drops while the server drains at ``mu`` leaves its buffers full, so
+    it loses ``n - B - mu w`` (``B`` the sockets' buffers in queries, ``w`` the emission window).
+    When no burst dropped, the server kept up and the drain rate is only a lower bound.
     """
-    answered = _counter_rates(run, "dns.answered")
-    if not len(answered):
-        req = run.requests
-        req = req[req["request_type"] == "DNS"] if len(req) else req
-        if not len(req):
-            raise ModelError(f"run {run.run_id} has neither a dns.answered counter nor DNS requests")
-        per = req.groupby("ts_unix_s").agg(n=("requests_n", "sum"), f=("failures_n", "sum"),
-                                           dt=("interval_s", "max"))
-        answered = (per["n"] - per["f"]) / per["dt"]
-    service = float(answered.max())
-    if rcvbuf_bytes is None:
-        so = _recorded_so_rcvbuf(run.manifest)
-        rcvbuf_bytes = 2 * float(so) if so else DEFAULT_RCVBUF_BYTES
-    result = udp_burst(rcvbuf_bytes, service, bytes_per_datagram=bytes_per_datagram,
-                       burst_window_s=burst_window_s)
-    _, drops = receive_drops(run, address, port)
-    result.observed_drops_n = int(drops.sum()) if len(drops) else 0
-    offered = _counter_rates(run, "dns.original_sent").add(
-        _counter_rates(run, "dns.retry_sent"), fill_value=0.0)
-    if len(drops) and len(offered) and (drops > 0).any():
-        hit = pd.merge_asof(pd.DataFrame({"ts_unix_s": drops.index.to_numpy(dtype=float), "d": drops.to_numpy()}),
-                            pd.DataFrame({"ts_unix_s": offered.index.to_numpy(dtype=float), "o": offered.to_numpy()}),
-                            on="ts_unix_s", direction="nearest")
-        hit = hit[hit["d"] > 0]
-        result.observed_onset_qps = float(hit["o"].min()) if len(hit) else None
-    return result
+
+    kind = "udp_burst_fit"
+
+    bytes_per_datagram: float
+    sockets: list[SocketFit]
+    drain_rate_qps: float  #: median over bursts; nan when no burst measured it
+    drain_rate_min_qps: float  #: the slowest burst: what the recommendation is sized for
+    drain_source: str  #: "answers in the burst window", "inferred from drops", "none"
+    drain_is_lower_bound: bool  #: no burst dropped: the server may drain faster
+    bursts: list[BurstObservation]
+    burst_n: float  #: the burst the headline is for (the largest the run sent, unless given)
+    burst_window_s: float
+    max_burst_no_loss: float  #: in ``burst_window_s``, at the median drain rate
+    predicted_loss_n: float  #: of ``burst_n`` in ``burst_window_s`` at the median drain rate
+    measured_loss_mean_n: float  #: mean measured loss of the bursts of that size; nan if none measured
+    needed_rcvbuf_bytes: int  #: sk_rcvbuf per socket for ``burst_n`` at the slowest drain, whole queries
+    recommended_so_rcvbuf_bytes: int  #: half of it, rounded up; net.core.rmem_max must be >= this
+    observed_drops_n: int
+    observed_onset_qps: float | None
+    caveats: list[str]
+
+    # -- what the report also reads (the figures of UdpBurstResult) ------------------------------
+    @property
+    def service_rate_qps(self) -> float:
+        return self.drain_rate_qps
+
+    @property
+    def rcvbuf_bytes(self) -> float:
+        return min(s.rcvbuf_bytes for s in self.sockets)
+
+    @property
+    def buffer_datagrams(self) -> int:
+        return sum(s.buffer_datagrams for s in self.sockets)
+
+    def _mu(self, conservative: bool = False) -> float:
+        mu = self.drain_rate_min_qps if conservative else self.drain_rate_qps
+        return mu if math.isfinite(mu) else 0.0
+
+    def expected_loss(self, burst_n: float, burst_window_s: float = 0.0) -> float:
+        """Queries lost from a burst spread evenly over the sockets (fluid model, median drain)."""
+        k = len(self.sockets)
+        served = self._mu() * burst_window_s / k
+        return float(sum(max(0.0, burst_n / k - served - s.buffer_datagrams) for s in self.sockets))
+
+    def max_burst_in_window(self, burst_window_s: float) -> float:
+        k = len(self.sockets)
+        return k * min(s.buffer_datagrams for s in self.sockets) + self._mu() * burst_window_s
+
+    def rcvbuf_for(self, burst_n: float, burst_window_s: float = 0.0) -> int:
+        """sk_rcvbuf bytes each socket needs so such a burst loses nothing at the slowest drain rate
+        the run measured, in whole queries, rounded up."""
+        k = len(self.sockets)
+        queued = max(burst_n / k - self._mu(conservative=True) * burst_window_s / k, 1.0)
+        return int(math.ceil(math.ceil(queued) * self.bytes_per_datagram))
+
+    def summary(self) -> str:
+        where = ", ".join(f"{s.address}:{s.port}" for s in self.sockets[:1])
+        k = len(self.sockets)
+        socks = f"{where} ({k} sockets, rb {self.rcvbuf_bytes:.0f} B each)" if k > 1 else \
+            f"{where} (rb {self.rcvbuf_bytes:.0f} B = {self.buffer_datagrams} queries of {self.bytes_per_datagram:.0f} B)"
+        if math.isfinite(self.drain_rate_qps):
+            drain = (f"drain in bursts {'≥ ' if self.drain_is_lower_bound else ''}{self.drain_rate_qps:,.0f}/s "
+                     f"(median of {sum(math.isfinite(b.drain_qps) for b in self.bursts)} bursts, {self.drain_source})")
+        else:
+            drain = "drain in bursts not measured"
+        ms = self.burst_window_s * 1e3
+        text = [socks, drain,
+                f"largest burst without loss in {ms:.0f} ms {'≥' if self.drain_is_lower_bound else '≈'} "
+                f"{self.max_burst_no_loss:,.0f}"]
+        if self.burst_n:
+            measured = (f", measured {self.measured_loss_mean_n:,.0f}" if math.isfinite(self.measured_loss_mean_n)
+                        else "")
+            text.append(f"a burst of {self.burst_n:,.0f} in {ms:.0f} ms loses {self.predicted_loss_n:,.0f} "
+                        f"predicted{measured}")
+            text.append(f"so-rcvbuf {self.recommended_so_rcvbuf_bytes:,} B (sk_rcvbuf "
+                        f"{self.needed_rcvbuf_bytes:,} B per socket; net.core.rmem_max must be ≥ "
+                        f"{self.recommended_so_rcvbuf_bytes:,} unless set with SO_RCVBUFFORCE)")
+        out = "; ".join(text)
+        if self.caveats:
+            out += " [" + "; ".join(self.caveats) + "]"
+        return out
+
+
+def _burst_events(run: RunData) -> pd.DataFrame:
+    """The run's ``burst`` events, one row per burst (workers' shares of one burst summed)."""
+    rows = []
+    for ev in run.events:
+        if ev.get("kind") != "burst":
+            continue
+        d = ev.get("detail") or {}
+        try:
+            first = float(d.get("first_sent_unix_s", ev.get("ts_unix_s")))
+            last = float(d.get("last_sent_unix_s", first + float(d.get("window_s") or 0.0)))
+            rows.append({"burst_index": int(d.get("burst_index", len(rows))), "first": first, "last": last,
+                         "sent_n": int(d.get("sent_n") or 0),
+                         "answered_n": (float(d["answered_in_window_n"])
+                                        if float(d.get("answered_in_window_n", -1)) >= 0 else math.nan),
+                         "read": float(d["answers_read_unix_s"]) if "answers_read_unix_s" in d else math.nan})
+        except (TypeError, ValueError):
+            continue  # a malformed event says nothing about the burst
+    if not rows:
+        return pd.DataFrame(columns=["first", "last", "sent_n", "answered_n", "read"])
+    df = pd.DataFrame(rows)
+    return df.groupby("burst_index").agg(first=("first", "min"), last=("last", "max"), sent_n=("sent_n", "sum"),
+                                         answered_n=("answered_n", lambda v: v.sum(min_count=1)),
+                                         read=("read", "max")).sort_values("first")
+
+
+def _socket_fits(run: RunData, rcvbuf_bytes: float | None, bytes_per_datagram: float, address: str | None,
+                 port: int | None) -> tuple[list[SocketFit], dict[int, pd.Series]]:
+    """One :class:`SocketFit` per server socket, and each socket's cumulative drops by time."""
+    mine = target_socket(run, address, port)
+    so = _recorded_so_rcvbuf(run.manifest)
+    rmem_max = (run.manifest.get("host") or {}).get("rmem_max_bytes")
+    if rcvbuf_bytes is not None:
+        fallback, source = float(rcvbuf_bytes), "given"
+    elif so:
+        # no sock_diag figure: what the kernel makes of the request (doubled, capped unless forced)
+        fallback, source = float(2 * min(so, rmem_max) if rmem_max else 2 * so), "so-rcvbuf doubled"
+    else:
+        fallback, source = float(DEFAULT_RCVBUF_BYTES), "platform default"
+    if not len(mine):
+        # the server socket was not watched: the host-wide RcvbufErrors (every socket's drops)
+        net = run.net
+        d = (net.groupby("ts_unix_s")["udp_rcvbuf_errors_n"].sum().sort_index().astype(float)
+             if len(net) and "udp_rcvbuf_errors_n" in net else pd.Series(dtype=float))
+        fit = SocketFit(address or "*", int(port or 0), 0, fallback, source,
+                        buffer_datagrams(fallback, bytes_per_datagram), int(d.diff().clip(lower=0).sum()))
+        return [fit], ({0: d} if len(d) else {})
+    inode = mine["inode"] if "inode" in mine else pd.Series(0, index=mine.index)
+    fits, drops = [], {}
+    for key, rows in mine.assign(_inode=inode.fillna(0).astype(int)).groupby(["local_address", "local_port", "_inode"]):
+        rb = rows["rcvbuf_bytes"] if "rcvbuf_bytes" in rows else pd.Series(dtype=float)
+        rb = rb[rb > 0]
+        size, src = (float(rb.median()), "sock_diag") if len(rb) and rcvbuf_bytes is None else (fallback, source)
+        d = rows.groupby("ts_unix_s")["drops_n"].sum().sort_index().astype(float)
+        fits.append(SocketFit(str(key[0]), int(key[1]), int(key[2]), size, src,
+                              buffer_datagrams(size, bytes_per_datagram), int(d.diff().clip(lower=0).sum())))
+        drops[len(fits) - 1] = d
+    return fits, drops
+
+
+def _measured_loss(drops: dict[int, pd.Series], first: np.ndarray) -> np.ndarray:
+    """Drops on the server sockets from the last sample before each burst to the last sample
+    before the next one; nan where no sample separates two bursts (the drops cannot be split)."""
+    if not drops:
+        return np.full(len(first), math.nan)
+    nxt = np.append(first[1:], math.inf)
+    out = np.zeros(len(first))
+    for d in drops.values():
+        ts, v = d.index.to_numpy(dtype=float), d.to_numpy()
+        lo = np.searchsorted(ts, first, side="right") - 1  # last sample at or before the burst
+        hi = np.searchsorted(ts, nxt, side="left") - 1  # last sample before the next burst
+        ok = (lo >= 0) & (hi > lo)
+        out = np.where(ok, out + np.where(ok, v[np.clip(hi, 0, None)] - v[np.clip(lo, 0, None)], 0.0), math.nan)
+    return np.clip(out, 0.0, None)
+
+
+def _onset_qps(run: RunData, fits: list[SocketFit], drops: dict[int, pd.Series]) -> float | None:
+    """Lowest offered rate of a collector interval with drops on the server sockets."""
+    from loadkit.record import counters
+
+    if not drops or not sum(f.drops_n for f in fits):
+        return None
+    offered = counters.rates(run, "dns.original_sent").add(counters.rates(run, "dns.retry_sent"), fill_value=0.0)
+    total = pd.concat(drops.values(), axis=1).sort_index().ffill().fillna(0.0).sum(axis=1).diff().clip(lower=0).dropna()
+    if not len(offered) or not (total > 0).any():
+        return None
+    hit = pd.merge_asof(pd.DataFrame({"ts": total.index.to_numpy(dtype=float), "d": total.to_numpy()}),
+                        pd.DataFrame({"ts": offered.index.to_numpy(dtype=float), "o": offered.to_numpy()}),
+                        on="ts", direction="nearest")
+    hit = hit[hit["d"] > 0]
+    return float(hit["o"].min()) if len(hit) else None
+
+
+def fit_udp_burst(run: RunData, *, rcvbuf_bytes: float | None = None,
+                  bytes_per_datagram: float = BYTES_PER_DATAGRAM, burst_window_s: float | None = None,
+                  burst_n: float | None = None, address: str | None = None,
+                  port: int | None = None) -> UdpBurstFit:
+    """The burst model fitted to a recorded DNS run: buffers per server socket, the drain rate
+    inside the run's bursts, loss per burst predicted beside measured, and the buffer needed.
+
+    Buffers: each watched server socket's ``sk_rcvbuf`` as the collector read it (sock_diag);
+    else the recorded ``so-rcvbuf`` doubled (capped by ``rmem_max`` when the manifest has it);
+    else the platform default; ``rcvbuf_bytes`` overrides. With several sockets (SO_REUSEPORT,
+    unbound ``num-threads``), bursts are assumed spread evenly over them (the kernel hashes
+    each client address and port to one socket). The headline is for ``burst_n`` queries in
+    ``burst_window_s`` (default: the largest burst the run sent, in its median window).
+    """
+    bursts = _burst_events(run)
+    fits, drops = _socket_fits(run, rcvbuf_bytes, bytes_per_datagram, address, port)
+    k = len(fits)
+    first = bursts["first"].to_numpy(dtype=float)
+    window = (bursts["last"] - bursts["first"]).clip(lower=0.0).to_numpy(dtype=float)
+    sent = bursts["sent_n"].to_numpy(dtype=float)
+    measured = _measured_loss(drops, first)
+    span = (bursts["read"] - bursts["first"]).to_numpy(dtype=float)
+    drain = np.where(span > 0, bursts["answered_n"].to_numpy(dtype=float) / np.where(span > 0, span, 1.0), math.nan)
+    buffered = sum(f.buffer_datagrams for f in fits)
+    caveats: list[str] = []
+    source = "answers in the burst window"
+    if not len(bursts):
+        source = "none"
+        caveats.append("no 'burst' events in the run: drain rate not measured, the buffer alone absorbs")
+    elif not np.isfinite(drain).any():
+        # no answer timing in the events (an older generator): the loss itself says what drained
+        source = "inferred from drops"
+        lost = np.where(np.isfinite(measured), measured, 0.0)
+        drain = np.where((window > 0) & np.isfinite(measured), np.clip(sent - lost - buffered, 0, None)
+                         / np.where(window > 0, window, 1.0), math.nan)
+        if not np.isfinite(drain).any():
+            source = "none"
+            caveats.append("drain rate not measured: the burst events carry no answer timing and no drops "
+                           "were counted on the server socket")
+    saturated = bool(np.nansum(measured) > 0)
+    if len(bursts) and not saturated:
+        caveats.append("lower bound: no burst dropped, the server was never saturated")
+    mu = float(np.nanmedian(drain)) if np.isfinite(drain).any() else math.nan
+    mu_min = float(np.nanmin(drain)) if np.isfinite(drain).any() else math.nan
+    fit = UdpBurstFit(bytes_per_datagram=float(bytes_per_datagram), sockets=fits, drain_rate_qps=mu,
+                      drain_rate_min_qps=mu_min, drain_source=source, drain_is_lower_bound=not saturated,
+                      bursts=[], burst_n=0.0, burst_window_s=0.0, max_burst_no_loss=math.nan,
+                      predicted_loss_n=math.nan, measured_loss_mean_n=math.nan, needed_rcvbuf_bytes=0,
+                      recommended_so_rcvbuf_bytes=0, observed_drops_n=int(sum(f.drops_n for f in fits)),
+                      observed_onset_qps=_onset_qps(run, fits, drops), caveats=caveats)
+    fit.bursts = [BurstObservation(int(i), float(f), float(w), int(n), float(d), fit.expected_loss(n, w), float(m))
+                  for i, f, w, n, d, m in zip(bursts.index, first, window, sent, drain, measured)]
+    largest = float(sent.max()) if len(sent) else 0.0
+    fit.burst_n = float(burst_n if burst_n is not None else largest)
+    same = sent == largest
+    fit.burst_window_s = float(burst_window_s if burst_window_s is not None else
+                               (np.median(window[same]) if same.any() else 0.0))
+    fit.max_burst_no_loss = fit.max_burst_in_window(fit.burst_window_s)
+    fit.predicted_loss_n = fit.expected_loss(fit.burst_n, fit.burst_window_s)
+    if burst_n is None and np.isfinite(measured[same]).any():
+        fit.measured_loss_mean_n = float(np.nanmean(measured[same]))
+    fit.needed_rcvbuf_bytes = fit.rcvbuf_for(fit.burst_n, fit.burst_window_s)
+    fit.recommended_so_rcvbuf_bytes = so_rcvbuf_for(fit.needed_rcvbuf_bytes)
+    if k > 1:
+        caveats.append(f"{k} sockets share the port: bursts assumed spread evenly over them")
+    if burst_n is not None and burst_n > largest:
+        caveats.append(f"extrapolation: the run's largest burst was {largest:.0f}")
+    return fit

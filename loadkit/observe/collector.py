@@ -37,7 +37,7 @@ from loadkit.partfiles import PartWriter
 from loadkit.schema import (RUN_LAYOUT, Event, FirewallSample, GroupSample, NetSample, SocketSample,
                             SystemSample)
 
-from . import cgroups, procfs
+from . import cgroups, procfs, sockdiag
 from . import firewall as firewall_tables
 from .degrade import WarnOnce
 from .events import EventTracker
@@ -101,6 +101,8 @@ class Sample(NamedTuple):
     system: SystemSample
     events: list[Event]
     sample_s: float  #: time this sample took to take
+    #: socket inode -> its own drops since the previous sample (``socket_drops_delta`` sums a key)
+    socket_inode_drops_delta: dict[int, int] = {}
     #: FirewallSample per firewall table read this tick (none on ticks a slow read skips)
     firewall: tuple = ()
 
@@ -117,7 +119,9 @@ class Sample(NamedTuple):
         sockets = []
         for s in self.sockets:
             row = s._asdict()
-            row["drops_n_delta"] = self.socket_drops_delta.get((s.local_address, s.local_port), 0)
+            # one row per socket: its own delta when known (several SO_REUSEPORT sockets share a key)
+            row["drops_n_delta"] = self.socket_inode_drops_delta.get(
+                s.inode, self.socket_drops_delta.get((s.local_address, s.local_port), 0))
             sockets.append(row)
         return {"groups": groups, "net": [net], "sockets": sockets, "system": [self.system._asdict()],
                 "firewall": [f._asdict() for f in self.firewall]}
@@ -160,6 +164,8 @@ class Sample(NamedTuple):
             events=[Event(e["ts_unix_s"], e["kind"], e["source"], e.get("detail", {})) for e in events],
             sample_s=float(d.get("sample_s", 0.0)),
             firewall=tuple(rec(FirewallSample, r) for r in d.get("firewall", [])),
+            socket_inode_drops_delta={int(r["inode"]): int(r.get("drops_n_delta", 0))
+                                      for r in d.get("sockets", []) if r.get("inode")},
         )
 
 
@@ -339,30 +345,41 @@ class Collector:
         )
         return net, {k: delta[k] for k in NET_COUNTERS}
 
-    def _sockets(self, ts: float) -> tuple[list[SocketSample], dict[tuple[str, int], int]]:
+    def _sockets(self, ts: float) -> tuple[list[SocketSample], dict[tuple[str, int], int], dict[int, int]]:
         if not self.config.udp_ports:
-            return [], {}
+            return [], {}, {}
         root = self.config.proc_root
         found = self._try("udp_sockets", f"{root}/net/udp", lambda: procfs.read_udp_sockets(root, self.config.udp_ports), [])
-        merged: dict[tuple[str, int], list[int]] = {}
-        for s in found:
-            acc = merged.setdefault((s.local_address, s.local_port), [0, 0, 0])
-            acc[0] += s.rx_queue_bytes
-            acc[1] += s.tx_queue_bytes
-            acc[2] += s.drops_n
-        rows, deltas = [], {}
-        for key, (rx, tx, drops) in sorted(merged.items()):
-            _, delta = self._counters.update(("udp", key), {"drops": drops})
-            deltas[key] = delta["drops"]
-            rows.append(SocketSample(ts, self.host, key[1], rx, tx, drops, key[0]))
+        rcvbuf = self._rcvbuf(found)
+        rows, deltas, by_inode = [], {}, {}
+        live = set()
+        # one row per socket: SO_REUSEPORT sockets (unbound num-threads > 1) fill and drop apart
+        for s in sorted(found, key=lambda s: (s.local_address, s.local_port, s.inode)):
+            key = (s.local_address, s.local_port, s.inode)
+            live.add(key)
+            _, delta = self._counters.update(("udp", key), {"drops": s.drops_n})
+            by_inode[s.inode] = delta["drops"]
+            deltas[key[:2]] = deltas.get(key[:2], 0) + delta["drops"]
+            rows.append(SocketSample(ts, self.host, s.local_port, s.rx_queue_bytes, s.tx_queue_bytes, s.drops_n,
+                                     s.local_address, s.inode, rcvbuf.get(s.inode, 0)))
         for key in self._counters.keys():
-            if isinstance(key, tuple) and key[0] == "udp" and key[1] not in merged:
+            if isinstance(key, tuple) and key[0] == "udp" and key[1] not in live:
                 self._counters.forget(key)  # socket closed: a new one starts from its own zero
-        seen_ports = {p for _, p in merged}
+        seen_ports = {s.local_port for s in found}
         for port in self.config.udp_ports:
             if port not in seen_ports:
                 self.warn.warn(f"udp_port:{port}", f"no UDP socket is bound to port {port} (yet); nothing recorded for it until one is")
-        return rows, deltas
+        return rows, deltas, by_inode
+
+    def _rcvbuf(self, found: list) -> dict[int, int]:
+        """inode -> sk_rcvbuf of the watched sockets (netlink sock_diag: /proc has no buffer size)."""
+        if not found or os.path.realpath(self.config.proc_root) != "/proc":
+            return {}  # a canned /proc root: the live kernel's sockets are not these
+        sizes = {inode: m.rcvbuf_bytes for inode, m in sockdiag.udp_rcvbuf(self.config.udp_ports).items()}
+        if not sizes:
+            self.warn.warn("sock_diag", "netlink sock_diag (udp_diag) is unavailable: socket receive-buffer "
+                           "sizes recorded as 0; models assume the doubled so-rcvbuf")
+        return sizes
 
     def _system(self, ts: float) -> SystemSample:
         root = self.config.proc_root
@@ -399,7 +416,7 @@ class Collector:
         t0 = time.perf_counter()
         ts = time.time()
         net, net_delta = self._net(ts)
-        sockets, sock_delta = self._sockets(ts)
+        sockets, sock_delta, inode_delta = self._sockets(ts)
         system = self._system(ts)
         root = self.config.proc_root
 
@@ -418,7 +435,8 @@ class Collector:
         events = self.tracker.update(ts, self.groups.members, self.groups.cgroup_readings) if group_rows else []
         firewall = self._firewall_rows(ts)
         events = self.warn.take() + events
-        sample = Sample(ts, self.host, group_rows, net, net_delta, sockets, sock_delta, group_delta, system, events, 0.0)
+        sample = Sample(ts, self.host, group_rows, net, net_delta, sockets, sock_delta, group_delta, system, events, 0.0,
+                        inode_delta)
         sample = sample._replace(firewall=tuple(firewall), sample_s=time.perf_counter() - t0)
         self._publish(sample)
         return sample

@@ -80,6 +80,10 @@ class BurstWindow(NamedTuple):
     first_sent_unix_s: float
     last_sent_unix_s: float
     sent_n: int
+    #: answers (to any query) read from the burst's first send to the first read after its last
+    #: one, and when that read ended: the server's drain rate inside the burst; -1 if unknown
+    answered_in_window_n: int = -1
+    answers_read_unix_s: float = 0.0
 
     @property
     def window_s(self) -> float:
@@ -390,6 +394,9 @@ class DnsSender:
         orig_sent = 0
         retry_sent = 0
         answered = 0
+        answered_done = 0  # answers already folded into the interval tally
+        burst_ans0 = 0  # answers read before the current burst's first send
+        closing = None  # a burst just sent, waiting for the read pass that follows it
         late = 0
         rc_counts = [0] * len(wire.OUTCOME_NAMES)
         timed_out = 0
@@ -406,7 +413,8 @@ class DnsSender:
 
         def commit_counts() -> None:
             # fold the loop's local counters into the interval tally
-            nonlocal orig_sent, retry_sent, answered, late, timed_out
+            nonlocal orig_sent, retry_sent, answered, late, timed_out, answered_done
+            answered_done += answered
             c = self._counts
             for key, v in (
                 ("dns.original_sent", orig_sent),
@@ -425,6 +433,7 @@ class DnsSender:
             orig_sent = retry_sent = answered = late = timed_out = 0
 
         def close_burst() -> None:
+            nonlocal closing
             if burst_cur >= 0 and burst_cur_n:
                 bw = BurstWindow(
                     burst_cur,
@@ -433,11 +442,22 @@ class DnsSender:
                     wall0 + (burst_last - t0),
                     burst_cur_n,
                 )
-                self.bursts.append(bw)
-                self._done_bursts.append(bw)
+                if closing is not None:
+                    finish_burst()
+                # kept until the next read pass has counted what came back during the burst
+                closing = (bw, burst_ans0)
                 log.info(
                     "burst %d: %d queries left in %.1f ms", bw.burst_index, bw.sent_n, bw.window_s * 1000
                 )
+
+        def finish_burst() -> None:
+            nonlocal closing
+            bw, ans0 = closing
+            closing = None
+            bw = bw._replace(answered_in_window_n=answered_done + answered - ans0,
+                             answers_read_unix_s=wall0 + (perf() - t0))
+            self.bursts.append(bw)
+            self._done_bursts.append(bw)
 
         def icmp_refused(s: int, now: float) -> None:
             # ECONNREFUSED: an ICMP port unreachable came back for this socket; the port is
@@ -516,6 +536,7 @@ class DnsSender:
                                 if k != burst_cur:
                                     close_burst()
                                     burst_cur, burst_cur_n, burst_first = k, 0, -1.0
+                                    burst_ans0 = answered_done + answered
                             for j in range(n):
                                 q = queries[qpos]
                                 qpos += 1
@@ -617,6 +638,8 @@ class DnsSender:
                             self._spawn_tcp(entry[2], entry[3], entry[4], entry[0], src_of[s], True)
                         else:
                             self._fail(entry[4], OUTCOME_FAILURE[code], lat)
+                if closing is not None:
+                    finish_burst()
                 # ---- expire -----------------------------------------------------------------
                 now = perf()
                 for attempt, fifo in enumerate(pending):
@@ -662,6 +685,8 @@ class DnsSender:
                     # wakes on any reply (epoll descriptor readable) or the next due event
                     gevent.select.select([ep_fd], [], [], delay)
         finally:
+            if closing is not None:
+                finish_burst()
             commit_counts()
             unfinished = self.outstanding_n()
             if unfinished:

@@ -350,6 +350,9 @@ class DnsRun:
                 "last_sent_unix_s": bw.last_sent_unix_s,
                 "window_s": bw.window_s,
                 "sent_n": bw.sent_n,
+                # the server's drain rate inside the burst (loadkit.model.fit_udp_burst)
+                "answered_in_window_n": bw.answered_in_window_n,
+                "answers_read_unix_s": bw.answers_read_unix_s,
                 "worker_index": self.share[0],
                 "workers_n": self.share[1],
             },
