@@ -14,6 +14,7 @@ analysis that reads them.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 # --------------------------------------------------------------------------------------------
@@ -96,6 +97,50 @@ class RequestInterval(NamedTuple):
     latency_p95_s: float
     latency_p99_s: float
     latency_max_s: float
+
+
+#: fine latency buckets: a latency of ``us`` microseconds falls in bucket
+#: ``int(log2(us) * LATENCY_BUCKETS_PER_OCTAVE)`` (everything up to 1 µs in bucket 0), as in
+#: HdrHistogram's log buckets. Reporting a bucket's upper edge never under-reports, and over-reports
+#: by at most :data:`LATENCY_BUCKET_ERROR` of the value.
+LATENCY_BUCKETS_PER_OCTAVE = 16
+#: relative width of one bucket, 2 ** (1/16) - 1: about 4.4 %
+LATENCY_BUCKET_ERROR = 2.0 ** (1.0 / LATENCY_BUCKETS_PER_OCTAVE) - 1.0
+
+
+def latency_bucket(latency_s: float) -> int:
+    """Index of the log bucket that holds ``latency_s`` (see :data:`LATENCY_BUCKETS_PER_OCTAVE`)."""
+    us = latency_s * 1e6
+    if us <= 1.0:
+        return 0
+    return int(math.log2(us) * LATENCY_BUCKETS_PER_OCTAVE)
+
+
+def latency_bucket_upper_s(index: int) -> float:
+    """Upper edge of bucket ``index`` in seconds: every latency in it is below this."""
+    return 2.0 ** ((index + 1) / LATENCY_BUCKETS_PER_OCTAVE) / 1e6
+
+
+class LatencyBucket(NamedTuple):
+    """How many requests of one (type, name) completed during one interval with a latency in one
+    log bucket (:func:`latency_bucket`). Rows of one interval and name together are its latency
+    histogram; merged over any window they give that window's percentiles
+    (``loadkit.record.latency``).
+
+    Made by the recording plugin every interval, beside the :class:`RequestInterval` of the same
+    ``ts_unix_s``: from a generator's fine histogram (``source="fine"``, microsecond resolution) when
+    it reports one, else from the delta of Locust's response-time dict (``source="locust"``): Locust
+    keeps milliseconds rounded to 2 significant digits, and each of its keys counts in the bucket of
+    the upper edge of its rounding step.
+    """
+
+    ts_unix_s: float  #: end of the interval, as in RequestInterval
+    interval_s: float
+    request_type: str
+    name: str
+    bucket_index: int
+    count_n: int
+    source: str  #: "fine" or "locust"
 
 
 class FailureInterval(NamedTuple):
@@ -262,6 +307,7 @@ RUN_LAYOUT: dict[str, str] = {
     "manifest": "manifest.json",  # RunManifest as JSON
     "requests": "requests",  # RequestInterval
     "failures": "failures",  # FailureInterval
+    "latency": "latency",  # LatencyBucket
     "generator": "generator",  # GeneratorMetric
     "groups": "samples/groups",  # GroupSample
     "net": "samples/net",  # NetSample (+ *_delta columns)
@@ -278,6 +324,7 @@ RUN_LAYOUT: dict[str, str] = {
 TABLE_RECORDS: dict[str, type] = {
     "requests": RequestInterval,
     "failures": FailureInterval,
+    "latency": LatencyBucket,
     "generator": GeneratorMetric,
     "groups": GroupSample,
     "net": NetSample,

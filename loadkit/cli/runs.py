@@ -62,6 +62,13 @@ def _show(args: argparse.Namespace) -> int:
     if not info["requests"].empty:
         print("\nrequests")
         print(info["requests"].to_string(index=False))
+    latency = info.get("latency") or {}
+    labels = [v for k, v in latency.items() if k.endswith("_label")]
+    if labels:
+        # the same figures the latency gates compare: every request, the whole run
+        print("\nlatency, every request over the whole run")
+        for label in labels:
+            print("  " + label)
     if not info["failures"].empty:
         print("\nfailures by class")
         print(info["failures"].to_string(index=False))

@@ -17,6 +17,7 @@ import duckdb
 import pandas as pd
 
 from loadkit.errors import RecordError
+from loadkit.record.latency import percentile, percentiles_by_name
 from loadkit.record.reader import load_manifest, read_events
 from loadkit.schema import RUN_LAYOUT
 
@@ -126,7 +127,8 @@ def find_run(run: str, runs_dir: str | Path = "runs") -> Path:
 
 
 def show_run(run: str, runs_dir: str | Path = "runs") -> dict[str, Any]:
-    """Manifest, per-request totals and percentiles, failures by class, events by kind."""
+    """Manifest, per-request totals and whole-run percentiles, the run's percentiles over every
+    request (``latency``: what the latency gates compare), failures by class, events by kind."""
     path = find_run(run, runs_dir)
     manifest = load_manifest(path)
     con = duckdb.connect()
@@ -139,7 +141,7 @@ def show_run(run: str, runs_dir: str | Path = "runs") -> dict[str, Any]:
                 f"""
                 SELECT request_type, name, sum(requests_n) AS requests_n, sum(failures_n) AS failures_n,
                        sum(latency_mean_s * requests_n) / sum(requests_n) AS latency_mean_s,
-                       max(latency_p99_s) AS worst_interval_p99_s, max(latency_max_s) AS latency_max_s,
+                       max(latency_max_s) AS latency_max_s,
                        sum(requests_n) / (max(ts_unix_s) - min(ts_unix_s - interval_s)) AS rate_per_s
                 FROM read_parquet('{_sql_path(req_glob)}')
                 GROUP BY request_type, name ORDER BY request_type, name
@@ -155,10 +157,39 @@ def show_run(run: str, runs_dir: str | Path = "runs") -> dict[str, Any]:
             ).df()
     finally:
         con.close()
+    requests = _with_percentiles(path, requests)
     events = read_events(path)
     kinds: dict[str, int] = {}
     for e in events:
         kinds[e.get("kind", "?")] = kinds.get(e.get("kind", "?"), 0) + 1
     notable = [e for e in events if e.get("kind") in ("abort", "worker_lost", "oom_kill", "warning")]
     return {"path": str(path), "manifest": manifest, "requests": requests, "failures": failures,
-            "event_counts": kinds, "notable_events": notable}
+            "latency": run_latency(path), "event_counts": kinds, "notable_events": notable}
+
+
+#: the percentiles ``runs show`` gives per request name and for the whole run
+SHOW_QUANTILES = (0.5, 0.9, 0.95, 0.99)
+
+
+def run_latency(path: Path) -> dict[str, Any]:
+    """Whole-run percentiles over every request (the figures the latency gates compare), each
+    with its label: ``{"p99_s": 1.04, "p99_label": "p99 ≤ 1.04 s (bucket upper edge, ...)", ...}``."""
+    out: dict[str, Any] = {}
+    for q in SHOW_QUANTILES:
+        figure = percentile(path, q)
+        key = f"p{q * 100:g}"
+        out[f"{key}_s"], out[f"{key}_label"] = figure.value_s, figure.label
+        out["source"] = figure.source
+    return out
+
+
+def _with_percentiles(path: Path, requests: pd.DataFrame) -> pd.DataFrame:
+    """Per-name whole-run percentiles from the latency buckets (upper edges) beside the totals;
+    none for runs recorded before the latency table (their figure is the labelled whole-run one)."""
+    if requests.empty:
+        return requests
+    by_name = percentiles_by_name(path, SHOW_QUANTILES)
+    if by_name.empty:
+        return requests
+    by_name = by_name.drop(columns=["requests_n"]).rename(columns={"source": "latency_source"})
+    return requests.merge(by_name, on=["request_type", "name"], how="left")

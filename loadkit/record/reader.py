@@ -35,6 +35,8 @@ class RunData:
     net: pd.DataFrame
     sockets: pd.DataFrame
     system: pd.DataFrame
+    #: LatencyBucket rows; empty for runs recorded before the table existed
+    latency: pd.DataFrame = field(default_factory=pd.DataFrame)
     #: FirewallSample rows; empty when the target had no firewall table (or older runs)
     firewall: pd.DataFrame = field(default_factory=pd.DataFrame)
     events: list[dict] = field(default_factory=list)

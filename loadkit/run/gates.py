@@ -1,49 +1,30 @@
 """Gates: the pass/fail answer a release pipeline uses, from a finished run record.
 
-Latency gates read Locust's whole-run percentiles (the ``Aggregated`` row of
-``locust/locust_stats.csv``, which Locust computes from its full response-time histogram);
-the failure-ratio gate sums the run's request intervals; the headroom gate asks
-:mod:`loadkit.model` for the minimum headroom and is *not evaluated* (``passed`` None, which
-does not fail the run) when no model is available or it cannot answer for this run.
+Latency gates read the run's latency histograms through :func:`loadkit.record.latency.percentile`
+over the whole run and every request, the same computation and window as ``loadkit runs show``
+(a bucket's upper edge: never below the true value, at most about 4.4 % above it; a run recorded
+before the latency table falls back to Locust's CSV, and the gate says so). The failure-ratio gate
+sums the run's request intervals; the headroom gate asks :mod:`loadkit.model` for the minimum
+headroom and is *not evaluated* (``passed`` None, which does not fail the run) when no model is
+available or it cannot answer for this run.
 """
 
 from __future__ import annotations
 
-import csv
 import logging
 from pathlib import Path
 from typing import Any
 
-from loadkit.schema import RUN_LAYOUT
+from loadkit.record.latency import LOCUST_CSV_PREFIX, percentile  # noqa: F401  (the runner's --csv prefix)
 
 log = logging.getLogger(__name__)
 
-#: gate key -> Locust CSV percentile column
-_PERCENTILE_COLUMNS = {"p50_latency_s": "50%", "p95_latency_s": "95%", "p99_latency_s": "99%"}
-
-LOCUST_CSV_PREFIX = "locust"  #: Locust writes <run>/locust/locust_stats.csv
+#: gate key -> quantile
+PERCENTILE_GATES = {"p50_latency_s": 0.5, "p95_latency_s": 0.95, "p99_latency_s": 0.99}
 
 
 def gate_result(name: str, passed: bool | None, value: float | None, limit: float, detail: str = "") -> dict:
     return {"name": name, "passed": passed, "value": value, "limit": limit, "detail": detail}
-
-
-def aggregated_percentiles(run_dir: Path) -> dict[str, float] | None:
-    """Locust's whole-run percentiles in seconds, or None when the CSV is missing or empty."""
-    path = Path(run_dir) / RUN_LAYOUT["locust"] / f"{LOCUST_CSV_PREFIX}_stats.csv"
-    if not path.exists():
-        return None
-    with path.open(newline="") as fh:
-        for row in csv.DictReader(fh):
-            if row.get("Name") == "Aggregated":
-                out = {}
-                for key, column in _PERCENTILE_COLUMNS.items():
-                    try:
-                        out[key] = float(row[column]) / 1000.0
-                    except (KeyError, ValueError):  # "N/A" when nothing completed
-                        return None
-                return out
-    return None
 
 
 def _headroom_pct(run_dir: Path, forecast_peak_sessions: float | None) -> tuple[float | None, str]:
@@ -70,19 +51,12 @@ def evaluate(run_dir: Path, gates: dict[str, float], requests: Any = None) -> li
     ``forecast_peak_sessions`` in ``gates`` is a parameter of the headroom gate, not a gate.
     """
     results = []
-    percentiles = None
     forecast = gates.get("forecast_peak_sessions")
     for name, limit in gates.items():
         if limit is None or name == "forecast_peak_sessions":
             continue
-        if name in _PERCENTILE_COLUMNS:
-            if percentiles is None:
-                percentiles = aggregated_percentiles(run_dir) or {}
-            value = percentiles.get(name)
-            if value is None:
-                results.append(gate_result(name, None, None, limit, "no completed requests"))
-            else:
-                results.append(gate_result(name, value <= limit, value, limit))
+        if name in PERCENTILE_GATES:
+            results.append(latency_gate(run_dir, name, limit))
         elif name == "failure_ratio":
             if requests is None:
                 from loadkit.record.reader import read_table
@@ -103,6 +77,14 @@ def evaluate(run_dir: Path, gates: dict[str, float], requests: Any = None) -> li
         else:
             results.append(gate_result(name, None, None, limit, "unknown gate: not evaluated"))
     return results
+
+
+def latency_gate(run_dir: Path, name: str, limit: float) -> dict:
+    """A percentile gate over the whole run, every request: :func:`loadkit.record.latency.percentile`."""
+    figure = percentile(Path(run_dir), PERCENTILE_GATES[name])
+    if figure.value_s is None:
+        return gate_result(name, None, None, limit, figure.label)
+    return gate_result(name, figure.value_s <= limit, figure.value_s, limit, figure.label)
 
 
 def describe(result: dict) -> str:

@@ -1,20 +1,31 @@
 """Fine latency histograms with log buckets in microseconds.
 
 Loopback DNS latencies are tens of microseconds, and Locust keeps whole milliseconds, so its
-percentiles would all read 0 or 1 ms. Here a latency falls in bucket ``int(log2(us) * 16)``:
-16 buckets per doubling, so a reported percentile is within about 4.4 % of the true value.
+percentiles would all read 0 or 1 ms. Here a latency falls in bucket ``int(log2(us) * 16)``
+(the run record's scheme, :func:`loadkit.schema.latency_bucket`): 16 buckets per doubling. A
+percentile is reported as its bucket's **upper edge** (clamped to the largest latency seen), as
+HdrHistogram does, so it never under-reports and is at most 2 ** (1/16) - 1 ≈ 4.4 % above the true
+value: a 1.0005 s answer reads as at most 1.044 s, never as 0.98 s.
 Histograms merge by adding counts (per interval, per worker) and travel as plain dicts.
+
+:func:`fine_latency_for` is the per-process channel by which a generator's per-interval
+histograms reach the run recorder (and, from workers, the master) without the generator knowing
+the recorder.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from loadkit.schema import LATENCY_BUCKET_ERROR, LATENCY_BUCKETS_PER_OCTAVE, latency_bucket_upper_s
+
 #: buckets per doubling of latency
-BUCKETS_PER_OCTAVE = 16
+BUCKETS_PER_OCTAVE = LATENCY_BUCKETS_PER_OCTAVE
+#: the most a reported percentile exceeds the true value, relatively (about 4.4 %)
+RELATIVE_ERROR = LATENCY_BUCKET_ERROR
 _LOG2 = math.log2
 
 
@@ -96,8 +107,11 @@ class LatencyHistogram:
         return self.sum_s / self.count if self.count else 0.0
 
     def percentile_s(self, q: float) -> float:
-        """The ``q`` quantile (0..1) in seconds: the geometric middle of its bucket, clamped to
-        the observed min and max; 0.0 for an empty histogram."""
+        """The ``q`` quantile (0..1) in seconds: the **upper edge** of the bucket holding rank
+        ``ceil(q * count)``, clamped to the largest latency seen; 0.0 for an empty histogram.
+
+        Never below the true value and at most :data:`RELATIVE_ERROR` (2 ** (1/16) - 1, about
+        4.4 %) above it."""
         if not 0.0 <= q <= 1.0:
             raise ValueError(f"quantile {q} is outside 0..1")
         if not self.count:
@@ -107,19 +121,13 @@ class LatencyHistogram:
         for b in sorted(self.counts):
             seen += self.counts[b]
             if seen >= rank:
-                low, high = bucket_bounds_us(b)
-                mid_us = math.sqrt(low * high) if low > 0 else high / 2
-                return min(max(mid_us / 1e6, self.min_s), self.max_s)
+                return min(latency_bucket_upper_s(b), self.max_s)
         return self.max_s
 
     def items_s(self) -> list[tuple[float, int]]:
-        """``(representative latency in seconds, count)`` per non-empty bucket, ascending."""
-        out = []
-        for b in sorted(self.counts):
-            low, high = bucket_bounds_us(b)
-            mid_us = math.sqrt(low * high) if low > 0 else high / 2
-            out.append((min(max(mid_us / 1e6, self.min_s), self.max_s), self.counts[b]))
-        return out
+        """``(upper edge in seconds, clamped to the largest latency seen, count)`` per non-empty
+        bucket, ascending: what Locust's statistics get, so they do not under-report either."""
+        return [(min(latency_bucket_upper_s(b), self.max_s), self.counts[b]) for b in sorted(self.counts)]
 
     def to_dict(self) -> dict:
         return {
@@ -144,7 +152,75 @@ class LatencyHistogram:
         if not self.count:
             return "no samples"
         return (
-            f"n={self.count} mean={self.mean_s * 1e6:.0f}us p50={self.percentile_s(0.5) * 1e6:.0f}us "
-            f"p90={self.percentile_s(0.9) * 1e6:.0f}us p99={self.percentile_s(0.99) * 1e6:.0f}us "
-            f"max={self.max_s * 1e6:.0f}us"
+            f"n={self.count} mean={self.mean_s * 1e6:.0f}us p50<={self.percentile_s(0.5) * 1e6:.0f}us "
+            f"p90<={self.percentile_s(0.9) * 1e6:.0f}us p99<={self.percentile_s(0.99) * 1e6:.0f}us "
+            f"max={self.max_s * 1e6:.0f}us (percentiles at bucket upper edges, "
+            f"+{RELATIVE_ERROR * 100:.1f} % at most)"
         )
+
+
+# -- per-interval histograms to the run recorder -------------------------------------------------
+
+_ENV_ATTR = "loadkit_fine_latency"
+_REPORT_KEY = "loadkit_fine_latency"
+
+
+class FineLatency:
+    """Fine histograms of one Locust process by ``(request_type, name)``, added each generator
+    interval and taken by whoever records the run (:meth:`drain`, once per recorded interval).
+
+    A generator adds the same requests here as it injects into Locust's statistics, in the same
+    call, so a recorded interval's fine histogram and its Locust counts cover the same requests.
+    Pending histograms are merged per name: a process nobody drains holds a few hundred buckets
+    per name, not a growing list. Workers send theirs to the master with every stats report (the
+    same message that carries the statistics), and the master merges them.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[tuple[str, str], LatencyHistogram] = {}
+
+    def add(self, request_type: str, name: str, histogram: LatencyHistogram) -> None:
+        if not histogram.count:
+            return
+        key = (str(request_type), str(name))
+        pending = self._pending.get(key)
+        if pending is None:
+            pending = self._pending[key] = LatencyHistogram()
+        pending.merge(histogram)
+
+    def drain(self) -> dict[tuple[str, str], LatencyHistogram]:
+        """Every pending histogram since the last drain; nothing is pending afterwards."""
+        out, self._pending = self._pending, {}
+        return out
+
+    # -- distributed mode -----------------------------------------------------------------------
+    def _report(self) -> list[dict]:
+        return [{"request_type": t, "name": n, "histogram": h.to_dict()} for (t, n), h in self.drain().items()]
+
+    def _merge_worker(self, client_id: str, rows: list[dict]) -> None:
+        for row in rows:
+            self.add(row["request_type"], row["name"], LatencyHistogram.from_dict(row["histogram"]))
+
+
+def fine_latency_for(environment: Any) -> FineLatency:
+    """The :class:`FineLatency` channel of a Locust environment, created and wired on first use
+    (call it in ``init`` in every process, so a master merges its workers' from the first report)."""
+    existing = getattr(environment, _ENV_ATTR, None)
+    if existing is not None:
+        return existing
+    channel = FineLatency()
+    setattr(environment, _ENV_ATTR, channel)
+    hooks = environment.events
+
+    @hooks.report_to_master.add_listener
+    def _on_report_to_master(client_id: str, data: dict, **_kw: Any) -> None:
+        rows = channel._report()
+        if rows:
+            data[_REPORT_KEY] = rows
+
+    @hooks.worker_report.add_listener
+    def _on_worker_report(client_id: str, data: dict, **_kw: Any) -> None:
+        if data.get(_REPORT_KEY):
+            channel._merge_worker(client_id, data[_REPORT_KEY])
+
+    return channel
