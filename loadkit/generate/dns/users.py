@@ -19,21 +19,19 @@ import logging
 import math
 import time
 from dataclasses import dataclass, fields, replace
-from pathlib import Path
 from typing import Any
 
 import gevent
 from locust import User, task
 from locust.util.timespan import parse_timespan
 
-from loadkit import defaults
 from loadkit.errors import LoadkitError, ProfileError
 from loadkit.generate.event_channel import events_for
 from loadkit.generate.locust_stats import inject
 from loadkit.generate.metrics import metrics_for
 from loadkit.generate.shapes import KneeCriteria, KneeDetector, KneePoint
 from loadkit.generate.wiring import exit_on_user_error, print_user_error, tell_workers_their_count, worker_share
-from loadkit.profile.targets import Target, check_target
+from loadkit.profile.targets import Target, target_spec, user_target
 
 from . import schedule, wire
 from .histogram import LatencyHistogram, fine_latency_for
@@ -50,8 +48,8 @@ class DnsSettings:
     """Every option of the DNS locustfiles, with the defaults a locustfile passes to
     :func:`install`. Rates and burst sizes are totals over all workers."""
 
-    host: str = f"{defaults.LAB_ADDRESS}:{defaults.DNS_PORT}"
-    """target when Locust's --host is not given (the lab's unbound)"""
+    host: str = ""
+    """target ('': --target dns=..., else Locust's --host, else the lab's unbound)"""
     rate_qps: float = 2000.0
     """base query rate (0: bursts only)"""
     arrival: str = "constant"
@@ -132,9 +130,7 @@ def add_arguments(parser: Any, settings: DnsSettings) -> None:
             continue
         default = getattr(settings, f.name)
         kwargs: dict[str, Any] = {"default": default, "help": docs.get(f.name, "")}
-        if f.name == "names_file" and not default:
-            kwargs["default"] = str(defaults.names_file())
-        elif _TYPES[f.type] is not str:
+        if _TYPES[f.type] is not str:
             kwargs["type"] = _TYPES[f.type]
         if f.name in ("protocol", "arrival", "tcp_fallback"):
             kwargs["choices"] = {"protocol": ["udp", "tcp"], "arrival": ["constant", "poisson"],
@@ -228,9 +224,10 @@ def plan(settings: DnsSettings) -> DnsPlan:
     if not s.stats_interval_s > 0:
         raise ProfileError(f"option --dns-stats-interval {s.stats_interval_s:g} must be > 0")
     mix = wire.parse_qtype_mix(s.qtypes)
-    target = check_target(s.host, defaults.DNS_PORT)
+    found = user_target("dns", s.host)  # '' is the lab; its names file is found from the target
+    target = found.target
     sources = source_addresses(s.sources, s.first_source)
-    names = wire.load_names(Path(s.names_file or defaults.names_file()))
+    names = wire.load_names(found.file("names", s.names_file, "--dns-names-file"))
     pool = wire.QueryPool(
         names, mix, s.nxdomain_share, s.random_subdomain_share, edns_payload_bytes=s.edns_bytes
     )
@@ -300,7 +297,7 @@ class DnsRun:
         """Check the options (again: they may have changed in the web UI); build only when
         they differ from the last plan."""
         env = self.environment
-        settings = settings_from_options(env.parsed_options, self.defaults, env.host)
+        settings = settings_from_options(env.parsed_options, self.defaults, target_spec(env, "dns"))
         if self.plan is None or self.plan.settings != settings:
             self.plan = plan(settings)
         return self.plan
