@@ -20,6 +20,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from loadkit.generate.wiring import piggyback
 from loadkit.schema import LATENCY_BUCKET_ERROR, LATENCY_BUCKETS_PER_OCTAVE, latency_bucket_upper_s
 
 #: buckets per doubling of latency
@@ -210,17 +211,5 @@ def fine_latency_for(environment: Any) -> FineLatency:
         return existing
     channel = FineLatency()
     setattr(environment, _ENV_ATTR, channel)
-    hooks = environment.events
-
-    @hooks.report_to_master.add_listener
-    def _on_report_to_master(client_id: str, data: dict, **_kw: Any) -> None:
-        rows = channel._report()
-        if rows:
-            data[_REPORT_KEY] = rows
-
-    @hooks.worker_report.add_listener
-    def _on_worker_report(client_id: str, data: dict, **_kw: Any) -> None:
-        if data.get(_REPORT_KEY):
-            channel._merge_worker(client_id, data[_REPORT_KEY])
-
+    piggyback(environment, _REPORT_KEY, channel._report, channel._merge_worker)
     return channel

@@ -30,7 +30,13 @@ from loadkit.generate.event_channel import events_for
 from loadkit.generate.locust_stats import inject
 from loadkit.generate.metrics import metrics_for
 from loadkit.generate.shapes import KneeCriteria, KneeDetector, KneePoint
-from loadkit.generate.wiring import exit_on_user_error, print_user_error, tell_workers_their_count, worker_share
+from loadkit.generate.wiring import (
+    exit_on_user_error,
+    piggyback,
+    print_user_error,
+    tell_workers_their_count,
+    worker_share,
+)
 from loadkit.profile.targets import Target, target_spec, user_target
 
 from . import schedule, wire
@@ -444,8 +450,20 @@ def _describe(sched: Any) -> str:
 _HIST_KEY = "loadkit_dns_answer_latency"
 
 
-def _env_of(ref: list) -> Any:
-    return ref[0] if ref else None
+def _wire_answer_latency(run: DnsRun) -> None:
+    """The whole-test answer histogram reaches the master: Locust's stats keep whole milliseconds.
+    (Per-interval histograms for the run record travel by :func:`.histogram.fine_latency_for`.)"""
+
+    def report() -> dict | None:
+        if not run._unreported.count:
+            return None
+        taken, run._unreported = run._unreported, LatencyHistogram()
+        return taken.to_dict()
+
+    def merge(_client_id: str, payload: dict) -> None:
+        run.answer_latency.merge(LatencyHistogram.from_dict(payload))
+
+    piggyback(run.environment, _HIST_KEY, report, merge)
 
 
 def install(events: Any, settings: DnsSettings | None = None) -> None:
@@ -456,13 +474,11 @@ def install(events: Any, settings: DnsSettings | None = None) -> None:
     def _add_arguments(parser: Any, **_kw: Any) -> None:
         add_arguments(parser, base)
 
-    run_ref: list = []  # the environment, once init has run (report events carry none)
-
     @events.init.add_listener
     def _on_init(environment: Any, runner: Any = None, **_kw: Any) -> None:
         run = DnsRun(environment, base)
         environment.loadkit_dns = run
-        run_ref[:] = [environment]
+        _wire_answer_latency(run)
         fine_latency_for(environment)  # a master merges its workers' fine histograms from the start
         if type(runner).__name__ == "MasterRunner":
             return  # the master sends nothing; workers check their own options
@@ -502,20 +518,6 @@ def install(events: Any, settings: DnsSettings | None = None) -> None:
         run: DnsRun | None = getattr(environment, "loadkit_dns", None)
         if run is not None and run.answer_latency.count and type(environment.runner).__name__ == "MasterRunner":
             log.info("DNS answer latency, all workers (fine histogram): %s", run.answer_latency.summary())
-
-    # Locust's stats keep whole milliseconds; the fine histogram travels to the master too
-    @events.report_to_master.add_listener
-    def _on_report_to_master(client_id: str, data: dict, **_kw: Any) -> None:
-        run: DnsRun | None = getattr(_env_of(run_ref), "loadkit_dns", None)
-        if run is not None and run._unreported.count:
-            data[_HIST_KEY] = run._unreported.to_dict()
-            run._unreported = LatencyHistogram()
-
-    @events.worker_report.add_listener
-    def _on_worker_report(client_id: str, data: dict, **_kw: Any) -> None:
-        run: DnsRun | None = getattr(_env_of(run_ref), "loadkit_dns", None)
-        if run is not None and _HIST_KEY in data:
-            run.answer_latency.merge(LatencyHistogram.from_dict(data[_HIST_KEY]))
 
 
 class DnsUser(User):
