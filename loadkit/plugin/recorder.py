@@ -42,7 +42,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import gevent
 from locust import events
@@ -59,6 +59,7 @@ from loadkit.generate.wiring import exit_on_user_error
 from loadkit.record.latency import buckets_from_locust_ms, percentile_of_counts
 from loadkit.schema import Event, FailureInterval, GeneratorMetric, GroupSample, LatencyBucket, RequestInterval
 from loadkit.plugin.live_collector import attach_collector
+from loadkit.profile.groupspec import parse_groups
 from loadkit.record.writer import INTERRUPT_MARKER, RunWriter, new_run_id
 
 log = logging.getLogger(__name__)
@@ -146,10 +147,23 @@ def _on_init(environment: Any, **_kw: Any) -> None:
         # interval row on the master holds about one interval of requests, not three or none
         locust_runners.WORKER_REPORT_INTERVAL = min(3.0, max(0.2, float(options.record_interval)))
         return
-    if not getattr(options, "record_dir", ""):
-        return
-    _recorder = Recorder(environment, options)
-    _recorder.start()
+    try:  # the one group grammar (regexes compiled): a bad spec stops the run here, in one line
+        parse_groups(options.collect_group)
+        if options.abort_cgroup_memory_fraction > 0 and not (options.collect_group or options.collector):
+            raise ProfileError("--abort-cgroup-memory-fraction needs a collector to read the memory from: "
+                               "--collect-group NAME=cgroup:PATH or --collector URL")
+    except LoadkitError as err:
+        exit_on_user_error(err)
+    if getattr(options, "record_dir", ""):
+        _recorder = Recorder(environment, options)
+        _recorder.start()
+    elif collector_wanted(options) or options.abort_failure_ratio > 0 or options.abort_cgroup_memory_fraction > 0:
+        # no record, but the abort and collector options still act (live)
+        try:
+            watch = LiveWatch(environment, options).start()
+        except LoadkitError as err:
+            exit_on_user_error(err)
+        environment.events.quitting.add_listener(lambda **_kw: watch.stop())
 
 
 def _arm_run_time_cap(environment: Any, cap_s: float) -> None:
@@ -286,6 +300,124 @@ def failure_intervals(
     return rows
 
 
+def collector_wanted(options: Any) -> bool:
+    return bool(options.collect_group or options.collect_udp_port or options.collector)
+
+
+def attach_from_options(environment: Any, options: Any, sink: Any) -> None:
+    """Attach the collectors the ``--collect-*`` options ask for (nothing when none is asked)."""
+    if collector_wanted(options):
+        attach_collector(environment, groups=list(options.collect_group), udp_ports=list(options.collect_udp_port),
+                         urls=list(options.collector), interval_s=options.collect_interval, sink=sink)
+
+
+class AbortThresholds:
+    """``--abort-*`` thresholds of one run: decides, stops the test once, tells ``on_abort``.
+
+    Used by the :class:`Recorder` (which writes the abort event into the record) and by the
+    :class:`LiveWatch` of a run without ``--record-dir`` (which logs it): the same figures
+    stop both. ``memory`` keeps each group's latest (bytes, limit) for the status line.
+    """
+
+    def __init__(self, environment: Any, options: Any,
+                 on_abort: Callable[[str, dict[str, Any]], None] | None = None) -> None:
+        self.environment = environment
+        self.options = options
+        self.on_abort = on_abort
+        self.abort_reason: dict[str, Any] | None = None
+        self.memory: dict[str, tuple[int, int]] = {}
+
+    def on_group_sample(self, s: GroupSample) -> None:
+        # cgroup charge and limit when the group has one, else the group's RSS (limit 0)
+        if s.cgroup_limit_bytes > 0:
+            self.memory[s.group] = (s.cgroup_memory_bytes, s.cgroup_limit_bytes)
+        else:
+            self.memory[s.group] = (s.cgroup_memory_bytes or s.rss_bytes, 0)
+        threshold = self.options.abort_cgroup_memory_fraction
+        if threshold > 0 and s.cgroup_limit_bytes > 0:
+            fraction = s.cgroup_memory_bytes / s.cgroup_limit_bytes
+            if fraction >= threshold:
+                self.abort(
+                    "cgroup_memory_fraction", s.group,
+                    {"memory_bytes": s.cgroup_memory_bytes, "limit_bytes": s.cgroup_limit_bytes,
+                     "fraction": round(fraction, 4), "threshold": threshold, "sample_unix_s": s.ts_unix_s},
+                )
+
+    def on_interval(self, requests_n: int, failures_n: int) -> None:
+        """One interval's requests and failures against ``--abort-failure-ratio``."""
+        threshold = self.options.abort_failure_ratio
+        if threshold > 0 and requests_n >= self.options.abort_min_requests and requests_n:
+            ratio = failures_n / requests_n
+            if ratio >= threshold:
+                self.abort("failure_ratio", "requests",
+                           {"failures_n": failures_n, "requests_n": requests_n, "ratio": round(ratio, 4),
+                            "threshold": threshold})
+
+    def abort(self, reason: str, source: str, detail: dict[str, Any]) -> None:
+        """Stop the test at once (workers too), once; the first reason is kept."""
+        if self.abort_reason is not None:
+            return
+        self.abort_reason = {"reason": reason, "source": source, **detail}
+        if self.on_abort is not None:
+            self.on_abort(source, {"reason": reason, **detail})
+        log.warning("aborting run: %s on %s (%s)", reason, source, detail)
+        runner = self.environment.runner
+        if runner is not None:
+            _stop_now(self.environment)
+            if isinstance(runner, MasterRunner):
+                runner.send_message(ABORT_MESSAGE, {})
+            gevent.spawn(runner.quit)
+
+
+class LiveWatch:
+    """Abort thresholds and collectors of a run that writes no record (no ``--record-dir``).
+
+    The thresholds are checked on the same figures as in a recorded run: the failure ratio over
+    each ``--record-interval`` from Locust's totals, a group's cgroup memory from each collector
+    sample as it arrives. The collector shows in the headless output and the web UI's Target tab
+    as usual; an abort is a warning line (``aborting run: failure_ratio on requests ...``) and
+    stops the test like a recorded one.
+    """
+
+    def __init__(self, environment: Any, options: Any) -> None:
+        self.environment = environment
+        self.options = options
+        self.interval_s = max(0.05, float(options.record_interval))
+        self.thresholds = AbortThresholds(environment, options)
+        self._prev = (0, 0)
+        self._greenlet: gevent.Greenlet | None = None
+
+    def start(self) -> "LiveWatch":
+        attach_from_options(self.environment, self.options, self.sink)
+        if self.options.abort_failure_ratio > 0:
+            self._greenlet = gevent.spawn(self._loop)
+        return self
+
+    def stop(self) -> None:
+        if self._greenlet is not None:
+            self._greenlet.kill(block=False)
+
+    def sink(self, record: Any, table: str | None = None) -> None:
+        if isinstance(record, GroupSample):
+            self.thresholds.on_group_sample(record)
+
+    def check(self) -> None:
+        total = self.environment.stats.total
+        now = (total.num_requests, total.num_failures)
+        if now[0] < self._prev[0]:  # Locust reset its stats (a new test from the web UI)
+            self._prev = (0, 0)
+        self.thresholds.on_interval(now[0] - self._prev[0], now[1] - self._prev[1])
+        self._prev = now
+
+    def _loop(self) -> None:
+        while True:
+            gevent.sleep(self.interval_s)
+            try:
+                self.check()
+            except Exception:  # keep watching; a bad interval is logged, not fatal
+                log.exception("abort check failed")
+
+
 class Recorder:
     """Writes one run record from a Locust master or local process."""
 
@@ -297,19 +429,18 @@ class Recorder:
         self.writer = RunWriter(Path(options.record_dir) / self.run_id)
         self.interval_s = max(0.05, float(options.record_interval))
         self.status = "running"
-        self.abort_reason: dict[str, Any] | None = None
+        self.thresholds = AbortThresholds(
+            environment, options, on_abort=lambda source, detail: self.writer.event("abort", source, detail))
         self._queue: collections.deque = collections.deque()
         self._prev_requests: dict = {}
         self._prev_failures: dict = {}
         self._failures_by_class: collections.Counter = collections.Counter()
-        self._memory: dict[str, tuple[int, int]] = {}
         self._workers_seen: dict[str, str] = {}
         self._lost: set[str] = set()
         self._greenlets: list = []
         self._started_perf = time.perf_counter()
         self._last_tick_unix_s = time.time()
         self._stopped = False
-        self.groups = dict(g.split("=", 1) for g in options.collect_group if "=" in g)
 
     # -- life cycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -328,18 +459,8 @@ class Recorder:
         return isinstance(self.environment.runner, MasterRunner)
 
     def _attach_collectors(self) -> None:
-        o = self.options
-        if not (self.groups or o.collect_udp_port or o.collector):
-            return
         try:
-            attach_collector(
-                self.environment,
-                groups=self.groups,
-                udp_ports=list(o.collect_udp_port),
-                urls=list(o.collector),
-                interval_s=o.collect_interval,
-                sink=self.sink,
-            )
+            attach_from_options(self.environment, self.options, self.sink)
         except Exception as err:  # a collector problem must not lose the run record
             self.writer.event("warning", "collector", {"message": f"collector not attached: {err}"})
             log.warning("collector not attached: %s", err)
@@ -413,47 +534,20 @@ class Recorder:
             elif isinstance(record, Event) and record.kind == "oom_kill":
                 log.warning("OOM kill in %s: %s", record.source, record.detail)
 
-    # -- abort thresholds ------------------------------------------------------------------------
+    # -- abort thresholds (AbortThresholds decides; the record keeps the event) --------------------
     def _on_group_sample(self, s: GroupSample) -> None:
-        # cgroup charge and limit when the group has one, else the group's RSS (limit 0)
-        if s.cgroup_limit_bytes > 0:
-            self._memory[s.group] = (s.cgroup_memory_bytes, s.cgroup_limit_bytes)
-        else:
-            self._memory[s.group] = (s.cgroup_memory_bytes or s.rss_bytes, 0)
-        threshold = self.options.abort_cgroup_memory_fraction
-        if threshold > 0 and s.cgroup_limit_bytes > 0:
-            fraction = s.cgroup_memory_bytes / s.cgroup_limit_bytes
-            if fraction >= threshold:
-                self.abort(
-                    "cgroup_memory_fraction", s.group,
-                    {"memory_bytes": s.cgroup_memory_bytes, "limit_bytes": s.cgroup_limit_bytes,
-                     "fraction": round(fraction, 4), "threshold": threshold, "sample_unix_s": s.ts_unix_s},
-                )
+        self.thresholds.on_group_sample(s)
 
     def _check_failure_ratio(self, rows: list[RequestInterval]) -> None:
-        threshold = self.options.abort_failure_ratio
-        requests = sum(r.requests_n for r in rows)
-        failures = sum(r.failures_n for r in rows)
-        if threshold > 0 and requests >= self.options.abort_min_requests and requests:
-            ratio = failures / requests
-            if ratio >= threshold:
-                self.abort("failure_ratio", "requests",
-                           {"failures_n": failures, "requests_n": requests, "ratio": round(ratio, 4),
-                            "threshold": threshold})
+        self.thresholds.on_interval(sum(r.requests_n for r in rows), sum(r.failures_n for r in rows))
+
+    @property
+    def abort_reason(self) -> dict[str, Any] | None:
+        return self.thresholds.abort_reason
 
     def abort(self, reason: str, source: str, detail: dict[str, Any]) -> None:
         """Record an abort event and stop the test (once)."""
-        if self.abort_reason is not None:
-            return
-        self.abort_reason = {"reason": reason, "source": source, **detail}
-        self.writer.event("abort", source, {"reason": reason, **detail})
-        log.warning("aborting run: %s on %s (%s)", reason, source, detail)
-        runner = self.environment.runner
-        if runner is not None:
-            _stop_now(self.environment)
-            if isinstance(runner, MasterRunner):
-                runner.send_message(ABORT_MESSAGE, {})
-            gevent.spawn(runner.quit)
+        self.thresholds.abort(reason, source, detail)
 
     # -- workers ---------------------------------------------------------------------------------
     def _check_workers(self) -> None:
@@ -510,7 +604,7 @@ class Recorder:
                 "interval_requests_n": sum(r.requests_n for r in rows or []),
                 "failures_by_class": dict(self._failures_by_class.most_common(4)),
                 "counters": {k: v for k, v in counters.items() if k.startswith(("dns.", "imap.", "pop3."))},
-                "memory": {g: list(v) for g, v in sorted(self._memory.items())},
+                "memory": {g: list(v) for g, v in sorted(self.thresholds.memory.items())},
                 "abort": self.abort_reason,
             }
         )

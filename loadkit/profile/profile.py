@@ -571,6 +571,9 @@ def profile_from_dict(data: dict[str, Any], path: Path) -> Profile:
         raw=data,
         **run,
     )
+    if profile.abort.cgroup_memory_fraction and not (profile.collect.groups or profile.collect.urls):
+        raise ProfileError(f"{name}: [abort] cgroup_memory_fraction: needs [collect] groups (a cgroup) or "
+                           "urls to read the memory from")
     check_caps(profile, name)
     return profile
 
