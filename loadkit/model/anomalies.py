@@ -2,12 +2,20 @@
 polling at a coarser interval would have noticed.
 
 Spikes are points far above a rolling median, measured in robust standard deviations (1.4826 ×
-MAD of the whole series' deviations), grouped into events. A spike that recurs at the same time of
-day on several days (the 12:30 spike that was visible for weeks) is reported as a daily period.
-Change points are level shifts of the median-filtered series found by binary segmentation with a
-BIC-like penalty. Detection delay: a KPI polled every P seconds reports the mean over each
-P-second bucket at its end; the delay is from the first spike's start to the first bucket end whose
-mean crosses the same threshold, or None if that polling never sees it.
+MAD of the whole series' deviations), grouped into events. The median's window is tied to the
+longest spike to be found (three times it): a plateau longer than half the window becomes the
+median and disappears. A spike that recurs at the same time of day on several days (the 12:30
+spike that was visible for weeks) is reported as a daily period. Level shifts are searched for in
+the median-filtered series *after* its daily pattern (the median by time of day) is removed, so
+an ordinary day/night cycle is not a string of shifts; binary segmentation with a BIC-like
+penalty.
+
+Detection delay: a KPI polled every P seconds reports the mean over each P-second bucket at its
+end. Each bucket is compared with its own baseline, the median of the buckets before it, in the
+robust standard deviations of bucket means (an hourly mean is far less noisy than a minute's
+value, and a trend moves it more). A spike counts as detected by the first bucket that overlaps
+the spike and stands out; the delay runs from the spike's start to that bucket's end. A spike no
+bucket overlapping it shows is "not detected": a later, unrelated crossing is not its detection.
 """
 
 from __future__ import annotations
@@ -72,25 +80,33 @@ class AnomalyResult(Result):
     spikes: list[Spike]
     daily_period: DailyPeriod | None
     change_points: list[ChangePoint]
-    #: polling interval (s) -> seconds from the first spike's start to detection; None = never
+    #: polling interval (s) -> seconds from the first spike's start to the end of the first
+    #: bucket overlapping it that stands out from its own baseline; None = not detected
     detection_delay_s: dict[int, float | None]
-    threshold: float  #: value above which a point (or a polled mean) counts as anomalous
+    threshold: float  #: value above which a point counts as a spike (level + z × sigma)
     sample_interval_s: float
     points_n: int
     name: str = ""
     extra: dict[str, float] = field(default_factory=dict)
+    #: polling interval (s) -> how many of the spikes its buckets detect
+    detected_spikes_n: dict[int, int] = field(default_factory=dict)
+    window_s: float = math.nan  #: rolling-median window: spikes up to half of it are found
+    daily_pattern_removed: bool = False  #: level shifts searched after removing the daily pattern
 
     def summary(self) -> str:
         parts = [f"{len(self.spikes)} spikes"]
         if self.daily_period is not None:
             parts.append(self.daily_period.summary())
-        parts.append(f"{len(self.change_points)} level shifts")
+        parts.append(f"{len(self.change_points)} level shifts"
+                     + (" (daily pattern removed)" if self.daily_pattern_removed else ""))
         if self.detection_delay_s:
             delays = []
             for p, d in sorted(self.detection_delay_s.items(), reverse=True):
                 label = f"{p // 3600} h" if p % 3600 == 0 else (f"{p // 60} min" if p % 60 == 0 else f"{p} s")
-                delays.append(f"{label}: " + ("never" if d is None else f"{d:.0f} s"))
-            parts.append("detected after " + ", ".join(delays) + " polling")
+                seen = self.detected_spikes_n.get(p)
+                count = f" ({seen} of {len(self.spikes)} spikes)" if seen is not None else ""
+                delays.append(f"{label}: " + ("not detected" if d is None else f"{d:.0f} s") + count)
+            parts.append("first spike detected after " + ", ".join(delays) + " polling")
         head = f"{self.name}: " if self.name else ""
         return head + "; ".join(parts)
 
@@ -142,14 +158,16 @@ def _binary_segmentation(v: np.ndarray, penalty: float, min_size: int, max_cp: i
     return sorted(cps)
 
 
-def find_anomalies(series: pd.Series, *, z_threshold: float = 6.0, window_s: float = 3600.0,
-                   polling_s: tuple[int, ...] = DEFAULT_POLLING_S, day_tolerance_s: float = 600.0,
-                   min_days: int = 2, change_min_s: float | None = None, name: str = "") -> AnomalyResult:
+def find_anomalies(series: pd.Series, *, z_threshold: float = 6.0, window_s: float | None = None,
+                   longest_spike_s: float = 3600.0, polling_s: tuple[int, ...] = DEFAULT_POLLING_S,
+                   day_tolerance_s: float = 600.0, min_days: int = 2, change_min_s: float | None = None,
+                   name: str = "") -> AnomalyResult:
     """Spikes, a daily period of spikes, change points and polling detection delays in ``series``.
 
     ``series`` is indexed by a DatetimeIndex (naive = UTC) or unix seconds. ``window_s`` is the
-    rolling-median window that defines "normal" around each point; ``change_min_s`` the shortest
-    level segment (default 4 × window).
+    rolling-median window that defines "normal" around each point; by default three times
+    ``longest_spike_s``, the longest spike to be found. ``change_min_s`` is the shortest level
+    segment (default 4 × window).
     """
     if not isinstance(series, pd.Series):
         raise ModelError("find_anomalies needs a pandas Series indexed by time")
@@ -159,6 +177,10 @@ def find_anomalies(series: pd.Series, *, z_threshold: float = 6.0, window_s: flo
     step = float(np.median(np.diff(t)))
     if step <= 0:
         raise ModelError("series has duplicate timestamps only; cannot find a sample interval")
+    if window_s is None:
+        if longest_spike_s <= 0:
+            raise ModelError(f"longest spike {longest_spike_s} s must be > 0")
+        window_s = 3.0 * longest_spike_s
     win = max(5, int(round(window_s / step)) | 1)
     base = _rolling_median(v, win)
     dev = v - base
@@ -168,11 +190,27 @@ def find_anomalies(series: pd.Series, *, z_threshold: float = 6.0, window_s: flo
         nz = np.abs(dev[dev != 0])
         sigma = float(np.min(nz)) if len(nz) else 1.0
     score = dev / sigma
-    level = float(np.median(v))
-    threshold = level + z_threshold * sigma
+    threshold = float(np.median(v)) + z_threshold * sigma
+    spikes = _spikes(t, v, score, z_threshold)
+    daily = _daily_period(spikes, t, day_tolerance_s, min_days)
+    cps, deseasoned = _level_shifts(t, v, step, win, sigma, z_threshold, change_min_s or 4 * window_s)
 
-    # spikes: runs of points above the threshold, merged when closer than 2 samples
-    above = score > z_threshold
+    delays: dict[int, float | None] = {}
+    detected: dict[int, int] = {}
+    for p in polling_s if spikes else ():
+        found = _polled_detection(t, v, spikes, float(p), step, window_s, z_threshold)
+        if found is not None:
+            delays[int(p)] = found[0]
+            detected[int(p)] = found[1]
+    return AnomalyResult(spikes=spikes, daily_period=daily, change_points=cps, detection_delay_s=delays,
+                         threshold=threshold, sample_interval_s=step, points_n=int(len(v)),
+                         name=name or str(series.name or ""), detected_spikes_n=detected,
+                         window_s=float(win * step), daily_pattern_removed=deseasoned)
+
+
+def _spikes(t: np.ndarray, v: np.ndarray, score: np.ndarray, z: float) -> list[Spike]:
+    """Runs of points above the threshold, merged when closer than 2 samples."""
+    above = score > z
     spikes: list[Spike] = []
     i = 0
     while i < len(v):
@@ -186,35 +224,69 @@ def find_anomalies(series: pd.Series, *, z_threshold: float = 6.0, window_s: flo
         spikes.append(Spike(start_unix_s=float(t[i]), peak_unix_s=float(t[k]), end_unix_s=float(t[j]),
                             peak_value=float(v[k]), score=float(score[k])))
         i = j + 1
+    return spikes
 
-    daily = _daily_period(spikes, t, day_tolerance_s, min_days)
 
-    # level shifts of the median-filtered series (spikes removed), penalty ~ BIC for a mean shift
-    min_len = max(3, int(round((change_min_s or 4 * window_s) / step)))
+def _level_shifts(t: np.ndarray, v: np.ndarray, step: float, win: int, sigma: float, z: float,
+                  change_min_s: float) -> tuple[list[ChangePoint], bool]:
+    """Level shifts of the median-filtered series, its daily pattern removed when it spans >= 2
+    days (penalty ~ BIC for a mean shift). Returns (change points, pattern removed)."""
+    min_len = max(3, int(round(change_min_s / step)))
     smooth = _rolling_median(v, max(5, min(win, min_len) | 1))
+    level = v.astype(float)
+    deseasoned = bool(t[-1] - t[0] >= 2 * 86400.0)
+    if deseasoned:
+        # the median by time of day (at the sample interval) over all days: robust to a shift
+        # that covers fewer than half the days, and to spikes (already filtered out of smooth)
+        slot = np.floor((t % 86400.0) / step).astype(int)
+        pattern = pd.Series(smooth).groupby(slot).transform("median").to_numpy()
+        pattern = pattern - float(np.median(pattern))
+        smooth = smooth - pattern
+        level = level - pattern
     penalty = 2.0 * math.log(len(v)) * sigma**2 * 4.0
     cps_idx = _binary_segmentation(smooth, penalty=penalty, min_size=min_len)
     bounds = [0, *cps_idx, len(v)]
     cps = []
     for a, cp, b in zip(bounds[:-2], bounds[1:-1], bounds[2:]):
-        before, after = float(np.median(v[a:cp])), float(np.median(v[cp:b]))
-        if abs(after - before) > z_threshold * sigma / 2:
+        before, after = float(np.median(level[a:cp])), float(np.median(level[cp:b]))
+        if abs(after - before) > z * sigma / 2:
             cps.append(ChangePoint(ts_unix_s=float(t[cp]), level_before=before, level_after=after))
+    return cps, deseasoned
 
-    delays: dict[int, float | None] = {}
-    if spikes:
-        first = spikes[0].start_unix_s
-        for p in polling_s:
-            if p < step:
-                continue
-            bucket = np.floor(t / p) * p
-            means = pd.Series(v).groupby(bucket).mean()
-            ends = means.index.to_numpy(dtype=float) + p
-            hit = np.flatnonzero((means.to_numpy() > threshold) & (ends > first))
-            delays[int(p)] = float(ends[hit[0]] - first) if len(hit) else None
-    return AnomalyResult(spikes=spikes, daily_period=daily, change_points=cps, detection_delay_s=delays,
-                         threshold=threshold, sample_interval_s=step, points_n=int(len(v)),
-                         name=name or str(series.name or ""))
+
+#: buckets a polled baseline needs before a bucket can be judged against it
+MIN_BASELINE_BUCKETS = 5
+
+
+def _polled_detection(t: np.ndarray, v: np.ndarray, spikes: list[Spike], p: float, step: float,
+                      window_s: float, z: float) -> tuple[float | None, int] | None:
+    """(delay for the first spike or None, spikes detected) at polling interval ``p``; None when
+    the series is too short or too coarse for a baseline of buckets at that interval."""
+    if p < step:
+        return None
+    bucket = np.floor(t / p) * p
+    means = pd.Series(v).groupby(bucket).mean()
+    if len(means) < 2 * MIN_BASELINE_BUCKETS:
+        return None
+    m = means.to_numpy(dtype=float)
+    starts = means.index.to_numpy(dtype=float)
+    # its own baseline: the median of the buckets before it (what an operator compares it with)
+    w = max(MIN_BASELINE_BUCKETS, int(round(window_s / p)))
+    baseline = pd.Series(m).shift(1).rolling(w, min_periods=MIN_BASELINE_BUCKETS).median().to_numpy()
+    dev = m - baseline
+    ok = np.isfinite(dev)
+    spread = 1.4826 * float(np.median(np.abs(dev[ok] - np.median(dev[ok]))))
+    if spread <= 0:
+        nz = np.abs(dev[ok & (dev != 0)])
+        spread = float(np.min(nz)) if len(nz) else 1.0
+    stands_out = ok & (dev > z * spread)
+    delays = []
+    for sp in spikes:
+        # a bucket shows the spike only when it overlaps it
+        overlap = stands_out & (starts <= sp.end_unix_s) & (starts + p > sp.start_unix_s)
+        hit = np.flatnonzero(overlap)
+        delays.append(float(starts[hit[0]] + p - sp.start_unix_s) if len(hit) else None)
+    return (delays[0] if delays else None), sum(d is not None for d in delays)
 
 
 def _daily_period(spikes: list[Spike], t: np.ndarray, tol_s: float, min_days: int) -> DailyPeriod | None:
@@ -243,15 +315,56 @@ def _daily_period(spikes: list[Spike], t: np.ndarray, tol_s: float, min_days: in
                        days_observed_n=days_observed)
 
 
-def kpi_series(run, table: str, column: str, *, group: str | None = None, delta: bool = False) -> pd.Series:
-    """A KPI column of a run's samples as a Series by unix seconds (``delta``: per-interval increase)."""
-    df = getattr(run, table)
+#: request names of held sessions: their "latency" is the hold time, not a response time
+HOLD_NAMES = ("hold",)
+
+
+def kpi_series(run, table: str | None = None, column: str | None = None, *, group: str | None = None,
+               delta: bool = False) -> pd.Series:
+    """A KPI of a run as a Series by unix seconds, named with what it is.
+
+    With ``table`` and ``column``: that column of the run's samples, summed per timestamp
+    (``delta``: the per-interval increase, a drop counted as a counter reset). Without them, the
+    KPI the report watches: the DNS server's receive-buffer drops per interval for a DNS run
+    (:func:`loadkit.model.receive_drops`), else the worst p99 latency per interval of the
+    requests that are not held sessions.
+    """
+    from loadkit.record.counters import increments_of
+
+    if table is None:
+        return _default_kpi(run)
+    if column is None:
+        raise ModelError(f"run {run.run_id}: table {table} given without a column")
+    df = getattr(run, table, None)
+    if df is None:
+        raise ModelError(f"run {run.run_id}: no table {table!r}")
     if column not in df:
         raise ModelError(f"run {run.run_id}: table {table} has no column {column!r}")
     if group is not None:
         df = df[df["group"] == group]
     s = df.groupby("ts_unix_s")[column].sum().sort_index().astype(float)
     if delta:
-        s = s.diff().clip(lower=0).dropna()
+        s = increments_of(s).iloc[1:]  # the first sample has no interval before it
     s.name = column
+    return s
+
+
+def _default_kpi(run) -> pd.Series:
+    from loadkit.model.udp import receive_drops
+
+    req = run.requests
+    service = ""
+    if len(req) and "request_type" in req:
+        counts = req.groupby("request_type")["requests_n"].sum()
+        service = str(counts.idxmax()).upper() if len(counts) else ""
+    if service == "DNS":
+        label, drops = receive_drops(run)
+        if len(drops):
+            drops.name = f"{label} per interval"
+            return drops
+    if not len(req):
+        return pd.Series(dtype="float64", name="p99 latency (s)")
+    req = req[~req["name"].isin(HOLD_NAMES)]
+    s = req.groupby("ts_unix_s")["latency_p99_s"].max().sort_index().astype(float)
+    s.name = "p99 latency (s)"
     return s
