@@ -134,3 +134,46 @@ def test_shipped_scenarios_are_valid_and_name_loopback_targets(path: Path) -> No
     assert p.targets, "a scenario names its targets explicitly"
     resolved = resolve_targets(p)  # all inside the default (loopback) allowlist
     assert all(t.address.startswith("127.") for t in resolved.values())
+
+
+GROUP_SPECS = [
+    ("p", "foo@bar", True),  # '@' not followed by ports: part of the pattern
+    ("u", "cgroup:/user.slice/user@1000.service", True),
+    ("p1", "cgroup:/loadkit/p1@11243,11210", True),
+    ("d", "cmdline:unbound -c .*@5353", True),
+    ("bad", "cmdline:unbound(lab", False),  # compiled at validation
+    ("bad", "cgroup:/x@1143,imap", False),
+    ("bad", "cgroup:", False),
+    ("bad", "x@70000", False),
+]
+
+
+@pytest.mark.parametrize(("name", "spec", "ok"), GROUP_SPECS, ids=[s for _, s, _ in GROUP_SPECS])
+def test_profile_and_collector_read_group_specs_with_one_grammar(tmp_path: Path, name, spec, ok) -> None:
+    from loadkit.errors import CollectorError
+    from loadkit.observe.groups import parse_group_spec
+
+    body = f"""
+[run]
+scenario = "g"
+duration = "5s"
+[targets]
+echo = "127.0.0.1:7"
+[load]
+locustfile = "TINY"
+users = 1
+[collect]
+groups = {{ {name} = {spec!r} }}
+""".replace("'", '"')
+    try:
+        parse_group_spec(f"{name}={spec}")
+        collector_ok = True
+    except CollectorError:
+        collector_ok = False
+    try:
+        load_profile(_write(tmp_path, body))
+        profile_ok = True
+    except ProfileError as err:
+        profile_ok = False
+        assert f"[collect] groups.{name}: " in str(err)
+    assert profile_ok == collector_ok == ok

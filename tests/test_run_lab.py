@@ -131,3 +131,37 @@ def test_distributed_dns_run_gives_one_record_with_summed_generator_counters(lab
     sent = g[g["metric"] == "dns.original_sent"]["value"].max()  # summed over both workers
     completed = run.requests["requests_n"].sum()
     assert completed > 0 and abs(sent - completed) <= 0.05 * sent
+
+
+def test_imap_and_pop3_targets_of_a_second_lab_each_get_their_own_logins(make_lab, tmp_path: Path) -> None:
+    """A profile naming a second lab on other ports, without [load] host, run from a directory
+    that is not the repository: each class logs in at its own [targets] entry with that lab's
+    accounts (found from the target, not the working directory)."""
+    lab = make_lab(proxies=1, accounts=40, imap_port=2143, pop3_port=2110, dns_port=6353)
+    profile = tmp_path / "mail.toml"
+    profile.write_text(f"""
+[run]
+scenario = "second-lab"
+duration = "6s"
+[targets]
+imap = "{lab.imap.host}:{lab.imap.port}"
+pop3 = "{lab.pop3.host}:{lab.pop3.port}"
+[load]
+locustfile = ["{ROOT}/locustfiles/imap_storm.py", "{ROOT}/locustfiles/pop_storm.py"]
+users = 4
+spawn_rate = 4
+options = {{ mail-dwell = "0.5" }}
+""")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    res = subprocess.run([sys.executable, "-m", "loadkit", "run", str(profile), "--out", str(tmp_path / "runs")],
+                         capture_output=True, text=True, timeout=300, cwd=elsewhere)
+    assert res.returncode in (0, 1), res.stderr
+    [run_dir] = list((tmp_path / "runs").iterdir())
+    run = load_run(run_dir)
+    logins = run.requests[run.requests["name"].isin(["LOGIN", "PASS"])]
+    by_type = logins.groupby("request_type")[["requests_n", "failures_n"]].sum()
+    assert set(by_type.index) == {"IMAP", "POP3"}, by_type
+    assert (by_type["requests_n"] > 0).all() and (by_type["failures_n"] == 0).all(), by_type
+    assert run.failures.empty or not run.failures["failure_class"].isin(["conn_refused", "auth_rejected"]).any()
+    assert run.manifest["lab"]["dir"] == lab.dir  # the lab's status found from the targets
