@@ -1,7 +1,7 @@
 """How long `loadkit report` takes over a one-hour run (1 Hz samples, five request names).
 
 Writes a synthetic one-hour IMAP storm run (3 proxies, 3,600 one-second intervals, five request
-names: 18,000 request rows, 10,800 proxy samples) with tests/runfactory.py, builds its report
+names: 18,000 request rows, 10,800 proxy samples) with loadkit.record.synthetic, builds its report
 and prints the time taken. The anchor, measured in the same process, is papermill executing a
 one-cell notebook: the fixed cost of starting a kernel, which no report can avoid. Goal: the
 report in <= 60 s.
@@ -20,12 +20,9 @@ from pathlib import Path
 import nbformat
 import papermill as pm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from runfactory import MAIL_NAMES, write_mail_run  # noqa: E402
-
-from loadkit.report import build_report  # noqa: E402
-from loadkit.report.build import _ipc_kernel_manager  # noqa: E402
+from loadkit.record.synthetic import MAIL_NAMES, write_mail_run
+from loadkit.report import build_report
+from loadkit.report.build import _ipc_kernel_manager
 
 GOAL_S = 60.0
 
