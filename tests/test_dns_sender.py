@@ -3,6 +3,7 @@ show on demand: chosen RCODEs, truncation, dropping first attempts, a closed por
 
 from __future__ import annotations
 
+import os
 import socket as stdsocket
 
 import dns.message
@@ -12,7 +13,8 @@ import pytest
 
 from loadkit.errors import ProfileError
 from loadkit.generate.dns import schedule, wire
-from loadkit.generate.dns.sender import DnsSender, source_addresses
+from loadkit.generate.dns.retry import RetryBudget
+from loadkit.generate.dns.sender import DnsSender, SenderOptions, source_addresses
 from loadkit.profile.targets import check_target
 
 NAMES = [f"h{i:04d}.lab.test." for i in range(200)]
@@ -233,12 +235,155 @@ def test_burst_window_is_recorded(fake) -> None:
     assert b.first_sent_unix_s >= b.planned_start_unix_s - 0.001
 
 
-def test_bad_sender_settings() -> None:
-    target = check_target("127.0.0.1:53", 53)
-    pool = wire.QueryPool(NAMES, [("A", 1.0)], size=10)
-    with pytest.raises(ProfileError, match="timeout"):
-        DnsSender(target, pool, timeout_s=0)
-    with pytest.raises(ProfileError, match="protocol"):
-        DnsSender(target, pool, protocol="quic")
+def test_source_addresses_stay_on_loopback() -> None:
     with pytest.raises(ProfileError, match="loopback"):
         source_addresses(10, "127.255.255.250")
+
+
+def test_options_are_fields_of_one_record() -> None:
+    # the sender takes options as checked elsewhere (users.plan); an unknown one is an error
+    pool = wire.QueryPool(NAMES, [("A", 1.0)], size=10)
+    target = check_target("127.0.0.1:53", 53)
+    sender = DnsSender(target, pool, SenderOptions(timeout_s=0.3, retries_n=2), backoff=3.0)
+    assert sender.attempt_timeouts_s == pytest.approx([0.3, 0.9, 2.7])
+    with pytest.raises(ValueError):
+        DnsSender(target, pool, timeot_s=1.0)
+
+
+def test_stop_leaves_unfinished_queries_not_failures(fake) -> None:
+    # a server that never answers: queries in flight at the stop would have been retried, and
+    # a stopped run sends no retry, so they are unfinished, not timeouts
+    server = fake(lambda q, a: None)
+    kw: dict = {}
+    seen = collecting(kw)
+    sender = DnsSender(check_target(f"127.0.0.1:{server.port}", 53), wire.QueryPool(NAMES, [("A", 1.0)]),
+                       base=schedule.ConstantRate(400), timeout_s=0.3, retries_n=2, max_duration_s=5.0, **kw)
+    sender.open()
+    runner = gevent.spawn(sender.run)
+    gevent.sleep(0.25)  # before any first attempt's 0.3 s timeout
+    sender.stop()
+    runner.join(timeout=5)
+    sender.close()
+    t = sender.totals
+    assert runner.dead and t["dns.original_sent"] > 20
+    assert seen == {}
+    assert t.get("dns.timeouts", 0) == 0 and t.get("dns.retry_sent", 0) == 0
+    assert t["dns.unfinished"] == t["dns.original_sent"]
+
+
+def test_final_attempt_timeouts_in_the_drain_are_still_timeouts(fake) -> None:
+    # no retries: every attempt is the last one, so its timeout is a real failure, stop or not
+    server = fake(lambda q, a: None)
+    kw: dict = {}
+    seen = collecting(kw)
+    sender = DnsSender(check_target(f"127.0.0.1:{server.port}", 53), wire.QueryPool(NAMES, [("A", 1.0)]),
+                       base=schedule.ConstantRate(400), timeout_s=0.2, retries_n=0, max_duration_s=5.0, **kw)
+    sender.open()
+    runner = gevent.spawn(sender.run)
+    gevent.sleep(0.3)
+    sender.stop()
+    runner.join(timeout=5)
+    sender.close()
+    t = sender.totals
+    assert seen["timeout"] == t["dns.timeouts"] == t["dns.original_sent"]
+    assert t.get("dns.unfinished", 0) == 0
+
+
+class Silent:
+    """A loopback UDP port that is bound (so no ICMP comes back) and never answers; what arrived
+    is read afterwards: ``(source port, query name)`` per datagram."""
+
+    def __init__(self) -> None:
+        self.sock = stdsocket.socket(stdsocket.AF_INET, stdsocket.SOCK_DGRAM)
+        self.sock.setsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_RCVBUF, 8 << 20)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+
+    def received(self) -> list[tuple[int, str]]:
+        self.sock.setblocking(False)
+        got = []
+        try:
+            while True:
+                data, addr = self.sock.recvfrom(4096)
+                got.append((addr[1], qname(data)))
+        except BlockingIOError:
+            pass
+        return got
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def silent():
+    s = Silent()
+    yield s
+    s.close()
+
+
+def open_fds() -> int:
+    gevent.sleep(0.001)  # the gevent hub opens its own descriptors on first use
+    return len(os.listdir("/proc/self/fd"))
+
+
+def ports_by_name(received) -> dict[str, list[int]]:
+    by_name: dict[str, list[int]] = {}
+    for port, name in received:
+        by_name.setdefault(name, []).append(port)
+    return by_name
+
+
+@pytest.mark.parametrize("policy", ["per-attempt", "per-query", "fixed"])
+def test_port_policy_decides_the_source_port_of_each_retry(silent, policy) -> None:
+    pool = wire.QueryPool(NAMES, [("A", 1.0)], size=200, seed=3)  # 200 distinct names, each once
+    fds_before = open_fds()
+    s = run(silent.port, pool, base=schedule.ConstantRate(2000), max_queries_n=60, timeout_s=0.05,
+            retries_n=2, backoff=1.0, ports_per_source=3, port_policy=policy, max_duration_s=2.0)
+    assert open_fds() == fds_before  # every per-attempt socket closed on its timeout
+    assert s.totals["dns.retry_sent"] == 120
+    by_name = ports_by_name(silent.received())
+    assert len(by_name) == 60 and all(len(p) == 3 for p in by_name.values())
+    all_ports = {p for ports in by_name.values() for p in ports}
+    if policy == "per-attempt":
+        # three attempts, three source ports: each retry is a new firewall session
+        assert all(len(set(p)) == 3 for p in by_name.values())
+        assert len(all_ports) > 100
+    elif policy == "per-query":
+        assert all(len(set(p)) == 1 for p in by_name.values())
+        assert len(all_ports) == 3
+    else:
+        assert len(all_ports) == 3  # retries go out on the fixed sockets: no new sessions
+
+
+def test_per_attempt_sockets_are_bounded(silent) -> None:
+    # at most 10 retry sockets at once: the rest of the retries use the fixed sockets, counted
+    s = run(silent.port, base=schedule.ConstantRate(2000), max_queries_n=100, timeout_s=0.2, retries_n=1,
+            port_policy="per-attempt", max_attempt_sockets=10, max_duration_s=2.0)
+    t = s.totals
+    assert t["dns.retry_sent"] == 100
+    assert t["dns.attempt_socket_limit"] >= 80
+    retry_ports = {p for p, _ in silent.received()}
+    assert len(retry_ports) <= 1 + 10 + 10  # the fixed socket, then at most 10 open at a time, reused
+
+
+def test_retry_budget_caps_retries_at_a_share_of_originals(silent) -> None:
+    s = run(silent.port, base=schedule.ConstantRate(1000), timeout_s=0.05, retries_n=3, backoff=1.0,
+            retry_budget=0.2, max_duration_s=1.0)
+    t = s.totals
+    orig, retries = t["dns.original_sent"], t["dns.retry_sent"]
+    assert orig > 500
+    assert retries <= 0.2 * orig + 5
+    assert retries >= 0.15 * orig  # the budget is used, not just refused
+    # without the budget every query would have been retried: most were refused a retry
+    assert t["dns.retry_suppressed"] > 0.5 * orig
+    assert len(silent.received()) == orig + retries
+
+
+def test_retry_budget_window_slides() -> None:
+    budget = RetryBudget(0.5, window_s=1.0, slots_n=10)
+    budget.add_originals(0.0, 10)
+    assert sum(budget.allow_retry(0.05) for _ in range(10)) == 5
+    # 2 s later the first originals have left the window: no credit until new ones come
+    assert not budget.allow_retry(2.0)
+    budget.add_originals(2.0, 4)
+    assert sum(budget.allow_retry(2.1) for _ in range(10)) == 2

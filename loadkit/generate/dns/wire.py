@@ -64,6 +64,27 @@ def classify(reply: bytes) -> int:
     return RCODE_OUTCOME[reply[3] & 0x0F]
 
 
+#: failure class of an outcome code, for each kind of query: ``FAILURE_OF[kind][code]`` is ``None``
+#: when the reply is what that query is meant to get (NOERROR; NXDOMAIN for a name meant not to
+#: exist). The one rule for success, for UDP and TCP replies alike.
+FAILURE_OF: tuple[tuple[str | None, ...], ...] = tuple(
+    (
+        None,
+        "nxdomain_unexpected" if kind == KIND_NAME else None,
+        "servfail",
+        "refused",
+        "rcode_other",
+        "truncated",
+    )
+    for kind in (KIND_NAME, KIND_NXDOMAIN, KIND_RANDOM_SUBDOMAIN)
+)
+
+
+def failure_of(code: int, kind: int) -> str | None:
+    """Failure class of a classified reply to a query of ``kind``, or ``None`` for success."""
+    return FAILURE_OF[kind][code]
+
+
 def rcode(reply: bytes) -> int:
     """The header RCODE (low 4 bits of byte 3; extended RCODEs in EDNS are not looked at)."""
     return reply[3] & 0x0F
