@@ -121,6 +121,11 @@ def latency_bucket_upper_s(index: int) -> float:
     return 2.0 ** ((index + 1) / LATENCY_BUCKETS_PER_OCTAVE) / 1e6
 
 
+#: Locust request names whose "response time" is how long a mail session was held (dwell, IDLE),
+#: not a latency: every latency percentile over a run leaves them out unless asked for by name
+SESSION_HOLD_NAMES: tuple[str, ...] = ("hold",)
+
+
 class LatencyBucket(NamedTuple):
     """How many requests of one (type, name) completed during one interval with a latency in one
     log bucket (:func:`latency_bucket`). Rows of one interval and name together are its latency

@@ -69,6 +69,7 @@ def test_windows_names_and_series(tmp_path: Path) -> None:
     run_dir = _write_run(tmp_path / "r", [
         (1001.0, "DNS", "A", [100e-6] * 100),
         (1001.0, "IMAP", "LOGIN", [0.05] * 10),
+        (1001.0, "IMAP", "hold", [5.0] * 10),  # how long sessions were held: not a latency
         (1002.0, "DNS", "A", [2e-3] * 100),
         (1003.0, "DNS", "A", [100e-6] * 100),
     ])
@@ -77,6 +78,8 @@ def test_windows_names_and_series(tmp_path: Path) -> None:
     # the run as a RunData or a path: one computation either way
     assert latency.percentile_s(run, 0.5) == latency.percentile_s(run_dir, 0.5) == edge(100e-6)
     assert latency.percentile_s(run, 0.99, request_type="IMAP") == edge(0.05)
+    assert latency.percentile_s(run, 1.0) == edge(0.05) and latency.percentile(run, 0.5).requests_n == 310
+    assert latency.percentile_s(run, 0.99, name="hold") == edge(5.0)  # only when asked for by name
     assert latency.percentile_s(run, 0.99, name="A") == edge(2e-3)
     # a window holds the intervals whose end falls in (start, end]
     assert latency.percentile_s(run, 0.99, start_unix_s=1001.0, end_unix_s=1002.0) == edge(2e-3)
@@ -89,6 +92,7 @@ def test_windows_names_and_series(tmp_path: Path) -> None:
     assert list(series["latency_s"]) == [edge(100e-6), edge(2e-3), edge(100e-6)]
     by_name = latency.percentiles_by_name(run, (0.5, 0.99)).set_index("name")
     assert by_name.loc["A", "requests_n"] == 300 and by_name.loc["LOGIN", "p99_s"] == edge(0.05)
+    assert "hold" not in by_name.index
     with pytest.raises(ValueError):
         latency.percentile_s(run, 1.5)
 

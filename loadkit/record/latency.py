@@ -27,7 +27,13 @@ from typing import Any, Mapping, NamedTuple
 
 import pandas as pd
 
-from loadkit.schema import LATENCY_BUCKET_ERROR, RUN_LAYOUT, latency_bucket, latency_bucket_upper_s
+from loadkit.schema import (
+    LATENCY_BUCKET_ERROR,
+    RUN_LAYOUT,
+    SESSION_HOLD_NAMES,
+    latency_bucket,
+    latency_bucket_upper_s,
+)
 
 #: Locust writes <run>/locust/<prefix>_stats.csv (``loadkit run`` passes --csv with this prefix)
 LOCUST_CSV_PREFIX = "locust"
@@ -116,12 +122,15 @@ def _run_path(run: Any) -> Path:
 
 def select(run: Any, *, request_type: str | None = None, name: str | None = None,
            start_unix_s: float | None = None, end_unix_s: float | None = None) -> pd.DataFrame:
-    """The run's LatencyBucket rows of one type/name (None: all) whose interval *ends* in
-    ``(start_unix_s, end_unix_s]`` (None: open)."""
+    """The run's LatencyBucket rows of one type/name (None: all but the held-session pseudo-requests
+    :data:`~loadkit.schema.SESSION_HOLD_NAMES`) whose interval *ends* in ``(start_unix_s, end_unix_s]``
+    (None: open)."""
     table = _buckets(run)
     if table.empty:
         return table
     keep = pd.Series(True, index=table.index)
+    if name is None:  # a held session's duration is not a latency
+        keep &= ~table["name"].isin(SESSION_HOLD_NAMES)
     if request_type is not None:
         keep &= table["request_type"] == request_type
     if name is not None:
@@ -177,10 +186,12 @@ def percentile_series(run: Any, q: float, *, request_type: str | None = None,
 
 
 def percentiles_by_name(run: Any, qs: tuple[float, ...] = (0.5, 0.9, 0.99)) -> pd.DataFrame:
-    """Whole-run percentiles per (request_type, name): columns ``request_type``, ``name``,
+    """Whole-run percentiles per (request_type, name) but the held-session pseudo-requests: columns ``request_type``, ``name``,
     ``requests_n``, ``source`` and ``p50_s``, ``p90_s``... (one per ``q``). Empty for runs
     without the latency table."""
     rows = _buckets(run)
+    if len(rows):  # a held session's duration is not a latency
+        rows = rows[~rows["name"].isin(SESSION_HOLD_NAMES)]
     columns = ["request_type", "name", "requests_n", "source"] + [_column(q) for q in qs]
     if rows.empty:
         return pd.DataFrame(columns=columns)
