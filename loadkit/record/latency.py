@@ -224,9 +224,10 @@ def _from_locust_csv(run: Any, q: float, request_type: str | None, name: str | N
     if value is None:
         return Percentile(q, None, 0, "none", f"{label_q}: this record has no latency table and no usable "
                           "Locust CSV")
+    held = ", held sessions included" if name is None else ""  # Locust's Aggregated row has them
     return Percentile(q, value, 0, "locust_csv",
-                      f"{label_q} {format_latency(value)} (from Locust's CSV: whole run, rounded by Locust, "
-                      "may under-report; this record has no latency table)")
+                      f"{label_q} {format_latency(value)} (from Locust's CSV: whole run{held}, rounded by "
+                      "Locust, may under-report; this record has no latency table)")
 
 
 def _csv_value(path: Path, column: str, request_type: str | None, name: str | None) -> float | None:
