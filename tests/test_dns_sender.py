@@ -233,6 +233,9 @@ def test_burst_window_is_recorded(fake) -> None:
     assert b.sent_n == 300
     assert 0.0 < b.window_s < 0.5
     assert b.first_sent_unix_s >= b.planned_start_unix_s - 0.001
+    # answers read while the burst left, up to the read right after it (the drain inside it)
+    assert 0 <= b.answered_in_window_n <= 300
+    assert b.answers_read_unix_s >= b.last_sent_unix_s
 
 
 def test_source_addresses_stay_on_loopback() -> None:

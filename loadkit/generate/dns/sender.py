@@ -543,6 +543,9 @@ class DnsSender:
         self._burst_cur_n = 0
         self._burst_first = -1.0
         self._burst_last = -1.0
+        self._answered_n = 0  # answers read so far (a burst's drain rate is counted from it)
+        self._burst_answered0 = 0  # ... as it was before the current burst's first send
+        self._closing: BurstWindow | None = None  # a burst sent, waiting for the next read pass
         self._t0 = perf()
         self._wall0 = time.time()
         self.started_unix_s = self._wall0
@@ -573,6 +576,7 @@ class DnsSender:
                 if k != self._burst_cur:
                     self._close_burst()
                     self._burst_cur, self._burst_cur_n, self._burst_first = k, 0, -1.0
+                    self._burst_answered0 = self._answered_n
             self._send_originals(n_base, n_burst)
             self._base_sent += n_base
             self._burst_sent += n_burst
@@ -634,10 +638,21 @@ class DnsSender:
                 wall0 + (self._burst_last - t0),
                 self._burst_cur_n,
             )
-            self.bursts.append(bw)
-            self._done_bursts.append(bw)
+            if self._closing is not None:
+                self._finish_burst()
+            # kept until the next read pass has counted what came back during the burst
+            self._closing = bw._replace(answered_in_window_n=self._burst_answered0)
             log.info("burst %d: %d queries left in %.1f ms", bw.burst_index, bw.sent_n, bw.window_s * 1000)
         self._burst_cur, self._burst_cur_n = -1, 0
+
+    def _finish_burst(self) -> None:
+        """The read pass after a burst is done: record the burst with the answers read during it."""
+        bw = self._closing
+        self._closing = None
+        bw = bw._replace(answered_in_window_n=self._answered_n - bw.answered_in_window_n,
+                         answers_read_unix_s=self._wall0 + (time.perf_counter() - self._t0))
+        self.bursts.append(bw)
+        self._done_bursts.append(bw)
 
     def _stop_sending(self, stopped: bool) -> None:
         """No more original queries. Wait for what is in flight: one full retry cycle when the
@@ -699,7 +714,10 @@ class DnsSender:
             if s >= n_fixed and not out:
                 self._close_attempt_socket(s)  # its one query is done
         if answered:
+            self._answered_n += answered
             self._count("dns.answered", answered)
+        if self._closing is not None:
+            self._finish_burst()
         if late:
             self._count("dns.late_replies", late)
 
@@ -792,6 +810,8 @@ class DnsSender:
 
     def _finish(self) -> None:
         """After the drain: what is still waiting is unfinished; last interval; socket cleanup."""
+        if self._closing is not None:
+            self._finish_burst()
         still = sum(len(o) for o in self._outs) + self._tcp_inflight
         if still:
             self._count("dns.unfinished", still)
