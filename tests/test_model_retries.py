@@ -1,65 +1,184 @@
-"""Retry amplification and the metastability verdict on simulated trigger-then-remove runs."""
+"""Retry amplification, the retry loop's stable states and the metastability verdict, on
+simulated runs and on the adversarial inputs that fooled a threshold rule."""
 
 from __future__ import annotations
 
 import json
+import math
 
+import numpy as np
 import pytest
 
 from loadkit.errors import ModelError
-from loadkit.model import MetastabilityResult, metastability, retry_amplification
+from loadkit.model import LoopStates, MetastabilityResult, metastability, retry_amplification, retry_loop_states
+from loadkit.model.retries import capacity_loss, measured_loss
+from loadkit.partfiles import PartWriter
 from loadkit.record.reader import load_run
-from model_synth import T0, write_retry_run
+from loadkit.schema import RUN_LAYOUT, GeneratorMetric
+
+T0 = 1_764_000_000.0
+
+
+def write_rates(run_dir, original, retry, answered, *, events=(), interval_s=1.0):
+    """A run whose generator counters follow the given per-interval rates (queries/s)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / RUN_LAYOUT["manifest"]).write_text(json.dumps(dict(
+        run_id=run_dir.name, scenario="dns_trigger", release="synthetic", status="completed", started_unix_s=T0,
+        ended_unix_s=T0 + len(original) * interval_s, profile={}, targets=[], versions={}, host={}, lab={}, gates=[])))
+    gen = PartWriter(run_dir / RUN_LAYOUT["generator"])
+    c = np.zeros(3)
+    gen.extend([GeneratorMetric(T0, m, "counter", 0.0) for m in ("dns.original_sent", "dns.retry_sent", "dns.answered")])
+    for k, rates in enumerate(zip(original, retry, answered)):
+        c += np.array(rates) * interval_s
+        ts = T0 + (k + 1) * interval_s
+        gen.extend([GeneratorMetric(ts, "dns.original_sent", "counter", float(c[0])),
+                    GeneratorMetric(ts, "dns.retry_sent", "counter", float(c[1])),
+                    GeneratorMetric(ts, "dns.answered", "counter", float(c[2]))])
+    gen.flush()
+    (run_dir / RUN_LAYOUT["events"]).write_text("".join(json.dumps(e) + "\n" for e in events))
+    return load_run(run_dir)
+
+
+def simulate(run_dir, *, collapse: bool, base_qps=1000.0, trigger_qps=4000.0, capacity_qps=2500.0,
+             retries_per_drop=0.5, before_s=30, trigger_s=20, after_s=60, events=()):
+    """Offered = original + retries of the previous second's drops; the server answers up to its
+    capacity, which collapses to 30 % under overload when ``collapse`` (drops that cost work)."""
+    rng = np.random.default_rng(3)
+    orig, retry, ans = [], [], []
+    pending, overloaded = 0.0, False
+    for k in range(before_s + trigger_s + after_s):
+        o = (trigger_qps if before_s <= k < before_s + trigger_s else base_qps) * (1 + rng.normal(0, 0.01))
+        offered = o + pending
+        cap = capacity_qps * (0.3 if collapse and overloaded else 1.0)
+        a = min(offered, cap)
+        overloaded = offered - a > 0.05 * offered
+        orig.append(o), retry.append(pending), ans.append(a)
+        pending = (offered - a) * retries_per_drop
+    run = write_rates(run_dir, orig, retry, ans, events=events)
+    return run, T0 + before_s, T0 + before_s + trigger_s
 
 
 def test_amplification_matches_the_simulation(tmp_path):
-    truth = write_retry_run(tmp_path / "run", metastable=False)
-    amp = retry_amplification(load_run(tmp_path / "run"))
-    before = amp[amp.index < truth["trigger_start_unix_s"]]
-    assert before["amplification"].to_numpy() == pytest.approx(1.0)
-    # during the trigger: 4000/s offered vs 2500/s capacity, half the drops retry: the drops settle
-    # at 3000/s so offered = 4000 + 1500 -> amplification 1.375 (tolerance 2 %)
-    late = amp[(amp.index > truth["trigger_start_unix_s"] + 10) & (amp.index <= truth["trigger_end_unix_s"])]
+    run, start, end = simulate(tmp_path / "run", collapse=False)
+    amp = retry_amplification(run)
+    assert amp[amp.index <= start]["amplification"].to_numpy() == pytest.approx(1.0)
+    # 4000/s against 2500/s, half the drops retried: drops settle at 3000/s, offered 5500 -> 1.375×
+    late = amp[(amp.index > start + 10) & (amp.index <= end)]
     assert late["amplification"].median() == pytest.approx(1.375, rel=0.02)
     assert late["answered_qps"].median() == pytest.approx(2500, rel=0.01)
 
 
-def test_verdicts_separate_recovery_from_metastability(tmp_path):
-    truth = write_retry_run(tmp_path / "ok", metastable=False)
-    ok = metastability(load_run(tmp_path / "ok"))
-    assert ok.verdict == "recovers"
-    assert ok.trigger_end_unix_s == pytest.approx(truth["trigger_end_unix_s"], abs=1.0)
-    assert 0 <= ok.recovery_s <= 3.0  # the retries drain within ~2 intervals
-
-    write_retry_run(tmp_path / "stuck", metastable=True)
-    stuck = metastability(load_run(tmp_path / "stuck"), truth["trigger_end_unix_s"])
-    assert stuck.verdict == "metastable"
-    assert stuck.post_amplification > 1.2 and stuck.post_goodput_ratio < 0.8
-    assert stuck.recovery_s is None
-    assert "metastable" in stuck.summary()
-
-    write_retry_run(tmp_path / "calm", metastable=False, trigger_qps=2000.0)
-    assert metastability(load_run(tmp_path / "calm")).verdict == "stable"
+def test_recovery_and_metastability_on_the_simulation(tmp_path):
+    run, start, end = simulate(tmp_path / "ok", collapse=False)
+    ok = metastability(run, end)
+    assert ok.verdict == "recovers" and 0 <= ok.recovery_s <= 3.0
+    run, start, end = simulate(tmp_path / "stuck", collapse=True)
+    stuck = metastability(run, end)
+    assert stuck.verdict == "metastable", stuck.summary()
+    assert stuck.loop is not None and stuck.loop.second_stable_state
+    assert stuck.post_amplification > 1.2 and stuck.post_goodput_ratio < 0.8 and stuck.recovery_s is None
+    run, start, end = simulate(tmp_path / "calm", collapse=False, trigger_qps=2000.0)
+    assert metastability(run, end).verdict == "stable"
 
 
-def test_trigger_from_events_and_json(tmp_path):
-    truth = write_retry_run(tmp_path / "run", metastable=False)
-    with (tmp_path / "run" / "events.jsonl").open("w") as fh:
-        for phase in ("trigger_start", "trigger_end"):
-            fh.write(json.dumps({"ts_unix_s": truth[phase + "_unix_s"], "kind": "warning",
-                                 "source": "shape", "detail": {"phase": phase}}) + "\n")
-    res = metastability(load_run(tmp_path / "run"))
-    assert res.trigger_start_unix_s == truth["trigger_start_unix_s"]
-    assert res.trigger_end_unix_s == truth["trigger_end_unix_s"]
+def test_constant_retries_on_a_lossy_path_are_the_baseline_not_metastability(tmp_path):
+    # 20 % of every attempt is lost, each loss retried: 1.25× all along, nothing changes
+    n = 90
+    run = write_rates(tmp_path / "lossy", [1000.0] * n, [250.0] * n, [1000.0] * n)
+    res = metastability(run, T0 + 50, trigger_start_unix_s=T0 + 30)
+    assert res.verdict == "stable", res.summary()
+    assert res.baseline_amplification == pytest.approx(1.25)
+    assert res.loop is not None and not res.loop.second_stable_state
+    assert res.loop.low_amplification == pytest.approx(1.25, rel=0.02)
+
+
+def test_healthy_recovery_followed_by_idle_seconds_recovers(tmp_path):
+    run, start, end = simulate(tmp_path / "run", collapse=False, after_s=20)
+    amp = retry_amplification(run)
+    a = amp[["original_qps", "retry_qps", "answered_qps"]].to_numpy()
+    idle = np.vstack([a, np.zeros((3, 3))])  # the load stopped 3 s before the record did
+    run = write_rates(tmp_path / "idle", idle[:, 0], idle[:, 1], idle[:, 2])
+    res = metastability(run, end)
+    assert res.verdict == "recovers", res.summary()
+
+
+def _drain(tmp_path, name, after_s):
+    # after the trigger, retries fall slowly and steadily: 3× down to 1× over 300 s
+    before, trig = 30, 10
+    orig = [1000.0] * (before + trig + after_s)
+    retry = [0.0] * before + [2000.0] * trig + [2000.0 * max(0.0, 1 - k / 300) for k in range(after_s)]
+    ans = [1000.0] * before + [1500.0] * trig + [1000.0 * (1 - 0.5 * max(0.0, 1 - k / 300)) for k in range(after_s)]
+    return write_rates(tmp_path / name, orig, retry, ans), T0 + before + trig
+
+
+def test_slow_steady_drain_is_not_recovered_yet_and_falling(tmp_path):
+    run, end = _drain(tmp_path, "d60", 60)
+    res = metastability(run, end)
+    assert res.verdict == "not_recovered" and res.trend == "falling", res.summary()
+    assert "not recovered within the window" in res.summary() and "falling" in res.summary()
+    # a longer window sees the end of it
+    run, end = _drain(tmp_path, "d400", 400)
+    assert metastability(run, end).verdict == "recovers"
+
+
+def test_demand_never_back_to_baseline_says_so(tmp_path):
+    orig = [1000.0] * 30 + [4000.0] * 10 + [2500.0] * 30  # the trigger's demand stays up
+    retry = [0.0] * 30 + [1000.0] * 10 + [500.0] * 30
+    ans = [1000.0] * 30 + [2500.0] * 40
+    res = metastability(write_rates(tmp_path / "run", orig, retry, ans), T0 + 40)
+    assert res.verdict == "demand_not_back" and "never returned to its baseline" in res.summary()
+
+
+def test_trigger_from_burst_events_without_trigger_end(tmp_path):
+    # a burst_retry_storm-like run: bursts, then none; no phase events, no --trigger-end
+    bursts = [{"ts_unix_s": T0 + t, "kind": "burst", "source": "dns",
+               "detail": {"burst_index": i, "first_sent_unix_s": T0 + t, "last_sent_unix_s": T0 + t + 0.01,
+                          "window_s": 0.01, "sent_n": 2000}} for i, t in enumerate((5.2, 10.2, 15.2))]
+    orig = [1000.0] * 30
+    retry = [0.0] * 6 + [300.0] + [0.0] * 4 + [300.0] + [0.0] * 4 + [300.0] + [0.0] * 13
+    ans = [1000.0] * 30
+    res = metastability(write_rates(tmp_path / "run", orig, retry, ans, events=bursts))
+    assert res.trigger_source == "burst events"
+    assert res.trigger_start_unix_s == T0 + 5.2 and res.trigger_end_unix_s == pytest.approx(T0 + 15.21)
+    assert res.verdict in ("recovers", "stable")
     assert MetastabilityResult.from_json(res.to_json()) == res
 
 
-def test_no_counters_or_too_short_is_a_model_error(tmp_path):
-    write_retry_run(tmp_path / "run", metastable=False, after_s=2)
-    with pytest.raises(ModelError, match="after the trigger"):
-        metastability(load_run(tmp_path / "run"), T0 + 50)
-    from model_synth import write_usl_run
+def test_retry_loop_states_fixed_points():
+    # a capacity of 2500/s, each loss retried once: only one state below capacity
+    one = retry_loop_states(1000, 1.0, capacity_loss(2500), peak_offered_qps=6000, cap_qps=4000)
+    assert not one.second_stable_state and one.low_offered_qps == pytest.approx(1000)
+    assert one.high_offered_qps == pytest.approx(1000, rel=0.01)
+    # each loss retried twice (two copies per timeout): the high side runs to the clients' cap
+    two = retry_loop_states(1000, 2.0, capacity_loss(2500), peak_offered_qps=6000, cap_qps=4000)
+    assert two.second_stable_state and two.high_offered_qps == pytest.approx(4000)
+    assert two.low_offered_qps == pytest.approx(1000) and "two stable states" in two.summary()
+    # a constant 20 % loss with one retry per loss: x = 1000 + 0.2 x -> 1250
+    flat = retry_loop_states(1000, 1.0, lambda x: 0.2, peak_offered_qps=5000)
+    assert flat.low_offered_qps == pytest.approx(1250) and not flat.second_stable_state
+    assert LoopStates.from_json(two.to_json()) == two
+    with pytest.raises(ModelError, match="original demand"):
+        retry_loop_states(0, 1.0, lambda x: 0.0, peak_offered_qps=1)
 
-    write_usl_run(tmp_path / "usl")
+
+def test_measured_loss_is_monotone_and_extends_as_a_capacity():
+    x = np.array([500, 1000, 2000, 3000, 4000.0])
+    a = np.array([500, 1000, 1900, 2000, 2000.0])
+    loss = measured_loss(x, a, bins=4)
+    assert loss(500) == pytest.approx(0.0, abs=0.01)
+    assert all(loss(v) <= loss(v + 100) + 1e-12 for v in range(500, 8000, 250))
+    assert loss(8000) == pytest.approx(1 - 2000 / 8000, abs=0.02)
+
+
+def test_too_short_or_no_counters_is_a_model_error(tmp_path):
+    run, start, end = simulate(tmp_path / "run", collapse=False, after_s=2)
+    with pytest.raises(ModelError, match="after the trigger"):
+        metastability(run, end)
+    (tmp_path / "empty").mkdir()
+    empty = write_rates(tmp_path / "empty", [], [], [])
+    import shutil
+
+    shutil.rmtree(tmp_path / "empty" / RUN_LAYOUT["generator"])
+    empty = load_run(tmp_path / "empty")
     with pytest.raises(ModelError, match="dns.original_sent"):
-        retry_amplification(load_run(tmp_path / "usl"))
+        retry_amplification(empty)

@@ -1,28 +1,49 @@
-"""Retry amplification and metastability after a trigger.
+"""Retry amplification, the retry loop's stable states, and the metastability verdict.
 
-Clients that retry a dropped query offer more than the original demand: amplification is
-``offered / original = (original + retries) / original``. A metastable failure is one where the
-retries alone keep the server overloaded after the trigger (a burst, a slow period) is gone: the
-demand is back to normal but goodput is not. A system that recovers drains the retries within a
-few timeouts.
+Clients that retry a lost query offer more than the original demand: amplification is
+``offered / original``. The retry loop in steady state is
 
-Inputs are the generator counters ``dns.original_sent``, ``dns.retry_sent`` and ``dns.answered``
-(cumulative, summed over workers; see :mod:`loadkit.generate.metrics`).
+    offered = original + r × lost(offered) = original × (1 + r × loss(offered) × offered / original)
+
+with ``r`` the retries sent per lost attempt and ``loss(x)`` the share of an offered rate ``x``
+that is lost (measured in the run, or ``1 - capacity / x`` for a server, a rate limit or a
+firewall table that admits at most ``capacity``). A *metastable* failure is a second stable
+state of that loop at the original demand: the trigger (a burst, a slow period) pushed offered
+load up, and once it is gone the retries alone hold it there (Bronson et al., "Metastable
+Failures in Distributed Systems", HotOS 2021). :func:`retry_loop_states` finds the loop's
+stable states by iterating it from the low and the high side (a cobweb); the firewall model
+(:mod:`loadkit.model.firewall`) uses the same code.
+
+The verdict after a trigger is judged against the run's own pre-trigger baseline (goodput and
+amplification; a path that always loses 20 % and retries it is healthy at 1.25×), only on
+intervals that carried traffic and only once original demand is back to that baseline:
+
+- ``stable``: the trigger did not degrade goodput or amplification;
+- ``recovers``: every interval from some point after the trigger is healthy again;
+- ``not_recovered``: not healthy by the end of the window, but the retries are still falling
+  (the trend says how fast), or the fitted loop has no second state;
+- ``metastable``: not healthy, not falling, and the loop has a second stable state;
+- ``demand_not_back``: original demand never returned to baseline, so nothing can be judged.
+
+Inputs are the generator counters ``dns.original_sent``, ``dns.retry_sent`` and ``dns.answered``,
+read through :mod:`loadkit.record.counters`.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import pandas as pd
 
 from loadkit.errors import ModelError
 from loadkit.model._result import Result
+from loadkit.record import counters
 from loadkit.record.reader import RunData
 
-VERDICTS = ("stable", "recovers", "metastable")
+VERDICTS = ("stable", "recovers", "not_recovered", "metastable", "demand_not_back")
 
 ORIGINAL = "dns.original_sent"
 RETRY = "dns.retry_sent"
@@ -35,24 +56,19 @@ def retry_amplification(run: RunData, *, prefix: str = "dns") -> pd.DataFrame:
 
     Indexed by ``ts_unix_s`` (end of the interval).
     """
-    g = run.generator
     names = {f"{prefix}.original_sent": "original", f"{prefix}.retry_sent": "retry",
              f"{prefix}.answered": "answered"}
-    g = g[g["metric"].isin(list(names)) & (g["kind"] == "counter")]
-    if not len(g) or f"{prefix}.original_sent" not in set(g["metric"]):
+    if not counters.has_metric(run, f"{prefix}.original_sent"):
         raise ModelError(f"run {run.run_id} has no '{prefix}.original_sent' counter in generator/: "
                          "record a run with the DNS generator's counters")
-    wide = (g.pivot_table(index="ts_unix_s", columns="metric", values="value", aggfunc="sum")
-            .sort_index().rename(columns=names))
+    d = counters.counter_frame(run, [m for m in names if counters.has_metric(run, m)]).rename(columns=names)
+    if len(d) < 1:
+        raise ModelError(f"run {run.run_id} has {len(d) + 1} counter samples; need >= 2")
     for col in ("original", "retry", "answered"):
-        if col not in wide:
-            wide[col] = 0.0
-    wide = wide.ffill().fillna(0.0)
-    if len(wide) < 2:
-        raise ModelError(f"run {run.run_id} has {len(wide)} counter samples; need >= 2")
-    dt = np.diff(wide.index.to_numpy(dtype=float))
-    d = wide[["original", "retry", "answered"]].diff().iloc[1:].clip(lower=0)
-    out = pd.DataFrame(index=wide.index[1:])
+        if col not in d:
+            d[col] = 0.0
+    dt = d["interval_s"].to_numpy(dtype=float)
+    out = pd.DataFrame(index=d.index)
     out.index.name = "ts_unix_s"
     out["interval_s"] = dt
     out["original_qps"] = d["original"].to_numpy() / dt
@@ -64,39 +80,169 @@ def retry_amplification(run: RunData, *, prefix: str = "dns") -> pd.DataFrame:
     return out
 
 
+# --------------------------------------------------------------------------------------------
+# the retry loop: offered = original + r × offered × loss(offered)
+# --------------------------------------------------------------------------------------------
+
+
+def capacity_loss(capacity_qps: float) -> Callable[[float], float]:
+    """``loss(x)`` of anything that admits at most ``capacity_qps``: ``max(0, 1 - capacity / x)``."""
+    return lambda x: max(0.0, 1.0 - capacity_qps / x) if x > 0 else 0.0
+
+
+def measured_loss(offered_qps: np.ndarray, answered_qps: np.ndarray, bins: int = 12) -> Callable[[float], float]:
+    """``loss(x)`` from a run's intervals: the lost share per band of offered rate, made
+    non-decreasing in ``x`` (more load never loses less in this model), interpolated inside the
+    measured range and extended beyond it as a capacity equal to the highest rate answered."""
+    x = np.asarray(offered_qps, dtype=float)
+    a = np.asarray(answered_qps, dtype=float)
+    ok = np.isfinite(x) & np.isfinite(a) & (x > 0)
+    x, a = x[ok], np.minimum(a[ok], x[ok])
+    if not len(x):
+        raise ModelError("no interval with traffic to measure loss against offered rate")
+    edges = np.unique(np.quantile(x, np.linspace(0, 1, bins + 1)))
+    idx = np.clip(np.searchsorted(edges, x, side="right") - 1, 0, max(len(edges) - 2, 0))
+    xs = np.array([x[idx == b].mean() for b in np.unique(idx)])
+    ls = np.array([1.0 - a[idx == b].sum() / x[idx == b].sum() for b in np.unique(idx)])
+    order = np.argsort(xs)
+    xs, ls = xs[order], np.maximum.accumulate(np.clip(ls[order], 0.0, 1.0))
+    top = float(xs[-1] * (1.0 - ls[-1]))
+
+    def loss(v: float) -> float:
+        if v > xs[-1]:
+            return max(float(ls[-1]), 1.0 - top / v)
+        return float(np.interp(v, xs, ls))
+
+    return loss
+
+
+@dataclass
+class LoopStates(Result):
+    """The retry loop's stable states at one original demand (:func:`retry_loop_states`)."""
+
+    kind = "retry_loop"
+
+    original_qps: float
+    retries_per_loss: float
+    low_offered_qps: float  #: where the loop settles from the original demand alone
+    high_offered_qps: float  #: where it settles from the trigger's peak
+    cap_qps: float  #: the most the clients can offer (every query at its last attempt)
+    second_stable_state: bool  #: the high state is a different one: the loop sustains itself
+
+    @property
+    def low_amplification(self) -> float:
+        return self.low_offered_qps / self.original_qps
+
+    @property
+    def high_amplification(self) -> float:
+        return self.high_offered_qps / self.original_qps
+
+    def summary(self) -> str:
+        if self.second_stable_state:
+            return (f"two stable states at {self.original_qps:,.0f}/s of original demand: "
+                    f"{self.low_amplification:.2f}× and {self.high_amplification:.2f}× (retries {self.retries_per_loss:.2f} "
+                    "per loss hold the high one once a trigger reaches it)")
+        return (f"one stable state at {self.original_qps:,.0f}/s of original demand "
+                f"({self.low_amplification:.2f}×): the retries drain once the trigger is gone")
+
+
+def retry_loop_states(original_qps: float, retries_per_loss: float, loss: Callable[[float], float], *,
+                      peak_offered_qps: float, cap_qps: float | None = None, max_iter: int = 2000,
+                      rel_tol: float = 1e-6, separation: float = 0.1) -> LoopStates:
+    """Stable states of ``x = original + r × x × loss(x)``: iterate the loop from the original
+    demand and from ``peak_offered_qps`` (the trigger's); each run of the map settles on the
+    nearest stable state on its side. Two different end points (more than ``separation`` apart,
+    relative) are two stable states: the loop can hold the high one without the trigger.
+    ``cap_qps`` bounds offered load (clients stop retrying: ``original × (1 + retries)``)."""
+    if original_qps <= 0:
+        raise ModelError(f"original demand {original_qps} must be > 0 queries/s")
+    if retries_per_loss < 0:
+        raise ModelError(f"retries per loss {retries_per_loss} must be >= 0")
+    cap = float(cap_qps) if cap_qps is not None else math.inf
+    cap = max(cap, original_qps)
+
+    def settle(x: float) -> float:
+        for _ in range(max_iter):
+            nxt = min(cap, original_qps + retries_per_loss * x * loss(x))
+            if abs(nxt - x) <= rel_tol * max(x, 1.0):
+                return nxt
+            x = nxt
+            if not math.isfinite(x):
+                return cap
+        return x
+
+    low = settle(float(original_qps))
+    high = settle(min(cap, max(float(peak_offered_qps), original_qps)))
+    second = high > low * (1.0 + separation)
+    return LoopStates(float(original_qps), float(retries_per_loss), low, high,
+                      cap if math.isfinite(cap) else math.nan, bool(second))
+
+
+# --------------------------------------------------------------------------------------------
+# the verdict on a recorded run
+# --------------------------------------------------------------------------------------------
+
+
 @dataclass
 class MetastabilityResult(Result):
-    """What happened after the trigger ended: nothing to recover from, recovery, or a stuck state."""
+    """What happened after the trigger ended, judged against the run's pre-trigger baseline."""
 
     kind = "metastability"
 
-    verdict: str  #: "stable", "recovers" or "metastable"
+    verdict: str  #: one of :data:`VERDICTS`
     trigger_start_unix_s: float
     trigger_end_unix_s: float
+    trigger_source: str  #: "given", "phase events", "burst events", "original rate"
     recovery_s: float | None  #: trigger end -> first interval of lasting health; None unless "recovers"
+    baseline_original_qps: float
     baseline_goodput_ratio: float
+    baseline_amplification: float
     trigger_goodput_ratio: float
     trigger_amplification: float
     post_goodput_ratio: float  #: over the last part of the run after the trigger
     post_amplification: float
-    post_window_s: float
+    post_window_s: float  #: from the trigger's end to the last interval with traffic
+    demand_back_s: float | None  #: trigger end -> original demand back to baseline
+    trend: str | None  #: retries after the trigger: "falling", "flat", "rising"
+    trend_amplification_per_s: float  #: slope of amplification over the judged intervals
+    loop: LoopStates | None  #: the fitted retry loop at the baseline demand
+    caveats: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
+        base = (f"baseline goodput {self.baseline_goodput_ratio:.2f}, amplification "
+                f"{self.baseline_amplification:.2f}×")
+        loop = f"; loop: {self.loop.summary()}" if self.loop is not None else ""
         if self.verdict == "stable":
-            return (f"stable: the trigger did not degrade goodput (answered/offered "
-                    f"{self.trigger_goodput_ratio:.2f}, amplification {self.trigger_amplification:.2f}×)")
-        if self.verdict == "recovers":
-            return (f"recovers {self.recovery_s:.1f} s after the trigger ended (during it: answered/offered "
-                    f"{self.trigger_goodput_ratio:.2f}, amplification {self.trigger_amplification:.2f}×)")
-        return (f"metastable: {self.post_window_s:.0f} s after the trigger ended, retries still hold it "
-                f"down (amplification {self.post_amplification:.2f}×, answered/offered "
-                f"{self.post_goodput_ratio:.2f} vs {self.baseline_goodput_ratio:.2f} before)")
+            text = (f"stable: the trigger did not degrade goodput (answered/offered {self.trigger_goodput_ratio:.2f}, "
+                    f"amplification {self.trigger_amplification:.2f}×; {base})")
+        elif self.verdict == "recovers":
+            text = (f"recovers {self.recovery_s:.1f} s after the trigger ended (during it: answered/offered "
+                    f"{self.trigger_goodput_ratio:.2f}, amplification {self.trigger_amplification:.2f}×; {base})")
+        elif self.verdict == "demand_not_back":
+            text = (f"not judged: original demand never returned to its baseline "
+                    f"{self.baseline_original_qps:,.0f}/s in the {self.post_window_s:.0f} s after the trigger")
+        elif self.verdict == "not_recovered":
+            eta = ""
+            if self.trend == "falling" and self.trend_amplification_per_s < 0:
+                eta = (f", at this rate back in about "
+                       f"{(self.post_amplification - self.baseline_amplification) / -self.trend_amplification_per_s:.0f} s")
+            text = (f"not recovered within the window ({self.post_window_s:.0f} s after the trigger): amplification "
+                    f"{self.post_amplification:.2f}×, answered/offered {self.post_goodput_ratio:.2f} ({base}); retries "
+                    f"{self.trend} ({self.trend_amplification_per_s:+.4f}×/s){eta}")
+        else:
+            text = (f"metastable: {self.post_window_s:.0f} s after the trigger ended, with demand back at baseline, "
+                    f"retries still hold it down (amplification {self.post_amplification:.2f}×, answered/offered "
+                    f"{self.post_goodput_ratio:.2f}; {base}); retries {self.trend}")
+        text += loop
+        if self.caveats:
+            text += " [" + "; ".join(self.caveats) + "]"
+        return text
 
 
-def _trigger_window(amp: pd.DataFrame, run: RunData) -> tuple[float, float]:
-    """Trigger start/end from events (kind ``phase`` with ``detail.phase`` "trigger_start" /
-    "trigger_end"), else from the original (not retried) rate: the span where it is above the
-    midpoint of its range."""
+def trigger_window(run: RunData, amp: pd.DataFrame | None = None) -> tuple[float | None, float, str]:
+    """(start, end, source) of the trigger: ``phase`` events ``trigger_start``/``trigger_end``;
+    else the run's ``burst`` events (the first burst's first query to the last burst's last);
+    else the span where the original rate is above the midpoint of its range."""
     start = end = None
     for ev in run.events:
         phase = (ev.get("detail") or {}).get("phase") or ev.get("kind")
@@ -104,98 +250,192 @@ def _trigger_window(amp: pd.DataFrame, run: RunData) -> tuple[float, float]:
             start = float(ev["ts_unix_s"])
         elif phase == "trigger_end":
             end = float(ev["ts_unix_s"])
-    if start is not None and end is not None:
-        return start, end
+    if end is not None:
+        return start, end, "phase events"
+    firsts, lasts = [], []
+    for ev in run.events:
+        if ev.get("kind") == "burst":
+            d = ev.get("detail") or {}
+            first = float(d.get("first_sent_unix_s", ev["ts_unix_s"]))
+            firsts.append(first)
+            lasts.append(float(d.get("last_sent_unix_s", first + float(d.get("window_s") or 0.0))))
+    if lasts:
+        return min(firsts), max(lasts), "burst events"
+    amp = retry_amplification(run) if amp is None else amp
     orig = amp["original_qps"]
     lo, hi = float(orig.quantile(0.1)), float(orig.max())
     if hi <= lo * 1.2:
-        raise ModelError(f"run {run.run_id}: no trigger found (original rate never rises 20 % above its "
-                         "base); pass the trigger end time (--trigger-end)")
+        raise ModelError(f"run {run.run_id}: no trigger found (no phase or burst events, and the original rate "
+                         "never rises 20 % above its base); pass the trigger end time (--trigger-end)")
     above = orig > 0.5 * (lo + hi)
     ts = orig.index.to_numpy(dtype=float)
-    dts = amp["interval_s"].to_numpy()
     idx = np.flatnonzero(above.to_numpy())
-    return float(ts[idx[0]] - dts[idx[0]]), float(ts[idx[-1]])
+    return float(ts[idx[0]] - amp["interval_s"].to_numpy()[idx[0]]), float(ts[idx[-1]]), "original rate"
+
+
+def _ratio(frame: pd.DataFrame, num: str, den: str) -> float:
+    n = float(frame[num].mul(frame["interval_s"]).sum())
+    d = float(frame[den].mul(frame["interval_s"]).sum())
+    return n / d if d > 0 else math.nan
+
+
+def _trend(frame: pd.DataFrame) -> tuple[str, float]:
+    """Slope of amplification over time (per second) and whether it is significantly falling."""
+    if len(frame) < 3:
+        return "flat", 0.0
+    t = frame.index.to_numpy(dtype=float)
+    y = frame["amplification"].to_numpy(dtype=float)
+    t = t - t.mean()
+    slope = float((t * (y - y.mean())).sum() / (t * t).sum())
+    resid = y - y.mean() - slope * t
+    se = math.sqrt(float((resid ** 2).sum()) / max(len(y) - 2, 1) / float((t * t).sum()))
+    if slope < 0 and (se == 0 or slope / se < -2.0):
+        return "falling", slope
+    if slope > 0 and (se == 0 or slope / se > 2.0):
+        return "rising", slope
+    return "flat", slope
+
+
+def retries_per_loss(amp: pd.DataFrame, after_unix_s: float | None = None) -> float | None:
+    """Retries sent per query lost (offered − answered): over the intervals after ``after_unix_s``
+    when they lost anything (what the loop does without the trigger), else over the run; None
+    when nothing was lost."""
+    busy = amp[amp["offered_qps"] > 0]
+    for frame in ((busy[busy.index.to_numpy(dtype=float) > after_unix_s],) if after_unix_s is not None else ()) + (busy,):
+        dt = frame["interval_s"]
+        lost = float(((frame["offered_qps"] - frame["answered_qps"]).clip(lower=0) * dt).sum())
+        if lost > 0:
+            return float((frame["retry_qps"] * dt).sum()) / lost
+    return None
+
+
+def fit_retry_loop(amp: pd.DataFrame, original_qps: float, *, peak_offered_qps: float | None = None,
+                   capacity_qps: float | None = None, after_unix_s: float | None = None) -> LoopStates | None:
+    """The retry loop of a run: ``r`` from :func:`retries_per_loss`, ``loss(x)`` measured from
+    its intervals (or from ``capacity_qps``), offered load capped at the highest amplification
+    the clients reached (their retry limit); None when the run lost nothing (no loop to fit)."""
+    busy = amp[amp["offered_qps"] > 0]
+    r = retries_per_loss(busy, after_unix_s)
+    if r is None or not len(busy):
+        return None
+    loss = capacity_loss(capacity_qps) if capacity_qps else measured_loss(
+        busy["offered_qps"].to_numpy(), busy["answered_qps"].to_numpy())
+    peak = float(peak_offered_qps if peak_offered_qps is not None else busy["offered_qps"].max())
+    top = busy["amplification"].max()
+    cap = float(top) * original_qps if math.isfinite(top) else None
+    return retry_loop_states(original_qps, r, loss, peak_offered_qps=peak, cap_qps=cap)
 
 
 def metastability(run: RunData, trigger_end_unix_s: float | None = None, *,
-                  trigger_start_unix_s: float | None = None, goodput_tolerance: float = 0.1,
-                  amplification_tolerance: float = 0.2, hold_s: float | None = None,
-                  min_post_s: float = 5.0, prefix: str = "dns") -> MetastabilityResult:
-    """Verdict on a trigger-then-remove run.
+                  trigger_start_unix_s: float | None = None, min_post_s: float = 5.0,
+                  goodput_tolerance: float = 0.1, amplification_tolerance: float = 0.1,
+                  demand_tolerance: float = 0.2, hold_s: float | None = None, prefix: str = "dns",
+                  capacity_qps: float | None = None) -> MetastabilityResult:
+    """Did the run recover after its trigger, against its own pre-trigger baseline?
 
-    An interval is healthy when answered/offered is within ``goodput_tolerance`` of the baseline
-    before the trigger and amplification is below ``1 + amplification_tolerance``. "stable": the
-    trigger itself was healthy; "recovers": after the trigger ended, health returns and lasts to
-    the end of the run (``recovery_s`` is when it returned); "metastable": the end of the run is
-    still unhealthy with the original demand back to normal. The run must go on for at least
-    ``min_post_s`` after the trigger (longer than the clients' retry horizon), else retries still
-    in flight would pass for a stuck state and :class:`ModelError` is raised.
+    The trigger comes from ``trigger_end_unix_s`` or the run's events (:func:`trigger_window`).
+    Only intervals that carried traffic count. After the trigger, judging starts once original
+    demand is within ``demand_tolerance`` of the baseline's; an interval is healthy when its
+    goodput ratio is within ``goodput_tolerance`` of the baseline's and its amplification within
+    ``amplification_tolerance`` of it. The end of the run is judged on its last third (at least
+    3 intervals) unless ``hold_s`` says how long. :class:`ModelError` when fewer than
+    ``min_post_s`` seconds and 3 intervals follow the trigger.
     """
     amp = retry_amplification(run, prefix=prefix)
     if trigger_end_unix_s is None:
-        start, end = _trigger_window(amp, run)
+        start, end, source = trigger_window(run, amp)
     else:
-        end = float(trigger_end_unix_s)
+        end, source = float(trigger_end_unix_s), "given"
         marked = [float(ev["ts_unix_s"]) for ev in run.events
                   if (ev.get("detail") or {}).get("phase") == "trigger_start"]
         start = max((t for t in marked if t <= end), default=None)
+        if start is None:
+            try:  # where the original rate rose, if it did: the baseline is before that
+                found = trigger_window(run, amp)[0]
+                start = found if found is not None and found < end else None
+            except ModelError:
+                start = None
     if trigger_start_unix_s is not None:
-        start = trigger_start_unix_s
-    ts = amp.index.to_numpy(dtype=float)
+        start = float(trigger_start_unix_s)
+    busy = amp[(amp["offered_qps"] > 0) & (amp["original_qps"] > 0)]  # idle intervals say nothing
+    if not len(busy):
+        raise ModelError(f"run {run.run_id}: no interval carried traffic")
+    ts = busy.index.to_numpy(dtype=float)
     if start is None:
-        start = float(ts[0] - amp["interval_s"].iloc[0])
-    before = amp[ts <= start]
+        start = float(ts[0] - busy["interval_s"].iloc[0])
+    caveats: list[str] = []
+    before = busy[ts <= start]
     in_trigger = (ts > start) & (ts <= end)
     if not in_trigger.any() and (ts > start).any():
-        # an instant trigger (one burst): judge it on the interval that holds it
-        in_trigger = ts == ts[ts > start][0]
-    during = amp[in_trigger]
-    after = amp[ts > end]
-    post_s = float(ts[-1] - end)
+        in_trigger = ts == ts[ts > start][0]  # an instant trigger: the interval that holds it
+    during, after = busy[in_trigger], busy[ts > end]
+    post_s = float(ts[-1] - end) if len(after) else 0.0
     if len(after) < 3 or post_s < min_post_s:
-        raise ModelError(f"run {run.run_id}: {post_s:.1f} s ({len(after)} intervals) after the trigger "
-                         f"ended; need >= {min_post_s:g} s and 3 intervals to judge recovery (run "
-                         "longer after the trigger, or lower --min-post)")
-
-    def ratio(frame: pd.DataFrame, num: str, den: str) -> float:
-        n, d = float(frame[num].mul(frame["interval_s"]).sum()), float(frame[den].mul(frame["interval_s"]).sum())
-        return n / d if d > 0 else math.nan
-
-    base_good = ratio(before, "answered_qps", "offered_qps") if len(before) else 1.0
-    if not math.isfinite(base_good):
-        base_good = 1.0
-    good_floor = base_good * (1.0 - goodput_tolerance)
-    amp_ceiling = 1.0 + amplification_tolerance
-    healthy = ((amp["goodput_ratio"].fillna(0.0) >= good_floor)
-               & (amp["amplification"].fillna(np.inf) <= amp_ceiling)).to_numpy()
-    trig_good = ratio(during, "answered_qps", "offered_qps") if len(during) else math.nan
-    trig_amp = ratio(during, "offered_qps", "original_qps") if len(during) else math.nan
-    # judge the end of the run on its last third (at least 3 intervals), unless told how long
-    after_ts = ts[ts > end]
-    if hold_s is None:
-        tail_n = max(3, len(after_ts) // 3)
-        tail = after.iloc[-tail_n:]
+        raise ModelError(f"run {run.run_id}: {post_s:.1f} s ({len(after)} intervals with traffic) after the "
+                         f"trigger ended at {end:.3f} ({source}); need >= {min_post_s:g} s and 3 intervals to "
+                         "judge recovery (run longer after the trigger, or lower --min-post)")
+    if len(before):
+        base_orig = float(before["original_qps"].median())
+        base_good = _ratio(before, "answered_qps", "offered_qps")
+        base_amp = _ratio(before, "offered_qps", "original_qps")
     else:
-        tail = after[after.index.to_numpy(dtype=float) >= after_ts[-1] - hold_s]
-    post_good = ratio(tail, "answered_qps", "offered_qps")
-    post_amp = ratio(tail, "offered_qps", "original_qps")
-    window = float(after_ts[-1] - end)
-    common = dict(trigger_start_unix_s=float(start), trigger_end_unix_s=float(end),
-                  baseline_goodput_ratio=base_good, trigger_goodput_ratio=trig_good,
-                  trigger_amplification=trig_amp, post_goodput_ratio=post_good,
-                  post_amplification=post_amp, post_window_s=window)
-    during_healthy = healthy[in_trigger]
-    if len(during_healthy) and during_healthy.all():
-        return MetastabilityResult(verdict="stable", recovery_s=None, **common)
-    after_healthy = healthy[ts > end]
-    tail_healthy = post_good >= good_floor and post_amp <= amp_ceiling
-    if not tail_healthy:
-        return MetastabilityResult(verdict="metastable", recovery_s=None, **common)
-    # first interval after which every interval to the end is healthy
-    bad = np.flatnonzero(~after_healthy)
+        caveats.append("no traffic before the trigger: baseline assumed lossless (goodput 1, 1.00×)")
+        base_orig, base_good, base_amp = float(after["original_qps"].median()), 1.0, 1.0
+    base_good = base_good if math.isfinite(base_good) else 1.0
+    base_amp = base_amp if math.isfinite(base_amp) else 1.0
+    good_floor = base_good * (1.0 - goodput_tolerance)
+    amp_ceiling = base_amp * (1.0 + amplification_tolerance)
+    healthy = ((busy["goodput_ratio"].fillna(0.0) >= good_floor)
+               & (busy["amplification"].fillna(np.inf) <= amp_ceiling)).to_numpy()
+    loop = fit_retry_loop(busy, base_orig, capacity_qps=capacity_qps, after_unix_s=end)
+    common = dict(trigger_start_unix_s=float(start), trigger_end_unix_s=float(end), trigger_source=source,
+                  baseline_original_qps=base_orig, baseline_goodput_ratio=base_good, baseline_amplification=base_amp,
+                  trigger_goodput_ratio=_ratio(during, "answered_qps", "offered_qps") if len(during) else math.nan,
+                  trigger_amplification=_ratio(during, "offered_qps", "original_qps") if len(during) else math.nan,
+                  post_window_s=post_s, loop=loop, caveats=caveats)
+    if in_trigger.any() and healthy[in_trigger].all():
+        return MetastabilityResult(verdict="stable", recovery_s=None, post_goodput_ratio=_ratio(after, "answered_qps", "offered_qps"),
+                                   post_amplification=_ratio(after, "offered_qps", "original_qps"), demand_back_s=0.0,
+                                   trend=None, trend_amplification_per_s=0.0, **common)
+    return _judge_after(after, healthy[ts > end], end, base_orig, demand_tolerance, good_floor, amp_ceiling,
+                        hold_s, common)
+
+
+def _judge_after(after: pd.DataFrame, healthy: np.ndarray, end: float, base_orig: float, demand_tolerance: float,
+                 good_floor: float, amp_ceiling: float, hold_s: float | None, common: dict) -> MetastabilityResult:
+    """The verdict on the intervals after the trigger (those with traffic)."""
+    ts = after.index.to_numpy(dtype=float)
+    back = np.flatnonzero(np.abs(after["original_qps"].to_numpy() - base_orig) <= demand_tolerance * base_orig)
+    if not len(back):
+        return MetastabilityResult(verdict="demand_not_back", recovery_s=None, demand_back_s=None, trend=None,
+                                   post_goodput_ratio=_ratio(after, "answered_qps", "offered_qps"),
+                                   post_amplification=_ratio(after, "offered_qps", "original_qps"),
+                                   trend_amplification_per_s=0.0, **common)
+    judged, healthy = after.iloc[back[0]:], healthy[back[0]:]
+    demand_back_s = max(0.0, float(ts[back[0]] - after["interval_s"].iloc[back[0]] - end))
+    if hold_s is None:
+        tail = judged.iloc[-max(3, len(judged) // 3):]
+    else:
+        tail = judged[judged.index.to_numpy(dtype=float) >= ts[-1] - hold_s]
+    post_good = _ratio(tail, "answered_qps", "offered_qps")
+    post_amp = _ratio(tail, "offered_qps", "original_qps")
+    # the trend of the later half: the drain right after the trigger falls even into a stuck state
+    trend, slope = _trend(judged.iloc[-max(5, len(judged) // 2):])
+    out = dict(post_goodput_ratio=post_good, post_amplification=post_amp, demand_back_s=demand_back_s,
+               trend=trend, trend_amplification_per_s=slope, **common)
+    bad = np.flatnonzero(~healthy)
     first_ok = 0 if not len(bad) else bad[-1] + 1
-    if first_ok >= len(after_healthy):
-        return MetastabilityResult(verdict="metastable", recovery_s=None, **common)
-    rec_end = after_ts[first_ok] - amp["interval_s"].to_numpy()[ts > end][first_ok]
-    return MetastabilityResult(verdict="recovers", recovery_s=max(0.0, float(rec_end - end)), **common)
+    if post_good >= good_floor and post_amp <= amp_ceiling and first_ok < len(healthy):
+        rec_end = float(judged.index[first_ok]) - float(judged["interval_s"].iloc[first_ok])
+        return MetastabilityResult(verdict="recovers", recovery_s=max(0.0, rec_end - end), **out)
+    loop = common["loop"]
+    if trend == "falling":
+        return MetastabilityResult(verdict="not_recovered", recovery_s=None, **out)
+    if loop is not None and not loop.second_stable_state:
+        common["caveats"].append("still degraded, but the fitted retry loop has no second stable state at the "
+                                 "baseline demand: not metastable by that definition (a slower drain, or a "
+                                 "changed server?)")
+        return MetastabilityResult(verdict="not_recovered", recovery_s=None, **out)
+    if loop is None:
+        common["caveats"].append("no loss to fit the retry loop on: judged on the measurements alone")
+    return MetastabilityResult(verdict="metastable", recovery_s=None, **out)

@@ -1,0 +1,139 @@
+"""The firewall session-table model: Little's law occupancy, fill time, and the retry loop through
+a full table, on synthetic numbers and on a simulated run with a ``firewall`` sample table."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import deque
+
+import pytest
+
+from loadkit.errors import ModelError
+from loadkit.model.firewall import (
+    FirewallResult,
+    admitted_flow_qps,
+    fill_time_s,
+    firewall_loss,
+    firewall_model,
+    fit_firewall,
+    new_flow_qps,
+    occupancy,
+)
+from loadkit.partfiles import PartWriter
+from loadkit.record.reader import load_run
+from loadkit.schema import RUN_LAYOUT, GeneratorMetric
+
+T0 = 1_764_000_000.0
+
+
+def test_littles_law_occupancy_and_fill_time():
+    assert occupancy(1000, 30) == 30_000
+    assert occupancy(1000, 30, 20_000) == 20_000
+    assert fill_time_s(1000, 30, 20_000) == pytest.approx(20.0)
+    assert math.isinf(fill_time_s(1000, 30, 50_000))  # entries expire before it fills
+    # the incident's table: 500,000 entries at a 30 s UDP timeout admit 16,667 new flows/s
+    assert admitted_flow_qps(500_000, 30) == pytest.approx(16_666.7, rel=1e-4)
+    assert new_flow_qps(100, 250, "per-attempt") == 250 and new_flow_qps(100, 250, "per-query") == 100
+    with pytest.raises(ModelError, match="port policy"):
+        new_flow_qps(1, 1, "random")
+    with pytest.raises(ModelError, match="size > 0"):
+        admitted_flow_qps(0, 30)
+
+
+def test_the_loop_through_the_table_fixed_points():
+    # 10,000/s of queries fill 300,000 of 500,000 entries: room to spare
+    calm = firewall_model(10_000, 500_000, 30, retries_per_loss=1.0, peak_offered_qps=40_000, cap_qps=40_000)
+    assert calm.predicted_occupancy_n == pytest.approx(300_000)
+    assert calm.fill_amplification == pytest.approx(16_666.7 / 10_000, rel=1e-4)
+    # one retry per dropped attempt: retries only replace drops, the table drains after the trigger
+    assert not calm.loop.second_stable_state
+    # two new attempts per drop (a stub resolver and the app behind it both retry): it stays full
+    storm = firewall_model(10_000, 500_000, 30, retries_per_loss=2.0, peak_offered_qps=40_000, cap_qps=40_000)
+    assert storm.loop.second_stable_state and storm.loop.high_offered_qps == pytest.approx(40_000)
+    assert "sustains itself" in storm.summary()
+    # per-query ports: retries reuse their query's flow, so only demand fills the table
+    pq = firewall_model(10_000, 500_000, 30, retries_per_loss=2.0, port_policy="per-query",
+                        peak_offered_qps=40_000, cap_qps=40_000)
+    assert not pq.loop.second_stable_state and firewall_loss(500_000, 30, "per-query", 10_000)(40_000) == 0.0
+    # a shorter timeout is a mitigation: 10 s admits 50,000/s
+    assert not firewall_model(10_000, 500_000, 10, retries_per_loss=2.0, peak_offered_qps=40_000,
+                              cap_qps=40_000).loop.second_stable_state
+    assert FirewallResult.from_json(storm.to_json()) == storm
+
+
+def write_firewall_run(run_dir, *, retries_per_drop: float, size_n=8000, timeout_s=10.0, base_qps=500.0,
+                       trigger_qps=1500.0, before_s=30, trigger_s=15, after_s=60, max_amplification=4.0,
+                       fluid=False):
+    """Clients behind a session table, one second at a time: every attempt is a new flow
+    (per-attempt ports), a flow that finds the table full is dropped and retried
+    ``retries_per_drop`` times in the next second (clients give up beyond ``max_amplification``)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / RUN_LAYOUT["manifest"]).write_text(json.dumps(dict(
+        run_id=run_dir.name, scenario="retry_storm_firewall", release="synthetic", status="completed",
+        started_unix_s=T0, ended_unix_s=T0 + before_s + trigger_s + after_s, profile={}, targets=[], versions={},
+        host={}, lab={}, gates=[])))
+    gen = PartWriter(run_dir / RUN_LAYOUT["generator"])
+    fw = PartWriter(run_dir / "samples" / "firewall")
+    entries = 0
+    orig_c = retry_c = ans_c = drops_c = 0.0
+    table: deque = deque()  # (expiry, entries)
+    pending = 0.0
+    events = []
+    gen.extend([GeneratorMetric(T0, m, "counter", 0.0) for m in ("dns.original_sent", "dns.retry_sent", "dns.answered")])
+    for k in range(before_s + trigger_s + after_s):
+        now = T0 + k + 1
+        if fluid:
+            # a full table frees size/timeout entries a second, not in the cohorts that fixed
+            # lifetimes in one-second steps release (which break the loop by themselves)
+            entries -= entries / timeout_s
+        else:
+            while table and table[0][0] <= now:
+                entries -= table.popleft()[1]
+        o = trigger_qps if before_s <= k < before_s + trigger_s else base_qps
+        retry = min(pending, o * (max_amplification - 1))
+        offered = o + retry
+        admitted = min(offered, size_n - entries)
+        entries += admitted
+        table.append((now + timeout_s, admitted))
+        dropped = offered - admitted
+        pending = dropped * retries_per_drop
+        orig_c, retry_c, ans_c, drops_c = orig_c + o, retry_c + retry, ans_c + admitted, drops_c + dropped
+        gen.extend([GeneratorMetric(now, "dns.original_sent", "counter", orig_c),
+                    GeneratorMetric(now, "dns.retry_sent", "counter", retry_c),
+                    GeneratorMetric(now, "dns.answered", "counter", ans_c)])
+        fw.append({"ts_unix_s": now, "host": "lab", "firewall": "ip loadkit_fw_test", "entries_n": int(entries),
+                   "size_n": size_n, "drops_n": int(drops_c), "timeout_s": timeout_s})
+    for phase, t in (("trigger_start", T0 + before_s), ("trigger_end", T0 + before_s + trigger_s)):
+        events.append({"ts_unix_s": t, "kind": "phase", "source": "shape", "detail": {"phase": phase}})
+    (run_dir / RUN_LAYOUT["events"]).write_text("".join(json.dumps(e) + "\n" for e in events))
+    gen.flush()
+    fw.flush()
+    return load_run(run_dir)
+
+
+def test_fit_firewall_on_a_run_that_recovers_and_one_that_stays_full(tmp_path):
+    run = write_firewall_run(tmp_path / "one", retries_per_drop=1.0)
+    if not len(getattr(run, "firewall", [])):
+        pytest.skip("the run reader does not load samples/firewall yet")
+    ok = fit_firewall(run)
+    assert ok.size_n == 8000 and ok.timeout_s == 10 and ok.admitted_flow_qps == 800
+    assert ok.predicted_occupancy_n == pytest.approx(5000, rel=0.02)  # 500/s × 10 s
+    # Little's law on the last 10 s of new flows against the table's own count, before it filled
+    assert ok.measured_max_entries_n == 8000 and ok.first_full_unix_s is not None
+    assert ok.occupancy_error_pct is not None and ok.occupancy_error_pct <= 10.0
+    assert not ok.loop.second_stable_state and ok.verdict == "recovers", ok.summary()
+    stuck = fit_firewall(write_firewall_run(tmp_path / "two", retries_per_drop=2.0, fluid=True))
+    # after the trigger the clients retry 2 per drop until their limit (4×): 1.25 per drop at the limit
+    assert stuck.retries_per_loss > 1.0
+    assert stuck.loop.second_stable_state and stuck.verdict == "metastable", stuck.summary()
+    assert "predicted" in stuck.summary() and "measured up to 8,000" in stuck.summary()
+
+
+def test_fit_firewall_without_the_table_is_a_model_error(tmp_path):
+    run = write_firewall_run(tmp_path / "run", retries_per_drop=1.0)
+    import shutil
+
+    shutil.rmtree(tmp_path / "run" / "samples" / "firewall")
+    with pytest.raises(ModelError, match="firewall"):
+        fit_firewall(load_run(tmp_path / "run"))
