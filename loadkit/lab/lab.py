@@ -21,9 +21,9 @@ from typing import Any
 from loadkit.defaults import ACCOUNTS_FILE_NAME, LAB_ZONE, NAMES_FILE_NAME, register_lab
 from loadkit.errors import LabError
 
-from . import cgroups, dns, firewall, mail, procs
+from . import calibrate, cgroups, dns, firewall, mail, procs
 from .config import LabConfig
-from .status import (CgroupSupport, ComponentStatus, Endpoint, FirewallStatus, LabStatus,
+from .status import (CgroupSupport, ComponentStatus, DnsCpu, Endpoint, FirewallStatus, LabStatus,
                      ProxyStatus)
 
 log = logging.getLogger(__name__)
@@ -100,11 +100,15 @@ class Lab:
             shutil.rmtree(run)
         run.mkdir(mode=0o755, parents=True)
         version, hier, reason = cgroups.detect()
+        cpu = cgroups.detect_cpu() if (cfg.dns_cpu or cfg.proxy_cpu) else (None, None, "")
+        if (cfg.dns_cpu or cfg.proxy_cpu) and cpu[0] is None:
+            raise LabError(f"--dns-cpu/--proxy-cpu need a cpu cgroup controller and root ({cpu[2]})")
         state = {
             "config": cfg.to_dict(),
             "runtime_dir": str(run),
             "started_unix_s": time.time(),
             "cgroups": {"version": version, "hier": str(hier) if hier else None, "reason": reason},
+            "cpu_cgroups": {"version": cpu[0], "hier": str(cpu[1]) if cpu[1] else None},
             "components": [],
         }
         self._write_state(state)
@@ -135,7 +139,7 @@ class Lab:
         os.replace(tmp, self.state_path)
 
     def _record(self, state: dict[str, Any], name: str, started: procs.Started, ports: list[int],
-                cgroup: Path | None = None) -> None:
+                cgroup: Path | None = None, cpu_cgroup: Path | None = None) -> None:
         state["components"].append(
             {
                 "name": name,
@@ -143,6 +147,7 @@ class Lab:
                 "create_time_s": started.create_time_s,
                 "ports": ports,
                 "cgroup": str(cgroup) if cgroup else None,
+                "cpu_cgroup": str(cpu_cgroup) if cpu_cgroup else None,
             }
         )
         self._write_state(state)
@@ -153,8 +158,10 @@ class Lab:
         include = dns.write_zone(cfg, conf, self.names_file)
         unbound_conf = dns.write_unbound_conf(cfg, conf, self.runtime_dir, include)
         log_path = self.dir / "logs" / "unbound.log"
-        started = procs.start(["unbound", "-d", "-c", str(unbound_conf)], log_path)
-        self._record(state, "unbound", started, [cfg.dns_port])
+        cpu_cgroup = self._cpu_cgroup(state, "unbound", cfg.dns_cpu)
+        started = procs.start(["unbound", "-d", "-c", str(unbound_conf)], log_path,
+                              preexec=(lambda: cgroups.join(cpu_cgroup)) if cpu_cgroup else None)
+        self._record(state, "unbound", started, cfg.dns_ports(), cpu_cgroup=cpu_cgroup)
         procs.wait_until(
             lambda: dns.probe_query(cfg.address, cfg.dns_port),
             "unbound",
@@ -162,6 +169,20 @@ class Lab:
             still_running=lambda: procs.alive(*started),
             log_path=log_path,
         )
+        if cpu_cgroup is not None:
+            names = [n for n in self.names_file.read_text().split() if n.startswith("h")]
+            state["dns_capacity"] = calibrate.capacity(cfg.address, cfg.dns_port, names)
+            self._write_state(state)
+
+    def _cpu_cgroup(self, state: dict[str, Any], name: str, cores: float) -> Path | None:
+        """A CPU cgroup with ``cores`` of quota for component ``name``, or None without a quota."""
+        cpu = state.get("cpu_cgroups") or {}
+        if not cores or cpu.get("version") is None:
+            return None
+        try:
+            return cgroups.create_cpu(cpu["version"], Path(cpu["hier"]), self.config.lab_id, name, cores)
+        except OSError as err:
+            raise LabError(f"cannot set a CPU quota for {name} ({err.strerror or err})") from err
 
     def _start_mail(self, state: dict[str, Any]) -> None:
         cfg = self.config
@@ -192,7 +213,8 @@ class Lab:
                               "proxies run without limits")
                     self._write_state(state)
             self._start_dovecot(state, f"proxy{n}", proxy_conf, list(cfg.proxy_ports(n)),
-                                log_path, cgroup=cgroup)
+                                log_path, cgroup=cgroup,
+                                cpu_cgroup=self._cpu_cgroup(state, f"proxy{n}", cfg.proxy_cpu))
 
         log_path = logs / "haproxy.log"
         haproxy_conf = mail.write_haproxy_conf(cfg, conf, self.stats_socket)
@@ -210,12 +232,17 @@ class Lab:
                          still_running=lambda: procs.alive(*started), log_path=log_path)
 
     def _start_dovecot(self, state: dict[str, Any], name: str, conf: Path, ports: list[int],
-                       log_path: Path, cgroup: Path | None) -> None:
+                       log_path: Path, cgroup: Path | None, cpu_cgroup: Path | None = None) -> None:
         cfg = self.config
-        preexec = (lambda: cgroups.join(cgroup)) if cgroup else None
+        groups = [g for g in (cgroup, cpu_cgroup) if g is not None]
+
+        def preexec() -> None:
+            for group in groups:
+                cgroups.join(group)
+
         started = procs.start(["dovecot", "-F", "-c", str(conf)], log_path.with_suffix(".out"),
-                              preexec=preexec)
-        self._record(state, name, started, ports, cgroup)
+                              preexec=preexec if groups else None)
+        self._record(state, name, started, ports, cgroup, cpu_cgroup)
         procs.wait_until(
             lambda: all(procs.tcp_open(cfg.address, p) for p in ports),
             f"dovecot {name}",
@@ -294,7 +321,16 @@ class Lab:
             zone=LAB_ZONE,
             accounts=cfg.accounts,
             firewall=fw,
+            dns_cpu=self._dns_cpu_status(state),
         )
+
+    def _dns_cpu_status(self, state: dict[str, Any]) -> DnsCpu | None:
+        if not self.config.dns_cpu:
+            return None
+        unbound = next((c for c in state["components"] if c["name"] == "unbound"), {})
+        cal = state.get("dns_capacity")
+        return DnsCpu(self.config.dns_cpu, unbound.get("cpu_cgroup"),
+                      cal.get("capacity_qps") if cal else None, cal)
 
     def _firewall_status(self, state: dict[str, Any]) -> FirewallStatus | None:
         cfg = self.config
@@ -350,14 +386,16 @@ class Lab:
             if procs.alive(c["pid"], c["create_time_s"]):
                 errors.append(f"{c['name']} (pid {c['pid']}) is still running")
         for c in state.get("components", []):
-            if c.get("cgroup"):
+            for key in ("cgroup", "cpu_cgroup"):
+                if not c.get(key) or not Path(c[key]).exists():
+                    continue  # none, or (cgroup v2) the memory group already removed
                 # anything still in the lab's own cgroup is ours (a child that left the group)
-                for pid in cgroups.procs(Path(c["cgroup"])):
+                for pid in cgroups.procs(Path(c[key])):
                     procs.kill_pid(pid)
                 try:
-                    cgroups.remove(Path(c["cgroup"]))
+                    cgroups.remove(Path(c[key]))
                 except OSError as err:
-                    errors.append(f"cgroup {c['cgroup']}: {err}")
+                    errors.append(f"cgroup {c[key]}: {err}")
         fw = state.get("firewall")
         if fw:
             try:

@@ -1,0 +1,97 @@
+"""Measure the lab DNS server's capacity: the answered rate it sustains at < 1 % loss.
+
+With a CPU quota (``--dns-cpu``) unbound's capacity is set rather than whatever the machine leaves
+over, and this measures what the quota gives, once, at ``lab up``: a short step ramp of constant
+open-loop rates with loadkit's own DNS sender (no retries, so every query is counted once), each
+step ``STEP_S`` long, the rate multiplied by ``FACTOR`` while the loss stays under ``LOSS_LIMIT``,
+then ``BISECT_STEPS`` steps halving the interval between the last rate under the limit and the
+first over it (a 1.5x ramp alone would quantise the capacity to 50 %; after 4 halvings, 3 %).
+The capacity is the best answered rate of a step under the limit; the steps are kept as evidence.
+
+Bounded: at most ``MAX_STEPS`` + ``BISECT_STEPS`` steps up to ``MAX_QPS``: about 10-15 s.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+LOSS_LIMIT = 0.01
+START_QPS = 3000.0
+FACTOR = 1.5
+BISECT_STEPS = 4
+STEP_S = 1.0
+MAX_STEPS = 12
+MAX_QPS = 250_000.0
+#: after a step, let the server empty its queue before the next one
+SETTLE_S = 0.3
+#: the reply a step waits for after it stops sending (a loaded server answers within this)
+TIMEOUT_S = 0.5
+
+
+def _step(address: str, port: int, pool: Any, rate_qps: float) -> tuple[int, int]:
+    """(sent, answered) of one step at ``rate_qps``."""
+    from loadkit.generate.dns.schedule import ConstantRate
+    from loadkit.generate.dns.sender import DnsSender
+    from loadkit.profile.targets import Target
+
+    sender = DnsSender(
+        Target(address, address, port), pool, base=ConstantRate(rate_qps),
+        sources=(address,), ports_per_source=8, timeout_s=TIMEOUT_S, retries_n=0,
+        max_duration_s=STEP_S, max_queries_n=int(rate_qps * STEP_S) + 1,
+    )
+    try:
+        sender.run()
+    finally:
+        sender.close()
+    t = sender.totals
+    return int(t.get("dns.original_sent", 0)), int(t.get("dns.answered", 0))
+
+
+def capacity(address: str, port: int, names: list[str]) -> dict[str, Any]:
+    """``{"capacity_qps": ..., "steps": [[offered_qps, answered_qps, loss], ...], ...}``;
+    ``capacity_qps`` is None when even the first step lost more than the limit."""
+    from loadkit.generate.dns.wire import QueryPool
+
+    pool = QueryPool(names, [("A", 1.0)], size=5000, seed=15)
+    steps: list[list[float]] = []
+    best: float | None = None
+    t0 = time.perf_counter()
+
+    def under_limit(rate_qps: float) -> bool:
+        nonlocal best
+        sent, answered = _step(address, port, pool, rate_qps)
+        loss = 1.0 - answered / sent if sent else 1.0
+        steps.append([round(sent / STEP_S), round(answered / STEP_S), round(loss, 4)])
+        log.info("DNS calibration: offered %.0f q/s, answered %.0f q/s, loss %.2f %%",
+                 sent / STEP_S, answered / STEP_S, 100 * loss)
+        time.sleep(SETTLE_S)
+        if loss >= LOSS_LIMIT:
+            return False
+        best = max(best or 0.0, answered / STEP_S)
+        return True
+
+    good, bad = 0.0, START_QPS
+    for _ in range(MAX_STEPS):
+        if not under_limit(bad):
+            break
+        good, bad = bad, bad * FACTOR
+        if bad > MAX_QPS:
+            bad = 0.0  # never overloaded within the cap: nothing to bisect
+            break
+    for _ in range(BISECT_STEPS if good and bad else 0):
+        mid = (good + bad) / 2
+        if under_limit(mid):
+            good = mid
+        else:
+            bad = mid
+    return {
+        "capacity_qps": round(best) if best is not None else None,
+        "loss_limit": LOSS_LIMIT,
+        "step_s": STEP_S,
+        "steps": steps,
+        "took_s": round(time.perf_counter() - t0, 2),
+    }
