@@ -18,6 +18,7 @@ from loadkit.record.reader import load_run
 from loadkit.report import build_report, check_run, find_runs
 from loadkit.report.analysis import summarize
 from loadkit.report.build import NOTEBOOK
+from loadkit.report.summary import ReportSummary
 from runfactory import MIB, write_dns_run, write_mail_run
 
 FALL_OVER_SESSIONS = 3 * (256 - 20) / 1.2
@@ -26,13 +27,13 @@ FALL_OVER_SESSIONS = 3 * (256 - 20) / 1.2
 def test_headroom_figures_recover_the_known_fall_over(tmp_path):
     run = load_run(write_mail_run(tmp_path, forecast_peak_sessions=400))
     summary = summarize([run], release="r1")
-    (imap,) = [s for s in summary["services"] if s["service"] == "IMAP"]
-    assert imap["first_failure"] == pytest.approx(FALL_OVER_SESSIONS, rel=0.03)
-    assert imap["cascade_all_fail"] is True
-    assert imap["headroom_pct"] == pytest.approx((FALL_OVER_SESSIONS / 400 - 1) * 100, abs=3)
+    (imap,) = [m for m in summary.mail if m.service == "IMAP"]
+    assert imap.first_failure_sessions == pytest.approx(FALL_OVER_SESSIONS, rel=0.03)
+    assert imap.cascade_all_fail is True
+    assert imap.headroom_pct == pytest.approx((FALL_OVER_SESSIONS / 400 - 1) * 100, abs=3)
     # admission limit keeps each proxy under 90 % of 256 MiB: 3 * (0.9 * 256 - 20) / 1.2
-    assert imap["admission_limit"] == pytest.approx(3 * (0.9 * 256 - 20) / 1.2, rel=0.03)
-    assert summary["verdict"] == "PASS"
+    assert imap.admission_limit_total_sessions == pytest.approx(3 * (0.9 * 256 - 20) / 1.2, rel=0.03)
+    assert summary.verdict == "PASS"
 
 
 def test_baseline_with_a_larger_memory_limit_flags_the_headroom_regression(tmp_path):
@@ -41,41 +42,41 @@ def test_baseline_with_a_larger_memory_limit_flags_the_headroom_regression(tmp_p
         write_mail_run(tmp_path, run_id="base", release="r1", limit_bytes=320 * MIB, peak_sessions=900)
     )
     summary = summarize([current], release="r2", baseline_runs=[bigger], baseline_release="r1")
-    flagged = {(c["service"], c["metric"]) for c in summary["regressions"]}
+    flagged = {(c.service, c.metric) for c in summary.regressions}
     assert ("IMAP", "first failure") in flagged
     assert ("IMAP", "headroom") in flagged
-    first = next(c for c in summary["regressions"] if c["metric"] == "first failure")
+    first = next(c for c in summary.regressions if c.metric == "first failure")
     # 236 MiB -> 300 MiB of room above the base: the current release has ~21 % less capacity
-    assert first["change"] == pytest.approx((236 / 300 - 1) * 100, abs=2)
-    assert summary["verdict"] == "WARN"
-    assert any("regressed" in r for r in summary["verdict_reasons"])
+    assert first.change == pytest.approx((236 / 300 - 1) * 100, abs=2)
+    assert summary.verdict == "WARN"
+    assert any("regressed" in r for r in summary.verdict_reasons)
 
 
 def test_same_limit_baseline_is_not_a_regression(tmp_path):
     current = load_run(write_mail_run(tmp_path, run_id="cur", release="r2", seed=1))
     same = load_run(write_mail_run(tmp_path, run_id="base", release="r1", seed=2))
     summary = summarize([current], release="r2", baseline_runs=[same], baseline_release="r1")
-    assert summary["changes"], "comparable figures expected"
-    assert summary["regressions"] == []
-    assert summary["verdict"] == "PASS"
+    assert summary.changes, "comparable figures expected"
+    assert summary.regressions == []
+    assert summary.verdict == "PASS"
 
 
 def test_dns_figures_count_drops_and_retries(tmp_path):
     run = load_run(write_dns_run(tmp_path, burst_queries=1200, rcvbuf_datagrams=256, duration_s=60))
     summary = summarize([run], release="r1")
-    (dns,) = summary["dns"]
+    (dns,) = summary.dns
     # 6 bursts of 1200 into a 256-datagram buffer: 944 dropped each (the last burst has no retry yet)
-    assert dns["rcvbuf_errors_n"] == pytest.approx(6 * 944, abs=6)
-    assert dns["retry_n"] == pytest.approx(5 * 944, abs=6)
-    assert dns["retry_amplification_max"] > 1.3
-    assert dns["largest_burst_without_loss"] == pytest.approx(256, abs=2)
+    assert dns.drops_n == pytest.approx(6 * 944, abs=6)
+    assert dns.retry_queries_n == pytest.approx(5 * 944, abs=6)
+    assert dns.retry_amplification_max > 1.3
+    assert dns.largest_burst_without_loss_queries == pytest.approx(256, abs=2)
 
 
 def test_forecast_above_fall_over_fails_the_verdict(tmp_path):
     run = load_run(write_mail_run(tmp_path, forecast_peak_sessions=800))
     summary = summarize([run], release="r1")
-    assert summary["verdict"] == "FAIL"
-    assert any("forecast peak 800" in r for r in summary["verdict_reasons"])
+    assert summary.verdict == "FAIL"
+    assert any("forecast peak 800" in r for r in summary.verdict_reasons)
 
 
 def test_failed_gate_fails_the_verdict(tmp_path):
@@ -84,8 +85,8 @@ def test_failed_gate_fails_the_verdict(tmp_path):
     manifest["gates"] = [{"name": "p99<=50ms", "passed": False, "value": 0.09, "limit": 0.05}]
     (path / "manifest.json").write_text(json.dumps(manifest))
     summary = summarize([load_run(path)], release="r1")
-    assert summary["verdict"] == "FAIL"
-    assert "gate p99<=50ms failed in run mail-run" in summary["verdict_reasons"]
+    assert summary.verdict == "FAIL"
+    assert "gate p99<=50ms failed in run mail-run" in summary.verdict_reasons
 
 
 def test_gate_not_evaluated_warns_but_does_not_fail(tmp_path):
@@ -95,8 +96,8 @@ def test_gate_not_evaluated_warns_but_does_not_fail(tmp_path):
     manifest["gates"] = [{"name": "min_headroom_pct", "passed": None, "value": None, "limit": 20}]
     (path / "manifest.json").write_text(json.dumps(manifest))
     summary = summarize([load_run(path)], release="r1")
-    assert summary["verdict"] == "WARN"
-    assert "gate min_headroom_pct not evaluated in run mail-run" in summary["verdict_reasons"]
+    assert summary.verdict == "WARN"
+    assert "gate min_headroom_pct not evaluated in run mail-run" in summary.verdict_reasons
 
 
 # -- errors a user can cause ----------------------------------------------------------------------
@@ -184,6 +185,7 @@ def test_cli_builds_the_report_from_the_runs_dir(tmp_path, capsys, monkeypatch):
     assert "report: executing capacity_report.ipynb" in err  # progress lines
     summary = json.loads((report_dir / "summary.json").read_text())
     assert summary["verdict"] == "WARN"
+    assert ReportSummary.from_dict(summary).to_dict()["mail"] == summary["mail"]  # round trip
     assert {r["run_id"] for r in summary["runs"]} == {"imap-r2", "dns-r2"}
     assert [r["run_id"] for r in summary["baseline_runs"]] == ["imap-r1"]
     html = (report_dir / "index.html").read_text()
@@ -205,42 +207,62 @@ def test_cli_exit_1_when_the_verdict_is_fail(tmp_path, capsys):
 def test_dns_drops_are_the_target_sockets_not_the_whole_hosts(tmp_path):
     # another server on the host drops 500 datagrams a second; the report must not blame the target
     run = load_run(write_dns_run(tmp_path, duration_s=60, other_server_drops_per_s=500))
-    (dns,) = summarize([run], release="r1")["dns"]
-    assert dns["rcvbuf_errors_n"] == pytest.approx(6 * 944, abs=6)
-    assert dns["host_rcvbuf_errors_n"] == pytest.approx(6 * 944 + 59 * 500, abs=6)
-    assert dns["drops_source"] == "drops at 127.0.0.1:5353"
+    (dns,) = summarize([run], release="r1").dns
+    assert dns.drops_n == pytest.approx(6 * 944, abs=6)
+    assert dns.host_rcvbuf_errors_n == pytest.approx(6 * 944 + 59 * 500, abs=6)
+    assert dns.drops_source == "drops at 127.0.0.1:5353"
+
+
+def _burst_options(path, size=1200, window_ms=0, gates=None):
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["profile"]["load"] = {"options": {"dns-burst-size": size, "dns-burst-ms": window_ms}}
+    manifest["profile"].pop("forecast_peak_qps", None)
+    manifest["profile"]["gates"] = dict(gates or {})
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    return path
 
 
 def test_dns_bursts_are_judged_by_burst_size(tmp_path):
-    path = write_dns_run(tmp_path, duration_s=60, burst_queries=1200, rcvbuf_datagrams=256)
-    manifest = json.loads((path / "manifest.json").read_text())
-    manifest["profile"]["load"] = {"options": {"dns-burst-size": 1200, "dns-burst-ms": 0}}
-    (path / "manifest.json").write_text(json.dumps(manifest))
+    path = _burst_options(write_dns_run(tmp_path, duration_s=60, burst_queries=1200, rcvbuf_datagrams=256),
+                          gates={"forecast_peak_burst_queries": 1000})
     summary = summarize([load_run(path)], release="r1")
-    (dns,) = [s for s in summary["services"] if s["service"] == "DNS"]
-    assert dns["unit"] == "queries per burst"
-    assert dns["forecast_peak"] == 1200
-    assert dns["fall_over"] == pytest.approx(256, abs=2)  # the default buffer's 256 datagrams
-    assert dns["headroom_pct"] == pytest.approx((256 / 1200 - 1) * 100, abs=1)
-    assert dns["rcvbuf_needed_bytes"] == 1200 * 832
-    assert summary["verdict"] == "FAIL"
-    assert any("bursts of 1,200 queries overflow the receive buffer" in r for r in summary["verdict_reasons"])
+    (dns,) = summary.dns_capacity
+    assert dns.mode == "burst"
+    assert dns.burst_queries == 1200
+    assert dns.forecast_peak_burst_queries == 1000
+    assert dns.largest_burst_without_loss_queries == pytest.approx(256, abs=2)  # the default buffer's 256 datagrams
+    assert dns.headroom_pct == pytest.approx((256 / 1000 - 1) * 100, abs=1)
+    assert dns.rcvbuf_needed_bytes == 1200 * 832
+    assert "so-rcvbuf ≥ 499,200 bytes" in dns.recommendation and "net.core.rmem_max" in dns.recommendation
+    assert summary.verdict == "FAIL"
+
+
+def test_dns_burst_offered_is_not_a_forecast(tmp_path):
+    # issue 17 item 12: the DNS row's "forecast peak 4,000" was the burst sent, not a forecast
+    path = _burst_options(write_dns_run(tmp_path, duration_s=60, burst_queries=1200, rcvbuf_datagrams=256))
+    summary = summarize([load_run(path)], release="r1")
+    (dns,) = summary.dns_capacity
+    assert dns.burst_queries == 1200
+    assert dns.forecast_peak_burst_queries is None and dns.forecast_peak_qps is None
+    assert dns.headroom_pct is None
+    assert summary.verdict == "WARN"
+    assert any("bursts of 1,200 queries offered overflowed" in r for r in summary.verdict_reasons)
 
 
 def test_dns_bursts_without_drops_pass_whatever_the_model_assumed(tmp_path):
     # a buffer large enough for the bursts: nothing dropped, even though the record has no
     # buffer size and the model would assume the platform default
-    path = write_dns_run(tmp_path, duration_s=60, burst_queries=1200, rcvbuf_datagrams=5000)
+    path = _burst_options(write_dns_run(tmp_path, duration_s=60, burst_queries=1200, rcvbuf_datagrams=5000))
     manifest = json.loads((path / "manifest.json").read_text())
-    manifest["profile"]["load"] = {"options": {"dns-burst-size": 1200, "dns-burst-ms": 0}}
     manifest["lab"] = {}
     (path / "manifest.json").write_text(json.dumps(manifest))
     summary = summarize([load_run(path)], release="r1")
-    (dns,) = [s for s in summary["services"] if s["service"] == "DNS"]
-    assert summary["dns"][0]["rcvbuf_errors_n"] == 0
-    assert dns["fall_over"] >= 1200 and dns["fall_over_is_lower_bound"]
-    assert dns["headroom_pct"] >= 0
-    assert summary["verdict"] == "PASS"
+    (dns,) = summary.dns_capacity
+    assert summary.dns[0].drops_n == 0
+    assert dns.largest_burst_without_loss_queries >= 1200 and dns.is_lower_bound
+    assert summary.verdict == "PASS"
+    (udp,) = [m for m in summary.models if m.model == "udp burst"]
+    assert "lower bound" in udp.caveat
 
 
 def test_notebook_runs_on_its_own_with_papermill(tmp_path):
@@ -270,10 +292,217 @@ def test_a_login_process_ending_its_session_is_not_a_proxy_failure(tmp_path):
     path = write_mail_run(tmp_path)
     run = load_run(path)
     oom = first_failure_ts(run)
-    child_exit = {"ts_unix_s": run.events[0]["ts_unix_s"] - 100, "kind": "process_exited", "source": "proxy1",
+    child_exit = {"ts_unix_s": run.events[0]["ts_unix_s"] + 10, "kind": "process_exited", "source": "proxy1",
                   "detail": {"pid": 4242, "name": "imap-login", "root": False}}
     run.events.insert(0, child_exit)
     assert first_failure_ts(run) == oom
     master_exit = dict(child_exit, detail={"pid": 4243, "name": "dovecot", "root": True})
     run.events.insert(0, master_exit)
     assert first_failure_ts(run)["proxy1"] == master_exit["ts_unix_s"]
+
+
+# -- reports that mislead (issue 17 items 10-13) --------------------------------------------------
+
+
+def _rewrite_groups(path, change):
+    """Rewrite a run's groups table through the part writer, ``change(df)`` applied."""
+    from loadkit.partfiles import PartWriter
+    from loadkit.record.reader import read_table
+    from loadkit.schema import RUN_LAYOUT
+
+    df = change(read_table(path, "groups"))
+    for part in (path / RUN_LAYOUT["groups"]).glob("*.parquet"):
+        part.unlink()
+    writer = PartWriter(path / RUN_LAYOUT["groups"])
+    writer.extend(df.to_dict("records"))
+    writer.flush()
+
+
+def _append_event(path, event):
+    with (path / "events.jsonl").open("a") as fh:
+        fh.write(json.dumps(event) + "\n")
+
+
+def test_an_oom_kill_before_the_run_does_not_mark_it(tmp_path):
+    # cumulative cgroup counters 94/93/95 from an earlier run, unchanged during this one
+    path = write_mail_run(tmp_path, peak_sessions=400)  # below the fall-over: no OOM in this run
+    before = {"proxy1": 94, "proxy2": 93, "proxy3": 95}
+
+    def earlier_kills(df):
+        df["cgroup_oom_kills_n"] = df["group"].map(before).astype("int64")
+        return df
+
+    _rewrite_groups(path, earlier_kills)
+    started = json.loads((path / "manifest.json").read_text())["started_unix_s"]
+    _append_event(path, {"ts_unix_s": started - 3600, "kind": "oom_kill", "source": "proxy1", "detail": {}})
+    run = load_run(path)
+    from loadkit.report import plots
+    from loadkit.report.analysis import first_failure_ts
+
+    assert first_failure_ts(run) == {}
+    summary = summarize([run], release="r1")
+    (fall,) = [m for m in summary.models if m.model == "headroom" and "fall over" in m.question]
+    assert fall.measured.startswith("not reached")
+    fig = plots.proxy_memory(run, summary.mail[0])
+    scatter, timeline = fig.axes[:2]
+    assert sum(len(c.get_offsets()) for c in scatter.collections) == 3 * 120  # every sample before any failure
+    assert not [t for t in timeline.texts if t.get_text() == "OOM"]
+
+
+def test_a_mixed_imap_pop3_storm_is_summed_and_labelled(tmp_path):
+    from loadkit.partfiles import PartWriter
+    from loadkit.record.reader import read_table
+    from loadkit.report import plots
+    from loadkit.report.analysis import held_sessions, run_service
+    from loadkit.schema import RUN_LAYOUT
+
+    path = write_mail_run(tmp_path, peak_sessions=500)
+    # the same storm also logged in over POP3: its own requests and held-session gauge
+    req = read_table(path, "requests")
+    req = req[req["request_type"] == "IMAP"].assign(request_type="POP3")
+    gen = read_table(path, "generator")
+    pop3 = gen[gen["metric"] == "imap.held_sessions"].assign(metric="pop3.held_sessions")
+    pop3 = pop3.assign(value=(pop3["value"] // 2).astype(float))
+    for table, df in (("requests", req), ("generator", pop3)):
+        writer = PartWriter(path / RUN_LAYOUT[table])
+        writer.extend(df.to_dict("records"))
+        writer.flush()
+    run = load_run(path)
+    imap_peak = gen[gen["metric"] == "imap.held_sessions"]["value"].max()
+    assert run_service(run) == "IMAP+POP3"
+    label, held = held_sessions(run)
+    assert label == "IMAP+POP3"
+    assert held.max() == pytest.approx(imap_peak + imap_peak // 2)
+    summary = summarize([run], release="r1")
+    assert [m.service for m in summary.mail] == ["IMAP+POP3"]
+    fig = plots.sessions_over_time(run)
+    (line,) = fig.axes[0].lines
+    assert max(line.get_ydata()) == pytest.approx(imap_peak + imap_peak // 2)
+    assert "IMAP+POP3" in fig.axes[0].get_title()
+
+
+def _abort(path, reason, fraction=0.9):
+    """Make a run end by an abort as ``loadkit run`` records it (event, status, no_abort gate)."""
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["status"] = "aborted"
+    manifest["profile"]["abort"] = {"cgroup_memory_fraction": 0.9, "failure_ratio": 0.5, "min_requests": 50}
+    manifest["gates"] = [{"name": "failure_ratio", "passed": True, "value": 0.0, "limit": 0.05, "detail": ""},
+                         {"name": "no_abort", "passed": False, "value": None, "limit": 0, "detail": reason}]
+    ts = manifest["ended_unix_s"] - 1
+    detail = {"reason": reason, "threshold": 0.9}
+    if reason == "cgroup_memory_fraction":
+        detail.update(fraction=fraction, memory_bytes=int(fraction * 256 * MIB), limit_bytes=256 * MIB,
+                      sample_unix_s=ts)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    _append_event(path, {"ts_unix_s": ts, "kind": "abort", "source": "proxy2", "detail": detail})
+    return path
+
+
+def test_a_designed_abort_is_its_own_verdict_not_a_failure(tmp_path):
+    # proxies_fall_over ramps until a proxy reaches 90 % of its memory and stops there: its purpose
+    path = _abort(write_mail_run(tmp_path, peak_sessions=500), "cgroup_memory_fraction")
+    summary = summarize([load_run(path)], release="r1")
+    (run,) = summary.runs
+    assert run.outcome == "aborted as designed"
+    assert "90 %" in run.outcome_detail or "90%" in run.outcome_detail
+    no_abort = next(g for g in summary.gates if g.name == "no_abort")
+    assert no_abort.outcome == "aborted as designed"
+    assert summary.verdict == "PASS", summary.verdict_reasons
+    assert not [r for r in summary.verdict_reasons if "abort" in r]
+    assert any("aborted as designed" in n for n in summary.verdict_notes)
+    # the model's prediction at the abort's memory fraction beside the sessions held at the abort
+    (at_abort,) = [m for m in summary.models if "designed abort" in m.question]
+    assert at_abort.predicted_value == pytest.approx(3 * (0.9 * 256 - 20) / 1.2, rel=0.03)
+    assert at_abort.measured_value == pytest.approx(500 * 119 / 120, rel=0.03)
+
+
+def test_an_abort_on_failures_still_fails(tmp_path):
+    path = _abort(write_mail_run(tmp_path, peak_sessions=500), "failure_ratio")
+    summary = summarize([load_run(path)], release="r1")
+    assert summary.runs[0].outcome == "aborted"
+    assert summary.verdict == "FAIL"
+    assert summary.verdict_reasons == ["gate no_abort failed in run mail-run"]  # once, not twice
+
+
+def test_runs_of_different_labs_are_reported_side_by_side(tmp_path):
+    small = load_run(write_mail_run(tmp_path, run_id="small", proxies=2, limit_bytes=64 * MIB, peak_sessions=60))
+    big = load_run(write_mail_run(tmp_path, run_id="big"))
+    summary = summarize([small, big], release="r1")
+    rows = {m.run_ids[0]: m for m in summary.mail}
+    assert set(rows) == {"small", "big"} and all(len(m.run_ids) == 1 for m in summary.mail)
+    assert len(rows["small"].proxies) == 2 and len(rows["big"].proxies) == 3
+    assert "2 proxies × 64 MiB" in rows["small"].setup and "3 proxies × 256 MiB" in rows["big"].setup
+    assert rows["small"].first_failure_sessions == pytest.approx(2 * (64 - 20) / 1.2, rel=0.05)
+    assert any("side by side" in n for n in summary.notes)
+
+
+def test_a_baseline_is_compared_scenario_by_scenario(tmp_path):
+    # the baseline ran another scenario whose requests answer 100x faster: nothing to compare
+    cur = load_run(write_dns_run(tmp_path, run_id="storm", scenario="burst_retry_storm", release="r2"))
+    base = load_run(write_dns_run(tmp_path, run_id="smoke", scenario="smoke", release="r1", burst_queries=10))
+    summary = summarize([cur], release="r2", baseline_runs=[base], baseline_release="r1")
+    assert summary.changes == []
+    assert summary.verdict_reasons == [] or not [r for r in summary.verdict_reasons if "regressed" in r]
+    assert any("no run of scenario 'burst_retry_storm'" in n for n in summary.notes)
+    same = load_run(write_dns_run(tmp_path / "b", run_id="storm0", scenario="burst_retry_storm", release="r1"))
+    summary = summarize([cur], release="r2", baseline_runs=[same, base], baseline_release="r1")
+    assert {c.scenario for c in summary.changes} == {"burst_retry_storm"}
+
+
+def test_the_p99_shown_is_a_whole_run_figure_and_says_so(tmp_path):
+    # one slow interval: a request-weighted mean of per-interval p99s hides it
+    run = load_run(write_mail_run(tmp_path, latency_spike_at_s=30))
+    summary = summarize([run], release="r1")
+    row = next(r for r in summary.latency if r.name == "LOGIN")
+    login = run.requests[run.requests["name"] == "LOGIN"]
+    assert row.p99_s == pytest.approx(login["latency_p99_s"].max())
+    assert row.p99_source == "interval_max"
+    assert "p99 over the whole run" in summary.latency_label and "upper bound" in summary.latency_label
+
+
+def test_the_p99_comes_from_the_latency_histogram_when_the_run_has_one(tmp_path):
+    from loadkit.record import latency
+    from loadkit.record.writer import RunWriter
+    from loadkit.schema import LatencyBucket, latency_bucket
+
+    path = write_mail_run(tmp_path, duration_s=60)
+    run0 = load_run(path)
+    w = RunWriter(path)
+    for ts in sorted(set(run0.requests["ts_unix_s"]))[:50]:
+        # 98 fast logins and 2 slow ones per interval: the p99 is a slow one
+        w.add(LatencyBucket(ts, 1.0, "IMAP", "LOGIN", latency_bucket(0.004), 98, "fine"))
+        w.add(LatencyBucket(ts, 1.0, "IMAP", "LOGIN", latency_bucket(1.0005), 2, "fine"))
+    w.flush()
+    run = load_run(path)
+    summary = summarize([run], release="r1")
+    row = next(r for r in summary.latency if r.name == "LOGIN")
+    assert row.p99_s == latency.percentile_s(run, 0.99, request_type="IMAP", name="LOGIN")
+    assert row.p99_s >= 1.0005  # upper bucket edge: never under-reports
+    assert row.p99_source == "fine"
+    assert "≤ +4.4 %" in summary.latency_label
+
+
+def test_every_model_row_has_predicted_measured_and_a_caveat_in_words(tmp_path):
+    mail = load_run(write_mail_run(tmp_path, peak_sessions=400))  # never reaches the fall-over
+    summary = summarize([mail], release="r1")
+    (fall,) = [m for m in summary.models if m.model == "headroom" and "fall over" in m.question]
+    assert fall.predicted_value == pytest.approx(FALL_OVER_SESSIONS, rel=0.03)
+    assert fall.measured.startswith("not reached: the runs held at most")
+    assert "extrapolat" in fall.caveat
+    dns = load_run(write_dns_run(tmp_path, duration_s=60, burst_queries=1200))
+    _burst_options(dns.path)
+    summary = summarize([load_run(dns.path)], release="r1")
+    (udp,) = [m for m in summary.models if m.model == "udp burst"]
+    assert udp.predicted_value == pytest.approx(1200 - 256, abs=2)
+    assert "dropped" in udp.measured
+    retries = [m for m in summary.models if m.model == "retries"]
+    assert retries and all(m.predicted and m.measured for m in retries)
+
+
+def test_summary_json_round_trips_and_names_units(tmp_path):
+    run = load_run(write_mail_run(tmp_path))
+    summary = summarize([run], release="r1")
+    data = json.loads(summary.to_json())
+    assert ReportSummary.from_dict(data).to_dict() == data
+    assert "first_failure_sessions" in data["mail"][0] and "first_failure" not in data["mail"][0]
+    assert {"verdict", "verdict_reasons", "verdict_notes", "models", "regressions"} <= set(data)

@@ -20,6 +20,7 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SECTIONS = (
     "Verdict and gates",
     "Headroom per service",
+    "Models: predicted beside measured",
     "Proxy memory against sessions",
     "DNS: offered, answered and dropped queries",
     "Latency percentiles over time",
@@ -83,7 +84,7 @@ def test_every_section_renders_with_its_plots(report, tmp_path):
     # each section carries at least one plot, except the gates and manifests tables
     chunks = re.split(r"<h2[^>]*>", html)[1:]
     for title, chunk in zip(SECTIONS, chunks):
-        if title in ("Verdict and gates", "Run manifests"):
+        if title in ("Verdict and gates", "Models: predicted beside measured", "Run manifests"):
             assert "<table" in chunk, title
         else:
             assert "data:image/png;base64," in chunk, f"section {title!r} has no plot"

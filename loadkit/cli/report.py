@@ -61,6 +61,8 @@ def _run(args: argparse.Namespace) -> int:
         progress=_progress,
     )
     print(f"{report.verdict}: {report.html}")
-    for reason in report.summary.get("verdict_reasons", []):
+    for reason in report.summary.verdict_reasons:
         print(f"  - {reason}")
+    for note in report.summary.verdict_notes:
+        print(f"  * {note}")
     return 1 if report.verdict == "FAIL" else 0

@@ -1,59 +1,57 @@
-"""What the capacity report says, as plain data: :func:`summarize` turns loaded runs into the
-``summary.json`` the notebook renders and a release pipeline reads.
+"""What the capacity report says: :func:`summarize` turns loaded runs into a typed
+:class:`~loadkit.report.summary.ReportSummary` (``summary.json``), which the notebook renders.
 
-The figures come from :mod:`loadkit.model` (headroom and cascade, UDP burst, retries,
-anomalies); this module only picks the runs each model needs and puts the results side by side.
-A model that cannot be fitted to a run (too few points, no counters) leaves its figure out and
-says why in ``notes``: one unfit model must not sink the whole report.
+This module holds the facts about one run the rest of the report shares (its service, its setup,
+its window, where its proxies failed, how it ended, its latency percentiles) and the verdict. The
+figures come from :mod:`loadkit.model` through :mod:`.capacity` and :mod:`.models`; generator
+counters and gauges are read only through :mod:`loadkit.record.counters`. A model that cannot be
+fitted leaves its figure out and says why in ``notes``: one unfit model must not sink the report.
 
-Verdict: ``FAIL`` when a run's gate failed or a service has no headroom left at its forecast
-peak; ``WARN`` when a figure regressed against the baseline release or a run did not complete;
-``PASS`` otherwise.
+Everything is relative to each run's own start: events and cumulative counters (OOM kills) from
+before a run do not mark it. Runs of different scenarios or lab setups are never merged: each
+setup gets its own rows, and the baseline is compared scenario by scenario.
+
+Verdict: ``FAIL`` when a gate failed (a designed abort is not a failure: see :func:`run_outcome`)
+or a service has no headroom left at its forecast peak; ``WARN`` when a figure regressed against
+the baseline, a run did not complete, a gate was not evaluated or bursts overflowed the receive
+buffer without a forecast to judge them by; ``PASS`` otherwise.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
-import numpy as np
 import pandas as pd
 
-from loadkit import model
-from loadkit.errors import ModelError
+from loadkit.errors import LoadkitError
+from loadkit.record import counters
 from loadkit.record.reader import RunData
 
-#: fraction of a proxy's memory limit the recommended admission limit keeps it under
-ADMISSION_FRACTION = 0.9
-#: a capacity figure (fall-over, admission limit) that shrank by more than this is a regression
-REGRESSION_CAPACITY_PCT = 5.0
-#: headroom that shrank by more than this many percentage points is a regression
-REGRESSION_HEADROOM_PP = 5.0
-#: a p99 latency that grew by more than this is a regression
-REGRESSION_LATENCY_PCT = 20.0
-#: a DNS drop ratio that grew by more than this many percentage points is a regression
-REGRESSION_DROP_PP = 1.0
+from .summary import (
+    OUTCOME_COMPLETED,
+    OUTCOME_DESIGNED_ABORT,
+    GateRow,
+    LatencyRow,
+    ReportSummary,
+    RunRow,
+)
 
 MAIL_TYPES = ("IMAP", "POP3")
 
 #: request names that time how long a session was held, not how fast the service answered
 HOLD_NAMES = ("hold",)
 
-METRIC_LABELS = {
-    "first_failure": "first failure",
-    "fall_over": "all fall over",
-    "admission_limit": "admission limit",
-    "headroom_pct": "headroom",
-}
+MIB = 2**20
 
 
 # --------------------------------------------------------------------------------------------
-# helpers
+# facts about one run
 # --------------------------------------------------------------------------------------------
 
 
-def _num(value: Any) -> float | None:
+def num(value: Any) -> float | None:
     """A finite float or None (JSON has no NaN)."""
     try:
         value = float(value)
@@ -62,14 +60,31 @@ def _num(value: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def run_window(run: RunData) -> tuple[float, float]:
+    """(start, end) of the run in unix seconds; end is inf when the manifest has none."""
+    m = run.manifest
+    start = num(m.get("started_unix_s"))
+    if not start:
+        start = float(run.requests["ts_unix_s"].min()) if len(run.requests) else 0.0
+    end = num(m.get("ended_unix_s")) or math.inf
+    return float(start), float(end)
+
+
 def run_service(run: RunData) -> str:
-    """The service a run loads: the request type with most requests ("DNS", "IMAP", "POP3")."""
+    """The service a run loads: "DNS", "IMAP", "POP3", or "IMAP+POP3" when a storm logged in
+    with both protocols (their sessions fill the same proxies)."""
     req = run.requests
     if len(req) and "request_type" in req:
         counts = req.groupby("request_type")["requests_n"].sum()
+        counts.index = [str(i).upper() for i in counts.index]
+        counts = counts.groupby(level=0).sum()
+        counts = counts[counts > 0]
         if len(counts):
-            return str(counts.idxmax()).upper()
-    return str(run.manifest.get("profile", {}).get("protocol", "unknown")).upper()
+            mail = [t for t in MAIL_TYPES if t in counts.index]
+            if mail and counts[mail].sum() >= counts.sum() / 2:
+                return "+".join(mail)
+            return str(counts.idxmax())
+    return str((run.manifest.get("profile") or {}).get("protocol", "unknown")).upper()
 
 
 def proxy_groups(run: RunData) -> pd.DataFrame:
@@ -79,388 +94,216 @@ def proxy_groups(run: RunData) -> pd.DataFrame:
         return g.iloc[0:0]
     limited = g.groupby("group")["cgroup_limit_bytes"].max()
     names = [n for n, lim in limited.items() if lim and lim > 0]
-    return g[g["group"].isin(names)].copy()
+    return g[g["group"].isin(names)].sort_values("ts_unix_s").copy()
 
 
-def gauge(run: RunData, metric: str) -> pd.Series:
-    gen = run.generator
-    if not len(gen):
-        return pd.Series(dtype="float64")
-    s = gen[gen["metric"] == metric].set_index("ts_unix_s")["value"].sort_index()
-    return s[~s.index.duplicated(keep="last")]
+def run_setup(run: RunData) -> str:
+    """The scenario and the lab it ran against, in words: runs whose setups differ are reported
+    side by side, never merged (a 2 × 64 MiB lab and a 3 × 256 MiB lab are different systems)."""
+    m = run.manifest
+    parts = [", ".join(str(t) for t in m.get("targets") or []) or "no target recorded"]
+    g = proxy_groups(run)
+    if len(g):
+        limits = g.groupby("group")["cgroup_limit_bytes"].max()
+        sizes = sorted({f"{v / MIB:.0f} MiB" for v in limits})
+        parts.append(f"{len(limits)} proxies × {'/'.join(sizes)}")
+    return f"{m.get('scenario', '') or 'no scenario'} ({'; '.join(parts)})"
+
+
+def held_sessions(run: RunData) -> tuple[str, pd.Series]:
+    """Sessions the load generator held, summed over IMAP and POP3 (``<proto>.held_sessions``
+    gauges), with a label naming the protocols; empty when the run has no such gauge."""
+    series = {p: counters.gauge(run, f"{p.lower()}.held_sessions") for p in MAIL_TYPES}
+    series = {p: s for p, s in series.items() if len(s)}
+    if not series:
+        return "", pd.Series(dtype="float64")
+    # each protocol's gauge holds its value until its next sample
+    wide = pd.concat(series, axis=1).sort_index().ffill().fillna(0.0)
+    return "+".join(series), wide.sum(axis=1)
 
 
 def first_failure_ts(run: RunData) -> dict[str, float]:
-    """group -> time of its first OOM kill or the exit of its master (events first, cgroup
-    counters second). A login process ending its session is not a failure: with one process per
-    connection they exit all the time."""
+    """group -> time of its first OOM kill or master exit *during this run*.
+
+    From events inside the run's window, and from the cgroup's cumulative OOM-kill counter rising
+    above its value at the run's first sample (a kill from an earlier run leaves the counter at
+    94, not 0). A login process ending its session is not a failure: with one process per
+    connection they exit all the time.
+    """
+    start, end = run_window(run)
     first: dict[str, float] = {}
     for ev in run.events:
         kind = ev.get("kind")
+        ts = num(ev.get("ts_unix_s"))
+        if ts is None or not start <= ts <= end:
+            continue
         if kind == "oom_kill" or (kind == "process_exited" and (ev.get("detail") or {}).get("root")):
             src = str(ev.get("source"))
-            first[src] = min(first.get(src, math.inf), float(ev.get("ts_unix_s", math.inf)))
+            first[src] = min(first.get(src, math.inf), ts)
     g = proxy_groups(run)
-    if len(g):
-        killed = g[g["cgroup_oom_kills_n"] > 0]
-        for name, ts in killed.groupby("group")["ts_unix_s"].min().items():
-            first[str(name)] = min(first.get(str(name), math.inf), float(ts))
+    for name, rows in g.groupby("group"):
+        kills = rows["cgroup_oom_kills_n"].to_numpy(dtype=float)
+        rose = rows["ts_unix_s"].to_numpy(dtype=float)[kills > kills[0]]
+        if len(rose):
+            first[str(name)] = min(first.get(str(name), math.inf), float(rose[0]))
     return first
 
 
-# --------------------------------------------------------------------------------------------
-# headroom (mail services)
-# --------------------------------------------------------------------------------------------
+def abort_event(run: RunData) -> dict:
+    return next((e for e in reversed(run.events) if e.get("kind") == "abort"), {})
 
 
-def _forecast(runs: Iterable[RunData], key: str) -> float | None:
-    """The largest forecast peak the runs' profiles give (``[gates]`` or the top level)."""
-    values = []
-    for run in runs:
-        profile = run.manifest.get("profile") or {}
-        for table in (profile, profile.get("gates") or {}):
-            value = table.get(key)
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
-                values.append(float(value))
-    return max(values) if values else None
+def run_outcome(run: RunData) -> tuple[str, str]:
+    """(outcome, detail): the manifest's status, except that an abort the profile was set up to
+    reach is ``aborted as designed``.
 
-
-def headroom_for(
-    runs: Sequence[RunData], forecast: float | None, notes: list[str], service: str
-) -> dict | None:
-    """:func:`loadkit.model.fit_headroom` over one mail service's runs, as a dict (None and a note
-    when the model cannot be fitted)."""
-    try:
-        res = model.fit_headroom(
-            list(runs),
-            policy="roundrobin",
-            admission_fraction=ADMISSION_FRACTION,
-            forecast_peak_sessions=forecast,
-        )
-    except ModelError as err:
-        notes.append(f"{service}: no headroom figures: {err}")
-        return None
-    result = res.to_dict()
-    result["source"] = "loadkit.model.fit_headroom (round-robin)"
-    return result
-
-
-# --------------------------------------------------------------------------------------------
-# DNS
-# --------------------------------------------------------------------------------------------
-
-
-def offered_burst(run: RunData) -> tuple[int, float]:
-    """(queries per burst, burst window in s) the run's profile offered; (0, 0.0) without bursts."""
-    options = ((run.manifest.get("profile") or {}).get("load") or {}).get("options") or {}
-    try:
-        size = int(options.get("dns-burst-size") or 0)
-        window_s = float(options.get("dns-burst-ms") or 0.0) / 1000.0
-    except (TypeError, ValueError):
-        return 0, 0.0
-    return max(size, 0), max(window_s, 0.0)
-
-
-def dns_figures(run: RunData, notes: list[str]) -> dict:
-    """Offered/answered/dropped totals, RcvbufErrors, retry amplification, drop onset and the
-    largest burst the receive buffer absorbs without loss."""
-    out: dict[str, Any] = {"run_id": run.run_id}
-    try:
-        amp = model.retry_amplification(run)
-    except ModelError as err:
-        notes.append(f"DNS run {run.run_id}: no retry figures: {err}")
-        amp = None
-    if amp is not None:
-        dt = amp["interval_s"]
-        original = float((amp["original_qps"] * dt).sum())
-        offered = float((amp["offered_qps"] * dt).sum())
-        answered = float((amp["answered_qps"] * dt).sum())
-        out.update(
-            offered_n=offered,
-            original_n=original,
-            retry_n=offered - original,
-            answered_n=answered,
-            dropped_n=max(0.0, offered - answered),
-            retry_amplification_mean=_num(offered / original) if original else None,
-            retry_amplification_max=_num(amp["amplification"].max()),
-            peak_offered_qps=_num(amp["offered_qps"].max()),
-        )
-    label, drops = model.receive_drops(run)
-    out["drops_source"] = label
-    out["rcvbuf_errors_n"] = float(drops.sum()) if len(drops) else None
-    net = run.net
-    if len(net) and "udp_rcvbuf_errors_n" in net:
-        per_ts = net.groupby("ts_unix_s")["udp_rcvbuf_errors_n"].sum().sort_index()
-        out["host_rcvbuf_errors_n"] = float(per_ts.iloc[-1] - per_ts.iloc[0])
-    offered_n = out.get("offered_n")
-    dropped = out["rcvbuf_errors_n"]
-    out["drop_ratio"] = _num(dropped / offered_n) if dropped is not None and offered_n else None
-    size, window_s = offered_burst(run)
-    try:
-        burst = model.fit_udp_burst(run, burst_window_s=window_s, rcvbuf_bytes=_rcvbuf_hint(run))
-    except ModelError as err:
-        notes.append(f"DNS run {run.run_id}: no burst figures: {err}")
-    else:
-        absorbed = _num(burst.max_burst_no_loss)
-        lower_bound = bool(size and dropped == 0)
-        if lower_bound:  # what was measured beats the model: every burst offered was absorbed
-            absorbed = max(float(size), absorbed or 0.0)
-        out.update(
-            offered_burst_n=size or None,
-            burst_window_s=window_s,
-            largest_burst_without_loss=absorbed,
-            largest_burst_is_lower_bound=lower_bound,
-            rcvbuf_needed_bytes=burst.rcvbuf_for(size, window_s) if size and not lower_bound else None,
-            buffer_datagrams=burst.buffer_datagrams,
-            rcvbuf_bytes=_num(burst.rcvbuf_bytes),
-            service_rate_qps=_num(burst.service_rate_qps),
-            drop_onset_qps=_num(burst.observed_onset_qps),
-            udp_burst_summary=burst.summary(),
-        )
-    for key in ("offered_n", "original_n", "retry_n", "answered_n", "dropped_n", "retry_amplification_mean",
-                "retry_amplification_max", "peak_offered_qps", "largest_burst_without_loss",
-                "buffer_datagrams", "rcvbuf_bytes", "service_rate_qps", "drop_onset_qps"):
-        out.setdefault(key, None)
-    return out
-
-
-def _rcvbuf_hint(run: RunData) -> float | None:
-    """Receive-buffer bytes from the profile's ``[lab] dns_rcvbuf_bytes`` hint (the record itself
-    has no socket buffer size), doubled as the kernel does; None for the platform default."""
-    hint = ((run.manifest.get("profile") or {}).get("lab") or {}).get("dns_rcvbuf_bytes")
-    if isinstance(hint, (int, float)) and not isinstance(hint, bool) and hint > 0:
-        return 2.0 * float(hint)
-    return None
-
-
-def _dns_service(runs: Sequence[RunData], dns: list[dict], forecast_peak_qps: float | None) -> dict:
-    """The DNS row of the headroom table.
-
-    When the runs offered bursts, capacity is a burst size: the largest burst the receive buffer
-    absorbs in the burst's window (``loadkit.model`` UDP burst model, service rate measured)
-    against the burst offered, and the recommendation is the buffer that would absorb it. Without
-    bursts it is a rate: the lowest offered rate of an interval with drops against the forecast.
+    A profile cannot say "this run ends by its abort", so the rule reads what was recorded: the
+    abort's reason is the ``[abort] cgroup_memory_fraction`` threshold the profile set (a ramp that
+    stops before the OOM killer acts, as ``scenarios/proxies_fall_over.toml`` does) and no proxy
+    fell over before it. A failure-ratio abort, or one after an OOM kill, stays a failure.
     """
-    bursts = [(offered_burst(r), r) for r in runs]
-    bursts = [(size, window, r) for (size, window), r in bursts if size > 0]
-    row: dict[str, Any] = {"service": "DNS", "fall_over_ci95": [], "runs": [r.run_id for r in runs],
-                           "admission_limit": None}
-    if bursts:
-        size, window_s, run = max(bursts, key=lambda b: b[0])
-        d = next(d for d in dns if d["run_id"] == run.run_id)
-        absorbed = d.get("largest_burst_without_loss")
-        needed = d.get("rcvbuf_needed_bytes")
-        lower_bound = bool(d.get("largest_burst_is_lower_bound"))
-        if lower_bound:
-            recommendation = "none: no drops at the server's socket"
-            source = "no drops observed: the buffer absorbed every burst offered (a lower bound)"
-        else:
-            recommendation = (
-                f"receive buffer ≥ {needed / 2**20:.1f} MiB (so-rcvbuf {needed / 2 / 2**20:.1f} MiB)" if needed else ""
-            )
-            source = (
-                f"UDP burst model: largest burst absorbed within {window_s * 1000:.0f} ms at the measured "
-                "service rate, against the burst the profile offered"
-            )
-        row.update(
-            unit="queries per burst",
-            forecast_peak=float(size),
-            first_failure=absorbed,
-            fall_over=absorbed,
-            fall_over_is_lower_bound=lower_bound,
-            headroom_pct=_num((absorbed / size - 1) * 100) if absorbed else None,
-            rcvbuf_needed_bytes=needed,
-            recommendation=recommendation,
-            source=source,
+    status = str(run.manifest.get("status", ""))
+    if status != "aborted":
+        return status, ""
+    detail = abort_event(run).get("detail") or {}
+    reason = str(detail.get("reason", "unknown reason"))
+    source = str(abort_event(run).get("source", ""))
+    thresholds = ((run.manifest.get("profile") or {}).get("abort") or {})
+    threshold = num(thresholds.get(reason))
+    if reason == "cgroup_memory_fraction" and threshold and not first_failure_ts(run):
+        fraction = num(detail.get("fraction")) or threshold
+        return OUTCOME_DESIGNED_ABORT, (
+            f"{source} reached {fraction:.0%} of its memory limit, the [abort] cgroup_memory_fraction "
+            f"{threshold:g} the ramp is set to stop at, before any proxy fell over"
         )
-        return row
-    forecast = forecast_peak_qps or _forecast(runs, "forecast_peak_qps")
-    onsets = [d["drop_onset_qps"] for d in dns if d["drop_onset_qps"]]
-    peaks = [d["peak_offered_qps"] for d in dns if d["peak_offered_qps"]]
-    fall = min(onsets) if onsets else (max(peaks) if peaks else None)
-    row.update(
-        unit="queries/s",
-        forecast_peak=_num(forecast),
-        first_failure=_num(fall),
-        fall_over=_num(fall),
-        fall_over_is_lower_bound=not onsets,
-        headroom_pct=_num((fall / forecast - 1) * 100) if fall and forecast else None,
-        admission_limit=_num(ADMISSION_FRACTION * fall) if fall else None,
-        recommendation=f"rate limit ≤ {ADMISSION_FRACTION * fall:,.0f} queries/s" if fall else "",
-        source="drop onset: lowest offered rate of an interval with receive-buffer drops"
-        + (" (none: the highest rate offered, a lower bound)" if not onsets else ""),
-    )
-    return row
+    return status, f"aborted: {reason}" + (f" on {source}" if source else "")
 
 
 # --------------------------------------------------------------------------------------------
-# latency and anomalies
+# latency: one computation for every percentile shown
 # --------------------------------------------------------------------------------------------
 
+_INTERVAL_COLUMNS = {0.5: "latency_p50_s", 0.9: "latency_p90_s", 0.95: "latency_p95_s", 0.99: "latency_p99_s"}
 
-def latency_figures(run: RunData) -> list[dict]:
-    """Request-weighted means of the per-interval percentiles, per (type, name)."""
+#: where a percentile came from -> how the report describes it ("{p}" is "p99")
+PERCENTILE_SOURCES = {
+    "fine": "{p} over the whole run, ≤ +{err:.1f} % (upper edge of its histogram bucket)",
+    "locust": "{p} over the whole run, upper bucket edge of Locust's rounded ms (≤ +0.5 ms or +5 %, then +{err:.1f} %)",
+    "locust_csv": "{p} over the whole run from Locust's CSV (rounded by Locust, may under-report)",
+    "interval_max": "{p} over the whole run: an upper bound (the highest {p} of any recording interval)",
+    "none": "{p}: no requests completed",
+}
+
+
+def percentile(run: RunData, q: float, request_type: str | None = None,
+               name: str | None = None) -> tuple[float | None, str]:
+    """(seconds, source): the ``q`` quantile (0.99 for p99) of latency over the whole run.
+
+    One computation for every percentile the report shows: the run's latency histogram through
+    :func:`loadkit.record.latency.percentile` (upper bucket edge, as gates and ``runs show`` use).
+    A record without one (older, or synthetic) falls back to the highest per-interval percentile,
+    which bounds the run's from above: if no interval has more than 1 % of its requests above X,
+    neither has the run. ``source`` is a key of :data:`PERCENTILE_SOURCES`.
+    """
+    from loadkit.record import latency
+
+    found = latency.percentile(run, q, request_type=request_type, name=name)
+    if found.value_s is not None:
+        return num(found.value_s), "locust" if found.source == "fine+locust" else found.source
     req = run.requests
-    rows = []
+    if request_type is not None:
+        req = req[req["request_type"] == request_type]
+    if name is not None:
+        req = req[req["name"] == name]
+    req = req[req["requests_n"] > 0]
+    column = _INTERVAL_COLUMNS.get(round(q, 4))
+    if column is None or not len(req):
+        return None, "none"
+    return num(req[column].max()), "interval_max"
+
+
+def latency_label(sources: set[str] | list[str], q: float = 0.99) -> str:
+    """What the report's percentiles are, in words, from the sources :func:`percentile` gave."""
+    from loadkit.schema import LATENCY_BUCKET_ERROR
+
+    known = [src for src in PERCENTILE_SOURCES if src in set(sources) and src != "none"] or ["none"]
+    return "; ".join(PERCENTILE_SOURCES[src].format(p=f"p{q * 100:g}", err=LATENCY_BUCKET_ERROR * 100)
+                     for src in known)
+
+
+def latency_rows(run: RunData) -> list[LatencyRow]:
+    """Whole-run percentiles per (type, name) (:func:`percentile`), without the held-session
+    pseudo-requests."""
+    req = run.requests
+    rows: list[LatencyRow] = []
     if not len(req):
         return rows
+    req = req[~req["name"].isin(HOLD_NAMES)]
     for (rtype, name), g in req.groupby(["request_type", "name"]):
-        w = g["requests_n"].clip(lower=0).to_numpy(float)
-        if w.sum() == 0:
+        n = int(g["requests_n"].clip(lower=0).sum())
+        if n == 0:
             continue
-        row = {"run_id": run.run_id, "service": str(rtype), "name": str(name), "requests_n": int(w.sum())}
-        row["failures_n"] = int(g["failures_n"].sum())
-        for p in ("p50", "p95", "p99"):
-            row[f"latency_{p}_s"] = _num(np.average(g[f"latency_{p}_s"].to_numpy(float), weights=w))
-        row["latency_max_s"] = _num(g["latency_max_s"].max())
-        rows.append(row)
+        p99, source = percentile(run, 0.99, str(rtype), str(name))
+        rows.append(LatencyRow(
+            run_id=run.run_id, scenario=str(run.manifest.get("scenario", "")), service=str(rtype),
+            name=str(name), requests_n=n, failures_n=int(g["failures_n"].sum()),
+            p50_s=percentile(run, 0.5, str(rtype), str(name))[0],
+            p95_s=percentile(run, 0.95, str(rtype), str(name))[0],
+            p99_s=p99, p99_source=source, max_s=num(g["latency_max_s"].max()),
+        ))
     return rows
 
 
-def kpi_series(run: RunData) -> tuple[str, pd.Series]:
-    """The KPI the anomaly search looks at: DNS receive-buffer drops per interval, else the
-    worst p99 latency per interval."""
-    if run_service(run) == "DNS":
-        label, drops = model.receive_drops(run)
-        if len(drops):
-            return f"{label} per interval", drops
-    req = run.requests
-    if not len(req):
-        return "p99 latency (s)", pd.Series(dtype="float64")
-    req = req[~req["name"].isin(HOLD_NAMES)]
-    return "p99 latency (s)", req.groupby("ts_unix_s")["latency_p99_s"].max().sort_index()
-
-
-def anomaly_figures(run: RunData, notes: list[str]) -> dict:
-    """:func:`loadkit.model.find_anomalies` on the run's KPI series (see :func:`kpi_series`)."""
-    label, series = kpi_series(run)
-    out: dict[str, Any] = {"run_id": run.run_id, "series": label, "spikes": [], "daily_period": None,
-                           "change_points": [], "detection_delay_s": {}}
-    if not len(series):
-        return out
-    duration = float(series.index.max() - series.index.min())
-    try:
-        # "normal" is the rolling median over a quarter of the run, at most an hour
-        res = model.find_anomalies(series, window_s=max(60.0, min(3600.0, duration / 4)), name=label)
-    except ModelError as err:
-        notes.append(f"run {run.run_id}: no anomaly search on {label}: {err}")
-        return out
-    data = res.to_dict()
-    out.update(
-        spikes=[
-            {"ts_unix_s": sp["peak_unix_s"], "value": sp["peak_value"], "score": sp["score"],
-             "start_unix_s": sp["start_unix_s"], "end_unix_s": sp["end_unix_s"]}
-            for sp in data.get("spikes") or []
-        ],
-        daily_period=(data.get("daily_period") or {}).get("time_of_day"),
-        change_points=data.get("change_points") or [],
-        detection_delay_s=data.get("detection_delay_s") or {},
-        summary=res.summary(),
-        source="loadkit.model.find_anomalies",
-    )
-    return out
-
-
 # --------------------------------------------------------------------------------------------
-# baseline comparison
+# runs and gates
 # --------------------------------------------------------------------------------------------
 
 
-def _change(metric: str, service: str, base: Any, cur: Any, unit: str, worse: str, limit: float, pp: bool) -> dict | None:
-    base, cur = _num(base), _num(cur)
-    if base is None or cur is None:
-        return None
-    if pp:
-        delta = cur - base
-    else:
-        delta = (cur - base) / abs(base) * 100 if base else (0.0 if cur == 0 else math.inf)
-    regression = (delta < -limit) if worse == "lower" else (delta > limit)
-    improvement = (delta > limit) if worse == "lower" else (delta < -limit)
-    return {
-        "service": service,
-        "metric": METRIC_LABELS.get(metric, metric),
-        "unit": unit,
-        "baseline": base,
-        "current": cur,
-        "change": _num(delta),
-        "change_unit": "pp" if pp else "%",
-        "regression": bool(regression),
-        "improvement": bool(improvement),
-    }
-
-
-def compare(current: dict, baseline: dict) -> list[dict]:
-    """Figure-by-figure change from ``baseline`` to ``current`` summaries, regressions marked."""
-    changes: list[dict] = []
-    base_services = {s["service"]: s for s in baseline.get("services", [])}
-    for svc in current.get("services", []):
-        b = base_services.get(svc["service"])
-        if not b:
-            continue
-        name = svc["service"]
-        unit = svc.get("unit", "")
-        for metric, worse, limit, pp in (
-            ("first_failure", "lower", REGRESSION_CAPACITY_PCT, False),
-            ("fall_over", "lower", REGRESSION_CAPACITY_PCT, False),
-            ("admission_limit", "lower", REGRESSION_CAPACITY_PCT, False),
-            ("headroom_pct", "lower", REGRESSION_HEADROOM_PP, True),
-        ):
-            if metric == "fall_over" and svc.get("cascade_all_fail") and b.get("cascade_all_fail"):
-                continue  # the same figure as the first failure: say it once
-            c = _change(metric, name, b.get(metric), svc.get(metric), "%" if pp else unit, worse, limit, pp)
-            if c:
-                changes.append(c)
-    base_lat = {(r["service"], r["name"]): r for r in baseline.get("latency", [])}
-    for row in current.get("latency", []):
-        b = base_lat.get((row["service"], row["name"]))
-        if b:
-            c = _change(
-                f"p99 latency {row['name']}", row["service"], b.get("latency_p99_s"), row.get("latency_p99_s"),
-                "s", "higher", REGRESSION_LATENCY_PCT, False,
-            )
-            if c:
-                changes.append(c)
-    bd = {d["scenario"]: d for d in baseline.get("dns", [])}
-    for d in current.get("dns", []):
-        b = bd.get(d["scenario"])
-        if not b:
-            continue
-        for metric, key in (("drop ratio", "drop_ratio"),):
-            bv, cv = _num(b.get(key)), _num(d.get(key))
-            if bv is None or cv is None:
-                continue
-            c = _change(metric, "DNS", bv * 100, cv * 100, "%", "higher", REGRESSION_DROP_PP, True)
-            if c:
-                changes.append(c)
-        c = _change(
-            "retry amplification max", "DNS", b.get("retry_amplification_max"), d.get("retry_amplification_max"),
-            "x", "higher", REGRESSION_LATENCY_PCT, False,
-        )
-        if c:
-            changes.append(c)
-    return changes
-
-
-# --------------------------------------------------------------------------------------------
-# the summary
-# --------------------------------------------------------------------------------------------
-
-
-def manifest_row(run: RunData) -> dict:
+def run_row(run: RunData) -> RunRow:
     m = run.manifest
-    started = _num(m.get("started_unix_s")) or 0.0
-    ended = _num(m.get("ended_unix_s")) or 0.0
-    return {
-        "run_id": run.run_id,
-        "scenario": m.get("scenario", ""),
-        "release": m.get("release", ""),
-        "status": m.get("status", ""),
-        "started_unix_s": started,
-        "duration_s": max(0.0, ended - started) if ended else None,
-        "targets": list(m.get("targets") or []),
-        "versions": m.get("versions") or {},
-        "path": str(run.path),
-    }
+    start, end = run_window(run)
+    outcome, detail = run_outcome(run)
+    return RunRow(
+        run_id=run.run_id, scenario=str(m.get("scenario", "")), release=str(m.get("release", "")),
+        status=str(m.get("status", "")), outcome=outcome, outcome_detail=detail,
+        service=run_service(run), setup=run_setup(run), started_unix_s=start,
+        duration_s=max(0.0, end - start) if math.isfinite(end) else None,
+        targets=[str(t) for t in m.get("targets") or []],
+        versions={str(k): str(v) for k, v in (m.get("versions") or {}).items()}, path=str(run.path),
+    )
+
+
+def gate_rows(run: RunData, outcome: str) -> list[GateRow]:
+    """The run's recorded gates; the ``no_abort`` gate of a designed abort is not a failure."""
+    rows = []
+    for gate in run.manifest.get("gates") or []:
+        passed = gate.get("passed")
+        if passed is None:
+            verdict = "not evaluated"
+        elif passed:
+            verdict = "pass"
+        elif gate.get("name") == "no_abort" and outcome == OUTCOME_DESIGNED_ABORT:
+            verdict = OUTCOME_DESIGNED_ABORT
+        else:
+            verdict = "fail"
+        rows.append(GateRow(run_id=run.run_id, name=str(gate.get("name", "")), passed=passed,
+                            value=num(gate.get("value")), limit=num(gate.get("limit")),
+                            detail=str(gate.get("detail", "") or ""), outcome=verdict))
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# the summary and its verdict
+# --------------------------------------------------------------------------------------------
+
+
+def group_by_setup(runs: Sequence[RunData]) -> dict[tuple[str, str, str], list[RunData]]:
+    """(service, scenario, setup) -> runs, in the order first seen."""
+    groups: dict[tuple[str, str, str], list[RunData]] = {}
+    for run in runs:
+        key = (run_service(run), str(run.manifest.get("scenario", "")), run_setup(run))
+        groups.setdefault(key, []).append(run)
+    return groups
 
 
 def summarize(
@@ -471,117 +314,63 @@ def summarize(
     baseline_release: str | None = None,
     forecast_peak_sessions: float | None = None,
     forecast_peak_qps: float | None = None,
-) -> dict:
-    """The report's figures as a JSON-ready dict (see the module docstring for the verdict)."""
-    notes: list[str] = []
-    by_service: dict[str, list[RunData]] = {}
-    for run in runs:
-        by_service.setdefault(run_service(run), []).append(run)
+) -> ReportSummary:
+    """The report's figures (see the module docstring for the verdict)."""
+    from . import capacity, compare, models
 
-    services: list[dict] = []
-    for svc in [s for s in MAIL_TYPES if s in by_service]:
-        svc_runs = by_service[svc]
-        forecast = forecast_peak_sessions or _forecast(svc_runs, "forecast_peak_sessions")
-        h = headroom_for(svc_runs, forecast, notes, svc)
-        if h is None:
-            continue
-        admission = h.get("admission_limit_total_sessions")
-        per_proxy = [p.get("admission_limit_sessions") for p in h.get("proxies", [])]
-        services.append(
-            {
-                "service": svc,
-                "unit": "sessions",
-                "forecast_peak": _num(forecast),
-                "first_failure": _num(h.get("first_failure_sessions")),
-                "fall_over": _num(h.get("all_fail_sessions")),
-                "fall_over_ci95": [_num(v) for v in (h.get("all_fail_ci95") or [])],
-                "cascade_all_fail": h.get("cascade_all_fail"),
-                "first_failure_proxy": h.get("first_failure_proxy"),
-                "model_summary": h.get("summary"),
-                "headroom_pct": _num(h.get("headroom_pct")),
-                "admission_limit": _num(admission),
-                "admission_limit_per_proxy": [_num(v) for v in per_proxy],
-                "proxies_needed_for_forecast": h.get("proxies_needed_for_forecast"),
-                "recommendation": (
-                    "admission limit per proxy "
-                    + "/".join(f"{v:.0f}" for v in per_proxy if v is not None)
-                    + " sessions"
-                ),
-                "proxies": h.get("proxies", []),
-                "source": h.get("source"),
-                "runs": [r.run_id for r in svc_runs],
-            }
-        )
-
-    dns = []
-    for run in by_service.get("DNS", []):
-        d = dns_figures(run, notes)
-        d["scenario"] = run.manifest.get("scenario", "")
-        dns.append(d)
-    if dns:
-        services.append(_dns_service(by_service["DNS"], dns, forecast_peak_qps))
-
-    latency = [row for run in runs for row in latency_figures(run)]
-    anomalies = [anomaly_figures(run, notes) for run in runs]
-    gates = []
-    for run in runs:
-        for gate in run.manifest.get("gates") or []:
-            gates.append({"run_id": run.run_id, **gate})
-
-    summary: dict = {
-        "release": release,
-        "baseline_release": baseline_release,
-        "generated_unix_s": time.time(),
-        "services": services,
-        "dns": dns,
-        "latency": latency,
-        "anomalies": anomalies,
-        "gates": gates,
-        "runs": [manifest_row(r) for r in runs],
-        "notes": notes,
-        "changes": [],
-        "regressions": [],
-    }
+    s = ReportSummary(release=release, baseline_release=baseline_release, generated_unix_s=time.time())
+    s.runs = [run_row(r) for r in runs]
+    outcomes = {row.run_id: row.outcome for row in s.runs}
+    s.gates = [g for r in runs for g in gate_rows(r, outcomes[r.run_id])]
+    groups = group_by_setup(runs)
+    capacity.fill(s, groups, forecast_peak_sessions, forecast_peak_qps)
+    s.latency = [row for run in runs for row in latency_rows(run)]
+    s.latency_label = latency_label({row.p99_source for row in s.latency})
+    s.anomalies = [models.anomaly_row(run, s.notes) for run in runs]
+    s.models = models.model_rows(s, groups)
+    _note_merges(s, groups)
     if baseline_runs:
-        base = summarize(
-            baseline_runs,
-            release=baseline_release or "baseline",
-            forecast_peak_sessions=forecast_peak_sessions,
-            forecast_peak_qps=forecast_peak_qps,
-        )
-        summary["changes"] = compare(summary, base)
-        summary["regressions"] = [c for c in summary["changes"] if c["regression"]]
-        summary["baseline_runs"] = base["runs"]
+        base = summarize(baseline_runs, release=baseline_release or "baseline",
+                         forecast_peak_sessions=forecast_peak_sessions, forecast_peak_qps=forecast_peak_qps)
+        s.baseline_runs = base.runs
+        s.changes = compare.compare(s, base)
+        s.notes += compare.unmatched(s, base)
+    verdict(s)
+    return s
 
-    # passed is None for a gate that could not be evaluated: that is a warning, not a failure
-    reasons_fail = [f"gate {g.get('name')} failed in run {g['run_id']}" for g in gates if g.get("passed") is False]
-    for s in services:
-        if s["headroom_pct"] is not None and s["headroom_pct"] < 0 and s["unit"] == "queries per burst":
-            reasons_fail.append(
-                f"{s['service']}: bursts of {s['forecast_peak']:,.0f} queries overflow the receive buffer, "
-                f"which absorbs ≈ {s['first_failure']:,.0f}; {s.get('recommendation', '')}"
-            )
-        elif s["headroom_pct"] is not None and s["headroom_pct"] < 0:
-            reasons_fail.append(
-                f"{s['service']}: forecast peak {s['forecast_peak']:.0f} {s['unit']} is above the first "
-                f"failure at {s['first_failure']:.0f} {s['unit']}"
-            )
-    reasons_warn = [
-        f"{c['service']} {c['metric']} regressed {c['change']:+.1f} {c['change_unit']} against {baseline_release}"
-        for c in summary["regressions"]
-    ]
-    reasons_warn += [
-        f"run {r['run_id']} ended '{r['status']}'" for r in summary["runs"] if r["status"] != "completed"
-    ]
-    reasons_warn += [
-        f"gate {g.get('name')} not evaluated in run {g['run_id']}" for g in gates if g.get("passed") is None
-    ]
-    if reasons_fail:
-        verdict = "FAIL"
-    elif reasons_warn:
-        verdict = "WARN"
-    else:
-        verdict = "PASS"
-    summary["verdict"] = verdict
-    summary["verdict_reasons"] = reasons_fail + reasons_warn
-    return summary
+
+def _note_merges(s: ReportSummary, groups: dict[tuple[str, str, str], list[RunData]]) -> None:
+    services: dict[str, int] = {}
+    for service, _scenario, _setup in groups:
+        services[service] = services.get(service, 0) + 1
+    for service, n in services.items():
+        if n > 1:
+            s.notes.append(f"{service}: runs of {n} different scenarios or lab setups are reported side "
+                           "by side, one row each, never merged")
+
+
+def verdict(s: ReportSummary) -> None:
+    """Set ``verdict``, ``verdict_reasons`` and ``verdict_notes`` from the figures."""
+    fail = [f"gate {g.name} failed in run {g.run_id}" for g in s.gates if g.outcome == "fail"]
+    for m in s.mail:
+        if m.headroom_pct is not None and m.headroom_pct < 0:
+            fail.append(f"{m.service} ({m.scenario}): forecast peak {m.forecast_peak_sessions:.0f} sessions is "
+                        f"above the first failure at {m.first_failure_sessions:.0f} sessions")
+    warn = []
+    for d in s.dns_capacity:
+        if d.headroom_pct is not None and d.headroom_pct < 0:
+            fail.append(f"DNS ({d.scenario}): the forecast peak is above what the service absorbs; {d.recommendation}")
+        elif d.mode == "burst" and not d.is_lower_bound and d.burst_queries and d.forecast_peak_burst_queries is None:
+            warn.append(f"DNS ({d.scenario}): bursts of {d.burst_queries:,.0f} queries offered overflowed the "
+                        f"receive buffer, which absorbs ≈ {d.largest_burst_without_loss_queries or 0:,.0f} "
+                        "(no forecast burst to judge them by: [gates] forecast_peak_burst_queries)")
+    warn += [f"{c.service} {c.metric} ({c.scenario}) regressed {c.change:+.1f} {c.change_unit} against "
+             f"{s.baseline_release}" for c in s.regressions]
+    aborted_by_gate = {g.run_id for g in s.gates if g.name == "no_abort"}
+    warn += [f"run {r.run_id} ended '{r.status}'" for r in s.runs
+             if r.outcome not in (OUTCOME_COMPLETED, OUTCOME_DESIGNED_ABORT) and r.run_id not in aborted_by_gate]
+    warn += [f"gate {g.name} not evaluated in run {g.run_id}" for g in s.gates if g.outcome == "not evaluated"]
+    s.verdict_notes = [f"run {r.run_id} {OUTCOME_DESIGNED_ABORT}: {r.outcome_detail}"
+                       for r in s.runs if r.outcome == OUTCOME_DESIGNED_ABORT]
+    s.verdict = "FAIL" if fail else ("WARN" if warn else "PASS")
+    s.verdict_reasons = fail + warn

@@ -5,7 +5,8 @@ Output directory (``reports/<release>/`` by default)::
 
     index.html                 the report (inputs hidden, figures embedded)
     capacity_report.ipynb      the executed notebook, saved even when a cell fails
-    summary.json               verdict, headroom, DNS, latency, anomalies, changes, manifests
+    summary.json               the typed summary (loadkit.report.summary.ReportSummary): verdict,
+                               gates, headroom, DNS, latency, anomalies, models, changes, manifests
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from loadkit.schema import RUN_LAYOUT
 from loadkit.record.reader import RunData, load_manifest, load_run
 
 from .analysis import summarize
+from .summary import ReportSummary
 
 #: the notebook every release report is executed from
 NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "capacity_report.ipynb"
@@ -42,11 +44,11 @@ class Report:
     html: Path
     notebook: Path
     summary_json: Path
-    summary: dict
+    summary: ReportSummary
 
     @property
     def verdict(self) -> str:
-        return str(self.summary.get("verdict"))
+        return self.summary.verdict
 
 
 def _quiet(_msg: str) -> None:
@@ -143,7 +145,7 @@ def build_report(
     except OSError as err:
         raise ReportError(f"cannot create report directory {out}: {err.strerror}") from err
     summary_json = out / "summary.json"
-    summary_json.write_text(json.dumps(summary, indent=2, allow_nan=False))
+    summary_json.write_text(summary.to_json())
 
     executed = out / "capacity_report.ipynb"
     progress(f"executing {notebook.name} ({len(runs)} run(s))")
@@ -162,7 +164,7 @@ def build_report(
     progress("rendering HTML without code cells")
     html = out / "index.html"
     html.write_text(render_html(executed))
-    progress(f"report of {release}: {summary['verdict']} ({time.perf_counter() - t0:.1f} s) -> {html}")
+    progress(f"report of {release}: {summary.verdict} ({time.perf_counter() - t0:.1f} s) -> {html}")
     return Report(out, html, executed, summary_json, summary)
 
 

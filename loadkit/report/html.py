@@ -19,6 +19,7 @@ _TH = "background:#2C3E50;color:white;padding:6px 10px;text-align:left;border:1p
 _TD = "padding:5px 10px;border:1px solid #D5D8DC;"
 _BAD = "background:#FADBD8;color:#922B21;font-weight:bold;"
 _GOOD = "background:#D5F5E3;"
+_DESIGNED = "background:#D6EAF8;color:#1B4F72;font-weight:bold;"
 
 
 def esc(value: Any) -> str:
@@ -43,22 +44,29 @@ def when(ts_unix_s: float | None) -> str:
     return _dt.datetime.fromtimestamp(float(ts_unix_s), _dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def banner(summary: dict) -> str:
-    """The verdict as a coloured block with its reasons."""
-    verdict = str(summary.get("verdict", "?"))
+def banner(summary) -> str:
+    """The verdict (a :class:`~loadkit.report.summary.ReportSummary`) as a coloured block with its
+    reasons, and below them what a reader must know that is not a failure (a designed abort)."""
+    verdict = str(summary.verdict)
     colour = VERDICT_COLOURS.get(verdict, "#566573")
-    reasons = summary.get("verdict_reasons") or ["all gates passed, headroom left at the forecast peak, no regression"]
+    reasons = summary.verdict_reasons or ["all gates passed, headroom left at the forecast peak, no regression"]
     items = "".join(f"<li>{esc(r)}</li>" for r in reasons)
-    base = summary.get("baseline_release")
+    items += "".join(f'<li style="opacity:0.9;">{esc(n)}</li>' for n in summary.verdict_notes)
+    base = summary.baseline_release
     against = f" · compared with <b>{esc(base)}</b>" if base else ""
     return (
         f'<div style="background:{colour};color:white;padding:16px 22px;border-radius:8px;'
         'font-family:system-ui,sans-serif;margin:8px 0 12px 0;">'
-        f'<div style="font-size:13px;opacity:0.9;">Capacity report · release <b>{esc(summary.get("release"))}</b>'
-        f"{against} · {esc(when(summary.get('generated_unix_s')))}</div>"
+        f'<div style="font-size:13px;opacity:0.9;">Capacity report · release <b>{esc(summary.release)}</b>'
+        f"{against} · {esc(when(summary.generated_unix_s))}</div>"
         f'<div style="font-size:34px;font-weight:800;letter-spacing:1px;margin:4px 0;">{esc(verdict)}</div>'
         f'<ul style="margin:4px 0 0 18px;padding:0;font-size:14px;">{items}</ul></div>'
     )
+
+
+def rows(records: Sequence[Any]) -> list[dict]:
+    """Typed summary rows as dicts for :func:`table`."""
+    return [r.to_dict() if hasattr(r, "to_dict") else dict(r) for r in records]
 
 
 def table(
@@ -94,6 +102,16 @@ def bad_if(predicate: Callable[[dict], bool]) -> Callable[[dict], str]:
 
 def good_or_bad(predicate_bad: Callable[[dict], bool]) -> Callable[[dict], str]:
     return lambda row: _BAD if predicate_bad(row) else _GOOD
+
+
+def outcome_style(row: dict) -> str:
+    """Gates and runs: red for a failure, blue for a designed abort, green for a pass."""
+    outcome = row.get("outcome")
+    if outcome == "aborted as designed":
+        return _DESIGNED
+    if outcome in ("fail", "aborted", "interrupted", "failed"):
+        return _BAD
+    return _GOOD if outcome in ("pass", "completed") else ""
 
 
 def regression_style(row: dict) -> str:

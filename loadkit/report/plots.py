@@ -21,10 +21,13 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 from loadkit import model  # noqa: E402
-from loadkit.errors import ModelError  # noqa: E402
+from loadkit.record import counters, latency  # noqa: E402
 from loadkit.record.reader import RunData  # noqa: E402
 
-from .analysis import HOLD_NAMES, first_failure_ts, gauge, kpi_series, proxy_groups  # noqa: E402
+from .analysis import HOLD_NAMES, first_failure_ts, held_sessions, proxy_groups, run_window  # noqa: E402
+from .capacity import ANSWERED, ORIGINAL, RETRY  # noqa: E402
+from .models import kpi  # noqa: E402
+from .summary import Change, DnsCapacity, MailCapacity  # noqa: E402
 
 MIB = 1024 * 1024
 #: one colour per proxy / series, colour-blind safe (Okabe-Ito)
@@ -75,45 +78,62 @@ def _time_axis(ts: pd.Series | np.ndarray | pd.Index, start: float) -> tuple[np.
 
 
 def _start(run: RunData) -> float:
-    start = run.manifest.get("started_unix_s")
-    if start:
-        return float(start)
-    return float(run.requests["ts_unix_s"].min()) if len(run.requests) else 0.0
+    return run_window(run)[0]
 
 
-def headroom_bars(services: Sequence[dict]) -> Figure:
-    """Per service: forecast peak, recommended admission limit, first failure and fall-over."""
-    n = max(1, len(services))
-    fig, axes = plt.subplots(1, n, figsize=(5.2 * n, 3.6), squeeze=False)
-    for ax, svc in zip(axes[0], services):
-        if svc.get("unit") == "queries per burst":
-            labels = ["burst offered", "admission limit", "first failure", "absorbed without loss"]
+def _bars(ax, shown: list[tuple[str, float, str]], title: str, unit: str) -> None:
+    ax.barh([lab for lab, _, _ in shown], [v for _, v, _ in shown], color=[c for _, _, c in shown])
+    for i, (_, v, _) in enumerate(shown):
+        ax.text(v, i, f" {v:,.0f}", va="center", fontsize=10)
+    ax.invert_yaxis()
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(unit)
+    ax.set_xlim(0, max(v for _, v, _ in shown) * 1.25 if shown else 1)
+
+
+def headroom_bars(mail: Sequence[MailCapacity], dns: Sequence[DnsCapacity] = ()) -> Figure | None:
+    """Per service and setup: its forecast peak (only when there is a forecast), admission limit,
+    first failure and fall-over; for DNS the burst offered against the largest absorbed."""
+    panels = []
+    for m in mail:
+        values = [("forecast peak", m.forecast_peak_sessions, "#34495E"),
+                  ("admission limit", m.admission_limit_total_sessions, GREEN),
+                  ("first failure", m.first_failure_sessions, "#E67E22"),
+                  ("all fall over", m.all_fail_sessions, RED)]
+        head = f": headroom {m.headroom_pct:+.0f} %" if m.headroom_pct is not None else ""
+        panels.append(([v for v in values if v[1] is not None], f"{m.service} · {m.scenario}{head}", "sessions"))
+    for d in dns:
+        if d.mode == "burst":
+            values = [("forecast burst", d.forecast_peak_burst_queries, "#34495E"),
+                      ("burst offered", d.burst_queries, GREY),
+                      ("absorbed without loss" + (" (≥)" if d.is_lower_bound else ""),
+                       d.largest_burst_without_loss_queries, RED)]
+            unit = "queries per burst"
         else:
-            labels = ["forecast peak", "admission limit", "first failure", "all fall over"]
-        values = [svc.get("forecast_peak"), svc.get("admission_limit"), svc.get("first_failure"), svc.get("fall_over")]
-        colours = ["#34495E", GREEN, "#E67E22", RED]
-        shown = [(lab, v, c) for lab, v, c in zip(labels, values, colours) if v is not None]
-        if svc["service"] == "DNS":
-            shown = [s for s in shown if s[0] != "first failure"]
-        ax.barh([s[0] for s in shown], [s[1] for s in shown], color=[s[2] for s in shown])
-        for i, (_, v, _) in enumerate(shown):
-            ax.text(v, i, f" {v:,.0f}", va="center", fontsize=10)
-        ax.invert_yaxis()
-        head = svc.get("headroom_pct")
-        ax.set_title(f"{svc['service']}: headroom {head:+.0f} %" if head is not None else f"{svc['service']}")
-        ax.set_xlabel(svc.get("unit", ""))
-        ax.set_xlim(0, max(s[1] for s in shown) * 1.25 if shown else 1)
-    fig.suptitle("Capacity against the forecast peak")
+            values = [("forecast peak", d.forecast_peak_qps, "#34495E"),
+                      ("rate limit", d.rate_limit_qps, GREEN),
+                      ("drops from" if d.drop_onset_qps else "highest offered (no drops)",
+                       d.drop_onset_qps or d.peak_offered_qps, RED)]
+            unit = "queries/s"
+        head = f": headroom {d.headroom_pct:+.0f} %" if d.headroom_pct is not None else ""
+        panels.append(([v for v in values if v[1] is not None], f"DNS · {d.scenario}{head}", unit))
+    if not panels:
+        return None
+    n = len(panels)
+    fig, axes = plt.subplots(1, n, figsize=(max(6.0, 4.6 * n), 3.4), squeeze=False)
+    for ax, (shown, title, unit) in zip(axes[0], panels):
+        _bars(ax, shown, title, unit)
+    fig.suptitle("Capacity, per service and scenario")
     fig.tight_layout()
     return fig
 
 
-def proxy_memory(run: RunData, service: dict | None) -> Figure:
+def proxy_memory(run: RunData, service: MailCapacity | None) -> Figure:
     """Left: each proxy's memory against its sessions, with the fit, the limit and the fall-over
     line. Right: the same memory over time, with OOM kills marked."""
     g = proxy_groups(run)
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
-    fits = {p["name"]: p for p in (service or {}).get("proxies", [])}
+    fits = {p["name"]: p for p in (service.proxies if service else [])}
     first = first_failure_ts(run)
     start = _start(run)
     limit_mib = None
@@ -139,7 +159,7 @@ def proxy_memory(run: RunData, service: dict | None) -> Figure:
     if limit_mib:
         for a in (ax, ax2):
             a.axhline(limit_mib, color=RED, ls="--", lw=1.2, label=f"memory limit {limit_mib:.0f} MiB")
-    first_fail = (service or {}).get("first_failure")
+    first_fail = service.first_failure_sessions if service else None
     if first_fail and fits:
         per_proxy = first_fail / max(1, len(fits))
         ax.axvline(per_proxy, color=RED, lw=2, alpha=0.7, label=f"fall-over ≈ {per_proxy:.0f} sessions/proxy")
@@ -156,21 +176,17 @@ def proxy_memory(run: RunData, service: dict | None) -> Figure:
 
 
 def sessions_over_time(run: RunData) -> Figure | None:
-    """Held sessions (generator gauge) and failures per second."""
-    held = None
-    for metric in ("imap.held_sessions", "pop3.held_sessions"):
-        s = gauge(run, metric)
-        if len(s):
-            held = s
-            break
-    if held is None:
+    """Held sessions (the generator's gauges, IMAP and POP3 summed) and failures per interval."""
+    protocols, held = held_sessions(run)
+    if not len(held):
         return None
     start = _start(run)
     fig, ax = plt.subplots(figsize=(12, 3.2))
     t, tlabel = _time_axis(held.index, start)
-    ax.plot(t, held.values, color=PALETTE[0], lw=1.6, label="held sessions")
+    ax.plot(t, held.values, color=PALETTE[0], lw=1.6, label=f"held sessions ({protocols})")
     ax.set_ylabel("sessions")
     ax.set_xlabel(tlabel)
+    ax.legend(fontsize=8, loc="upper left")
     fails = run.failures
     if len(fails):
         per_s = fails.groupby("ts_unix_s")["failures_n"].sum()
@@ -179,18 +195,18 @@ def sessions_over_time(run: RunData) -> Figure | None:
         ax_r.bar(tf, per_s.values, width=max(0.8 * (tf[1] - tf[0]) if len(tf) > 1 else 0.8, 1e-3), color=RED, alpha=0.5, label="failures")
         ax_r.set_ylabel("failed requests per interval", color=RED)
         ax_r.spines["right"].set_visible(True)
-    ax.set_title(f"Run {run.run_id}: sessions held by the load generator, and failures")
+    ax.set_title(f"Run {run.run_id}: {protocols} sessions held by the load generator, and failures")
     fig.tight_layout()
     return fig
 
 
 def dns_traffic(run: RunData) -> Figure:
-    """Offered / answered / dropped queries per second, RcvbufErrors, and retry amplification."""
-    try:
-        amp = model.retry_amplification(run)
-    except ModelError:
-        amp = pd.DataFrame(columns=["offered_qps", "answered_qps", "amplification"], dtype="float64")
-    offered, answered = amp["offered_qps"], amp["answered_qps"]
+    """Offered / answered / dropped queries per second, receive-buffer drops, and retry
+    amplification, from the generator's counters (:mod:`loadkit.record.counters`)."""
+    frame = counters.counter_frame(run, [ORIGINAL, RETRY, ANSWERED])
+    dt = frame["interval_s"].where(frame["interval_s"] > 0)
+    offered = (frame[ORIGINAL] + frame[RETRY]) / dt
+    answered = frame[ANSWERED] / dt
     dropped = (offered - answered).clip(lower=0)
     start = _start(run)
     fig, axes = plt.subplots(3, 1, figsize=(12, 8.2), sharex=True, gridspec_kw={"height_ratios": [3, 2, 2]})
@@ -201,6 +217,7 @@ def dns_traffic(run: RunData) -> Figure:
         (answered, "answered", GREEN),
         (dropped, "not answered", RED),
     ):
+        series = series.dropna()
         if len(series):
             t, tlabel = _time_axis(series.index, start)
             ax.plot(t, series.values, label=label, color=colour, lw=1.3)
@@ -220,7 +237,7 @@ def dns_traffic(run: RunData) -> Figure:
     ax.set_ylabel("dropped datagrams per interval")
 
     ax = axes[2]
-    ratio = amp["amplification"].dropna()
+    ratio = ((frame[ORIGINAL] + frame[RETRY]) / frame[ORIGINAL].where(frame[ORIGINAL] > 0)).dropna()
     if len(ratio):
         t, tlabel = _time_axis(ratio.index, start)
         ax.plot(t, ratio.values, color="#8E44AD", lw=1.3)
@@ -233,9 +250,21 @@ def dns_traffic(run: RunData) -> Figure:
     return fig
 
 
+def _percentile_over_time(run: RunData, req: pd.DataFrame, rtype: str, q: float) -> tuple[pd.Series, str]:
+    """(ms by interval end, how): each interval's ``q`` quantile over every request of the type,
+    from the latency histogram; without one, the highest of the per-name percentiles."""
+    found = latency.percentile_series(run, q, request_type=rtype)
+    found = found.dropna(subset=["latency_s"]) if len(found) else found
+    if len(found):
+        return found.set_index("ts_unix_s")["latency_s"] * 1000.0, "histogram"
+    col = f"latency_p{q * 100:g}_s"
+    r = req[(req["request_type"] == rtype) & (req["requests_n"] > 0)]
+    return r.groupby("ts_unix_s")[col].max() * 1000.0, "highest over request names"
+
+
 def latency_over_time(run: RunData) -> Figure | None:
-    """p50 / p95 / p99 over time, request-weighted over request names, per request type
-    (without the held-session pseudo-requests)."""
+    """p50 / p95 / p99 of each recording interval, per request type (without the held-session
+    pseudo-requests); a run's single figure is in the latency table, not an average of these."""
     req = run.requests
     if len(req):
         req = req[~req["name"].isin(HOLD_NAMES)]  # held-session time is not a latency
@@ -245,47 +274,42 @@ def latency_over_time(run: RunData) -> Figure | None:
     fig, axes = plt.subplots(len(types), 1, figsize=(12, 3.4 * len(types)), squeeze=False)
     start = _start(run)
     for ax, rtype in zip(axes[:, 0], types):
-        r = req[req["request_type"] == rtype]
-        w = r["requests_n"].clip(lower=0).astype(float)
-        for p, colour in (("p50", GREEN), ("p95", "#E67E22"), ("p99", RED)):
-            col = f"latency_{p}_s"
-            num = (r[col] * w).groupby(r["ts_unix_s"]).sum()
-            den = w.groupby(r["ts_unix_s"]).sum().replace(0, np.nan)
-            series = (num / den * 1000.0).dropna()
+        how = ""
+        tlabel = "time since start (s)"
+        for q, colour in ((0.5, GREEN), (0.95, "#E67E22"), (0.99, RED)):
+            series, how = _percentile_over_time(run, req, rtype, q)
+            series = series[series > 0].dropna()
+            if not len(series):
+                continue
             t, tlabel = _time_axis(series.index, start)
-            ax.plot(t, series.values, label=p, color=colour, lw=1.2)
+            ax.plot(t, series.values, label=f"p{q * 100:g}", color=colour, lw=1.2)
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
         ax.set_ylabel("latency (ms, log scale)")
         ax.set_xlabel(tlabel)
-        ax.set_title(f"{rtype} latency percentiles over time")
+        ax.set_title(f"{rtype} latency percentiles of each recording interval ({how})")
         ax.legend(fontsize=8, loc="upper left", ncol=3)
     fig.suptitle(f"Run {run.run_id}: latency")
     fig.tight_layout()
     return fig
 
 
-def anomalies(run: RunData, found: dict) -> Figure | None:
-    """The KPI series the anomaly search looked at, with the spikes it found marked."""
-    label, series = kpi_series(run)
+def anomalies(run: RunData, found) -> Figure | None:
+    """The KPI series the anomaly search looked at (an ``AnomalyRow``), with its spikes marked."""
+    label, series = kpi(run)
     if len(series) < 2:
         return None
     start = _start(run)
     fig, ax = plt.subplots(figsize=(12, 3.2))
     t, tlabel = _time_axis(series.index, start)
     ax.plot(t, series.values, color=PALETTE[0], lw=1.1, label=label)
-    spikes = [s for s in found.get("spikes", []) if s.get("ts_unix_s") is not None]
+    spikes = [s for s in (found.spikes if found else []) if s.get("ts_unix_s") is not None]
     if spikes:
         ts = np.array([float(s["ts_unix_s"]) for s in spikes])
         vals = series.reindex(ts).to_numpy(float)
         tt, _ = _time_axis(ts, start)
         ax.scatter(tt, vals, color=RED, s=36, zorder=3, label=f"spikes ({len(spikes)})")
-    for cp in found.get("change_points") or []:
-        cp_ts = cp.get("ts_unix_s") if isinstance(cp, dict) else cp
-        if isinstance(cp_ts, (int, float)):
-            tc, _ = _time_axis(np.array([cp_ts]), start)
-            ax.axvline(tc[0], color="#8E44AD", ls="--", lw=1)
-    unit = "p99 latency (s)" if "latency" in label else "dropped datagrams per interval"
+    unit = "failed requests per interval" if "failed" in label else "dropped datagrams per interval"
     ax.set_ylabel(unit)
     ax.set_xlabel(tlabel)
     ax.set_title(f"Run {run.run_id}: anomalies in {label}")
@@ -294,20 +318,20 @@ def anomalies(run: RunData, found: dict) -> Figure | None:
     return fig
 
 
-def baseline_changes(changes: Sequence[dict], baseline_release: str) -> Figure | None:
-    """Change of each figure against the baseline release; regressions in red."""
+def baseline_changes(changes: Sequence[Change], baseline_release: str) -> Figure | None:
+    """Change of each figure against the baseline release, scenario by scenario; regressions red."""
     if not changes:
         return None
-    labels = [f"{c['service']} {c['metric']}" for c in changes]
-    values = [c["change"] or 0.0 for c in changes]
-    colours = [RED if c["regression"] else GREEN if c.get("improvement") else GREY for c in changes]
+    labels = [f"{c.service} {c.metric} · {c.scenario}" for c in changes]
+    values = [c.change or 0.0 for c in changes]
+    colours = [RED if c.regression else GREEN if c.improvement else GREY for c in changes]
     fig, ax = plt.subplots(figsize=(12, 0.45 * len(changes) + 1.4))
     ax.barh(labels, values, color=colours)
     for i, c in enumerate(changes):
-        ax.text(values[i], i, f" {values[i]:+.1f} {c['change_unit']}", va="center", fontsize=9)
+        ax.text(values[i], i, f" {values[i]:+.1f} {c.change_unit}", va="center", fontsize=9)
     ax.axvline(0, color="black", lw=0.8)
     ax.invert_yaxis()
     ax.set_xlabel("change against the baseline (% of the baseline value; pp for percentages)")
-    ax.set_title(f"Change against {baseline_release} (red: regression, green: improvement)")
+    ax.set_title(f"Change against {baseline_release}, same scenario only (red: regression, green: improvement)")
     fig.tight_layout()
     return fig

@@ -1,0 +1,254 @@
+"""Models in the report: each model's answer beside what the runs measured, with its caveat.
+
+One small adapter per model turns its result into :class:`~loadkit.report.summary.ModelRow`s
+(predicted, measured, caveat in words). An adapter that cannot answer for a run adds a note and
+no row; it never stops the report.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import pandas as pd
+
+from loadkit import model
+from loadkit.errors import ModelError
+from loadkit.record.reader import RunData
+
+from .analysis import abort_event, first_failure_ts, num, proxy_groups, run_outcome, run_service
+from .capacity import udp_fit
+from .summary import OUTCOME_DESIGNED_ABORT, AnomalyRow, DnsRun, MailCapacity, ModelRow, ReportSummary
+
+#: a model fitted on less than this share of the load it predicts is called an extrapolation
+EXTRAPOLATION_BELOW = 0.9
+#: intervals a concurrency level must last to count as a USL step
+MIN_INTERVALS_PER_LEVEL = 3
+
+
+def model_rows(s: ReportSummary, groups: dict[tuple[str, str, str], list[RunData]]) -> list[ModelRow]:
+    """Rows of every model the report uses, in the order the report shows them."""
+    by_id = {r.run_id: r for runs in groups.values() for r in runs}
+    rows: list[ModelRow] = []
+    for m in s.mail:
+        rows += headroom_rows(m, [by_id[i] for i in m.run_ids])
+    for d in s.dns:
+        rows += udp_rows(d, by_id[d.run_id])
+        rows += retry_rows(d, by_id[d.run_id])
+    for runs in groups.values():
+        rows += usl_rows(runs)
+    rows += [anomaly_model_row(a) for a in s.anomalies if a.summary]
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# headroom
+# --------------------------------------------------------------------------------------------
+
+
+def sessions_at(run: RunData, ts_unix_s: float) -> float | None:
+    """Sessions all proxies held at their last sample at or before ``ts_unix_s``."""
+    g = proxy_groups(run)
+    g = g[g["ts_unix_s"] <= ts_unix_s]
+    if not len(g):
+        return None
+    last = g.sort_values("ts_unix_s").groupby("group").tail(1)
+    return float(last["sessions_n"].sum())
+
+
+def _predicted_at_fraction(m: MailCapacity, fraction: float) -> float | None:
+    """Total sessions (round robin) when the first proxy reaches ``fraction`` of its limit."""
+    caps = [(fraction * p["limit_bytes"] - p["base_bytes"]) / p["bytes_per_session"]
+            for p in m.proxies if p.get("bytes_per_session")]
+    return num(min(caps) * len(caps)) if caps else None
+
+
+def _headroom_caveat(m: MailCapacity) -> str:
+    """The model's own caveats (extrapolation, limits given, pooled proxies), else the
+    extrapolation worked out here; what was measured goes in its own column."""
+    parts = [c for c in m.caveats if not c.startswith(("measured:", "no run reached"))]
+    frac = m.max_fraction_observed
+    if not m.caveats and frac is not None and frac < EXTRAPOLATION_BELOW:
+        parts.append(f"extrapolation: fitted on up to {frac:.0%} of the predicted first failure")
+    if m.all_fail_ci95_sessions:
+        lo, hi = m.all_fail_ci95_sessions
+        parts.append(f"95 % interval {lo:,.0f}–{hi:,.0f}")
+    return "; ".join(parts)
+
+
+def _measured_fall_over(m: MailCapacity, runs: Sequence[RunData]) -> tuple[str, float | None]:
+    if m.measured_first_failure_sessions is not None:
+        at = m.measured_first_failure_sessions
+        return f"first OOM kill with {at:,.0f} sessions held", at
+    fell = [(min(first_failure_ts(r).values()), r) for r in runs if first_failure_ts(r)]
+    if fell:
+        ts, run = min(fell, key=lambda f: f[0])
+        at = sessions_at(run, ts - 1e-6)  # the sample at the failure already lost the proxy's sessions
+        return (f"first proxy fell over with ≈ {at:,.0f} sessions held (run {run.run_id})" if at
+                else "a proxy fell over"), at
+    held = max((float(proxy_groups(r).groupby("ts_unix_s")["sessions_n"].sum().max()) for r in runs
+                if len(proxy_groups(r))), default=math.nan)
+    return (f"not reached: the runs held at most {held:,.0f} sessions" if math.isfinite(held)
+            else "not measured"), None
+
+
+def headroom_rows(m: MailCapacity, runs: Sequence[RunData]) -> list[ModelRow]:
+    """The fall-over the model predicts against the fall-over (or the designed abort) measured,
+    and N+1 when the model gives it."""
+    common = dict(model="headroom", scenario=m.scenario, run_ids=m.run_ids, unit="sessions")
+    verb = (f"all {len(m.proxies)} proxies fall over" if m.cascade_all_fail
+            else f"first proxy ({m.first_failure_proxy}) falls over")
+    measured, at = _measured_fall_over(m, runs)
+    rows = [ModelRow(question=f"concurrent {m.service} sessions at which the proxies fall over",
+                     predicted=f"{verb} at ≈ {m.first_failure_sessions:,.0f} sessions", measured=measured,
+                     caveat=_headroom_caveat(m), predicted_value=m.first_failure_sessions,
+                     measured_value=at, **common)]
+    for run in runs:
+        outcome, _ = run_outcome(run)
+        detail = abort_event(run).get("detail") or {}
+        fraction, ts = num(detail.get("fraction")), num(detail.get("sample_unix_s"))
+        if outcome != OUTCOME_DESIGNED_ABORT or not fraction or ts is None:
+            continue
+        want, got = _predicted_at_fraction(m, fraction), sessions_at(run, ts)
+        rows.append(ModelRow(
+            question=f"sessions when the first proxy reaches {fraction:.0%} of its memory (the designed abort)",
+            predicted=f"≈ {want:,.0f} sessions" if want else "–",
+            measured=f"{got:,.0f} sessions at the abort (run {run.run_id})" if got is not None else "–",
+            caveat="", predicted_value=want, measured_value=got, **common))
+    if m.n_minus_1_sessions is not None and len(m.proxies) > 1:
+        rows.append(ModelRow(
+            question=f"sessions the others survive with {m.n_minus_1_proxy_down or 'one proxy'} down (N+1)",
+            predicted=f"≈ {m.n_minus_1_sessions:,.0f} sessions", measured="not measured: no run took a proxy down",
+            caveat="predicted from the same fits", predicted_value=m.n_minus_1_sessions, **common))
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# DNS: UDP burst and retries
+# --------------------------------------------------------------------------------------------
+
+
+def udp_rows(d: DnsRun, run: RunData) -> list[ModelRow]:
+    """Loss per burst: the fluid model at the run's buffers and drain rate against the drops
+    counted at the server's socket after each burst (:func:`loadkit.model.fit_udp_burst`)."""
+    fit = udp_fit(run)
+    if fit is None or not d.burst_queries:
+        return []
+    window = d.burst_window_s or 0.0
+    loss = float(fit.expected_loss(d.burst_queries, window))
+    per_burst = num(getattr(fit, "measured_loss_mean_n", None))
+    if per_burst is not None:
+        measured = f"{per_burst:,.0f} dropped per burst on average ({d.drops_source})"
+    else:
+        measured = f"{d.drops_n or 0:,.0f} dropped in the run ({d.drops_source}); not measured per burst"
+    caveats = [str(c) for c in getattr(fit, "caveats", None) or []]
+    if d.largest_burst_is_lower_bound and not any(c.startswith("lower bound") for c in caveats):
+        caveats.append("lower bound: no burst was dropped, so the buffer may absorb more")
+    drain = num(fit.service_rate_qps)
+    how = f"drain {drain:,.0f}/s" if drain is not None else "drain rate not measured"
+    return [ModelRow(model="udp burst", scenario=d.scenario, run_ids=[d.run_id],
+                     question=f"queries lost from a burst of {d.burst_queries:,.0f} within {window * 1000:.0f} ms",
+                     predicted=f"{loss:,.0f} lost per burst (buffers {fit.buffer_datagrams} queries, {how})",
+                     measured=measured, caveat="; ".join(caveats), predicted_value=loss,
+                     measured_value=per_burst, unit="queries per burst")]
+
+
+def retry_rows(d: DnsRun, run: RunData) -> list[ModelRow]:
+    """Whether the retries sustain themselves after the trigger, beside the amplification."""
+    if d.retry_queries_n is None:
+        return []
+    measured = (f"retry amplification {d.retry_amplification_mean or 1:.2f}× over the run, "
+                f"{d.retry_amplification_max or 1:.2f}× at most")
+    try:
+        res = model.metastability(run)
+    except ModelError as err:
+        predicted, caveat = "no verdict", str(err)
+    else:
+        predicted, caveat = res.summary(), ""
+    return [ModelRow(model="retries", scenario=d.scenario, run_ids=[d.run_id],
+                     question="do retries keep the server down after the trigger?", predicted=predicted,
+                     measured=measured, caveat=caveat, measured_value=d.retry_amplification_max, unit="×")]
+
+
+# --------------------------------------------------------------------------------------------
+# USL and anomalies
+# --------------------------------------------------------------------------------------------
+
+
+def usl_rows(runs: Sequence[RunData]) -> list[ModelRow]:
+    """Throughput the USL fit predicts at the highest concurrency measured, beside the measured
+    one, for runs that stepped their users through enough levels."""
+    rows = []
+    for run in runs:
+        try:
+            points = model.usl_points(run)
+            # a stepped run holds each level for several intervals; a ramp (a storm) is no USL data
+            points = points[points["intervals_n"] >= MIN_INTERVALS_PER_LEVEL]
+            res = model.fit_usl(points["concurrency"], points["throughput_rps"])
+        except (ModelError, KeyError, ValueError):
+            continue  # a run that did not step its concurrency has no USL: not worth a note
+        top = points.loc[points["concurrency"].idxmax()]
+        n, x = float(top["concurrency"]), float(top["throughput_rps"])
+        significant = res.kappa - 1.96 * res.kappa_stderr > 0
+        caveat = "" if significant else "κ not significantly above 0: no retrograde region measured, no N* given"
+        rows.append(ModelRow(model="usl", scenario=str(run.manifest.get("scenario", "")), run_ids=[run.run_id],
+                             question=f"throughput at {n:,.0f} concurrent users",
+                             predicted=f"{float(res.predict(n)):,.1f}/s ({res.summary()})", measured=f"{x:,.1f}/s",
+                             caveat=caveat, predicted_value=float(res.predict(n)), measured_value=x,
+                             unit="requests/s"))
+    return rows
+
+
+def kpi(run: RunData) -> tuple[str, pd.Series]:
+    """The KPI the anomaly search looks at: the DNS server's receive-buffer drops per interval,
+    else failed requests per interval."""
+    if run_service(run) == "DNS":
+        label, drops = model.receive_drops(run)
+        if len(drops):
+            return f"{label} per interval", drops
+    if not len(run.requests):
+        return "failed requests per interval", pd.Series(dtype="float64")
+    return "failed requests per interval", model.kpi_series(run, "requests", "failures_n")
+
+
+def anomaly_row(run: RunData, notes: list[str]) -> AnomalyRow:
+    """:func:`loadkit.model.find_anomalies` on the run's KPI series (see :func:`kpi`)."""
+    label, series = kpi(run)
+    row = AnomalyRow(run_id=run.run_id, series=label, spikes=[], daily_period=None, change_points_n=0,
+                     detection_delay_s={}, summary="", source="loadkit.model.find_anomalies")
+    if len(series) < 2:
+        return row
+    duration = float(series.index.max() - series.index.min())
+    try:
+        # "normal" is the rolling median over a quarter of the run, at most an hour
+        res = model.find_anomalies(series, window_s=max(60.0, min(3600.0, duration / 4)), name=label)
+    except ModelError as err:
+        notes.append(f"run {run.run_id}: no anomaly search on {label}: {err}")
+        return row
+    data = res.to_dict()
+    row.spikes = [{"ts_unix_s": sp["peak_unix_s"], "value": sp["peak_value"], "score": sp["score"],
+                   "start_unix_s": sp["start_unix_s"], "end_unix_s": sp["end_unix_s"]}
+                  for sp in data.get("spikes") or []]
+    row.daily_period = (data.get("daily_period") or {}).get("time_of_day")
+    row.change_points_n = len(data.get("change_points") or [])
+    row.detection_delay_s = {str(k): num(v) for k, v in (data.get("detection_delay_s") or {}).items()}
+    row.summary = res.summary()
+    return row
+
+
+def _polling(p: str) -> str:
+    s = int(float(p))
+    return f"{s // 3600} h" if s % 3600 == 0 else (f"{s // 60} min" if s % 60 == 0 else f"{s} s")
+
+
+def anomaly_model_row(a: AnomalyRow) -> ModelRow:
+    """How late coarser polling would have seen what the one-second series shows."""
+    delays = sorted(a.detection_delay_s.items(), key=lambda kv: -float(kv[0]))
+    predicted = ", ".join(f"{_polling(p)} polling: " + ("not detected" if d is None else f"after {d:,.0f} s")
+                          for p, d in delays) or "no spike to detect"
+    never = [_polling(p) for p, d in delays if d is None]
+    caveat = f"{' and '.join(never)} polling would never have shown it" if never else ""
+    return ModelRow(model="anomalies", scenario="", run_ids=[a.run_id],
+                    question=f"would coarser polling of {a.series} have seen the spikes?", predicted=predicted,
+                    measured=f"{len(a.spikes)} spike(s), {a.change_points_n} level shift(s) in the recorded series",
+                    caveat=caveat, measured_value=float(len(a.spikes)), unit="spikes")
