@@ -81,8 +81,11 @@ class Failure(Exception):
 class RequestInterval(NamedTuple):
     """Requests of one (type, name) completed during one interval.
 
-    Made by ``loadkit.record`` from the delta of Locust's cumulative stats between two flushes;
-    latency percentiles come from the delta of the response-time histogram.
+    Made by the recording plugin from the delta of Locust's cumulative stats between two flushes.
+    Latency percentiles are the upper edges of the log buckets of the same interval's
+    :class:`LatencyBucket` rows (``loadkit.record.latency``), so they never under-report; a run's
+    percentile is computed from those buckets, never by averaging these. ``latency_max_s`` is the
+    generator's exact maximum when it keeps a fine histogram, else Locust's rounded one.
     """
 
     ts_unix_s: float  #: end of the interval

@@ -67,7 +67,7 @@ Schema (every table but ``[run]``, ``[targets]`` and ``[load]`` is optional)::
     min_requests = 50               # ... once the interval has at least this many requests
 
     [gates]                         # evaluated after the run: exit 1 when one fails
-    p50_latency_s = 0.05            # Locust's whole-run percentiles (aggregated row)
+    p50_latency_s = 0.05            # whole-run percentiles of every request (as `loadkit runs show`)
     p95_latency_s = 0.2
     p99_latency_s = 0.5
     failure_ratio = 0.01            # failures / requests over the whole run
