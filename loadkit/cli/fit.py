@@ -8,13 +8,13 @@ from pathlib import Path
 
 from loadkit.errors import LoadkitError, ModelError
 
-KINDS = ("headroom", "usl", "udp-burst", "retries", "anomalies")
+KINDS = ("headroom", "usl", "udp-burst", "retries", "anomalies", "firewall")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "fit",
-        help="fit a model (headroom, usl, udp-burst, retries, anomalies) to recorded runs",
+        help="fit a model (headroom, usl, udp-burst, retries, anomalies, firewall) to recorded runs",
         description="Fit a model to one or more run directories, print its one-line summary and "
         "optionally write the result as JSON. headroom combines all runs given; the other kinds "
         "fit each run on its own.",
@@ -43,20 +43,32 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     b = p.add_argument_group("udp-burst")
     b.add_argument("--rcvbuf", type=float, default=None, metavar="BYTES",
-                   help="the socket's sk_rcvbuf in bytes (ss -m 'rb'; twice so-rcvbuf)")
+                   help="each server socket's sk_rcvbuf in bytes (ss -m 'rb'; twice so-rcvbuf); default: as "
+                   "the collector read it, else the recorded so-rcvbuf doubled")
     b.add_argument("--bytes-per-datagram", type=float, default=832.0, metavar="BYTES",
                    help="buffer charge per datagram (default %(default)s, a small query on loopback)")
-    b.add_argument("--burst-window", type=float, default=0.0, metavar="SECONDS",
-                   help="burst duration the headline figure is for (default 0: all at once)")
+    b.add_argument("--burst", type=float, default=None, metavar="QUERIES",
+                   help="burst size the headline and so-rcvbuf are for (default: the run's largest burst)")
+    b.add_argument("--burst-window", type=float, default=None, metavar="SECONDS",
+                   help="duration of that burst (default: the run's, as the bursts really left)")
     b.add_argument("--port", type=int, default=None,
                    help="the server's UDP port among watched sockets (default: the run's udp:// target)")
 
-    r = p.add_argument_group("retries")
+    r = p.add_argument_group("retries, firewall")
     r.add_argument("--trigger-end", type=float, default=None, metavar="UNIX_S",
-                   help="when the trigger ended (default: from events, else from the original rate)")
+                   help="when the trigger ended (default: the run's phase events, else the end of its last "
+                   "burst, else where the original rate fell back)")
     r.add_argument("--min-post", type=float, default=5.0, metavar="SECONDS",
                    help="run time needed after the trigger, longer than the clients' retry horizon "
                    "(default %(default)s)")
+
+    f = p.add_argument_group("firewall")
+    f.add_argument("--size", type=float, default=None, metavar="ENTRIES",
+                   help="session-table size (default: from the run's firewall samples)")
+    f.add_argument("--udp-timeout", type=float, default=None, metavar="SECONDS",
+                   help="a UDP session's timeout (default: from the run's firewall samples)")
+    f.add_argument("--port-policy", default="per-attempt", choices=("per-attempt", "per-query"),
+                   help="source ports of retries: a new flow per attempt, or per query (default %(default)s)")
 
     a = p.add_argument_group("anomalies")
     a.add_argument("--table", default="net", choices=("net", "groups", "sockets", "system", "requests"),
@@ -91,9 +103,12 @@ def _fit_one(kind: str, run, args: argparse.Namespace):
         return model.fit_usl_run(run, args.concurrency_metric)
     if kind == "udp-burst":
         return model.fit_udp_burst(run, rcvbuf_bytes=args.rcvbuf, bytes_per_datagram=args.bytes_per_datagram,
-                                   burst_window_s=args.burst_window, port=args.port)
+                                   burst_n=args.burst, burst_window_s=args.burst_window, port=args.port)
     if kind == "retries":
         return model.metastability(run, args.trigger_end, min_post_s=args.min_post)
+    if kind == "firewall":
+        return model.fit_firewall(run, timeout_s=args.udp_timeout, size_n=args.size, port_policy=args.port_policy,
+                                  trigger_end_unix_s=args.trigger_end)
     if kind == "anomalies":
         series = model.kpi_series(run, args.table, args.column, group=args.group, delta=args.delta)
         return model.find_anomalies(series, z_threshold=args.z, name=args.column)

@@ -281,10 +281,12 @@ class UdpBurstFit(Result):
         return int(math.ceil(math.ceil(queued) * self.bytes_per_datagram))
 
     def summary(self) -> str:
-        where = ", ".join(f"{s.address}:{s.port}" for s in self.sockets[:1])
+        first = self.sockets[0]
+        where = f"{first.address}:{first.port}" if first.port else "the server socket"
         k = len(self.sockets)
-        socks = f"{where} ({k} sockets, rb {self.rcvbuf_bytes:.0f} B each)" if k > 1 else \
-            f"{where} (rb {self.rcvbuf_bytes:.0f} B = {self.buffer_datagrams} queries of {self.bytes_per_datagram:.0f} B)"
+        socks = (f"{where}: {k} sockets, rcvbuf {self.rcvbuf_bytes:.0f} B each" if k > 1 else
+                 f"{where}: rcvbuf {self.rcvbuf_bytes:.0f} B holds {self.buffer_datagrams} datagrams of "
+                 f"{self.bytes_per_datagram:.0f} B")
         if math.isfinite(self.drain_rate_qps):
             drain = (f"drain in bursts {'≥ ' if self.drain_is_lower_bound else ''}{self.drain_rate_qps:,.0f}/s "
                      f"(median of {sum(math.isfinite(b.drain_qps) for b in self.bursts)} bursts, {self.drain_source})")
