@@ -289,3 +289,36 @@ def test_dns_rate_follows_a_load_shape(lab, tmp_path: Path) -> None:
     # 3 s at a quarter of the peak, then 3 s at the peak: about 750 + 3,000 queries
     requests = int(aggregated_row(prefix)["Request Count"])
     assert 2800 <= requests <= 4500
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a CPU quota needs root and a cpu cgroup controller")
+def test_dns_cpu_quota_sets_the_capacity_and_up_measures_it(make_lab) -> None:
+    """--dns-cpu: unbound in a CPU cgroup with a CFS quota; the calibration at up finds a capacity
+    that a quarter of a core can serve and twice that rate cannot."""
+    from loadkit.lab import cgroups
+
+    status = make_lab(dns_cpu=0.25, accounts=10, proxies=1)
+    doc = status.to_dict()["dns"]
+    capacity = doc["capacity_qps"]
+    assert doc["cpu_cores"] == 0.25 and capacity and capacity > 1000
+    steps = doc["calibration"]["steps"]
+    # evidence: the capacity is a step under 1 % loss, and some step above it lost more
+    assert any(answered == capacity and loss < 0.01 for _, answered, loss in steps)
+    assert any(loss >= 0.01 and offered > capacity for offered, _, loss in steps)
+    lab = make_lab.labs[-1]
+    unbound = next(c for c in lab.status().components if c.name == "unbound")
+    state_group = Path(lab.status().dns_cpu.cgroup)
+    version = cgroups.detect_cpu()[0]
+    assert cgroups.cpu_quota_cores(version, state_group) == pytest.approx(0.25)
+    assert unbound.pid in cgroups.procs(state_group)
+    # twice the capacity, open loop for a second: well over 1 % is lost at this quota
+    target = check_target(str(status.dns), 53)
+    pool = wire.QueryPool([f"h{i:05d}.lab.test" for i in range(0, 700, 10)], [("A", 1.0)], size=2000, seed=3)
+    sender = DnsSender(target, pool, base=schedule.ConstantRate(2 * capacity), sources=(status.dns.host,),
+                       ports_per_source=8, timeout_s=0.5, retries_n=0, max_duration_s=1.0)
+    sender.run()
+    sender.close()
+    sent, answered = sender.totals["dns.original_sent"], sender.totals.get("dns.answered", 0)
+    assert answered < 0.9 * sent
+    lab.down()
+    assert not state_group.exists()

@@ -115,3 +115,30 @@ def test_firewall_table_reading_parses_nft_json():
         "ip", "loadkit_fw_x", 30, 50, 50, 5.0)
     with pytest.raises(ValueError, match="no set"):
         observed.parse_table(doc[:3], "ip", "loadkit_fw_x")
+
+
+def test_cpu_quota_v1_and_v2_trees(tmp_path, monkeypatch):
+    from loadkit.lab import cgroups
+
+    monkeypatch.setattr(cgroups.os, "geteuid", lambda: 0)  # a canned tree: no privilege needed
+
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
+    (v2 / "cgroup.subtree_control").write_text("memory")
+    for d in ("loadkit", "loadkit/lab-1"):
+        (v2 / d).mkdir()
+        (v2 / d / "cgroup.subtree_control").write_text("")
+    assert cgroups.detect_cpu(v2)[:2] == (2, v2)
+    path = cgroups.create_cpu(2, v2, "lab-1", "unbound", 0.25)
+    assert (path / "cpu.max").read_text() == f"{cgroups.CPU_PERIOD_US // 4} {cgroups.CPU_PERIOD_US}"
+    assert (v2 / "loadkit" / "cgroup.subtree_control").read_text() == "+cpu"
+    assert cgroups.cpu_quota_cores(2, path) == 0.25
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1")
+    assert cgroups.detect_cpu(v1)[:2] == (1, v1 / "cpu")
+    path = cgroups.create_cpu(1, v1 / "cpu", "lab-1", "proxy1", 1.5)
+    assert (path / "cpu.cfs_quota_us").read_text() == str(int(1.5 * cgroups.CPU_PERIOD_US))
+    assert cgroups.cpu_quota_cores(1, path) == 1.5
+    assert cgroups.cpu_quota_cores(None, path) is None
