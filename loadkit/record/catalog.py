@@ -17,7 +17,7 @@ import duckdb
 import pandas as pd
 
 from loadkit.errors import RecordError
-from loadkit.record.latency import percentile, percentiles_by_name
+from loadkit.record.latency import load_latency, percentile, percentiles_by_name
 from loadkit.record.reader import load_manifest, read_events
 from loadkit.schema import RUN_LAYOUT
 
@@ -157,38 +157,40 @@ def show_run(run: str, runs_dir: str | Path = "runs") -> dict[str, Any]:
             ).df()
     finally:
         con.close()
-    requests = _with_percentiles(path, requests)
+    run = load_latency(path)  # one read of the latency table for every figure below
+    requests = _with_percentiles(run, requests)
     events = read_events(path)
     kinds: dict[str, int] = {}
     for e in events:
         kinds[e.get("kind", "?")] = kinds.get(e.get("kind", "?"), 0) + 1
     notable = [e for e in events if e.get("kind") in ("abort", "worker_lost", "oom_kill", "warning")]
     return {"path": str(path), "manifest": manifest, "requests": requests, "failures": failures,
-            "latency": run_latency(path), "event_counts": kinds, "notable_events": notable}
+            "latency": run_latency(run), "event_counts": kinds, "notable_events": notable}
 
 
 #: the percentiles ``runs show`` gives per request name and for the whole run
 SHOW_QUANTILES = (0.5, 0.9, 0.95, 0.99)
 
 
-def run_latency(path: Path) -> dict[str, Any]:
+def run_latency(run: Any) -> dict[str, Any]:
     """Whole-run percentiles over every request (the figures the latency gates compare), each
     with its label: ``{"p99_s": 1.04, "p99_label": "p99 ≤ 1.04 s (bucket upper edge, ...)", ...}``."""
     out: dict[str, Any] = {}
+    run = load_latency(run)
     for q in SHOW_QUANTILES:
-        figure = percentile(path, q)
+        figure = percentile(run, q)
         key = f"p{q * 100:g}"
         out[f"{key}_s"], out[f"{key}_label"] = figure.value_s, figure.label
         out["source"] = figure.source
     return out
 
 
-def _with_percentiles(path: Path, requests: pd.DataFrame) -> pd.DataFrame:
+def _with_percentiles(run: Any, requests: pd.DataFrame) -> pd.DataFrame:
     """Per-name whole-run percentiles from the latency buckets (upper edges) beside the totals;
     none for runs recorded before the latency table (their figure is the labelled whole-run one)."""
     if requests.empty:
         return requests
-    by_name = percentiles_by_name(path, SHOW_QUANTILES)
+    by_name = percentiles_by_name(run, SHOW_QUANTILES)
     if by_name.empty:
         return requests
     by_name = by_name.drop(columns=["requests_n"]).rename(columns={"source": "latency_source"})

@@ -107,13 +107,25 @@ def buckets_from_locust_ms(response_times: Mapping[int, int]) -> dict[int, int]:
     return out
 
 
-def _buckets(run: Any) -> pd.DataFrame:
-    table = getattr(run, "latency", None)
-    if table is None:
-        from loadkit.record.reader import read_table
+class _Loaded(NamedTuple):
+    """The latency table of a run directory, read once for several figures."""
 
-        table = read_table(Path(run), "latency")
-    return table
+    path: Path
+    latency: pd.DataFrame
+
+
+def load_latency(run: Any) -> Any:
+    """``run`` itself when it holds its tables (RunData), else its directory's latency table read
+    once (pass the result to several of these functions instead of the directory)."""
+    if getattr(run, "latency", None) is not None:
+        return run
+    from loadkit.record.reader import read_table
+
+    return _Loaded(Path(run), read_table(Path(run), "latency"))
+
+
+def _buckets(run: Any) -> pd.DataFrame:
+    return load_latency(run).latency
 
 
 def _run_path(run: Any) -> Path:
@@ -148,8 +160,10 @@ def percentile(run: Any, q: float, *, request_type: str | None = None, name: str
 
     ``run`` is a :class:`~loadkit.record.reader.RunData` or a run directory."""
     label_q = f"p{q * 100:g}"
-    if _buckets(run).empty:
-        return _from_locust_csv(run, q, request_type, name, windowed=start_unix_s is not None or end_unix_s is not None)
+    run = load_latency(run)
+    if run.latency.empty:
+        windowed = start_unix_s is not None or end_unix_s is not None
+        return _from_locust_csv(run, q, request_type, name, windowed=windowed)
     rows = select(run, request_type=request_type, name=name, start_unix_s=start_unix_s, end_unix_s=end_unix_s)
     counts = rows.groupby("bucket_index")["count_n"].sum() if len(rows) else pd.Series(dtype="int64")
     value = percentile_of_counts(counts, q)
@@ -181,14 +195,15 @@ def percentile_series(run: Any, q: float, *, request_type: str | None = None,
     out = []
     for ts, part in rows.groupby("ts_unix_s", sort=True):
         counts = part.groupby("bucket_index")["count_n"].sum()
-        out.append((float(ts), float(part["interval_s"].max()), int(counts.sum()), percentile_of_counts(counts, q)))
+        value_s = percentile_of_counts(counts, q)
+        out.append((float(ts), float(part["interval_s"].max()), int(counts.sum()), value_s))
     return pd.DataFrame(out, columns=columns)
 
 
 def percentiles_by_name(run: Any, qs: tuple[float, ...] = (0.5, 0.9, 0.99)) -> pd.DataFrame:
-    """Whole-run percentiles per (request_type, name) but the held-session pseudo-requests: columns ``request_type``, ``name``,
-    ``requests_n``, ``source`` and ``p50_s``, ``p90_s``... (one per ``q``). Empty for runs
-    without the latency table."""
+    """Whole-run percentiles per (request_type, name), held-session pseudo-requests left out:
+    columns ``request_type``, ``name``, ``requests_n``, ``source`` and ``p50_s``, ``p90_s``... (one
+    per ``q``). Empty for runs without the latency table."""
     rows = _buckets(run)
     if len(rows):  # a held session's duration is not a latency
         rows = rows[~rows["name"].isin(SESSION_HOLD_NAMES)]

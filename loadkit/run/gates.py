@@ -15,7 +15,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from loadkit.record.latency import LOCUST_CSV_PREFIX, percentile  # noqa: F401  (the runner's --csv prefix)
+from loadkit.record.latency import LOCUST_CSV_PREFIX  # noqa: F401  (the runner's --csv prefix)
+from loadkit.record.latency import load_latency, percentile
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +52,15 @@ def evaluate(run_dir: Path, gates: dict[str, float], requests: Any = None) -> li
     ``forecast_peak_sessions`` in ``gates`` is a parameter of the headroom gate, not a gate.
     """
     results = []
+    loaded = None
     forecast = gates.get("forecast_peak_sessions")
     for name, limit in gates.items():
         if limit is None or name == "forecast_peak_sessions":
             continue
         if name in PERCENTILE_GATES:
-            results.append(latency_gate(run_dir, name, limit))
+            if loaded is None:  # one read of the latency table for every percentile gate
+                loaded = load_latency(Path(run_dir))
+            results.append(latency_gate(loaded, name, limit))
         elif name == "failure_ratio":
             if requests is None:
                 from loadkit.record.reader import read_table
@@ -79,9 +83,10 @@ def evaluate(run_dir: Path, gates: dict[str, float], requests: Any = None) -> li
     return results
 
 
-def latency_gate(run_dir: Path, name: str, limit: float) -> dict:
-    """A percentile gate over the whole run, every request: :func:`loadkit.record.latency.percentile`."""
-    figure = percentile(Path(run_dir), PERCENTILE_GATES[name])
+def latency_gate(run: Any, name: str, limit: float) -> dict:
+    """A percentile gate over the whole run and every request (``run``: a run directory or what
+    :func:`loadkit.record.latency.load_latency` gave): :func:`loadkit.record.latency.percentile`."""
+    figure = percentile(run, PERCENTILE_GATES[name])
     if figure.value_s is None:
         return gate_result(name, None, None, limit, figure.label)
     return gate_result(name, figure.value_s <= limit, figure.value_s, limit, figure.label)
