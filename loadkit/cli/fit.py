@@ -8,13 +8,13 @@ from pathlib import Path
 
 from loadkit.errors import LoadkitError, ModelError
 
-KINDS = ("headroom", "usl", "udp-burst", "retries", "anomalies", "firewall")
+KINDS = ("headroom", "usl", "udp-burst", "retries", "anomalies", "firewall", "source-limit")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "fit",
-        help="fit a model (headroom, usl, udp-burst, retries, anomalies, firewall) to recorded runs",
+        help="fit a model (headroom, usl, udp-burst, retries, anomalies, firewall, source-limit) to recorded runs",
         description="Fit a model to one or more run directories, print its one-line summary and "
         "optionally write the result as JSON. headroom combines all runs given; the other kinds "
         "fit each run on its own.",
@@ -78,6 +78,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--delta", action="store_true",
                    help="use the per-interval increase (for cumulative counters)")
     a.add_argument("--z", type=float, default=6.0, help="spike threshold in robust σ (default %(default)s)")
+    a.add_argument("--longest-spike", type=float, default=3600.0, metavar="SECONDS",
+                   help="longest spike to find; the baseline window is three times it (default %(default)s)")
+
+    s = p.add_argument_group("source-limit")
+    s.add_argument("--sources", type=int, default=None, metavar="N",
+                   help="number of sources (default: the run's dns-sources, with --source-qps)")
+    s.add_argument("--source-qps", type=float, default=None, metavar="QPS",
+                   help="queries per second per source (default: the run's dns-source-qps)")
+    s.add_argument("--arrival", default="poisson", choices=("poisson", "generator"),
+                   help="arrivals per source for the recommendation: independent Poisson (real clients) or "
+                   "loadkit's own sender (default %(default)s)")
+    s.add_argument("--applied-limit", type=int, default=None, metavar="QPS",
+                   help="per-IP limit the run was made with (default: the profile's [lab] dns_ratelimit_qps)")
+    s.add_argument("--target-share", type=float, default=0.001, metavar="F",
+                   help="largest share of sources the recommended limit may refuse in a second "
+                   "(default %(default)s)")
     p.set_defaults(func=_run)
 
 
@@ -111,7 +127,14 @@ def _fit_one(kind: str, run, args: argparse.Namespace):
                                   trigger_end_unix_s=args.trigger_end)
     if kind == "anomalies":
         series = model.kpi_series(run, args.table, args.column, group=args.group, delta=args.delta)
-        return model.find_anomalies(series, z_threshold=args.z, name=args.column)
+        return model.find_anomalies(series, z_threshold=args.z, longest_spike_s=args.longest_spike,
+                                    name=args.column)
+    if kind == "source-limit":
+        if (args.sources is None) != (args.source_qps is None):
+            raise ModelError("--sources and --source-qps go together")
+        return model.fit_source_limit(run, sources_n=args.sources, source_qps=args.source_qps,
+                                      arrival=args.arrival, applied_limit_qps=args.applied_limit,
+                                      target_share=args.target_share)
     raise AssertionError(kind)  # pragma: no cover
 
 
