@@ -2,11 +2,12 @@
 
 Default: 2,000 source addresses (127.1.0.1 upwards, loopback needs no setup) each sending 2
 queries/s at Poisson arrivals, 30 % for random subdomains that miss the cache, no bursts:
-``locust -f locustfiles/dns_flood.py --headless -t 30s``. In distributed mode the sources and
-the rate are dealt out to the workers.
+``locust -f locustfiles/dns_flood.py --headless -t 30s``. An explicit ``--dns-rate`` is the total
+rate instead (spread over the same sources); the log line says which one applies. In distributed
+mode the sources and the rate are dealt out to the workers.
 
 Ramp-to-knee (like resperf): ``--dns-ramp-to 150000 --dns-ramp-duration 60`` raises the offered
-rate linearly from ``--dns-rate`` (or sources x ``--dns-source-qps``) and stops when the loss
+rate linearly from ``--dns-rate`` (when given; else sources x ``--dns-source-qps``) and stops when the loss
 passes ``--dns-knee-loss`` or the answers' 99th percentile passes ``--dns-knee-p99-ms`` for two
 intervals in a row; the maximum throughput and the loss at that point are logged.
 """

@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+import csv
+import os
+import re
+import subprocess
+import sys
 import types
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from locust.argument_parser import LocustArgumentParser
 
 from loadkit.errors import InputFileError, ProfileError, TargetError
 from loadkit.generate.dns import schedule
-from loadkit.generate.dns.users import DnsSettings, add_arguments, build_sender, plan, settings_from_options
+from loadkit.generate.dns.users import (
+    DnsSettings,
+    add_arguments,
+    base_rate,
+    build_sender,
+    plan,
+    settings_from_options,
+)
 
 
 @pytest.fixture
@@ -81,3 +95,93 @@ def test_ramp_and_poisson_plans_and_auto_ports(names_file) -> None:
     assert build_sender(ramp).ports_per_source >= 4
     poisson = plan(DnsSettings(host="127.0.0.1:5353", names_file=names_file, arrival="poisson", burst_size_n=0))
     assert isinstance(poisson.base, schedule.PoissonRate) and poisson.bursts is None
+
+
+def test_an_explicit_rate_wins_over_sources_times_source_qps(names_file) -> None:
+    flood = DnsSettings(rate_qps=0, sources=2000, source_qps=2, host="127.0.0.1:5353", names_file=names_file)
+    assert base_rate(flood, flood) == (4000, "2000 sources x 2 q/s")
+    given = replace(flood, rate_qps=500)  # --dns-rate 500 on the command line
+    p = plan(given, flood)
+    assert (p.total_rate_qps, p.rate_from) == (500, "--dns-rate")
+    assert p.base.rate_qps == 500
+    # a locustfile without per-source rate: --dns-rate as before; --dns-source-qps when given
+    burst = DnsSettings(host="127.0.0.1:5353", names_file=names_file)
+    assert base_rate(burst, burst) == (2000, "--dns-rate")
+    assert base_rate(replace(burst, sources=10, source_qps=5), burst)[0] == 50
+
+
+@pytest.mark.parametrize(
+    "override, text",
+    [
+        ({"port_policy": "random"}, "--dns-port-policy 'random' must be one of per-attempt, per-query, fixed"),
+        ({"retry_budget": -0.1}, "--dns-retry-budget -0.1 must be a number >= 0"),
+        ({"retry_budget_window_s": 0}, "--dns-retry-budget-window 0 must be > 0"),
+    ],
+)
+def test_plan_rejects_bad_retry_options(names_file, override, text) -> None:
+    with pytest.raises(ProfileError, match=text):
+        plan(replace(DnsSettings(host="127.0.0.1:5353", names_file=names_file), **override))
+
+
+def test_retry_options_reach_the_sender(names_file) -> None:
+    parser = LocustArgumentParser()
+    add_arguments(parser, DnsSettings())
+    opts = parser.parse_args(["--dns-port-policy", "per-attempt", "--dns-retry-budget", "0.2",
+                              "--dns-retry-budget-window", "5", "--dns-names-file", names_file])
+    assert "dns_port_policy" in parser.args_included_in_web_ui
+    s = settings_from_options(opts, DnsSettings(), "127.0.0.1:5353")
+    o = build_sender(plan(s)).options
+    assert (o.port_policy, o.retry_budget, o.retry_budget_window_s) == ("per-attempt", 0.2, 5.0)
+
+
+REPO = Path(__file__).resolve().parents[1]
+LOCUST = str(Path(sys.executable).with_name("locust"))
+
+
+def run_locust(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([LOCUST, *args], cwd=cwd, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def console_aggregated(output: str) -> tuple[int, int]:
+    """Requests and failures of the console's final statistics table (the last one printed)."""
+    rows = re.findall(r"^\s*Aggregated\s+(\d+)\s+(\d+)\(", output, re.M)
+    return int(rows[-1][0]), int(rows[-1][1])
+
+
+@pytest.mark.lab
+def test_csv_agrees_with_the_console_and_the_stop_causes_no_failures(lab, tmp_path: Path) -> None:
+    # a burst of 2,000 at 2 s overflows unbound's default buffer; the drops would be retried
+    # at 3 s, but the run stops first: they are unfinished, not failures
+    prefix = tmp_path / "out" / "dns"
+    out = run_locust(["-f", str(REPO / "locustfiles" / "dns_burst.py"), "--headless", "-t", "4s", "--csv",
+                      str(prefix), "--host", str(lab.dns), "--dns-names-file", str(lab.names_file)], tmp_path)
+    assert "Traceback" not in out.stderr
+    with open(f"{prefix}_stats.csv", newline="") as f:
+        row = next(r for r in csv.DictReader(f) if r["Name"] == "Aggregated")
+    requests, failures = console_aggregated(out.stderr + out.stdout)
+    assert (int(row["Request Count"]), int(row["Failure Count"])) == (requests, failures)
+    assert requests > 3000
+    with open(f"{prefix}_failures.csv", newline="") as f:
+        assert [r["Error"] for r in csv.DictReader(f)] == []
+    assert failures == 0 and out.returncode == 0, out.stderr[-2000:]
+    done = next(ln for ln in out.stderr.splitlines() if "DNS load done: sent=" in ln)
+    sent = int(done.split("sent=")[1].split()[0])
+    unfinished = int(done.split("unfinished=")[1].split()[0]) if "unfinished=" in done else 0
+    assert requests + unfinished == sent  # every query answered or cut short by the stop
+
+
+@pytest.mark.lab
+def test_flood_takes_an_explicit_rate_and_shows_the_retry_options(lab, tmp_path: Path) -> None:
+    prefix = tmp_path / "F"
+    out = run_locust(["-f", str(REPO / "locustfiles" / "dns_flood.py"), "--headless", "-t", "4s", "--csv",
+                      str(prefix), "--host", str(lab.dns), "--dns-names-file", str(lab.names_file),
+                      "--dns-rate", "500", "--dns-port-policy", "per-attempt", "--dns-retry-budget", "0.1"],
+                     tmp_path)
+    assert "Traceback" not in out.stderr
+    line = next(ln for ln in out.stderr.splitlines() if "DNS load to" in ln)
+    assert "base PoissonRate 500 qps (--dns-rate)" in line, line
+    assert "source port per-attempt, retry budget 0.1 x originals over 10 s" in line, line
+    done = next(ln for ln in out.stderr.splitlines() if "DNS load done: sent=" in ln)
+    sent = int(done.split("sent=")[1].split()[0])
+    assert sent < 500 * 4 * 1.3  # not the flood's 2,000 sources x 2 q/s = 4,000 q/s

@@ -23,6 +23,7 @@ from typing import Any
 
 import gevent
 from locust import User, task
+from locust.stats import CSV_STATS_INTERVAL_SEC
 from locust.util.timespan import parse_timespan
 
 from loadkit.errors import LoadkitError, ProfileError
@@ -41,7 +42,8 @@ from loadkit.profile.targets import Target, target_spec, user_target
 
 from . import schedule, wire
 from .histogram import LatencyHistogram, fine_latency_for
-from .sender import BurstWindow, DnsSender, IntervalReport, source_addresses
+from .retry import PORT_POLICIES
+from .sender import BurstWindow, DnsSender, IntervalReport, SenderOptions, source_addresses
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,8 @@ class DnsSettings:
     """time over which a burst's queries are spread (0: as fast as possible)"""
     burst_period_s: float = 5.0
     first_burst_s: float = 2.0
+    burst_count: int = 0
+    """bursts in all, then only the base rate goes on (0: bursts until the end)"""
     names_file: str = ""
     """names file, one DNS name per line ('' = the lab's names file)"""
     qtypes: str = "A:80,AAAA:20"
@@ -84,6 +88,15 @@ class DnsSettings:
     """each retry waits this many times longer than the previous attempt"""
     tcp_fallback: str = "on"
     """on: a truncated (TC) reply is asked again over TCP"""
+    port_policy: str = "fixed"
+    """source port of a retry: per-attempt (a fresh socket each retry, as stub resolvers that
+    randomise ports: each retry is a new firewall session), per-query (the query's socket) or
+    fixed (the sender's fixed sockets, round robin)"""
+    retry_budget: float = 0.0
+    """retries at most this many times the original queries over the budget window (0: no budget);
+    a retry over budget is not sent (dns.retry_suppressed)"""
+    retry_budget_window_s: float = 10.0
+    """sliding window of the retry budget (s)"""
     sources: int = 1
     """distinct source addresses (each a home router / client)"""
     first_source: str = "127.1.0.1"
@@ -113,6 +126,7 @@ _FLAGS = {
     "stats_interval_s": "--dns-stats-interval",
     "ramp_to_qps": "--dns-ramp-to",
     "ramp_s": "--dns-ramp-duration",
+    "retry_budget_window_s": "--dns-retry-budget-window",
 }
 
 
@@ -122,6 +136,9 @@ def _flag(field_name: str) -> str:
 
 
 _HELP_SKIP = {"host"}
+#: fields with a fixed set of values (a list in --help and the web UI)
+_CHOICES = {"protocol": ["udp", "tcp"], "arrival": ["constant", "poisson"], "tcp_fallback": ["on", "off"],
+            "port_policy": list(PORT_POLICIES)}
 #: field annotation -> option type (a locustfile may pass 2 where 2.0 is meant)
 _TYPES = {"float": float, "int": int, "str": str}
 
@@ -138,9 +155,8 @@ def add_arguments(parser: Any, settings: DnsSettings) -> None:
         kwargs: dict[str, Any] = {"default": default, "help": docs.get(f.name, "")}
         if _TYPES[f.type] is not str:
             kwargs["type"] = _TYPES[f.type]
-        if f.name in ("protocol", "arrival", "tcp_fallback"):
-            kwargs["choices"] = {"protocol": ["udp", "tcp"], "arrival": ["constant", "poisson"],
-                                 "tcp_fallback": ["on", "off"]}[f.name]
+        if f.name in _CHOICES:
+            kwargs["choices"] = _CHOICES[f.name]
         parser.add_argument(_flag(f.name), dest="dns_" + f.name, **kwargs)
 
 
@@ -195,22 +211,33 @@ class DnsPlan:
     bursts: schedule.BurstTrain | None
     sources: list[str]
 
-    @property
-    def total_rate_qps(self) -> float:
-        s = self.settings
-        return s.source_qps * s.sources if s.source_qps > 0 else s.rate_qps
+    total_rate_qps: float
+    """the base rate over all workers (a ramp's start)"""
+    rate_from: str
+    """where ``total_rate_qps`` comes from, for the log"""
 
 
-def plan(settings: DnsSettings) -> DnsPlan:
-    """Check every setting, the names file and the target; build pool and schedules.
+def base_rate(s: DnsSettings, locustfile: DnsSettings | None = None) -> tuple[float, str]:
+    """Total base rate and where it comes from. ``--dns-rate`` given on the command line (not
+    the locustfile's default) wins; else sources x ``--dns-source-qps`` when that is > 0."""
+    rate_given = locustfile is not None and s.rate_qps != locustfile.rate_qps
+    if s.source_qps > 0 and not rate_given:
+        return s.source_qps * s.sources, f"{s.sources} sources x {s.source_qps:g} q/s"
+    return s.rate_qps, "--dns-rate"
+
+
+def plan(settings: DnsSettings, locustfile: DnsSettings | None = None) -> DnsPlan:
+    """Check every setting, the names file and the target; build pool and schedules. The one
+    place DNS options are checked: the sender takes what this passes down.
+    ``locustfile`` is the locustfile's defaults (to tell an explicit ``--dns-rate``).
 
     Raises a :class:`LoadkitError` with a one-line message on the first problem."""
     s = settings
-    for name in ("rate_qps", "source_qps", "ramp_to_qps", "burst_ms", "first_burst_s"):
+    for name in ("rate_qps", "source_qps", "ramp_to_qps", "burst_ms", "first_burst_s", "retry_budget"):
         value = getattr(s, name)
         if not (value >= 0) or math.isinf(value):
             raise ProfileError(f"option {_flag(name)} {value:g} must be a number >= 0")
-    for name in ("burst_size_n", "retries", "ports_per_source", "edns_bytes"):
+    for name in ("burst_size_n", "burst_count", "retries", "ports_per_source", "edns_bytes"):
         if getattr(s, name) < 0:
             raise ProfileError(f"option {_flag(name)} {getattr(s, name)} must be >= 0")
     if s.max_queries < 1:
@@ -229,6 +256,10 @@ def plan(settings: DnsSettings) -> DnsPlan:
         raise ProfileError(f"option --dns-backoff {s.backoff:g} must be >= 1")
     if not s.stats_interval_s > 0:
         raise ProfileError(f"option --dns-stats-interval {s.stats_interval_s:g} must be > 0")
+    if s.port_policy not in PORT_POLICIES:
+        raise ProfileError(f"option --dns-port-policy {s.port_policy!r} must be one of {', '.join(PORT_POLICIES)}")
+    if not s.retry_budget_window_s > 0 or math.isinf(s.retry_budget_window_s):
+        raise ProfileError(f"option --dns-retry-budget-window {s.retry_budget_window_s:g} must be > 0")
     mix = wire.parse_qtype_mix(s.qtypes)
     found = user_target("dns", s.host)  # '' is the lab; its names file is found from the target
     target = found.target
@@ -237,7 +268,7 @@ def plan(settings: DnsSettings) -> DnsPlan:
     pool = wire.QueryPool(
         names, mix, s.nxdomain_share, s.random_subdomain_share, edns_payload_bytes=s.edns_bytes
     )
-    rate = s.source_qps * s.sources if s.source_qps > 0 else s.rate_qps
+    rate, rate_from = base_rate(s, locustfile)
     if s.ramp_to_qps > 0:
         base: Any = schedule.LinearRamp(rate, s.ramp_to_qps, s.ramp_s)
     elif s.arrival == "poisson":
@@ -246,8 +277,9 @@ def plan(settings: DnsSettings) -> DnsPlan:
         base = schedule.ConstantRate(rate)
     bursts = None
     if s.burst_size_n > 0:
-        bursts = schedule.BurstTrain(s.burst_size_n, s.burst_ms / 1000.0, s.burst_period_s, s.first_burst_s)
-    return DnsPlan(s, target, pool, base, bursts, sources)
+        bursts = schedule.BurstTrain(s.burst_size_n, s.burst_ms / 1000.0, s.burst_period_s, s.first_burst_s,
+                                     count=s.burst_count)
+    return DnsPlan(s, target, pool, base, bursts, sources, rate, rate_from)
 
 
 def build_sender(p: DnsPlan, index: int = 0, count: int = 1, on_interval=None) -> DnsSender:
@@ -263,22 +295,20 @@ def build_sender(p: DnsPlan, index: int = 0, count: int = 1, on_interval=None) -
         horizon_s = sum(s.timeout_s * s.backoff**k for k in range(s.retries + 1))
         ports = max(1, math.ceil(peak_qps * horizon_s / _IDS_PER_SOCKET / len(mine)))
         ports = min(ports, 64)
-    return DnsSender(
-        p.target,
-        p.pool,
-        base=base,
-        bursts=bursts,
+    options = SenderOptions(
         protocol=s.protocol,
         timeout_s=s.timeout_s,
         retries_n=s.retries,
         backoff=s.backoff,
         tcp_fallback=s.tcp_fallback == "on",
-        sources=mine,
         ports_per_source=ports,
+        port_policy=s.port_policy,
+        retry_budget=s.retry_budget,
+        retry_budget_window_s=s.retry_budget_window_s,
         interval_s=s.stats_interval_s,
         max_queries_n=s.max_queries,
-        on_interval=on_interval,
     )
+    return DnsSender(p.target, p.pool, options, base=base, bursts=bursts, sources=mine, on_interval=on_interval)
 
 
 class DnsRun:
@@ -305,7 +335,7 @@ class DnsRun:
         env = self.environment
         settings = settings_from_options(env.parsed_options, self.defaults, target_spec(env, "dns"))
         if self.plan is None or self.plan.settings != settings:
-            self.plan = plan(settings)
+            self.plan = plan(settings, self.defaults)
         return self.plan
 
     # -- interval reports -> Locust stats and generator metrics -----------------------------------
@@ -401,10 +431,14 @@ class DnsRun:
         if p.settings.ramp_to_qps > 0:
             self.knee = KneeDetector(KneeCriteria(p.settings.knee_loss, p.settings.knee_p99_ms / 1000.0))
         self.sender.open()
+        o = self.sender.options
         log.info(
-            "DNS load to %s: worker %d of %d, %d source(s) x %d port(s), base %s, bursts %s",
+            "DNS load to %s: worker %d of %d, %d source(s) x %d port(s), base %s (%s), bursts %s; "
+            "retries %d, source port %s, retry budget %s",
             p.target, index + 1, count, len(self.sender.sources), self.sender.ports_per_source,
-            _describe(self.sender.base), _describe(self.sender.burst_train),
+            _describe(self.sender.base), p.rate_from, _describe(self.sender.burst_train), o.retries_n,
+            o.port_policy, f"{o.retry_budget:g} x originals over {o.retry_budget_window_s:g} s"
+            if o.retry_budget > 0 else "none",
         )
         self.greenlet = gevent.spawn(self._run)
 
@@ -425,12 +459,21 @@ class DnsRun:
             if not self.greenlet.dead:
                 self.greenlet.kill(block=True, timeout=1.0)
             self.greenlet = None
+            _let_locust_write_csv(self.environment)
         if self.knee is not None and self.knee_point is None and self.sender is not None:
             best = self.knee.result(time.time() - self.sender.started_unix_s)
             log.warning(
                 "ramp-to-knee: the ramp ended before the knee; max throughput %.0f qps at offered "
                 "%.0f qps, loss %.2f %%", best.max_throughput_rps, best.offered_rps, best.loss_ratio * 100,
             )
+
+
+def _let_locust_write_csv(environment: Any) -> None:
+    """Locust's ``--csv`` writer rewrites its files every ``CSV_STATS_INTERVAL_SEC`` and not again
+    at exit (its shutdown only closes them), so the sender's last fold, made here at test stop,
+    would reach the console's final table but not the CSV: wait for one more write."""
+    if getattr(getattr(environment, "parsed_options", None), "csv_prefix", None):
+        gevent.sleep(CSV_STATS_INTERVAL_SEC + 0.25)
 
 
 def _describe(sched: Any) -> str:
