@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -207,157 +208,67 @@ def test_udp_drop_onset_16kib_buffer(make_lab):
 # ---------------------------------------------------------------------------------------------
 
 
-class RetryingClients:
-    """Open-loop DNS clients that retry on timeout, recording the generator counters.
+LOCUST = str(Path(sys.executable).with_name("locust"))
+DNS_BURST = str(Path(__file__).resolve().parent.parent / "locustfiles" / "dns_burst.py")
 
-    Each query is resent ``fanout`` times whenever ``timeout_s`` passes without an answer, up to
-    ``max_sends`` sends in all; answers are matched by message ID and counted once per query.
-    Counters ``dns.original_sent``, ``dns.retry_sent`` and ``dns.answered`` are written every
-    ``sample_s`` to ``generator/`` of a run directory, like the DNS generator's.
-    """
 
-    def __init__(self, server: tuple[str, int], source: str, wires: list[bytes], *, timeout_s: float,
-                 fanout: int, max_sends: int) -> None:
-        from loadkit.profile.targets import check_source_address
-
-        target = check_target(f"{server[0]}:{server[1]}", 53)
-        check_source_address(source)
-        self.dst = (target.address, target.port)
-        self.source = source
-        self.templates = [w[2:] for w in wires]  # the ID is set per query
-        self.timeout_s, self.fanout, self.max_sends = timeout_s, fanout, max_sends
-
-    def run(self, run_dir: Path, *, base_qps: float, burst_n: int, burst_at_s: float, duration_s: float,
-            tick_s: float = 0.01, sample_s: float = 0.25) -> dict:
-        import collections
-        import json
-
-        from loadkit.partfiles import PartWriter
-        from loadkit.schema import RUN_LAYOUT, GeneratorMetric
-
-        assert duration_s <= 30 and base_qps <= 5000 and burst_n <= 5000  # bounded load
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-        sock.bind((self.source, 0))
-        sock.setblocking(False)
-        writer = PartWriter(run_dir / RUN_LAYOUT["generator"])
-        pending: dict[int, list] = {}  # id -> [wire, sends, answered]
-        deadlines: collections.deque = collections.deque()  # (deadline, id), in deadline order
-        counts = {"dns.original_sent": 0, "dns.retry_sent": 0, "dns.answered": 0}
-        next_id = 0
-        base_sent = 0
-        burst_ts = None
-        t0 = time.perf_counter()
-        started = time.time()
-        next_tick = next_sample = t0
-
-        def new_query(now: float, batch: list) -> None:
-            nonlocal next_id
-            qid, next_id = next_id, (next_id + 1) & 0xFFFF
-            wire = qid.to_bytes(2, "big") + self.templates[qid % len(self.templates)]
-            pending[qid] = [wire, 1, False]
-            deadlines.append((now + self.timeout_s, qid))
-            batch.append(wire)
-
-        try:
-            while True:
-                now = time.perf_counter()
-                elapsed = now - t0
-                if elapsed >= duration_s:
-                    break
-                batch: list[bytes] = []
-                due = int(base_qps * elapsed) - base_sent
-                for _ in range(due):
-                    new_query(now, batch)
-                base_sent += due
-                counts["dns.original_sent"] += due
-                if burst_ts is None and elapsed >= burst_at_s:
-                    for _ in range(burst_n):
-                        new_query(now, batch)
-                    counts["dns.original_sent"] += burst_n
-                    burst_ts = time.time()
-                while deadlines and deadlines[0][0] <= now:
-                    _, qid = deadlines.popleft()
-                    q = pending.get(qid)
-                    if q is None or q[2] or q[1] >= self.max_sends:
-                        pending.pop(qid, None)
-                        continue
-                    k = min(self.fanout, self.max_sends - q[1])
-                    q[1] += k
-                    counts["dns.retry_sent"] += k
-                    batch.extend([q[0]] * k)
-                    deadlines.append((now + self.timeout_s, qid))
-                for wire in batch:
-                    sock.sendto(wire, self.dst)
-                next_tick += tick_s
-                while True:
-                    try:
-                        data = sock.recv(4096)
-                    except BlockingIOError:
-                        now = time.perf_counter()
-                        if now >= next_tick:
-                            break
-                        time.sleep(0.001)
-                        continue
-                    q = pending.get(int.from_bytes(data[:2], "big"))
-                    if q is not None and not q[2]:
-                        q[2] = True
-                        counts["dns.answered"] += 1
-                if now >= next_sample:
-                    ts = time.time()
-                    writer.extend(GeneratorMetric(ts, k, "counter", float(v)) for k, v in counts.items())
-                    next_sample += sample_s
-        finally:
-            sock.close()
-            writer.flush()
-        events = [{"ts_unix_s": burst_ts, "kind": "phase", "source": "test", "detail": {"phase": p}}
-                  for p in ("trigger_start", "trigger_end")]
-        (run_dir / RUN_LAYOUT["events"]).write_text("".join(json.dumps(e) + "\n" for e in events))
-        (run_dir / RUN_LAYOUT["manifest"]).write_text(json.dumps({
-            "run_id": run_dir.name, "scenario": "dns_burst_retries", "release": "", "status": "completed",
-            "started_unix_s": started, "ended_unix_s": time.time(), "profile": {}, "targets": [],
-            "versions": {}, "host": {}, "lab": {}, "gates": []}))
-        return counts
+def dns_burst_run(status, runs_dir: Path, run_id: str, source: str, *, timeout_s: float, retries: int,
+                  backoff: float, duration_s: int = 10) -> Path:
+    """A real ``locust -f locustfiles/dns_burst.py --record-dir`` run against the lab's unbound: 1,000
+    queries/s from one source address, one burst of 1,500 queries at 2 s, clients that retry with
+    the given policy. Returns the recorded run directory."""
+    args = [LOCUST, "-f", DNS_BURST, "--headless", "-t", f"{duration_s}s", "--only-summary",
+            "--host", f"{status.dns.host}:{status.dns.port}", "--record-dir", str(runs_dir), "--run-id", run_id,
+            "--record-interval", "0.5", "--dns-names-file", status.names_file, "--dns-qtypes", "A:100",
+            "--dns-rate", "1000", "--dns-burst-size", "1500", "--dns-burst-ms", "10", "--dns-first-burst", "2",
+            "--dns-burst-period", "600", "--dns-sources", "1", "--dns-first-source", source,
+            "--dns-timeout", str(timeout_s), "--dns-retries", str(retries), "--dns-backoff", str(backoff),
+            "--dns-stats-interval", "0.25"]
+    proc = subprocess.run(args, cwd=runs_dir.parent, capture_output=True, text=True, timeout=120)
+    # exit 1: Locust counted failures (timeouts), which is the point here
+    assert proc.returncode in (0, 1), proc.stderr[-3000:]
+    return runs_dir / run_id
 
 
 def test_metastability_retry_storm_vs_recovery(make_lab, tmp_path):
     from loadkit.model import metastability, retry_amplification
-    from loadkit.record.reader import load_run
+    from loadkit.record.reader import load_run, read_events
 
     # unbound drops each client address's queries beyond 1,500/s: the capacity at the entrance
     # (the incident's firewall session table played this part). 1,000/s of base demand fits.
     status = make_lab(dns_ratelimit_qps=1500, proxies=1, accounts=10)
-    wires = prebuilt_queries(status.names_file)
-    server = (status.dns.host, status.dns.port)
     prefix = status.dns.host.rsplit(".", 1)[0]
+    runs_dir = tmp_path / "runs"
+    runs_dir.mkdir()
     runs = {}
-    # aggressive clients: every 100 ms without an answer, two more copies, up to 40 sends
-    # standard stub resolvers: one retry after 500 ms, 3 sends in all
-    for name, source, policy in (("aggressive", f"{prefix}.2", dict(timeout_s=0.1, fanout=2, max_sends=40)),
-                                 ("standard", f"{prefix}.3", dict(timeout_s=0.5, fanout=1, max_sends=3))):
-        run_dir = tmp_path / name
-        RetryingClients(server, source, wires, **policy).run(
-            run_dir, base_qps=1000, burst_n=1500, burst_at_s=2.0, duration_s=9.0)
+    # aggressive clients: every 100 ms without an answer, again, up to 40 sends in all;
+    # standard stub resolvers: 500 ms, then 1 s, 3 sends in all
+    for name, source, policy in (("aggressive", f"{prefix}.2", dict(timeout_s=0.1, retries=39, backoff=1.0)),
+                                 ("standard", f"{prefix}.3", dict(timeout_s=0.5, retries=2, backoff=2.0))):
+        run_dir = dns_burst_run(status, runs_dir, name, source, **policy)
+        bursts = [e for e in read_events(run_dir) if e["kind"] == "burst"]
+        assert len(bursts) == 1 and bursts[0]["detail"]["sent_n"] == 1500, bursts  # the trigger, recorded
         runs[name] = load_run(run_dir)
 
     storm = metastability(runs["aggressive"])
     calm = metastability(runs["standard"])
     print("aggressive:", storm.summary())
     print("standard:", calm.summary())
+    assert storm.trigger_source == calm.trigger_source == "burst events"  # found in the record, not given
     assert storm.verdict == "metastable"
     assert storm.post_amplification > 2.0  # retries, not demand, fill the limit after the burst
     assert calm.verdict == "recovers"
     assert calm.recovery_s < 4.0
     amp = retry_amplification(runs["aggressive"])
     before = amp[amp.index < storm.trigger_start_unix_s - 0.3]
-    assert before["amplification"].max() < 1.2  # healthy before the burst
+    assert len(before) and before["amplification"].max() < 1.2  # healthy before the burst
 
     # the DNS-burst notebook on these two recorded lab runs
     import papermill as pm
 
     out_nb = tmp_path / "dns_burst.out.ipynb"
     pm.execute_notebook(str(NOTEBOOKS / "dns_burst.ipynb"), str(out_nb), kernel_name="python3",
-                        parameters={"run_dirs": [str(tmp_path / "aggressive"), str(tmp_path / "standard")],
+                        parameters={"run_dirs": [str(runs_dir / "aggressive"), str(runs_dir / "standard")],
                                     "release": "lab"}, progress_bar=False, cwd=str(tmp_path))
     text = out_nb.read_text()
     assert "aggressive: metastable" in text and "standard: recovers" in text
@@ -478,3 +389,45 @@ def test_littles_law_on_a_lab_run(lab, tmp_path):
     assert not littles_law_check(run, think_time_s=1.0).consistent
     # (no USL assertion here: one Python client is its own bottleneck, so throughput is flat from
     # N=1 on and the fitted sigma/kappa describe the client, not unbound)
+
+
+# ---------------------------------------------------------------------------------------------
+# the UDP burst model's loop closed: measure, take the recommended buffer, measure again
+# ---------------------------------------------------------------------------------------------
+
+
+def _fidelity_bench():
+    """benchmarks/udp_burst_fidelity.py as a module: one way to record a burst run (loadkit's DNS
+    sender and collector) for the benchmark and this test."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "udp_burst_fidelity.py"
+    spec = importlib.util.spec_from_file_location("udp_burst_fidelity", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_recommended_rcvbuf_stops_the_drops(make_lab, tmp_path):
+    from loadkit.model import fit_udp_burst
+    from loadkit.record.reader import load_run
+
+    bench = _fidelity_bench()
+    plain = make_lab(proxies=1, accounts=10)  # the platform's default receive buffer
+    before = fit_udp_burst(load_run(bench.record_bursts(tmp_path / "before", plain.dns, plain.names_file,
+                                                        burst_n=3000, count=4)))
+    print("default buffer:", before.summary())
+    assert before.observed_drops_n > 0 and not before.drain_is_lower_bound
+    assert before.sockets[0].rcvbuf_source == "sock_diag"
+    assert before.rcvbuf_bytes == int(Path("/proc/sys/net/core/rmem_default").read_text())
+    # predicted beside measured, burst by burst: within 20 % of the burst size
+    for b in before.bursts:
+        assert abs(b.predicted_loss_n - b.measured_loss_n) <= 0.2 * b.sent_n, before.bursts
+    so = before.recommended_so_rcvbuf_bytes
+    sized = make_lab(dns_rcvbuf_bytes=so, proxies=1, accounts=10)
+    after = fit_udp_burst(load_run(bench.record_bursts(tmp_path / "after", sized.dns, sized.names_file,
+                                                       burst_n=3000, count=4, so_rcvbuf_bytes=so)))
+    print(f"so-rcvbuf {so}:", after.summary())
+    assert after.rcvbuf_bytes == 2 * so  # the kernel doubled it; unbound forced it past rmem_max as root
+    assert after.observed_drops_n == 0
+    assert after.drain_is_lower_bound and "lower bound" in after.summary()

@@ -219,6 +219,8 @@ def test_never_saturated_is_a_lower_bound(tmp_path):
     assert fit.observed_drops_n == 0 and fit.drain_is_lower_bound
     assert any("lower bound" in c for c in fit.caveats) and "lower bound" in fit.summary()
     assert "≥" in fit.summary()
+    # the run's own buffer absorbed every burst: never more than that is asked for
+    assert fit.needed_rcvbuf_bytes <= 4 << 20 and "so-rcvbuf at most" in fit.summary()
 
 
 def test_one_fit_per_socket_when_several_share_the_port(tmp_path):

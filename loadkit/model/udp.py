@@ -263,10 +263,11 @@ class UdpBurstFit(Result):
         mu = self.drain_rate_min_qps if conservative else self.drain_rate_qps
         return mu if math.isfinite(mu) else 0.0
 
-    def expected_loss(self, burst_n: float, burst_window_s: float = 0.0) -> float:
-        """Queries lost from a burst spread evenly over the sockets (fluid model, median drain)."""
+    def expected_loss(self, burst_n: float, burst_window_s: float = 0.0, drain_qps: float | None = None) -> float:
+        """Queries lost from a burst spread evenly over the sockets (fluid model; the median drain
+        rate unless ``drain_qps`` is given)."""
         k = len(self.sockets)
-        served = self._mu() * burst_window_s / k
+        served = (self._mu() if drain_qps is None else drain_qps) * burst_window_s / k
         return float(sum(max(0.0, burst_n / k - served - s.buffer_datagrams) for s in self.sockets))
 
     def max_burst_in_window(self, burst_window_s: float) -> float:
@@ -301,7 +302,8 @@ class UdpBurstFit(Result):
                         else "")
             text.append(f"a burst of {self.burst_n:,.0f} in {ms:.0f} ms loses {self.predicted_loss_n:,.0f} "
                         f"predicted{measured}")
-            text.append(f"so-rcvbuf {self.recommended_so_rcvbuf_bytes:,} B (sk_rcvbuf "
+            at_most = "at most " if self.drain_is_lower_bound else ""
+            text.append(f"so-rcvbuf {at_most}{self.recommended_so_rcvbuf_bytes:,} B (sk_rcvbuf "
                         f"{self.needed_rcvbuf_bytes:,} B per socket; net.core.rmem_max must be ≥ "
                         f"{self.recommended_so_rcvbuf_bytes:,} unless set with SO_RCVBUFFORCE)")
         out = "; ".join(text)
@@ -452,7 +454,10 @@ def fit_udp_burst(run: RunData, *, rcvbuf_bytes: float | None = None,
                       predicted_loss_n=math.nan, measured_loss_mean_n=math.nan, needed_rcvbuf_bytes=0,
                       recommended_so_rcvbuf_bytes=0, observed_drops_n=int(sum(f.drops_n for f in fits)),
                       observed_onset_qps=_onset_qps(run, fits, drops), caveats=caveats)
-    fit.bursts = [BurstObservation(int(i), float(f), float(w), int(n), float(d), fit.expected_loss(n, w), float(m))
+    # each burst predicted with its own drain rate where it has one (answers and drops are counted
+    # apart: the answers by the sender, the drops by the kernel), else the run's median
+    fit.bursts = [BurstObservation(int(i), float(f), float(w), int(n), float(d),
+                                   fit.expected_loss(n, w, d if math.isfinite(d) else None), float(m))
                   for i, f, w, n, d, m in zip(bursts.index, first, window, sent, drain, measured)]
     largest = float(sent.max()) if len(sent) else 0.0
     fit.burst_n = float(burst_n if burst_n is not None else largest)
@@ -464,6 +469,15 @@ def fit_udp_burst(run: RunData, *, rcvbuf_bytes: float | None = None,
     if burst_n is None and np.isfinite(measured[same]).any():
         fit.measured_loss_mean_n = float(np.nanmean(measured[same]))
     fit.needed_rcvbuf_bytes = fit.rcvbuf_for(fit.burst_n, fit.burst_window_s)
+    if burst_n is None and burst_window_s is None and np.isfinite(drain[same]).any():
+        # and at least what the worst of those bursts left queued (a short window with a slow drain)
+        worst = float(np.nanmax(sent[same] - drain[same] * window[same])) / k
+        fit.needed_rcvbuf_bytes = max(fit.needed_rcvbuf_bytes,
+                                      int(math.ceil(math.ceil(max(worst, 1.0)) * bytes_per_datagram)))
+    if fit.drain_is_lower_bound and burst_n is None and len(bursts):
+        # nothing dropped: the buffer the run had is enough for its bursts, whatever the lower
+        # bound on the drain rate says
+        fit.needed_rcvbuf_bytes = min(fit.needed_rcvbuf_bytes, int(min(f.rcvbuf_bytes for f in fits)))
     fit.recommended_so_rcvbuf_bytes = so_rcvbuf_for(fit.needed_rcvbuf_bytes)
     if k > 1:
         caveats.append(f"{k} sockets share the port: bursts assumed spread evenly over them")
