@@ -200,3 +200,21 @@ def test_headless_locust_prints_the_target_line(tmp_path):
     lines = [ln for ln in out.splitlines() if "target: [" in ln]
     assert lines, out[-2000:]
     assert "me " in lines[-1] and "rcvbuf_err +" in lines[-1]
+
+
+def test_target_tab_shows_cgroup_figures_only_for_groups_in_a_cgroup():
+    env = Environment()
+    live = attach_collector(env, groups={"me": "python"}, interval_s=1.0, start=False)
+    try:
+        sample = live.local.sample()
+        plain = GroupSample(sample.system.ts_unix_s, sample.host, "unbound", 1, 50 * 2**20, 0, 0, 0.0, 3,
+                            0, 0, 0, 0, 0, 0, 0)
+        in_cgroup = plain._replace(group="p1", cgroup_memory_bytes=64 * 2**20, cgroup_limit_bytes=256 * 2**20)
+        live.latest["local"] = sample._replace(groups=(plain, in_cgroup))
+        rows = {r["what"]: r["value"] for r in live.table_rows()}
+    finally:
+        live.stop()
+    assert rows["unbound RSS MiB"] == 50.0
+    assert not any(what.startswith("unbound cgroup") or what == "unbound OOM kills" for what in rows)
+    assert rows["p1 cgroup memory MiB"] == 64.0 and rows["p1 cgroup limit MiB"] == 256.0
+    assert rows["p1 OOM kills"] == 0

@@ -177,3 +177,16 @@ groups = {{ {name} = {spec!r} }}
         profile_ok = False
         assert f"[collect] groups.{name}: " in str(err)
     assert profile_ok == collector_ok == ok
+
+
+def test_the_schema_docstrings_example_options_are_real_options() -> None:
+    import re
+    from dataclasses import fields
+
+    import loadkit.profile.profile as profile_module
+    from loadkit.generate.dns.users import DnsSettings, _flag
+
+    line = next(t for t in profile_module.__doc__.splitlines() if t.strip().startswith("options = {"))
+    keys = re.findall(r"([a-z][a-z0-9-]*) =", line.split("{", 1)[1])
+    flags = {_flag(f.name) for f in fields(DnsSettings)}
+    assert keys and all(f"--{k}" in flags for k in keys), (keys, sorted(flags))

@@ -370,3 +370,29 @@ def test_plain_locust_with_the_plugin_records_a_sigterm_as_interrupted(tmp_path:
     run = load_run(out / "plain")
     assert (run.manifest["status"], run.manifest["scenario"], run.manifest["release"]) == ("interrupted", "qa", "r7")
     assert run.manifest["ended_unix_s"] > 0 and run.requests["requests_n"].sum() > 0
+
+
+def test_a_web_ui_run_ended_by_its_run_time_is_completed_not_interrupted(tmp_path: Path, echo) -> None:
+    """Without --headless and --autoquit Locust stays up after the test: stopping the process
+    later must not turn a run that ended normally into an 'interrupted' one."""
+    out = tmp_path / "runs"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        web_port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "locust", "-f", str(TINY), "--autostart", "-u", "2", "-r", "2", "-t", "3s",
+         "--web-host", "127.0.0.1", "--web-port", str(web_port),
+         "--host", f"127.0.0.1:{echo.server_address[1]}", "--record-dir", str(out), "--run-id", "web"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        manifest = out / "web" / "manifest.json"
+        wait_for(lambda: manifest.exists() and json.loads(manifest.read_text()).get("status") == "completed",
+                 timeout_s=60, what="the record finished when the test stopped")
+        assert proc.poll() is None  # Locust's web UI is still up
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    run = load_run(out / "web")
+    assert run.manifest["status"] == "completed" and run.requests["requests_n"].sum() > 0

@@ -76,6 +76,18 @@ class _Remote:
         self.failures_n = 0
 
 
+def _group_memory_rows(host: str, g: Any) -> list[dict[str, Any]]:
+    """A group's memory for the Target tab: its cgroup's charge, limit and OOM kills when it is
+    in a memory cgroup, else its summed RSS (a group without a cgroup has no cgroup figures)."""
+    if not (g.cgroup_memory_bytes or g.cgroup_limit_bytes):
+        return [{"host": host, "what": f"{g.group} RSS MiB", "value": round(g.rss_bytes / 2**20, 1)}]
+    rows = [{"host": host, "what": f"{g.group} cgroup memory MiB", "value": round(g.cgroup_memory_bytes / 2**20, 1)}]
+    if g.cgroup_limit_bytes:
+        rows.append({"host": host, "what": f"{g.group} cgroup limit MiB", "value": round(g.cgroup_limit_bytes / 2**20, 1)})
+    rows.append({"host": host, "what": f"{g.group} OOM kills", "value": g.cgroup_oom_kills_n})
+    return rows
+
+
 class LiveCollector:
     """Local and remote collectors feeding one Locust environment (see :func:`attach_collector`)."""
 
@@ -249,11 +261,8 @@ class LiveCollector:
             rows.append({"host": s.host, "what": "memory available MiB", "value": round(s.system.mem_available_bytes / 2**20)})
             for g in s.groups:
                 rows.append({"host": s.host, "what": f"{g.group} processes", "value": g.procs_n})
-                rows.append({"host": s.host, "what": f"{g.group} cgroup memory MiB", "value": round(g.cgroup_memory_bytes / 2**20, 1)})
-                if g.cgroup_limit_bytes:
-                    rows.append({"host": s.host, "what": f"{g.group} cgroup limit MiB", "value": round(g.cgroup_limit_bytes / 2**20, 1)})
+                rows += _group_memory_rows(s.host, g)
                 rows.append({"host": s.host, "what": f"{g.group} sessions", "value": g.sessions_n})
-                rows.append({"host": s.host, "what": f"{g.group} OOM kills", "value": g.cgroup_oom_kills_n})
             for sock in s.sockets:
                 key = (sock.local_address, sock.local_port)
                 what = f"udp {sock.local_address}:{sock.local_port} drops /interval"

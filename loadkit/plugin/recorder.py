@@ -451,6 +451,8 @@ class Recorder:
         # Locust stops gracefully on SIGTERM and then reports "quitting" exactly as after a
         # normal end; this marks the run as interrupted first (the runner leaves the same mark)
         gevent.signal_handler(signal.SIGTERM, self._mark_interrupted)
+        if not getattr(o, "headless", False):
+            self.environment.events.test_stop.add_listener(self._on_web_ui_test_stop)
         self._greenlets = [gevent.spawn(self._tick_loop), gevent.spawn(self._watch_loop)]
         log.info("recording run %s in %s", self.run_id, self.writer.run_dir)
 
@@ -464,6 +466,22 @@ class Recorder:
         except Exception as err:  # a collector problem must not lose the run record
             self.writer.event("warning", "collector", {"message": f"collector not attached: {err}"})
             log.warning("collector not attached: %s", err)
+
+    def _on_web_ui_test_stop(self, **_kw: Any) -> None:
+        """A web-UI test ends by its stop button or its run time, and Locust stays up (no
+        ``--autoquit``): that is the run's normal end, so the record is finished now as
+        ``completed`` (or ``aborted``), not later as ``interrupted`` when the process is stopped."""
+        if self._stopped or (self.writer.run_dir / INTERRUPT_MARKER).exists():
+            return
+        # workers send their last statistics right after the stop: take them into the last interval
+        gevent.spawn_later(min(3.0, self.interval_s), self._finish_after_web_ui_stop)
+
+    def _finish_after_web_ui_stop(self) -> None:
+        if self._stopped:
+            return
+        self.stop()
+        log.info("run %s recorded as %s; a new test started from the web UI is not recorded "
+                 "(start Locust again to record another run)", self.run_id, self.status)
 
     def _mark_interrupted(self) -> None:
         (self.writer.run_dir / INTERRUPT_MARKER).touch()

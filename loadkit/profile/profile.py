@@ -16,16 +16,20 @@ Schema (every table but ``[run]``, ``[targets]`` and ``[load]`` is optional)::
     stop_timeout = "5s"             # how long users get to finish when the run stops
 
     [targets]                       # the endpoints the load goes to, named
-    dns = "127.0.0.1:5353"          # "host:port", "[v6]:port", "udp://host:port"; the port
-    imap = "127.0.0.1:1143"         #   may be left out for dns (53), imap (143), pop3 (110)
+    dns = "127.0.0.1:5353"          # "host:port", "[v6]:port", "udp://host:port". A target named
+    imap = "127.0.0.1:1143"         #   dns, imap, pop3 (or pop) is where that protocol's users
+    pop3 = "127.0.0.1:1110"         #   send (each class its own, with or without [load] host);
+                                    #   its port may be left out: the protocol's standard port,
+                                    #   53, 143, 110 (993, 995 with options mail-tls = "tls")
     allowlist = ["127.0.0.0/8"]     # networks every target must resolve into (default:
                                     #   LOADKIT_ALLOWLIST, else loopback only)
 
     [load]                          # one Locust run (``[[load]]`` with one entry is accepted)
     locustfile = "locustfiles/dns_burst.py"   # or a list of files (Locust merges them)
-    host = "dns"                    # a target name, given to Locust as --host ADDRESS:PORT;
-                                    #   "imap.address" gives the address alone, so each user
-                                    #   class adds its own default port (IMAP and POP3 together)
+    host = "dns"                    # optional: a target name, given to Locust as --host
+                                    #   ADDRESS:PORT (for locustfiles whose users have no
+                                    #   protocol target, and the web UI's Host field);
+                                    #   "NAME.address" gives the address alone
     users = 50                      # Locust -u (concurrent users); leave out with a shape
     spawn_rate = 10                 # Locust -r (users started per second)
     shape = { kind = "steps", steps = [["30s", 10], ["30s", 50]] }
@@ -40,16 +44,18 @@ Schema (every table but ``[run]``, ``[targets]`` and ``[load]`` is optional)::
         #                 max_p99_s, intervals_n, check_every_s
         # every kind also takes spawn_rate (default: [load] spawn_rate); keys ending in _s
         # are durations ("30s", "5m" or seconds)
-    options = { rate-qps = 2000, names-file = ".loadkit/lab/names.txt" }
+    options = { dns-rate = 2000, dns-names-file = "names.txt" }
         # extra Locust/locustfile options: --KEY VALUE; true is a bare flag, false leaves
         # it out, a list repeats the option. A string "{target:NAME}" is replaced by the
         # resolved address of target NAME ("127.0.0.1:5353"). Credentials never go here:
-        # point to a file (accounts-file = "...") or read them from the environment.
+        # point to a file (mail-accounts = "accounts.csv") or read them from the environment.
 
     [collect]                       # collectors started with the run
     groups = { p1 = "cgroup:/loadkit/lab/proxy1@11243,11210", unbound = "cmdline:unbound.*lab" }
                                     # NAME = "PATTERN" | "cmdline:REGEX" | "cgroup:PATH",
                                     #   "@PORT,PORT": listening ports whose sessions are counted
+                                    #   (loadkit.profile.groupspec, the collector's grammar;
+                                    #   a regex is compiled here)
     udp_ports = [5353]              # UDP sockets whose queue and drops are sampled
     urls = ["http://127.0.0.1:9109"]  # remote collectors (also checked against the allowlist)
     interval_s = 0.5                # sampling interval
@@ -62,7 +68,8 @@ Schema (every table but ``[run]``, ``[targets]`` and ``[load]`` is optional)::
                                     #   "rate:N" values (--mail-arrival rate:100)
 
     [abort]                         # the run stops within about 2 s of a breach (an event)
-    cgroup_memory_fraction = 0.9    # any group's cgroup memory >= 90 % of its limit
+    cgroup_memory_fraction = 0.9    # any group's cgroup memory >= 90 % of its limit (needs
+                                    #   [collect] groups with a cgroup, or urls)
     failure_ratio = 0.5             # failures / requests over one record interval ...
     min_requests = 50               # ... once the interval has at least this many requests
 
