@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from loadkit.errors import LoadkitError, ProfileError, TargetNotAllowed
+from loadkit.generate.wiring import USER_ERROR_PREFIX  # imports nothing from Locust
 from loadkit.profile.profile import Profile, expand_target_refs, resolve_targets
 from loadkit.profile.targets import PROTOCOL_NAMES, Target, check_target, parse_allowlist
 from loadkit.run import gates as gates_mod
@@ -438,8 +439,8 @@ class Runner:
                 return (f"Locust does not know {line.split('unrecognized arguments:', 1)[1].strip()}: "
                         "check [load] options against the locustfile's options")
         for line in reversed(lines):
-            if line.startswith("loadkit: error: "):  # a locustfile refused an option: its own line
-                return f"{line.removeprefix('loadkit: error: ')} (nothing was run; see {log_path})"
+            if line.startswith(USER_ERROR_PREFIX):  # a locustfile refused an option: its own line
+                return f"{line.removeprefix(USER_ERROR_PREFIX)} (nothing was run; see {log_path})"
         last = lines[-1] if lines else "no output"
         return f"Locust exited with status {code} before recording the run: {last} (see {log_path})"
 
