@@ -506,3 +506,16 @@ def test_summary_json_round_trips_and_names_units(tmp_path):
     assert ReportSummary.from_dict(data).to_dict() == data
     assert "first_failure_sessions" in data["mail"][0] and "first_failure" not in data["mail"][0]
     assert {"verdict", "verdict_reasons", "verdict_notes", "models", "regressions"} <= set(data)
+
+
+def test_a_many_sources_run_gets_a_per_ip_limit_row(tmp_path):
+    path = write_dns_run(tmp_path, scenario="many_small_sources", duration_s=30, burst_queries=0)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["profile"]["load"] = {"options": {"dns-sources": 2000, "dns-source-qps": 1, "dns-retries": 2}}
+    manifest["profile"]["lab"] = {"dns_ratelimit_qps": 4}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    summary = summarize([load_run(path)], release="r1")
+    rows = [m for m in summary.models if m.model == "source limit"]
+    assert rows[0].predicted_value >= 4 and "of sources" in rows[0].predicted
+    (applied,) = [m for m in rows if "run's per-IP limit of 4" in m.question]
+    assert applied.predicted != "–" and applied.measured != "–"

@@ -84,9 +84,16 @@ def table(
     for i, row in enumerate(rows):
         extra = row_style(row) if row_style else ""
         zebra = "background:#F8F9F9;" if i % 2 else ""
-        cells = "".join(f'<td style="{_TD}{zebra}{extra}">{f(row.get(k))}</td>' for k, _, f in columns)
+        cells = "".join(f'<td style="{_TD}{_align(row.get(k))}{zebra}{extra}">{f(row.get(k))}</td>'
+                        for k, _, f in columns)
         body.append(f"<tr>{cells}</tr>")
     return f'<table style="{_TABLE}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+
+
+def _align(value: Any) -> str:
+    """Numbers right-aligned so their digits line up; words left-aligned so they read."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return "text-align:right;" if number else "text-align:left;"
 
 
 def note(text: str) -> str:

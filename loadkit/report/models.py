@@ -35,9 +35,12 @@ def model_rows(s: ReportSummary, groups: dict[tuple[str, str, str], list[RunData
     for d in s.dns:
         rows += udp_rows(d, by_id[d.run_id])
         rows += retry_rows(d, by_id[d.run_id])
+        rows += source_limit_rows(d, by_id[d.run_id])
+        rows += firewall_rows(d, by_id[d.run_id])
     for runs in groups.values():
         rows += usl_rows(runs)
-    rows += [anomaly_model_row(a) for a in s.anomalies if a.summary]
+    scenarios = {r.run_id: r.scenario for r in s.runs}
+    rows += [anomaly_model_row(a, scenarios.get(a.run_id, "")) for a in s.anomalies if a.spikes]
     return rows
 
 
@@ -164,10 +167,59 @@ def retry_rows(d: DnsRun, run: RunData) -> list[ModelRow]:
     except ModelError as err:
         predicted, caveat = "no verdict", str(err)
     else:
-        predicted, caveat = res.summary(), ""
+        predicted = res.summary()
+        caveat = "; ".join(str(c) for c in getattr(res, "caveats", None) or [])
     return [ModelRow(model="retries", scenario=d.scenario, run_ids=[d.run_id],
                      question="do retries keep the server down after the trigger?", predicted=predicted,
                      measured=measured, caveat=caveat, measured_value=d.retry_amplification_max, unit="×")]
+
+
+def source_limit_rows(d: DnsRun, run: RunData) -> list[ModelRow]:
+    """Many small sources (incident 3): the per-IP limit that refuses < 0.1 % of sources, and at
+    the limit the run was made against, the dropped share predicted beside measured."""
+    try:
+        res = model.fit_source_limit(run)
+    except (ModelError, AttributeError):
+        return []  # not a many-sources run: its manifest names no dns-sources
+    common = dict(model="source limit", scenario=d.scenario, run_ids=[d.run_id], unit="queries/s per source")
+    caveat = "; ".join(str(c) for c in res.caveats)
+    rec = res.row(res.recommended_limit_qps)
+    rows = [ModelRow(question=f"per-IP limit that refuses < {res.target_share:.1%} of {res.sources_n:,} sources",
+                     predicted=f"{res.recommended_limit_qps} queries/s per source (refuses "
+                               f"{rec.refused_sources_share if rec else math.nan:.3%} of sources in a second)",
+                     measured="not measured: the recommendation is for the observed distribution", caveat=caveat,
+                     predicted_value=float(res.recommended_limit_qps), **common)]
+    if res.applied_limit_qps is not None:
+        p, m = res.predicted_refused_queries_share, res.measured_refused_queries_share
+        rows.append(ModelRow(
+            question=f"share of queries dropped at the run's per-IP limit of {res.applied_limit_qps} queries/s",
+            predicted=f"{p:.2%}" if p is not None else "–", measured=f"{m:.2%}" if m is not None else "–",
+            caveat=caveat, predicted_value=num(p), measured_value=num(m),
+            **{**common, "unit": "share of queries"}))
+    return rows
+
+
+def firewall_rows(d: DnsRun, run: RunData) -> list[ModelRow]:
+    """The firewall session table in front of DNS: entries predicted beside measured, and
+    whether the retry loop sustains itself once the table is full."""
+    if not len(getattr(run, "firewall", ())):
+        return []
+    try:
+        res = model.fit_firewall(run)
+    except ModelError:
+        return []
+    measured = (f"up to {res.measured_max_entries_n:,.0f} entries" if res.measured_max_entries_n is not None
+                else "not measured")
+    if res.measured_drops_n is not None:
+        measured += f"; {res.measured_drops_n:,.0f} new flows dropped"
+    return [ModelRow(model="firewall", scenario=d.scenario, run_ids=[d.run_id],
+                     question=f"entries of the {res.size_n:,.0f}-entry session table at the run's demand",
+                     predicted=f"{res.predicted_occupancy_n:,.0f} entries; "
+                               + ("a second stable state: the loop sustains itself" if res.loop.second_stable_state
+                                  else "no second stable state: the table drains once the trigger stops"),
+                     measured=measured, caveat="; ".join(str(c) for c in res.caveats),
+                     predicted_value=num(res.predicted_occupancy_n), measured_value=num(res.measured_max_entries_n),
+                     unit="entries")]
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,14 +293,14 @@ def _polling(p: str) -> str:
     return f"{s // 3600} h" if s % 3600 == 0 else (f"{s // 60} min" if s % 60 == 0 else f"{s} s")
 
 
-def anomaly_model_row(a: AnomalyRow) -> ModelRow:
+def anomaly_model_row(a: AnomalyRow, scenario: str) -> ModelRow:
     """How late coarser polling would have seen what the one-second series shows."""
     delays = sorted(a.detection_delay_s.items(), key=lambda kv: -float(kv[0]))
     predicted = ", ".join(f"{_polling(p)} polling: " + ("not detected" if d is None else f"after {d:,.0f} s")
                           for p, d in delays) or "no spike to detect"
     never = [_polling(p) for p, d in delays if d is None]
     caveat = f"{' and '.join(never)} polling would never have shown it" if never else ""
-    return ModelRow(model="anomalies", scenario="", run_ids=[a.run_id],
+    return ModelRow(model="anomalies", scenario=scenario, run_ids=[a.run_id],
                     question=f"would coarser polling of {a.series} have seen the spikes?", predicted=predicted,
                     measured=f"{len(a.spikes)} spike(s), {a.change_points_n} level shift(s) in the recorded series",
                     caveat=caveat, measured_value=float(len(a.spikes)), unit="spikes")

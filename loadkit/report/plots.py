@@ -297,8 +297,8 @@ def latency_over_time(run: RunData) -> Figure | None:
 def anomalies(run: RunData, found) -> Figure | None:
     """The KPI series the anomaly search looked at (an ``AnomalyRow``), with its spikes marked."""
     label, series = kpi(run)
-    if len(series) < 2:
-        return None
+    if len(series) < 2 or series.nunique() < 2:
+        return None  # a flat line says nothing the table does not
     start = _start(run)
     fig, ax = plt.subplots(figsize=(12, 3.2))
     t, tlabel = _time_axis(series.index, start)
