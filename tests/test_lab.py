@@ -175,7 +175,7 @@ def test_status_json_shape(lab):
     )
     assert out.returncode == 0, out.stderr
     d = json.loads(out.stdout)
-    assert d["dns"] == {"host": lab.dns.host, "port": lab.dns.port}
+    assert (d["dns"]["host"], d["dns"]["port"]) == (lab.dns.host, lab.dns.port)
     assert d["imap"]["port"] == lab.imap.port and d["pop3"]["port"] == lab.pop3.port
     assert d["accounts_file"] == lab.accounts_file
     names = {c["name"] for c in d["components"]}
@@ -325,3 +325,21 @@ def test_smoke_load_sees_answers_and_sessions(lab):
     i = smoke.imap_smoke(lab, n=6)
     assert i["sessions"] == 6 and i["failed"] == 0 and i["messages_seen"] == 18
     assert smoke.pop3_smoke(lab, n=3) == {"sessions": 3, "failed": 0}
+
+
+def test_status_table_shows_oom_kills_and_haproxy_state_per_proxy(lab):
+    out = subprocess.run(
+        [sys.executable, "-m", "loadkit", "lab", "status", "--dir", lab.dir],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.strip().startswith("component"))
+    assert "oom kills" in lines[at] and lines[at].rstrip().endswith("haproxy")
+    rows = {line.split()[0]: line.split() for line in lines[at + 1:] if line.strip()}
+    for p in lab.proxies:
+        *_, oom_kills, sessions, state = rows[p.name]
+        assert state == "UP"  # haproxy's view of the proxy
+        assert oom_kills == "-" if p.cgroup is None else oom_kills.isdigit()
+        assert sessions.isdigit()
+    assert rows["unbound"][-3:] == ["-", "-", "-"] and rows["haproxy"][-3:] == ["-", "-", "-"]

@@ -160,16 +160,28 @@ class LabStatus(NamedTuple):
             f"  cgroups: {self.cgroups.reason}",
             "",
             f"  {'component':<18} {'up':<4} {'pid':>7}  {'ports':<14} {'memory':>10} "
-            f"{'limit':>10} {'failcnt':>8} {'sessions':>8}",
+            f"{'limit':>10} {'failcnt':>8} {'oom kills':>9} {'sessions':>8}  haproxy",
         ]
-        sessions = {p.name: p.sessions for p in self.proxies}
+        # per proxy: what haproxy makes of it, and the OOM kills its cgroup has counted
+        proxies = {p.name: p for p in self.proxies}
         for c in self.components:
+            oom, sessions, state = _proxy_columns(proxies.get(c.name))
             lines.append(
                 f"  {c.name:<18} {'yes' if c.up else 'NO':<4} {c.pid:>7}  "
                 f"{','.join(map(str, c.ports)):<14} {_mib(c.memory_bytes):>10} "
-                f"{_mib(c.limit_bytes):>10} {_num(c.failcnt):>8} {_num(sessions.get(c.name)):>8}"
+                f"{_mib(c.limit_bytes):>10} {_num(c.failcnt):>8} {oom:>9} {sessions:>8}  {state}"
             )
         return "\n".join(lines)
+
+
+def _proxy_columns(p: ProxyStatus | None) -> tuple[str, str, str]:
+    """OOM kills, sessions and haproxy's state of a proxy's row ('-' for other components)."""
+    if p is None:
+        return "-", "-", "-"
+    state = p.haproxy_state or "-"
+    if p.under_oom:
+        state += " (stalled at its limit)"
+    return _num(p.oom_kills), _num(p.sessions), state
 
 
 def _mib(n: int | None) -> str:

@@ -1,0 +1,56 @@
+"""The ``loadkit`` command as a user meets it: help that exits 0 and says what options do, and a
+reader that stops early (``| head``) ending the command quietly."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from loadkit.record.synthetic import write_dns_run
+
+REPO = Path(__file__).resolve().parents[1]
+LOADKIT = [sys.executable, "-m", "loadkit"]
+
+
+@pytest.mark.parametrize("command", [
+    [sys.executable, "-m", "loadkit.demo", "--help"],
+    [sys.executable, "-m", "loadkit.lab.smoke", "--help"],
+    [*LOADKIT, "demo", "--help"],
+    [*LOADKIT, "lab", "smoke", "--help"],
+])
+def test_help_of_the_runnable_modules_exits_0(command: list[str]) -> None:
+    res = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("usage: loadkit ")
+
+
+def test_every_lab_up_option_says_what_it_does() -> None:
+    res = subprocess.run([*LOADKIT, "lab", "up", "--help"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    text = " ".join(res.stdout.split())
+    for option, words in (("--dns-port PORT", "unbound's UDP and TCP port"),
+                          ("--imap-port PORT", "haproxy's IMAP port"),
+                          ("--pop3-port PORT", "haproxy's POP3 port"),
+                          ("--dns-threads N", "unbound worker threads")):
+        assert f"{option} {words}" in text, option
+
+
+def test_demo_refuses_an_incident_that_does_not_exist_in_one_line() -> None:
+    res = subprocess.run([*LOADKIT, "demo", "incidents", "4"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == ["loadkit: error: incident '4' does not exist: choose from 1, 2, 3"]
+
+
+def test_a_reader_that_stops_early_gets_no_traceback(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    for i in range(3):
+        write_dns_run(runs, run_id=f"dns-{i}", duration_s=3, chunk_s=3)
+    proc = subprocess.Popen([*LOADKIT, "runs", "list", "--json", "--dir", str(runs)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # like `| head` that has already read its lines: every write now fails (EPIPE)
+    _, err = proc.communicate(timeout=120)
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+    assert proc.returncode == 141  # what a process ended by SIGPIPE reports, as `yes | head` does
