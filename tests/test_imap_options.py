@@ -183,3 +183,26 @@ def test_herd_waits_until_every_user_is_spawned(tmp_path: Path) -> None:
         runner.quit()
     assert spawned and first_login
     assert min(first_login) >= spawned[0]
+
+
+def test_the_web_ui_host_field_shows_the_default_target(tmp_path: Path, monkeypatch) -> None:
+    """Without --host the users' class host is the target they resolved (Locust's web UI shows
+    it in its Host field): here the lab that LOADKIT_LAB_DIR names, on its own address and port."""
+    import json
+
+    from loadkit.generate.mail import users as mail_users
+
+    lab_dir = tmp_path / "lab"
+    lab_dir.mkdir()
+    config = {"address": "127.0.60.1", "dns_port": 7353, "imap_port": 3143, "pop3_port": 3110}
+    (lab_dir / "state.json").write_text(json.dumps({"config": config}))
+    monkeypatch.setenv("LOADKIT_LAB_REGISTRY", str(tmp_path / "registry"))
+    monkeypatch.setenv("LOADKIT_LAB_DIR", str(lab_dir))
+
+    class HostShownUser(mail_users.ImapUser):
+        pass
+
+    env = Environment(user_classes=[HostShownUser])
+    set_options(env, opts(write_accounts(tmp_path)))
+    mail_users._validate_before_running(env)
+    assert HostShownUser.host == "127.0.60.1:3143"
