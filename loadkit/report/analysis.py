@@ -25,7 +25,6 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from loadkit.errors import LoadkitError
 from loadkit.record import counters
 from loadkit.record.reader import RunData
 
@@ -316,6 +315,7 @@ def summarize(
     forecast_peak_qps: float | None = None,
 ) -> ReportSummary:
     """The report's figures (see the module docstring for the verdict)."""
+    # imported here: those modules build on the run facts above (they import this module)
     from . import capacity, compare, models
 
     s = ReportSummary(release=release, baseline_release=baseline_release, generated_unix_s=time.time())
