@@ -93,6 +93,7 @@ class LabInfo(NamedTuple):
     dns_port: int
     imap_port: int
     pop3_port: int
+    started_unix_s: float = 0.0
 
     @property
     def names_file(self) -> Path:
@@ -109,9 +110,11 @@ class LabInfo(NamedTuple):
 def read_lab(lab_dir: Path) -> LabInfo | None:
     """The lab recorded in ``lab_dir``, or None when none is up there (or its state is unreadable)."""
     try:
-        config = json.loads((Path(lab_dir) / LAB_STATE_FILE_NAME).read_text())["config"]
+        state = json.loads((Path(lab_dir) / LAB_STATE_FILE_NAME).read_text())
+        config = state["config"]
         return LabInfo(Path(lab_dir).absolute(), str(config["address"]), int(config["dns_port"]),
-                       int(config["imap_port"]), int(config["pop3_port"]))
+                       int(config["imap_port"]), int(config["pop3_port"]),
+                       float(state.get("started_unix_s") or 0.0))
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -149,10 +152,13 @@ def find_lab(address: str | None = None, port: int | None = None) -> LabInfo | N
             return here
         address = LAB_ADDRESS
     wanted = address.strip("[]")
-    for directory in _candidate_lab_dirs():
+    found = []
+    for rank, directory in enumerate(_candidate_lab_dirs()):
         lab = read_lab(directory)
         if lab is None or lab.address != wanted:
             continue
         if port is None or port in (lab.dns_port, lab.imap_port, lab.pop3_port):
-            return lab
-    return None
+            found.append((rank == 0 and "LOADKIT_LAB_DIR" in os.environ, lab.started_unix_s, lab))
+    # LOADKIT_LAB_DIR when it serves the target; else the lab started last (a directory a
+    # killed lab left behind with its state file cannot shadow the one running now)
+    return max(found, key=lambda f: f[:2])[2] if found else None

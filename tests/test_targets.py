@@ -29,13 +29,15 @@ def registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return reg
 
 
-def fake_lab(directory: Path, address: str, dns: int, imap: int, pop3: int, register: bool = True) -> Path:
+def fake_lab(directory: Path, address: str, dns: int, imap: int, pop3: int, register: bool = True,
+             started_unix_s: float = 1.0) -> Path:
     """A lab directory as a running lab leaves it: its state file (and its registry entry)."""
     directory.mkdir(parents=True)
     config = {"dir": str(directory), "address": address, "dns_port": dns, "imap_port": imap, "pop3_port": pop3}
-    (directory / defaults.LAB_STATE_FILE_NAME).write_text(json.dumps({"config": config, "components": []}))
+    state = {"config": config, "components": [], "started_unix_s": started_unix_s}
+    (directory / defaults.LAB_STATE_FILE_NAME).write_text(json.dumps(state))
     if register:
-        defaults.register_lab(directory, f"{address}-{imap}")
+        defaults.register_lab(directory, f"{address}-{imap}-{directory.name}")
     return directory
 
 
@@ -70,6 +72,12 @@ def test_a_stopped_lab_is_not_taken_for_a_running_one(registry, tmp_path) -> Non
     lab_dir = fake_lab(tmp_path / "lab", "127.0.50.1", 6353, 2143, 2110)
     (lab_dir / defaults.LAB_STATE_FILE_NAME).unlink()  # what `lab down` leaves
     assert user_target("imap", "127.0.50.1:2143").lab is None
+
+
+def test_a_leftover_lab_directory_does_not_shadow_the_lab_started_last(registry, tmp_path) -> None:
+    fake_lab(tmp_path / "a-killed", "127.0.50.1", 6353, 2143, 2110, started_unix_s=100.0)
+    now = fake_lab(tmp_path / "b-running", "127.0.50.1", 6353, 2143, 2110, started_unix_s=200.0)
+    assert user_target("imap", "127.0.50.1:2143").lab.dir == now
 
 
 def test_loadkit_lab_dir_moves_the_default_address_and_the_files_together(registry, tmp_path, monkeypatch) -> None:
