@@ -2,6 +2,8 @@
 
 Importing this module adds loadkit's options to Locust's command line::
 
+    --target PROTO=HOST[:PORT]  where the users of one protocol (dns, imap, pop3) send, before
+                              --host (repeatable; no port: the protocol's standard port)
     --record-dir DIR          write a run record under DIR/<run id> (nothing is written without it)
     --run-id ID               the run directory's name (default: <time>-<scenario>-<random>)
     --scenario NAME / --release LABEL
@@ -14,6 +16,12 @@ Importing this module adds loadkit's options to Locust's command line::
     --abort-cgroup-memory-fraction F   stop when a group's cgroup memory >= F x its limit
     --abort-failure-ratio F   stop when failures/requests >= F over one interval ...
     --abort-min-requests N    ... that has at least N requests (default 50)
+
+The abort and collector options act with or without ``--record-dir``: without a record a
+:class:`LiveWatch` checks the same thresholds (and the collector shows in the headless output and
+the web UI's Target tab); the abort is logged. ``--collect-group`` is checked with the one group
+grammar (:mod:`loadkit.profile.groupspec`) at start, and ``--abort-cgroup-memory-fraction`` without
+a collector is refused there, each in one line.
 
 In the process that owns the statistics (Locust's master, or the single local process) a
 :class:`Recorder` then writes, every interval: :class:`~loadkit.schema.RequestInterval` and
