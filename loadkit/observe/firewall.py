@@ -13,9 +13,12 @@ the collector reads it at most every :data:`MIN_READ_INTERVAL_S` and at most 1/4
 
 from __future__ import annotations
 
+import importlib
 import json
+import os
 import shutil
-import subprocess
+import signal
+import sys
 import time
 from typing import NamedTuple
 
@@ -45,17 +48,86 @@ def nft_binary() -> str | None:
     return shutil.which("nft")
 
 
-def _nft_json(args: list[str], nft: str) -> list[dict]:
+def _original(module: str, name: str):
+    """``module.name`` as it was before gevent's monkey patching (the collector runs in Locust
+    processes, in a thread of gevent's pool, where gevent's subprocess cannot wait for a child:
+    its child watchers only exist on the main thread's loop)."""
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is not None and monkey.is_module_patched(module):
+        return monkey.get_original(module, name)
+    return getattr(importlib.import_module(module), name)
+
+
+def _spawn(argv: list[str], timeout_s: float = NFT_TIMEOUT_S) -> tuple[int, str, str]:
+    """``(returncode, stdout, stderr)`` of ``argv`` with unpatched primitives only: posix_spawn,
+    pipes, the original select and waitpid (see :func:`_original`)."""
+    select = _original("select", "select")
+    waitpid = _original("os", "waitpid")
+    posix_spawn = _original("os", "posix_spawn")  # gevent's registers a child watcher
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
     try:
-        out = subprocess.run(
-            [nft, "-j", *args], capture_output=True, text=True, timeout=NFT_TIMEOUT_S, check=False
-        )
-    except subprocess.TimeoutExpired as err:
-        raise OSError(f"nft {' '.join(args)} took more than {NFT_TIMEOUT_S:g} s") from err
-    if out.returncode != 0:
-        first = (out.stderr.strip().splitlines() or ["no message"])[0]
+        pid = posix_spawn(argv[0], argv, os.environ, file_actions=[
+            (os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, err_w, 2),
+            (os.POSIX_SPAWN_CLOSE, out_r), (os.POSIX_SPAWN_CLOSE, err_r)])
+    finally:
+        os.close(out_w)
+        os.close(err_w)
+    chunks: dict[int, list[bytes]] = {out_r: [], err_r: []}
+    open_fds = [out_r, err_r]
+    for fd in open_fds:
+        os.set_blocking(fd, False)
+    deadline = time.monotonic() + timeout_s
+    code: int | None = None
+    try:
+        # the end is the child's exit, not EOF: under gevent, EOF on the pipes was seen to go
+        # missing once its loop had run (the write ends stayed open in this process)
+        while code is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                os.kill(pid, signal.SIGKILL)
+                _reap(waitpid, pid, 0)
+                raise OSError(f"{' '.join(argv[1:])} took more than {timeout_s:g} s")
+            ready, _, _ = select(open_fds, [], [], min(left, 0.02))
+            _drain(ready, chunks, open_fds)
+            code = _reap(waitpid, pid, os.WNOHANG)
+        _drain(list(open_fds), chunks, open_fds)
+    finally:
+        os.close(out_r)
+        os.close(err_r)
+    if code < 0:  # reaped by someone else (gevent's SIGCHLD handler): judge by the output
+        code = 1 if not chunks[out_r] and chunks[err_r] else 0
+    return code, b"".join(chunks[out_r]).decode(), b"".join(chunks[err_r]).decode()
+
+
+def _drain(fds: list[int], chunks: dict[int, list[bytes]], open_fds: list[int]) -> None:
+    for fd in fds:
+        while True:
+            try:
+                data = os.read(fd, 1 << 16)
+            except BlockingIOError:
+                break
+            if not data:
+                open_fds.remove(fd)
+                break
+            chunks[fd].append(data)
+
+
+def _reap(waitpid, pid: int, flags: int) -> int | None:
+    """The child's exit code, None while it runs, -1 when another handler reaped it."""
+    try:
+        got, status = waitpid(pid, flags)
+    except ChildProcessError:
+        return -1
+    return None if got == 0 else os.waitstatus_to_exitcode(status)
+
+
+def _nft_json(args: list[str], nft: str) -> list[dict]:
+    code, out, err = _spawn([nft, "-j", *args])
+    if code != 0:
+        first = (err.strip().splitlines() or ["no message"])[0]
         raise OSError(f"nft {' '.join(args)}: {first}")
-    return json.loads(out.stdout or "{}").get("nftables", [])
+    return json.loads(out or "{}").get("nftables", [])
 
 
 def list_tables(nft: str = "nft", prefix: str = TABLE_PREFIX) -> list[tuple[str, str]]:
