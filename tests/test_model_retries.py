@@ -197,3 +197,26 @@ def test_cli_fit_retries_finds_the_trigger_in_the_burst_events(tmp_path, capsys)
     write_rates(tmp_path / "storm", orig, retry, ans, events=bursts)
     assert main(["fit", "retries", str(tmp_path / "storm")]) == 0
     assert capsys.readouterr().out.startswith("recovers")
+
+
+def test_a_burst_train_without_room_after_it_is_judged_between_bursts(tmp_path):
+    # bursts every 5 s to the end of the run (like burst_retry_storm's 30 s): 1 s after the last
+    times = (3.2, 8.2, 13.2, 18.2, 23.2, 28.2)
+    bursts = [{"ts_unix_s": T0 + t, "kind": "burst", "source": "dns",
+               "detail": {"burst_index": i, "first_sent_unix_s": T0 + t, "last_sent_unix_s": T0 + t + 0.01,
+                          "window_s": 0.01, "sent_n": 3000}} for i, t in enumerate(times)]
+
+    def train(tail_retry):
+        orig, retry, ans = [1000.0] * 3, [0.0] * 3, [1000.0] * 3
+        for _ in times:  # burst second, retries of it, then calm (or not) to the next burst
+            orig += [4000.0, 1000.0, 1000.0, 1000.0, 1000.0]
+            retry += [0.0, 1500.0, 300.0, tail_retry, tail_retry]
+            ans += [2500.0, 2500.0, 1300.0, 1000.0, 1000.0]
+        return orig[:30], retry[:30], ans[:30]
+
+    ok = metastability(write_rates(tmp_path / "ok", *train(0.0), events=bursts))
+    assert ok.judged_on == "between bursts" and ok.verdict == "recovers", ok.summary()
+    assert "recovers" in ok.summary() and "after each burst" in ok.summary()
+    # a lasting 400/s of lost-and-retried queries at every gap's end: the retries hold it there
+    stuck = metastability(write_rates(tmp_path / "stuck", *train(400.0), events=bursts))
+    assert stuck.verdict == "metastable" and "between bursts" in stuck.summary(), stuck.summary()

@@ -58,9 +58,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--trigger-end", type=float, default=None, metavar="UNIX_S",
                    help="when the trigger ended (default: the run's phase events, else the end of its last "
                    "burst, else where the original rate fell back)")
-    r.add_argument("--min-post", type=float, default=5.0, metavar="SECONDS",
-                   help="run time needed after the trigger, longer than the clients' retry horizon "
-                   "(default %(default)s)")
+    r.add_argument("--min-post", type=float, default=2.0, metavar="SECONDS",
+                   help="run time needed after the trigger to judge it (default %(default)s); a window "
+                   "shorter than the clients' retry horizon is judged, with a caveat")
 
     f = p.add_argument_group("firewall")
     f.add_argument("--size", type=float, default=None, metavar="ENTRIES",

@@ -207,6 +207,8 @@ class MetastabilityResult(Result):
     trend_amplification_per_s: float  #: slope of amplification over the judged intervals
     loop: LoopStates | None  #: the fitted retry loop at the baseline demand
     caveats: list[str] = field(default_factory=list)
+    #: "after the trigger", or "between bursts" for a burst train with too little run after it
+    judged_on: str = "after the trigger"
 
     def summary(self) -> str:
         base = (f"baseline goodput {self.baseline_goodput_ratio:.2f}, amplification "
@@ -216,7 +218,8 @@ class MetastabilityResult(Result):
             text = (f"stable: the trigger did not degrade goodput (answered/offered {self.trigger_goodput_ratio:.2f}, "
                     f"amplification {self.trigger_amplification:.2f}×; {base})")
         elif self.verdict == "recovers":
-            text = (f"recovers {self.recovery_s:.1f} s after the trigger ended (during it: answered/offered "
+            after = "each burst" if self.judged_on == "between bursts" else "the trigger ended"
+            text = (f"recovers {self.recovery_s:.1f} s after {after} (during it: answered/offered "
                     f"{self.trigger_goodput_ratio:.2f}, amplification {self.trigger_amplification:.2f}×; {base})")
         elif self.verdict == "demand_not_back":
             text = (f"not judged: original demand never returned to its baseline "
@@ -226,17 +229,35 @@ class MetastabilityResult(Result):
             if self.trend == "falling" and self.trend_amplification_per_s < 0:
                 eta = (f", at this rate back in about "
                        f"{(self.post_amplification - self.baseline_amplification) / -self.trend_amplification_per_s:.0f} s")
-            text = (f"not recovered within the window ({self.post_window_s:.0f} s after the trigger): amplification "
+            window = (f"between bursts ({self.post_window_s:.0f} s apart; at the gaps' ends)"
+                      if self.judged_on == "between bursts" else
+                      f"within the window ({self.post_window_s:.0f} s after the trigger)")
+            text = (f"not recovered {window}: amplification "
                     f"{self.post_amplification:.2f}×, answered/offered {self.post_goodput_ratio:.2f} ({base}); retries "
                     f"{self.trend} ({self.trend_amplification_per_s:+.4f}×/s){eta}")
         else:
-            text = (f"metastable: {self.post_window_s:.0f} s after the trigger ended, with demand back at baseline, "
+            when = (f"at the end of every gap between bursts ({self.post_window_s:.0f} s apart)"
+                    if self.judged_on == "between bursts" else f"{self.post_window_s:.0f} s after the trigger ended")
+            text = (f"metastable: {when}, with demand back at baseline, "
                     f"retries still hold it down (amplification {self.post_amplification:.2f}×, answered/offered "
                     f"{self.post_goodput_ratio:.2f}; {base}); retries {self.trend}")
         text += loop
         if self.caveats:
             text += " [" + "; ".join(self.caveats) + "]"
         return text
+
+
+def burst_spans(run: RunData) -> list[tuple[float, float]]:
+    """(first query, last query) of each ``burst`` event, in time order (workers' shares merged)."""
+    spans: dict[int, list[float]] = {}
+    for ev in run.events:
+        if ev.get("kind") == "burst":
+            d = ev.get("detail") or {}
+            first = float(d.get("first_sent_unix_s", ev["ts_unix_s"]))
+            last = float(d.get("last_sent_unix_s", first + float(d.get("window_s") or 0.0)))
+            span = spans.setdefault(int(d.get("burst_index", len(spans))), [first, last])
+            span[0], span[1] = min(span[0], first), max(span[1], last)
+    return sorted((a, b) for a, b in spans.values())
 
 
 def trigger_window(run: RunData, amp: pd.DataFrame | None = None) -> tuple[float | None, float, str]:
@@ -252,15 +273,9 @@ def trigger_window(run: RunData, amp: pd.DataFrame | None = None) -> tuple[float
             end = float(ev["ts_unix_s"])
     if end is not None:
         return start, end, "phase events"
-    firsts, lasts = [], []
-    for ev in run.events:
-        if ev.get("kind") == "burst":
-            d = ev.get("detail") or {}
-            first = float(d.get("first_sent_unix_s", ev["ts_unix_s"]))
-            firsts.append(first)
-            lasts.append(float(d.get("last_sent_unix_s", first + float(d.get("window_s") or 0.0))))
-    if lasts:
-        return min(firsts), max(lasts), "burst events"
+    spans = burst_spans(run)
+    if spans:
+        return spans[0][0], max(last for _, last in spans), "burst events"
     amp = retry_amplification(run) if amp is None else amp
     orig = amp["original_qps"]
     lo, hi = float(orig.quantile(0.1)), float(orig.max())
@@ -273,6 +288,19 @@ def trigger_window(run: RunData, amp: pd.DataFrame | None = None) -> tuple[float
     return float(ts[idx[0]] - amp["interval_s"].to_numpy()[idx[0]]), float(ts[idx[-1]]), "original rate"
 
 
+def retry_horizon_s(run: RunData) -> float | None:
+    """How long after its first send a query may still be retried, from the run's DNS options
+    (``dns-timeout`` × (1 + backoff + backoff² … over ``dns-retries``)); None when not recorded."""
+    options = ((run.manifest.get("profile") or {}).get("load") or {}).get("options") or {}
+    try:
+        timeout = float(options["dns-timeout"])
+        retries = int(options.get("dns-retries", 0))
+        backoff = float(options.get("dns-backoff", 1.0))
+    except (KeyError, TypeError, ValueError):
+        return None
+    return timeout * sum(backoff ** k for k in range(retries + 1))
+
+
 def _ratio(frame: pd.DataFrame, num: str, den: str) -> float:
     n = float(frame[num].mul(frame["interval_s"]).sum())
     d = float(frame[den].mul(frame["interval_s"]).sum())
@@ -282,7 +310,7 @@ def _ratio(frame: pd.DataFrame, num: str, den: str) -> float:
 def _trend(frame: pd.DataFrame) -> tuple[str, float]:
     """Slope of amplification over time (per second) and whether it is significantly falling."""
     if len(frame) < 3:
-        return "flat", 0.0
+        return "unknown", 0.0
     t = frame.index.to_numpy(dtype=float)
     y = frame["amplification"].to_numpy(dtype=float)
     t = t - t.mean()
@@ -327,7 +355,7 @@ def fit_retry_loop(amp: pd.DataFrame, original_qps: float, *, peak_offered_qps: 
 
 
 def metastability(run: RunData, trigger_end_unix_s: float | None = None, *,
-                  trigger_start_unix_s: float | None = None, min_post_s: float = 5.0,
+                  trigger_start_unix_s: float | None = None, min_post_s: float = 2.0,
                   goodput_tolerance: float = 0.1, amplification_tolerance: float = 0.1,
                   demand_tolerance: float = 0.2, hold_s: float | None = None, prefix: str = "dns",
                   capacity_qps: float | None = None) -> MetastabilityResult:
@@ -368,19 +396,30 @@ def metastability(run: RunData, trigger_end_unix_s: float | None = None, *,
     in_trigger = (ts > start) & (ts <= end)
     if not in_trigger.any() and (ts > start).any():
         in_trigger = ts == ts[ts > start][0]  # an instant trigger: the interval that holds it
-    during, after = busy[in_trigger], busy[ts > end]
+    starts = ts - busy["interval_s"].to_numpy(dtype=float)
+    # an interval that ends after the trigger but began before it still holds some of it
+    during, after = busy[in_trigger], busy[starts >= end - 1e-6]
     post_s = float(ts[-1] - end) if len(after) else 0.0
-    if len(after) < 3 or post_s < min_post_s:
+    gaps = []
+    if (len(after) < 3 or post_s < min_post_s) and source == "burst events":
+        # a burst train that leaves too little after its last burst: judge the gaps between bursts
+        spans = burst_spans(run)
+        gaps = [(a[1], b[0]) for a, b in zip(spans, spans[1:])]
+    if (len(after) < 3 or post_s < min_post_s) and not gaps:
         raise ModelError(f"run {run.run_id}: {post_s:.1f} s ({len(after)} intervals with traffic) after the "
                          f"trigger ended at {end:.3f} ({source}); need >= {min_post_s:g} s and 3 intervals to "
                          "judge recovery (run longer after the trigger, or lower --min-post)")
+    horizon = retry_horizon_s(run)
+    if horizon is not None and post_s < horizon and not gaps:
+        caveats.append(f"the {post_s:.1f} s after the trigger are shorter than the clients' retry horizon "
+                       f"({horizon:g} s): retries of the last queries may still be on their way")
     if len(before):
         base_orig = float(before["original_qps"].median())
         base_good = _ratio(before, "answered_qps", "offered_qps")
         base_amp = _ratio(before, "offered_qps", "original_qps")
     else:
         caveats.append("no traffic before the trigger: baseline assumed lossless (goodput 1, 1.00×)")
-        base_orig, base_good, base_amp = float(after["original_qps"].median()), 1.0, 1.0
+        base_orig, base_good, base_amp = float(busy["original_qps"].median()), 1.0, 1.0
     base_good = base_good if math.isfinite(base_good) else 1.0
     base_amp = base_amp if math.isfinite(base_amp) else 1.0
     good_floor = base_good * (1.0 - goodput_tolerance)
@@ -397,8 +436,50 @@ def metastability(run: RunData, trigger_end_unix_s: float | None = None, *,
         return MetastabilityResult(verdict="stable", recovery_s=None, post_goodput_ratio=_ratio(after, "answered_qps", "offered_qps"),
                                    post_amplification=_ratio(after, "offered_qps", "original_qps"), demand_back_s=0.0,
                                    trend=None, trend_amplification_per_s=0.0, **common)
-    return _judge_after(after, healthy[ts > end], end, base_orig, demand_tolerance, good_floor, amp_ceiling,
-                        hold_s, common)
+    if gaps:
+        return _judge_gaps(busy, healthy, starts, gaps, post_s, horizon, common)
+    return _judge_after(after, healthy[starts >= end - 1e-6], end, base_orig, demand_tolerance, good_floor,
+                        amp_ceiling, hold_s, common)
+
+
+def _judge_gaps(busy: pd.DataFrame, healthy: np.ndarray, starts: np.ndarray, gaps: list, post_s: float,
+                horizon: float | None, common: dict) -> MetastabilityResult:
+    """The verdict on a burst train, from the gaps between its bursts: does each gap get back to
+    health before the next burst, and do the gaps' ends drift (retries piling up)?"""
+    ts = busy.index.to_numpy(dtype=float)
+    ends_ok, end_amp, end_ts, recoveries, tail_rows = [], [], [], [], []
+    for gap_start, gap_end in gaps:
+        inside = np.flatnonzero((starts >= gap_start - 1e-6) & (ts <= gap_end + 1e-6))
+        if not len(inside):
+            continue
+        h = healthy[inside]
+        ends_ok.append(bool(h[-1]))
+        end_amp.append(float(busy["amplification"].iloc[inside[-1]]))
+        end_ts.append(float(ts[inside[-1]]))
+        tail_rows.append(inside[-1])
+        bad = np.flatnonzero(~h)
+        if h[-1]:
+            first_ok = 0 if not len(bad) else bad[-1] + 1
+            recoveries.append(max(0.0, float(starts[inside[first_ok]] - gap_start)))
+    caveats = common["caveats"]
+    if not ends_ok:
+        raise ModelError("the run's bursts come too close together for any interval to fall between them, and "
+                         f"it leaves {post_s:.1f} s after the last: record at a shorter interval or run longer")
+    caveats.append(f"judged between the bursts ({len(ends_ok)} gaps; {post_s:.1f} s after the last burst is too "
+                   "short" + (f" for the clients' {horizon:g} s retry horizon)" if horizon else ")"))
+    common["post_window_s"] = float(np.median([b - a for a, b in gaps]))
+    common["judged_on"] = "between bursts"
+    tail = busy.iloc[tail_rows]
+    trend, slope = _trend(pd.DataFrame({"amplification": end_amp}, index=end_ts))
+    out = dict(post_goodput_ratio=_ratio(tail, "answered_qps", "offered_qps"),
+               post_amplification=_ratio(tail, "offered_qps", "original_qps"), demand_back_s=None, trend=trend,
+               trend_amplification_per_s=slope, **common)
+    if all(ends_ok):
+        return MetastabilityResult(verdict="recovers", recovery_s=max(recoveries), **out)
+    loop = common["loop"]
+    if trend == "falling" or (loop is not None and not loop.second_stable_state) or sum(ends_ok) >= len(ends_ok) / 2:
+        return MetastabilityResult(verdict="not_recovered", recovery_s=None, **out)
+    return MetastabilityResult(verdict="metastable", recovery_s=None, **out)
 
 
 def _judge_after(after: pd.DataFrame, healthy: np.ndarray, end: float, base_orig: float, demand_tolerance: float,
