@@ -519,3 +519,13 @@ def test_a_many_sources_run_gets_a_per_ip_limit_row(tmp_path):
     assert rows[0].predicted_value >= 4 and "of sources" in rows[0].predicted
     (applied,) = [m for m in rows if "run's per-IP limit of 4" in m.question]
     assert applied.predicted != "–" and applied.measured != "–"
+
+
+def test_cli_forecast_burst_judges_the_dns_bursts(tmp_path, capsys):
+    run = _burst_options(write_dns_run(tmp_path / "runs", duration_s=30, burst_queries=1200))
+    code = main(["report", "--release", "r1", "--runs", str(run), "--out", str(tmp_path / "out"),
+                 "--forecast-peak-burst-queries", "1000"])
+    out = capsys.readouterr().out
+    assert code == 1 and out.startswith("FAIL:")
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["dns_capacity"][0]["forecast_peak_burst_queries"] == 1000

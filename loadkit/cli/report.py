@@ -32,6 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", metavar="DIR", help=f"output directory (default: {REPORTS_DIR}/RELEASE)")
     p.add_argument("--forecast-peak-sessions", type=float, metavar="N", help="forecast peak of concurrent mail sessions (default: from the runs' profiles)")
     p.add_argument("--forecast-peak-qps", type=float, metavar="QPS", help="forecast peak DNS query rate (default: from the runs' profiles)")
+    p.add_argument("--forecast-peak-burst-queries", type=float, metavar="N",
+                   help="forecast largest DNS burst, in queries, for runs that offered bursts (default: from the "
+                        "runs' profiles; without one, a burst that overflowed the buffer is a warning, not a failure)")
     p.set_defaults(func=_run)
 
 
@@ -40,7 +43,7 @@ def _progress(message: str) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    for name in ("forecast_peak_sessions", "forecast_peak_qps"):
+    for name in ("forecast_peak_sessions", "forecast_peak_qps", "forecast_peak_burst_queries"):
         value = getattr(args, name)
         if value is not None and not value > 0:
             raise ReportError(f"--{name.replace('_', '-')} {value:g} must be a positive number")
@@ -58,6 +61,7 @@ def _run(args: argparse.Namespace) -> int:
         out_dir=args.out,
         forecast_peak_sessions=args.forecast_peak_sessions,
         forecast_peak_qps=args.forecast_peak_qps,
+        forecast_peak_burst_queries=args.forecast_peak_burst_queries,
         progress=_progress,
     )
     print(f"{report.verdict}: {report.html}")

@@ -313,8 +313,10 @@ def summarize(
     baseline_release: str | None = None,
     forecast_peak_sessions: float | None = None,
     forecast_peak_qps: float | None = None,
+    forecast_peak_burst_queries: float | None = None,
 ) -> ReportSummary:
-    """The report's figures (see the module docstring for the verdict)."""
+    """The report's figures (see the module docstring for the verdict). A forecast not given
+    here is read from the runs' profiles (``[gates] forecast_peak_*``)."""
     # imported here: those modules build on the run facts above (they import this module)
     from . import capacity, compare, models
 
@@ -323,7 +325,7 @@ def summarize(
     outcomes = {row.run_id: row.outcome for row in s.runs}
     s.gates = [g for r in runs for g in gate_rows(r, outcomes[r.run_id])]
     groups = group_by_setup(runs)
-    capacity.fill(s, groups, forecast_peak_sessions, forecast_peak_qps)
+    capacity.fill(s, groups, forecast_peak_sessions, forecast_peak_qps, forecast_peak_burst_queries)
     s.latency = [row for run in runs for row in latency_rows(run)]
     s.latency_label = latency_label({row.p99_source for row in s.latency})
     s.anomalies = [models.anomaly_row(run, s.notes) for run in runs]
@@ -331,7 +333,8 @@ def summarize(
     _note_merges(s, groups)
     if baseline_runs:
         base = summarize(baseline_runs, release=baseline_release or "baseline",
-                         forecast_peak_sessions=forecast_peak_sessions, forecast_peak_qps=forecast_peak_qps)
+                         forecast_peak_sessions=forecast_peak_sessions, forecast_peak_qps=forecast_peak_qps,
+                         forecast_peak_burst_queries=forecast_peak_burst_queries)
         s.baseline_runs = base.runs
         s.changes = compare.compare(s, base)
         s.notes += compare.unmatched(s, base)

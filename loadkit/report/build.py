@@ -110,6 +110,7 @@ def build_report(
     out_dir: str | Path | None = None,
     forecast_peak_sessions: float | None = None,
     forecast_peak_qps: float | None = None,
+    forecast_peak_burst_queries: float | None = None,
     notebook: str | Path = NOTEBOOK,
     progress: Progress = _quiet,
 ) -> Report:
@@ -139,6 +140,7 @@ def build_report(
         baseline_release=baseline_release,
         forecast_peak_sessions=forecast_peak_sessions,
         forecast_peak_qps=forecast_peak_qps,
+        forecast_peak_burst_queries=forecast_peak_burst_queries,
     )
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -39,7 +39,8 @@ def forecast(runs: Iterable[RunData], key: str) -> float | None:
 
 
 def fill(s: ReportSummary, groups: dict[tuple[str, str, str], list[RunData]],
-         forecast_peak_sessions: float | None, forecast_peak_qps: float | None) -> None:
+         forecast_peak_sessions: float | None, forecast_peak_qps: float | None,
+         forecast_peak_burst_queries: float | None = None) -> None:
     """Add the mail, DNS-run and DNS-capacity rows of every setup to ``s``."""
     for (service, scenario, setup), runs in groups.items():
         if service in MAIL_TYPES or "+" in service:
@@ -49,7 +50,8 @@ def fill(s: ReportSummary, groups: dict[tuple[str, str, str], list[RunData]],
         elif service == "DNS":
             dns_runs = [dns_run(r, s.notes) for r in runs]
             s.dns += dns_runs
-            s.dns_capacity.append(dns_capacity(runs, dns_runs, scenario, setup, forecast_peak_qps))
+            s.dns_capacity.append(dns_capacity(runs, dns_runs, scenario, setup, forecast_peak_qps,
+                                               forecast_peak_burst_queries))
 
 
 # --------------------------------------------------------------------------------------------
@@ -211,7 +213,7 @@ def so_rcvbuf_advice(sk_rcvbuf_bytes: int) -> str:
 
 
 def dns_capacity(runs: Sequence[RunData], rows: Sequence[DnsRun], scenario: str, setup: str,
-                 forecast_peak_qps: float | None) -> DnsCapacity:
+                 forecast_peak_qps: float | None, forecast_peak_burst_queries: float | None = None) -> DnsCapacity:
     """The DNS row of one scenario: per burst when its runs offered bursts, else per second."""
     bursty = [(r.burst_queries, r) for r in rows if r.burst_queries]
     common = dict(scenario=scenario, setup=setup, run_ids=[r.run_id for r in runs],
@@ -219,7 +221,7 @@ def dns_capacity(runs: Sequence[RunData], rows: Sequence[DnsRun], scenario: str,
                   rcvbuf_needed_bytes=None, rate_limit_qps=None)
     if bursty:
         _, d = max(bursty, key=lambda b: b[0])
-        peak = forecast(runs, "forecast_peak_burst_queries")
+        peak = forecast_peak_burst_queries or forecast(runs, "forecast_peak_burst_queries")
         absorbed = d.largest_burst_without_loss_queries
         if d.largest_burst_is_lower_bound:
             recommendation = "none: no drops at the server's socket"
