@@ -54,3 +54,13 @@ def test_a_reader_that_stops_early_gets_no_traceback(tmp_path: Path) -> None:
     _, err = proc.communicate(timeout=120)
     assert "Traceback" not in err and "BrokenPipe" not in err, err
     assert proc.returncode == 141  # what a process ended by SIGPIPE reports, as `yes | head` does
+
+
+@pytest.mark.parametrize("args, message", [
+    (["lab", "up", "--dns-port", "abc"], "--dns-port 'abc' is not a whole number"),
+    (["lab", "up", "--dns-cpu", "half"], "--dns-cpu 'half' is not a number"),
+])
+def test_a_bad_option_value_is_one_line_without_traceback(args: list[str], message: str) -> None:
+    res = subprocess.run([*LOADKIT, *args], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [f"loadkit: error: {message}"]

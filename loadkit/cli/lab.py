@@ -92,22 +92,22 @@ def _dir_option(p: argparse.ArgumentParser) -> None:
                    help=f"lab directory (default {defaults.LAB_DIR}, or $LOADKIT_LAB_DIR)")
 
 
-def _int_arg(option: str):
-    def parse(text: str) -> int:
+def _number_arg(option: str, kind: type = int, what: str = "a whole number"):
+    """An argparse type: ``kind(text)``, or a one-line error naming the option."""
+    def parse(text: str):
         try:
-            return int(text)
+            return kind(text)
         except ValueError:
-            raise ProfileError(f"{option} {text!r} is not a whole number") from None
+            raise ProfileError(f"{option} {text!r} is not {what}") from None
     return parse
+
+
+def _int_arg(option: str):
+    return _number_arg(option)
 
 
 def _float_arg(option: str):
-    def parse(text: str) -> float:
-        try:
-            return float(text)
-        except ValueError:
-            raise ProfileError(f"{option} {text!r} is not a number") from None
-    return parse
+    return _number_arg(option, float, "a number")
 
 
 def _up(args: argparse.Namespace) -> int:

@@ -7,7 +7,7 @@ recorder: they :meth:`~GeneratorEvents.emit` into the per-process channel of
 :func:`events_for`, and whoever records the run drains it (the recorder plugin,
 ``loadkit.plugin.recorder``, does once per watch interval). In distributed mode a worker's channel
 is emptied into its ``report_to_master`` message and the master queues the events with its own
-(:func:`loadkit.generate.wiring.piggyback`), so the record holds every worker's.
+(:func:`loadkit.generate.wiring.attach`), so the record holds every worker's.
 
 Events are rare (one per burst, not per query): ``emit`` is a deque append, safe from any thread.
 The channel holds at most :data:`MAX_PENDING` undrained events (a run without a recorder keeps
@@ -20,7 +20,7 @@ import collections
 import time
 from typing import Any
 
-from loadkit.generate.wiring import piggyback
+from loadkit.generate.wiring import attach
 from loadkit.schema import Event
 
 _ENV_ATTR = "loadkit_generator_events"
@@ -75,10 +75,4 @@ def events_for(environment: Any) -> GeneratorEvents:
     Call it once in every process before the test starts (the recorder plugin does, in ``init``)
     so that a master listens for its workers' events from their first report.
     """
-    existing = getattr(environment, _ENV_ATTR, None)
-    if existing is not None:
-        return existing
-    channel = GeneratorEvents()
-    setattr(environment, _ENV_ATTR, channel)
-    piggyback(environment, _REPORT_KEY, channel._report, channel._merge_worker)
-    return channel
+    return attach(environment, _ENV_ATTR, _REPORT_KEY, GeneratorEvents)

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-from loadkit.generate.wiring import piggyback
+from loadkit.generate.wiring import attach
 from loadkit.schema import GeneratorMetric
 
 _ENV_ATTR = "loadkit_metrics"
@@ -47,17 +47,17 @@ class GeneratorMetrics:
     # -- reads ----------------------------------------------------------------------------------
     def counters(self) -> dict[str, float]:
         """Counters summed over this process and every worker that ever reported."""
-        total = defaultdict(float, self._counters)
-        for counters, _ in self._workers.values():
-            for k, v in counters.items():
-                total[k] += v
-        return dict(total)
+        return self._summed(self._counters, [c for c, _ in self._workers.values()])
 
     def gauges(self) -> dict[str, float]:
         """Gauges summed over this process and the workers still connected."""
-        total = defaultdict(float, self._gauges)
-        for _, gauges in self._workers.values():
-            for k, v in gauges.items():
+        return self._summed(self._gauges, [g for _, g in self._workers.values()])
+
+    @staticmethod
+    def _summed(own: dict[str, float], workers: list[dict[str, float]]) -> dict[str, float]:
+        total = defaultdict(float, own)
+        for values in workers:
+            for k, v in values.items():
                 total[k] += v
         return dict(total)
 
@@ -81,13 +81,7 @@ class GeneratorMetrics:
 
 def metrics_for(environment: Any) -> GeneratorMetrics:
     """The :class:`GeneratorMetrics` of a Locust environment, created and wired on first use."""
-    existing = getattr(environment, _ENV_ATTR, None)
-    if existing is not None:
-        return existing
-    metrics = GeneratorMetrics()
-    setattr(environment, _ENV_ATTR, metrics)
-    piggyback(environment, _REPORT_KEY, metrics._report, metrics._merge_worker)
-    return metrics
+    return attach(environment, _ENV_ATTR, _REPORT_KEY, GeneratorMetrics)
 
 
 def forget_worker(environment: Any, client_id: str) -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any, Callable, NoReturn
+from typing import Any, Callable, NoReturn, Protocol, TypeVar
 
 from loadkit.errors import LoadkitError
 
@@ -96,6 +96,31 @@ class _Piggyback:
                 merge(client_id, data[key])
 
 
+class Channel(Protocol):
+    """A per-process object whose data travels to the master (metrics, events, histograms)."""
+
+    def _report(self) -> Any: ...
+
+    def _merge_worker(self, client_id: str, payload: Any) -> None: ...
+
+
+C = TypeVar("C", bound=Channel)
+
+
+def attach(environment: Any, attr: str, key: str, make: Callable[[], C]) -> C:
+    """The ``make()`` object of this environment (stored as ``attr``), created on first use and
+    piggybacked under ``key``: its ``_report()`` rides on each worker report, the master calls its
+    ``_merge_worker(client_id, payload)``. Call it in ``init`` in every process, so a master
+    merges its workers' data from their first report."""
+    existing = getattr(environment, attr, None)
+    if existing is not None:
+        return existing
+    channel = make()
+    setattr(environment, attr, channel)
+    piggyback(environment, key, channel._report, channel._merge_worker)
+    return channel
+
+
 def piggyback(environment: Any, key: str, report: Callable[[], Any], merge: Callable[[str, Any], None]) -> None:
     """Send ``report()`` to the master under ``key`` with every worker report; on the master,
     call ``merge(client_id, payload)`` for each worker report that carries ``key``.
@@ -135,6 +160,7 @@ def exit_on_user_error(err: LoadkitError | str) -> NoReturn:
 __all__ = [
     "USER_ERROR_PREFIX",
     "WORKERS_OPTION",
+    "attach",
     "exit_on_user_error",
     "piggyback",
     "print_user_error",

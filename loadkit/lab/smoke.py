@@ -15,6 +15,7 @@ import socket
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import dns.message
 import dns.rcode
@@ -75,46 +76,52 @@ def _accounts(status: LabStatus) -> list[tuple[str, str]]:
         return [(r["user"], r["password"]) for r in csv.DictReader(f)]
 
 
-def imap_smoke(status: LabStatus, n: int = IMAP_SESSIONS) -> dict[str, float]:
-    """``n`` sessions of LOGIN, SELECT INBOX, LOGOUT through haproxy."""
-    target = check_target(str(status.imap), status.imap.port)
+def _sessions(status: LabStatus, n: int, one_session: Callable[[str, str], int],
+              errors: tuple[type[BaseException], ...]) -> dict[str, float]:
+    """Up to ``n`` sessions, one account each, within :data:`PHASE_TIMEOUT_S`; ``one_session``
+    returns the messages it saw."""
     ok = failed = messages = 0
     t_start = time.perf_counter()
     for user, password in _accounts(status)[:n]:
         if time.perf_counter() - t_start > PHASE_TIMEOUT_S:
             break
         try:
-            m = imaplib.IMAP4(target.address, target.port, timeout=5)
-            m.login(user, password)
-            typ, data = m.select("INBOX")
-            messages += int(data[0]) if typ == "OK" else 0
-            m.logout()
+            messages += one_session(user, password)
             ok += 1
-        except (OSError, imaplib.IMAP4.error):
+        except (OSError, *errors):
             failed += 1
-    elapsed = time.perf_counter() - t_start
+    elapsed_s = time.perf_counter() - t_start
     return {"sessions": ok, "failed": failed, "messages_seen": messages,
-            "rate_per_s": ok / elapsed if elapsed else 0.0}
+            "rate_per_s": ok / elapsed_s if elapsed_s else 0.0}
+
+
+def imap_smoke(status: LabStatus, n: int = IMAP_SESSIONS) -> dict[str, float]:
+    """``n`` sessions of LOGIN, SELECT INBOX, LOGOUT through haproxy."""
+    target = check_target(str(status.imap), status.imap.port)
+
+    def session(user: str, password: str) -> int:
+        m = imaplib.IMAP4(target.address, target.port, timeout=5)
+        m.login(user, password)
+        typ, data = m.select("INBOX")
+        m.logout()
+        return int(data[0]) if typ == "OK" else 0
+
+    return _sessions(status, n, session, (imaplib.IMAP4.error,))
 
 
 def pop3_smoke(status: LabStatus, n: int = POP3_SESSIONS) -> dict[str, float]:
     """``n`` sessions of USER, PASS, STAT, QUIT through haproxy."""
     target = check_target(str(status.pop3), status.pop3.port)
-    ok = failed = 0
-    t_start = time.perf_counter()
-    for user, password in _accounts(status)[:n]:
-        if time.perf_counter() - t_start > PHASE_TIMEOUT_S:
-            break
-        try:
-            c = poplib.POP3(target.address, target.port, timeout=5)
-            c.user(user)
-            c.pass_(password)
-            c.stat()
-            c.quit()
-            ok += 1
-        except (OSError, poplib.error_proto):
-            failed += 1
-    return {"sessions": ok, "failed": failed}
+
+    def session(user: str, password: str) -> int:
+        c = poplib.POP3(target.address, target.port, timeout=5)
+        c.user(user)
+        c.pass_(password)
+        count, _size = c.stat()
+        c.quit()
+        return count
+
+    return _sessions(status, n, session, (poplib.error_proto,))
 
 
 def run_smoke(lab_dir: Path, keep: bool = False) -> int:
