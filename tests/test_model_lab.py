@@ -447,3 +447,30 @@ def test_recommended_rcvbuf_stops_the_drops(make_lab, tmp_path):
     assert after.rcvbuf_bytes == 2 * so  # the kernel doubled it; unbound forced it past rmem_max as root
     assert after.observed_drops_n == 0
     assert after.drain_is_lower_bound and "lower bound" in after.summary()
+
+
+def test_fit_retries_on_a_burst_retry_storm_run_needs_no_trigger_end(make_lab, tmp_path):
+    import json as _json
+
+    from loadkit.cli import main
+    from loadkit.model import metastability
+    from loadkit.record.reader import load_run
+
+    # the shipped scenario, pointed at a lab of its own (a fresh loopback address)
+    status = make_lab(proxies=1, accounts=10)
+    root = Path(__file__).resolve().parent.parent
+    text = (root / "scenarios" / "burst_retry_storm.toml").read_text()
+    text = text.replace("127.0.0.1:5353", f"{status.dns.host}:{status.dns.port}")
+    text = text.replace('"locustfiles/dns_burst.py"', _json.dumps(str(root / "locustfiles" / "dns_burst.py")))
+    profile = tmp_path / "storm.toml"
+    profile.write_text(text)
+    lab_dir = tmp_path / "lab0"
+    proc = subprocess.run([str(Path(sys.executable).with_name("loadkit")), "run", str(profile), "--release", "t",
+                           "--duration", "20s", "--out", str(tmp_path / "runs"), "--lab-dir", str(lab_dir)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert proc.returncode in (0, 1), proc.stderr[-3000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    res = metastability(load_run(run_dir))
+    print(res.summary())
+    assert res.trigger_source == "burst events"
+    assert main(["fit", "retries", str(run_dir)]) == 0  # no --trigger-end, no --min-post
