@@ -258,15 +258,16 @@ def mail_outcome(run_dir: Path) -> dict:
 
 def dns_outcome(run_dir: Path) -> dict:
     """Offered, answered, drops at the server's socket, retries, failures by class."""
-    from loadkit.report.analysis import dns_figures  # the report's own figures, not a second copy
+    from loadkit.report.capacity import dns_run  # the report's own figures, not a second copy
 
     run = load_run(run_dir)
-    figures = dns_figures(run, [])
+    figures = dns_run(run, []).to_dict()
     fails = run.failures.groupby("failure_class")["failures_n"].sum().to_dict() if len(run.failures) else {}
     requests_n = int(run.requests["requests_n"].sum()) if len(run.requests) else 0
     failures_n = int(run.requests["failures_n"].sum()) if len(run.requests) else 0
-    keep = ("offered_n", "original_n", "retry_n", "answered_n", "rcvbuf_errors_n", "drops_source",
-            "retry_amplification_mean", "retry_amplification_max", "largest_burst_without_loss")
+    keep = ("offered_queries_n", "original_queries_n", "retry_queries_n", "answered_queries_n", "drops_n",
+            "drops_source", "retry_amplification_mean", "retry_amplification_max",
+            "largest_burst_without_loss_queries")
     out = {"run": run_dir.name, **{k: figures.get(k) for k in keep}}
     out.update(requests_n=requests_n, failures_n=failures_n,
                failure_ratio=failures_n / requests_n if requests_n else None,
@@ -463,13 +464,15 @@ def _demo_steps(lab: Lab, address: str, runs_dir: Path, report_dir: Path, t0: fl
 
 
 def _print_verdict(report: Any, t0: float) -> None:
-    for line in report.summary.get("verdict_reasons", []):
+    summary = report.summary
+    for line in summary.verdict_reasons:
         _say(f"  - {line}")
-    for svc in report.summary.get("services", []):
-        _say(
-            f"  {svc['service']}: fall-over at ≈ {svc['fall_over'] or 0:,.0f} {svc['unit']}; "
-            f"recommended: {svc.get('recommendation') or '-'}"
-        )
+    for mail in summary.mail:
+        _say(f"  {mail.service}: first proxy falls over at ≈ {mail.first_failure_sessions or 0:,.0f} sessions; "
+             f"recommended: {mail.recommendation or '-'}")
+    for dns in summary.dns_capacity:
+        _say(f"  DNS: largest burst without loss ≈ {dns.largest_burst_without_loss_queries or 0:,.0f} queries; "
+             f"recommended: {dns.recommendation or '-'}")
     _say(f"done in {time.perf_counter() - t0:.0f} s; verdict {report.verdict}")
     if report.verdict == "FAIL":
         _say("  (a FAIL is the finding, not a demo error: with the platform-default receive buffer the "
