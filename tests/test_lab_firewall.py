@@ -132,3 +132,29 @@ def test_without_root_the_firewall_is_refused(tmp_path, monkeypatch):
         Lab(LabConfig(dir=tmp_path, address="127.0.9.78", firewall_sessions=100)).up()
     assert "\n" not in str(err.value)
     assert not (tmp_path / "state.json").exists()
+
+
+@needs_nft
+def test_collector_reads_the_table_from_a_locust_process(make_lab):
+    """The live collector samples in a thread of gevent's pool, in a process holding thousands
+    of sockets: the firewall reading must work there (gevent's subprocess cannot wait for a child
+    off the main loop, and select() cannot take descriptors past 1024)."""
+    status = make_lab(firewall_sessions=30, firewall_udp_timeout_s=60.0, accounts=10, proxies=1)
+    assert _flows(status.firewall.dns.host, status.firewall.dns.port, 50) == 30
+    table = status.firewall.table
+    code = f"""
+from gevent import monkey; monkey.patch_all()
+import gevent, socket
+socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(1500)]
+from loadkit.observe.collector import Collector, CollectorConfig
+c = Collector(CollectorConfig(interval_s=0.5))
+rows = []
+for _ in range(4):
+    rows += [f for f in gevent.get_hub().threadpool.apply(c.sample).firewall if f.firewall == {table!r}]
+    gevent.sleep(0.3)
+print(len(rows), rows[-1].entries_n, rows[-1].drops_n)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    n, entries, drops = map(int, out.stdout.split())
+    assert n >= 3 and (entries, drops) == (30, 20), out.stderr

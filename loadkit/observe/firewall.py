@@ -60,8 +60,9 @@ def _original(module: str, name: str):
 
 def _spawn(argv: list[str], timeout_s: float = NFT_TIMEOUT_S) -> tuple[int, str, str]:
     """``(returncode, stdout, stderr)`` of ``argv`` with unpatched primitives only: posix_spawn,
-    pipes, the original select and waitpid (see :func:`_original`)."""
-    select = _original("select", "select")
+    pipes, the original poll and waitpid (see :func:`_original`)."""
+    # poll, not select: a load generator holds thousands of sockets, past select's 1024 limit
+    poller = _original("select", "poll")()
     waitpid = _original("os", "waitpid")
     posix_spawn = _original("os", "posix_spawn")  # gevent's registers a child watcher
     out_r, out_w = os.pipe()
@@ -77,6 +78,7 @@ def _spawn(argv: list[str], timeout_s: float = NFT_TIMEOUT_S) -> tuple[int, str,
     open_fds = [out_r, err_r]
     for fd in open_fds:
         os.set_blocking(fd, False)
+        poller.register(fd, _POLL_IN)
     deadline = time.monotonic() + timeout_s
     code: int | None = None
     try:
@@ -88,10 +90,10 @@ def _spawn(argv: list[str], timeout_s: float = NFT_TIMEOUT_S) -> tuple[int, str,
                 os.kill(pid, signal.SIGKILL)
                 _reap(waitpid, pid, 0)
                 raise OSError(f"{' '.join(argv[1:])} took more than {timeout_s:g} s")
-            ready, _, _ = select(open_fds, [], [], min(left, 0.02))
-            _drain(ready, chunks, open_fds)
+            ready = [fd for fd, _ in poller.poll(min(left, 0.02) * 1000)]
+            _drain([fd for fd in ready if fd in open_fds], chunks, open_fds, poller)
             code = _reap(waitpid, pid, os.WNOHANG)
-        _drain(list(open_fds), chunks, open_fds)
+        _drain(list(open_fds), chunks, open_fds, poller)
     finally:
         os.close(out_r)
         os.close(err_r)
@@ -100,7 +102,11 @@ def _spawn(argv: list[str], timeout_s: float = NFT_TIMEOUT_S) -> tuple[int, str,
     return code, b"".join(chunks[out_r]).decode(), b"".join(chunks[err_r]).decode()
 
 
-def _drain(fds: list[int], chunks: dict[int, list[bytes]], open_fds: list[int]) -> None:
+#: poll events that mean "read now" (data, or the write end closed)
+_POLL_IN = 0x001 | 0x010  # POLLIN | POLLHUP
+
+
+def _drain(fds: list[int], chunks: dict[int, list[bytes]], open_fds: list[int], poller) -> None:
     for fd in fds:
         while True:
             try:
@@ -109,6 +115,7 @@ def _drain(fds: list[int], chunks: dict[int, list[bytes]], open_fds: list[int]) 
                 break
             if not data:
                 open_fds.remove(fd)
+                poller.unregister(fd)  # else poll reports its hang-up at once, every time
                 break
             chunks[fd].append(data)
 
