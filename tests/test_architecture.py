@@ -87,7 +87,8 @@ def forbids(name: str, banned: str) -> bool:
 
 
 def read_rules(text: str) -> dict[str, list[str]]:
-    """``{"loadkit/record/": ["loadkit.model", ...]}`` from the "Dependency rules" table."""
+    """``{"loadkit/record/": ["loadkit.model", ...]}`` from the "Dependency rules" table: the
+    backticked names of a row's second cell (words without backticks are commentary)."""
     section = text.split("## Dependency rules", 1)[1].split("\n## ", 1)[0]
     rules: dict[str, list[str]] = {}
     for line in section.splitlines():
