@@ -24,7 +24,15 @@ from loadkit import model  # noqa: E402
 from loadkit.record import counters, latency  # noqa: E402
 from loadkit.record.reader import RunData  # noqa: E402
 
-from .analysis import HOLD_NAMES, first_failure_ts, held_sessions, proxy_groups, run_window  # noqa: E402
+from .analysis import (  # noqa: E402
+    HOLD_NAMES,
+    abort_event,
+    first_failure_ts,
+    held_sessions,
+    num,
+    proxy_groups,
+    run_window,
+)
 from .capacity import ANSWERED, ORIGINAL, RETRY  # noqa: E402
 from .models import kpi  # noqa: E402
 from .summary import Change, DnsCapacity, MailCapacity  # noqa: E402
@@ -136,11 +144,13 @@ def proxy_memory(run: RunData, service: MailCapacity | None) -> Figure:
     fits = {p["name"]: p for p in (service.proxies if service else [])}
     first = first_failure_ts(run)
     start = _start(run)
+    stopped = num((abort_event(run).get("detail") or {}).get("sample_unix_s")) or math.inf
     limit_mib = None
     for i, (name, rows) in enumerate(g.groupby("group")):
         colour = PALETTE[i % len(PALETTE)]
         cut = first.get(str(name), math.inf)
-        before = rows[rows["ts_unix_s"] < cut]
+        # after an abort the users are gone while the memory is still being released
+        before = rows[(rows["ts_unix_s"] < cut) & (rows["ts_unix_s"] <= stopped)]
         ax.scatter(before["sessions_n"], before["cgroup_memory_bytes"] / MIB, s=8, alpha=0.6, color=colour, label=str(name))
         limit_mib = float(rows["cgroup_limit_bytes"].max()) / MIB
         fit = fits.get(str(name))
