@@ -67,3 +67,14 @@ def test_a_bad_collect_group_stops_at_start_not_mid_run(tmp_path: Path) -> None:
     errors = [line for line in proc.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and errors[0].startswith("loadkit: error: group 'dns=cmdline:unbound(lab'")
     assert "is not a regular expression" in errors[0]
+
+
+def test_the_collector_samples_and_shows_on_a_plain_run_without_a_record(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "locust", "-f", str(IMAP_STORM), "--headless", "-u", "1", "-r", "1", "-t", "6s",
+         "--host", f"127.0.0.1:{_refusing_port()}", "--mail-accounts", str(_accounts(tmp_path)),
+         "--collect-group", "me=cmdline:locust", "--collect-interval", "0.5"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("target: [")]
+    assert lines and " me " in lines[-1] and "rss " in lines[-1], proc.stdout[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["accounts.csv"]  # no record written
