@@ -28,7 +28,9 @@ import errno
 import ipaddress
 import logging
 import math
+import os
 import random
+import resource
 import time
 from collections import deque
 from typing import Callable, NamedTuple, Sequence
@@ -442,42 +444,69 @@ class DnsSender:
         gevent.spawn(self._tcp_query, tail, kind, qi, t_first, src, fallback)
 
     # -- the one UDP send path ----------------------------------------------------------------
-    def _send_batch(self, batch: list, attempt: int) -> int:
-        """Send attempt number ``attempt`` of each ``(socket, tail, kind, qi, t_first_s)`` in
-        ``batch`` with a free ID on its socket and record it as outstanding (for originals,
-        ``attempt`` 0, the first send time is the send itself). Returns how many left; the
-        others are accounted as failed."""
+    def _send_queries(self, n: int, retry: tuple[int, Outstanding] | None = None) -> int:
+        """The one send path: the next ``n`` original queries of the pool, round robin over the
+        fixed sockets, or one retry (``retry`` = the socket for it and the attempt before).
+        Each attempt gets a free ID on its socket and an :class:`Outstanding` record. Returns how
+        many left; the others are accounted as failed."""
         perf = time.perf_counter
         outs = self._outs
         next_id = self._next_id
         sends = self._sends
+        if retry is None:
+            attempt = 0
+            queries = self.pool.queries
+            nq = len(queries)
+            qpos = self._qpos
+            si = self._si
+            n_fixed = self._n_fixed
+            use_tcp = self.protocol == "tcp"
+        else:
+            s, prev = retry
+            attempt = prev.attempt + 1
+            n = 1
         timeout_s = self.attempt_timeouts_s[attempt]
         fifo_append = self._pending[attempt].append
+        new, record, id_bytes = _new, Outstanding, ID_BYTES
         sent = 0
-        for s, tail, kind, qi, t_first_s in batch:
+        for _ in range(n):
+            t = perf()
+            if retry is None:
+                tail, kind, qi = queries[qpos]
+                qpos = qpos + 1 if qpos + 1 < nq else 0
+                if kind == KIND_RANDOM:
+                    tail = self.pool.fresh_tail(tail)
+                s = si
+                si = si + 1 if si + 1 < n_fixed else 0
+                t_first = t
+                if use_tcp:
+                    self._spawn_tcp(tail, kind, qi, t, self._src_of[s], False)
+                    continue
+            else:
+                tail, kind, qi, t_first = prev.tail, prev.kind, prev.qi, prev.t_first_s
             out = outs[s]
             qid = next_id[s]
-            t = perf()
-            if attempt == 0:
-                t_first_s = t
             if qid in out:
                 qid = _free_id(out, qid)
                 if qid < 0:
                     # 64 IDs in a row still outstanding on this socket: give more ports per source
                     self._count("dns.ids_exhausted")
                     self._count("dns.send_errors")
-                    self._fail(qi, "send_error", t - t_first_s)
+                    self._fail(qi, "send_error", t - t_first)
                     continue
             next_id[s] = (qid + 1) & 0xFFFF
             try:
-                sends[s](ID_BYTES[qid] + tail)
+                sends[s](id_bytes[qid] + tail)
             except OSError as err:
-                if not self._resend_after(err, s, ID_BYTES[qid] + tail, qi, t_first_s, t):
+                if not self._resend_after(err, s, id_bytes[qid] + tail, qi, t_first, t):
                     continue
-            rec = _new(Outstanding, (t_first_s, t + timeout_s, attempt, s, qid, tail, kind, qi))
+            rec = new(record, (t_first, t + timeout_s, attempt, s, qid, tail, kind, qi))
             out[qid] = rec
             fifo_append(rec)
             sent += 1
+        if retry is None:
+            self._qpos = qpos
+            self._si = si
         return sent
 
     def _resend_after(self, err: OSError, s: int, msg: bytes, qi: int, t_first_s: float, now: float) -> bool:
@@ -588,44 +617,17 @@ class DnsSender:
             self._stop_sending(False)
 
     def _send_originals(self, n_base: int, n_burst: int) -> None:
-        """The next ``n_base + n_burst`` queries of the pool, round robin over the fixed sockets
-        (burst queries go after the base ones of this pass)."""
-        perf = time.perf_counter
+        """The next ``n_base + n_burst`` queries (burst queries after the base ones of this pass)."""
         if n_base:
-            self._send_batch(self._picks(n_base), 0)
+            self._send_queries(n_base)
         if n_burst:
-            picks = self._picks(n_burst)
-            t_first = perf()
-            self._send_batch(picks, 0)
+            t_first = time.perf_counter()
+            self._send_queries(n_burst)
             if self._burst_first < 0:
                 self._burst_first = t_first
-            self._burst_last = perf()
+            self._burst_last = time.perf_counter()
             self._burst_cur_n += n_burst
         self._count("dns.original_sent", n_base + n_burst)
-
-    def _picks(self, n: int) -> list:
-        """The next ``n`` queries of the pool with their fixed socket, as :meth:`_send_batch`
-        takes them (over TCP: each spawned here, and an empty list)."""
-        queries = self.pool.queries
-        nq = len(queries)
-        qpos = self._qpos
-        si = self._si
-        n_fixed = self._n_fixed
-        use_tcp = self.protocol == "tcp"
-        picks = []
-        for _ in range(n):
-            tail, kind, qi = queries[qpos]
-            qpos = qpos + 1 if qpos + 1 < nq else 0
-            if kind == KIND_RANDOM:
-                tail = self.pool.fresh_tail(tail)
-            if use_tcp:
-                self._spawn_tcp(tail, kind, qi, time.perf_counter(), self._src_of[si], False)
-            else:
-                picks.append((si, tail, kind, qi, 0.0))
-            si = si + 1 if si + 1 < n_fixed else 0
-        self._qpos = qpos
-        self._si = si
-        return picks
 
     def _close_burst(self) -> None:
         """The burst being sent is complete (or sending stopped): record its real window."""
@@ -672,7 +674,7 @@ class DnsSender:
         else:
             fd_index = self._fd_index
             ready = [fd_index[fd] for fd, _ in self._ep.poll(0)]
-        classify = wire.classify
+        outcome_by_flags = wire.OUTCOME_BY_FLAGS  # wire.classify without the call, per reply
         failure_of = wire.FAILURE_OF
         ok_lats = self._ok_lats
         rc = self._rc
@@ -699,7 +701,7 @@ class DnsSender:
                     late += 1  # answer to a query already timed out (or not ours)
                     continue
                 answered += 1
-                code = classify(r)
+                code = outcome_by_flags[r[2]][r[3]]
                 rc[code] += 1
                 failure = failure_of[rec.kind][code]
                 if failure is None:
@@ -762,7 +764,7 @@ class DnsSender:
             return False
         s = self._retry_socket(rec, src)
         self._count("dns.retry_sent")
-        sent = self._send_batch([(s, rec.tail, rec.kind, rec.qi, rec.t_first_s)], rec.attempt + 1)
+        sent = self._send_queries(1, (s, rec))
         if not sent and s >= self._n_fixed:
             self._close_attempt_socket(s)
         return True
@@ -857,9 +859,6 @@ def _free_id(out: dict, qid: int) -> int:
 def _attempt_socket_room(wanted: int) -> int:
     """Per-attempt sockets this process can hold open: ``wanted``, within the open-file limit
     (the soft limit is raised to the hard one first, as far as needed)."""
-    import os
-    import resource
-
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     in_use = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 64
     need = in_use + wanted + FD_RESERVE

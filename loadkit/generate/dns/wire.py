@@ -57,11 +57,24 @@ def reply_id(reply: bytes) -> int:
     return (reply[0] << 8) | reply[1]
 
 
+def _outcome_of_flags(flags: int) -> int:
+    # TRUNCATED when the TC bit (bit 9 of the flags word) is set, else by RCODE (its low 4 bits)
+    if flags & 0x0200:
+        return TRUNCATED
+    return RCODE_OUTCOME[flags & 0x0F]
+
+
+#: outcome code of every flags word, by header byte 2 then byte 3: a reader at 100k replies/s
+#: looks it up as ``OUTCOME_BY_FLAGS[reply[2]][reply[3]]``, which is all :func:`classify` does
+#: (two small-int subscripts: as fast as testing the bits inline, and the rule stays here)
+OUTCOME_BY_FLAGS: tuple[tuple[int, ...], ...] = tuple(
+    tuple(_outcome_of_flags((high << 8) | low) for low in range(256)) for high in range(256)
+)
+
+
 def classify(reply: bytes) -> int:
     """Outcome code of a raw reply: TRUNCATED when the TC bit is set, else by RCODE."""
-    if reply[2] & 0x02:
-        return TRUNCATED
-    return RCODE_OUTCOME[reply[3] & 0x0F]
+    return OUTCOME_BY_FLAGS[reply[2]][reply[3]]
 
 
 #: failure class of an outcome code, for each kind of query: ``FAILURE_OF[kind][code]`` is ``None``
