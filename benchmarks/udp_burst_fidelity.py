@@ -41,7 +41,7 @@ MAX_BURST_N = 20_000
 
 
 def record_bursts(run_dir: Path, dns: tuple[str, int], names_file: str, *, burst_n: int, count: int,
-                  period_s: float = 0.6, window_s: float = 0.0, so_rcvbuf_bytes: int = 0) -> Path:
+                  period_s: float = 1.0, window_s: float = 0.0, so_rcvbuf_bytes: int = 0) -> Path:
     """Send ``count`` bursts of ``burst_n`` queries at ``dns`` with loadkit's sender, sample the
     server socket with loadkit's collector, and write what a run directory needs for the burst
     fit: manifest, ``burst`` events, ``samples/sockets``. Returns ``run_dir``."""
@@ -53,8 +53,11 @@ def record_bursts(run_dir: Path, dns: tuple[str, int], names_file: str, *, burst
                        sources=(dns[0],), max_duration_s=0.3 + count * period_s + 0.2,
                        max_queries_n=burst_n * count)
     run_dir.mkdir(parents=True, exist_ok=True)
-    collector = Collector(CollectorConfig(udp_ports=[dns[1]], interval_s=0.1, out_dir=run_dir, host="lab",
-                                          full_memory_interval_s=None))
+    config = CollectorConfig(udp_ports=[dns[1]], interval_s=0.1, out_dir=run_dir, host="lab",
+                             full_memory_interval_s=None)
+    if hasattr(config, "firewall"):
+        config.firewall = False  # listing nftables tables each tick would slow the 0.1 s samples
+    collector = Collector(config)
     collector.start()
     started = time.time()
     try:

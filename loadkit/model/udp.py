@@ -364,25 +364,33 @@ def _socket_fits(run: RunData, rcvbuf_bytes: float | None, bytes_per_datagram: f
         rb = rows["rcvbuf_bytes"] if "rcvbuf_bytes" in rows else pd.Series(dtype=float)
         rb = rb[rb > 0]
         size, src = (float(rb.median()), "sock_diag") if len(rb) and rcvbuf_bytes is None else (fallback, source)
-        d = rows.groupby("ts_unix_s")["drops_n"].sum().sort_index().astype(float)
+        # indexed by when the socket was read, where recorded: that is what the drops are as of
+        when = rows["read_unix_s"].where(rows["read_unix_s"] > 0, rows["ts_unix_s"]) if "read_unix_s" in rows \
+            else rows["ts_unix_s"]
+        d = rows.assign(_when=when.astype(float)).groupby("_when")["drops_n"].sum().sort_index().astype(float)
         fits.append(SocketFit(str(key[0]), int(key[1]), int(key[2]), size, src,
                               buffer_datagrams(size, bytes_per_datagram), int(d.diff().clip(lower=0).sum())))
         drops[len(fits) - 1] = d
     return fits, drops
 
 
-def _measured_loss(drops: dict[int, pd.Series], first: np.ndarray) -> np.ndarray:
+def _measured_loss(drops: dict[int, pd.Series], first: np.ndarray, last: np.ndarray) -> np.ndarray:
     """Drops on the server sockets from the last sample before each burst to the last sample
-    before the next one; nan where no sample separates two bursts (the drops cannot be split)."""
+    before the next one. A burst gets nan unless one sample falls between the previous burst's
+    end and its start, and another between its end and the next start: a sample taken while a
+    burst was arriving splits its drops between two bursts."""
     if not drops:
         return np.full(len(first), math.nan)
     nxt = np.append(first[1:], math.inf)
+    prev_end = np.insert(last[:-1], 0, -math.inf)
     out = np.zeros(len(first))
     for d in drops.values():
         ts, v = d.index.to_numpy(dtype=float), d.to_numpy()
         lo = np.searchsorted(ts, first, side="right") - 1  # last sample at or before the burst
         hi = np.searchsorted(ts, nxt, side="left") - 1  # last sample before the next burst
-        ok = (lo >= 0) & (hi > lo)
+        lo_ts = np.where(lo >= 0, ts[np.clip(lo, 0, None)], -math.inf)
+        hi_ts = np.where(hi >= 0, ts[np.clip(hi, 0, None)], -math.inf)
+        ok = (lo >= 0) & (hi > lo) & (lo_ts >= prev_end) & (hi_ts >= last)
         out = np.where(ok, out + np.where(ok, v[np.clip(hi, 0, None)] - v[np.clip(lo, 0, None)], 0.0), math.nan)
     return np.clip(out, 0.0, None)
 
@@ -424,7 +432,7 @@ def fit_udp_burst(run: RunData, *, rcvbuf_bytes: float | None = None,
     first = bursts["first"].to_numpy(dtype=float)
     window = (bursts["last"] - bursts["first"]).clip(lower=0.0).to_numpy(dtype=float)
     sent = bursts["sent_n"].to_numpy(dtype=float)
-    measured = _measured_loss(drops, first)
+    measured = _measured_loss(drops, first, bursts["last"].to_numpy(dtype=float))
     span = (bursts["read"] - bursts["first"]).to_numpy(dtype=float)
     drain = np.where(span > 0, bursts["answered_n"].to_numpy(dtype=float) / np.where(span > 0, span, 1.0), math.nan)
     buffered = sum(f.buffer_datagrams for f in fits)

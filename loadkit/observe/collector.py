@@ -349,6 +349,7 @@ class Collector:
         if not self.config.udp_ports:
             return [], {}, {}
         root = self.config.proc_root
+        read_ts = time.time()
         found = self._try("udp_sockets", f"{root}/net/udp", lambda: procfs.read_udp_sockets(root, self.config.udp_ports), [])
         rcvbuf = self._rcvbuf(found)
         rows, deltas, by_inode = [], {}, {}
@@ -361,7 +362,7 @@ class Collector:
             by_inode[s.inode] = delta["drops"]
             deltas[key[:2]] = deltas.get(key[:2], 0) + delta["drops"]
             rows.append(SocketSample(ts, self.host, s.local_port, s.rx_queue_bytes, s.tx_queue_bytes, s.drops_n,
-                                     s.local_address, s.inode, rcvbuf.get(s.inode, 0)))
+                                     s.local_address, s.inode, rcvbuf.get(s.inode, 0), read_ts))
         for key in self._counters.keys():
             if isinstance(key, tuple) and key[0] == "udp" and key[1] not in live:
                 self._counters.forget(key)  # socket closed: a new one starts from its own zero
