@@ -21,6 +21,33 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     up = lab_sub.add_parser("up", help="start the lab (a running lab is reported unchanged)")
     _dir_option(up)
+    _up_options(up)
+    up.set_defaults(func=_up)
+
+    st = lab_sub.add_parser(
+        "status",
+        help="show the lab's components, endpoints and cgroups (exit status 1 if not running)",
+    )
+    _dir_option(st)
+    st.add_argument("--json", action="store_true", help="print one JSON object")
+    st.set_defaults(func=_status)
+
+    down = lab_sub.add_parser("down", help="stop what 'lab up' started and remove its cgroups")
+    _dir_option(down)
+    down.set_defaults(func=_down)
+
+    smoke = lab_sub.add_parser(
+        "smoke",
+        help="bring the lab up, send a little DNS, IMAP and POP3 without Locust, bring it down "
+        "(exit status 1 if a service did not answer)",
+    )
+    _dir_option(smoke)
+    smoke.add_argument("--keep", action="store_true", help="leave the lab running afterwards")
+    smoke.set_defaults(func=_smoke)
+
+
+def _up_options(up: argparse.ArgumentParser) -> None:
+    """What ``lab up`` can change: addresses and ports, unbound, accounts, proxies, firewall, CPU."""
     up.add_argument("--address", default=defaults.LAB_ADDRESS,
                     help="loopback address every service binds to (default %(default)s)")
     up.add_argument("--dns-port", metavar="PORT", type=_int_arg("--dns-port"), default=defaults.DNS_PORT,
@@ -63,28 +90,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--proxy-cpu", metavar="CORES", type=_float_arg("--proxy-cpu"), default=0.0,
                     help="CPU quota of each dovecot proxy in cores; 0 = no quota")
     up.add_argument("--json", action="store_true", help="print the status as one JSON object")
-    up.set_defaults(func=_up)
-
-    st = lab_sub.add_parser(
-        "status",
-        help="show the lab's components, endpoints and cgroups (exit status 1 if not running)",
-    )
-    _dir_option(st)
-    st.add_argument("--json", action="store_true", help="print one JSON object")
-    st.set_defaults(func=_status)
-
-    down = lab_sub.add_parser("down", help="stop what 'lab up' started and remove its cgroups")
-    _dir_option(down)
-    down.set_defaults(func=_down)
-
-    smoke = lab_sub.add_parser(
-        "smoke",
-        help="bring the lab up, send a little DNS, IMAP and POP3 without Locust, bring it down "
-        "(exit status 1 if a service did not answer)",
-    )
-    _dir_option(smoke)
-    smoke.add_argument("--keep", action="store_true", help="leave the lab running afterwards")
-    smoke.set_defaults(func=_smoke)
 
 
 def _dir_option(p: argparse.ArgumentParser) -> None:
