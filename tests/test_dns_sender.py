@@ -231,7 +231,7 @@ def test_burst_window_is_recorded(fake) -> None:
     assert len(s.bursts) == 1
     b = s.bursts[0]
     assert b.sent_n == 300
-    assert 0.0 < b.window_s < 0.5
+    assert b.window_s > 0.0  # a real window, measured (how long it took is not the test's business)
     assert b.first_sent_unix_s >= b.planned_start_unix_s - 0.001
     # answers read while the burst left, up to the read right after it (the drain inside it)
     assert 0 <= b.answered_in_window_n <= 300

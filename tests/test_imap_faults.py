@@ -81,7 +81,8 @@ def test_session_phases_are_timed_on_the_loop_and_classed() -> None:
         results = bridge.run(session.open("u", "p"), timeout=10)
     assert [r.name for r in results] == ["connect+greeting", "LOGIN", "SELECT"]
     assert [repr(r.failure) for r in results] == ["None", "None", "timeout_select"]
-    assert 0.3 <= results[-1].elapsed_s < 5
+    # not before its own 0.3 s deadline; had only the library's applied, bridge.run would have timed out
+    assert results[-1].elapsed_s >= 0.3
 
 
 def test_refused_server_does_not_spin(tmp_path) -> None:
