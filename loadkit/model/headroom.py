@@ -42,11 +42,23 @@ POLICIES = ("roundrobin", "leastconn", "weighted")
 #: kernel reclaims page cache and the charge stops being a function of sessions alone
 FIT_MAX_FRACTION = 0.95
 
-#: standard deviation, relative to a proxy's capacity, of the curvature allowance per unit of
-#: extrapolation: a fit that saw a fraction f of the capacity gets ± EXTRAPOLATION_REL_SD × (1 - f)
-#: (one sigma) on top of the fit's own error. A stated allowance, not estimated from the data:
-#: benchmarks/model_coverage.py checks the interval's coverage on ramps with curvature of this size
+#: the curvature allowance: memory taken as base + per × s × (1 + c × s / capacity) with c of
+#: this standard deviation (a stated prior, not estimated from the data). A straight line fitted on
+#: sessions 0..f × capacity of such a curve misses the capacity by about c × (1 - f + f²/6), so
+#: the allowance grows with the extrapolation distance and vanishes for no fitted proxy.
+#: benchmarks/model_coverage.py checks the interval's coverage on ramps drawn from this prior
 EXTRAPOLATION_REL_SD = 0.08
+
+
+def _curvature_factor(c: float, f: np.ndarray) -> np.ndarray:
+    """True capacity / straight-line capacity when memory is u + c u² (u = sessions / capacity)
+    and the line was fitted on u in [0, f]: the least-squares line of u + c u² on [0, f] has
+    slope 1 + c f and intercept -c f²/6, so it reaches 1 at (1 + c f²/6) / (1 + c f); the curve
+    reaches it at (sqrt(1 + 4c) - 1) / 2c (never, for c <= -1/4)."""
+    if abs(c) < 1e-12:
+        return np.ones_like(f)
+    true_u = (math.sqrt(1.0 + 4.0 * c) - 1.0) / (2.0 * c) if 1.0 + 4.0 * c > 0 else math.inf
+    return true_u * (1.0 + c * f) / (1.0 + c * f * f / 6.0)
 
 #: lines of proxies with one limit and one share are pooled unless a Wald test of their equality
 #: rejects it at this level
@@ -452,11 +464,11 @@ def _draws(lines: list[_Line], limits: np.ndarray, caps: np.ndarray, shares: np.
     """(first failure, all fail, N+1) totals for ``draws_n`` samples of the fits' uncertainty."""
     rng = np.random.default_rng(seed)
     n = len(limits)
-    # how far each proxy's capacity lies beyond what its line saw
-    beyond = np.empty(n)
+    # the fraction of each proxy's capacity its line saw (see EXTRAPOLATION_REL_SD)
+    seen = np.empty(n)
     for line in lines:
         for i in line.members:
-            beyond[i] = 1.0 - min(1.0, line.max_x / caps[i])
+            seen[i] = min(1.0, line.max_x / caps[i])
     sampled = [rng.multivariate_normal(line.beta, line.cov, size=draws_n, check_valid="ignore")
                for line in lines]
     curvature = rng.normal(0.0, 1.0, size=draws_n)  # one workload: one curvature for all proxies
@@ -471,8 +483,8 @@ def _draws(lines: list[_Line], limits: np.ndarray, caps: np.ndarray, shares: np.
                 eps = rng.normal(0.0, line.scatter_bytes)
                 caps_d[i] = (limits[i] - base - eps) / slope
         else:
-            caps_d *= 1.0 + EXTRAPOLATION_REL_SD * beyond * curvature[d]
-            if (caps_d > 0).all():
+            caps_d *= _curvature_factor(EXTRAPOLATION_REL_SD * curvature[d], seen)
+            if (caps_d > 0).all() and np.isfinite(caps_d).all():
                 nm1 = _n_minus_1(caps_d, shares)[0] if n > 1 else math.nan
                 out.append((_first_total(caps_d, shares), _all_fail_total(caps_d, shares, reconnect_overhead), nm1))
     return np.array(out).reshape(-1, 3)
