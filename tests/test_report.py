@@ -529,3 +529,50 @@ def test_cli_forecast_burst_judges_the_dns_bursts(tmp_path, capsys):
     assert code == 1 and out.startswith("FAIL:")
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["dns_capacity"][0]["forecast_peak_burst_queries"] == 1000
+
+
+def test_the_report_judges_bursts_as_sent_and_agrees_with_fit_udp_burst(tmp_path):
+    # the profile asked for 1200 queries in 10 ms; the generator took 100 ms to send them (its
+    # burst events say so, with the answers it read meanwhile): `loadkit fit udp-burst` and the
+    # report must give the same loss and buffer for the same burst
+    from loadkit import model
+
+    path = _burst_options(write_dns_run(tmp_path, duration_s=60, burst_queries=1200), window_ms=10)
+    started = json.loads((path / "manifest.json").read_text())["started_unix_s"]
+    for i, second in enumerate(range(10, 61, 10)):
+        first = started + second - 0.5
+        _append_event(path, {"ts_unix_s": first, "kind": "burst", "source": "dns",
+                             "detail": {"burst_index": i, "first_sent_unix_s": first, "last_sent_unix_s": first + 0.1,
+                                        "window_s": 0.1, "sent_n": 1200, "answered_in_window_n": 400,
+                                        "answers_read_unix_s": first + 0.1}})
+    run = load_run(path)
+    fit = model.fit_udp_burst(run)
+    summary = summarize([run], release="r1")
+    (d,) = summary.dns
+    assert d.burst_window_s == pytest.approx(0.1) and d.burst_window_planned_s == pytest.approx(0.01)
+    assert d.rcvbuf_needed_bytes == fit.needed_rcvbuf_bytes
+    (udp,) = [m for m in summary.models if m.model == "udp burst"]
+    assert udp.predicted_value == pytest.approx(fit.predicted_loss_n)
+    assert "sent in 100 ms (the profile asked for 10 ms)" in udp.question
+    assert f"{model.so_rcvbuf_for(fit.needed_rcvbuf_bytes):,}" in summary.dns_capacity[0].recommendation
+
+
+def test_only_the_firewall_in_front_of_the_target_is_the_runs(tmp_path):
+    # the collector samples every firewall table on the host: another lab's is not this run's
+    from loadkit.record.writer import RunWriter
+    from loadkit.schema import FirewallSample
+
+    path = write_dns_run(tmp_path, duration_s=30)
+    run0 = load_run(path)
+    w = RunWriter(path)
+    for i, ts in enumerate(sorted(set(run0.requests["ts_unix_s"]))):
+        w.add(FirewallSample(ts, "runfactory", "ip loadkit_fw_other", 10_000, 10_000, 50 * i, 60.0))
+        w.add(FirewallSample(ts, "runfactory", "ip loadkit_fw_mine", min(3000, 100 * i), 3000, 0, 30.0))
+    w.flush()
+    assert not [m for m in summarize([load_run(path)], release="r1").models if m.model == "firewall"]
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["lab"]["firewall"] = {"dns": ["127.0.0.1", 5353], "table": "ip loadkit_fw_mine"}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    (row,) = [m for m in summarize([load_run(path)], release="r1").models if m.model == "firewall"]
+    assert "3,000-entry session table" in row.question
+    assert row.measured_value == 2900

@@ -161,6 +161,7 @@ def dns_run(run: RunData, notes: list[str]) -> DnsRun:
         retry_amplification_max=traffic.get("retry_amplification_max"),
         peak_offered_qps=traffic.get("peak_offered_qps"), bursts_n=bursts_sent(run),
         burst_queries=float(size) if size else None, burst_window_s=window_s if size else None,
+        burst_window_planned_s=window_s if size else None,
         largest_burst_without_loss_queries=None, largest_burst_is_lower_bound=False,
         rcvbuf_needed_bytes=None, buffer_datagrams_n=None, rcvbuf_bytes=None, service_rate_qps=None,
         drop_onset_qps=None, udp_burst_summary="",
@@ -186,9 +187,12 @@ def _burst_figures(run: RunData, row: DnsRun, notes: list[str]) -> None:
     fit = udp_fit(run, notes)
     if fit is None:
         return
-    if not row.burst_queries and num(getattr(fit, "burst_n", None)):
+    recorded = bool(getattr(fit, "bursts", None) and num(fit.burst_n))
+    if recorded:
+        # the bursts as the generator really sent them (its burst events), as `loadkit fit
+        # udp-burst` judges them: a 4,000-query burst asked for in 10 ms may take 116 ms to leave
         row.burst_queries = float(fit.burst_n)
-        row.burst_window_s = num(getattr(fit, "burst_window_s", None)) or 0.0
+        row.burst_window_s = num(fit.burst_window_s) or 0.0
     size, window_s = row.burst_queries or 0.0, row.burst_window_s or 0.0
     absorbed = num(fit.max_burst_in_window(window_s))
     row.largest_burst_is_lower_bound = bool(size and row.drops_n == 0)
@@ -196,7 +200,8 @@ def _burst_figures(run: RunData, row: DnsRun, notes: list[str]) -> None:
         absorbed = max(size, absorbed or 0.0)
     row.largest_burst_without_loss_queries = absorbed
     if size and not row.largest_burst_is_lower_bound:
-        row.rcvbuf_needed_bytes = int(fit.rcvbuf_for(size, window_s))
+        # the fit's own figure for its headline burst (sized for the slowest burst it measured)
+        row.rcvbuf_needed_bytes = int(fit.needed_rcvbuf_bytes if recorded else fit.rcvbuf_for(size, window_s))
     row.buffer_datagrams_n = int(fit.buffer_datagrams)
     row.rcvbuf_bytes = num(fit.rcvbuf_bytes)
     row.service_rate_qps = num(fit.service_rate_qps)  # None when no burst measured the drain rate
@@ -236,8 +241,8 @@ def dns_capacity(runs: Sequence[RunData], rows: Sequence[DnsRun], scenario: str,
             peak_offered_qps=d.peak_offered_qps,
             headroom_pct=num((absorbed / peak - 1) * 100) if absorbed and peak else None,
             recommendation=recommendation,
-            source="UDP burst model: the largest burst the receive buffer absorbs within "
-                   f"{(d.burst_window_s or 0) * 1000:.0f} ms at the measured service rate",
+            source="UDP burst model: the largest burst the receive buffers absorb in the "
+                   f"{(d.burst_window_s or 0) * 1000:.0f} ms the bursts took to send, at the drain rate measured in them",
             **{**common, "rcvbuf_needed_bytes": d.rcvbuf_needed_bytes},
         )
     onsets = [r.drop_onset_qps for r in rows if r.drop_onset_qps]

@@ -7,6 +7,7 @@ no row; it never stops the report.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Sequence
 
@@ -138,7 +139,8 @@ def udp_rows(d: DnsRun, run: RunData) -> list[ModelRow]:
     if fit is None or not d.burst_queries:
         return []
     window = d.burst_window_s or 0.0
-    loss = float(fit.expected_loss(d.burst_queries, window))
+    recorded = num(getattr(fit, "burst_n", None)) == d.burst_queries and num(getattr(fit, "predicted_loss_n", None)) is not None
+    loss = float(fit.predicted_loss_n if recorded else fit.expected_loss(d.burst_queries, window))
     per_burst = num(getattr(fit, "measured_loss_mean_n", None))
     if per_burst is not None:
         measured = f"{per_burst:,.0f} dropped per burst on average ({d.drops_source})"
@@ -149,8 +151,10 @@ def udp_rows(d: DnsRun, run: RunData) -> list[ModelRow]:
         caveats.append("lower bound: no burst was dropped, so the buffer may absorb more")
     drain = num(fit.service_rate_qps)
     how = f"drain {drain:,.0f}/s" if drain is not None else "drain rate not measured"
+    planned = d.burst_window_planned_s
+    asked = f" (the profile asked for {planned * 1000:.0f} ms)" if planned is not None and abs(planned - window) > 1e-3 else ""
     return [ModelRow(model="udp burst", scenario=d.scenario, run_ids=[d.run_id],
-                     question=f"queries lost from a burst of {d.burst_queries:,.0f} within {window * 1000:.0f} ms",
+                     question=f"queries lost from a burst of {d.burst_queries:,.0f} sent in {window * 1000:.0f} ms{asked}",
                      predicted=f"{loss:,.0f} lost per burst (buffers {fit.buffer_datagrams} queries, {how})",
                      measured=measured, caveat="; ".join(caveats), predicted_value=loss,
                      measured_value=per_burst, unit="queries per burst")]
@@ -199,13 +203,30 @@ def source_limit_rows(d: DnsRun, run: RunData) -> list[ModelRow]:
     return rows
 
 
+def target_firewall(run: RunData) -> str | None:
+    """The firewall table in front of the run's DNS target (the lab's, when the run targeted
+    the port it guards); None otherwise. The collector samples every firewall table on the host,
+    other labs' too, so only that one is the run's."""
+    fw = (run.manifest.get("lab") or {}).get("firewall") or {}
+    dns = fw.get("dns")
+    if isinstance(dns, dict):
+        dns = [dns.get("host") or dns.get("address"), dns.get("port")]
+    if not fw.get("table") or not isinstance(dns, (list, tuple)) or len(dns) != 2:
+        return None
+    if f"udp://{dns[0]}:{dns[1]}" not in [str(t) for t in run.manifest.get("targets") or []]:
+        return None
+    table = str(fw["table"])
+    return table if len(getattr(run, "firewall", ())) and (run.firewall["firewall"] == table).any() else None
+
+
 def firewall_rows(d: DnsRun, run: RunData) -> list[ModelRow]:
     """The firewall session table in front of DNS: entries predicted beside measured, and
     whether the retry loop sustains itself once the table is full."""
-    if not len(getattr(run, "firewall", ())):
+    table = target_firewall(run)
+    if table is None:
         return []
     try:
-        res = model.fit_firewall(run)
+        res = model.fit_firewall(dataclasses.replace(run, firewall=run.firewall[run.firewall["firewall"] == table]))
     except ModelError:
         return []
     measured = (f"up to {res.measured_max_entries_n:,.0f} entries" if res.measured_max_entries_n is not None

@@ -168,16 +168,17 @@ class DnsRun(_Row):
     retry_amplification_max: float | None
     peak_offered_qps: float | None
     bursts_n: int | None
-    burst_queries: float | None
-    burst_window_s: float | None
+    burst_queries: float | None  #: the largest burst the generator recorded sending, else the profile's
+    burst_window_s: float | None  #: the time it took to send (recorded), else the profile's
     largest_burst_without_loss_queries: float | None
     largest_burst_is_lower_bound: bool
     rcvbuf_needed_bytes: int | None
     buffer_datagrams_n: int | None
     rcvbuf_bytes: float | None
-    service_rate_qps: float | None
+    service_rate_qps: float | None  #: the drain rate measured inside bursts; None when not measured
     drop_onset_qps: float | None
     udp_burst_summary: str
+    burst_window_planned_s: float | None = None  #: the window the profile asked for (dns-burst-ms)
 
 
 @dataclass
