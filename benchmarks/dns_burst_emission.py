@@ -18,7 +18,7 @@ import statistics
 import sys
 
 from loadkit.generate.dns import schedule, wire
-from loadkit.generate.dns.sender import DnsSender
+from loadkit.generate.dns.sender import DnsSender, SenderOptions
 from loadkit.profile.targets import check_target
 
 GOAL_MS = 80.0
@@ -31,10 +31,8 @@ def emit_once(target_spec: str, size: int, pool: wire.QueryPool) -> float:
     sender = DnsSender(
         target,
         pool,
+        SenderOptions(timeout_s=0.2, retries_n=0, max_duration_s=5.0),
         bursts=schedule.BurstTrain(size, 0.0, 10.0, first_s=0.05, count=1),
-        timeout_s=0.2,
-        retries_n=0,
-        max_duration_s=5.0,
     )
     sender.open()
     try:

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from loadkit.generate.dns import schedule, wire
-from loadkit.generate.dns.sender import DnsSender
+from loadkit.generate.dns.sender import DnsSender, SenderOptions
 from loadkit.lab import Lab, LabConfig
 from loadkit.profile.targets import check_target
 
@@ -57,11 +57,8 @@ def run_loadkit(address: str, port: int, names: list[str], seconds: float, rate_
     sender = DnsSender(
         target,
         pool,
+        SenderOptions(timeout_s=1.0, retries_n=0, ports_per_source=ports, max_duration_s=seconds),
         base=schedule.ConstantRate(rate_qps),
-        timeout_s=1.0,
-        retries_n=0,
-        ports_per_source=ports,
-        max_duration_s=seconds,
     )
     sender.open()
     t0 = time.perf_counter()
