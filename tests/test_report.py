@@ -576,3 +576,18 @@ def test_only_the_firewall_in_front_of_the_target_is_the_runs(tmp_path):
     (row,) = [m for m in summarize([load_run(path)], release="r1").models if m.model == "firewall"]
     assert "3,000-entry session table" in row.question
     assert row.measured_value == 2900
+
+
+def test_anomaly_row_says_when_polling_cannot_be_judged(tmp_path):
+    from loadkit.report.models import anomaly_model_row
+    from loadkit.report.summary import AnomalyRow
+
+    short = AnomalyRow(run_id="r", series="drops", spikes=[{"ts_unix_s": 1.0}] * 6, daily_period=None,
+                       change_points_n=0, detection_delay_s={}, summary="", source="")
+    row = anomaly_model_row(short, "s")
+    assert row.predicted == "not judged" and "shorter than the polling" in row.caveat
+    long = AnomalyRow(run_id="r", series="drops", spikes=[{"ts_unix_s": 1.0}], daily_period=None,
+                      change_points_n=0, detection_delay_s={"3600": None, "60": 45.0}, summary="", source="")
+    row = anomaly_model_row(long, "s")
+    assert row.predicted == "1 h polling: not detected, 1 min polling: after 45 s"
+    assert row.caveat == "1 h polling would never have shown it"

@@ -315,13 +315,16 @@ def _polling(p: str) -> str:
 
 
 def anomaly_model_row(a: AnomalyRow, scenario: str) -> ModelRow:
-    """How late coarser polling would have seen what the one-second series shows."""
+    """How late coarser polling would have seen what the recording interval shows."""
     delays = sorted(a.detection_delay_s.items(), key=lambda kv: -float(kv[0]))
     predicted = ", ".join(f"{_polling(p)} polling: " + ("not detected" if d is None else f"after {d:,.0f} s")
-                          for p, d in delays) or "no spike to detect"
+                          for p, d in delays)
     never = [_polling(p) for p, d in delays if d is None]
     caveat = f"{' and '.join(never)} polling would never have shown it" if never else ""
+    if not delays:
+        predicted = "not judged"
+        caveat = "the run is shorter than the polling intervals compared (1 min, 15 min, 1 h)"
     return ModelRow(model="anomalies", scenario=scenario, run_ids=[a.run_id],
-                    question=f"would coarser polling of {a.series} have seen the spikes?", predicted=predicted,
+                    question=f"would coarser polling of {a.series} have seen its spikes?", predicted=predicted,
                     measured=f"{len(a.spikes)} spike(s), {a.change_points_n} level shift(s) in the recorded series",
                     caveat=caveat, measured_value=float(len(a.spikes)), unit="spikes")
