@@ -4,8 +4,9 @@
 
 Without ``--runs``, the runs of release R are found by their manifests under ``--runs-dir``
 (``./runs``); the baseline's runs likewise, unless ``--baseline-runs`` names them. Exit status:
-0 when the verdict is PASS or WARN, 1 when it is FAIL (a gate failed or no headroom is left), 2
-when the report could not be made.
+0 when the verdict is PASS or WARN, 1 when it is FAIL (a gate failed or no headroom is left at a
+forecast), 2 when the report could not be made. A run that ended by the abort its profile set up
+(``aborted as designed``) is printed as a note, not as a failure.
 """
 
 from __future__ import annotations
