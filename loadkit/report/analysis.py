@@ -366,7 +366,7 @@ def verdict(s: ReportSummary) -> None:
         elif d.mode == "burst" and not d.is_lower_bound and d.burst_queries and d.forecast_peak_burst_queries is None:
             warn.append(f"DNS ({d.scenario}): bursts of {d.burst_queries:,.0f} queries offered overflowed the "
                         f"receive buffer, which absorbs ≈ {d.largest_burst_without_loss_queries or 0:,.0f} "
-                        "(no forecast burst to judge them by: [gates] forecast_peak_burst_queries)")
+                        "(no forecast burst to judge them by: --forecast-peak-burst-queries N)")
     warn += [f"{c.service} {c.metric} ({c.scenario}) regressed {c.change:+.1f} {c.change_unit} against "
              f"{s.baseline_release}" for c in s.regressions]
     aborted_by_gate = {g.run_id for g in s.gates if g.name == "no_abort"}
