@@ -261,3 +261,14 @@ def test_n_plus_1_with_the_proxy_whose_loss_hurts_most_down(tmp_path):
     assert w.n_minus_1_sessions == pytest.approx(200, rel=0.02)
     back = HeadroomResult.from_json(w.to_json())
     assert back.n_minus_1_sessions == w.n_minus_1_sessions
+
+
+def test_a_limited_group_without_sessions_is_named_not_dropped_silently(tmp_path):
+    proxies = {"p1": (30 * MiB, 1.2 * MiB, 256 * MiB), "p2": (30 * MiB, 1.2 * MiB, 256 * MiB),
+               "spare": (30 * MiB, 0.0, 256 * MiB)}
+    write_headroom_run(tmp_path / "run", proxies=proxies, outliers=0)
+    run = load_run(tmp_path / "run")
+    run.groups.loc[run.groups["group"] == "spare", "sessions_n"] = 0
+    res = fit_headroom(run)
+    assert [f.name for f in res.proxies] == ["p1", "p2"]
+    assert any(c.startswith("spare had a memory limit but held no sessions") for c in res.caveats)

@@ -578,6 +578,11 @@ def _result(runs, pts, fits, lines, caps, limits, shares, *, policy, admission_f
     max_frac = float(totals_obs.max() / first_total) if len(totals_obs) else math.nan
     measured = _measured_first_failure(pts)
     caveats = _caveats(fits, lines, max_frac, measured, first_total)
+    idle = sorted({str(g) for r in runs if len(r.groups)
+                   for g, lim in r.groups.groupby("group")["cgroup_limit_bytes"].max().items()
+                   if lim > 0} - {n.rsplit("/", 1)[-1] for n in names})
+    if idle:
+        caveats.append(f"{', '.join(idle)} had a memory limit but held no sessions: not counted as proxies")
     return HeadroomResult(
         policy=policy, proxies=fits, first_failure_sessions=first_total,
         first_failure_proxy=names[first_idx], all_fail_sessions=all_total, all_fail_ci95=_ci(draws[:, 1]),
