@@ -71,7 +71,8 @@ def write_firewall_run(run_dir, *, retries_per_drop: float, size_n=8000, timeout
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / RUN_LAYOUT["manifest"]).write_text(json.dumps(dict(
         run_id=run_dir.name, scenario="retry_storm_firewall", release="synthetic", status="completed",
-        started_unix_s=T0, ended_unix_s=T0 + before_s + trigger_s + after_s, profile={}, targets=[], versions={},
+        started_unix_s=T0, ended_unix_s=T0 + before_s + trigger_s + after_s, profile={},
+        targets=["udp://127.0.0.1:5354"], versions={},
         host={}, lab={}, gates=[])))
     gen = PartWriter(run_dir / RUN_LAYOUT["generator"])
     fw = PartWriter(run_dir / "samples" / "firewall")
@@ -102,8 +103,11 @@ def write_firewall_run(run_dir, *, retries_per_drop: float, size_n=8000, timeout
         gen.extend([GeneratorMetric(now, "dns.original_sent", "counter", orig_c),
                     GeneratorMetric(now, "dns.retry_sent", "counter", retry_c),
                     GeneratorMetric(now, "dns.answered", "counter", ans_c)])
-        fw.append({"ts_unix_s": now, "host": "lab", "firewall": "ip loadkit_fw_test", "entries_n": int(entries),
-                   "size_n": size_n, "drops_n": int(drops_c), "timeout_s": timeout_s})
+        fw.append({"ts_unix_s": now, "host": "lab", "firewall": "ip loadkit_fw_127_0_0_1_1143",
+                   "entries_n": int(entries), "size_n": size_n, "drops_n": int(drops_c), "timeout_s": timeout_s})
+        # another lab's firewall on the same host: full, dropping, and not the target's
+        fw.append({"ts_unix_s": now, "host": "lab", "firewall": "ip loadkit_fw_127_9_9_1_1143",
+                   "entries_n": 500, "size_n": 500, "drops_n": 100 * k, "timeout_s": 5.0})
     for phase, t in (("trigger_start", T0 + before_s), ("trigger_end", T0 + before_s + trigger_s)):
         events.append({"ts_unix_s": t, "kind": "phase", "source": "shape", "detail": {"phase": phase}})
     (run_dir / RUN_LAYOUT["events"]).write_text("".join(json.dumps(e) + "\n" for e in events))

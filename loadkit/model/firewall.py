@@ -150,15 +150,41 @@ def firewall_model(original_qps: float, size_n: float, timeout_s: float, *, retr
                           fill_amplification=fill_amp, loop=loop)
 
 
-def _table(run: RunData) -> pd.DataFrame:
+def _table(run: RunData) -> tuple[pd.DataFrame, list[str]]:
+    """The samples of the firewall in front of the run's target (a host may run several: the
+    lab names each table after the address it guards), one row per timestamp."""
     fw = getattr(run, "firewall", None)
     if fw is None or not len(fw):
         raise ModelError(f"run {run.run_id} has no 'firewall' samples (samples/firewall: ts_unix_s, entries_n, "
                          "size_n, drops_n): record the run with a collector that watches the firewall")
+    caveats: list[str] = []
+    if "firewall" in fw and fw["firewall"].nunique() > 1:
+        tokens = [str(t)[len("udp://"):].rpartition(":")[0].strip("[]").replace(".", "_").replace(":", "_")
+                  for t in run.manifest.get("targets") or [] if str(t).startswith("udp://")]
+        mine = fw[fw["firewall"].astype(str).map(lambda name: any(f"_{tok}_" in name for tok in tokens if tok))]
+        if mine["firewall"].nunique() == 1:
+            fw = mine
+        else:
+            busiest = fw.groupby("firewall")["drops_n"].max().idxmax()
+            caveats.append(f"{fw['firewall'].nunique()} firewall tables on the host; none named after the target, "
+                           f"so the one that dropped most ({busiest})")
+            fw = fw[fw["firewall"] == busiest]
     cols = {"entries_n": "sum", "size_n": "sum", "drops_n": "sum"}
     if "timeout_s" in fw:
         cols["timeout_s"] = "median"
-    return fw.groupby("ts_unix_s").agg(cols).sort_index()
+    return fw.groupby("ts_unix_s").agg(cols).sort_index(), caveats
+
+
+def table_capacity(run: RunData) -> tuple[float, float] | None:
+    """(new flows per second the target's firewall table admits when full, its UDP timeout), or
+    None when the run has no firewall samples with a size and a timeout."""
+    try:
+        fw, _ = _table(run)
+    except ModelError:
+        return None
+    size = float(fw["size_n"].max())
+    timeout = float(fw["timeout_s"].median()) if "timeout_s" in fw else 0.0
+    return (size / timeout, timeout) if size > 0 and timeout > 0 else None
 
 
 def predicted_occupancy(amp: pd.DataFrame, timeout_s: float, drops: pd.Series | None = None,
@@ -180,7 +206,7 @@ def fit_firewall(run: RunData, *, timeout_s: float | None = None, size_n: float 
     """The firewall model on a recorded run: the table's size and timeout from its samples (or
     given), occupancy predicted from the generator's new flows beside the entries measured, the
     retry loop fitted (retries per lost query over the run) at the run's baseline demand."""
-    fw = _table(run)
+    fw, table_caveats = _table(run)
     size = float(size_n if size_n is not None else fw["size_n"].max())
     timeout = float(timeout_s if timeout_s is not None else
                     (fw["timeout_s"].median() if "timeout_s" in fw and fw["timeout_s"].max() > 0 else math.nan))
@@ -190,11 +216,12 @@ def fit_firewall(run: RunData, *, timeout_s: float | None = None, size_n: float 
     amp = retry_amplification(run)
     drops = fw["drops_n"].astype(float).diff().clip(lower=0).fillna(0.0)
     busy = amp[amp["offered_qps"] > 0]
-    caveats: list[str] = []
+    caveats: list[str] = list(table_caveats)
     verdict, end = None, trigger_end_unix_s
     try:
         verdict_res = metastability(run, trigger_end_unix_s, capacity_qps=size / timeout)
         verdict, original = verdict_res.verdict, verdict_res.baseline_original_qps
+        verdict_caveats = verdict_res.caveats
         end = verdict_res.trigger_end_unix_s
     except ModelError as err:
         caveats.append(f"no verdict: {err}")
@@ -207,7 +234,8 @@ def fit_firewall(run: RunData, *, timeout_s: float | None = None, size_n: float 
     res = firewall_model(original, size, timeout, retries_per_loss=r, port_policy=port_policy,
                          peak_offered_qps=float(busy["offered_qps"].max()) if len(busy) else None,
                          cap_qps=top * original if math.isfinite(top) else None)
-    res.verdict, res.caveats = verdict, caveats
+    res.verdict, res.caveats = verdict, caveats + [c for c in (verdict_caveats if verdict else [])
+                                                    if c not in caveats]
     res.measured_max_entries_n = float(fw["entries_n"].max())
     res.measured_drops_n = float(fw["drops_n"].iloc[-1] - fw["drops_n"].iloc[0])
     pred = predicted_occupancy(amp, timeout, port_policy=port_policy)

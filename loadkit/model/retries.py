@@ -426,6 +426,17 @@ def metastability(run: RunData, trigger_end_unix_s: float | None = None, *,
     amp_ceiling = base_amp * (1.0 + amplification_tolerance)
     healthy = ((busy["goodput_ratio"].fillna(0.0) >= good_floor)
                & (busy["amplification"].fillna(np.inf) <= amp_ceiling)).to_numpy()
+    if capacity_qps is None:
+        from loadkit.model.firewall import table_capacity  # firewall builds on this module
+
+        table = table_capacity(run)
+        if table is not None:
+            # a session table's loss depends on what it holds, not on the rate alone: its steady
+            # state is a capacity of size / timeout new flows a second
+            capacity_qps = table[0]
+            if post_s < table[1]:
+                caveats.append(f"the firewall keeps a session {table[1]:g} s: {post_s:.0f} s after the trigger "
+                               "cannot see its table drain")
     loop = fit_retry_loop(busy, base_orig, capacity_qps=capacity_qps, after_unix_s=end)
     common = dict(trigger_start_unix_s=float(start), trigger_end_unix_s=float(end), trigger_source=source,
                   baseline_original_qps=base_orig, baseline_goodput_ratio=base_good, baseline_amplification=base_amp,
