@@ -4,7 +4,6 @@ the recommendation; and the model against a real flood into the lab's unbound ``
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -69,7 +68,8 @@ def test_configuration_comes_from_the_manifest_and_says_so(tmp_path):
     assert "derived from the run's manifest" in res.basis
     assert "does not record per-source counts" in res.basis
     assert res.applied_limit_qps is None
-    bare = _manifest_run(tmp_path / "b", {}, {}) if (tmp_path / "b").mkdir() is None else None
+    (tmp_path / "bare").mkdir()
+    bare = _manifest_run(tmp_path / "bare", {}, {})
     with pytest.raises(ModelError, match="--sources and --source-qps"):
         fit_source_limit(load_run(bare))
 
