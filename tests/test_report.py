@@ -591,3 +591,18 @@ def test_anomaly_row_says_when_polling_cannot_be_judged(tmp_path):
     row = anomaly_model_row(long, "s")
     assert row.predicted == "1 h polling: not detected, 1 min polling: after 45 s"
     assert row.caveat == "1 h polling would never have shown it"
+
+
+def test_a_stepped_run_gets_usl_rows_with_their_caveat(tmp_path):
+    from loadkit.record.synthetic import write_usl_run
+
+    write_usl_run(tmp_path / "usl")
+    run = load_run(tmp_path / "usl")
+    rows = [m for m in summarize([run], release="r1").models if m.model == "usl"]
+    assert rows[0].predicted_value == pytest.approx(rows[0].measured_value, rel=0.1)
+    (peak,) = [m for m in rows if "N*" in m.question]
+    assert peak.predicted_value == pytest.approx((0.97 / 2e-4) ** 0.5, rel=0.1)  # sqrt((1 - σ) / κ)
+    flat = tmp_path / "flat"
+    write_usl_run(flat, kappa=0.0, sigma=0.0, run_id="usl-flat")
+    (row,) = [m for m in summarize([load_run(flat)], release="r1").models if m.model == "usl"]
+    assert "κ not significantly above 0" in row.caveat

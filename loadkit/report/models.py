@@ -260,15 +260,34 @@ def usl_rows(runs: Sequence[RunData]) -> list[ModelRow]:
             res = model.fit_usl(points["concurrency"], points["throughput_rps"])
         except (ModelError, KeyError, ValueError):
             continue  # a run that did not step its concurrency has no USL: not worth a note
-        top = points.loc[points["concurrency"].idxmax()]
-        n, x = float(top["concurrency"]), float(top["throughput_rps"])
+        rows += _usl_rows(run, points, res)
+    return rows
+
+
+def _usl_rows(run: RunData, points: pd.DataFrame, res) -> list[ModelRow]:
+    """Throughput at the highest concurrency measured; and N* (with its interval) only when κ is
+    significantly above 0, else the caveat says no retrograde region was measured."""
+    common = dict(model="usl", scenario=str(run.manifest.get("scenario", "")), run_ids=[run.run_id])
+    top = points.loc[points["concurrency"].idxmax()]
+    n, x = float(top["concurrency"]), float(top["throughput_rps"])
+    significant = getattr(res, "kappa_significant", None)
+    if significant is None:  # a fit without the flag: the normal interval of κ
         significant = res.kappa - 1.96 * res.kappa_stderr > 0
-        caveat = "" if significant else "κ not significantly above 0: no retrograde region measured, no N* given"
-        rows.append(ModelRow(model="usl", scenario=str(run.manifest.get("scenario", "")), run_ids=[run.run_id],
-                             question=f"throughput at {n:,.0f} concurrent users",
-                             predicted=f"{float(res.predict(n)):,.1f}/s ({res.summary()})", measured=f"{x:,.1f}/s",
-                             caveat=caveat, predicted_value=float(res.predict(n)), measured_value=x,
-                             unit="requests/s"))
+    caveat = "" if significant else "κ not significantly above 0: no retrograde region measured, no N* given"
+    rows = [ModelRow(question=f"throughput at {n:,.0f} concurrent users", predicted=f"{float(res.predict(n)):,.1f}/s",
+                     measured=f"{x:,.1f}/s", caveat=caveat, predicted_value=float(res.predict(n)), measured_value=x,
+                     unit="requests/s", **common)]
+    if significant and math.isfinite(res.n_star):
+        lo, hi = getattr(res, "n_star_ci95", (math.nan, math.nan))
+        ci = f" (95 % {lo:,.0f}–{hi:,.0f})" if math.isfinite(lo) and math.isfinite(hi) else ""
+        best = points.loc[points["throughput_rps"].idxmax()]
+        rows.append(ModelRow(
+            question="concurrency of peak throughput (N*)",
+            predicted=f"N* ≈ {res.n_star:,.0f}{ci}, {res.x_max:,.1f}/s",
+            measured=f"highest throughput measured at {float(best['concurrency']):,.0f} users, "
+                     f"{float(best['throughput_rps']):,.1f}/s",
+            caveat="extrapolation: N* lies beyond the concurrency measured" if res.n_star > n else "",
+            predicted_value=float(res.n_star), measured_value=float(best["concurrency"]), unit="users", **common))
     return rows
 
 
