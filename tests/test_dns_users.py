@@ -185,3 +185,21 @@ def test_flood_takes_an_explicit_rate_and_shows_the_retry_options(lab, tmp_path:
     done = next(ln for ln in out.stderr.splitlines() if "DNS load done: sent=" in ln)
     sent = int(done.split("sent=")[1].split()[0])
     assert sent < 500 * 4 * 1.3  # not the flood's 2,000 sources x 2 q/s = 4,000 q/s
+
+
+@pytest.mark.lab
+def test_retry_budget_against_the_lab(lab, tmp_path: Path) -> None:
+    # bursts of 4,000 in 5 ms overflow unbound's default receive buffer (about 256 queries): the
+    # dropped queries want a retry each, the budget lets through at most 5 % of the originals
+    out = run_locust(["-f", str(REPO / "locustfiles" / "dns_burst.py"), "--headless", "-t", "5s",
+                      "--host", str(lab.dns), "--dns-names-file", str(lab.names_file), "--dns-rate", "1000",
+                      "--dns-burst-size", "4000", "--dns-burst-ms", "5", "--dns-burst-period", "1",
+                      "--dns-first-burst", "0.5", "--dns-timeout", "0.3", "--dns-retries", "3",
+                      "--dns-retry-budget", "0.05"], tmp_path)
+    assert "Traceback" not in out.stderr
+    done = next(ln for ln in out.stderr.splitlines() if "DNS load done: sent=" in ln)
+    sent = int(done.split("sent=")[1].split()[0])
+    retries = int(done.split("retries=")[1].split()[0])
+    suppressed = int(done.split("retry_suppressed=")[1].split()[0])
+    assert sent > 3000 and suppressed > 0, done
+    assert retries <= 0.05 * sent + 20, done
