@@ -3,6 +3,7 @@ reader that stops early (``| head``) ending the command quietly."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -48,12 +49,15 @@ def test_a_reader_that_stops_early_gets_no_traceback(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     for i in range(3):
         write_dns_run(runs, run_id=f"dns-{i}", duration_s=3, chunk_s=3)
-    proc = subprocess.Popen([*LOADKIT, "runs", "list", "--json", "--dir", str(runs)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    proc.stdout.close()  # like `| head` that has already read its lines: every write now fails (EPIPE)
-    _, err = proc.communicate(timeout=120)
-    assert "Traceback" not in err and "BrokenPipe" not in err, err
-    assert proc.returncode == 141  # what a process ended by SIGPIPE reports, as `yes | head` does
+    read_fd, write_fd = os.pipe()
+    os.close(read_fd)  # like `| head` that has already read its lines: every write fails (EPIPE)
+    try:
+        res = subprocess.run([*LOADKIT, "runs", "list", "--json", "--dir", str(runs)], stdout=write_fd,
+                             stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_fd)
+    assert "Traceback" not in res.stderr and "BrokenPipe" not in res.stderr, res.stderr
+    assert res.returncode == 141  # what a process ended by SIGPIPE reports, as `yes | head` does
 
 
 @pytest.mark.parametrize("args, message", [
