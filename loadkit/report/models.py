@@ -1,8 +1,9 @@
 """Models in the report: each model's answer beside what the runs measured, with its caveat.
 
 One small adapter per model turns its result into :class:`~loadkit.report.summary.ModelRow`s
-(predicted, measured, caveat in words). An adapter that cannot answer for a run adds a note and
-no row; it never stops the report.
+(predicted, measured, caveat in words). A model that does not apply to a run (no steps for the
+USL, no many-sources configuration, no firewall in front of the target) gives no row; one that
+applies but cannot answer says why in its row or in the summary's notes. None stops the report.
 """
 
 from __future__ import annotations
