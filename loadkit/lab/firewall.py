@@ -1,7 +1,7 @@
 """The lab's stateful firewall in front of DNS: an nftables session table in the kernel's data path.
 
 Incident 2's loop ran through a firewall whose session table the retries filled. The lab builds
-one with nftables, as a table of its own (``loadkit_fw_<lab-id>``) on the input path of the lab's
+one with nftables, as a table of its own (``loadkit_fw_<address>_<port>``) on the input path of the lab's
 loopback address, guarding a second DNS port of the same unbound (``dns_port+1``; the plain port
 stays unfiltered)::
 
@@ -33,8 +33,9 @@ from .config import LabConfig
 
 
 def table_name(cfg: LabConfig) -> str:
-    """``loadkit_fw_127_0_0_1_1143``: unique per lab (nft names allow letters, digits, '_')."""
-    return observed.TABLE_PREFIX + cfg.lab_id.replace("-", "_")
+    """``loadkit_fw_127_0_0_1_5354``: the endpoint it guards, so a run (or a model) that knows its
+    DNS target picks its firewall among several labs' (:func:`loadkit.observe.firewall.table_for`)."""
+    return observed.table_for(cfg.address, cfg.firewall_dns_port)
 
 
 def family(cfg: LabConfig) -> str:

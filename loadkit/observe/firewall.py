@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -30,6 +31,12 @@ SESSIONS_SET = "sessions"
 DROPS_COUNTER = "new_flow_drops"
 #: seconds an ``nft`` call may take before the reading is given up
 NFT_TIMEOUT_S = 5.0
+
+
+def table_for(address: str, port: int) -> str:
+    """The name of the loadkit firewall table guarding ``address:port``
+    (``127.0.0.1``, 5354 -> ``loadkit_fw_127_0_0_1_5354``; nft names allow letters, digits, '_')."""
+    return TABLE_PREFIX + re.sub(r"[^0-9A-Za-z]", "_", f"{address}_{port}")
 
 
 class FirewallReading(NamedTuple):
