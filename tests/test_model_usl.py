@@ -141,3 +141,12 @@ def test_relative_weights_give_kappa_intervals_that_cover():
         lo, hi = fit_usl(n, x).kappa_ci95
         covered += lo <= kappa <= hi
     assert covered / 200 >= 0.9
+
+
+def test_summary_puts_the_measured_peak_beside_the_model():
+    n = np.array([1, 2, 4, 8, 16, 32, 64], dtype=float)
+    x = usl_throughput(n, 0.05, 5e-4, 100.0)
+    res = fit_usl(n, x)
+    assert res.max_throughput_observed == pytest.approx(x.max())
+    assert res.concurrency_at_max_observed == n[int(np.argmax(x))]
+    assert f"measured max {x.max():.4g}/s at N = {n[int(np.argmax(x))]:.0f}" in res.summary()

@@ -57,6 +57,8 @@ class UslResult(Result):
     n_star_clamped: bool = False  #: the fitted N* was below 1 (throughput falls from the start)
     dof: int = 0  #: degrees of freedom of the t quantile (points - 3)
     weighting: str = "relative"  #: noise taken proportional to throughput
+    max_throughput_observed: float = math.nan  #: the largest measured throughput
+    concurrency_at_max_observed: float = math.nan  #: where it was measured
 
     @property
     def stderrs(self) -> dict[str, float]:
@@ -78,9 +80,14 @@ class UslResult(Result):
             peak = f"peak ≈ {self.x_max:.4g}/s at N* ≈ {self.n_star:.0f} (95 % CI {lo:.0f}–{hi:.0f})"
             if self.n_star > self.max_concurrency_observed:
                 peak += f", beyond the largest N measured ({self.max_concurrency_observed:.0f})"
+        measured = ""
+        if math.isfinite(self.max_throughput_observed):
+            measured = (f"; measured max {self.max_throughput_observed:.4g}/s at N = "
+                        f"{self.concurrency_at_max_observed:.0f} (model there "
+                        f"{float(self.predict(self.concurrency_at_max_observed)):.4g}/s)")
         return (f"USL sigma={self.sigma:.4f}±{self.sigma_stderr:.4f} kappa={self.kappa:.2e}±"
-                f"{self.kappa_stderr:.1e} lambda={self.lambda_:.4g}/s; {peak} (R²={self.r_squared:.3f}, "
-                f"{self.points_n} points)")
+                f"{self.kappa_stderr:.1e} lambda={self.lambda_:.4g}/s; {peak}{measured} "
+                f"(R²={self.r_squared:.3f}, {self.points_n} points)")
 
 
 def _curve_fit(n: np.ndarray, x: np.ndarray, scale: np.ndarray, p0: list[float]):
@@ -133,7 +140,8 @@ def fit_usl(concurrency, throughput) -> UslResult:
                      x_max=x_max, r_squared=r2, points_n=int(len(n)),
                      max_concurrency_observed=float(n.max()), sigma_ci95=cis[0], kappa_ci95=cis[1],
                      lambda_ci95=cis[2], n_star_ci95=n_star_ci, kappa_significant=significant,
-                     n_star_clamped=clamped, dof=dof)
+                     n_star_clamped=clamped, dof=dof, max_throughput_observed=float(x.max()),
+                     concurrency_at_max_observed=float(n[int(np.argmax(x))]))
 
 
 def _peak(sigma: float, kappa: float, lam: float, pcov: np.ndarray, q: float, significant: bool):
