@@ -101,9 +101,9 @@ def test_kpi_series_is_the_one_for_the_cli_and_the_report(tmp_path):
 
     write_usl_run(tmp_path / "usl")
     run = load_run(tmp_path / "usl")
-    s = kpi_series(run)  # no table: the report's KPI, the worst p99 per interval
-    assert s.name == "p99 latency (s)"
-    assert s.to_numpy() == pytest.approx(run.requests.groupby("ts_unix_s")["latency_p99_s"].max().to_numpy())
+    s = kpi_series(run)  # no table: the report's KPI, failed requests per interval (not DNS)
+    assert s.name == "failed requests per interval"
+    assert s.to_numpy() == pytest.approx(run.requests.groupby("ts_unix_s")["failures_n"].sum().to_numpy())
     write_retry_run(tmp_path / "dns", metastable=False)
     net = kpi_series(load_run(tmp_path / "dns"), "net", "udp_rcvbuf_errors_n", delta=True)
     assert (net >= 0).all() and len(net) == len(load_run(tmp_path / "dns").net) - 1

@@ -315,10 +315,6 @@ def _daily_period(spikes: list[Spike], t: np.ndarray, tol_s: float, min_days: in
                        days_observed_n=days_observed)
 
 
-#: request names of held sessions: their "latency" is the hold time, not a response time
-HOLD_NAMES = ("hold",)
-
-
 def kpi_series(run, table: str | None = None, column: str | None = None, *, group: str | None = None,
                delta: bool = False) -> pd.Series:
     """A KPI of a run as a Series by unix seconds, named with what it is.
@@ -326,8 +322,7 @@ def kpi_series(run, table: str | None = None, column: str | None = None, *, grou
     With ``table`` and ``column``: that column of the run's samples, summed per timestamp
     (``delta``: the per-interval increase, a drop counted as a counter reset). Without them, the
     KPI the report watches: the DNS server's receive-buffer drops per interval for a DNS run
-    (:func:`loadkit.model.receive_drops`), else the worst p99 latency per interval of the
-    requests that are not held sessions.
+    (:func:`loadkit.model.receive_drops`), else failed requests per interval.
     """
     from loadkit.record.counters import increments_of
 
@@ -363,8 +358,7 @@ def _default_kpi(run) -> pd.Series:
             drops.name = f"{label} per interval"
             return drops
     if not len(req):
-        return pd.Series(dtype="float64", name="p99 latency (s)")
-    req = req[~req["name"].isin(HOLD_NAMES)]
-    s = req.groupby("ts_unix_s")["latency_p99_s"].max().sort_index().astype(float)
-    s.name = "p99 latency (s)"
+        return pd.Series(dtype="float64", name="failed requests per interval")
+    s = kpi_series(run, "requests", "failures_n")
+    s.name = "failed requests per interval"
     return s
