@@ -424,6 +424,14 @@ def test_an_abort_on_failures_still_fails(tmp_path):
     assert summary.verdict_reasons == ["gate no_abort failed in run mail-run"]  # once, not twice
 
 
+def test_a_memory_abort_that_came_after_an_oom_kill_still_fails(tmp_path):
+    # the ramp passed 90 % and reached the OOM killer within one sample: not what it was set up for
+    path = _abort(write_mail_run(tmp_path, peak_sessions=750), "cgroup_memory_fraction", fraction=1.0)
+    summary = summarize([load_run(path)], release="r1")
+    assert summary.runs[0].outcome == "aborted"
+    assert summary.verdict == "FAIL"
+
+
 def test_runs_of_different_labs_are_reported_side_by_side(tmp_path):
     small = load_run(write_mail_run(tmp_path, run_id="small", proxies=2, limit_bytes=64 * MIB, peak_sessions=60))
     big = load_run(write_mail_run(tmp_path, run_id="big"))
@@ -606,3 +614,39 @@ def test_a_stepped_run_gets_usl_rows_with_their_caveat(tmp_path):
     write_usl_run(flat, kappa=0.0, sigma=0.0, run_id="usl-flat")
     (row,) = [m for m in summarize([load_run(flat)], release="r1").models if m.model == "usl"]
     assert "κ not significantly above 0" in row.caveat
+
+
+# -- a real run against the lab ---------------------------------------------------------------------
+
+
+@pytest.mark.lab
+@pytest.mark.slow
+def test_the_shipped_fall_over_scenario_reports_its_designed_abort(make_lab, tmp_path):
+    # scenarios/proxies_fall_over.toml as shipped, against a lab as shipped (3 × 256 MiB proxies;
+    # with 64 MiB ones the ramp jumps past 90 % to the OOM killer within one sample, and the
+    # report rightly calls that abort a failure): an IMAP+POP3 storm whose abort is its purpose
+    import subprocess
+    import sys
+
+    from test_run_lab import ROOT, for_lab
+
+    lab = make_lab()
+    if not lab.cgroups.enabled:
+        pytest.skip(f"no memory cgroups here: {lab.cgroups.reason}")
+    profile = tmp_path / "proxies_fall_over.toml"
+    profile.write_text(for_lab((ROOT / "scenarios" / "proxies_fall_over.toml").read_text(), lab))
+    res = subprocess.run([sys.executable, "-m", "loadkit", "run", str(profile), "--out", str(tmp_path / "runs"),
+                          "--release", "t", "--lab-dir", lab.dir], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1, res.stderr  # loadkit run: the abort ends it with exit 1
+    [run_dir] = list((tmp_path / "runs").iterdir())
+    run = load_run(run_dir)
+    assert run.manifest["status"] == "aborted"
+    summary = summarize([run], release="t")
+    assert summary.runs[0].outcome == "aborted as designed", summary.runs[0].outcome_detail
+    assert summary.runs[0].service == "IMAP+POP3"
+    assert [m.service for m in summary.mail] == ["IMAP+POP3"]
+    assert not [r for r in summary.verdict_reasons if "abort" in r]
+    assert summary.verdict in ("PASS", "WARN")
+    # the model's sessions at the abort's memory fraction beside the sessions the proxies held
+    (at_abort,) = [m for m in summary.models if "designed abort" in m.question]
+    assert at_abort.predicted_value == pytest.approx(at_abort.measured_value, rel=0.15)
