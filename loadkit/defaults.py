@@ -94,6 +94,8 @@ class LabInfo(NamedTuple):
     imap_port: int
     pop3_port: int
     started_unix_s: float = 0.0
+    #: the DNS port behind the lab's firewall (``lab up --firewall-sessions``), 0 without one
+    firewall_dns_port: int = 0
 
     @property
     def names_file(self) -> Path:
@@ -114,7 +116,9 @@ def read_lab(lab_dir: Path) -> LabInfo | None:
         config = state["config"]
         return LabInfo(Path(lab_dir).absolute(), str(config["address"]), int(config["dns_port"]),
                        int(config["imap_port"]), int(config["pop3_port"]),
-                       float(state.get("started_unix_s") or 0.0))
+                       float(state.get("started_unix_s") or 0.0),
+                       # the lab's firewall guards dns_port + 1 (loadkit.lab.config)
+                       int(config["dns_port"]) + 1 if config.get("firewall_sessions") else 0)
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -157,7 +161,7 @@ def find_lab(address: str | None = None, port: int | None = None) -> LabInfo | N
         lab = read_lab(directory)
         if lab is None or lab.address != wanted:
             continue
-        if port is None or port in (lab.dns_port, lab.imap_port, lab.pop3_port):
+        if port is None or port in (lab.dns_port, lab.imap_port, lab.pop3_port, lab.firewall_dns_port):
             found.append((rank == 0 and "LOADKIT_LAB_DIR" in os.environ, lab.started_unix_s, lab))
     # LOADKIT_LAB_DIR when it serves the target; else the lab started last (a directory a
     # killed lab left behind with its state file cannot shadow the one running now)
