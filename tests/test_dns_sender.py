@@ -260,10 +260,10 @@ def test_stop_leaves_unfinished_queries_not_failures(fake) -> None:
     kw: dict = {}
     seen = collecting(kw)
     sender = DnsSender(check_target(f"127.0.0.1:{server.port}", 53), wire.QueryPool(NAMES, [("A", 1.0)]),
-                       base=schedule.ConstantRate(400), timeout_s=0.3, retries_n=2, max_duration_s=5.0, **kw)
+                       base=schedule.ConstantRate(400), timeout_s=1.0, retries_n=2, max_duration_s=5.0, **kw)
     sender.open()
     runner = gevent.spawn(sender.run)
-    gevent.sleep(0.25)  # before any first attempt's 0.3 s timeout
+    gevent.sleep(0.25)  # well before any first attempt's 1 s timeout
     sender.stop()
     runner.join(timeout=5)
     sender.close()
