@@ -73,7 +73,7 @@ def register_lab(lab_dir: Path, lab_id: str) -> None:
     """Called by the lab when it comes up: ``<registry>/<lab_id>`` names its directory.
 
     A pointer outlives ``lab down`` harmlessly: :func:`find_lab` only believes a directory
-    whose state file is still there.
+    whose state file is still there, and forgets the others.
     """
     registry = lab_registry_dir()
     try:
@@ -137,9 +137,13 @@ def _candidate_lab_dirs() -> list[Path]:
         entries = []
     for entry in entries:
         try:
-            dirs.append(Path(entry.read_text().strip()))
+            directory = Path(entry.read_text().strip())
+            if not (directory / LAB_STATE_FILE_NAME).exists():
+                entry.unlink()  # that lab is down (its state file goes with it): forget it
+                continue
         except OSError:
             continue
+        dirs.append(directory)
     return dirs
 
 

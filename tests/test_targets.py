@@ -72,6 +72,7 @@ def test_a_stopped_lab_is_not_taken_for_a_running_one(registry, tmp_path) -> Non
     lab_dir = fake_lab(tmp_path / "lab", "127.0.50.1", 6353, 2143, 2110)
     (lab_dir / defaults.LAB_STATE_FILE_NAME).unlink()  # what `lab down` leaves
     assert user_target("imap", "127.0.50.1:2143").lab is None
+    assert list(registry.iterdir()) == []  # its registry entry is forgotten
 
 
 def test_a_leftover_lab_directory_does_not_shadow_the_lab_started_last(registry, tmp_path) -> None:
