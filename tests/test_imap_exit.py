@@ -1,7 +1,8 @@
 """A storm with sessions in flight ends cleanly on its time limit, SIGINT and SIGTERM.
 
 Runs the real locustfile in a subprocess (``locust --headless``) against an in-process IMAP fake
-that holds every session in IDLE, then stops it the three ways a user does.
+that holds every session in IDLE, then stops it the three ways a user does; also when the
+launcher ignores SIGINT (a background job: ``make test &``), which an exec'd process inherits.
 """
 
 from __future__ import annotations
@@ -25,12 +26,26 @@ LOCUST = str(Path(sys.executable).with_name("locust"))
 NOISE = ("Traceback", "Task was destroyed", "exception was never retrieved", "Unhandled exception")
 
 
-def _locust(locustfile: str, address: str, accounts: Path, extra: list[str]) -> subprocess.Popen:
+def _ignore_sigint() -> None:  # runs in the child before exec, as a background job's shell does
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _locust(locustfile: str, address: str, accounts: Path, extra: list[str],
+            sigint_ignored: bool = False) -> subprocess.Popen:
     return subprocess.Popen(
         [LOCUST, "-f", str(ROOT / "locustfiles" / locustfile), "--headless", "-u", "40", "-r", "40",
          "--host", address, "--mail-accounts", str(accounts), "--mail-dwell", "idle", *extra],
         cwd=accounts.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        preexec_fn=_ignore_sigint if sigint_ignored else None,
     )
+
+
+def _wait_for_sessions(fake: FakeMailServer, n: int) -> None:
+    deadline = time.monotonic() + 20
+    while fake.connections_n < n and time.monotonic() < deadline:
+        gevent.sleep(0.1)
+    assert fake.connections_n >= n
+    gevent.sleep(0.5)
 
 
 def _wait(proc: subprocess.Popen, timeout_s: float) -> str:
@@ -55,11 +70,7 @@ def test_clean_exit_with_sessions_in_flight(how: str, protocol: str, tmp_path: P
         proc = _locust(locustfile, fake.address, accounts, extra)
         if how != "time_limit":
             # wait until every user holds a session, then signal THIS process
-            deadline = time.monotonic() + 20
-            while fake.connections_n < 40 and time.monotonic() < deadline:
-                gevent.sleep(0.1)
-            assert fake.connections_n >= 40
-            gevent.sleep(0.5)
+            _wait_for_sessions(fake, 40)
             os.kill(proc.pid, getattr(signal, how))
         out = _wait(proc, 30)
     assert proc.returncode in (0, 1), out  # not killed by the signal itself
@@ -67,6 +78,41 @@ def test_clean_exit_with_sessions_in_flight(how: str, protocol: str, tmp_path: P
         assert word not in out, out
     kind = "IMAP" if protocol == "imap" else "POP3"
     assert f"{kind}     connect+greeting" in out  # the final stats were printed
+
+
+@pytest.mark.parametrize("protocol", ["imap", "pop3"])
+def test_sigint_stops_locust_whose_launcher_ignores_sigint(protocol: str, tmp_path: Path) -> None:
+    """SIG_IGN for SIGINT survives exec; the plugin takes SIGINT back, and the record it writes
+    is complete and says the run was cut short."""
+    from loadkit.record.reader import load_run
+
+    accounts = write_accounts(tmp_path, 40)
+    locustfile = "imap_storm.py" if protocol == "imap" else "pop_storm.py"
+    with FakeMailServer(protocol, "ok") as fake:
+        proc = _locust(locustfile, fake.address, accounts,
+                       ["-t", "60s", "--record-dir", str(tmp_path / "runs"), "--run-id", "bg"],
+                       sigint_ignored=True)
+        _wait_for_sessions(fake, 40)
+        os.kill(proc.pid, signal.SIGINT)
+        out = _wait(proc, 30)
+    assert proc.returncode in (0, 1), out
+    for word in NOISE:
+        assert word not in out, out
+    run = load_run(tmp_path / "runs" / "bg")
+    assert run.complete and run.manifest["status"] == "interrupted", run.manifest
+    assert run.requests["requests_n"].sum() >= 40
+    assert [e["kind"] for e in run.events][-1] == "run_ended"
+
+
+def test_own_stop_signals_undoes_an_inherited_ignore() -> None:
+    """The helper every entry point calls: checked in a child so this process keeps its handlers."""
+    code = ("import signal\n"
+            "from loadkit.stop_signals import own_stop_signals\n"
+            "print(own_stop_signals(), signal.getsignal(signal.SIGINT) is signal.default_int_handler,"
+            " signal.getsignal(signal.SIGTERM) == signal.SIG_DFL)\n")
+    out = subprocess.run(["sh", "-c", 'trap "" INT TERM; exec "$0" -c "$1"', sys.executable, code],
+                         capture_output=True, text=True, timeout=30, check=True).stdout
+    assert out.strip() == "['SIGINT', 'SIGTERM'] True True"
 
 
 @pytest.mark.parametrize("protocol", ["imap", "pop3"])

@@ -15,6 +15,7 @@ import sys
 
 from loadkit import __version__
 from loadkit.errors import LoadkitError
+from loadkit.stop_signals import own_stop_signals
 
 from . import collect, demo, fit, lab, report, run, runs
 
@@ -38,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    own_stop_signals()  # Ctrl-C works even when the launcher ignored SIGINT (a background job)
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -69,6 +69,7 @@ from loadkit.schema import Event, FailureInterval, GeneratorMetric, GroupSample,
 from loadkit.plugin.live_collector import attach_collector
 from loadkit.profile.groupspec import parse_groups
 from loadkit.record.writer import INTERRUPT_MARKER, RunWriter, new_run_id
+from loadkit.stop_signals import own_stop_signals
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,8 @@ WATCH_INTERVAL_S = 0.25
 ABORT_MESSAGE = "loadkit_abort"
 
 _recorder: "Recorder | None" = None
+#: the process's SIGINT watcher, installed once per process
+_sigint_handler: list = []
 
 
 def _stop_now(environment: Any) -> None:
@@ -135,9 +138,30 @@ def max_run_time_s(options: Any) -> float:
     return cap_s
 
 
+def _on_sigint() -> None:
+    """Ctrl-C/SIGINT cuts the test short: the record says ``interrupted`` (as after SIGTERM),
+    then KeyboardInterrupt goes to the main greenlet, Locust's own Ctrl-C path (final stats,
+    ``quitting``), as gevent's hub does with a KeyboardInterrupt it catches."""
+    if _recorder is not None and not _recorder._stopped:
+        _recorder._mark_interrupted()
+    gevent.get_hub().parent.throw(KeyboardInterrupt)
+
+
+def _own_stop_signals() -> None:
+    # a launcher that ignores SIGINT (a background job, some CI runners) must not leave Locust
+    # running through Ctrl-C: an inherited SIG_IGN survives exec (Locust sets SIGTERM itself)
+    ignored = own_stop_signals()
+    if ignored:
+        log.debug("%s was ignored by the launcher; handled again", " and ".join(ignored))
+    if threading.current_thread() is threading.main_thread() and not _sigint_handler:
+        _sigint_handler.append(gevent.signal_handler(signal.SIGINT, _on_sigint))
+
+
 @events.init.add_listener
 def _on_init(environment: Any, **_kw: Any) -> None:
     global _recorder
+    if environment.parsed_options is not None:  # a Locust process (not a library user's Environment)
+        _own_stop_signals()
     metrics_for(environment)  # wire generator metrics in every process, workers included
     events_for(environment)  # and generator events (a master merges its workers' from the start)
     options = environment.parsed_options
