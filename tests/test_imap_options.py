@@ -206,3 +206,24 @@ def test_the_web_ui_host_field_shows_the_default_target(tmp_path: Path, monkeypa
     set_options(env, opts(write_accounts(tmp_path)))
     mail_users._validate_before_running(env)
     assert HostShownUser.host == "127.0.60.1:3143"
+
+
+def test_a_host_typed_in_the_web_ui_is_where_the_next_test_goes(tmp_path: Path, capsys) -> None:
+    from loadkit.generate.mail import users as mail_users
+
+    class WebUiUser(mail_users.ImapUser):
+        pass
+
+    env = Environment(user_classes=[WebUiUser], parsed_options=Namespace(
+        mail_accounts=str(write_accounts(tmp_path)), target=[]))
+    env.host = "127.0.0.1:1"
+    mail_users._validate_before_running(env)
+    assert str(WebUiUser.shared(env).target) == "127.0.0.1:1"
+    env.host = "127.0.0.2"  # the Host field of the next test, no port: IMAP's 143
+    mail_users._follow_the_web_ui(env)
+    assert str(WebUiUser.shared(env).target) == "127.0.0.2:143"
+    env.host = "192.0.2.1:143"  # outside the allowlist: one line, and the test does not run
+    mail_users._follow_the_web_ui(env)
+    assert env.process_exit_code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("loadkit: error: target 192.0.2.1:143 resolves to 192.0.2.1, outside the allowlist")

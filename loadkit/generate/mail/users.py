@@ -46,7 +46,7 @@ from loadkit.generate.metrics import metrics_for
 from loadkit.generate.mail.classify import Phase, PhaseResult, Timeouts, classify
 from loadkit.generate.mail.imap import ImapSession, ImapSpec
 from loadkit.generate.mail.pop3 import Pop3Session, Pop3Spec
-from loadkit.generate.wiring import exit_on_user_error, tell_workers_their_count, worker_share
+from loadkit.generate.wiring import exit_on_user_error, print_user_error, tell_workers_their_count, worker_share
 from loadkit.profile.targets import target_spec, user_target
 
 log = logging.getLogger(__name__)
@@ -352,9 +352,11 @@ class _Shared:
             getattr(environment, "parsed_options", None)
         )
         self.options = options
+        #: what the user asked for (``--target``/``--host``/None): a new test from the web UI
+        #: with another Host or other options gets a fresh _Shared (see _follow_the_web_ui)
+        self.asked = (target_spec(environment, user_class.protocol), options)
         # --target PROTOCOL=..., else --host, else the lab; the accounts follow the target's lab
-        found = user_target(user_class.protocol, target_spec(environment, user_class.protocol),
-                            tls=options.tls == "tls")
+        found = user_target(user_class.protocol, self.asked[0], tls=options.tls == "tls")
         self.target = found.target
         self.accounts = read_accounts(found.file("accounts", options.accounts_file, "--mail-accounts"))
         self.spec = user_class.make_spec(self.target.address, self.target.port, options)
@@ -609,6 +611,28 @@ def _validate_before_running(environment: Any, **_kw: Any) -> None:
                 exit_on_user_error(err)
             if not environment.host:  # the web UI's Host field shows where the load goes
                 cls.host = str(shared.target)
+
+
+@events.test_start.add_listener
+def _follow_the_web_ui(environment: Any, **_kw: Any) -> None:
+    """A test started from the web UI may come with another Host or other options than the ones
+    checked at ``init``: check them again, and a bad one stops the test in one line."""
+    runner = getattr(environment, "runner", None)
+    cache = getattr(environment, _SHARED_ATTR, None)
+    if isinstance(runner, MasterRunner) or not cache or getattr(environment, _OPTIONS_ATTR, None):
+        return
+    for cls, shared in list(cache.items()):
+        try:
+            options = options_from_parsed(getattr(environment, "parsed_options", None))
+            if shared.asked != (target_spec(environment, cls.protocol), options):
+                cache[cls] = _Shared(environment, cls)
+                log.info("%s users now send to %s", cls.protocol.upper(), cache[cls].target)
+        except LoadkitError as err:
+            print_user_error(err)
+            environment.process_exit_code = 2
+            if runner is not None:
+                gevent.spawn_later(0, runner.quit)
+            return
 
 
 @events.test_start.add_listener
