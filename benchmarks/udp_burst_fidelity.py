@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -31,7 +32,6 @@ sys.path.insert(0, str(ROOT))
 from loadkit.generate.dns import wire  # noqa: E402
 from loadkit.generate.dns.schedule import BurstTrain  # noqa: E402
 from loadkit.generate.dns.sender import DnsSender  # noqa: E402
-from loadkit.observe.collector import Collector, CollectorConfig  # noqa: E402
 from loadkit.profile.targets import check_target  # noqa: E402
 from loadkit.schema import RUN_LAYOUT  # noqa: E402
 
@@ -53,30 +53,42 @@ def record_bursts(run_dir: Path, dns: tuple[str, int], names_file: str, *, burst
                        sources=(dns[0],), max_duration_s=0.3 + count * period_s + 0.2,
                        max_queries_n=burst_n * count)
     run_dir.mkdir(parents=True, exist_ok=True)
-    config = CollectorConfig(udp_ports=[dns[1]], interval_s=0.1, out_dir=run_dir, host="lab",
-                             full_memory_interval_s=None)
-    if hasattr(config, "firewall"):
-        config.firewall = False  # listing nftables tables each tick would slow the 0.1 s samples
-    collector = Collector(config)
-    collector.start()
+    # the collector in a process of its own, as on a target host: in the sender's process it
+    # would wait for the interpreter lock while a burst is sent, and miss the sample between bursts
+    send_s = 0.3 + count * period_s + 1.2
+    collector = subprocess.Popen(
+        [sys.executable, "-m", "loadkit", "collect", "--udp-port", str(dns[1]), "--interval", "0.1",
+         "--duration", f"{send_s + 12:.1f}", "--out", str(run_dir), "--full-memory-interval", "0",
+         "--flush-interval", "1", "--host-label", "lab"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     started = time.time()
     try:
-        time.sleep(0.25)  # a socket sample before the first burst
+        parts = run_dir / RUN_LAYOUT["sockets"]
+        deadline = time.monotonic() + 10.0
+        while not any(parts.glob("*.parquet")) and time.monotonic() < deadline and collector.poll() is None:
+            time.sleep(0.1)  # the collector's first samples are on disk: it watches the socket
+        if collector.poll() is not None:
+            raise RuntimeError(f"loadkit collect ended early: {collector.stderr.read()[-2000:]}")
         sender.open()
         try:
             sender.run()
         finally:
             sender.close()
-        time.sleep(0.3)  # and one after the last burst's drops
+        time.sleep(0.3)  # a sample after the last burst's drops
     finally:
-        collector.stop()
-        collector.close()
+        collector.terminate()  # SIGTERM: it flushes what it has and exits
+        try:
+            collector.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            collector.kill()
+            collector.wait()
     events = [{"ts_unix_s": bw.first_sent_unix_s, "kind": "burst", "source": "dns",
                "detail": {"burst_index": bw.burst_index, "first_sent_unix_s": bw.first_sent_unix_s,
                           "last_sent_unix_s": bw.last_sent_unix_s, "window_s": bw.window_s, "sent_n": bw.sent_n,
                           "answered_in_window_n": bw.answered_in_window_n,
                           "answers_read_unix_s": bw.answers_read_unix_s}} for bw in sender.bursts]
-    (run_dir / RUN_LAYOUT["events"]).write_text("".join(json.dumps(e) + "\n" for e in events))
+    with (run_dir / RUN_LAYOUT["events"]).open("a") as fh:  # after the collector's own events
+        fh.write("".join(json.dumps(e) + "\n" for e in events))
     (run_dir / RUN_LAYOUT["manifest"]).write_text(json.dumps({
         "run_id": run_dir.name, "scenario": "udp_burst_fidelity", "release": "", "status": "completed",
         "started_unix_s": started, "ended_unix_s": time.time(), "profile": {}, "targets": [f"udp://{dns[0]}:{dns[1]}"],

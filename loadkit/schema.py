@@ -250,8 +250,9 @@ class SocketSample(NamedTuple):
     inode: int = 0  #: the socket's inode (0 in records made before sockets had one row each)
     #: the kernel's sk_rcvbuf (``ss -m`` ``rb``) via netlink sock_diag; 0 when unavailable
     rcvbuf_bytes: int = 0
-    #: when ``/proc/net/udp`` was read (a sample's ``ts_unix_s`` is when it began; a busy host can
-    #: take a while to reach the sockets, and a burst's drops must be told from the next one's)
+    #: when ``drops_n`` was read (the middle of the read: sock_diag, about a millisecond, else
+    #: ``/proc/net/udp``, which can take half a second on a busy host); a burst's drops are told
+    #: from the next one's by it
     read_unix_s: float = 0.0
 
 

@@ -12,6 +12,7 @@ locustfiles/dns_burst.py --record-dir`` runs) against a lab with a per-client ra
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import subprocess
@@ -436,8 +437,11 @@ def test_recommended_rcvbuf_stops_the_drops(make_lab, tmp_path):
     assert before.observed_drops_n > 0 and not before.drain_is_lower_bound
     assert before.sockets[0].rcvbuf_source == "sock_diag"
     assert before.rcvbuf_bytes == int(Path("/proc/sys/net/core/rmem_default").read_text())
-    # predicted beside measured, burst by burst: within 20 % of the burst size
-    for b in before.bursts:
+    # predicted beside measured, burst by burst (those a socket sample falls before and after):
+    # within 20 % of the burst size
+    told = [b for b in before.bursts if math.isfinite(b.measured_loss_n)]
+    assert told, before.bursts
+    for b in told:
         assert abs(b.predicted_loss_n - b.measured_loss_n) <= 0.2 * b.sent_n, before.bursts
     so = before.recommended_so_rcvbuf_bytes
     sized = make_lab(dns_rcvbuf_bytes=so, proxies=1, accounts=10)

@@ -338,8 +338,9 @@ def _burst_events(run: RunData) -> pd.DataFrame:
 
 
 def _socket_fits(run: RunData, rcvbuf_bytes: float | None, bytes_per_datagram: float, address: str | None,
-                 port: int | None) -> tuple[list[SocketFit], dict[int, pd.Series]]:
-    """One :class:`SocketFit` per server socket, and each socket's cumulative drops by time."""
+                 port: int | None) -> tuple[list[SocketFit], dict[int, pd.DataFrame]]:
+    """One :class:`SocketFit` per server socket, and each socket's cumulative ``drops`` by sample
+    start, with when each sample's read ended (``end``)."""
     mine = target_socket(run, address, port)
     so = _recorded_so_rcvbuf(run.manifest)
     rmem_max = (run.manifest.get("host") or {}).get("rmem_max_bytes")
@@ -357,40 +358,42 @@ def _socket_fits(run: RunData, rcvbuf_bytes: float | None, bytes_per_datagram: f
              if len(net) and "udp_rcvbuf_errors_n" in net else pd.Series(dtype=float))
         fit = SocketFit(address or "*", int(port or 0), 0, fallback, source,
                         buffer_datagrams(fallback, bytes_per_datagram), int(d.diff().clip(lower=0).sum()))
-        return [fit], ({0: d} if len(d) else {})
+        frame = pd.DataFrame({"drops": d, "end": d.index.to_numpy(dtype=float)}, index=d.index)
+        return [fit], ({0: frame} if len(d) else {})
     inode = mine["inode"] if "inode" in mine else pd.Series(0, index=mine.index)
     fits, drops = [], {}
     for key, rows in mine.assign(_inode=inode.fillna(0).astype(int)).groupby(["local_address", "local_port", "_inode"]):
         rb = rows["rcvbuf_bytes"] if "rcvbuf_bytes" in rows else pd.Series(dtype=float)
         rb = rb[rb > 0]
         size, src = (float(rb.median()), "sock_diag") if len(rb) and rcvbuf_bytes is None else (fallback, source)
-        # indexed by when the socket was read, where recorded: that is what the drops are as of
+        # when the drops were read, where recorded (the sample's start otherwise)
         when = rows["read_unix_s"].where(rows["read_unix_s"] > 0, rows["ts_unix_s"]) if "read_unix_s" in rows \
             else rows["ts_unix_s"]
-        d = rows.assign(_when=when.astype(float)).groupby("_when")["drops_n"].sum().sort_index().astype(float)
+        d = rows.assign(_when=when.astype(float)).groupby("_when").agg(drops=("drops_n", "sum"))
+        d = d.sort_index().astype(float)
+        d["end"] = d.index.to_numpy(dtype=float)
         fits.append(SocketFit(str(key[0]), int(key[1]), int(key[2]), size, src,
-                              buffer_datagrams(size, bytes_per_datagram), int(d.diff().clip(lower=0).sum())))
+                              buffer_datagrams(size, bytes_per_datagram), int(d["drops"].diff().clip(lower=0).sum())))
         drops[len(fits) - 1] = d
     return fits, drops
 
 
-def _measured_loss(drops: dict[int, pd.Series], first: np.ndarray, last: np.ndarray) -> np.ndarray:
-    """Drops on the server sockets from the last sample before each burst to the last sample
-    before the next one. A burst gets nan unless one sample falls between the previous burst's
-    end and its start, and another between its end and the next start: a sample taken while a
-    burst was arriving splits its drops between two bursts."""
+def _measured_loss(drops: dict[int, pd.DataFrame], first: np.ndarray, last: np.ndarray) -> np.ndarray:
+    """Drops on the server sockets between the last sample read before each burst (and after the
+    previous one) and the last read after it (and before the next); nan for a burst no such pair
+    brackets: a sample read while a burst arrived would split its drops between two bursts."""
     if not drops:
         return np.full(len(first), math.nan)
     nxt = np.append(first[1:], math.inf)
     prev_end = np.insert(last[:-1], 0, -math.inf)
     out = np.zeros(len(first))
     for d in drops.values():
-        ts, v = d.index.to_numpy(dtype=float), d.to_numpy()
-        lo = np.searchsorted(ts, first, side="right") - 1  # last sample at or before the burst
-        hi = np.searchsorted(ts, nxt, side="left") - 1  # last sample before the next burst
-        lo_ts = np.where(lo >= 0, ts[np.clip(lo, 0, None)], -math.inf)
-        hi_ts = np.where(hi >= 0, ts[np.clip(hi, 0, None)], -math.inf)
-        ok = (lo >= 0) & (hi > lo) & (lo_ts >= prev_end) & (hi_ts >= last)
+        start, end, v = d.index.to_numpy(dtype=float), d["end"].to_numpy(dtype=float), d["drops"].to_numpy()
+        before = [np.flatnonzero((end <= f) & (start >= p)) for f, p in zip(first, prev_end)]
+        after = [np.flatnonzero((start >= la) & (end <= nx)) for la, nx in zip(last, nxt)]
+        lo = np.array([b[-1] if len(b) else -1 for b in before], dtype=int)
+        hi = np.array([a[-1] if len(a) else -1 for a in after], dtype=int)
+        ok = (lo >= 0) & (hi >= 0)
         out = np.where(ok, out + np.where(ok, v[np.clip(hi, 0, None)] - v[np.clip(lo, 0, None)], 0.0), math.nan)
     return np.clip(out, 0.0, None)
 
@@ -402,7 +405,8 @@ def _onset_qps(run: RunData, fits: list[SocketFit], drops: dict[int, pd.Series])
     if not drops or not sum(f.drops_n for f in fits):
         return None
     offered = counters.rates(run, "dns.original_sent").add(counters.rates(run, "dns.retry_sent"), fill_value=0.0)
-    total = pd.concat(drops.values(), axis=1).sort_index().ffill().fillna(0.0).sum(axis=1).diff().clip(lower=0).dropna()
+    total = (pd.concat([d["drops"] for d in drops.values()], axis=1).sort_index().ffill().fillna(0.0)
+             .sum(axis=1).diff().clip(lower=0).dropna())
     if not len(offered) or not (total > 0).any():
         return None
     hit = pd.merge_asof(pd.DataFrame({"ts": total.index.to_numpy(dtype=float), "d": total.to_numpy()}),
@@ -451,7 +455,9 @@ def fit_udp_burst(run: RunData, *, rcvbuf_bytes: float | None = None,
             source = "none"
             caveats.append("drain rate not measured: the burst events carry no answer timing and no drops "
                            "were counted on the server socket")
-    saturated = bool(np.nansum(measured) > 0)
+    # saturated: a burst dropped, or (when no burst could be told apart) the sockets dropped at all
+    saturated = bool(np.nansum(measured) > 0) or (not np.isfinite(measured).any()
+                                                   and sum(f.drops_n for f in fits) > 0)
     if len(bursts) and not saturated:
         caveats.append("lower bound: no burst dropped, the server was never saturated")
     mu = float(np.nanmedian(drain)) if np.isfinite(drain).any() else math.nan

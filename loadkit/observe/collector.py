@@ -349,20 +349,31 @@ class Collector:
         if not self.config.udp_ports:
             return [], {}, {}
         root = self.config.proc_root
-        read_ts = time.time()
+        # sock_diag first: a dump filtered by port takes about a millisecond, while /proc/net/udp
+        # lists every socket on the host (tens of thousands under a load generator) and can take
+        # half a second, too long to tell one burst's drops from the next one's
+        t0 = time.time()
+        diag = self._meminfo()
+        diag_ts = (t0 + time.time()) / 2
         found = self._try("udp_sockets", f"{root}/net/udp", lambda: procfs.read_udp_sockets(root, self.config.udp_ports), [])
-        rcvbuf = self._rcvbuf(found)
+        proc_ts = (t0 + time.time()) / 2
+        if found and not diag and os.path.realpath(root) == "/proc":
+            self.warn.warn("sock_diag", "netlink sock_diag (udp_diag) is unavailable: socket receive-buffer "
+                           "sizes recorded as 0; models assume the doubled so-rcvbuf")
         rows, deltas, by_inode = [], {}, {}
         live = set()
         # one row per socket: SO_REUSEPORT sockets (unbound num-threads > 1) fill and drop apart
         for s in sorted(found, key=lambda s: (s.local_address, s.local_port, s.inode)):
             key = (s.local_address, s.local_port, s.inode)
             live.add(key)
-            _, delta = self._counters.update(("udp", key), {"drops": s.drops_n})
+            m = diag.get(s.inode)
+            drops = m.drops_n if m is not None else s.drops_n  # the same sk_drops, read at a sharper instant
+            _, delta = self._counters.update(("udp", key), {"drops": drops})
             by_inode[s.inode] = delta["drops"]
             deltas[key[:2]] = deltas.get(key[:2], 0) + delta["drops"]
-            rows.append(SocketSample(ts, self.host, s.local_port, s.rx_queue_bytes, s.tx_queue_bytes, s.drops_n,
-                                     s.local_address, s.inode, rcvbuf.get(s.inode, 0), read_ts))
+            rows.append(SocketSample(ts, self.host, s.local_port, s.rx_queue_bytes, s.tx_queue_bytes, drops,
+                                     s.local_address, s.inode, m.rcvbuf_bytes if m is not None else 0,
+                                     diag_ts if m is not None else proc_ts))
         for key in self._counters.keys():
             if isinstance(key, tuple) and key[0] == "udp" and key[1] not in live:
                 self._counters.forget(key)  # socket closed: a new one starts from its own zero
@@ -372,15 +383,12 @@ class Collector:
                 self.warn.warn(f"udp_port:{port}", f"no UDP socket is bound to port {port} (yet); nothing recorded for it until one is")
         return rows, deltas, by_inode
 
-    def _rcvbuf(self, found: list) -> dict[int, int]:
-        """inode -> sk_rcvbuf of the watched sockets (netlink sock_diag: /proc has no buffer size)."""
-        if not found or os.path.realpath(self.config.proc_root) != "/proc":
-            return {}  # a canned /proc root: the live kernel's sockets are not these
-        sizes = {inode: m.rcvbuf_bytes for inode, m in sockdiag.udp_rcvbuf(self.config.udp_ports).items()}
-        if not sizes:
-            self.warn.warn("sock_diag", "netlink sock_diag (udp_diag) is unavailable: socket receive-buffer "
-                           "sizes recorded as 0; models assume the doubled so-rcvbuf")
-        return sizes
+    def _meminfo(self) -> dict:
+        """inode -> sock_diag memory figures (sk_rcvbuf, sk_drops) of the watched sockets; {} for a
+        canned /proc root (the live kernel's sockets are not those) or without sock_diag."""
+        if os.path.realpath(self.config.proc_root) != "/proc":
+            return {}
+        return sockdiag.udp_rcvbuf(self.config.udp_ports)
 
     def _system(self, ts: float) -> SystemSample:
         root = self.config.proc_root
