@@ -295,7 +295,8 @@ def test_collector_records_one_row_per_socket_with_its_rcvbuf(tmp_path):
         socks[1].bind(("127.0.0.1", port))
         c = Collector(CollectorConfig(udp_ports=[port], out_dir=None, host="t"))
         sample = c.sample()
-        rows = sorted((r.inode, r.rcvbuf_bytes) for r in sample.sockets)
+        mine = {os.fstat(s.fileno()).st_ino for s in socks}  # other processes may hold the port elsewhere
+        rows = sorted((r.inode, r.rcvbuf_bytes) for r in sample.sockets if r.inode in mine)
         assert rows == sorted((os.fstat(s.fileno()).st_ino, 2 * size) for s, size in zip(socks, (20_000, 40_000)))
         c.close()
     finally:
@@ -325,3 +326,26 @@ def test_cli_prints_the_same_figures_as_the_model_and_the_so_rcvbuf(tmp_path, ca
     # a burst size of one's own, beyond what the run sent, is an extrapolation and says so
     assert main(["fit", "udp-burst", str(tmp_path / "run"), "--burst", "5000", "--burst-window", "0.01"]) == 0
     assert "extrapolation" in capsys.readouterr().out
+
+
+def test_collector_drops_come_from_sock_diag_with_the_instant_they_were_read(tmp_path):
+    import socket
+
+    from loadkit.observe import procfs
+    from loadkit.observe.collector import Collector, CollectorConfig
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as server, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a few datagrams, then drops
+        server.bind(("127.0.0.1", 0))
+        port = server.getsockname()[1]
+        for _ in range(200):
+            client.sendto(b"q" * 30, ("127.0.0.1", port))
+        proc_drops = next(s.drops_n for s in procfs.read_udp_sockets(ports=[port])
+                          if s.inode == os.fstat(server.fileno()).st_ino)
+        assert proc_drops > 0
+        c = Collector(CollectorConfig(udp_ports=[port], out_dir=None, host="t"))
+        (row,) = [r for r in c.sample().sockets if r.inode == os.fstat(server.fileno()).st_ino]
+        c.close()
+        assert row.drops_n == proc_drops  # sk_drops, the same counter as /proc/net/udp's drops column
+        assert row.ts_unix_s <= row.read_unix_s <= time.time()
