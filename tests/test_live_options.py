@@ -73,7 +73,7 @@ def test_the_collector_samples_and_shows_on_a_plain_run_without_a_record(tmp_pat
     proc = subprocess.run(
         [sys.executable, "-m", "locust", "-f", str(IMAP_STORM), "--headless", "-u", "1", "-r", "1", "-t", "6s",
          "--host", f"127.0.0.1:{_refusing_port()}", "--mail-accounts", str(_accounts(tmp_path)),
-         "--collect-group", "me=cmdline:locust", "--collect-interval", "0.5"],
+         "--collect-group", "me=cmdline:pytest", "--collect-interval", "0.5"],
         cwd=tmp_path, capture_output=True, text=True, timeout=120)
     lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("target: [")]
     assert lines and " me " in lines[-1] and "rss " in lines[-1], proc.stdout[-2000:]

@@ -456,7 +456,8 @@ def test_cli_bad_input_is_one_line_and_exit_2(argv, words, capsys):
 def test_cli_collect_writes_parquet_tables(tmp_path, capsys):
     out = tmp_path / "c"
     argv = ["collect", "--group", "me=python", "--udp-port", "5353", "--interval", "0.1",
-            "--duration", "0.5", "--out", str(out), "--proc-root", str(CANNED), "--listen", f"{ADDR}:0"]
+            "--duration", "0.5", "--out", str(out), "--proc-root", str(CANNED), "--listen", f"{ADDR}:0",
+            "--allow-missing"]  # the canned root holds no live process for 'me'
     assert cli_main(argv) == 0
     assert "samples" in capsys.readouterr().out
     net = read_table(out, "net")
@@ -465,20 +466,68 @@ def test_cli_collect_writes_parquet_tables(tmp_path, capsys):
     assert set(read_table(out, "groups")["group"]) == {"me"}
 
 
-def test_cli_collect_stops_cleanly_on_sigterm(tmp_path):
+@pytest.mark.parametrize(
+    "group, words",
+    [
+        ("p1=cgroup:/loadkit/no-such-proxy", "group p1: no memory cgroup /loadkit/no-such-proxy under"),
+        ("dns=cmdline:no-such-daemon-[0-9]{9}", "group dns: no process matches 'no-such-daemon-[0-9]{9}'"),
+        ("dns=no-such-daemon-x", "group dns: no process matches 'no-such-daemon-x'"),
+    ],
+)
+def test_cli_collect_refuses_a_group_that_matches_nothing_at_start(group, words, tmp_path, capsys):
+    out = tmp_path / "c"
+    assert cli_main(["collect", "--group", group, "--interval", "0.1", "--duration", "0.3", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err and "--allow-missing" in err and "\n" not in err and "Traceback" not in err
+    assert not out.exists()  # refused before anything was sampled or written
+    # a service started after its collector: --allow-missing records zeros until it appears
+    argv = ["collect", "--group", group, "--interval", "0.2", "--duration", "0.5", "--out", str(out), "--allow-missing"]
+    assert cli_main(argv) == 0
+    groups = read_table(out, "groups")
+    assert len(groups) >= 1 and (groups["procs_n"] == 0).all()
+
+
+def test_cli_collect_accepts_groups_that_match_a_process_and_a_cgroup(tmp_path, capsys):
+    _make_cgroup_tree(tmp_path / "cg")
+    argv = ["collect", "--group", "me=cmdline:pytest", "--group", "p1=cgroup:/loadkit/proxy1",
+            "--cgroup-root", str(tmp_path / "cg"), "--interval", "0.1", "--duration", "0.3"]
+    assert cli_main(argv) == 0, capsys.readouterr().err
+
+
+def test_plugin_refuses_a_collect_group_that_matches_nothing(tmp_path):
+    tiny = Path(__file__).parent / "locustfiles" / "tiny.py"
+    argv = [sys.executable, "-m", "locust", "-f", str(tiny), "--headless", "-u", "1", "-r", "1", "-t", "2s",
+            "--host", "127.0.0.1:9", "--collect-group", "p1=cgroup:/loadkit/no-such-proxy", "--only-summary"]
+    proc = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    errors = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
+    assert errors[0].startswith("loadkit: error: group p1: no memory cgroup /loadkit/no-such-proxy")
+    assert "--collect-allow-missing" in errors[0]
+    proc = subprocess.run(argv + ["--collect-allow-missing"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode in (0, 1) and "loadkit: error" not in proc.stderr, proc.stderr[-2000:]
+
+
+def _ignore_sigint() -> None:  # in the child before exec, as a background job's shell does
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT-ignored-by-launcher"])
+def test_cli_collect_stops_cleanly_on_sigterm(how, tmp_path):
     out = tmp_path / "c"
     p = subprocess.Popen(
         [sys.executable, "-m", "loadkit", "collect", "--interval", "0.1", "--out", str(out)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_ignore_sigint if how.startswith("SIGINT") else None,
     )
     try:
         deadline = time.monotonic() + 20
         while not (out / "samples" / "net").is_dir() and time.monotonic() < deadline:
             time.sleep(0.1)
         time.sleep(0.5)
-        p.send_signal(signal.SIGTERM)
+        p.send_signal(signal.SIGTERM if how == "SIGTERM" else signal.SIGINT)
         stdout, _ = p.communicate(timeout=20)
     finally:
         if p.poll() is None:

@@ -5,6 +5,12 @@ Examples::
     loadkit collect --group proxies=dovecot --group dns=unbound --udp-port 5353 \\
         --interval 0.5 --duration 60 --out runs/collect-1
     loadkit collect --group proxy1=cgroup:/loadkit/proxy1@11243 --listen 127.0.0.1:9108
+    loadkit collect --group dns=unbound --listen 0.0.0.0:9108 --web-config web.yml
+
+A group that matches nothing at start (a typo in a cgroup path or a pattern) is an error unless
+``--allow-missing``. Beyond loopback, ``--listen`` needs ``--web-config`` (TLS and basic auth, the
+Prometheus exporter toolkit's file format; :mod:`loadkit.observe.webconfig`) or ``--insecure``.
+SIGINT and SIGTERM end the run flushed, also when the launcher ignored SIGINT.
 """
 
 from __future__ import annotations
@@ -48,6 +54,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--duration", type=str, default=None, metavar="SECONDS", help="stop after this long (default: until Ctrl-C)")
     p.add_argument("--out", type=Path, default=None, metavar="DIR", help="write Parquet tables and events.jsonl here")
     p.add_argument("--listen", default=None, metavar="HOST:PORT", help="serve /metrics and /snapshot here (e.g. 127.0.0.1:9108)")
+    p.add_argument(
+        "--web-config",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="TLS certificate/key and basic-auth users for --listen, in the Prometheus exporters' "
+        "web config format (tls_server_config: {cert_file, key_file}, basic_auth_users: {NAME: BCRYPT}); "
+        "required beyond loopback",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="serve --listen beyond loopback as plain HTTP without authentication",
+    )
+    p.add_argument(
+        "--allow-missing",
+        action="store_true",
+        help="start even if a group matches nothing yet (its figures are 0 until it appears)",
+    )
     p.add_argument(
         "--full-memory-interval",
         type=str,
@@ -117,18 +142,39 @@ def build_config(args: argparse.Namespace):
     return config
 
 
+def _listen(args: argparse.Namespace):
+    """``(host, port, web config)`` for --listen, or None; refused beyond loopback without TLS and
+    basic auth (or --insecure), before anything is bound or sampled."""
+    from loadkit.observe.exporter import parse_listen
+    from loadkit.observe.webconfig import check_exposure, load_web_config
+
+    if not args.listen:
+        if args.web_config or args.insecure:
+            raise CollectorError("--web-config and --insecure apply to --listen HOST:PORT, which is not given")
+        return None
+    host, port = parse_listen(args.listen)
+    web_config = load_web_config(args.web_config) if args.web_config else None
+    check_exposure(host, port, web_config, args.insecure)
+    return host, port, web_config
+
+
 def _run(args: argparse.Namespace) -> int:
     from loadkit.observe.collector import Collector
-    from loadkit.observe.exporter import Exporter, parse_listen
+    from loadkit.observe.exporter import Exporter
+    from loadkit.observe.groups import check_groups_match
 
     config = build_config(args)
-    listen = parse_listen(args.listen) if args.listen else None
+    listen = _listen(args)
+    if not args.allow_missing:
+        check_groups_match(config.groups, config.proc_root, config.cgroup_root)
     collector = Collector(config)
     exporter = Exporter(collector, *listen).start() if listen else None
     if exporter is not None:
         log.info("serving %s/metrics and %s/snapshot", exporter.url, exporter.url)
-    # SIGTERM (a supervisor, `timeout`) ends the run like Ctrl-C: flushed, not cut short
-    previous = signal.signal(signal.SIGTERM, lambda *_: collector.stop(timeout_s=0))
+    # SIGTERM (a supervisor, `timeout`) and SIGINT end the run like Ctrl-C: flushed, not cut
+    # short; set here, so a SIGINT the launcher ignored (a background job) still stops it
+    previous = {sig: signal.signal(sig, lambda *_: collector.stop(timeout_s=0))
+                for sig in (signal.SIGTERM, signal.SIGINT)}
     started = time.perf_counter()
     try:
         collector.start()
@@ -140,7 +186,8 @@ def _run(args: argparse.Namespace) -> int:
         collector.stop()
         if exporter is not None:
             exporter.stop()
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     elapsed = time.perf_counter() - started
     where = f" to {config.out_dir}" if config.out_dir else ""
     print(

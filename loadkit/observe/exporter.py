@@ -12,14 +12,22 @@
   land in the run record on the load's timeline.
 
 The server binds to the address it is given (loopback by default) and only reads the
-collector's last sample: a scrape never triggers sampling work.
+collector's last sample: a scrape never triggers sampling work. With a web configuration
+(:mod:`loadkit.observe.webconfig`) it serves HTTPS and asks for basic authentication on every
+path. ``GET /snapshot?members=1`` adds each group's member processes with their command lines,
+and every string the snapshot serves passes :func:`redact` first, so a password given on a
+command line (``--password X``, ``password=X``, ``mysql -pX``, ``scheme://user:X@``) does not
+leave the host.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 import socket
+import ssl
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -28,6 +36,7 @@ from urllib.parse import parse_qs, urlparse
 from loadkit.errors import CollectorError
 
 from .collector import Collector, Sample
+from .webconfig import BasicAuth, WebConfig
 
 log = logging.getLogger("loadkit.observe")
 
@@ -149,11 +158,75 @@ def exposition(sample: Sample | None, collector: Collector | None = None) -> str
     return "\n".join(out) + "\n"
 
 
-def snapshot(collector: Collector, cursor: int = 0) -> dict[str, Any]:
-    """The ``/snapshot`` document: latest sample, events after ``cursor``, next cursor."""
+#: flags whose next argument (or ``=value``) is a secret, in any program's command line
+SECRET_FLAGS = frozenset({
+    "--password", "--passwd", "--pass", "--secret", "--token", "--api-key", "--apikey",
+    "--auth-token", "--access-token", "--client-secret", "--db-password", "--mail-password",
+})
+#: flags that are secrets only in some programs (``-p`` is a port for ssh, redis-cli, locust...):
+#: program name -> (flag, value attached as in ``-pSECRET``)
+_PROGRAM_SECRET_FLAGS = {
+    "mysql": ("-p", True), "mysqldump": ("-p", True), "mysqladmin": ("-p", True), "mariadb": ("-p", True),
+    "sshpass": ("-p", False), "redis-cli": ("-a", False),
+}
+#: ``password=X``, ``PGPASSWORD=X``, ``api_key:X``...: a key naming a secret, then its value
+_SECRET_ASSIGNMENT = re.compile(
+    r"(?i)\b([\w.-]*(?:passw(?:or)?d|pass|secret|token|api[_-]?key|credentials?)[\w.-]*)([=:])(?!//)(\S+)")
+#: ``scheme://user:SECRET@host``
+_URL_USERINFO = re.compile(r"(\b[a-zA-Z][\w+.-]*://[^\s/:@]*:)([^\s/@]+)(@)")
+REDACTED = "***"
+
+
+def redact(text: str) -> str:
+    """A command line (or any text) with secrets replaced by ``***``: values after
+    :data:`SECRET_FLAGS`, ``key=value`` where the key names a password, secret, token or API key,
+    the password in a URL, and the few program-specific flags of ``_PROGRAM_SECRET_FLAGS``."""
+    if not text:
+        return text
+    words = text.split(" ")
+    program = os.path.basename(words[0]) if words else ""
+    special = _PROGRAM_SECRET_FLAGS.get(program)
+    out: list[str] = []
+    hide_next = False
+    for word in words:
+        if hide_next and word:
+            out.append(REDACTED)
+            hide_next = False
+            continue
+        flag, eq, _value = word.partition("=")
+        if flag.lower() in SECRET_FLAGS:
+            if eq:
+                word = f"{flag}={REDACTED}"
+            else:
+                hide_next = True
+        elif special is not None and word.startswith(special[0]) and word != special[0] and special[1]:
+            word = special[0] + REDACTED
+        elif special is not None and word == special[0] and not special[1]:
+            hide_next = True
+        out.append(word)
+    text = " ".join(out)
+    text = _URL_USERINFO.sub(lambda m: m.group(1) + REDACTED + m.group(3), text)
+    return _SECRET_ASSIGNMENT.sub(lambda m: m.group(1) + m.group(2) + REDACTED, text)
+
+
+def _redact_all(value: Any) -> Any:
+    """Every string inside a JSON-able value through :func:`redact` (events carry messages and
+    names that a future field may fill with a command line: redact them all, not field by field)."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {k: _redact_all(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_redact_all(v) for v in value]
+    return value
+
+
+def snapshot(collector: Collector, cursor: int = 0, members: bool = False) -> dict[str, Any]:
+    """The ``/snapshot`` document: latest sample, events after ``cursor``, next cursor; with
+    ``members`` each group's processes and their command lines. Secrets are redacted."""
     events, next_cursor = collector.events_since(cursor)
     latest = collector.latest
-    return {
+    doc = {
         "sample": latest.to_json() if latest is not None else None,
         "events": [e._asdict() for e in events],
         "cursor": next_cursor,
@@ -165,24 +238,36 @@ def snapshot(collector: Collector, cursor: int = 0) -> dict[str, Any]:
             "warnings": sorted(collector.warn.keys),
         },
     }
+    if members:
+        doc["members"] = collector.groups.member_processes()
+    return _redact_all(doc)
 
 
 class _Handler(BaseHTTPRequestHandler):
     server: "_Server"
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        auth = self.server.auth
+        if auth is not None and not auth.check(self.headers.get("Authorization")):
+            self.send_response(401)
+            self.send_header("WWW-Authenticate", 'Basic realm="loadkit collector"')
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         url = urlparse(self.path)
         collector = self.server.collector
         if url.path == "/metrics":
             body = exposition(collector.latest, collector).encode()
             self._send(200, "text/plain; version=0.0.4; charset=utf-8", body)
         elif url.path == "/snapshot":
+            query = parse_qs(url.query)
             try:
-                cursor = int(parse_qs(url.query).get("cursor", ["0"])[0])
+                cursor = int(query.get("cursor", ["0"])[0])
             except ValueError:
                 self._send(400, "text/plain", b"cursor must be an integer\n")
                 return
-            body = json.dumps(snapshot(collector, cursor), default=str).encode()
+            members = query.get("members", ["0"])[0] not in ("0", "", "false")
+            body = json.dumps(snapshot(collector, cursor, members), default=str).encode()
             self._send(200, "application/json", body)
         elif url.path in ("/", "/healthz"):
             self._send(200, "text/plain", b"loadkit collector: /metrics (Prometheus), /snapshot?cursor=N (JSON)\n")
@@ -203,6 +288,20 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     collector: Collector
+    auth: BasicAuth | None = None
+    tls: ssl.SSLContext | None = None
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        # the TLS handshake runs in the request's own thread, with a timeout: a client that
+        # connects and says nothing must not hold up the accept loop
+        if self.tls is not None:
+            request.settimeout(10)
+            try:
+                request = self.tls.wrap_socket(request, server_side=True)
+            except (ssl.SSLError, OSError) as err:
+                log.debug("exporter: TLS handshake with %s failed: %s", client_address, err)
+                return
+        super().finish_request(request, client_address)
 
 
 class _Server6(_Server):
@@ -212,14 +311,18 @@ class _Server6(_Server):
 class Exporter:
     """Serves a collector's endpoints from a daemon thread. ``port=0`` picks a free port."""
 
-    def __init__(self, collector: Collector, host: str = DEFAULT_LISTEN[0], port: int = DEFAULT_LISTEN[1]) -> None:
+    def __init__(self, collector: Collector, host: str = DEFAULT_LISTEN[0], port: int = DEFAULT_LISTEN[1],
+                 web_config: WebConfig | None = None) -> None:
         self.collector = collector
         server_cls = _Server6 if ":" in host else _Server
+        tls = web_config.ssl_context() if web_config is not None and web_config.tls else None
         try:
             self._server = server_cls((host, port), _Handler)
         except OSError as err:
             raise CollectorError(f"cannot listen on {host}:{port}: {err.strerror or err}") from err
         self._server.collector = collector
+        self._server.tls = tls
+        self._server.auth = BasicAuth(web_config.users) if web_config is not None and web_config.users else None
         self._thread: threading.Thread | None = None
 
     @property
@@ -230,7 +333,8 @@ class Exporter:
     @property
     def url(self) -> str:
         host, port = self.address
-        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        scheme = "https" if self._server.tls is not None else "http"
+        return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
     def start(self) -> "Exporter":
         self._thread = threading.Thread(target=self._server.serve_forever, name="loadkit-exporter", daemon=True)

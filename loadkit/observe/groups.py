@@ -32,6 +32,7 @@ from typing import Callable, Iterable, NamedTuple
 
 import psutil
 
+from loadkit.errors import CollectorError
 # the one group-spec grammar (stdlib only, so the collector still runs alone on a target host)
 from loadkit.profile.groupspec import GroupSpec, check_unique, parse_group_spec  # noqa: F401
 from loadkit.schema import GroupSample
@@ -115,6 +116,17 @@ class ProcessGroups:
         self.members: dict[str, dict[int, ProcInfo]] = {s.name: {} for s in self.specs}
         #: group -> cgroup reading of the last sample (None when the group has no cgroup)
         self.cgroup_readings: dict[str, cgroups.CgroupMemory | None] = {}
+
+    def member_processes(self) -> dict[str, list[dict]]:
+        """group -> its processes of the last sample (pid, name, command line), for a reader of
+        the collector's endpoints to see what a spec matched; callable from another thread."""
+        procs = dict(self._procs)  # one copy: the sampling thread may change the cache meanwhile
+        out = {}
+        for group, members in dict(self.members).items():
+            out[group] = [{"pid": pid, "name": info.name,
+                           "cmdline": procs[pid].cmdline if pid in procs else ""}
+                          for pid, info in sorted(dict(members).items())]
+        return out
 
     # -- classification -----------------------------------------------------------------------
 
@@ -372,3 +384,48 @@ class ProcessGroups:
             cgroup_oom_kills_n=reading.oom_kills_n if reading else 0,
         )
         return row, inodes
+
+
+def unmatched_groups(
+    specs: Iterable[GroupSpec],
+    proc_root: str = "/proc",
+    cgroup_root: str = cgroups.CGROUP_ROOT,
+    exclude_pids: Iterable[int] = (),
+) -> list[str]:
+    """What each group that matches nothing right now is missing, one phrase per group.
+
+    A cgroup group needs its memory cgroup to exist (an empty one is fine: its memory still
+    counts); a pattern group needs one process other than this one (the collector never counts
+    itself). Nothing is sampled: one listing of the host's processes, one lookup per cgroup.
+    """
+    groups = ProcessGroups(specs, WarnOnce("collector"), proc_root, cgroup_root,
+                           full_memory_interval_s=None, exclude_pids=exclude_pids)
+    if groups._regex:
+        groups._refresh_patterns()
+    matched = set().union(*(p.groups for p in groups._procs.values()))
+    missing = []
+    for spec in groups.specs:
+        if spec.cgroup:
+            if cgroups.resolve(spec.cgroup, cgroup_root) is None:
+                missing.append(f"group {spec.name}: no memory cgroup {spec.cgroup} under {cgroup_root}")
+        elif spec.name not in matched:
+            where = "command line" if spec.full_cmdline else "process name or first word of a command line"
+            missing.append(f"group {spec.name}: no process matches {spec.pattern!r} ({where})")
+    return missing
+
+
+def check_groups_match(
+    specs: Iterable[GroupSpec],
+    proc_root: str = "/proc",
+    cgroup_root: str = cgroups.CGROUP_ROOT,
+    exclude_pids: Iterable[int] = (),
+    allow_option: str = "--allow-missing",
+) -> None:
+    """The start-up check of ``loadkit collect`` and the plugin's ``--collect-group``: a group
+    that matches nothing (a typo in a cgroup path or a pattern) is a one-line
+    :class:`CollectorError` instead of a run that records zeros; ``allow_option`` is named as
+    the way to start anyway (a service that is started after the collector)."""
+    missing = unmatched_groups(specs, proc_root, cgroup_root, exclude_pids)
+    if missing:
+        raise CollectorError("; ".join(missing) + f" (check the spec, or pass {allow_option} to "
+                             "start anyway and record zeros until it appears)")

@@ -11,6 +11,7 @@ Importing this module adds loadkit's options to Locust's command line::
     --collect-group N=SPEC    a process group or cgroup to sample (repeatable), e.g.
                               p1=cgroup:/sys/fs/cgroup/loadkit/p1@1143,1110
     --collect-udp-port P      a UDP port whose socket queue and drops are sampled (repeatable)
+    --collect-allow-missing   start even if a --collect-group matches nothing yet (else refused)
     --collector URL           a remote collector to read samples from (repeatable)
     --collect-interval S      sampling interval (default 0.5)
     --abort-cgroup-memory-fraction F   stop when a group's cgroup memory >= F x its limit
@@ -66,6 +67,7 @@ from loadkit.generate.metrics import forget_worker, metrics_for
 from loadkit.generate.wiring import exit_on_user_error
 from loadkit.record.latency import buckets_from_locust_ms, percentile_of_counts
 from loadkit.schema import Event, FailureInterval, GeneratorMetric, GroupSample, LatencyBucket, RequestInterval
+from loadkit.observe.groups import check_groups_match
 from loadkit.plugin.live_collector import attach_collector
 from loadkit.profile.groupspec import parse_groups
 from loadkit.record.writer import INTERRUPT_MARKER, RunWriter, new_run_id
@@ -107,6 +109,8 @@ def _add_arguments(parser: Any) -> None:
     group.add_argument("--record-interval", type=float, default=1.0, help="seconds per recorded interval")
     group.add_argument("--collect-group", action="append", default=[], help="NAME=SPEC to sample (repeatable)")
     group.add_argument("--collect-udp-port", action="append", type=int, default=[], help="UDP port to sample")
+    group.add_argument("--collect-allow-missing", action="store_true", default=False,
+                       help="start even if a --collect-group matches nothing yet (it records 0 until it appears)")
     group.add_argument("--collector", action="append", default=[], help="remote collector URL (repeatable)")
     group.add_argument("--collect-interval", type=float, default=0.5, help="collector sampling interval (s)")
     group.add_argument("--abort-cgroup-memory-fraction", type=float, default=0.0,
@@ -180,7 +184,10 @@ def _on_init(environment: Any, **_kw: Any) -> None:
         locust_runners.WORKER_REPORT_INTERVAL = min(3.0, max(0.2, float(options.record_interval)))
         return
     try:  # the one group grammar (regexes compiled): a bad spec stops the run here, in one line
-        parse_groups(options.collect_group)
+        specs = parse_groups(options.collect_group)
+        if specs and not getattr(options, "collect_allow_missing", False):
+            # a group that matches nothing (a typo) is refused now, not recorded as zeros
+            check_groups_match(specs, allow_option="--collect-allow-missing")
         if options.abort_cgroup_memory_fraction > 0 and not (options.collect_group or options.collector):
             raise ProfileError("--abort-cgroup-memory-fraction needs a collector to read the memory from: "
                                "--collect-group NAME=cgroup:PATH or --collector URL")
