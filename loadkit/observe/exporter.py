@@ -200,9 +200,10 @@ def redact(text: str) -> str:
             else:
                 hide_next = True
         elif special is not None and word.startswith(special[0]) and word != special[0] and special[1]:
-            word = special[0] + REDACTED
+            word, special = special[0] + REDACTED, None
         elif special is not None and word == special[0] and not special[1]:
-            hide_next = True
+            # once: what follows may be another program's options (`sshpass -p X ssh -p 2222`)
+            hide_next, special = True, None
         out.append(word)
     text = " ".join(out)
     text = _URL_USERINFO.sub(lambda m: m.group(1) + REDACTED + m.group(3), text)
