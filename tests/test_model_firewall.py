@@ -159,3 +159,17 @@ def test_cli_fit_firewall(tmp_path, capsys):
     shutil.rmtree(tmp_path / "run" / "samples" / "firewall")
     assert main(["fit", "firewall", str(tmp_path / "run")]) == 2
     assert "no 'firewall' samples" in capsys.readouterr().err
+
+
+def test_another_labs_firewall_is_not_the_targets(tmp_path):
+    from loadkit.model.firewall import table_capacity
+
+    run = write_firewall_run(tmp_path / "run", retries_per_drop=1.0)
+    if not len(getattr(run, "firewall", [])):
+        pytest.skip("the run reader does not load samples/firewall yet")
+    assert table_capacity(run) == (800.0, 10.0)  # the table named after 127.0.0.1, not 127.9.9.1's
+    manifest = tmp_path / "run" / RUN_LAYOUT["manifest"]
+    data = json.loads(manifest.read_text())
+    data["targets"] = ["udp://127.0.5.1:5353"]  # a target with no firewall in front of it
+    manifest.write_text(json.dumps(data))
+    assert table_capacity(load_run(tmp_path / "run")) is None

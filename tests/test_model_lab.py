@@ -466,9 +466,12 @@ def test_fit_retries_on_a_burst_retry_storm_run_needs_no_trigger_end(make_lab, t
     text = (root / "scenarios" / "burst_retry_storm.toml").read_text()
     text = text.replace("127.0.0.1:5353", f"{status.dns.host}:{status.dns.port}")
     text = text.replace('"locustfiles/dns_burst.py"', _json.dumps(str(root / "locustfiles" / "dns_burst.py")))
+    lab_dir = tmp_path / "lab0"
+    # the collector watches this lab's unbound, not the default lab's
+    text = "\n".join(f'groups = {{ unbound = "cmdline:unbound -d -c {lab_dir}/conf/unbound\\\\.conf" }}'
+                     if line.startswith("groups = ") else line for line in text.splitlines())
     profile = tmp_path / "storm.toml"
     profile.write_text(text)
-    lab_dir = tmp_path / "lab0"
     proc = subprocess.run([str(Path(sys.executable).with_name("loadkit")), "run", str(profile), "--release", "t",
                            "--duration", "20s", "--out", str(tmp_path / "runs"), "--lab-dir", str(lab_dir)],
                           cwd=tmp_path, capture_output=True, text=True, timeout=180)

@@ -150,20 +150,23 @@ def firewall_model(original_qps: float, size_n: float, timeout_s: float, *, retr
                           fill_amplification=fill_amp, loop=loop)
 
 
-def _table(run: RunData) -> tuple[pd.DataFrame, list[str]]:
+def _table(run: RunData, *, strict: bool = False) -> tuple[pd.DataFrame, list[str]]:
     """The samples of the firewall in front of the run's target (a host may run several: the
-    lab names each table after the address it guards), one row per timestamp."""
+    lab names each table after the address it guards), one row per timestamp. ``strict``: only a
+    table named after the target (the collector records every firewall on its host)."""
     fw = getattr(run, "firewall", None)
     if fw is None or not len(fw):
         raise ModelError(f"run {run.run_id} has no 'firewall' samples (samples/firewall: ts_unix_s, entries_n, "
                          "size_n, drops_n): record the run with a collector that watches the firewall")
     caveats: list[str] = []
-    if "firewall" in fw and fw["firewall"].nunique() > 1:
-        tokens = [str(t)[len("udp://"):].rpartition(":")[0].strip("[]").replace(".", "_").replace(":", "_")
-                  for t in run.manifest.get("targets") or [] if str(t).startswith("udp://")]
+    tokens = [str(t)[len("udp://"):].rpartition(":")[0].strip("[]").replace(".", "_").replace(":", "_")
+              for t in run.manifest.get("targets") or [] if str(t).startswith("udp://")]
+    if "firewall" in fw and (fw["firewall"].nunique() > 1 or (strict and tokens)):
         mine = fw[fw["firewall"].astype(str).map(lambda name: any(f"_{tok}_" in name for tok in tokens if tok))]
         if mine["firewall"].nunique() == 1:
             fw = mine
+        elif strict:
+            raise ModelError(f"run {run.run_id}: no firewall table named after its target")
         else:
             busiest = fw.groupby("firewall")["drops_n"].max().idxmax()
             caveats.append(f"{fw['firewall'].nunique()} firewall tables on the host; none named after the target, "
@@ -179,7 +182,7 @@ def table_capacity(run: RunData) -> tuple[float, float] | None:
     """(new flows per second the target's firewall table admits when full, its UDP timeout), or
     None when the run has no firewall samples with a size and a timeout."""
     try:
-        fw, _ = _table(run)
+        fw, _ = _table(run, strict=True)
     except ModelError:
         return None
     size = float(fw["size_n"].max())
