@@ -378,9 +378,13 @@ def _socket_fits(run: RunData, rcvbuf_bytes: float | None, bytes_per_datagram: f
     return fits, drops
 
 
+#: time for a burst's last query to reach the server after it left (loopback: microseconds)
+ARRIVAL_SLACK_S = 0.002
+
+
 def _measured_loss(drops: dict[int, pd.DataFrame], first: np.ndarray, last: np.ndarray) -> np.ndarray:
     """Drops on the server sockets between the last sample read before each burst (and after the
-    previous one) and the last read after it (and before the next); nan for a burst no such pair
+    previous one) and the first read after it (and before the next); nan for a burst no such pair
     brackets: a sample read while a burst arrived would split its drops between two bursts."""
     if not drops:
         return np.full(len(first), math.nan)
@@ -390,9 +394,11 @@ def _measured_loss(drops: dict[int, pd.DataFrame], first: np.ndarray, last: np.n
     for d in drops.values():
         start, end, v = d.index.to_numpy(dtype=float), d["end"].to_numpy(dtype=float), d["drops"].to_numpy()
         before = [np.flatnonzero((end <= f) & (start >= p)) for f, p in zip(first, prev_end)]
-        after = [np.flatnonzero((start >= la) & (end <= nx)) for la, nx in zip(last, nxt)]
+        # drops happen only as datagrams arrive: the first read after the burst's last query (and
+        # its flight) holds all of them, and none of the retry waves that time out later
+        after = [np.flatnonzero((start >= la + ARRIVAL_SLACK_S) & (end <= nx)) for la, nx in zip(last, nxt)]
         lo = np.array([b[-1] if len(b) else -1 for b in before], dtype=int)
-        hi = np.array([a[-1] if len(a) else -1 for a in after], dtype=int)
+        hi = np.array([a[0] if len(a) else -1 for a in after], dtype=int)
         ok = (lo >= 0) & (hi >= 0)
         out = np.where(ok, out + np.where(ok, v[np.clip(hi, 0, None)] - v[np.clip(lo, 0, None)], 0.0), math.nan)
     return np.clip(out, 0.0, None)
