@@ -3,8 +3,10 @@
 psutil has no UDP buffer, socket-queue, listen-overflow or conntrack figures, so loadkit reads
 them itself, in psutil's style: every function takes the ``/proc`` root as a parameter (tests
 point it at canned files under ``tests/data/proc``) and returns plain numbers with units in
-their names. A parser raises ``OSError`` when its file cannot be read; deciding what to do
-about that (a zero and one warning) is the collector's job, not the parser's.
+their names. A parser raises ``OSError`` when its file cannot be read and
+:class:`ProcFormatError` (a ``ValueError``) when its content is not what the kernel writes (cut
+short, or garbled); deciding what to do about either (a zero and one warning) is the
+collector's job, not the parser's.
 
 Sources (Linux ``Documentation/networking/proc_net*.rst`` and ``net/ipv4/proc.c``):
 
@@ -30,6 +32,8 @@ import struct
 from pathlib import Path
 from typing import Iterable, NamedTuple
 
+from loadkit.errors import CollectorError
+
 #: default root; tests and containers pass another
 PROC_ROOT = "/proc"
 
@@ -49,6 +53,11 @@ TCP_STATES: dict[int, str] = {
     0x0C: "NEW_SYN_RECV",
 }
 TCP_ESTABLISHED = 0x01
+
+
+class ProcFormatError(CollectorError, ValueError):
+    """A ``/proc`` file's content is not in the kernel's format; a ``ValueError`` too, so every
+    caller that skips an unreadable figure already skips this one."""
 
 
 def _read(proc_root: str | os.PathLike, rel: str) -> str:
@@ -143,6 +152,8 @@ class TcpSocket(NamedTuple):
 def _hex_address(hexaddr: str) -> str:
     """Kernel hex address (host byte order per 32-bit word) -> text form."""
     raw = bytes.fromhex(hexaddr)
+    if len(raw) not in (4, 16):
+        raise ProcFormatError(f"socket address {hexaddr[:40]!r} is neither IPv4 nor IPv6")
     if len(raw) == 4:
         return socket.inet_ntop(socket.AF_INET, raw[::-1])
     words = struct.unpack("<4I", raw)
@@ -286,8 +297,11 @@ def read_conntrack(proc_root: str | os.PathLike = PROC_ROOT) -> Conntrack:
 
     The firewall session table of the DNS incident filled the same way this one does.
     """
-    count = int(_read(proc_root, "sys/net/netfilter/nf_conntrack_count").strip())
-    maximum = int(_read(proc_root, "sys/net/netfilter/nf_conntrack_max").strip())
+    try:
+        count = int(_read(proc_root, "sys/net/netfilter/nf_conntrack_count").strip())
+        maximum = int(_read(proc_root, "sys/net/netfilter/nf_conntrack_max").strip())
+    except ValueError:
+        raise ProcFormatError("nf_conntrack_count/nf_conntrack_max do not hold a number") from None
     return Conntrack(count, maximum)
 
 
@@ -321,7 +335,10 @@ def read_meminfo(proc_root: str | os.PathLike = PROC_ROOT) -> dict[str, int]:
 
 def read_loadavg(proc_root: str | os.PathLike = PROC_ROOT) -> tuple[float, float, float]:
     f = _read(proc_root, "loadavg").split()
-    return float(f[0]), float(f[1]), float(f[2])
+    try:
+        return float(f[0]), float(f[1]), float(f[2])
+    except (IndexError, ValueError):
+        raise ProcFormatError(f"loadavg {' '.join(f[:3])[:60]!r} is not three load averages") from None
 
 
 class CpuTimes(NamedTuple):
@@ -338,7 +355,12 @@ def parse_cpu_times(text: str) -> CpuTimes:
         if line.startswith("cpu "):
             # user nice system idle iowait irq softirq steal guest guest_nice; guest time is
             # already counted in user/nice, so stop at steal
-            values = [int(v) for v in line.split()[1:9]]
+            try:
+                values = [int(v) for v in line.split()[1:9]]
+            except ValueError:
+                values = []
+            if len(values) < 4:  # idle is the fourth: a line cut short has no total
+                raise ProcFormatError(f"stat line {line[:60]!r} has no user/nice/system/idle ticks")
             total = sum(values)
             busy = total - values[3] - (values[4] if len(values) > 4 else 0)
         elif line.startswith("cpu"):
@@ -371,14 +393,17 @@ class PidStat(NamedTuple):
 
 def parse_pid_stat(text: str) -> PidStat:
     # the command name may contain spaces and parentheses: split after the last ')'
-    f = text[text.rindex(")") + 2 :].split()
-    return PidStat(
-        f[0],
-        int(f[1]),
-        (int(f[11]) + int(f[12])) / CLOCK_TICKS,
-        int(f[21]) * PAGE_BYTES,
-        int(f[19]),
-    )
+    try:
+        f = text[text.rindex(")") + 2 :].split()
+        return PidStat(
+            f[0],
+            int(f[1]),
+            (int(f[11]) + int(f[12])) / CLOCK_TICKS,
+            int(f[21]) * PAGE_BYTES,
+            int(f[19]),
+        )
+    except (IndexError, ValueError):  # cut short (the process exited mid-read) or garbled
+        raise ProcFormatError(f"process stat {text[:60]!r} has no state, parent, times and RSS") from None
 
 
 def read_pid_stat(pid: int, proc_root: str | os.PathLike = PROC_ROOT) -> PidStat:

@@ -73,7 +73,10 @@ OUTCOME_BY_FLAGS: tuple[tuple[int, ...], ...] = tuple(
 
 
 def classify(reply: bytes) -> int:
-    """Outcome code of a raw reply: TRUNCATED when the TC bit is set, else by RCODE."""
+    """Outcome code of a raw reply: TRUNCATED when the TC bit is set, else by RCODE; a reply
+    shorter than the 12-byte header (cut short on the wire) is RCODE_OTHER, never an error."""
+    if len(reply) < 12:
+        return RCODE_OTHER
     return OUTCOME_BY_FLAGS[reply[2]][reply[3]]
 
 

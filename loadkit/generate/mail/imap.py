@@ -79,6 +79,31 @@ class _Protocol(aioimaplib.IMAP4ClientProtocol):
                 return None
         return super()._handle_line(line, current_cmd)
 
+    def data_received(self, data: bytes) -> None:
+        # aioimaplib raises (Abort, ValueError...) on a line it cannot parse; raised out of here
+        # the transport would log a traceback and report a plain EOF: class it as what it is
+        try:
+            super().data_received(data)
+        except Exception as err:  # noqa: BLE001 - the server's bytes, not our bug
+            self._fail_all(ProtocolError(f"unparseable server data: {type(err).__name__}: {err}"[:200]))
+            if self.transport is not None:
+                self.transport.abort()
+
+    def _fail_all(self, err: Exception) -> None:
+        """Fail whoever waits: the greeting, the session's loss watch and every pending command."""
+        if not self.lost.done():
+            self.lost.set_result(err)
+        if not self.ready.done():
+            self.ready.set_exception(err)
+        # fail every pending command now instead of at its timeout
+        pending = [self.pending_sync_command, *self.pending_async_commands.values()]
+        for cmd in pending:
+            if cmd is not None and not cmd._event.is_set():
+                cmd._exception = err
+                cmd.close(b"", "KO")
+        if self._lost_signal is not None:
+            self._lost_signal.set_threadsafe()
+
     async def welcome(self, command: bytes) -> None:
         try:
             await super().welcome(command)
@@ -92,18 +117,7 @@ class _Protocol(aioimaplib.IMAP4ClientProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         # None is a clean EOF; an OSError (reset, ...) is classed by its errno
         err: Exception = exc if isinstance(exc, OSError) else ServerClosed(str(exc or "EOF"))
-        if not self.lost.done():
-            self.lost.set_result(err)
-        if not self.ready.done():
-            self.ready.set_exception(err)
-        # fail every pending command now instead of at its timeout
-        pending = [self.pending_sync_command, *self.pending_async_commands.values()]
-        for cmd in pending:
-            if cmd is not None and not cmd._event.is_set():
-                cmd._exception = err
-                cmd.close(b"", "KO")
-        if self._lost_signal is not None:
-            self._lost_signal.set_threadsafe()
+        self._fail_all(err)
         super().connection_lost(exc)
 
 
