@@ -24,7 +24,9 @@ from loadkit.generate.mail.classify import Phase, ProtocolError, ServerClosed, S
 from loadkit.observe import procfs
 
 CANNED = Path(__file__).parent / "data" / "proc"
-FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# no example database: nothing is written into the work tree, each run draws afresh
+FUZZ = settings(max_examples=300, deadline=None, database=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 #: mail exceptions that are loadkit's own: a failure's detail starts with one of these names
 OWN_MAIL_ERRORS = (ProtocolError.__name__, ServerReply.__name__, ServerClosed.__name__, "PhaseTimeout")
