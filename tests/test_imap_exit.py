@@ -104,6 +104,43 @@ def test_sigint_stops_locust_whose_launcher_ignores_sigint(protocol: str, tmp_pa
     assert [e["kind"] for e in run.events][-1] == "run_ended"
 
 
+def test_loadkit_run_stops_on_sigint_when_its_launcher_ignores_it(tmp_path: Path) -> None:
+    """``loadkit run`` in a background job: SIGINT still reaches it and the run ends as an
+    interrupted, complete record (Locust is stopped with SIGTERM by the runner)."""
+    from loadkit.record.reader import load_run
+
+    accounts = write_accounts(tmp_path, 20)
+    out = tmp_path / "runs"
+    with FakeMailServer("imap", "ok") as fake:
+        profile = tmp_path / "bg.toml"
+        profile.write_text(f"""
+[run]
+scenario = "background"
+release = "t1"
+duration = "60s"
+stop_timeout = "2s"
+[targets]
+imap = "{fake.address}"
+[load]
+locustfile = "{ROOT / 'locustfiles' / 'imap_storm.py'}"
+host = "imap"
+users = 20
+spawn_rate = 20
+options = {{ mail-accounts = "{accounts}", mail-dwell = "idle" }}
+""")
+        proc = subprocess.Popen([sys.executable, "-m", "loadkit", "run", str(profile), "--out", str(out)],
+                                cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                preexec_fn=_ignore_sigint)
+        _wait_for_sessions(fake, 20)
+        os.kill(proc.pid, signal.SIGINT)
+        text = _wait(proc, 60)
+    assert proc.returncode == 2, text  # interrupted
+    [run_dir] = [d for d in out.iterdir() if d.is_dir()]
+    run = load_run(run_dir)
+    assert run.complete and run.manifest["status"] == "interrupted", run.manifest
+    assert run.requests["requests_n"].sum() >= 20
+
+
 def test_own_stop_signals_undoes_an_inherited_ignore() -> None:
     """The helper every entry point calls: checked in a child so this process keeps its handlers."""
     code = ("import signal\n"
