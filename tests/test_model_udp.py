@@ -321,6 +321,9 @@ def test_cli_prints_the_same_figures_as_the_model_and_the_so_rcvbuf(tmp_path, ca
     printed = capsys.readouterr().out.strip()
     fit = fit_udp_burst(load_run(tmp_path / "run"))
     assert printed == fit.summary()  # one computation: the report calls fit_udp_burst too
+    from loadkit.report.capacity import udp_fit
+
+    assert udp_fit(load_run(tmp_path / "run")).summary() == printed
     assert f"so-rcvbuf {fit.recommended_so_rcvbuf_bytes:,} B" in printed
     assert json.loads(out.read_text())["recommended_so_rcvbuf_bytes"] == fit.recommended_so_rcvbuf_bytes
     # a burst size of one's own, beyond what the run sent, is an extrapolation and says so
