@@ -329,6 +329,8 @@ def test_cli_prints_the_same_figures_as_the_model_and_the_so_rcvbuf(tmp_path, ca
     # a burst size of one's own, beyond what the run sent, is an extrapolation and says so
     assert main(["fit", "udp-burst", str(tmp_path / "run"), "--burst", "5000", "--burst-window", "0.01"]) == 0
     assert "extrapolation" in capsys.readouterr().out
+    assert main(["fit", "udp-burst", str(tmp_path / "run"), "--burst", "-5"]) == 2
+    assert capsys.readouterr().err.strip().endswith("burst size -5.0 must be > 0 queries")
 
 
 def test_collector_drops_come_from_sock_diag_with_the_instant_they_were_read(tmp_path):

@@ -436,6 +436,10 @@ def fit_udp_burst(run: RunData, *, rcvbuf_bytes: float | None = None,
     each client address and port to one socket). The headline is for ``burst_n`` queries in
     ``burst_window_s`` (default: the largest burst the run sent, in its median window).
     """
+    if burst_n is not None and not burst_n > 0:
+        raise ModelError(f"burst size {burst_n} must be > 0 queries")
+    if burst_window_s is not None and not burst_window_s >= 0:
+        raise ModelError(f"burst window {burst_window_s} must be >= 0 seconds")
     bursts = _burst_events(run)
     fits, drops = _socket_fits(run, rcvbuf_bytes, bytes_per_datagram, address, port)
     k = len(fits)
