@@ -134,6 +134,7 @@ def test_cpu_quota_v1_and_v2_trees(tmp_path, monkeypatch):
     assert (path / "cpu.max").read_text() == f"{cgroups.CPU_PERIOD_US // 4} {cgroups.CPU_PERIOD_US}"
     assert (v2 / "loadkit" / "cgroup.subtree_control").read_text() == "+cpu"
     assert cgroups.cpu_quota_cores(2, path) == 0.25
+    assert (path / "cpu.weight").read_text() == str(cgroups.CPU_WEIGHT_V2)  # its quota first
     v1 = tmp_path / "v1"
     (v1 / "cpu").mkdir(parents=True)
     (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1")
@@ -141,4 +142,5 @@ def test_cpu_quota_v1_and_v2_trees(tmp_path, monkeypatch):
     path = cgroups.create_cpu(1, v1 / "cpu", "lab-1", "proxy1", 1.5)
     assert (path / "cpu.cfs_quota_us").read_text() == str(int(1.5 * cgroups.CPU_PERIOD_US))
     assert cgroups.cpu_quota_cores(1, path) == 1.5
+    assert (path / "cpu.shares").read_text() == str(cgroups.CPU_SHARES_V1)
     assert cgroups.cpu_quota_cores(None, path) is None

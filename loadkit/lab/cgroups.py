@@ -177,6 +177,13 @@ def remove(path: Path, timeout_s: float = 5.0) -> None:
 CPU_PERIOD_US = 10_000
 
 
+#: A quota only caps: on a busy machine the server may not even get its quota, and its capacity
+#: would again be what others leave. A weight 8 times the default (v1 shares 1024, v2 weight 100)
+#: gives it its quota first, so the capacity stays what the quota sets.
+CPU_SHARES_V1 = 8192
+CPU_WEIGHT_V2 = 800
+
+
 def detect_cpu(root: Path = CGROUP_ROOT) -> tuple[int | None, Path | None, str]:
     """``(version, cpu hierarchy root, reason)`` for CPU quotas; version None when unavailable."""
     if os.geteuid() != 0:
@@ -206,11 +213,13 @@ def create_cpu(version: int, hier: Path, lab_id: str, name: str, cores: float) -
                 ctl.write_text("+cpu")
         path.mkdir(exist_ok=True)
         (path / "cpu.max").write_text(f"{quota_us} {CPU_PERIOD_US}")
+        (path / "cpu.weight").write_text(str(CPU_WEIGHT_V2))
     else:
         path.mkdir(parents=True, exist_ok=True)
         # the period first: a quota is checked against the period in force
         (path / "cpu.cfs_period_us").write_text(str(CPU_PERIOD_US))
         (path / "cpu.cfs_quota_us").write_text(str(quota_us))
+        (path / "cpu.shares").write_text(str(CPU_SHARES_V1))
     return path
 
 
