@@ -16,10 +16,12 @@ def test_fit_headroom_prints_summary_and_writes_json(tmp_path, capsys):
     write_headroom_run(tmp_path / "run")
     out = tmp_path / "headroom.json"
     assert main(["fit", "headroom", str(tmp_path / "run"), "--out", str(out), "--forecast-peak", "400"]) == 0
-    printed = capsys.readouterr().out.strip()
+    printed, *caveat_lines = capsys.readouterr().out.strip().splitlines()
     assert printed.startswith("all 3 proxies fall over at ≈ ")
     res = HeadroomResult.from_json(out.read_text())
     assert res.summary() == printed
+    # every caveat the result carries is printed in words under the summary
+    assert caveat_lines == [f"  caveat: {c}" for c in res.caveats if c not in printed]
     assert res.forecast_peak_sessions == 400
 
 
@@ -31,7 +33,7 @@ def test_fit_other_kinds(tmp_path, capsys):
     write_retry_run(tmp_path / "b", metastable=True)
     out = tmp_path / "retries.json"
     assert main(["fit", "retries", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
+    lines = [ln for ln in capsys.readouterr().out.strip().splitlines() if not ln.startswith("  caveat: ")]
     assert lines[0].startswith("retry-recovers: recovers") and lines[1].startswith("retry-metastable: metastable")
     verdicts = [MetastabilityResult.from_dict(d).verdict for d in json.loads(out.read_text())]
     assert verdicts == ["recovers", "metastable"]

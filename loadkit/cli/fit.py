@@ -152,7 +152,12 @@ def _run(args: argparse.Namespace) -> int:
         results = [_fit_one(args.kind, run, args) for run in runs]
     for run, result in zip(runs if len(results) > 1 else [None], results):
         prefix = f"{run.run_id}: " if run is not None else ""
-        print(prefix + result.summary())
+        summary = result.summary()
+        print(prefix + summary)
+        # caveats (extrapolation, lower bound, not significant) in words, under their summary
+        for caveat in getattr(result, "caveats", None) or []:
+            if caveat not in summary:
+                print(f"  caveat: {caveat}")
     if args.out:
         data = results[0].to_dict() if len(results) == 1 else [r.to_dict() for r in results]
         try:
