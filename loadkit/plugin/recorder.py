@@ -21,8 +21,12 @@ Importing this module adds loadkit's options to Locust's command line::
 The abort and collector options act with or without ``--record-dir``: without a record a
 :class:`LiveWatch` checks the same thresholds (and the collector shows in the headless output and
 the web UI's Target tab); the abort is logged. ``--collect-group`` is checked with the one group
-grammar (:mod:`loadkit.profile.groupspec`) at start, and ``--abort-cgroup-memory-fraction`` without
-a collector is refused there, each in one line.
+grammar (:mod:`loadkit.profile.groupspec`) at start, and against the host: a group that matches
+nothing (no such cgroup, no such process) is refused unless ``--collect-allow-missing``
+(:func:`loadkit.observe.groups.check_groups_match`, the check ``loadkit collect`` makes too);
+``--abort-cgroup-memory-fraction`` without a collector is refused there too, each in one line.
+Ctrl-C/SIGINT is handled by the plugin in every Locust process, also when the launcher ignored
+it (a background job): the record says ``interrupted``, as after SIGTERM.
 
 In the process that owns the statistics (Locust's master, or the single local process) a
 :class:`Recorder` then writes, every interval: :class:`~loadkit.schema.RequestInterval` and
