@@ -158,3 +158,31 @@ print(len(rows), rows[-1].entries_n, rows[-1].drops_n)
     assert out.returncode == 0, out.stderr
     n, entries, drops = map(int, out.stdout.split())
     assert n >= 3 and (entries, drops) == (30, 20), out.stderr
+
+
+@needs_nft
+def test_the_shipped_firewall_scenario_records_the_table_fill(make_lab, tmp_path):
+    """scenarios/retry_storm_firewall.toml, shortened, against a lab with the firewall it names:
+    the run finds the lab from its firewalled target and records the table on the run's clock."""
+    import re
+
+    from loadkit.record.reader import load_run
+
+    repo = Path(__file__).resolve().parents[1]
+    status = make_lab(firewall_sessions=13000, firewall_udp_timeout_s=60.0, accounts=10, proxies=1)
+    text = (repo / "scenarios" / "retry_storm_firewall.toml").read_text()
+    text = text.replace("127.0.0.1:", f"{status.dns.host}:").replace('"locustfiles/', f'"{repo}/locustfiles/')
+    text = text.replace("\\\\.loadkit/lab/conf", re.escape(str(Path(status.dir) / "conf")).replace("\\", "\\\\"))
+    profile = tmp_path / "retry_storm_firewall.toml"
+    profile.write_text(text)
+    out = subprocess.run([sys.executable, "-m", "loadkit", "run", str(profile), "--out", str(tmp_path / "runs"),
+                          "--duration", "8s", "--release", "test"], capture_output=True, text=True, timeout=300)
+    assert out.returncode in (0, 1), out.stderr
+    [run_dir] = list((tmp_path / "runs").iterdir())
+    run = load_run(run_dir)
+    assert run.complete and run.manifest["lab"]["dir"] == status.dir  # found from port dns+1
+    mine = run.firewall[run.firewall["firewall"] == status.firewall.table]
+    assert len(mine) >= 2 and (mine["size_n"] == 13000).all()
+    assert mine["entries_n"].max() > 2000  # the first 2,500-query burst went through it
+    start, end = run.manifest["started_unix_s"], run.manifest["ended_unix_s"]
+    assert mine["ts_unix_s"].between(start - 1, end + 1).all()

@@ -99,6 +99,8 @@ def _lab_status(targets: dict, lab_dir: str | None) -> dict:
     if not status.running:
         return {}
     endpoints = {(e.host, e.port) for e in (status.dns, status.imap, status.pop3)}
+    if status.firewall is not None:  # the DNS endpoint behind the lab's firewall
+        endpoints.add((status.firewall.dns.host, status.firewall.dns.port))
     if any((t.address, t.port) in endpoints for t in targets.values()):
         return status.to_dict()
     return {}
