@@ -297,7 +297,8 @@ def test_dns_cpu_quota_sets_the_capacity_and_up_measures_it(make_lab) -> None:
     that a quarter of a core can serve and twice that rate cannot."""
     from loadkit.lab import cgroups
 
-    status = make_lab(dns_cpu=0.25, accounts=10, proxies=1)
+    status = make_lab(dns_cpu=0.25, proxy_cpu=0.5, accounts=10, proxies=1)
+    assert [p.cpu_cores for p in status.proxies] == [pytest.approx(0.5)]  # --proxy-cpu too
     doc = status.to_dict()["dns"]
     capacity = doc["capacity_qps"]
     assert doc["cpu_cores"] == 0.25 and capacity and capacity > 1000

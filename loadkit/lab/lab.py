@@ -268,6 +268,7 @@ class Lab:
             if cg
             else CgroupSupport(False, None, "lab not started", cfg.oom_kill)
         )
+        cpu_version = (state.get("cpu_cgroups") or {}).get("version")
         components = []
         for c in state["components"]:
             up = procs.alive(c["pid"], c["create_time_s"])
@@ -286,8 +287,8 @@ class Lab:
             n = int(c.name[len("proxy"):])
             imap_port, pop3_port = cfg.proxy_ports(n)
             rows = stats.get(c.name)
-            cgroup = next((s.get("cgroup") for s in state["components"] if s["name"] == c.name),
-                          None)
+            rec = next((s for s in state["components"] if s["name"] == c.name), {})
+            cgroup = rec.get("cgroup")
             proxies.append(ProxyStatus(
                 name=c.name,
                 up=c.up,
@@ -301,6 +302,8 @@ class Lab:
                 under_oom=cgroups.under_oom(version, Path(cgroup) if cgroup else None),
                 sessions=sum(r.sessions for r in rows) if rows else None,
                 haproxy_state="/".join(sorted({r.state for r in rows})) if rows else None,
+                cpu_cores=cgroups.cpu_quota_cores(cpu_version, Path(rec["cpu_cgroup"]))
+                if rec.get("cpu_cgroup") else None,
             ))
         expected = self._expected_components()
         fw = self._firewall_status(state)

@@ -53,6 +53,7 @@ class ProxyStatus(NamedTuple):
     under_oom: bool | None  #: stalled at its limit with the OOM killer disabled (v1 under_oom)
     sessions: int | None  #: current sessions haproxy has open to it (stats ``scur``, IMAP+POP3)
     haproxy_state: str | None  #: haproxy's view of the server: UP, DOWN, ...
+    cpu_cores: float | None = None  #: CFS quota in cores (``--proxy-cpu``), None without one
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self._asdict())
