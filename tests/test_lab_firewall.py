@@ -105,6 +105,10 @@ def test_an_entry_expires_after_the_udp_timeout(make_lab):
     assert _flows(fw.dns.host, fw.dns.port, 20) == 10
     time.sleep(1.5)  # every session has timed out: the table has room again
     assert make_lab.labs[-1].status().firewall.entries_n == 0
+    from loadkit.observe.firewall import read_table
+
+    family, table = fw.table.split()
+    assert read_table(family, table).drops_n == 10  # nft by name, found on PATH
     assert _flows(fw.dns.host, fw.dns.port, 10) == 10
 
 

@@ -72,10 +72,14 @@ def _spawn(argv: list[str], timeout_s: float = NFT_TIMEOUT_S) -> tuple[int, str,
     poller = _original("select", "poll")()
     waitpid = _original("os", "waitpid")
     posix_spawn = _original("os", "posix_spawn")  # gevent's registers a child watcher
+    # posix_spawn takes a path, not a name to look up on PATH
+    path = argv[0] if "/" in argv[0] else shutil.which(argv[0])
+    if path is None:
+        raise FileNotFoundError(f"{argv[0]} is not on PATH")
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     try:
-        pid = posix_spawn(argv[0], argv, os.environ, file_actions=[
+        pid = posix_spawn(path, argv, os.environ, file_actions=[
             (os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, err_w, 2),
             (os.POSIX_SPAWN_CLOSE, out_r), (os.POSIX_SPAWN_CLOSE, err_r)])
     finally:
