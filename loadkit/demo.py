@@ -43,6 +43,7 @@ from typing import Any
 from loadkit.errors import LoadkitError
 from loadkit.lab import Lab, LabConfig, LabStatus
 from loadkit.model import fit_headroom
+from loadkit.record import counters
 from loadkit.record.reader import load_run
 from loadkit.report import build_report
 
@@ -238,9 +239,8 @@ def mail_outcome(run_dir: Path) -> dict:
         limit=("cgroup_limit_bytes", "max"),
         sessions=("sessions_n", "max"),
     )
-    held = run.generator[run.generator["metric"] == "imap.held_sessions"]["value"]
+    held = counters.gauge(run, "imap.held_sessions")
     fails = run.failures.groupby("failure_class")["failures_n"].sum().to_dict() if len(run.failures) else {}
-    logins = run.generator[run.generator["metric"] == "imap.logins"]["value"]
     return {
         "run": run_dir.name,
         "oom_kills_n": int(per["oom_kills"].sum()),
@@ -249,7 +249,7 @@ def mail_outcome(run_dir: Path) -> dict:
         "peak_memory_fraction": float((per["peak"] / per["limit"]).max()),
         "max_sessions_per_proxy": int(per["sessions"].max()),
         "max_held_sessions": int(held.max()) if len(held) else 0,
-        "logins_n": int(logins.max()) if len(logins) else 0,
+        "logins_n": int(counters.total(run, "imap.logins")),
         "failures_by_class": {str(k): int(v) for k, v in fails.items()},
         "gates": _gates(run),
         "status": run.manifest.get("status"),

@@ -149,3 +149,26 @@ def test_a_taken_port_is_one_line_and_leaves_nothing_running(tmp_path):
     assert len(errors) == 1 and errors[0].startswith("loadkit: error: ") and "5353" in errors[0], res.stderr
     assert "Traceback" not in res.stderr
     assert _lab_processes(tmp_path / ".loadkit" / "demo-lab") == []
+
+
+def test_mail_outcome_reads_generator_counters_through_the_one_reader(tmp_path):
+    """A login counter that restarted mid-run (a worker rejoined) still counts the logins before
+    the restart, and held sessions of two sources at one time are added, as every model reads them."""
+    from loadkit.record.reader import load_run
+    from loadkit.record.synthetic import write_mail_run
+    from loadkit.record.writer import RunWriter
+    from loadkit.schema import GeneratorMetric
+
+    run_dir = write_mail_run(tmp_path, duration_s=20, chunk_s=10, peak_sessions=100, seed=1)
+    run = load_run(run_dir)
+    logins = run.generator[run.generator["metric"] == "imap.logins"]
+    last_ts, before_reset = float(logins["ts_unix_s"].max()), float(logins["value"].max())
+    held = run.generator[run.generator["metric"] == "imap.held_sessions"]
+    held_at_last = float(held[held["ts_unix_s"] == last_ts]["value"].iloc[0])
+    w = RunWriter(run_dir)
+    w.add_many([GeneratorMetric(last_ts + 1, "imap.logins", "counter", 7.0),  # restarted at 0
+                GeneratorMetric(last_ts, "imap.held_sessions", "gauge", 1000.0)])  # a second source
+    w.flush()
+    out = demo.mail_outcome(run_dir)
+    assert out["logins_n"] == int(before_reset + 7.0)
+    assert out["max_held_sessions"] == int(held_at_last + 1000.0)
