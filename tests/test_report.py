@@ -581,9 +581,10 @@ def test_only_the_firewall_in_front_of_the_target_is_the_runs(tmp_path):
     manifest = json.loads((path / "manifest.json").read_text())
     manifest["lab"]["firewall"] = {"dns": ["127.0.0.1", 5353], "table": "ip loadkit_fw_mine"}
     (path / "manifest.json").write_text(json.dumps(manifest))
-    (row,) = [m for m in summarize([load_run(path)], release="r1").models if m.model == "firewall"]
+    row, loop = [m for m in summarize([load_run(path)], release="r1").models if m.model == "firewall"]
     assert "3,000-entry session table" in row.question
     assert row.measured_value == 2900
+    assert row.predicted_value is not None and loop.predicted.startswith(("yes", "no"))
 
 
 def test_anomaly_row_says_when_polling_cannot_be_judged(tmp_path):

@@ -221,27 +221,39 @@ def target_firewall(run: RunData) -> str | None:
 
 
 def firewall_rows(d: DnsRun, run: RunData) -> list[ModelRow]:
-    """The firewall session table in front of DNS: entries predicted beside measured, and
-    whether the retry loop sustains itself once the table is full."""
+    """The firewall session table in front of DNS: its largest fill predicted from the flows the
+    generator sent (Little's law over the table's timeout) beside the entries measured; and
+    whether the retry loop has a second, self-sustaining state at the run's demand."""
     table = target_firewall(run)
     if table is None:
         return []
+    mine = dataclasses.replace(run, firewall=run.firewall[run.firewall["firewall"] == table])
     try:
-        res = model.fit_firewall(dataclasses.replace(run, firewall=run.firewall[run.firewall["firewall"] == table]))
-    except ModelError:
+        res = model.fit_firewall(mine)
+        peak = float(model.firewall.predicted_occupancy(model.retry_amplification(run), res.timeout_s,
+                                                        port_policy=res.port_policy).max())
+    except (ModelError, AttributeError, ValueError):
         return []
-    measured = (f"up to {res.measured_max_entries_n:,.0f} entries" if res.measured_max_entries_n is not None
-                else "not measured")
-    if res.measured_drops_n is not None:
-        measured += f"; {res.measured_drops_n:,.0f} new flows dropped"
-    return [ModelRow(model="firewall", scenario=d.scenario, run_ids=[d.run_id],
-                     question=f"entries of the {res.size_n:,.0f}-entry session table at the run's demand",
-                     predicted=f"{res.predicted_occupancy_n:,.0f} entries; "
-                               + ("a second stable state: the loop sustains itself" if res.loop.second_stable_state
-                                  else "no second stable state: the table drains once the trigger stops"),
-                     measured=measured, caveat="; ".join(str(c) for c in res.caveats),
-                     predicted_value=num(res.predicted_occupancy_n), measured_value=num(res.measured_max_entries_n),
-                     unit="entries")]
+    common = dict(model="firewall", scenario=d.scenario, run_ids=[d.run_id])
+    caveat = "; ".join(str(c) for c in res.caveats)
+    if res.occupancy_error_pct is not None:
+        caveat = "; ".join(filter(None, [f"worst error of one sample before the table filled: "
+                                         f"{res.occupancy_error_pct:.1f} % ({res.occupancy_points_n} samples)", caveat]))
+    drops = f"; {res.measured_drops_n:,.0f} new flows dropped" if res.measured_drops_n is not None else ""
+    rows = [ModelRow(question=f"most entries in the {res.size_n:,.0f}-entry session table ({res.timeout_s:g} s timeout)",
+                     predicted=f"{min(peak, res.size_n):,.0f} entries", caveat=caveat,
+                     measured=(f"{res.measured_max_entries_n:,.0f} entries{drops}"
+                               if res.measured_max_entries_n is not None else "not measured"),
+                     predicted_value=min(peak, res.size_n), measured_value=num(res.measured_max_entries_n),
+                     unit="entries", **common)]
+    loop = res.loop
+    rows.append(ModelRow(
+        question=f"does the retry loop sustain itself with {res.original_qps:,.0f}/s of original demand?",
+        predicted=(f"yes: a second stable state at {loop.high_amplification:.2f}× amplification"
+                   if loop.second_stable_state else "no: one stable state, the table drains once the trigger stops"),
+        measured=f"run verdict: {res.verdict}" if res.verdict else "no verdict for the run",
+        caveat="", **common))
+    return rows
 
 
 # --------------------------------------------------------------------------------------------
