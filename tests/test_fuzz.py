@@ -204,7 +204,7 @@ def test_imap_greeting_handling_raises_only_its_own_errors(data: bytes, chunk: i
 # -- /proc parsers (the root is injectable) ------------------------------------------------------
 
 _TEXT_PARSERS = [
-    procfs.parse_paired_table, procfs.parse_snmp6, procfs.parse_udp, procfs.parse_tcp, procfs.parse_sockstat,
+    procfs.parse_paired_table, procfs.parse_keyed, procfs.parse_udp, procfs.parse_tcp, procfs.parse_sockstat,
     procfs.parse_softnet, procfs.parse_meminfo, procfs.parse_cpu_times, procfs.parse_pid_stat,
 ]
 

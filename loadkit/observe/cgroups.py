@@ -24,6 +24,8 @@ import os
 from pathlib import Path
 from typing import NamedTuple
 
+from loadkit.observe.procfs import parse_keyed
+
 #: where cgroup hierarchies are mounted; tests pass a canned tree
 CGROUP_ROOT = "/sys/fs/cgroup"
 
@@ -68,15 +70,7 @@ def _int_file(path: Path) -> int:
 
 
 def _keyed_file(path: Path) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for line in path.read_text().splitlines():
-        parts = line.split()
-        if len(parts) == 2:
-            try:
-                out[parts[0]] = int(parts[1])
-            except ValueError:
-                continue
-    return out
+    return parse_keyed(path.read_text())
 
 
 def read_memory(directory: str | os.PathLike, version: int) -> CgroupMemory:

@@ -30,9 +30,11 @@ import os
 import socket
 import struct
 from pathlib import Path
-from typing import Iterable, NamedTuple
+from typing import Callable, Iterable, NamedTuple, TypeVar
 
 from loadkit.errors import CollectorError
+
+T = TypeVar("T")
 
 #: default root; tests and containers pass another
 PROC_ROOT = "/proc"
@@ -106,7 +108,9 @@ def read_netstat(proc_root: str | os.PathLike = PROC_ROOT) -> dict[str, dict[str
     return parse_paired_table(_read(proc_root, "net/netstat"))
 
 
-def parse_snmp6(text: str) -> dict[str, int]:
+def parse_keyed(text: str) -> dict[str, int]:
+    """Lines of ``KEY VALUE`` (``/proc/net/snmp6``, a cgroup's ``memory.events``...); other lines
+    and values that are not integers are skipped."""
     out: dict[str, int] = {}
     for line in text.splitlines():
         parts = line.split()
@@ -120,7 +124,7 @@ def parse_snmp6(text: str) -> dict[str, int]:
 
 def read_snmp6(proc_root: str | os.PathLike = PROC_ROOT) -> dict[str, int]:
     """``/proc/net/snmp6``: ``{"Udp6RcvbufErrors": n, ...}``; absent when IPv6 is off."""
-    return parse_snmp6(_read(proc_root, "net/snmp6"))
+    return parse_keyed(_read(proc_root, "net/snmp6"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,13 +192,7 @@ def read_udp_sockets(
 
     A missing ``udp6`` (IPv6 disabled) is not an error; a missing ``udp`` is.
     """
-    wanted = set(ports) if ports is not None else None
-    sockets = parse_udp(_read(proc_root, "net/udp"), wanted)
-    try:
-        sockets += parse_udp(_read(proc_root, "net/udp6"), wanted)
-    except FileNotFoundError:
-        pass
-    return sockets
+    return _read_v4_v6(proc_root, "net/udp", parse_udp, set(ports) if ports is not None else None)
 
 
 def parse_tcp(text: str, inodes: set[int] | None = None) -> list[TcpSocket]:
@@ -225,13 +223,19 @@ def read_tcp_sockets(
     proc_root: str | os.PathLike = PROC_ROOT, inodes: Iterable[int] | None = None
 ) -> list[TcpSocket]:
     """TCP sockets of ``net/tcp`` and ``net/tcp6`` (``tcp6`` may be absent), only ``inodes`` if given."""
-    wanted = set(inodes) if inodes is not None else None
-    sockets = parse_tcp(_read(proc_root, "net/tcp"), wanted)
+    return _read_v4_v6(proc_root, "net/tcp", parse_tcp, set(inodes) if inodes is not None else None)
+
+
+def _read_v4_v6(proc_root: str | os.PathLike, name: str, parse: Callable[[str, set[int] | None], list[T]],
+                wanted: set[int] | None) -> list[T]:
+    """``parse`` over ``name`` and ``name`` + ``6``; a missing IPv6 table (IPv6 disabled) is no
+    error, a missing IPv4 one is."""
+    rows = parse(_read(proc_root, name), wanted)
     try:
-        sockets += parse_tcp(_read(proc_root, "net/tcp6"), wanted)
+        rows += parse(_read(proc_root, name + "6"), wanted)
     except FileNotFoundError:
         pass
-    return sockets
+    return rows
 
 
 # --------------------------------------------------------------------------------------------

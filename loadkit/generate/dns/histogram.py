@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from loadkit.generate.wiring import piggyback
+from loadkit.generate.wiring import attach
 from loadkit.schema import LATENCY_BUCKET_ERROR, LATENCY_BUCKETS_PER_OCTAVE, latency_bucket_upper_s
 
 #: buckets per doubling of latency
@@ -206,10 +206,4 @@ class FineLatency:
 def fine_latency_for(environment: Any) -> FineLatency:
     """The :class:`FineLatency` channel of a Locust environment, created and wired on first use
     (call it in ``init`` in every process, so a master merges its workers' from the first report)."""
-    existing = getattr(environment, _ENV_ATTR, None)
-    if existing is not None:
-        return existing
-    channel = FineLatency()
-    setattr(environment, _ENV_ATTR, channel)
-    piggyback(environment, _REPORT_KEY, channel._report, channel._merge_worker)
-    return channel
+    return attach(environment, _ENV_ATTR, _REPORT_KEY, FineLatency)
