@@ -30,7 +30,7 @@ import os
 import socket
 import struct
 from pathlib import Path
-from typing import Callable, Iterable, NamedTuple, TypeVar
+from typing import Callable, Iterable, Iterator, NamedTuple, TypeVar
 
 from loadkit.errors import CollectorError
 
@@ -164,14 +164,20 @@ def _hex_address(hexaddr: str) -> str:
     return socket.inet_ntop(socket.AF_INET6, struct.pack(">4I", *words))
 
 
+def _socket_rows(text: str, min_fields: int) -> Iterator[list[str]]:
+    """The fields of each socket line of a ``/proc/net`` socket table (the header skipped, a
+    line cut short skipped: the kernel prints the table while sockets come and go)."""
+    for line in text.splitlines()[1:]:
+        f = line.split()
+        if len(f) >= min_fields:
+            yield f
+
+
 def parse_udp(text: str, ports: set[int] | None = None) -> list[UdpSocket]:
     """Lines of ``/proc/net/udp``/``udp6``; with ``ports``, only sockets bound to them (the
     port is checked before anything else is decoded: the table can hold thousands of sockets)."""
     sockets: list[UdpSocket] = []
-    for line in text.splitlines()[1:]:
-        f = line.split()
-        if len(f) < 13:
-            continue
+    for f in _socket_rows(text, 13):
         try:
             addr, _, port = f[1].partition(":")
             if ports is not None and int(port, 16) not in ports:
@@ -198,10 +204,7 @@ def read_udp_sockets(
 def parse_tcp(text: str, inodes: set[int] | None = None) -> list[TcpSocket]:
     """Lines of ``/proc/net/tcp``/``tcp6``; with ``inodes``, only those sockets."""
     sockets: list[TcpSocket] = []
-    for line in text.splitlines()[1:]:
-        f = line.split()
-        if len(f) < 10:
-            continue
+    for f in _socket_rows(text, 10):
         try:
             if inodes is not None and int(f[9]) not in inodes:
                 continue
