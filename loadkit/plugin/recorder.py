@@ -343,6 +343,17 @@ def failure_intervals(
     return rows
 
 
+def _every(interval_s: float, step: Callable[[], None], what: str) -> None:
+    """Call ``step`` after every ``interval_s`` until the greenlet is killed; a step that raises
+    is logged and the loop goes on (one bad interval must not end the watching or recording)."""
+    while True:
+        gevent.sleep(interval_s)
+        try:
+            step()
+        except Exception:
+            log.exception("%s failed", what)
+
+
 def collector_wanted(options: Any) -> bool:
     return bool(options.collect_group or options.collect_udp_port or options.collector)
 
@@ -433,7 +444,7 @@ class LiveWatch:
     def start(self) -> "LiveWatch":
         attach_from_options(self.environment, self.options, self.sink)
         if self.options.abort_failure_ratio > 0:
-            self._greenlet = gevent.spawn(self._loop)
+            self._greenlet = gevent.spawn(_every, self.interval_s, self.check, "abort check")
         return self
 
     def stop(self) -> None:
@@ -451,14 +462,6 @@ class LiveWatch:
             self._prev = (0, 0)
         self.thresholds.on_interval(now[0] - self._prev[0], now[1] - self._prev[1])
         self._prev = now
-
-    def _loop(self) -> None:
-        while True:
-            gevent.sleep(self.interval_s)
-            try:
-                self.check()
-            except Exception:  # keep watching; a bad interval is logged, not fatal
-                log.exception("abort check failed")
 
 
 class Recorder:
@@ -496,7 +499,8 @@ class Recorder:
         gevent.signal_handler(signal.SIGTERM, self._mark_interrupted)
         if not getattr(o, "headless", False):
             self.environment.events.test_stop.add_listener(self._on_web_ui_test_stop)
-        self._greenlets = [gevent.spawn(self._tick_loop), gevent.spawn(self._watch_loop)]
+        self._greenlets = [gevent.spawn(_every, self.interval_s, self.tick, "recording interval"),
+                           gevent.spawn(_every, WATCH_INTERVAL_S, self._watch, "collector drain")]
         log.info("recording run %s in %s", self.run_id, self.writer.run_dir)
 
     @property
@@ -563,22 +567,9 @@ class Recorder:
             self._write_status()
 
     # -- loops -----------------------------------------------------------------------------------
-    def _tick_loop(self) -> None:
-        while True:
-            gevent.sleep(self.interval_s)
-            try:
-                self.tick()
-            except Exception:  # keep recording; a bad interval is logged, not fatal
-                log.exception("recording interval failed")
-
-    def _watch_loop(self) -> None:
-        while True:
-            gevent.sleep(WATCH_INTERVAL_S)
-            try:
-                self._drain()
-                self._check_workers()
-            except Exception:
-                log.exception("collector drain failed")
+    def _watch(self) -> None:
+        self._drain()
+        self._check_workers()
 
     def _drain(self) -> None:
         # generator events (DNS bursts ...), this process's and its workers', then collector output
