@@ -32,6 +32,10 @@ from loadkit.model._result import Result
 DEFAULT_POLLING_S = (3600, 900, 60)
 
 
+def _utc(ts_unix_s: float) -> str:
+    return pd.Timestamp(ts_unix_s, unit="s", tz="UTC").strftime("%Y-%m-%d %H:%M:%S")
+
+
 @dataclass
 class Spike(Result):
     kind = "spike"
@@ -43,8 +47,7 @@ class Spike(Result):
     score: float  #: peak deviation from the rolling median in robust standard deviations
 
     def summary(self) -> str:
-        t = pd.Timestamp(self.peak_unix_s, unit="s", tz="UTC").strftime("%Y-%m-%d %H:%M:%S")
-        return f"spike at {t} UTC peak {self.peak_value:.4g} ({self.score:.1f} σ)"
+        return f"spike at {_utc(self.peak_unix_s)} UTC peak {self.peak_value:.4g} ({self.score:.1f} σ)"
 
 
 @dataclass
@@ -69,8 +72,7 @@ class ChangePoint(Result):
     level_after: float
 
     def summary(self) -> str:
-        t = pd.Timestamp(self.ts_unix_s, unit="s", tz="UTC").strftime("%Y-%m-%d %H:%M:%S")
-        return f"level {self.level_before:.4g} → {self.level_after:.4g} at {t} UTC"
+        return f"level {self.level_before:.4g} → {self.level_after:.4g} at {_utc(self.ts_unix_s)} UTC"
 
 
 @dataclass
