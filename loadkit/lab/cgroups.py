@@ -36,17 +36,26 @@ class Memory(NamedTuple):
 
 def detect(root: Path = CGROUP_ROOT) -> tuple[int | None, Path | None, str]:
     """``(version, memory hierarchy root, reason)``; version None when limits cannot be set."""
+    version, hier, reason = _detect_controller(root, "memory", "memory.limit_in_bytes", ("cgroup v2", "cgroup v1"))
+    return version, hier, reason if version is not None else f"{reason}: proxies run without memory limits"
+
+
+def _detect_controller(root: Path, controller: str, v1_file: str,
+                       in_effect: tuple[str, str]) -> tuple[int | None, Path | None, str]:
+    """``(version, hierarchy root, reason)`` for one controller: v2 when the unified tree lists it,
+    else v1 when its hierarchy has ``v1_file``; the reason is ``in_effect`` (v2, v1), or why the
+    controller cannot be used (version None)."""
     if os.geteuid() != 0:
-        return None, None, "not root: proxies run without memory limits"
+        return None, None, "not root"
     v2_controllers = root / "cgroup.controllers"
     if v2_controllers.exists():
-        if "memory" in v2_controllers.read_text().split():
-            return 2, root, "cgroup v2"
-        return None, None, "cgroup v2 without the memory controller: proxies run without limits"
-    v1 = root / "memory"
-    if (v1 / "memory.limit_in_bytes").exists():
-        return 1, v1, "cgroup v1"
-    return None, None, "no memory cgroup controller mounted: proxies run without limits"
+        if controller in v2_controllers.read_text().split():
+            return 2, root, in_effect[0]
+        return None, None, f"cgroup v2 without the {controller} controller"
+    v1 = root / controller
+    if (v1 / v1_file).exists():
+        return 1, v1, in_effect[1]
+    return None, None, f"no {controller} cgroup controller mounted"
 
 
 def support(version: int | None, reason: str, oom_kill: bool, limit_bytes: int) -> CgroupSupport:
@@ -186,17 +195,8 @@ CPU_WEIGHT_V2 = 800
 
 def detect_cpu(root: Path = CGROUP_ROOT) -> tuple[int | None, Path | None, str]:
     """``(version, cpu hierarchy root, reason)`` for CPU quotas; version None when unavailable."""
-    if os.geteuid() != 0:
-        return None, None, "not root"
-    v2_controllers = root / "cgroup.controllers"
-    if v2_controllers.exists():
-        if "cpu" in v2_controllers.read_text().split():
-            return 2, root, "cgroup v2 cpu.max"
-        return None, None, "cgroup v2 without the cpu controller"
-    v1 = root / "cpu"
-    if (v1 / "cpu.cfs_quota_us").exists():
-        return 1, v1, "cgroup v1 cpu.cfs_quota_us"
-    return None, None, "no cpu cgroup controller mounted"
+    return _detect_controller(root, "cpu", "cpu.cfs_quota_us",
+                              ("cgroup v2 cpu.max", "cgroup v1 cpu.cfs_quota_us"))
 
 
 def create_cpu(version: int, hier: Path, lab_id: str, name: str, cores: float) -> Path:
