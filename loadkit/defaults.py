@@ -47,6 +47,12 @@ def accounts_file(lab_dir: Path | None = None) -> Path:
     return (lab_dir or LAB_DIR) / ACCOUNTS_FILE_NAME
 
 
+def in_lab_dir(file_name: str) -> property:
+    """A read-only property: the file ``file_name`` in the lab directory ``self.dir`` (of a running
+    lab's :class:`LabInfo` and of :class:`loadkit.lab.Lab`, so both name the lab's files alike)."""
+    return property(lambda self: Path(self.dir) / file_name, doc=f"the lab's {file_name}")
+
+
 #: targets loadkit will send to when no allowlist is configured: loopback only
 DEFAULT_ALLOWLIST = ("127.0.0.0/8", "::1/128")
 
@@ -97,13 +103,8 @@ class LabInfo(NamedTuple):
     #: the DNS port behind the lab's firewall (``lab up --firewall-sessions``), 0 without one
     firewall_dns_port: int = 0
 
-    @property
-    def names_file(self) -> Path:
-        return self.dir / NAMES_FILE_NAME
-
-    @property
-    def accounts_file(self) -> Path:
-        return self.dir / ACCOUNTS_FILE_NAME
+    names_file = in_lab_dir(NAMES_FILE_NAME)
+    accounts_file = in_lab_dir(ACCOUNTS_FILE_NAME)
 
     def port(self, protocol: str) -> int:
         return {"dns": self.dns_port, "imap": self.imap_port, "pop3": self.pop3_port}[protocol]

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from loadkit.defaults import ACCOUNTS_FILE_NAME, LAB_ZONE, NAMES_FILE_NAME, register_lab
+from loadkit.defaults import ACCOUNTS_FILE_NAME, LAB_ZONE, NAMES_FILE_NAME, in_lab_dir, register_lab
 from loadkit.errors import LabError
 
 from . import calibrate, cgroups, dns, firewall, mail, procs
@@ -57,13 +57,8 @@ class Lab:
     def state_path(self) -> Path:
         return self.dir / STATE_FILE
 
-    @property
-    def names_file(self) -> Path:
-        return self.dir / NAMES_FILE_NAME
-
-    @property
-    def accounts_file(self) -> Path:
-        return self.dir / ACCOUNTS_FILE_NAME
+    names_file = in_lab_dir(NAMES_FILE_NAME)
+    accounts_file = in_lab_dir(ACCOUNTS_FILE_NAME)
 
     @property
     def runtime_dir(self) -> Path:
