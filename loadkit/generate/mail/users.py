@@ -339,6 +339,11 @@ def make_ssl_context(verify: bool, for_asyncio: bool) -> ssl.SSLContext:
     return ctx
 
 
+def _tls_context(options: MailOptions, for_asyncio: bool) -> ssl.SSLContext | None:
+    """The client context a session spec carries: None without TLS (``--mail-tls off``)."""
+    return make_ssl_context(options.tls_verify, for_asyncio) if options.tls != "off" else None
+
+
 # --------------------------------------------------------------------------------------------
 # users
 # --------------------------------------------------------------------------------------------
@@ -391,10 +396,8 @@ class MailUser(User):
     """Base of the storm users: one mail client looping over sessions."""
 
     abstract = True
-    #: Locust request_type and metric prefix ("IMAP"/"imap", "POP3"/"pop3")
-    request_type: ClassVar[str] = ""
-    metric_prefix: ClassVar[str] = ""
-    #: the protocol of the target this class takes (``--target PROTOCOL=...``, ``[targets]``)
+    #: the protocol of the target this class takes (``--target PROTOCOL=...``, ``[targets]``);
+    #: also its metrics' prefix (``imap.logins``) and, upper case, its Locust request_type
     protocol: ClassVar[str] = ""
 
     def __init__(self, environment: Any) -> None:
@@ -421,7 +424,7 @@ class MailUser(User):
     # -- reporting ------------------------------------------------------------------------------
     def fire(self, result: PhaseResult) -> None:
         self.environment.events.request.fire(
-            request_type=self.request_type,
+            request_type=self.protocol.upper(),
             name=result.name,
             response_time=result.elapsed_s * 1000.0,
             response_length=result.response_length,
@@ -430,10 +433,10 @@ class MailUser(User):
         )
 
     def count(self, metric: str, n: float = 1) -> None:
-        self._shared.metrics.add(f"{self.metric_prefix}.{metric}", n)
+        self._shared.metrics.add(f"{self.protocol}.{metric}", n)
 
     def held(self, delta: int) -> None:
-        self._shared.metrics.add_gauge(f"{self.metric_prefix}.held_sessions", delta)
+        self._shared.metrics.add_gauge(f"{self.protocol}.held_sessions", delta)
 
     # -- the loop -------------------------------------------------------------------------------
     @task
@@ -524,15 +527,13 @@ class ImapUser(MailUser):
     """IMAP client: connect+greeting, LOGIN, SELECT, FETCH, [IDLE], hold, LOGOUT."""
 
     abstract = True
-    request_type = "IMAP"
-    metric_prefix = "imap"
     protocol = "imap"
 
     @classmethod
     def make_spec(cls, address: str, port: int, options: MailOptions) -> ImapSpec:
-        ctx = make_ssl_context(options.tls_verify, for_asyncio=True) if options.tls != "off" else None
         return ImapSpec(
-            address, port, tls=options.tls, ssl_context=ctx, timeouts=options.timeouts,
+            address, port, tls=options.tls, ssl_context=_tls_context(options, for_asyncio=True),
+            timeouts=options.timeouts,
             fetch_n=options.fetch_n, idle=options.dwell_s is None,
         )
 
@@ -565,15 +566,13 @@ class Pop3User(MailUser):
     """POP3 client: connect+greeting, PASS (USER+PASS), STAT, UIDL, RETR, hold, QUIT."""
 
     abstract = True
-    request_type = "POP3"
-    metric_prefix = "pop3"
     protocol = "pop3"
 
     @classmethod
     def make_spec(cls, address: str, port: int, options: MailOptions) -> Pop3Spec:
-        ctx = make_ssl_context(options.tls_verify, for_asyncio=False) if options.tls != "off" else None
         return Pop3Spec(
-            address, port, tls=options.tls, ssl_context=ctx, timeouts=options.timeouts,
+            address, port, tls=options.tls, ssl_context=_tls_context(options, for_asyncio=False),
+            timeouts=options.timeouts,
             uidl=options.pop3_uidl, retr=options.fetch_n > 0,
         )
 
