@@ -21,18 +21,16 @@ import signal
 import time
 from pathlib import Path
 
+from loadkit.cli._common import add_command
 from loadkit.errors import CollectorError
 
 log = logging.getLogger("loadkit.collect")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "collect",
-        help="sample memory, UDP buffers, listen queues and process events of this host",
-        description="Sample process groups, cgroups, UDP/TCP saturation counters and host memory "
-        "every --interval; write Parquet (--out) and/or serve /metrics and /snapshot (--listen).",
-    )
+    p = add_command(sub, "collect", _run, "sample memory, UDP buffers, listen queues and process events of this host",
+                    "Sample process groups, cgroups, UDP/TCP saturation counters and host memory every "
+                    "--interval; write Parquet (--out) and/or serve /metrics and /snapshot (--listen).")
     p.add_argument(
         "--group",
         action="append",
@@ -90,7 +88,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host-label", default=None, metavar="NAME", help="host name written in records (default: hostname)")
     p.add_argument("--proc-root", default="/proc", help=argparse.SUPPRESS)
     p.add_argument("--cgroup-root", default="/sys/fs/cgroup", help=argparse.SUPPRESS)
-    p.set_defaults(func=_run)
 
 
 def _seconds(text: str | None, what: str) -> float | None:

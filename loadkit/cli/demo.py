@@ -6,19 +6,17 @@ import argparse
 import os
 from pathlib import Path
 
+from loadkit.cli._common import add_command
 from loadkit.errors import ProfileError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "demo",
-        help="bring up a lab, run a DNS burst and an IMAP storm to fall-over, build the report, "
-        "bring the lab down",
-        description="The demo: a lab of its own, the shipped DNS burst scenario, an IMAP storm that "
-        "ramps until the proxies fall over, the capacity report in DIR/reports/demo/, the lab down "
-        "(also after an error, Ctrl-C or SIGTERM). 'incidents' replays the three incidents of "
-        "docs/incidents.md instead, each as it happened and with its mitigation.",
-    )
+    p = add_command(sub, "demo", _demo, "bring up a lab, run a DNS burst and an IMAP storm to fall-over, build "
+                    "the report, bring the lab down",
+                    "The demo: a lab of its own, the shipped DNS burst scenario, an IMAP storm that ramps until the "
+                    "proxies fall over, the capacity report in DIR/reports/demo/, the lab down (also after an "
+                    "error, Ctrl-C or SIGTERM). 'incidents' replays the three incidents of docs/incidents.md "
+                    "instead, each as it happened and with its mitigation.")
     p.add_argument("what", nargs="?", choices=["incidents"], metavar="incidents",
                    help="replay the incidents instead of the demo")
     p.add_argument("numbers", nargs="*", metavar="N",
@@ -27,7 +25,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="loopback address of the demo's lab (default $LOADKIT_DEMO_ADDRESS or 127.0.0.1)")
     p.add_argument("--dir", type=Path, default=Path(os.environ.get("LOADKIT_DEMO_DIR", ".")),
                    help="working directory for the lab, runs and report (default $LOADKIT_DEMO_DIR or .)")
-    p.set_defaults(func=_demo)
 
 
 def _incident_numbers(words: list[str]) -> list[int]:

@@ -6,19 +6,16 @@ import argparse
 import json
 from pathlib import Path
 
+from loadkit.cli._common import add_command
 from loadkit.errors import LoadkitError, ModelError
 
 KINDS = ("headroom", "usl", "udp-burst", "retries", "anomalies", "firewall", "source-limit")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "fit",
-        help="fit a model (headroom, usl, udp-burst, retries, anomalies, firewall, source-limit) to recorded runs",
-        description="Fit a model to one or more run directories, print its one-line summary and "
-        "optionally write the result as JSON. headroom combines all runs given; the other kinds "
-        "fit each run on its own.",
-    )
+    p = add_command(sub, "fit", _run, f"fit a model ({', '.join(KINDS)}) to recorded runs",
+                    "Fit a model to one or more run directories, print its one-line summary and optionally write "
+                    "the result as JSON. headroom combines all runs given; the other kinds fit each run on its own.")
     p.add_argument("kind", choices=KINDS, metavar="KIND", help="one of: " + ", ".join(KINDS))
     p.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run directory")
     p.add_argument("--out", type=Path, metavar="FILE.json", help="write the result(s) as JSON here")
@@ -94,7 +91,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--target-share", type=float, default=0.001, metavar="F",
                    help="largest share of sources the recommended limit may refuse in a second "
                    "(default %(default)s)")
-    p.set_defaults(func=_run)
 
 
 def _weights(specs: list[str]) -> dict[str, float] | None:

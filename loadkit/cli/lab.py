@@ -7,43 +7,32 @@ import json
 from pathlib import Path
 
 from loadkit import defaults
+from loadkit.cli._common import add_command
 from loadkit.errors import ProfileError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "lab",
-        help="bring the local lab (unbound, dovecot proxies in memory cgroups, haproxy) up or down",
-        description="The local lab: unbound DNS with the zone lab.test., a dovecot backend with "
-        "test accounts, dovecot proxies each in a memory cgroup, haproxy in front. Loopback only.",
-    )
+    p = add_command(sub, "lab", None, "bring the local lab (unbound, dovecot proxies in memory cgroups, haproxy) up or down",
+                    "The local lab: unbound DNS with the zone lab.test., a dovecot backend with test accounts, "
+                    "dovecot proxies each in a memory cgroup, haproxy in front. Loopback only.")
     lab_sub = p.add_subparsers(dest="lab_command", metavar="ACTION", required=True)
 
-    up = lab_sub.add_parser("up", help="start the lab (a running lab is reported unchanged)")
+    up = add_command(lab_sub, "up", _up, "start the lab (a running lab is reported unchanged)")
     _dir_option(up)
     _up_options(up)
-    up.set_defaults(func=_up)
 
-    st = lab_sub.add_parser(
-        "status",
-        help="show the lab's components, endpoints and cgroups (exit status 1 if not running)",
-    )
+    st = add_command(lab_sub, "status", _status,
+                     "show the lab's components, endpoints and cgroups (exit status 1 if not running)")
     _dir_option(st)
     st.add_argument("--json", action="store_true", help="print one JSON object")
-    st.set_defaults(func=_status)
 
-    down = lab_sub.add_parser("down", help="stop what 'lab up' started and remove its cgroups")
+    down = add_command(lab_sub, "down", _down, "stop what 'lab up' started and remove its cgroups")
     _dir_option(down)
-    down.set_defaults(func=_down)
 
-    smoke = lab_sub.add_parser(
-        "smoke",
-        help="bring the lab up, send a little DNS, IMAP and POP3 without Locust, bring it down "
-        "(exit status 1 if a service did not answer)",
-    )
+    smoke = add_command(lab_sub, "smoke", _smoke, "bring the lab up, send a little DNS, IMAP and POP3 without "
+                        "Locust, bring it down (exit status 1 if a service did not answer)")
     _dir_option(smoke)
     smoke.add_argument("--keep", action="store_true", help="leave the lab running afterwards")
-    smoke.set_defaults(func=_smoke)
 
 
 def _up_options(up: argparse.ArgumentParser) -> None:

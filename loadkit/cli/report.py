@@ -14,17 +14,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+from loadkit.cli._common import add_command
 from loadkit.errors import ReportError
 from loadkit.report.build import REPORTS_DIR, RUNS_DIR, build_report, find_runs
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "report",
-        help="build the capacity report of a release (HTML, executed notebook, summary.json)",
-        description="Execute notebooks/capacity_report.ipynb over the runs of a release and render it "
-        "as HTML without code. Exit 0: PASS or WARN, 1: FAIL, 2: the report could not be made.",
-    )
+    p = add_command(sub, "report", _run, "build the capacity report of a release (HTML, executed notebook, summary.json)",
+                    "Execute notebooks/capacity_report.ipynb over the runs of a release and render it as HTML "
+                    "without code. Exit 0: PASS or WARN, 1: FAIL, 2: the report could not be made.")
     p.add_argument("--release", required=True, help="release label the report is for")
     p.add_argument("--runs", nargs="+", metavar="DIR", help="run directories (default: the release's runs under --runs-dir)")
     p.add_argument("--baseline", metavar="R0", help="release to compare with; regressions are highlighted")
@@ -36,7 +34,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--forecast-peak-burst-queries", type=float, metavar="N",
                    help="forecast largest DNS burst, in queries, for runs that offered bursts (default: from the "
                         "runs' profiles; without one, a burst that overflowed the buffer is a warning, not a failure)")
-    p.set_defaults(func=_run)
 
 
 def _progress(message: str) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from loadkit.cli._common import add_command
+
 
 _EPILOG = """\
 exit status:
@@ -34,14 +36,10 @@ failures/, generator/, samples/, events.jsonl, locust/). List records with 'load
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "run",
-        help="run a load-test profile with Locust and record it",
-        description="Run a profile (TOML): resolve and allow every target before anything is sent, "
-        "start collectors, run Locust headless, write the run record, evaluate the gates.",
-        epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = add_command(sub, "run", _run, "run a load-test profile with Locust and record it",
+                    "Run a profile (TOML): resolve and allow every target before anything is sent, start "
+                    "collectors, run Locust headless, write the run record, evaluate the gates.",
+                    epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("profile", help="profile TOML file, e.g. scenarios/smoke.toml")
     p.add_argument("--release", help="release label (overrides [run] release)")
     p.add_argument("--out", default="runs", help="directory for run records (default: ./runs)")
@@ -56,7 +54,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lab-dir", default=None,
                    help="lab directory whose status is recorded in the manifest when the profile "
                    "targets that lab (default: the running lab that serves a target)")
-    p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -6,21 +6,21 @@ import argparse
 import json
 import time
 
+from loadkit.cli._common import add_command
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("runs", help="list and show run records (DuckDB over the Parquet files)")
+    p = add_command(sub, "runs", None, "list and show run records (DuckDB over the Parquet files)")
     actions = p.add_subparsers(dest="runs_command", metavar="ACTION", required=True)
-    lst = actions.add_parser("list", help="one line per run, oldest first")
+    lst = add_command(actions, "list", _list, "one line per run, oldest first")
     lst.add_argument("--release", help="only runs of this release")
     lst.add_argument("--scenario", help="only runs of this scenario")
     lst.add_argument("--dir", default="runs", help="runs directory (default: ./runs)")
     lst.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
-    lst.set_defaults(func=_list)
-    show = actions.add_parser("show", help="one run: manifest, requests, failures, events, gates")
+    show = add_command(actions, "show", _show, "one run: manifest, requests, failures, events, gates")
     show.add_argument("run", help="run id, unique prefix of one, or a run directory")
     show.add_argument("--dir", default="runs", help="runs directory (default: ./runs)")
     show.add_argument("--json", action="store_true", help="print JSON")
-    show.set_defaults(func=_show)
 
 
 def _list(args: argparse.Namespace) -> int:
