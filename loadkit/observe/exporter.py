@@ -42,20 +42,26 @@ log = logging.getLogger("loadkit.observe")
 
 DEFAULT_LISTEN = ("127.0.0.1", 9108)
 
-# NetSample field -> (metric name, help); node_exporter's netstat/sockstat/conntrack collectors
-# export these as untyped/gauge with exactly these names
+def _netstat(protocol: str, name: str) -> tuple[str, str, str]:
+    """A ``/proc/net/snmp``/``netstat`` counter as node_exporter's netstat collector names it:
+    ``node_netstat_<Protocol>_<Name>``, untyped, help ``Statistic <Protocol><Name>.``."""
+    return f"node_netstat_{protocol}_{name}", "untyped", f"Statistic {protocol}{name}."
+
+
+# NetSample field -> (metric name, type, help); node_exporter's netstat/sockstat/conntrack
+# collectors export these as untyped/gauge with exactly these names
 _NET_METRICS: dict[str, tuple[str, str, str]] = {
-    "udp_in_datagrams_n": ("node_netstat_Udp_InDatagrams", "untyped", "Statistic UdpInDatagrams."),
-    "udp_in_errors_n": ("node_netstat_Udp_InErrors", "untyped", "Statistic UdpInErrors."),
-    "udp_rcvbuf_errors_n": ("node_netstat_Udp_RcvbufErrors", "untyped", "Statistic UdpRcvbufErrors."),
-    "udp_sndbuf_errors_n": ("node_netstat_Udp_SndbufErrors", "untyped", "Statistic UdpSndbufErrors."),
-    "udp_no_ports_n": ("node_netstat_Udp_NoPorts", "untyped", "Statistic UdpNoPorts."),
-    "udp6_in_datagrams_n": ("node_netstat_Udp6_InDatagrams", "untyped", "Statistic Udp6InDatagrams."),
-    "udp6_in_errors_n": ("node_netstat_Udp6_InErrors", "untyped", "Statistic Udp6InErrors."),
-    "udp6_rcvbuf_errors_n": ("node_netstat_Udp6_RcvbufErrors", "untyped", "Statistic Udp6RcvbufErrors."),
-    "tcp_listen_overflows_n": ("node_netstat_TcpExt_ListenOverflows", "untyped", "Statistic TcpExtListenOverflows."),
-    "tcp_listen_drops_n": ("node_netstat_TcpExt_ListenDrops", "untyped", "Statistic TcpExtListenDrops."),
-    "tcp_backlog_drops_n": ("node_netstat_TcpExt_TCPBacklogDrop", "untyped", "Statistic TcpExtTCPBacklogDrop."),
+    "udp_in_datagrams_n": _netstat("Udp", "InDatagrams"),
+    "udp_in_errors_n": _netstat("Udp", "InErrors"),
+    "udp_rcvbuf_errors_n": _netstat("Udp", "RcvbufErrors"),
+    "udp_sndbuf_errors_n": _netstat("Udp", "SndbufErrors"),
+    "udp_no_ports_n": _netstat("Udp", "NoPorts"),
+    "udp6_in_datagrams_n": _netstat("Udp6", "InDatagrams"),
+    "udp6_in_errors_n": _netstat("Udp6", "InErrors"),
+    "udp6_rcvbuf_errors_n": _netstat("Udp6", "RcvbufErrors"),
+    "tcp_listen_overflows_n": _netstat("TcpExt", "ListenOverflows"),
+    "tcp_listen_drops_n": _netstat("TcpExt", "ListenDrops"),
+    "tcp_backlog_drops_n": _netstat("TcpExt", "TCPBacklogDrop"),
     "sockets_used_n": ("node_sockstat_sockets_used", "gauge", "Number of IPv4 sockets in use."),
     "udp_mem_pages": ("node_sockstat_UDP_mem", "gauge", "Number of UDP sockets in state mem."),
     "conntrack_count_n": ("node_nf_conntrack_entries", "gauge", "Number of currently allocated flow entries for connection tracking."),
