@@ -443,6 +443,7 @@ def test_parse_listen():
         (["--interval", "0.01"], "out of range"),
         (["--interval", "fast"], "not a number"),
         (["--udp-port", "5353,x"], "not a port"),
+        (["--udp-port", "70000"], "UDP port 70000 is out of range"),
         (["--listen", "nowhere"], "HOST:PORT"),
         (["--duration", "0"], "positive"),
     ],

@@ -110,9 +110,7 @@ def _ports(values: list[str]) -> list[int]:
                 port = int(part)
             except ValueError:
                 raise CollectorError(f"--udp-port {value!r}: {part!r} is not a port number") from None
-            if not 1 <= port <= 65535:
-                raise CollectorError(f"--udp-port {value!r}: port {port} is out of range 1-65535")
-            ports.append(port)
+            ports.append(port)  # the range is CollectorConfig.validate's to check, as for every caller
     return ports
 
 
