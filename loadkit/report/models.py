@@ -18,7 +18,7 @@ from loadkit import model
 from loadkit.errors import ModelError
 from loadkit.record.reader import RunData
 
-from .analysis import abort_event, first_failure_ts, num, proxy_groups, run_outcome, run_service
+from .analysis import abort_event, first_failure_ts, num, proxy_groups, run_outcome
 from .capacity import udp_fit
 from .summary import OUTCOME_DESIGNED_ABORT, AnomalyRow, DnsRun, MailCapacity, ModelRow, ReportSummary
 
@@ -293,27 +293,24 @@ def _usl_rows(run: RunData, points: pd.DataFrame, res) -> list[ModelRow]:
     if significant and math.isfinite(res.n_star):
         lo, hi = getattr(res, "n_star_ci95", (math.nan, math.nan))
         ci = f" (95 % {lo:,.0f}–{hi:,.0f})" if math.isfinite(lo) and math.isfinite(hi) else ""
-        best = points.loc[points["throughput_rps"].idxmax()]
+        best = points.loc[points["throughput_rps"].idxmax()]  # as the fit's own measured maximum
+        at = num(getattr(res, "concurrency_at_max_observed", None)) or float(best["concurrency"])
+        top_x = num(getattr(res, "max_throughput_observed", None)) or float(best["throughput_rps"])
         rows.append(ModelRow(
             question="concurrency of peak throughput (N*)",
             predicted=f"N* ≈ {res.n_star:,.0f}{ci}, {res.x_max:,.1f}/s",
-            measured=f"highest throughput measured at {float(best['concurrency']):,.0f} users, "
-                     f"{float(best['throughput_rps']):,.1f}/s",
+            measured=f"highest throughput measured at {at:,.0f} users, {top_x:,.1f}/s",
             caveat="extrapolation: N* lies beyond the concurrency measured" if res.n_star > n else "",
-            predicted_value=float(res.n_star), measured_value=float(best["concurrency"]), unit="users", **common))
+            predicted_value=float(res.n_star), measured_value=at, unit="users", **common))
     return rows
 
 
 def kpi(run: RunData) -> tuple[str, pd.Series]:
-    """The KPI the anomaly search looks at: the DNS server's receive-buffer drops per interval,
-    else failed requests per interval."""
-    if run_service(run) == "DNS":
-        label, drops = model.receive_drops(run)
-        if len(drops):
-            return f"{label} per interval", drops
-    if not len(run.requests):
-        return "failed requests per interval", pd.Series(dtype="float64")
-    return "failed requests per interval", model.kpi_series(run, "requests", "failures_n")
+    """(what it is, series): the KPI the anomaly search looks at, as the model picks it
+    (:func:`loadkit.model.kpi_series` without a table: the DNS server's receive-buffer drops per
+    interval, else failed requests per interval)."""
+    series = model.kpi_series(run)
+    return str(series.name or "KPI"), series
 
 
 def anomaly_row(run: RunData, notes: list[str]) -> AnomalyRow:
