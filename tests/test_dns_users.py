@@ -204,3 +204,32 @@ def test_retry_budget_against_the_lab(lab, tmp_path: Path) -> None:
     suppressed = int(done.split("retry_suppressed=")[1].split()[0])
     assert sent > 2000 and suppressed > 0, done
     assert retries <= 0.05 * sent + 20, done
+
+
+def test_the_web_ui_host_field_shows_the_default_dns_target(tmp_path: Path, monkeypatch) -> None:
+    """Without --host the DNS users' class host is the target they resolved (Locust's web UI shows
+    it in its Host field): here the lab that LOADKIT_LAB_DIR names, on its own address and port."""
+    import json
+
+    from locust.env import Environment
+
+    from loadkit.generate.dns.users import DnsUser, install
+
+    lab_dir = tmp_path / "lab"
+    lab_dir.mkdir()
+    config = {"address": "127.0.61.1", "dns_port": 7353, "imap_port": 3143, "pop3_port": 3110}
+    (lab_dir / "state.json").write_text(json.dumps({"config": config}))
+    (lab_dir / "names.txt").write_text("".join(f"h{i:05d}.lab.test\n" for i in range(10)))
+    monkeypatch.setenv("LOADKIT_LAB_REGISTRY", str(tmp_path / "registry"))
+    monkeypatch.setenv("LOADKIT_LAB_DIR", str(lab_dir))
+
+    class HostShownDnsUser(DnsUser):
+        pass
+
+    env = Environment(user_classes=[HostShownDnsUser])
+    install(env.events)
+    parser = LocustArgumentParser()
+    env.events.init_command_line_parser.fire(parser=parser)
+    env.parsed_options = parser.parse_args([])
+    env.events.init.fire(environment=env, runner=None, web_ui=None)
+    assert HostShownDnsUser.host == "127.0.61.1:7353"

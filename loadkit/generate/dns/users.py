@@ -526,9 +526,13 @@ def install(events: Any, settings: DnsSettings | None = None) -> None:
         if type(runner).__name__ == "MasterRunner":
             return  # the master sends nothing; workers check their own options
         try:
-            run.make_plan()
+            dns_plan = run.make_plan()
         except LoadkitError as err:
             exit_on_user_error(err)  # one line, before anything is sent
+        if not environment.host:  # the web UI's Host field shows where the load goes
+            for cls in environment.user_classes or ():
+                if isinstance(cls, type) and issubclass(cls, DnsUser):
+                    cls.host = str(dns_plan.target)
 
     @events.test_start.add_listener
     def _on_test_start(environment: Any, **_kw: Any) -> None:
