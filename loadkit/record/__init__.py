@@ -1,4 +1,4 @@
 """record stage: run directories (writer, reader), the catalog across runs.
 
-Storage only: nothing here imports Locust or the analysis (:mod:`loadkit.model`).
+Storage only: nothing here imports Locust or the analysis (the model stage).
 """

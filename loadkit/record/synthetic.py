@@ -7,10 +7,10 @@ reads it exactly like a recorded run. Runs are deterministic for a given ``seed`
 
     from loadkit.record.synthetic import write_mail_run
     from loadkit.record.reader import load_run
-    from loadkit.model import fit_headroom
+    from loadkit import model
 
     run_dir = write_mail_run("runs", proxies=3, bytes_per_session=1.2 * 2**20, peak_sessions=750)
-    print(fit_headroom(load_run(run_dir)).summary())   # about 200 sessions per 256 MiB proxy
+    print(model.fit_headroom(load_run(run_dir)).summary())   # about 200 sessions per 256 MiB proxy
 
 Whole runs, as a recorder would leave them (manifest, requests, failures, samples, events):
 
