@@ -69,8 +69,9 @@ BLUNT_RATELIMIT_QPS = 10
 #: incident 3's load: many sources, each small, with cache-missing random subdomains
 SOURCES_DURATION = "20s"
 SOURCES_LOAD = {"dns-sources": 300, "dns-source-qps": 20, "dns-random-subdomain-share": 0.3}
-#: the DNS forecast peak (average queries/s) the demo's DNS headroom is measured against
-DEMO_FORECAST_PEAK_QPS = 800
+#: the DNS forecast the demo's burst run is judged by: the incident's 4,000-query bursts must be
+#: absorbed (the report judges a burst run per burst, not by its average rate)
+DEMO_FORECAST_PEAK_BURST_QUERIES = 4000
 
 
 class DemoInterrupted(Exception):
@@ -460,7 +461,7 @@ def _demo_steps(lab: Lab, address: str, runs_dir: Path, report_dir: Path, t0: fl
 
     _say("3/3 capacity report of release demo")
     return build_report("demo", [dns_run, storm_run], out_dir=report_dir,
-                        forecast_peak_qps=DEMO_FORECAST_PEAK_QPS, progress=lambda m: _say(f"report: {m}"))
+                        forecast_peak_burst_queries=DEMO_FORECAST_PEAK_BURST_QUERIES, progress=lambda m: _say(f"report: {m}"))
 
 
 def _print_verdict(report: Any, t0: float) -> None:

@@ -40,7 +40,7 @@ from loadkit.profile.groupspec import GroupSpec, parse_groups
 from loadkit.profile.targets import check_target, split_host_port
 from loadkit.schema import Event
 
-log = logging.getLogger("loadkit.record.collector")
+log = logging.getLogger(__name__)
 #: Locust prints its headless stats table through this logger: the summary line goes with it
 stats_logger = logging.getLogger("locust.stats_logger")
 

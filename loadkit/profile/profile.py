@@ -111,7 +111,7 @@ _TABLES: dict[str, tuple[str, ...]] = {
     "abort": ("cgroup_memory_fraction", "failure_ratio", "min_requests"),
     "gates": (
         "p50_latency_s", "p95_latency_s", "p99_latency_s", "failure_ratio", "min_headroom_pct",
-        "forecast_peak_sessions",
+        "forecast_peak_sessions", "forecast_peak_qps", "forecast_peak_burst_queries",
     ),
     "record": ("interval_s",),
     "lab": (),  # hints, free form
@@ -212,6 +212,8 @@ class GateSpec:
     failure_ratio: float | None = None
     min_headroom_pct: float | None = None
     forecast_peak_sessions: float | None = None  #: the load the headroom is measured against
+    forecast_peak_qps: float | None = None  #: a DNS rate forecast, for the report's DNS headroom
+    forecast_peak_burst_queries: float | None = None  #: a DNS burst forecast, for burst runs
 
     def items(self) -> list[tuple[str, float]]:
         return [(k, v) for k, v in vars(self).items() if v is not None]

@@ -27,6 +27,7 @@ import pandas as pd
 
 from loadkit.record import counters
 from loadkit.record.reader import RunData
+from loadkit.schema import SESSION_HOLD_NAMES
 
 from .summary import (
     OUTCOME_COMPLETED,
@@ -40,7 +41,7 @@ from .summary import (
 MAIL_TYPES = ("IMAP", "POP3")
 
 #: request names that time how long a session was held, not how fast the service answered
-HOLD_NAMES = ("hold",)
+HOLD_NAMES = SESSION_HOLD_NAMES
 
 MIB = 2**20
 

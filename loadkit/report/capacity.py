@@ -22,7 +22,7 @@ from .summary import DnsCapacity, DnsRun, MailCapacity, ReportSummary
 #: fraction of a proxy's memory limit the recommended admission limit keeps it under
 ADMISSION_FRACTION = 0.9
 
-ORIGINAL, RETRY, ANSWERED = "dns.original_sent", "dns.retry_sent", "dns.answered"
+from loadkit.model.retries import ANSWERED, ORIGINAL, RETRY  # the DNS generator's counter names
 
 
 def forecast(runs: Iterable[RunData], key: str) -> float | None:
@@ -217,6 +217,16 @@ def so_rcvbuf_advice(sk_rcvbuf_bytes: int) -> str:
             f"net.core.rmem_max must be ≥ {so:,}")
 
 
+def _headroom(capacity: float | None, peak: float | None, is_lower_bound: bool) -> float | None:
+    """Headroom in percent of ``capacity`` over a forecast ``peak``; None when either is missing,
+    and None when the capacity is only a lower bound that the peak passes (the service was never
+    pushed to where it drops, so passing the bound says nothing about failing)."""
+    if not capacity or not peak:
+        return None
+    pct = (capacity / peak - 1) * 100
+    return None if is_lower_bound and pct < 0 else num(pct)
+
+
 def dns_capacity(runs: Sequence[RunData], rows: Sequence[DnsRun], scenario: str, setup: str,
                  forecast_peak_qps: float | None, forecast_peak_burst_queries: float | None = None) -> DnsCapacity:
     """The DNS row of one scenario: per burst when its runs offered bursts, else per second."""
@@ -239,7 +249,7 @@ def dns_capacity(runs: Sequence[RunData], rows: Sequence[DnsRun], scenario: str,
             largest_burst_without_loss_queries=absorbed, is_lower_bound=d.largest_burst_is_lower_bound,
             forecast_peak_burst_queries=peak, drop_onset_qps=d.drop_onset_qps,
             peak_offered_qps=d.peak_offered_qps,
-            headroom_pct=num((absorbed / peak - 1) * 100) if absorbed and peak else None,
+            headroom_pct=_headroom(absorbed, peak, d.largest_burst_is_lower_bound),
             recommendation=recommendation,
             source="UDP burst model: the largest burst the receive buffers absorb in the "
                    f"{(d.burst_window_s or 0) * 1000:.0f} ms the bursts took to send, at the drain rate measured in them",
@@ -254,7 +264,7 @@ def dns_capacity(runs: Sequence[RunData], rows: Sequence[DnsRun], scenario: str,
         mode="rate", burst_queries=None, burst_window_s=None, largest_burst_without_loss_queries=None,
         is_lower_bound=not onsets, forecast_peak_burst_queries=None,
         drop_onset_qps=num(min(onsets)) if onsets else None, peak_offered_qps=num(max(peaks)) if peaks else None,
-        headroom_pct=num((fall / fq - 1) * 100) if fall and fq else None,
+        headroom_pct=_headroom(fall, fq, not onsets),
         recommendation=f"rate limit ≤ {limit:,.0f} queries/s" if limit else "",
         source="drop onset: the lowest offered rate of an interval with receive-buffer drops"
                + (" (none: the highest rate offered, a lower bound)" if not onsets else ""),

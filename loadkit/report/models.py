@@ -184,7 +184,7 @@ def source_limit_rows(d: DnsRun, run: RunData) -> list[ModelRow]:
     the limit the run was made against, the dropped share predicted beside measured."""
     try:
         res = model.fit_source_limit(run)
-    except (ModelError, AttributeError):
+    except ModelError:
         return []  # not a many-sources run: its manifest names no dns-sources
     common = dict(model="source limit", scenario=d.scenario, run_ids=[d.run_id], unit="queries/s per source")
     caveat = "; ".join(str(c) for c in res.caveats)
@@ -232,7 +232,7 @@ def firewall_rows(d: DnsRun, run: RunData) -> list[ModelRow]:
         res = model.fit_firewall(mine)
         peak = float(model.firewall.predicted_occupancy(model.retry_amplification(run), res.timeout_s,
                                                         port_policy=res.port_policy).max())
-    except (ModelError, AttributeError, ValueError):
+    except (ModelError, ValueError):
         return []
     common = dict(model="firewall", scenario=d.scenario, run_ids=[d.run_id])
     caveat = "; ".join(str(c) for c in res.caveats)

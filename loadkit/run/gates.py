@@ -49,13 +49,13 @@ def _headroom_pct(run_dir: Path, forecast_peak_sessions: float | None) -> tuple[
 def evaluate(run_dir: Path, gates: dict[str, float], requests: Any = None) -> list[dict]:
     """Evaluate ``gates`` ({"p99_latency_s": 0.5, ...}) against the run in ``run_dir``.
 
-    ``forecast_peak_sessions`` in ``gates`` is a parameter of the headroom gate, not a gate.
+    ``forecast_peak_*`` in ``gates`` are parameters (of the headroom gate, of the report), not gates.
     """
     results = []
     loaded = None
     forecast = gates.get("forecast_peak_sessions")
     for name, limit in gates.items():
-        if limit is None or name == "forecast_peak_sessions":
+        if limit is None or name.startswith("forecast_peak_"):
             continue
         if name in PERCENTILE_GATES:
             if loaded is None:  # one read of the latency table for every percentile gate
