@@ -186,3 +186,17 @@ def test_the_schema_docstrings_example_options_are_real_options() -> None:
     keys = re.findall(r"([a-z][a-z0-9-]*) =", line.split("{", 1)[1])
     flags = {_flag(f.name) for f in fields(DnsSettings)}
     assert keys and all(f"--{k}" in flags for k in keys), (keys, sorted(flags))
+
+
+def test_dns_forecasts_are_gate_parameters_not_gates(tmp_path: Path) -> None:
+    """The report reads [gates] forecast_peak_qps / forecast_peak_burst_queries: a profile may set
+    them, and they are not evaluated as gates."""
+    from loadkit.run.gates import evaluate
+
+    (tmp_path / "x.py").write_text("")
+    path = tmp_path / "p.toml"
+    path.write_text('[run]\nscenario = "s"\nduration = "5s"\n[targets]\ndns = "127.0.0.1:5353"\n[load]\nlocustfile = "x.py"\nusers = 1\n'
+                    "[gates]\nforecast_peak_qps = 800\nforecast_peak_burst_queries = 4000\n")
+    profile = load_profile(path)
+    assert dict(profile.gates.items()) == {"forecast_peak_qps": 800, "forecast_peak_burst_queries": 4000}
+    assert evaluate(tmp_path, dict(profile.gates.items())) == []

@@ -651,3 +651,13 @@ def test_the_shipped_fall_over_scenario_reports_its_designed_abort(make_lab, tmp
     # the model's sessions at the abort's memory fraction beside the sessions the proxies held
     (at_abort,) = [m for m in summary.models if "designed abort" in m.question]
     assert at_abort.predicted_value == pytest.approx(at_abort.measured_value, rel=0.15)
+
+
+def test_a_lower_bound_capacity_below_the_forecast_is_no_negative_headroom() -> None:
+    """A DNS capacity that is only a lower bound (nothing dropped) says nothing when the forecast
+    is above it: no negative headroom, so no FAIL; above the forecast it still counts."""
+    from loadkit.report.capacity import _headroom
+
+    assert _headroom(300, 4000, is_lower_bound=True) is None
+    assert _headroom(300, 4000, is_lower_bound=False) < 0
+    assert _headroom(5000, 4000, is_lower_bound=True) == pytest.approx(25.0)
