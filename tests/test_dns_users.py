@@ -184,7 +184,9 @@ def test_flood_takes_an_explicit_rate_and_shows_the_retry_options(lab, tmp_path:
     assert "source port per-attempt, retry budget 0.1 x originals over 10 s" in line, line
     done = next(ln for ln in out.stderr.splitlines() if "DNS load done: sent=" in ln)
     sent = int(done.split("sent=")[1].split()[0])
-    assert sent < 500 * 4 * 1.3  # not the flood's 2,000 sources x 2 q/s = 4,000 q/s
+    # at most the 6 s run at 500 q/s (Poisson: sd ~55 over 3,000), far from the flood's default
+    # 2,000 sources x 2 q/s = 4,000 q/s (~20,000 in the same time); not a timing bound
+    assert 0 < sent < 500 * 6 * 1.3
 
 
 @pytest.mark.lab
