@@ -31,9 +31,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 from typing import Any
+
+from loadkit.model._result import _plain  # the one converter of records to JSON values
 
 VERDICTS = ("PASS", "WARN", "FAIL")
 
@@ -41,21 +42,6 @@ VERDICTS = ("PASS", "WARN", "FAIL")
 OUTCOME_COMPLETED = "completed"
 OUTCOME_DESIGNED_ABORT = "aborted as designed"
 OUTCOME_ABORTED = "aborted"
-
-
-def _plain(value: Any) -> Any:
-    """Dataclasses, tuples, numpy scalars -> JSON values; non-finite floats -> None."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if hasattr(value, "item") and callable(value.item):  # numpy scalar
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 class _Row:
