@@ -354,3 +354,14 @@ def test_collector_drops_come_from_sock_diag_with_the_instant_they_were_read(tmp
         c.close()
         assert row.drops_n == proc_drops  # sk_drops, the same counter as /proc/net/udp's drops column
         assert row.ts_unix_s <= row.read_unix_s <= time.time()
+
+
+def test_a_run_without_dns_load_is_refused_not_given_the_platform_buffer(tmp_path) -> None:
+    """A mail storm has no DNS queries: fitting the burst model to it must say so, not print
+    the default buffer's 256 datagrams as if it had been measured."""
+    from loadkit.record.reader import load_run
+    from loadkit.record.synthetic import write_mail_run
+
+    run = load_run(write_mail_run(tmp_path))
+    with pytest.raises(ModelError, match="sent no DNS queries"):
+        fit_udp_burst(run)

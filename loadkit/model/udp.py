@@ -29,6 +29,7 @@ import pandas as pd
 from loadkit.errors import ModelError
 from loadkit.model._result import Result
 from loadkit.record.reader import RunData
+from loadkit.record import counters
 
 #: buffer charge of one small DNS query datagram on loopback, measured (skb truesize)
 BYTES_PER_DATAGRAM = 832
@@ -406,7 +407,6 @@ def _measured_loss(drops: dict[int, pd.DataFrame], first: np.ndarray, last: np.n
 
 def _onset_qps(run: RunData, fits: list[SocketFit], drops: dict[int, pd.Series]) -> float | None:
     """Lowest offered rate of a collector interval with drops on the server sockets."""
-    from loadkit.record import counters
 
     if not drops or not sum(f.drops_n for f in fits):
         return None
@@ -441,6 +441,10 @@ def fit_udp_burst(run: RunData, *, rcvbuf_bytes: float | None = None,
     if burst_window_s is not None and not burst_window_s >= 0:
         raise ModelError(f"burst window {burst_window_s} must be >= 0 seconds")
     bursts = _burst_events(run)
+    if not len(bursts) and not counters.has_metric(run, "dns.original_sent"):
+        # a run with no DNS load (a mail storm) would otherwise get the platform buffer's figure
+        raise ModelError(f"run {run.run_id} sent no DNS queries (no 'burst' events, no 'dns.original_sent' "
+                         "counter): fit udp-burst to a run of a DNS locustfile")
     fits, drops = _socket_fits(run, rcvbuf_bytes, bytes_per_datagram, address, port)
     k = len(fits)
     first = bursts["first"].to_numpy(dtype=float)
