@@ -98,10 +98,14 @@ cgroup_memory_fraction = 0.9
 """)
     out = tmp_path / "runs"
     res = loadkit("run", str(profile), "--out", str(out))
-    assert res.returncode == 1, res.stderr
+    # the abort is the profile's own memory threshold, reached before any proxy fell over: the
+    # run ends "aborted" and its no_abort gate passes as designed (the report's rule), exit 0
+    assert res.returncode == 0, res.stderr
     [run_dir] = list(out.iterdir())
     run = load_run(run_dir)
     assert run.manifest["status"] == "aborted"
+    no_abort = {g["name"]: g for g in run.manifest["gates"]}["no_abort"]
+    assert no_abort["passed"] is True and no_abort["detail"].startswith("aborted as designed"), no_abort
     [abort] = [e for e in run.events if e["kind"] == "abort"]
     assert abort["detail"]["reason"] == "cgroup_memory_fraction" and abort["detail"]["fraction"] >= 0.9
     # the abort came within 2 s of the first sample at or over the threshold
