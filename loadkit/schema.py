@@ -124,6 +124,16 @@ def latency_bucket_upper_s(index: int) -> float:
     return 2.0 ** ((index + 1) / LATENCY_BUCKETS_PER_OCTAVE) / 1e6
 
 
+def nearest_rank(q: float, n: int) -> int:
+    """The 1-based rank of the ``q`` quantile (0..1) among ``n`` values: ``ceil(q * n)``, at least 1
+    (nearest rank, as HdrHistogram does)."""
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"quantile {q} is outside 0..1")
+    # round before ceil: q is often k/n itself (a rank asked back), and k/n*n lands a hair above k in
+    # floating point (7/25*25 = 7.000000000000001), which would step one rank, one bucket, too far
+    return max(1, math.ceil(round(q * n, 9)))
+
+
 #: Locust request names whose "response time" is how long a mail session was held (dwell, IDLE),
 #: not a latency: every latency percentile over a run leaves them out unless asked for by name
 SESSION_HOLD_NAMES: tuple[str, ...] = ("hold",)

@@ -25,6 +25,7 @@ from loadkit.schema import (
     RequestInterval,
     latency_bucket,
     latency_bucket_upper_s,
+    nearest_rank,
 )
 
 ROOT = Path(__file__).parent.parent
@@ -230,3 +231,13 @@ def test_a_mail_runs_buckets_agree_with_locusts_own_percentiles(lab, tmp_path: P
             top_s = latency.locust_key_upper_s(locust_ms)
             assert got.value_s == latency_bucket_upper_s(latency_bucket(top_s)), (e["name"], q, got)
             assert locust_ms / 1000.0 < got.value_s <= top_s * (1 + LATENCY_BUCKET_ERROR)
+
+
+def test_a_rank_asked_back_as_k_over_n_is_rank_k_despite_floating_point() -> None:
+    # 7/25*25 is 7.000000000000001 in floating point; a plain ceil made it rank 8, one bucket high
+    assert nearest_rank(7 / 25, 25) == 7
+    assert all(nearest_rank(k / n, n) == k for n in range(1, 500) for k in range(1, n + 1))
+    counts = {latency_bucket(0.001): 7, latency_bucket(0.010): 18}
+    assert latency.percentile_of_counts(counts, 7 / 25) == latency_bucket_upper_s(latency_bucket(0.001))
+    with pytest.raises(ValueError):
+        nearest_rank(1.5, 10)

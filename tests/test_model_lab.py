@@ -25,13 +25,13 @@ import dns.message
 import pytest
 
 from loadkit.model import udp_burst
+from loadkit.model.udp import BYTES_PER_DATAGRAM
 from loadkit.profile.targets import check_target
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
-BYTES_PER_DATAGRAM = 832
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,16 +144,22 @@ def measure_onset(address: str, port: int, wires: list[bytes], unbound_pid: int)
     sock_drops0 = socket_queue_and_drops(address, port)[1]
     try:
         with one_cpu(unbound_pid):
-            # service during a burst: queue a loss-free burst, read the queue right after it
-            for _ in range(5):
-                m = max(2, capacity_guess // 2)
-                window_s = burster.send(m)
+            # service during a burst: queue a loss-free burst about as long as the onset's, read the
+            # queue right after it (a shorter one weighs the server's wake-up more than its service;
+            # medians of several, as one datagram more or less served is a few % of a small buffer)
+            for _ in range(9):
+                m = max(2, capacity_guess * 3 // 4)
+                t0 = time.perf_counter()
+                burster.send(m)
                 queued_bytes, _ = socket_queue_and_drops(address, port)
+                # the window runs until the queue was read: the server also serves while the file
+                # is read, which for a buffer of a few dozen datagrams is as long as the burst
+                window_s = time.perf_counter() - t0
                 served = max(0.0, m - queued_bytes / BYTES_PER_DATAGRAM)
                 served_rates.append(served / window_s)
                 burster.drain()
             # bursts of growing size (3 % steps) until the server socket's drops rise
-            for _ in range(3):
+            for _ in range(5):
                 n = max(2, capacity_guess // 4)
                 while n < 50 * capacity_guess:
                     before = socket_queue_and_drops(address, port)[1]

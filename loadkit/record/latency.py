@@ -21,7 +21,6 @@ those.
 from __future__ import annotations
 
 import csv
-import math
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple
 
@@ -33,6 +32,7 @@ from loadkit.schema import (
     SESSION_HOLD_NAMES,
     latency_bucket,
     latency_bucket_upper_s,
+    nearest_rank,
 )
 
 #: Locust writes <run>/locust/<prefix>_stats.csv (``loadkit run`` passes --csv with this prefix)
@@ -73,14 +73,13 @@ def _error_note(source: str) -> str:
 def percentile_of_counts(counts: Mapping[int, int] | pd.Series, q: float) -> float | None:
     """The ``q`` quantile (0..1) in seconds of merged bucket counts (bucket index -> count): the
     upper edge of the bucket holding rank ``ceil(q * n)``; None when there are no counts."""
-    if not 0.0 <= q <= 1.0:
-        raise ValueError(f"quantile {q} is outside 0..1")
+    nearest_rank(q, 1)  # checks q before the empty case returns
     series = counts if isinstance(counts, pd.Series) else pd.Series(dict(counts), dtype="int64")
     series = series[series > 0].sort_index()
     n = int(series.sum())
     if n == 0:
         return None
-    rank = max(1, math.ceil(q * n))
+    rank = nearest_rank(q, n)
     cumulative = series.cumsum()
     index = int(cumulative.index[cumulative.searchsorted(rank)])
     return latency_bucket_upper_s(index)

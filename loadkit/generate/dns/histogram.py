@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from loadkit.generate.wiring import attach
-from loadkit.schema import LATENCY_BUCKET_ERROR, LATENCY_BUCKETS_PER_OCTAVE, latency_bucket_upper_s
+from loadkit.schema import LATENCY_BUCKET_ERROR, LATENCY_BUCKETS_PER_OCTAVE, latency_bucket_upper_s, nearest_rank
 
 #: buckets per doubling of latency
 BUCKETS_PER_OCTAVE = LATENCY_BUCKETS_PER_OCTAVE
@@ -113,11 +113,9 @@ class LatencyHistogram:
 
         Never below the true value and at most :data:`RELATIVE_ERROR` (2 ** (1/16) - 1, about
         4.4 %) above it."""
-        if not 0.0 <= q <= 1.0:
-            raise ValueError(f"quantile {q} is outside 0..1")
+        rank = nearest_rank(q, max(1, self.count))
         if not self.count:
             return 0.0
-        rank = max(1, math.ceil(q * self.count))
         seen = 0
         for b in sorted(self.counts):
             seen += self.counts[b]
