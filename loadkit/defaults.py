@@ -22,6 +22,8 @@ LAB_ADDRESS = "127.0.0.1"
 DNS_PORT = 5353
 IMAP_PORT = 1143
 POP3_PORT = 1110
+#: the lab's unbound serves DNS over TLS on its DNS port plus this (5853 by default, after 853)
+DOT_PORT_OFFSET = 500
 
 
 
@@ -102,6 +104,8 @@ class LabInfo(NamedTuple):
     started_unix_s: float = 0.0
     #: the DNS port behind the lab's firewall (``lab up --firewall-sessions``), 0 without one
     firewall_dns_port: int = 0
+    #: the DNS-over-TLS port (``dns_port + DOT_PORT_OFFSET``)
+    dot_port: int = 0
 
     names_file = in_lab_dir(NAMES_FILE_NAME)
     accounts_file = in_lab_dir(ACCOUNTS_FILE_NAME)
@@ -119,7 +123,8 @@ def read_lab(lab_dir: Path) -> LabInfo | None:
                        int(config["imap_port"]), int(config["pop3_port"]),
                        float(state.get("started_unix_s") or 0.0),
                        # the lab's firewall guards dns_port + 1 (loadkit.lab.config)
-                       int(config["dns_port"]) + 1 if config.get("firewall_sessions") else 0)
+                       int(config["dns_port"]) + 1 if config.get("firewall_sessions") else 0,
+                       int(config["dns_port"]) + DOT_PORT_OFFSET)
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -166,7 +171,8 @@ def find_lab(address: str | None = None, port: int | None = None) -> LabInfo | N
         lab = read_lab(directory)
         if lab is None or lab.address != wanted:
             continue
-        if port is None or port in (lab.dns_port, lab.imap_port, lab.pop3_port, lab.firewall_dns_port):
+        if port is None or port in (lab.dns_port, lab.imap_port, lab.pop3_port, lab.firewall_dns_port,
+                                lab.dot_port):
             found.append((rank == 0 and "LOADKIT_LAB_DIR" in os.environ, lab.started_unix_s, lab))
     # LOADKIT_LAB_DIR when it serves the target; else the lab started last (a directory a
     # killed lab left behind with its state file cannot shadow the one running now)

@@ -14,6 +14,7 @@ Port scheme (defaults in brackets)::
     haproxy stats               a unix socket in the runtime directory (no port)
     DNS behind the firewall     dns_port+1 (UDP+TCP, the same unbound) when firewall_sessions > 0
                                                               [5354]
+    DNS over TLS (unbound)      dns_port+500                  [5853]
 """
 
 from __future__ import annotations
@@ -154,6 +155,11 @@ class LabConfig:
         """The DNS port behind the firewall, or None without a firewall."""
         return self.dns_port + FIREWALL_PORT_OFFSET if self.firewall_sessions else None
 
+    @property
+    def dot_port(self) -> int:
+        """unbound's DNS-over-TLS port (TCP)."""
+        return self.dns_port + defaults.DOT_PORT_OFFSET
+
     def dns_ports(self) -> list[int]:
         """The ports unbound binds for UDP and TCP: the plain one, then the firewalled one."""
         fw = self.firewall_dns_port
@@ -161,7 +167,7 @@ class LabConfig:
 
     def all_ports(self) -> list[int]:
         """Every TCP port the lab binds (DNS also binds UDP on :meth:`dns_ports`)."""
-        ports = [*self.dns_ports(), self.imap_port, self.pop3_port, *self.backend_ports()]
+        ports = [*self.dns_ports(), self.dot_port, self.imap_port, self.pop3_port, *self.backend_ports()]
         for n in range(1, self.proxies + 1):
             ports.extend(self.proxy_ports(n))
         return ports

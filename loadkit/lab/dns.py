@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import socket
 import struct
+import subprocess
 from pathlib import Path
 
 from loadkit.defaults import LAB_ZONE
+from loadkit.errors import LabError
 
 from .config import LabConfig
 
@@ -63,6 +65,34 @@ def write_zone(cfg: LabConfig, conf_dir: Path, names_path: Path) -> Path:
     return path
 
 
+#: the lab's DNS-over-TLS key and self-signed certificate, made in the lab's conf directory
+TLS_KEY_FILE = "unbound-tls.key"
+TLS_CERT_FILE = "unbound-tls.pem"
+
+
+def write_tls_cert(cfg: LabConfig, conf_dir: Path) -> tuple[Path, Path]:
+    """A P-256 key and a self-signed certificate for ``lab.test`` and the lab's address (kept
+    when already there: a restarted lab keeps its certificate). Made by openssl, which unbound's
+    own ``unbound-control-setup`` uses too."""
+    key, cert = conf_dir / TLS_KEY_FILE, conf_dir / TLS_CERT_FILE
+    if key.exists() and cert.exists():
+        return key, cert
+    san = f"DNS:{LAB_ZONE.rstrip('.')},IP:{cfg.address}"
+    cmd = ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+           "-nodes", "-days", "365", "-subj", f"/CN={LAB_ZONE.rstrip('.')}", "-addext",
+           f"subjectAltName={san}", "-keyout", str(key), "-out", str(cert)]
+    try:
+        subprocess.run(cmd, check=True, capture_output=True, timeout=30)
+    except FileNotFoundError:
+        raise LabError("openssl is not installed: the lab needs it for its DNS-over-TLS certificate "
+                       "(apt-get install openssl)") from None
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as err:
+        detail = getattr(err, "stderr", b"") or b""
+        raise LabError(f"openssl could not make the lab's TLS certificate: "
+                       f"{detail.decode(errors='replace').strip().splitlines()[-1:] or err}") from err
+    return key, cert
+
+
 def write_unbound_conf(cfg: LabConfig, conf_dir: Path, run_dir: Path, zone_include: Path) -> Path:
     """Write unbound.conf for this lab. Nothing outside the lab and runtime dirs is used."""
     v6 = ":" in cfg.address
@@ -70,6 +100,11 @@ def write_unbound_conf(cfg: LabConfig, conf_dir: Path, run_dir: Path, zone_inclu
         "server:",
         # one interface per port: the plain one, and the one behind the lab's firewall
         *(f"    interface: {cfg.address}@{port}" for port in cfg.dns_ports()),
+        # DNS over TLS: an interface on tls-port serves TLS only (Android's Private DNS, RFC 7858)
+        f"    interface: {cfg.address}@{cfg.dot_port}",
+        f"    tls-port: {cfg.dot_port}",
+        f'    tls-service-key: "{conf_dir / TLS_KEY_FILE}"',
+        f'    tls-service-pem: "{conf_dir / TLS_CERT_FILE}"',
         f"    port: {cfg.dns_port}",
         "    interface-automatic: no",
         f"    do-ip4: {'no' if v6 else 'yes'}",

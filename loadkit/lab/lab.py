@@ -151,12 +151,13 @@ class Lab:
         cfg = self.config
         conf = self.dir / "conf"
         include = dns.write_zone(cfg, conf, self.names_file)
+        dns.write_tls_cert(cfg, conf)
         unbound_conf = dns.write_unbound_conf(cfg, conf, self.runtime_dir, include)
         log_path = self.dir / "logs" / "unbound.log"
         cpu_cgroup = self._cpu_cgroup(state, "unbound", cfg.dns_cpu)
         started = procs.start(["unbound", "-d", "-c", str(unbound_conf)], log_path,
                               preexec=(lambda: cgroups.join(cpu_cgroup)) if cpu_cgroup else None)
-        self._record(state, "unbound", started, cfg.dns_ports(), cpu_cgroup=cpu_cgroup)
+        self._record(state, "unbound", started, [*cfg.dns_ports(), cfg.dot_port], cpu_cgroup=cpu_cgroup)
         procs.wait_until(
             lambda: dns.probe_query(cfg.address, cfg.dns_port),
             "unbound",
@@ -310,6 +311,7 @@ class Lab:
             running=running,
             components=components,
             dns=Endpoint(cfg.address, cfg.dns_port),
+            dot=Endpoint(cfg.address, cfg.dot_port),
             imap=Endpoint(cfg.address, cfg.imap_port),
             pop3=Endpoint(cfg.address, cfg.pop3_port),
             names_file=str(self.names_file),
