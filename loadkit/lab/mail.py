@@ -119,6 +119,8 @@ def _common(cfg: LabConfig, base_dir: Path, instance: str, log_path: Path) -> li
         "auth_mechanisms = plain login",
         f"log_path = {log_path}",
         f"info_log_path = {log_path}",
+        # microseconds and a year, so a login log can be replayed with its timing (login_replay)
+        'log_timestamp = "%Y-%m-%d %H:%M:%S.%{usecs} "',
         *_privilege_lines(),
         # thousands of sessions from one loopback address are the point of the lab
         "mail_max_userip_connections = 100000",
