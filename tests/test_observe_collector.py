@@ -396,12 +396,14 @@ def test_exporter_metrics_and_snapshot(proc_root):
     try:
         c.sample()
         text = urllib.request.urlopen(exp.url + "/metrics", timeout=5).read().decode()
-        assert "\nnode_netstat_Udp_RcvbufErrors 150890\n" in text
-        assert "\nnode_netstat_TcpExt_ListenOverflows 42\n" in text
-        assert "\nnode_nf_conntrack_entries 4711\n" in text
+        values = _sample_values(text)
+        assert values[("node_netstat_Udp_RcvbufErrors", ())] == 150890
+        assert values[("node_netstat_TcpExt_ListenOverflows", ())] == 42
+        assert values[("node_nf_conntrack_entries", ())] == 4711
         assert "# TYPE node_netstat_Udp_InErrors untyped" in text
-        assert f"\nnode_memory_MemAvailable_bytes {24261112 * 1024}\n" in text
-        assert 'loadkit_udp_socket_drops_total{address="127.0.0.1",port="5353"} 17' in text
+        assert values[("node_memory_MemAvailable_bytes", ())] == 24261112 * 1024
+        drops = {k: v for k, v in values.items() if k[0] == "loadkit_udp_socket_drops_total"}
+        assert [v for (_, labels), v in drops.items() if ("port", "5353") in labels and ("address", "127.0.0.1") in labels] == [17]
         snap = json.loads(urllib.request.urlopen(exp.url + "/snapshot?cursor=0", timeout=5).read())
         assert snap["sample"]["net"]["udp_rcvbuf_errors_n"] == 150890
         back = Sample.from_json(snap["sample"], snap["events"])
@@ -421,9 +423,17 @@ def test_exposition_labels_groups():
     c = Collector(CollectorConfig(proc_root=str(CANNED)))
     s = c.sample()
     g = GroupSample(s.ts_unix_s, "h", 'proxy"1', 3, 1, 0, 0, 0.0, 0, 0, 0, 2, 5 << 20, 256 << 20, 0, 1)
-    text = exposition(s._replace(groups=[g]))
-    assert f'loadkit_group_cgroup_memory_bytes{{group="proxy\\"1"}} {5 << 20}' in text
-    assert 'loadkit_group_cgroup_oom_kills_total{group="proxy\\"1"} 1' in text
+    values = _sample_values(exposition(s._replace(groups=[g])))
+    assert values[("loadkit_group_cgroup_memory_bytes", (("group", 'proxy"1'),))] == 5 << 20
+    assert values[("loadkit_group_cgroup_oom_kills_total", (("group", 'proxy"1'),))] == 1
+
+
+def _sample_values(text: str) -> dict[tuple[str, tuple], float]:
+    """(sample name, sorted labels) -> value, read by Prometheus' own text parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text) for s in f.samples}
 
 
 def test_parse_listen():

@@ -1,11 +1,15 @@
 """HTTP endpoints of a running collector: Prometheus exposition and a JSON snapshot.
 
-- ``GET /metrics``: the latest sample in the Prometheus text format, using node_exporter's names
-  where node_exporter has the figure (``node_netstat_Udp_RcvbufErrors``,
+- ``GET /metrics``: the latest sample through ``prometheus_client`` (a custom collector,
+  :class:`SampleMetrics`, yields metric families; the text or OpenMetrics format is chosen from
+  the scraper's ``Accept`` header, as ``prometheus_client``'s own handler does). Names are
+  node_exporter's where node_exporter has the figure (``node_netstat_Udp_RcvbufErrors``,
   ``node_netstat_TcpExt_ListenOverflows``, ``node_sockstat_UDP_mem``,
   ``node_nf_conntrack_entries``, ``node_memory_MemAvailable_bytes``, ``node_load1``...) so
   existing dashboards and alerts apply, and ``loadkit_`` names otherwise
-  (``loadkit_group_cgroup_memory_bytes{group="proxy1"}``).
+  (``loadkit_group_cgroup_memory_bytes{group="proxy1"}``). Units are in the names (``_bytes``,
+  ``_seconds``), counters end in ``_total``, CPU is a ``_seconds_total`` counter (``rate()`` of
+  it is cores busy), and no figure is a percentage.
 - ``GET /snapshot?cursor=N``: JSON with the latest sample (records as in the run directory, with
   ``*_delta`` columns), the events after cursor ``N`` and the next cursor. A load run on another
   host pulls this every interval (``loadkit.plugin.live_collector``), so the target's samples
@@ -30,8 +34,11 @@ import socket
 import ssl
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Iterator
 from urllib.parse import parse_qs, urlparse
+
+from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily, Metric, UnknownMetricFamily
+from prometheus_client.exposition import choose_encoder, generate_latest
 
 from loadkit.errors import CollectorError
 
@@ -41,6 +48,10 @@ from .webconfig import BasicAuth, WebConfig
 log = logging.getLogger("loadkit.observe")
 
 DEFAULT_LISTEN = ("127.0.0.1", 9108)
+
+#: metric kind -> prometheus_client family (node_exporter's netstat counters are untyped)
+_FAMILIES = {"untyped": UnknownMetricFamily, "gauge": GaugeMetricFamily, "counter": CounterMetricFamily}
+
 
 def _netstat(protocol: str, name: str) -> tuple[str, str, str]:
     """A ``/proc/net/snmp``/``netstat`` counter as node_exporter's netstat collector names it:
@@ -74,7 +85,6 @@ _SYSTEM_METRICS: dict[str, tuple[str, str, str]] = {
     "mem_total_bytes": ("node_memory_MemTotal_bytes", "gauge", "Memory information field MemTotal_bytes."),
     "swap_used_bytes": ("loadkit_swap_used_bytes", "gauge", "SwapTotal - SwapFree."),
     "load1": ("node_load1", "gauge", "1m load average."),
-    "cpu_percent": ("loadkit_host_cpu_percent", "gauge", "Host CPU busy over the last interval; 100 = one core."),
 }
 
 _GROUP_METRICS: dict[str, tuple[str, str, str]] = {
@@ -82,7 +92,6 @@ _GROUP_METRICS: dict[str, tuple[str, str, str]] = {
     "rss_bytes": ("loadkit_group_rss_bytes", "gauge", "Summed RSS (overstates memory when pages are shared)."),
     "uss_bytes": ("loadkit_group_uss_bytes", "gauge", "Summed USS (refreshed every full-memory interval)."),
     "pss_bytes": ("loadkit_group_pss_bytes", "gauge", "Summed PSS (refreshed every full-memory interval)."),
-    "cpu_percent": ("loadkit_group_cpu_percent", "gauge", "Summed CPU over the last interval; 100 = one core."),
     "fds_n": ("loadkit_group_open_fds", "gauge", "Open file descriptors."),
     "tcp_established_n": ("loadkit_group_tcp_established", "gauge", "Established TCP connections of the group."),
     "tcp_other_n": ("loadkit_group_tcp_other", "gauge", "TCP sockets of the group in any other state."),
@@ -96,72 +105,128 @@ _GROUP_METRICS: dict[str, tuple[str, str, str]] = {
 _SOCKET_METRICS: dict[str, tuple[str, str, str]] = {
     "rx_queue_bytes": ("loadkit_udp_socket_rx_queue_bytes", "gauge", "Receive-buffer memory in use by the UDP socket."),
     "tx_queue_bytes": ("loadkit_udp_socket_tx_queue_bytes", "gauge", "Send-buffer memory in use by the UDP socket."),
+    "rcvbuf_bytes": ("loadkit_udp_socket_rcvbuf_bytes", "gauge", "The UDP socket's receive buffer size (sk_rcvbuf; 0 = unknown)."),
     "drops_n": ("loadkit_udp_socket_drops_total", "counter", "Datagrams the UDP socket dropped (receive buffer full)."),
 }
 
+# a firewall's session table is exported beside the host's conntrack table, not inside its
+# node_exporter family: sum(node_nf_conntrack_entries) stays the host's figure
+_FIREWALL_METRICS: dict[str, tuple[str, str, str]] = {
+    "entries_n": ("loadkit_firewall_entries", "gauge", "Sessions in the firewall's session table now."),
+    "size_n": ("loadkit_firewall_entries_limit", "gauge",
+               "Size of the firewall's session table; a new flow that finds it full is dropped."),
+    "drops_n": ("loadkit_firewall_new_flow_drops_total", "counter",
+                "New flows a firewall dropped because its session table was full."),
+    "timeout_s": ("loadkit_firewall_timeout_seconds", "gauge", "Per-entry timeout of the firewall's session table."),
+}
 
-def _label(value: Any) -> str:
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+HOST_CPU_METRIC = ("loadkit_host_cpu_busy_seconds_total", "counter",
+                   "CPU time the host spent neither idle nor in iowait, summed over cores, since the exporter started.")
+GROUP_CPU_METRIC = ("loadkit_group_cpu_seconds_total", "counter",
+                    "User + system CPU time of the group's processes, since the exporter started.")
+
+Rows = list[tuple[dict[str, Any], Any]]
 
 
-def _num(value: Any) -> str:
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    if isinstance(value, int):
-        return str(value)
-    return repr(float(value))
+def _family(name: str, kind: str, help_: str, rows: Rows) -> Metric | None:
+    """One metric family from ``(labels, value)`` rows (None when there are no rows: a family
+    with no samples tells a scraper nothing). Every row of a family has the same label names."""
+    if not rows:
+        return None
+    fam = _FAMILIES[kind](name, help_, labels=list(rows[0][0]))
+    for labels, value in rows:
+        fam.add_metric([str(v) for v in labels.values()], float(value))
+    return fam
 
 
-#: NetSample conntrack field -> FirewallSample field exported under the same node_exporter name
-_FIREWALL_AS_CONNTRACK = {"conntrack_count_n": "entries_n", "conntrack_max_n": "size_n"}
+class CpuSeconds:
+    """CPU time as counters, from the samples' per-interval CPU use.
+
+    A sample carries CPU as a rate over its interval (``cpu_percent``, host and per group); the
+    rate times the time since the previous sample is the CPU time used in between, and their sum
+    is a counter Prometheus can ``rate()`` at any window (a gauge of the last interval's percent
+    hides every spike between two scrapes). Starts at 0 with the first sample it sees.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._prev_ts_unix_s: float | None = None
+        self.host_s = 0.0
+        self.groups_s: dict[str, float] = {}
+
+    def add(self, sample: Sample) -> None:
+        with self._lock:
+            prev, self._prev_ts_unix_s = self._prev_ts_unix_s, sample.ts_unix_s
+            dt_s = sample.ts_unix_s - prev if prev is not None else 0.0
+            dt_s = dt_s if dt_s > 0 else 0.0  # a clock step back adds nothing rather than subtracting
+            self.host_s += sample.system.cpu_percent / 100.0 * dt_s
+            for g in sample.groups:
+                self.groups_s[g.group] = self.groups_s.get(g.group, 0.0) + g.cpu_percent / 100.0 * dt_s
+
+    def values(self) -> tuple[float, dict[str, float]]:
+        with self._lock:
+            return self.host_s, dict(self.groups_s)
 
 
-def exposition(sample: Sample | None, collector: Collector | None = None) -> str:
-    """The Prometheus text format (version 0.0.4) for one sample."""
-    out: list[str] = []
-
-    def family(name: str, kind: str, help_: str, rows: list[tuple[dict[str, Any], Any]]) -> None:
-        if not rows:
-            return
-        out.append(f"# HELP {name} {help_}")
-        out.append(f"# TYPE {name} {kind}")
-        for labels, value in rows:
-            lab = ",".join(f'{k}="{_label(v)}"' for k, v in labels.items())
-            out.append(f"{name}{{{lab}}} {_num(value)}" if lab else f"{name} {_num(value)}")
-
+def sample_families(sample: Sample | None, collector: Collector | None = None,
+                    cpu: CpuSeconds | None = None) -> Iterator[Metric]:
+    """The metric families of one sample (and the collector's own counters)."""
+    fams: list[Metric | None] = []
     if sample is not None:
-        for field, (name, kind, help_) in _NET_METRICS.items():
-            rows = [({}, getattr(sample.net, field))]
-            # a firewall's session table is a conntrack table of its own: same names, labelled
-            if field in _FIREWALL_AS_CONNTRACK:
-                attr = _FIREWALL_AS_CONNTRACK[field]
-                rows += [({"firewall": f.firewall}, getattr(f, attr)) for f in sample.firewall]
-            family(name, kind, help_, rows)
-        family("loadkit_firewall_new_flow_drops_total", "counter",
-               "New flows a firewall dropped because its session table was full.",
-               [({"firewall": f.firewall}, f.drops_n) for f in sample.firewall])
-        for field, (name, kind, help_) in _SYSTEM_METRICS.items():
-            family(name, kind, help_, [({}, getattr(sample.system, field))])
-        for field, (name, kind, help_) in _GROUP_METRICS.items():
-            family(name, kind, help_, [({"group": g.group}, getattr(g, field)) for g in sample.groups])
-        for field, (name, kind, help_) in _SOCKET_METRICS.items():
-            family(
-                name,
-                kind,
-                help_,
-                [({"address": s.local_address, "port": s.local_port}, getattr(s, field)) for s in sample.sockets],
-            )
-        family("loadkit_collector_last_sample_timestamp_seconds", "gauge", "When the last sample was taken.", [({}, sample.ts_unix_s)])
-        family("loadkit_collector_last_sample_duration_seconds", "gauge", "Time the last sample took.", [({}, sample.sample_s)])
+        fams += _net_families(sample)
+        fams += [_family(*meta, [({}, getattr(sample.system, f))]) for f, meta in _SYSTEM_METRICS.items()]
+        fams += [_family(*meta, [({"group": g.group}, getattr(g, f)) for g in sample.groups])
+                 for f, meta in _GROUP_METRICS.items()]
+        # sockets sharing an address and port (SO_REUSEPORT, one per server thread) are one
+        # row each: the inode tells them apart, else their series would collide
+        fams += [_family(*meta, [({"address": s.local_address, "port": s.local_port, "inode": s.inode}, getattr(s, f))
+                                 for s in sample.sockets])
+                 for f, meta in _SOCKET_METRICS.items()]
+        fams += [_family(*meta, [({"firewall": fw.firewall}, getattr(fw, f)) for fw in sample.firewall])
+                 for f, meta in _FIREWALL_METRICS.items()]
+        fams.append(_family("loadkit_collector_last_sample_timestamp_seconds", "gauge",
+                            "When the last sample was taken.", [({}, sample.ts_unix_s)]))
+        fams.append(_family("loadkit_collector_last_sample_duration_seconds", "gauge",
+                            "Time the last sample took.", [({}, sample.sample_s)]))
+    if cpu is not None:
+        host_s, groups_s = cpu.values()
+        fams.append(_family(*HOST_CPU_METRIC, [({}, host_s)]))
+        fams.append(_family(*GROUP_CPU_METRIC, [({"group": g}, s) for g, s in sorted(groups_s.items())]))
     if collector is not None:
-        family("loadkit_collector_samples_total", "counter", "Samples taken.", [({}, collector.samples_n)])
-        family(
-            "loadkit_collector_overruns_total",
-            "counter",
-            "Ticks skipped because a sample overran its interval.",
-            [({}, collector.overruns_n)],
-        )
-    return "\n".join(out) + "\n"
+        fams.append(_family("loadkit_collector_samples_total", "counter", "Samples taken.", [({}, collector.samples_n)]))
+        fams.append(_family("loadkit_collector_overruns_total", "counter",
+                            "Ticks skipped because a sample overran its interval.", [({}, collector.overruns_n)]))
+    return (f for f in fams if f is not None)
+
+
+def _net_families(sample: Sample) -> list[Metric | None]:
+    return [_family(*meta, [({}, getattr(sample.net, f))]) for f, meta in _NET_METRICS.items()]
+
+
+class SampleMetrics:
+    """A ``prometheus_client`` custom collector: the families of a collector's latest sample."""
+
+    def __init__(self, collector: Collector, cpu: CpuSeconds | None = None) -> None:
+        self.collector = collector
+        self.cpu = cpu
+
+    def collect(self) -> Iterator[Metric]:
+        return sample_families(self.collector.latest, self.collector, self.cpu)
+
+
+class _OneSample:
+    def __init__(self, sample: Sample | None, collector: Collector | None, cpu: CpuSeconds | None) -> None:
+        self.args = (sample, collector, cpu)
+
+    def collect(self) -> Iterator[Metric]:
+        return sample_families(*self.args)
+
+
+def exposition(sample: Sample | None, collector: Collector | None = None, cpu: CpuSeconds | None = None) -> str:
+    """The Prometheus text format (version 0.0.4) for one sample."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_OneSample(sample, collector, cpu))
+    return generate_latest(registry).decode()
 
 
 #: flags whose next argument (or ``=value``) is a secret, in any program's command line
@@ -264,8 +329,9 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlparse(self.path)
         collector = self.server.collector
         if url.path == "/metrics":
-            body = exposition(collector.latest, collector).encode()
-            self._send(200, "text/plain; version=0.0.4; charset=utf-8", body)
+            # text 0.0.4 unless the scraper asks for OpenMetrics (prometheus_client's own choice)
+            encoder, ctype = choose_encoder(self.headers.get("Accept", ""))
+            self._send(200, ctype, encoder(self.server.registry))
         elif url.path == "/snapshot":
             query = parse_qs(url.query)
             try:
@@ -295,6 +361,7 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     collector: Collector
+    registry: CollectorRegistry
     auth: BasicAuth | None = None
     tls: ssl.SSLContext | None = None
 
@@ -328,6 +395,11 @@ class Exporter:
         except OSError as err:
             raise CollectorError(f"cannot listen on {host}:{port}: {err.strerror or err}") from err
         self._server.collector = collector
+        #: CPU time counters, summed from every sample taken while this exporter exists
+        self.cpu = CpuSeconds()
+        collector.add_sink(self.cpu.add)
+        self._server.registry = CollectorRegistry(auto_describe=False)
+        self._server.registry.register(SampleMetrics(collector, self.cpu))
         self._server.tls = tls
         self._server.auth = BasicAuth(web_config.users) if web_config is not None and web_config.users else None
         self._thread: threading.Thread | None = None
