@@ -105,6 +105,9 @@ def write_unbound_conf(cfg: LabConfig, conf_dir: Path, run_dir: Path, zone_inclu
         f"    tls-port: {cfg.dot_port}",
         f'    tls-service-key: "{conf_dir / TLS_KEY_FILE}"',
         f'    tls-service-pem: "{conf_dir / TLS_CERT_FILE}"',
+        # TCP and TLS connections at once per thread (unbound's default, 10, refuses a handshake
+        # storm of more than ten clients at once; each slot preallocates a 64 KiB buffer)
+        "    incoming-num-tcp: 200",
         f"    port: {cfg.dns_port}",
         "    interface-automatic: no",
         f"    do-ip4: {'no' if v6 else 'yes'}",

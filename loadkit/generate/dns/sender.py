@@ -141,7 +141,7 @@ class SenderOptions(NamedTuple):
     """How one :class:`DnsSender` sends. Checked once, at the user-input boundary
     (:func:`loadkit.generate.dns.users.plan` for the locustfiles); the sender takes them as given."""
 
-    protocol: str = "udp"  #: udp or tcp
+    protocol: str = "udp"  #: udp, tcp or dot (each client its own connection: :mod:`.transport_tcp`)
     timeout_s: float = 2.0  #: first attempt's timeout
     retries_n: int = 0  #: attempts after the first
     backoff: float = 2.0  #: each retry waits this many times longer than the attempt before
@@ -155,6 +155,9 @@ class SenderOptions(NamedTuple):
     max_queries_n: int = 10**9  #: safety cap on original queries
     tcp_max_inflight: int = 500  #: TCP queries in flight at once
     max_attempt_sockets: int = MAX_ATTEMPT_SOCKETS  #: per-attempt sockets open at once
+    idle_timeout_s: float = 20.0  #: tcp/dot: a client closes its idle connection after this (0: never)
+    tls_resume: bool = True  #: dot: a reconnect offers the last TLS session (resumption)
+    tls_verify: bool = False  #: dot: verify the server's certificate
 
 
 class Outstanding(NamedTuple):
@@ -242,6 +245,7 @@ class DnsSender:
         self._ep = None
         self._stop = False
         self._tcp_inflight = 0
+        self._streams = None  # tcp/dot: the clients' connections (transport_tcp.StreamPool)
         self._new_tally()
         self.started_unix_s = 0.0
         self.ended_unix_s = 0.0
@@ -293,11 +297,33 @@ class DnsSender:
                 for _ in range(self.ports_per_source):
                     self._add_socket(self._udp_socket(src, rcvbuf), src)
             self._n_fixed = len(self._socks)
+            if self.protocol != "udp":
+                self._streams = self._stream_pool()
             if self.port_policy == "per-attempt" and self.retries_n:
                 self.max_attempt_sockets = _attempt_socket_room(self.options.max_attempt_sockets)
         except BaseException:
             self.close()
             raise
+
+    def _stream_pool(self):
+        """tcp/dot: one client per fixed socket slot (source address and port), each keeping its
+        own connection, as stub resolvers over TCP and DoT do."""
+        from .transport_dot import DotConnector
+        from .transport_tcp import StreamOptions, StreamPool, StreamSink, TcpConnector
+
+        o, t = self.options, self.target
+        if self.protocol == "dot":
+            connector = DotConnector(self._family(), t.address, t.port, resume=o.tls_resume, verify=o.tls_verify,
+                                     server_name=t.host, count=self._count)
+        else:
+            connector = TcpConnector(self._family(), t.address, t.port)
+        stream_options = StreamOptions(connect_timeout_s=self.timeout_s, query_timeout_s=sum(self.attempt_timeouts_s),
+                                       retries_n=self.retries_n, idle_timeout_s=o.idle_timeout_s)
+        sink = StreamSink(self._account_reply, self._fail, self._count, self._add_inflight)
+        return StreamPool(connector, self._src_of[: self._n_fixed], stream_options, sink)
+
+    def _add_inflight(self, n: int) -> None:
+        self._tcp_inflight += n
 
     def _open_attempt_socket(self, src: str) -> int:
         """A fresh socket for one retry (per-attempt policy), or -1 when too many are open."""
@@ -324,6 +350,9 @@ class DnsSender:
         self._attempt_socks_n -= 1
 
     def close(self) -> None:
+        if self._streams is not None:
+            self._streams.close()
+            self._streams = None
         for s in self._socks:
             if s is not None:
                 s.close()
@@ -339,6 +368,8 @@ class DnsSender:
     def stop(self) -> None:
         """Ask :meth:`run` to stop sending (it then drains replies and returns)."""
         self._stop = True
+        if self._streams is not None:
+            self._streams.stopping = True
 
     # -- accounting -------------------------------------------------------------------------
     def _new_tally(self) -> None:
@@ -460,7 +491,7 @@ class DnsSender:
             qpos = self._qpos
             si = self._si
             n_fixed = self._n_fixed
-            use_tcp = self.protocol == "tcp"
+            streams = self._streams
         else:
             s, prev = retry
             attempt = prev.attempt + 1
@@ -479,8 +510,8 @@ class DnsSender:
                 s = si
                 si = si + 1 if si + 1 < n_fixed else 0
                 t_first = t
-                if use_tcp:
-                    self._spawn_tcp(tail, kind, qi, t, self._src_of[s], False)
+                if streams is not None:
+                    streams.submit(s, tail, kind, qi, t)
                     continue
             else:
                 tail, kind, qi, t_first = prev.tail, prev.kind, prev.qi, prev.t_first_s
@@ -834,7 +865,9 @@ class DnsSender:
         retry = t.get("dns.retry_sent", 0)
         amp = (orig + retry) / orig if orig else 0.0
         rc = " ".join(f"{name}={t.get('dns.rcode.' + name, 0)}" for name in wire.OUTCOME_NAMES)
-        extra = "".join(f" {k.split('.', 1)[1]}={t[k]}" for k in ("dns.retry_suppressed", "dns.unfinished") if t.get(k))
+        extra = "".join(f" {k.split('.', 1)[1]}={t[k]}" for k in ("dns.retry_suppressed", "dns.unfinished", "dns.stream_connects",
+                                                               "dns.stream_connect_failures", "dns.tls_handshakes_full",
+                                                               "dns.tls_handshakes_resumed") if t.get(k))
         return (
             f"sent={orig} retries={retry} amplification={amp:.3f} answered={t.get('dns.answered', 0)} "
             f"timeouts={t.get('dns.timeouts', 0)} {rc} late={t.get('dns.late_replies', 0)}{extra} "
