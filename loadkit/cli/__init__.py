@@ -17,9 +17,9 @@ from loadkit import __version__
 from loadkit.errors import LoadkitError
 from loadkit.stop_signals import own_stop_signals
 
-from . import collect, demo, fit, lab, report, run, runs
+from . import collect, demo, fit, kpi, lab, report, run, runs
 
-_SUBCOMMANDS = (lab, collect, run, runs, fit, report, demo)
+_SUBCOMMANDS = (lab, collect, run, runs, fit, report, demo, kpi)
 #: the exit status of a process that SIGPIPE ended, which is what a reader that stopped early means
 EXIT_BROKEN_PIPE = 128 + 13
 

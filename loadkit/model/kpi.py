@@ -123,6 +123,12 @@ class KpiReview(Result):
     notes: list[str] = field(default_factory=list)
     daily_start_time: str = ""  #: "HH:MM" UTC at which the daily period's spikes start
 
+    def to_dict(self) -> dict:
+        data = super().to_dict()
+        for view, d in zip(self.polling, data["polling"]):  # the derived figures, for JSON readers
+            d.update(detected_n=view.detected_n, median_delay_s=view.median_delay_s, summary=view.summary())
+        return data
+
     def summary(self) -> str:
         span_d = (self.end_unix_s - self.start_unix_s) / DAY_S
         parts = [f"{self.points_n} points over {span_d:.1f} days every {self.sample_interval_s:g} s "
@@ -327,7 +333,8 @@ def review_kpi(series: pd.Series, *, z_threshold: float = 6.0, longest_spike_s: 
     daily = _daily_period(spikes, t, day_tolerance_s, min_days)
     daily_start = _daily_start(spikes, daily, day_tolerance_s)
     views = [_view(t, v, spikes, float(p), step, mode, z_threshold, window_s) for p in polling_s]
-    prof = sc.attrs["profile"]["baseline"].dropna()
+    profile = sc.attrs["profile"]
+    prof = profile["baseline"][profile["typical"].notna()]  # only times of day the series has
     days_n = int(len(np.unique(np.floor(t / DAY_S))))
     expected = (t[-1] - t[0]) / step + 1
     notes = _notes(days_n, len(v) / expected, spikes, longest_spike_s, step)
