@@ -42,6 +42,7 @@ from loadkit.profile.targets import Target, target_spec, user_target
 
 from . import schedule, wire
 from .histogram import LatencyHistogram, fine_latency_for
+from .query_files import load_queries
 from .retry import PORT_POLICIES
 from .sender import BurstWindow, DnsSender, IntervalReport, SenderOptions, source_addresses
 
@@ -71,7 +72,8 @@ class DnsSettings:
     burst_count: int = 0
     """bursts in all, then only the base rate goes on (0: bursts until the end)"""
     names_file: str = ""
-    """names file, one DNS name per line ('' = the lab's names file)"""
+    """names file: one DNS name per line, a dnsperf/resperf query file ('name qtype' per line) or a
+    BIND/unbound query log ('' = the lab's names file)"""
     qtypes: str = "A:80,AAAA:20"
     nxdomain_share: float = 0.0
     """share of queries for names that do not exist (their NXDOMAIN counts as success)"""
@@ -264,7 +266,8 @@ def plan(settings: DnsSettings, locustfile: DnsSettings | None = None) -> DnsPla
     found = user_target("dns", s.host)  # '' is the lab; its names file is found from the target
     target = found.target
     sources = source_addresses(s.sources, s.first_source)
-    names = wire.load_names(found.file("names", s.names_file, "--dns-names-file"))
+    # a names file, a dnsperf query file or a BIND/unbound query log; a line's own qtype wins
+    names = load_queries(found.file("names", s.names_file, "--dns-names-file"))
     pool = wire.QueryPool(
         names, mix, s.nxdomain_share, s.random_subdomain_share, edns_payload_bytes=s.edns_bytes
     )

@@ -156,32 +156,14 @@ def check_name(text: str) -> dns.name.Name:
 
 
 def load_names(path: str | Path) -> list[str]:
-    """Names from a names file: one DNS name a line; blank lines and ``#`` comments skipped.
+    """The names of a names file, a dnsperf query file or a query log (without their qtypes).
 
-    A line that is not a valid DNS name raises :class:`InputFileError` naming file and line.
+    The file is read by :func:`loadkit.generate.dns.query_files.load_queries`: a bad line raises
+    :class:`InputFileError` naming file and line.
     """
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputFileError(
-            f"names file {p} does not exist (start the lab with `loadkit lab up` or pass --dns-names-file)"
-        ) from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise InputFileError(f"names file {p} cannot be read: {err}") from err
-    names: list[str] = []
-    for lineno, raw in enumerate(text.splitlines(), start=1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        try:
-            check_name(line)
-        except ValueError as err:
-            raise InputFileError(f"names file {p} line {lineno}: {line!r} is not a valid DNS name ({err})") from None
-        names.append(line)
-    if not names:
-        raise InputFileError(f"names file {p} has no names (one DNS name per line)")
-    return names
+    from loadkit.generate.dns.query_files import load_queries
+
+    return [q.name for q in load_queries(path)]
 
 
 def build_query(name: str, qtype: str | int, edns_payload_bytes: int = 1232, rd: bool = True) -> bytes:
@@ -227,7 +209,7 @@ class QueryPool:
 
     def __init__(
         self,
-        names: Sequence[str],
+        names: Sequence[str | tuple[str, str | None]],
         qtype_mix: Sequence[tuple[str, float]],
         nxdomain_share: float = 0.0,
         random_subdomain_share: float = 0.0,
@@ -248,9 +230,17 @@ class QueryPool:
         if not names:
             raise ProfileError("no names to query")
         rng = random.Random(seed)
+        # a name may come with its own qtype (a dnsperf query file's "name qtype"): that pair is
+        # sent as written; the mix picks the qtype of bare names, NXDOMAIN and random queries
+        entries = [(n, None) if isinstance(n, str) else (n[0], n[1]) for n in names]
         self.qtypes: list[str] = [q for q, _ in qtype_mix]
         weights = [w for _, w in qtype_mix]
-        self.zone = zone or zone_of(names)
+        for _, pinned in entries:
+            if pinned is not None and pinned not in self.qtypes:
+                self.qtypes.append(pinned)
+                weights.append(0.0)  # only its own names ask for it
+        qtype_index = {q: i for i, q in enumerate(self.qtypes)}
+        self.zone = zone or zone_of([n for n, _ in entries])
         size = max(size, 1)
         kinds = rng.choices(
             (KIND_NAME, KIND_NXDOMAIN, KIND_RANDOM_SUBDOMAIN),
@@ -260,13 +250,15 @@ class QueryPool:
         cache: dict[tuple[str, str], bytes] = {}
         templates = {q: build_query("x.", q, edns_payload_bytes) for q in self.qtypes}
         pool: list[PreparedQuery] = []
-        name_order = list(names)
+        name_order = entries
         rng.shuffle(name_order)
         for i, kind in enumerate(kinds):
             qi = rng.choices(range(len(self.qtypes)), weights=weights)[0]
             qtype = self.qtypes[qi]
             if kind == KIND_NAME:
-                qname = name_order[i % len(name_order)]
+                qname, pinned = name_order[i % len(name_order)]
+                if pinned is not None:
+                    qi, qtype = qtype_index[pinned], pinned
             elif kind == KIND_NXDOMAIN:
                 # a label that does not exist in the zone; a few thousand distinct ones so the
                 # server's negative cache sees a realistic mix

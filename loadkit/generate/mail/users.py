@@ -61,21 +61,31 @@ _SHARED_ATTR = "loadkit_mail_shared"
 
 
 def read_accounts(path: str | Path) -> list[tuple[str, str]]:
-    """``(user, password)`` pairs from a CSV file with the header ``user,password``."""
+    """``(user, password)`` pairs from an accounts file, in either form users have:
+
+    - CSV with the header ``user,password`` (the lab's ``accounts.csv``);
+    - an imaptest-style users file, ``user:password`` a line (the password is everything after the
+      first colon); blank lines and ``#`` comments are skipped.
+    """
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise InputFileError(
             f"accounts file {p} does not exist (bring the lab up with `loadkit lab up`, "
-            "or pass --mail-accounts FILE with a header line user,password)"
+            "or pass --mail-accounts FILE: CSV with a header line user,password, or user:password per line)"
         ) from None
     except (OSError, UnicodeDecodeError) as err:
         raise InputFileError(f"accounts file {p} cannot be read: {err}") from err
-    rows = list(csv.reader(text.splitlines()))
+    lines = text.splitlines()
+    first = next((line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")), "")
+    if (":" in first and "," not in first.split(":", 1)[0]) or (not first and text.strip()):
+        return _read_user_colon_password(p, lines)
+    rows = list(csv.reader(lines))
     if not rows or [c.strip().lower() for c in rows[0]] != ["user", "password"]:
         got = ",".join(rows[0]) if rows else "an empty file"
-        raise InputFileError(f"accounts file {p} line 1: expected the header 'user,password', got {got!r}")
+        raise InputFileError(f"accounts file {p} line 1: expected the header 'user,password', got {got!r} "
+                             "(or user:password per line)")
     accounts = []
     for lineno, row in enumerate(rows[1:], start=2):
         if not row or not "".join(row).strip():
@@ -85,6 +95,24 @@ def read_accounts(path: str | Path) -> list[tuple[str, str]]:
         accounts.append((row[0].strip(), row[1]))
     if not accounts:
         raise InputFileError(f"accounts file {p} has a header but no accounts")
+    return accounts
+
+
+def _read_user_colon_password(p: Path, lines: list[str]) -> list[tuple[str, str]]:
+    # imaptest's userfile: "user:password" per line; a password may itself hold colons
+    accounts = []
+    for lineno, raw in enumerate(lines, start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        user, sep, password = line.partition(":")
+        if not sep or not user.strip() or not password or any(c.isspace() for c in user.strip()):
+            # the password is never echoed: the message names the line and the user part only
+            raise InputFileError(f"accounts file {p} line {lineno}: expected 'user:password', "
+                                 f"got {user.strip()[:40]!r}{':...' if sep else ' with no password'}")
+        accounts.append((user.strip(), password))
+    if not accounts:
+        raise InputFileError(f"accounts file {p} has no accounts")
     return accounts
 
 
@@ -284,8 +312,8 @@ def add_arguments(parser: Any, **_kw: Any) -> None:
     # marks an option for the web UI's custom parameters
     g = parser
     g.add_argument("--mail-accounts", default="",
-                   help="CSV file with header user,password (default: the accounts file of the "
-                   "loadkit lab that serves the target)")
+                   help="accounts: CSV with header user,password, or an imaptest users file with "
+                   "user:password per line (default: the accounts file of the loadkit lab that serves the target)")
     g.add_argument("--mail-dwell", default="5",
                    help="seconds a session is held after login, or 'idle' to hold it until the "
                    "test ends (IMAP: in IDLE)")
