@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-DEBS := unbound dovecot-imapd dovecot-pop3d haproxy dnsperf chromium iproute2 nftables conntrack openssl prometheus
+DEBS := unbound dovecot-imapd dovecot-pop3d haproxy dnsperf chromium iproute2 nftables conntrack openssl prometheus tcpdump fstrm-bin
 STAMP := $(VENV)/.installed
 
 .PHONY: setup debs venv test demo smoke lab-up lab-down clean

@@ -82,6 +82,11 @@ class LabConfig:
     """CPU quota of unbound in cores (CFS), e.g. 0.25; 0: no quota"""
     proxy_cpu: float = 0.0
     """CPU quota of each dovecot proxy in cores (CFS); 0: no quota"""
+    dns_log_queries: bool = False
+    """unbound logs every query (``log-queries``) to its log, a query log a replay can read"""
+    dns_dnstap_socket: str = ""
+    """unbound sends dnstap client queries to this frame-streams socket ('' : no dnstap); a
+    listener such as ``fstrm_capture`` writes them to a file a replay can read"""
 
     def __post_init__(self) -> None:
         self.dir = Path(self.dir)

@@ -139,8 +139,14 @@ def write_unbound_conf(cfg: LabConfig, conf_dir: Path, run_dir: Path, zone_inclu
         opts.append(f"    ip-ratelimit: {cfg.dns_ratelimit_qps}")
         # factor 0: every query over the limit is dropped (the default 10 lets 1 in 10 through)
         opts.append("    ip-ratelimit-factor: 0")
+    if cfg.dns_log_queries:
+        opts.append("    log-queries: yes")  # one line per query: a query log to replay
     opts.append(f'    include: "{zone_include}"')
     opts += ["remote-control:", "    control-enable: no"]
+    if cfg.dns_dnstap_socket:
+        # unbound writes dnstap only to a socket (no file output in 1.17): client queries only
+        opts += ["dnstap:", "    dnstap-enable: yes", f'    dnstap-socket-path: "{cfg.dns_dnstap_socket}"',
+                 "    dnstap-log-client-query-messages: yes"]
     path = conf_dir / "unbound.conf"
     path.write_text("\n".join(opts) + "\n")
     return path

@@ -1,0 +1,145 @@
+"""Locust side of the DNS replay: options, the first pass in ``init``, one sender per process.
+
+The same wiring as the other DNS locustfiles (:mod:`.users`): the load is open loop and comes
+from one :class:`~.replay.ReplaySender` per process between ``test_start`` and ``test_stop``, its
+interval reports go into Locust's stats, the fine latency histograms and the generator counters
+by :meth:`.users.DnsRun.on_interval`; a bad option or a bad file prints one line and locust
+exits 2 before anything is sent. With workers each sends the copies of its share of the source
+addresses (the master tells workers their count at test start).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import gevent
+from locust import task
+from locust.util.timespan import parse_timespan
+
+from loadkit.errors import LoadkitError
+from loadkit.generate.metrics import metrics_for
+from loadkit.generate.wiring import exit_on_user_error, print_user_error, tell_workers_their_count, worker_share
+from loadkit.profile.targets import target_spec
+
+from . import replay
+from .histogram import fine_latency_for
+from .sender import IntervalReport
+from .users import DnsRun, DnsUser, _print_interval, _wire_answer_latency
+
+log = logging.getLogger(__name__)
+
+
+class ReplayRun(DnsRun):
+    """One process's replay inside a Locust environment."""
+
+    def __init__(self, environment: Any, settings: replay.ReplaySettings) -> None:
+        super().__init__(environment, settings)  # type: ignore[arg-type]
+        self.replay_plan: replay.ReplayPlan | None = None
+
+    def make_plan(self) -> replay.ReplayPlan:  # type: ignore[override]
+        env = self.environment
+        settings = replay.settings_from_options(env.parsed_options, self.defaults, target_spec(env, "dns"))
+        if self.replay_plan is None or self.replay_plan.settings != settings:
+            self.replay_plan = replay.plan(settings)
+        return self.replay_plan
+
+    def on_interval(self, report: IntervalReport) -> None:
+        super().on_interval(report)
+        sender = self.sender
+        if sender is not None and isinstance(sender, replay.ReplaySender) and sender.lateness.count:
+            metrics_for(self.environment).set_gauge("dns.replay_lateness_max_s", sender.lateness.max_s)
+
+    def start(self) -> None:
+        p = self.make_plan()
+        index, count = worker_share(self.environment)
+        self.share = (index, count)
+        self.sender = replay.build_sender(p, index, count, on_interval=self.on_interval)
+        self.request_type = "DNS"
+        self.sender.open()
+        o = self.sender.options
+        log.info("DNS replay to %s: worker %d of %d: %s; retries %d, source port %s", p.target, index + 1, count,
+                 replay.describe(p), o.retries_n, o.port_policy)
+        self.greenlet = gevent.spawn(self._run)
+
+
+def install(events: Any, settings: replay.ReplaySettings | None = None) -> None:
+    """Wire the replay into a locustfile: options, checks (the whole file), one sender per process."""
+    base = settings or replay.ReplaySettings()
+
+    @events.init_command_line_parser.add_listener
+    def _add_arguments(parser: Any, **_kw: Any) -> None:
+        replay.add_arguments(parser, base)
+
+    @events.init.add_listener
+    def _on_init(environment: Any, runner: Any = None, **_kw: Any) -> None:
+        run = ReplayRun(environment, base)
+        environment.loadkit_dns = run
+        _wire_answer_latency(run)
+        fine_latency_for(environment)
+        if type(runner).__name__ == "MasterRunner":
+            return
+        try:
+            p = run.make_plan()
+        except LoadkitError as err:
+            exit_on_user_error(err)  # one line, before anything is sent
+        if not environment.host:
+            for cls in environment.user_classes or ():
+                if isinstance(cls, type) and issubclass(cls, DnsUser):
+                    cls.host = str(p.target)
+
+    @events.test_start.add_listener
+    def _on_test_start(environment: Any, **_kw: Any) -> None:
+        runner = environment.runner
+        if type(runner).__name__ == "MasterRunner":
+            tell_workers_their_count(environment)
+            return
+        run: ReplayRun | None = getattr(environment, "loadkit_dns", None)
+        if run is None or runner is None:
+            return
+        try:
+            run.start()
+        except LoadkitError as err:
+            log.error("%s", err)
+            print_user_error(err)
+            environment.process_exit_code = 2
+            gevent.spawn_later(0, runner.quit)
+
+    @events.test_stop.add_listener
+    def _on_test_stop(environment: Any, **_kw: Any) -> None:
+        run: ReplayRun | None = getattr(environment, "loadkit_dns", None)
+        if run is not None:
+            run.stop()
+            sender = run.sender
+            if isinstance(sender, replay.ReplaySender):
+                log.info("DNS replay lateness (actual - scheduled send): %s", sender.lateness.summary())
+
+
+class ReplayUser(DnsUser):
+    """Holds a user slot while the process's replay runs; under ``run_single_user`` it replays the
+    file itself (no longer than ``--run-time`` or ``debug_duration_s``) and prints each interval."""
+
+    abstract = True
+    debug_duration_s: float = 60.0
+
+    @task
+    def hold(self) -> None:  # type: ignore[override]
+        env = self.environment
+        if env.runner is not None:
+            gevent.sleep(1.0)
+            return
+        run: ReplayRun = env.loadkit_dns
+        sender = replay.build_sender(run.replay_plan or run.make_plan(), on_interval=_print_interval)
+        run_time = getattr(env.parsed_options, "run_time", None)
+        sender.max_duration_s = parse_timespan(str(run_time)) if run_time else self.debug_duration_s
+        sender.open()
+        try:
+            sender.run()
+        finally:
+            sender.close()
+        print(sender.summary(), flush=True)
+        from locust.exception import StopUser
+
+        raise StopUser()
+
+    tasks = [hold]  # only this hold (Locust would also collect the base class's task)
