@@ -26,6 +26,7 @@ from locust import User, task
 from locust.stats import CSV_STATS_INTERVAL_SEC
 from locust.util.timespan import parse_timespan
 
+from loadkit.defaults import DNS_PORT, DOT_PORT_OFFSET, LAB_ADDRESS, find_lab
 from loadkit.errors import LoadkitError, ProfileError
 from loadkit.generate.event_channel import events_for
 from loadkit.generate.locust_stats import inject
@@ -80,6 +81,12 @@ class DnsSettings:
     random_subdomain_share: float = 0.0
     """share of queries for a fresh random label under the zone (cache-busting)"""
     protocol: str = "udp"
+    """udp, tcp or dot (DNS over TLS); tcp and dot clients (one per source address and port) each
+    keep their own connection, close it when idle and reconnect for their next query"""
+    idle_timeout_s: float = 20.0
+    """tcp/dot: a client closes its connection after this long without queries (0: never)"""
+    tls_resume: str = "on"
+    """dot: on: a reconnect offers the last TLS session (resumed handshake); off: full handshakes"""
     edns_bytes: int = 1232
     """EDNS UDP payload size (0: no EDNS)"""
     timeout_s: float = 1.0
@@ -129,6 +136,7 @@ _FLAGS = {
     "ramp_to_qps": "--dns-ramp-to",
     "ramp_s": "--dns-ramp-duration",
     "retry_budget_window_s": "--dns-retry-budget-window",
+    "idle_timeout_s": "--dns-idle-timeout",
 }
 
 
@@ -139,7 +147,7 @@ def _flag(field_name: str) -> str:
 
 _HELP_SKIP = {"host"}
 #: fields with a fixed set of values (a list in --help and the web UI)
-_CHOICES = {"protocol": ["udp", "tcp"], "arrival": ["constant", "poisson"], "tcp_fallback": ["on", "off"],
+_CHOICES = {"protocol": ["udp", "tcp", "dot"], "tls_resume": ["on", "off"], "arrival": ["constant", "poisson"], "tcp_fallback": ["on", "off"],
             "port_policy": list(PORT_POLICIES)}
 #: field annotation -> option type (a locustfile may pass 2 where 2.0 is meant)
 _TYPES = {"float": float, "int": int, "str": str}
@@ -244,8 +252,12 @@ def plan(settings: DnsSettings, locustfile: DnsSettings | None = None) -> DnsPla
             raise ProfileError(f"option {_flag(name)} {getattr(s, name)} must be >= 0")
     if s.max_queries < 1:
         raise ProfileError(f"option {_flag('max_queries')} {s.max_queries} must be >= 1")
-    if s.protocol not in ("udp", "tcp"):
-        raise ProfileError(f"option --dns-protocol {s.protocol!r} must be udp or tcp")
+    if s.protocol not in ("udp", "tcp", "dot"):
+        raise ProfileError(f"option --dns-protocol {s.protocol!r} must be udp, tcp or dot")
+    if s.tls_resume not in ("on", "off"):
+        raise ProfileError(f"option --dns-tls-resume {s.tls_resume!r} must be on or off")
+    if not s.idle_timeout_s >= 0 or math.isinf(s.idle_timeout_s):
+        raise ProfileError(f"option --dns-idle-timeout {s.idle_timeout_s:g} must be a number >= 0")
     if s.arrival not in ("constant", "poisson"):
         raise ProfileError(f"option --dns-arrival {s.arrival!r} must be constant or poisson")
     if s.tcp_fallback not in ("on", "off"):
@@ -263,7 +275,8 @@ def plan(settings: DnsSettings, locustfile: DnsSettings | None = None) -> DnsPla
     if not s.retry_budget_window_s > 0 or math.isinf(s.retry_budget_window_s):
         raise ProfileError(f"option --dns-retry-budget-window {s.retry_budget_window_s:g} must be > 0")
     mix = wire.parse_qtype_mix(s.qtypes)
-    found = user_target("dns", s.host)  # '' is the lab; its names file is found from the target
+    # '' is the lab (its DoT port for dot); its names file is found from the target
+    found = user_target("dns", s.host or _lab_dot_spec(s.protocol), tls=s.protocol == "dot")
     target = found.target
     sources = source_addresses(s.sources, s.first_source)
     # a names file, a dnsperf query file or a BIND/unbound query log; a line's own qtype wins
@@ -285,6 +298,16 @@ def plan(settings: DnsSettings, locustfile: DnsSettings | None = None) -> DnsPla
     return DnsPlan(s, target, pool, base, bursts, sources, rate, rate_from)
 
 
+def _lab_dot_spec(protocol: str) -> str:
+    """For dot without a target: the DoT endpoint of the lab that would be the DNS target."""
+    if protocol != "dot":
+        return ""
+    lab = find_lab()
+    address = lab.address if lab else LAB_ADDRESS
+    port = lab.dot_port if lab else DNS_PORT + DOT_PORT_OFFSET
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
 def build_sender(p: DnsPlan, index: int = 0, count: int = 1, on_interval=None) -> DnsSender:
     """The sender for worker ``index`` of ``count``: its part of rates, bursts and sources."""
     s = p.settings
@@ -292,7 +315,9 @@ def build_sender(p: DnsPlan, index: int = 0, count: int = 1, on_interval=None) -
     base = p.base.share(index, count)
     bursts = p.bursts.share(index, count) if p.bursts is not None else None
     ports = s.ports_per_source
-    if ports == 0:
+    if ports == 0 and s.protocol != "udp":
+        ports = 1  # tcp/dot: one client (one connection) per source address
+    elif ports == 0:
         # enough sockets that outstanding queries never exhaust the 16-bit IDs of one socket
         peak_qps = max(getattr(base, "rate_qps", 0.0), getattr(base, "end_qps", 0.0), getattr(base, "peak_qps", 0.0))
         horizon_s = sum(s.timeout_s * s.backoff**k for k in range(s.retries + 1))
@@ -310,6 +335,8 @@ def build_sender(p: DnsPlan, index: int = 0, count: int = 1, on_interval=None) -
         retry_budget_window_s=s.retry_budget_window_s,
         interval_s=s.stats_interval_s,
         max_queries_n=s.max_queries,
+        idle_timeout_s=s.idle_timeout_s,
+        tls_resume=s.tls_resume == "on",
     )
     return DnsSender(p.target, p.pool, options, base=base, bursts=bursts, sources=mine, on_interval=on_interval)
 
@@ -430,7 +457,7 @@ class DnsRun:
         index, count = worker_share(self.environment)
         self.share = (index, count)
         self.sender = build_sender(p, index, count, on_interval=self.on_interval)
-        self.request_type = "DNS" if p.settings.protocol == "udp" else "DNS-TCP"
+        self.request_type = {"udp": "DNS", "tcp": "DNS-TCP", "dot": "DNS-DOT"}[p.settings.protocol]
         if p.settings.ramp_to_qps > 0:
             self.knee = KneeDetector(KneeCriteria(p.settings.knee_loss, p.settings.knee_p99_ms / 1000.0))
         self.sender.open()
