@@ -59,6 +59,8 @@ def _show(args: argparse.Namespace) -> int:
     print(f"started   {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(started))}"
           + (f"   duration {ended - started:.1f} s" if ended else "   (not ended)"))
     print(f"targets   {', '.join(m.get('targets') or [])}")
+    if info.get("incomplete"):
+        print(f"record    {info['incomplete']}")
     if not info["requests"].empty:
         print("\nrequests")
         print(info["requests"].to_string(index=False))

@@ -64,7 +64,7 @@ from locust.runners import MasterRunner, WorkerRunner
 from locust.stats import diff_response_time_dicts
 from locust.util.timespan import parse_timespan
 
-from loadkit.errors import LoadkitError, ProfileError
+from loadkit.errors import LoadkitError, ProfileError, RecordError
 from loadkit.generate.dns.histogram import fine_latency_for
 from loadkit.generate.event_channel import events_for
 from loadkit.generate.metrics import forget_worker, metrics_for
@@ -350,6 +350,8 @@ def _every(interval_s: float, step: Callable[[], None], what: str) -> None:
         gevent.sleep(interval_s)
         try:
             step()
+        except LoadkitError as err:  # its message says it all (a full disk): no traceback each time
+            log.error("%s failed: %s", what, err)
         except Exception:
             log.exception("%s failed", what)
 
@@ -634,8 +636,14 @@ class Recorder:
         self.writer.add(GeneratorMetric(now, "users", "gauge", float(runner.user_count if runner else 0)))
         if isinstance(runner, MasterRunner):
             self.writer.add(GeneratorMetric(now, "workers", "gauge", float(runner.worker_count)))
-        self._drain()
-        self.writer.flush()
+        try:
+            self._drain()
+            self.writer.flush()
+        except RecordError:
+            # the record cannot be written (its disk is full): load that is not recorded is not sent
+            if not self._stopped and runner is not None:
+                gevent.spawn(runner.quit)
+            raise
         if not self._stopped:
             self._check_failure_ratio(rows)
         self._write_status(rows)

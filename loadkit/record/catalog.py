@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +20,13 @@ import pandas as pd
 from loadkit.errors import RecordError
 from loadkit.record.latency import load_latency, percentile, percentiles_by_name
 from loadkit.record.reader import load_manifest, read_events
+from loadkit.record.writer import record_complete
 from loadkit.schema import RUN_LAYOUT
 
 log = logging.getLogger(__name__)
 
 LIST_COLUMNS = [
-    "run_id", "scenario", "release", "status", "started_unix_s", "duration_s",
+    "run_id", "scenario", "release", "status", "complete", "started_unix_s", "duration_s",
     "requests_n", "failures_n", "gates", "path",
 ]
 
@@ -100,6 +102,7 @@ def list_runs(runs_dir: str | Path = "runs", release: str | None = None,
             "scenario": m.get("scenario", ""),
             "release": m.get("release", ""),
             "status": m.get("status", ""),
+            "complete": record_complete(m),
             "started_unix_s": started,
             "duration_s": round(ended - started, 1) if ended else float("nan"),
             "requests_n": int(t.requests_n) if t is not None else 0,
@@ -135,6 +138,7 @@ def show_run(run: str, runs_dir: str | Path = "runs") -> dict[str, Any]:
     try:
         requests = pd.DataFrame()
         failures = pd.DataFrame()
+        last_interval_unix_s = None
         req_glob = path / RUN_LAYOUT["requests"] / "*.parquet"
         if any((path / RUN_LAYOUT["requests"]).glob("*.parquet")):
             requests = con.execute(
@@ -147,6 +151,8 @@ def show_run(run: str, runs_dir: str | Path = "runs") -> dict[str, Any]:
                 GROUP BY request_type, name ORDER BY request_type, name
                 """
             ).df()
+            last_interval_unix_s = con.execute(
+                f"SELECT max(ts_unix_s) FROM read_parquet('{_sql_path(req_glob)}')").fetchone()[0]
         if any((path / RUN_LAYOUT["failures"]).glob("*.parquet")):
             failures = con.execute(
                 f"""
@@ -165,7 +171,21 @@ def show_run(run: str, runs_dir: str | Path = "runs") -> dict[str, Any]:
         kinds[e.get("kind", "?")] = kinds.get(e.get("kind", "?"), 0) + 1
     notable = [e for e in events if e.get("kind") in ("abort", "worker_lost", "oom_kill", "warning")]
     return {"path": str(path), "manifest": manifest, "requests": requests, "failures": failures,
-            "latency": run_latency(run), "event_counts": kinds, "notable_events": notable}
+            "latency": run_latency(run), "event_counts": kinds, "notable_events": notable,
+            "complete": record_complete(manifest), "incomplete": _incomplete(manifest, last_interval_unix_s)}
+
+
+def _incomplete(manifest: dict[str, Any], last_interval_unix_s: float | None) -> str:
+    """'' for a complete record, else one line: how it ended and what it holds."""
+    if record_complete(manifest):
+        return ""
+    if manifest.get("status") in (None, "running"):
+        how = "still running, or its recording process was killed before closing it"
+    else:
+        how = f"its recording process died; the runner closed it as {manifest.get('status')}"
+    held = (f"request intervals up to {time.strftime('%H:%M:%S UTC', time.gmtime(last_interval_unix_s))}"
+            if last_interval_unix_s else "no request intervals")
+    return f"INCOMPLETE ({how}): it holds {held}; the report refuses it"
 
 
 #: the percentiles ``runs show`` gives per request name and for the whole run

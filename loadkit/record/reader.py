@@ -17,6 +17,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from loadkit.errors import RecordError
+from loadkit.record.writer import record_complete
 from loadkit.schema import RUN_LAYOUT, TABLE_RECORDS
 
 log = logging.getLogger(__name__)
@@ -47,8 +48,8 @@ class RunData:
 
     @property
     def complete(self) -> bool:
-        """True when the run ended and its manifest was rewritten (not killed mid-run)."""
-        return self.manifest.get("status") not in (None, "running")
+        """True when the process that recorded the run closed it (not killed mid-run)."""
+        return record_complete(self.manifest)
 
 
 def read_table(run_dir: Path, table: str) -> pd.DataFrame:

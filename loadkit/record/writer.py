@@ -9,10 +9,22 @@ whenever the runner adds gate results.
 
 A ``status.json`` beside the manifest holds the latest live figures (elapsed, requests,
 failures by class, target memory) for the runner's status line; it is not part of the record.
+
+**Complete or not.** Only the process that records the run writes the manifest's end time, at its
+clean stop (:meth:`RunWriter.finish`). A record whose writer was killed keeps ``ended_unix_s`` at 0:
+while ``running``, and also after the runner has closed it on the dead writer's behalf
+(``finish(status, complete=False)``). :func:`record_complete` is the one test of that; ``loadkit
+runs show`` marks such a run incomplete and the report refuses it.
+
+**Storage failures.** A write that fails (the disk filled up, the directory became read-only)
+raises :class:`~loadkit.errors.RecordError` with one line naming the run and the file; what was
+written before stays intact and readable (a part file is renamed into place only once complete,
+and a half-written temporary part is removed to give the space back).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import os
@@ -21,8 +33,9 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterable, NamedTuple
+from typing import Any, Iterable, Iterator, NamedTuple
 
+from loadkit.errors import RecordError
 from loadkit.partfiles import PartWriter
 from loadkit.schema import (
     RUN_LAYOUT,
@@ -72,9 +85,21 @@ def host_facts() -> dict[str, Any]:
     return {"hostname": socket.gethostname(), "cpus": os.cpu_count() or 0, "mem_total_bytes": mem}
 
 
+def record_complete(manifest: dict[str, Any]) -> bool:
+    """Did the process that recorded this run close it (final status and end time written)?
+
+    False while it runs and after it was killed, also when the runner then set a final status
+    (``failed``, ``interrupted``) for it: the record ends at its last flushed interval."""
+    return manifest.get("status") not in (None, "running") and bool(manifest.get("ended_unix_s"))
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    try:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    except OSError:
+        tmp.unlink(missing_ok=True)  # cut short (a full disk): the previous file stays as it was
+        raise
     os.replace(tmp, path)
 
 
@@ -115,13 +140,37 @@ class RunWriter:
 
     def flush(self) -> None:
         for writer in list(self._tables.values()):
-            writer.flush()
+            with self._storage(writer.folder):
+                try:
+                    writer.flush()
+                except OSError:
+                    # a part cut short by a full disk: give its space back (readers never see it)
+                    for tmp in writer.folder.glob("*.parquet.tmp"):
+                        tmp.unlink(missing_ok=True)
+                    raise
+
+    @contextlib.contextmanager
+    def _storage(self, path: Path) -> Iterator[None]:
+        """Map a failed write (disk full, read-only, gone) to one line naming the run and file."""
+        try:
+            yield
+        except OSError as err:
+            # pyarrow's OSError has the errno but its own wording ("Error writing bytes...")
+            why = os.strerror(err.errno) if err.errno else (str(err) or type(err).__name__)
+            try:
+                where = path.relative_to(self.run_dir)
+            except ValueError:
+                where = path
+            raise RecordError(
+                f"run record {self.run_dir}: cannot write {where} ({why}); everything written "
+                "before is kept and readable"
+            ) from err
 
     # -- events ----------------------------------------------------------------------------------
     def event(self, kind: str, source: str, detail: dict | None = None, ts_unix_s: float | None = None) -> Event:
         ev = Event(time.time() if ts_unix_s is None else ts_unix_s, kind, source, dict(detail or {}))
         line = json.dumps(ev._asdict(), default=str)
-        with self._events_lock, self.events_path.open("a") as fh:
+        with self._storage(self.events_path), self._events_lock, self.events_path.open("a") as fh:
             fh.write(line + "\n")
             fh.flush()
         return ev
@@ -135,7 +184,8 @@ class RunWriter:
 
     def write_manifest(self, manifest: RunManifest | dict[str, Any]) -> dict[str, Any]:
         data = manifest._asdict() if isinstance(manifest, RunManifest) else dict(manifest)
-        write_json_atomic(self.manifest_path, data)
+        with self._storage(self.manifest_path):
+            write_json_atomic(self.manifest_path, data)
         return data
 
     def update_manifest(self, **fields: Any) -> dict[str, Any]:
@@ -174,11 +224,18 @@ class RunWriter:
         )
         return self.write_manifest(manifest)
 
-    def finish(self, status: str, ended_unix_s: float | None = None) -> dict[str, Any]:
-        """Flush every table and rewrite the manifest with its final status and end time."""
+    def finish(self, status: str, ended_unix_s: float | None = None, complete: bool = True) -> dict[str, Any]:
+        """Flush every table and rewrite the manifest with its final status and end time.
+
+        ``complete=False`` closes a record on behalf of a writer that died (the runner, after
+        Locust was killed): the status is final but no end time is written, so the record stays
+        marked incomplete (:func:`record_complete`)."""
         self.flush()
+        if not complete:
+            return self.update_manifest(status=status, ended_unix_s=0.0)
         return self.update_manifest(status=status, ended_unix_s=ended_unix_s or time.time())
 
     # -- live status (not part of the record) ----------------------------------------------------
     def write_status(self, status: dict[str, Any]) -> None:
-        write_json_atomic(self.run_dir / STATUS_FILE, status)
+        with self._storage(self.run_dir / STATUS_FILE):
+            write_json_atomic(self.run_dir / STATUS_FILE, status)

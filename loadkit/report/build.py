@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 from loadkit.errors import RecordError, ReportError
 from loadkit.schema import RUN_LAYOUT
 from loadkit.record.reader import RunData, load_manifest, load_run
+from loadkit.record.writer import record_complete
 
 from .analysis import summarize
 from .summary import ReportSummary
@@ -88,10 +89,11 @@ def check_run(path: str | Path) -> RunData:
     except RecordError as err:
         raise ReportError(f"cannot report on run {path}: {err}") from err
     status = manifest.get("status")
-    if status in (None, "running"):
+    if not record_complete(manifest):
         raise ReportError(
-            f"run {path} is incomplete (manifest status {status!r}): it is still running or was "
-            "killed; wait for it to finish or leave it out"
+            f"run {path} is incomplete (manifest status {status!r}, no end written): it is still "
+            "running or its Locust process was killed before closing the record; wait for it to "
+            "finish or leave it out"
         )
     if not (path / RUN_LAYOUT["requests"]).is_dir() or not any((path / RUN_LAYOUT["requests"]).glob("*.parquet")):
         raise ReportError(f"run {path} is incomplete: it has no request statistics ({RUN_LAYOUT['requests']}/)")

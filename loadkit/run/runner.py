@@ -404,7 +404,7 @@ class Runner:
         if status == "running":  # the plugin never finished the record
             status = "interrupted" if interrupted else "failed"
             writer.event("run_ended", "runner", {"status": status, "locust_exit_code": master.returncode})
-            writer.finish(status)
+            writer.finish(status, complete=False)  # no end time: the record stays marked incomplete
         elif interrupted and status == "completed":
             status = "interrupted"
             writer.update_manifest(status=status)

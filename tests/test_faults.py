@@ -1,0 +1,215 @@
+"""Faults: what a run record and the lab look like after something breaks mid-run.
+
+- the Locust process that records the run is SIGKILLed: the record holds every flushed interval,
+  ``loadkit runs show`` marks it incomplete and ``loadkit report`` refuses it (exit 2, one line);
+- the run directory's disk fills up (a small tmpfs this test mounts): one line, exit 2, the parts
+  written before intact;
+- a Locust worker is SIGKILLed in a mail storm against the lab: a ``worker_lost`` event, and the
+  run goes on with the other worker;
+- a proxy's dovecot master dies and the lab's supervisor restarts it: exit and start events in the
+  record, and the samples go on;
+- unbound is killed in the middle of a DNS burst run: the queries left unanswered are classed as
+  timeouts, and the run ends by its time bound.
+
+Every process killed here is one the test started (the runner's Locust child, a lab of its own).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socketserver
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import psutil
+import pyarrow.parquet as pq
+import pytest
+
+from loadkit.cli import main as cli_main
+from loadkit.record.reader import load_run
+
+HERE = Path(__file__).parent
+ROOT = HERE.parent
+TINY = HERE / "locustfiles" / "tiny.py"
+
+
+class _Echo(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        self.request.recv(200)
+        self.request.sendall(b"ok\n")
+
+
+@pytest.fixture
+def echo_port() -> Iterator[int]:
+    socketserver.ThreadingTCPServer.allow_reuse_address = True
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Echo)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def tiny_profile(tmp_path: Path, port: int, duration: str = "60s") -> Path:
+    p = tmp_path / "tiny.toml"
+    p.write_text(f"""
+[run]
+scenario = "tiny"
+release = "faults"
+duration = "{duration}"
+stop_timeout = "2s"
+[targets]
+echo = "127.0.0.1:{port}"
+[load]
+locustfile = "{TINY}"
+host = "echo"
+users = 2
+spawn_rate = 2
+options = {{ wait-s = 0.05 }}
+""")
+    return p
+
+
+def loadkit(*args: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "loadkit", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def wait_for(predicate, timeout_s: float = 30.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def run_dir_of(out: Path) -> Path:
+    runs = [d for d in out.iterdir() if d.is_dir()]
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def parts(run_dir: Path, table: str = "requests") -> list[Path]:
+    return sorted((run_dir / table).glob("part-*.parquet"))
+
+
+def one_error_line(stderr: str) -> str:
+    """The command's user-facing error: exactly one ``loadkit: error:`` line, no traceback."""
+    assert "Traceback" not in stderr, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("loadkit: error:")]
+    assert len(errors) == 1, stderr
+    return errors[0]
+
+
+def stop_proc(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()  # a process this test started
+        proc.communicate(timeout=30)
+
+
+# -- (a) the recording Locust process is killed ----------------------------------------------------
+
+
+def test_killed_locust_leaves_an_incomplete_record_that_runs_show_marks_and_report_refuses(
+        tmp_path: Path, echo_port: int, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "runs"
+    proc = loadkit("run", str(tiny_profile(tmp_path, echo_port)), "--out", str(out))
+    try:
+        wait_for(lambda: out.is_dir() and any(out.iterdir()) and len(parts(run_dir_of(out))) >= 2,
+                 what="two flushed intervals")
+        locust = [c for c in psutil.Process(proc.pid).children() if "locust" in " ".join(c.cmdline())]
+        assert len(locust) == 1
+        flushed = len(parts(run_dir_of(out)))
+        locust[0].send_signal(signal.SIGKILL)  # the runner's child: it records the run
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        stop_proc(proc)
+    assert proc.returncode == 2
+    one_error_line(stderr)
+    run_dir = run_dir_of(out)
+    run = load_run(run_dir)
+    # every interval flushed before the kill is there; the record is marked incomplete
+    assert len(parts(run_dir)) >= flushed and run.requests["requests_n"].sum() > 0
+    assert not run.complete and run.manifest["ended_unix_s"] == 0
+    assert run.manifest["status"] == "failed"  # closed by the runner, not by Locust
+    # the commands in this process (their start-up is most of their cost)
+    assert cli_main(["runs", "show", run_dir.name, "--dir", str(out)]) == 0
+    assert "INCOMPLETE" in capsys.readouterr().out
+    assert cli_main(["runs", "list", "--dir", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[0])["complete"] is False
+    code = cli_main(["report", "--release", "faults", "--runs", str(run_dir), "--out", str(tmp_path / "report")])
+    assert code == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert run_dir.name in line and "incomplete" in line
+    assert not (tmp_path / "report" / "index.html").exists()
+
+
+# -- (c) the disk under the run directory fills up ---------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs mounted for this test (root only), unmounted afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0755", "loadkit-test", str(mnt)],
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        if subprocess.run(["umount", str(mnt)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)  # busy: detach it
+
+
+def fill(mnt: Path) -> None:
+    """Write zeros into ``mnt`` until the filesystem has no space left."""
+    with open(mnt / "filler", "wb") as fh:
+        chunk = b"\0" * 65536
+        try:
+            while True:
+                fh.write(chunk)
+                fh.flush()
+        except OSError:
+            pass
+
+
+def test_a_full_disk_is_one_line_and_the_parts_written_before_stay_readable(
+        tmp_path: Path, echo_port: int, small_disk: Path) -> None:
+    out = small_disk / "runs"
+    # a long run: it must end because the disk filled, not by its time
+    proc = loadkit("run", str(tiny_profile(tmp_path, echo_port, duration="60s")), "--out", str(out))
+    try:
+        wait_for(lambda: out.is_dir() and any(out.iterdir()) and len(parts(run_dir_of(out))) >= 2,
+                 what="two flushed intervals")
+        run_dir = run_dir_of(out)
+        before = {p: pq.read_table(p).num_rows for p in parts(run_dir)}
+        fill(small_disk)
+        filled_at = time.monotonic()
+        _, stderr = proc.communicate(timeout=90)
+    finally:
+        stop_proc(proc)
+    assert proc.returncode == 2 and time.monotonic() - filled_at < 30  # stopped, not run out
+    line = one_error_line(stderr)
+    assert "No space left on device" in line and run_dir.name in line
+    # what was written before the disk filled is intact: the same parts, the same rows
+    for part, rows in before.items():
+        assert pq.read_table(part).num_rows == rows
+    run = load_run(run_dir)
+    assert len(run.requests) >= sum(before.values()) > 0
+    assert not run.complete  # its end could not be written
+    assert not list(run_dir.rglob("*.tmp"))  # no half-written part left taking space
