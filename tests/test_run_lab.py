@@ -31,6 +31,8 @@ def for_lab(text: str, lab) -> str:
     text = text.replace("127.0.0.1:", f"{address}:").replace("127-0-0-1-1143", lab_id)
     text = text.replace('"locustfiles/', f'"{ROOT}/locustfiles/')
     text = text.replace("\\\\.loadkit/lab/conf", re.escape(str(Path(lab.dir) / "conf")).replace("\\", "\\\\"))
+    # the shared lab has no CPU quota, so no measured capacity: a rate relative to it gets a figure
+    text = re.sub(r'"([0-9.]+) capacity"', lambda m: f"{float(m.group(1)) * 4000:g}", text)
     if "dns_burst.py" in text:
         text = text.replace("options = { ", f'options = {{ dns-names-file = "{lab.names_file}", ', 1)
     else:

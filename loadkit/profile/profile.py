@@ -47,7 +47,9 @@ Schema (every table but ``[run]``, ``[targets]`` and ``[load]`` is optional)::
     options = { dns-rate = 2000, dns-names-file = "names.txt" }
         # extra Locust/locustfile options: --KEY VALUE; true is a bare flag, false leaves
         # it out, a list repeats the option. A string "{target:NAME}" is replaced by the
-        # resolved address of target NAME ("127.0.0.1:5353"). Credentials never go here:
+        # resolved address of target NAME ("127.0.0.1:5353"). A rate option may be relative to
+        # the DNS capacity the target lab measured (``loadkit lab up --dns-cpu``): dns-rate =
+        # "1.5 capacity" (loadkit.profile.capacity; resolved by loadkit run). Credentials never go here:
         # point to a file (mail-accounts = "accounts.csv") or read them from the environment.
 
     [collect]                       # collectors started with the run
@@ -98,6 +100,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from loadkit.errors import CollectorError, ProfileError, TargetError
+from loadkit.profile import capacity
 from loadkit.profile.groupspec import parse_group_spec
 from loadkit.profile.targets import PROTOCOL_NAMES, check_target, split_host_port, standard_port
 
@@ -239,6 +242,9 @@ class Profile:
     description: str = ""
     lab_hints: dict[str, Any] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict)
+    #: options stated relative to the lab's DNS capacity, once resolved (loadkit.profile.capacity):
+    #: option -> {expression, factor, capacity_qps, value_qps, source}; empty until then
+    capacity_relative: dict[str, dict] = field(default_factory=dict)
 
     def with_overrides(
         self, release: str | None = None, duration: Any = None, where: str = "command line"
@@ -283,6 +289,7 @@ class Profile:
             "record_interval_s": self.record_interval_s,
             "stop_timeout_s": self.stop_timeout_s,
             "lab": dict(self.lab_hints),
+            "capacity_relative": {k: dict(v) for k, v in self.capacity_relative.items()},
         }
 
 
@@ -391,6 +398,11 @@ def _check_options(options: Any, targets: dict[str, str], where: str) -> dict[st
         for v in values:
             if isinstance(v, (dict, list)) or v is None:
                 raise ProfileError(f"{kw}: must be a string, number, boolean or a list of them, got {v!r}")
+            if capacity.is_expression(v):
+                if isinstance(value, list) or not _RATE_OPTION_RE.search(lowered.replace("_", "-")):
+                    raise ProfileError(f"{kw}: {v!r}: only a single rate option (queries/s, e.g. dns-rate) "
+                                       "can be relative to the lab's capacity")
+                capacity.parse_expression(v, kw)
             if isinstance(v, str):
                 for ref in _TARGET_REF_RE.findall(v):
                     if ref not in targets:
@@ -521,6 +533,8 @@ def check_caps(profile: Profile, where: str) -> None:
         )
     for key, value in profile.load.options.items():
         for v in value if isinstance(value, list) else [value]:
+            if capacity.is_expression(v):  # "1.5 capacity": checked once resolved against a lab
+                continue
             if isinstance(v, str) and v.startswith("rate:"):  # e.g. --mail-arrival rate:100
                 v = v[5:]
             elif not _RATE_OPTION_RE.search(key.replace("_", "-").lower()):

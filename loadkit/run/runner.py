@@ -26,6 +26,7 @@ aborted, 2 an error (bad profile, refused target, Locust failed, interrupted).
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import ipaddress
 import json
 import os
@@ -41,6 +42,7 @@ from typing import Any, TextIO
 
 from loadkit.errors import LoadkitError, ProfileError, TargetNotAllowed
 from loadkit.generate.wiring import USER_ERROR_PREFIX  # imports nothing from Locust
+from loadkit.profile.capacity import describe as describe_capacity_load, resolve_capacity
 from loadkit.profile.profile import Profile, expand_target_refs, resolve_targets
 from loadkit.profile.targets import PROTOCOL_NAMES, Target, check_target, parse_allowlist
 from loadkit.run import gates as gates_mod
@@ -317,6 +319,8 @@ class Runner:
         args = locust_args(p, resolved, self.out_dir, run_id, run_dir)
         logs = run_dir / RUN_LAYOUT["locust"]
         self._print(f"run {run_id}: {p.scenario} ({p.release}) for {p.duration_s:g} s -> {run_dir}")
+        for line in describe_capacity_load(p):
+            self._print(f"load: {line}")
         if self.workers:
             wildcard = self.master_bind in WILDCARD_BINDS
             port = self.master_port or _free_port(self.master_bind)
@@ -450,6 +454,9 @@ def run_profile(plan: RunPlan | Profile, out_dir: str | Path = "runs",
     with SIGTERM/SIGINT passed on to Locust as a graceful stop."""
     if isinstance(plan, Profile):  # refused here, before handlers are installed or anything made
         plan = plan_run(plan)
+    # a rate stated as "1.5 capacity" becomes a figure from the lab's measured capacity, here,
+    # before anything is made (no lab with a capacity: one line, nothing run)
+    plan = dataclasses.replace(plan, profile=resolve_capacity(plan.profile, lab))
     runner = Runner(plan, out_dir, stream, lab)
     handlers = {}
     if threading.current_thread() is threading.main_thread():
