@@ -8,7 +8,8 @@ series loadkit did not record (see :mod:`loadkit.model.kpi_source`) and answers 
   (``typical``); the baseline is that profile smoothed by a circular rolling median over
   ``window_s`` (3 × the longest spike to be found, as in :func:`loadkit.model.find_anomalies`), so a
   spike that recurs every day at the same minute stays *out* of the baseline: a daily habit of
-  the traffic is learned, a daily 10-minute spike is not.
+  the traffic is learned, a daily 10-minute spike is not. Each day's baseline is scaled to that day's level (busy
+  and quiet days).
 - **Spikes.** A point's score is its deviation from the baseline in robust standard deviations
   (1.4826 × MAD of the residuals in its hour of the day, floored at a quarter of the whole
   series' spread, so a quiet night is not all spikes); runs above ``z`` are spikes, and spikes
@@ -42,6 +43,8 @@ DAY_S = 86400.0
 SPREAD_BIN_S = 3600.0
 #: a bin's spread is at least this fraction of the whole series' spread
 SPREAD_FLOOR_FRACTION = 0.25
+#: weight of the whole series' spread in each bin's, in residuals
+SPREAD_PRIOR_N = 20
 #: fewer polls than this at an interval and nothing is said about it
 MIN_POLLS = 12
 POLL_MODES = ("mean", "sample")
@@ -176,6 +179,25 @@ def _baseline(t: np.ndarray, v: np.ndarray, slot_s: float, window_s: float) -> t
     return base[slot], profile
 
 
+#: a day needs this many samples for a level of its own (fewer: the pattern's level)
+MIN_DAY_POINTS = 10
+
+
+def _day_levels(t: np.ndarray, v: np.ndarray, base: np.ndarray) -> np.ndarray:
+    """The baseline scaled to each UTC day's level: traffic is busier on some days than others
+    (weekdays, holidays), and a pattern at the median day's level would call a busy day's
+    afternoon a spike and hide a quiet day's spike. Scaled by the median ratio when the baseline
+    is positive (traffic scales), shifted by the median difference otherwise (counts near 0)."""
+    day = np.floor(t / DAY_S).astype(np.int64)
+    ratio = bool(np.all(base > 0))
+    rel = v / base if ratio else v - base
+    level = pd.Series(rel).groupby(day).agg(["median", "size"])
+    neutral = 1.0 if ratio else 0.0
+    per_day = level["median"].where(level["size"] >= MIN_DAY_POINTS, neutral)
+    f = per_day.reindex(day).to_numpy(dtype=float)
+    return base * f if ratio else base + f
+
+
 def _spread(t: np.ndarray, r: np.ndarray, bin_s: float, use: np.ndarray) -> tuple[np.ndarray, float]:
     """Each point's robust spread (its bin of the day), and the whole series', from the
     residuals ``r[use]``."""
@@ -188,7 +210,11 @@ def _spread(t: np.ndarray, r: np.ndarray, bin_s: float, use: np.ndarray) -> tupl
     for i in range(nbins):
         x = r[use & (b == i)]
         if len(x) >= 5:  # fewer: too few residuals for a spread of their own
-            per_bin[i] = max(_robust_sigma(x), SPREAD_FLOOR_FRACTION * whole)
+            # shrunk toward the whole series' spread as if it were SPREAD_PRIOR_N residuals: a
+            # MAD of a dozen hourly polls is too unsteady to judge them by alone
+            own = _robust_sigma(x)
+            shrunk = math.sqrt((len(x) * own**2 + SPREAD_PRIOR_N * whole**2) / (len(x) + SPREAD_PRIOR_N))
+            per_bin[i] = max(shrunk, SPREAD_FLOOR_FRACTION * whole)
     return per_bin[b], whole
 
 
@@ -197,12 +223,15 @@ def score_series(t: np.ndarray, v: np.ndarray, *, slot_s: float, window_s: float
     """Baseline, spread and score of each point (t unix seconds, v values), with the profile by
     time of day in ``.attrs["profile"]`` and the whole spread in ``.attrs["spread"]``."""
     base, profile = _baseline(t, v, slot_s, window_s)
+    base = _day_levels(t, v, base)
     resid = v - base
     bin_s = max(bin_s, slot_s)
     spread, whole = _spread(t, resid, bin_s, np.ones(len(v), dtype=bool))
     # second pass without the points that stood out: a daily 10-minute spike is a sixth of its
     # hour's residuals and would otherwise widen that hour's spread and hide itself
-    calm = np.abs(resid / spread) <= z_threshold
+    # (judged against the whole series' spread where a bin's own is wider: a bin a recurring
+    # spike fills a quarter of would otherwise hide it from this pass too)
+    calm = np.abs(resid) <= z_threshold * np.minimum(spread, whole)
     if calm.sum() >= 5:
         spread, whole = _spread(t, resid, bin_s, calm)
     df = pd.DataFrame({"value": v, "baseline": base, "spread": spread, "score": resid / spread},
@@ -378,6 +407,9 @@ def _notes(days_n: int, coverage: float, spikes: list[Spike], longest_spike_s: f
     if days_n < 2:
         notes.append("one day of data: the baseline is that day's own smoothed curve, so a spike "
                      "that recurs daily cannot be told from a daily habit of the traffic")
+    elif days_n < 5:
+        notes.append(f"only {days_n} days: the baseline and the spreads rest on few days, so a slow "
+                     "drift of one day can make coarse polls stand out with no spike under them")
     if coverage < 0.9:
         notes.append(f"only {coverage:.0%} of the expected samples are present: gaps leave polls "
                      "with fewer samples, and spikes inside gaps are not seen")

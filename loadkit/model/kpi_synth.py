@@ -1,8 +1,9 @@
 """Made-up KPI series with known spikes, to pin :func:`loadkit.model.kpi.review_kpi`.
 
 A day/night cycle (peak at ``peak_hour`` UTC), Poisson-like noise (its spread grows with the
-square root of the level), a level that varies from day to day as real traffic does (the reason
-an hourly mean hides a short spike), optional gaps, and a spike of ``spike_height`` lasting
+square root of the level), a level that varies from day to day and drifts within a day (``wander``,
+a fraction of the level with about ``wander_tau_s`` of memory) as real traffic does (the reason an
+hourly mean hides a short spike), optional gaps, and a spike of ``spike_height`` lasting
 ``spike_s`` at ``spike_at`` on each chosen day.
 """
 
@@ -12,6 +13,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
+from scipy.signal import lfilter
 
 DAY_S = 86400.0
 
@@ -25,7 +27,8 @@ class SyntheticKpi(NamedTuple):
 
 def synthetic_kpi(*, days: int = 7, step_s: float = 60.0, start: str = "2026-01-05", level: float = 1000.0,
                   daily_amplitude: float = 600.0, peak_hour: float = 14.0, noise: float = 30.0,
-                  day_factor: float = 0.04, spike_at: str | None = "12:30", spike_s: float = 600.0,
+                  day_factor: float = 0.04, wander: float = 0.03, wander_tau_s: float = 3600.0,
+                  spike_at: str | None = "12:30", spike_s: float = 600.0,
                   spike_height: float = 800.0, spike_days: Sequence[int] | None = None,
                   gaps: Sequence[tuple[float, float]] = (), seed: int = 0, name: str = "kpi") -> SyntheticKpi:
     """``gaps`` are (from, to) fractions of the whole span with no samples; ``spike_days`` the
@@ -37,6 +40,10 @@ def synthetic_kpi(*, days: int = 7, step_s: float = 60.0, start: str = "2026-01-
     day = np.floor((t - t0) / DAY_S).astype(int)
     scale = 1.0 + day_factor * rng.standard_normal(days)
     mean = (level + daily_amplitude * np.cos(2 * np.pi * (hour - peak_hour) / 24.0)) * scale[day]
+    if wander:  # slow drift within a day (about an hour's memory), as real traffic has
+        a = float(np.exp(-step_s / wander_tau_s))
+        w = lfilter([1.0 - a], [1.0, -a], rng.standard_normal(len(t)))
+        mean = mean * (1.0 + wander * w / max(float(np.std(w)), 1e-12))
     v = mean + noise * np.sqrt(np.clip(mean, 0, None) / level) * rng.standard_normal(len(t))
     spikes = []
     if spike_at is not None and spike_height:

@@ -1,0 +1,180 @@
+"""Production KPI review: the daily pattern, spikes, and what 1 h / 15 min / 1 min polling sees,
+on synthetic series with known spikes (happy path and unlike it), from CSV and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from loadkit.cli import main
+from loadkit.errors import ModelError
+from loadkit.model.kpi import KpiReview, daily_pattern, polled_view, review_kpi
+from loadkit.model.kpi_source import KpiSourceError, parse_duration_s, parse_time_unix_s, read_kpi_csv
+from loadkit.model.kpi_synth import synthetic_kpi
+
+
+def write_csv(series: pd.Series, path, *, iso: bool = True, header: bool = True) -> None:
+    ts = (pd.to_datetime(series.index, unit="s").strftime("%Y-%m-%dT%H:%M:%SZ") if iso
+          else [f"{t:.0f}" for t in series.index])
+    lines = (["timestamp,value"] if header else []) + [f"{t},{v:.3f}" for t, v in zip(ts, series.values)]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def matched(review: KpiReview, injected: list[tuple[float, float]]) -> tuple[int, int]:
+    """(injected spikes some detected spike overlaps, detected spikes overlapping no injected one)."""
+    def hit(s, a, b):
+        return s.start_unix_s <= b and s.end_unix_s >= a
+    found = sum(any(hit(s, a, b) for s in review.spikes) for a, b in injected)
+    false = sum(not any(hit(s, a, b) for a, b in injected) for s in review.spikes)
+    return found, false
+
+
+def test_daily_1230_spike_and_what_each_polling_interval_sees():
+    syn = synthetic_kpi(days=7, spike_at="12:30", spike_s=600)
+    r = review_kpi(syn.series)
+    assert matched(r, syn.spikes) == (7, 0)
+    assert r.daily_period is not None and r.daily_period.days_n == 7
+    assert r.daily_start_time == "12:30"
+    views = {v.interval_s: v for v in r.polling}
+    # an hourly mean dilutes a 10-minute spike 6× and day-to-day variation hides it
+    assert views[3600].detected_n == 0 and views[3600].peak_score < r.z_threshold
+    # a 15-minute mean shows each spike at the end of the bucket it starts in
+    assert views[900].detected_n == 7 and all(d == pytest.approx(900, abs=60) for d in views[900].delays_s)
+    assert views[60].detected_n == 7 and all(d <= 120 for d in views[60].delays_s)
+    assert all(v.false_alarms_n == 0 for v in r.polling)
+    assert "daily at 12:3" in r.summary() and "1 h polling (mean): 0 of 7 spikes seen" in r.summary()
+    back = KpiReview.from_json(r.to_json())
+    assert back.polling[1].delays_s == views[900].delays_s and back.daily_period == r.daily_period
+
+
+def test_daily_pattern_recovers_the_day_night_cycle():
+    syn = synthetic_kpi(days=7, day_factor=0.0, wander=0.0)
+    prof = daily_pattern(syn.series)
+    hour = prof.index.to_numpy() / 3600.0
+    truth = 1000.0 + 600.0 * np.cos(2 * np.pi * (hour - 14.0) / 24.0)
+    err = np.abs(prof["baseline"].to_numpy() - truth)
+    # the 12:30 spike stays out of the baseline; the median-smoothing flattens the peak a little
+    assert float(np.max(err)) < 40.0, float(np.max(err))
+    at_spike = prof.loc[12 * 3600 + 30 * 60: 12 * 3600 + 39 * 60]
+    assert (at_spike["typical"] - at_spike["baseline"]).min() > 500  # every day's spike, not learned
+
+
+def test_a_gauge_polled_every_15_min_misses_a_10_min_spike():
+    syn = synthetic_kpi(days=5)
+    r = review_kpi(syn.series, mode="sample")
+    views = {v.interval_s: v for v in r.polling}
+    # polls at 12:30 and 12:45 read 12:29 and 12:44: both outside the 12:30-12:39 spike
+    assert views[900].detected_n == 0 and views[3600].detected_n == 0
+    assert views[60].detected_n == 5
+    pv = polled_view(syn.series, 900, "sample")
+    assert len(pv) == 5 * 96 and not pv["stands_out"].any()
+
+
+CASES = {
+    # name: (synthetic_kpi arguments, daily start time expected or None)
+    "noisy": (dict(noise=120.0, spike_height=1500.0), "12:30"),
+    "flat, no pattern": (dict(daily_amplitude=0.0, day_factor=0.0), "12:30"),
+    "flat and quiet": (dict(daily_amplitude=0.0, day_factor=0.0, wander=0.0), "12:30"),
+    "partial (gaps)": (dict(gaps=[(0.10, 0.25), (0.60, 0.66)]), "12:30"),
+    "spike at 03:15": (dict(spike_at="03:15"), "03:15"),
+    "3 of 7 days": (dict(spike_days=[1, 3, 4]), "12:30"),
+    "no spike": (dict(spike_at=None), None),
+    "15 s samples": (dict(step_s=15.0), "12:30"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_unlike_the_happy_path(case):
+    kwargs, start = CASES[case]
+    syn = synthetic_kpi(seed=3, **kwargs)
+    present = [(a, b) for a, b in syn.spikes
+               if ((syn.series.index >= a) & (syn.series.index <= b)).any()]  # not inside a gap
+    r = review_kpi(syn.series)
+    found, false = matched(r, present)
+    print(f"{case}: injected {len(syn.spikes)} ({len(present)} in data), detected {len(r.spikes)}, "
+          f"matched {found}, false {false}; {r.summary()}")
+    assert (found, false) == (len(present), 0)
+    assert r.daily_start_time == (start or "")
+    if "gaps" in case:
+        assert r.coverage < 0.9 and any("expected samples" in n for n in r.notes)
+    if "flat" in case:
+        assert "no daily pattern" in r.summary()
+    if case == "flat and quiet":  # nothing else moves: even an hourly mean shows a 10-minute spike
+        assert r.polling[0].interval_s == 3600 and r.polling[0].detected_n == 7
+
+
+def test_one_day_and_too_short_series():
+    r = review_kpi(synthetic_kpi(days=1).series)
+    assert len(r.spikes) == 1 and r.daily_period is None and "one day of data" in r.notes[0]
+    with pytest.raises(ModelError, match="need >= 20"):
+        review_kpi(synthetic_kpi(days=1).series.iloc[:10])
+    with pytest.raises(ModelError, match="polling mode"):
+        review_kpi(synthetic_kpi(days=1).series, mode="max")
+
+
+def test_csv_iso_and_epoch_read_the_same(tmp_path):
+    syn = synthetic_kpi(days=2)
+    write_csv(syn.series, tmp_path / "iso.csv")
+    write_csv(syn.series, tmp_path / "epoch.csv", iso=False, header=False)
+    a, b = read_kpi_csv(tmp_path / "iso.csv"), read_kpi_csv(tmp_path / "epoch.csv")
+    assert a.name == "value" and b.name == "epoch"
+    assert np.array_equal(a.index.to_numpy(), syn.series.index.to_numpy())
+    assert np.array_equal(a.to_numpy(), b.to_numpy())
+    (tmp_path / "ms.csv").write_text("# exported\n\nts,rcvbuf_errors\n1767571200000,1\n1767571260000,\n"
+                                     "2026-01-05T00:02:00+09:00,3\n")
+    c = read_kpi_csv(tmp_path / "ms.csv")
+    assert c.name == "rcvbuf_errors" and list(c.values) == [3.0, 1.0]  # the +09:00 time is earlier
+    assert list(c.index) == [1767571200.0 - 9 * 3600 + 120, 1767571200.0]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("timestamp,value\n2026-01-05T00:00:00Z,1\n2026-01-05T00:01:00Z,abc\n", "line 3: value 'abc' is not a number"),
+    ("timestamp,value\n2026-01-05T00:00:00Z,1\nyesterday,2\n", "line 3: 'yesterday' is not a timestamp"),
+    ("2026-01-05T00:00:00Z,1,7\n", "line 1: expected 2 fields"),
+    ("timestamp,value\n", "has no timestamp,value lines"),
+    ("1767571200,inf\n", "line 1: value 'inf' is not finite"),
+])
+def test_bad_csv_names_file_and_line(tmp_path, text, message):
+    f = tmp_path / "kpi.csv"
+    f.write_text(text)
+    with pytest.raises(KpiSourceError, match=message):
+        read_kpi_csv(f)
+
+
+def test_times_and_durations():
+    assert parse_duration_s("15m") == 900 and parse_duration_s("60") == 60 and parse_duration_s("1h") == 3600
+    assert parse_time_unix_s("now-7d", now_unix_s=1e9) == 1e9 - 7 * 86400
+    assert parse_time_unix_s("2026-01-05T00:00:00Z") == parse_time_unix_s("1767571200") == 1767571200.0
+    with pytest.raises(KpiSourceError, match="not a positive duration"):
+        parse_duration_s("0s")
+    with pytest.raises(KpiSourceError, match="not a time"):
+        parse_time_unix_s("last tuesday")
+
+
+def test_cli_table_json_and_bad_input(tmp_path, capsys):
+    syn = synthetic_kpi(days=4)
+    f = tmp_path / "queries_per_s.csv"
+    write_csv(syn.series, f, header=False)
+    assert main(["kpi", "review", "--csv", str(f)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("KPI queries_per_s") and "daily at 12:3" in out
+    rows = {ln.split()[0] + ln.split()[1]: ln.split() for ln in out.splitlines() if ln.strip().startswith(("1 h", "15 min", "1 min"))}
+    assert rows["1h"][4] == "0/4" and rows["15min"][4] == "4/4" and rows["1min"][4] == "4/4"
+    out_json = tmp_path / "r.json"
+    assert main(["kpi", "review", "--csv", str(f), "--json", "--polling", "30m,5m", "--out", str(out_json)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [p["interval_s"] for p in doc["polling"]] == [1800, 300] and doc["polling"][1]["detected_n"] == 4
+    assert KpiReview.from_json(out_json.read_text()).daily_start_time == "12:30"
+
+    f.write_text(f.read_text() + "2026-02-01T00:00:00Z,12,5\n")
+    lines_n = len(f.read_text().splitlines())
+    assert main(["kpi", "review", "--csv", str(f)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"loadkit: error: KPI file {f} line {lines_n}: expected 2 fields (timestamp,value), got 3"
+    assert main(["kpi", "review", "--prometheus", "http://192.0.2.1:9090", "--query", "up"]) == 2
+    assert "outside the allowlist" in capsys.readouterr().err  # nothing sent off loopback
+    assert main(["kpi", "review", "--csv", str(f), "--query", "up"]) == 2
+    assert "--query goes with --prometheus" in capsys.readouterr().err
