@@ -73,6 +73,7 @@ from loadkit.record.latency import buckets_from_locust_ms, percentile_of_counts
 from loadkit.schema import Event, FailureInterval, GeneratorMetric, GroupSample, LatencyBucket, RequestInterval
 from loadkit.observe.groups import check_groups_match
 from loadkit.plugin.live_collector import attach_collector
+from loadkit.plugin.metrics_route import add_metrics_route
 from loadkit.profile.groupspec import parse_groups
 from loadkit.record.writer import INTERRUPT_MARKER, RunWriter, new_run_id
 from loadkit.stop_signals import own_stop_signals
@@ -172,6 +173,7 @@ def _on_init(environment: Any, **_kw: Any) -> None:
         _own_stop_signals()
     metrics_for(environment)  # wire generator metrics in every process, workers included
     events_for(environment)  # and generator events (a master merges its workers' from the start)
+    add_metrics_route(environment)  # /metrics on the web UI, where there is one (a master, a local run)
     options = environment.parsed_options
     if options is None:
         return
