@@ -14,6 +14,9 @@ def add_command(sub: argparse._SubParsersAction, name: str, func: Callable[[argp
     if description is not None:
         kwargs["description"] = description
     p = sub.add_parser(name, help=help, **kwargs)
+    # -v after the subcommand too (`loadkit collect ... -v`); SUPPRESS keeps the top-level value
+    # when the subcommand's parser does not see it
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log debug messages")
     if func is not None:
         p.set_defaults(func=func)
     return p

@@ -16,10 +16,13 @@ SIGINT and SIGTERM end the run flushed, also when the launcher ignored SIGINT.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
+import sys
 import time
 from pathlib import Path
+from typing import TextIO
 
 from loadkit.cli._common import add_command
 from loadkit.errors import CollectorError
@@ -86,6 +89,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="write a Parquet part at least this often; a crash loses at most this much (default 5)",
     )
     p.add_argument("--host-label", default=None, metavar="NAME", help="host name written in records (default: hostname)")
+    p.add_argument("--json", action="store_true", help="print the final summary as one JSON object on stdout")
     p.add_argument("--proc-root", default="/proc", help=argparse.SUPPRESS)
     p.add_argument("--cgroup-root", default="/sys/fs/cgroup", help=argparse.SUPPRESS)
 
@@ -171,19 +175,33 @@ def _run(args: argparse.Namespace) -> int:
     previous = {sig: signal.signal(sig, lambda *_: collector.stop(timeout_s=0))
                 for sig in (signal.SIGTERM, signal.SIGINT)}
     started = time.perf_counter()
+    status = _StatusLine(sys.stderr)
     try:
         collector.start()
         while collector.running:
             collector.join(0.1)
+            status.show(collector, time.perf_counter() - started)
     except KeyboardInterrupt:
         pass
     finally:
+        status.end()
         collector.stop()
         if exporter is not None:
             exporter.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     elapsed = time.perf_counter() - started
+    summary = {
+        "samples_n": collector.samples_n,
+        "elapsed_s": round(elapsed, 3),
+        "out_dir": str(config.out_dir) if config.out_dir else None,
+        "mean_sample_s": round(collector.sample_s_total / max(1, collector.samples_n), 6),
+        "overruns_n": collector.overruns_n,
+        "warnings_n": len(collector.warn.keys),
+    }
+    if args.json:
+        print(json.dumps(summary))
+        return 0
     where = f" to {config.out_dir}" if config.out_dir else ""
     print(
         f"collected {collector.samples_n} samples in {elapsed:.1f} s{where} "
@@ -191,3 +209,32 @@ def _run(args: argparse.Namespace) -> int:
         f"overruns {collector.overruns_n}, warnings {len(collector.warn.keys)})"
     )
     return 0
+
+
+class _StatusLine:
+    """One line on a terminal, rewritten in place about once a second while collecting; nothing
+    when stderr is not a terminal (a log file or a pipe gets no carriage returns)."""
+
+    every_s = 1.0
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.tty = hasattr(stream, "isatty") and stream.isatty()
+        self._last_s = -self.every_s
+        self._shown = False
+
+    def show(self, collector, elapsed_s: float) -> None:
+        if not self.tty or elapsed_s - self._last_s < self.every_s:
+            return
+        self._last_s = elapsed_s
+        n = collector.samples_n
+        mean_ms = 1000 * collector.sample_s_total / max(1, n)
+        self.stream.write(f"\r\033[Kcollect: {elapsed_s:.0f} s, {n} samples, mean sample {mean_ms:.1f} ms, "
+                          f"overruns {collector.overruns_n}, warnings {len(collector.warn.keys)}")
+        self.stream.flush()
+        self._shown = True
+
+    def end(self) -> None:
+        if self._shown:  # the final summary starts on a line of its own
+            self.stream.write("\n")
+            self.stream.flush()

@@ -1,4 +1,7 @@
-"""`loadkit fit KIND RUN...`: fit a model to recorded runs, print its summary, write its JSON."""
+"""`loadkit fit KIND RUN...`: fit a model to recorded runs, print its summary, write its JSON.
+
+Each KIND is a subcommand with only its own options (`loadkit fit udp-burst --help`).
+"""
 
 from __future__ import annotations
 
@@ -13,14 +16,21 @@ KINDS = ("headroom", "usl", "udp-burst", "retries", "anomalies", "firewall", "so
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = add_command(sub, "fit", _run, f"fit a model ({', '.join(KINDS)}) to recorded runs",
+    p = add_command(sub, "fit", None, f"fit a model ({', '.join(KINDS)}) to recorded runs",
                     "Fit a model to one or more run directories, print its one-line summary and optionally write "
-                    "the result as JSON. headroom combines all runs given; the other kinds fit each run on its own.")
-    p.add_argument("kind", choices=KINDS, metavar="KIND", help="one of: " + ", ".join(KINDS))
-    p.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run directory")
-    p.add_argument("--out", type=Path, metavar="FILE.json", help="write the result(s) as JSON here")
+                    "the result as JSON. headroom combines all runs given; the other kinds fit each run on its own. "
+                    "'loadkit fit KIND --help' lists the options of one kind.")
+    kinds = p.add_subparsers(dest="kind", metavar="KIND", required=True)
+    for kind, (help_line, add_options) in _KIND_OPTIONS.items():
+        k = add_command(kinds, kind, _run, help_line, help_line[0].upper() + help_line[1:] + ".")
+        k.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run directory")
+        k.add_argument("--out", type=Path, metavar="FILE.json", help="write the result(s) as JSON here")
+        k.add_argument("--json", action="store_true",
+                       help="print the result(s) as JSON on stdout instead of the summary")
+        add_options(k)
 
-    h = p.add_argument_group("headroom")
+
+def _headroom_options(h: argparse.ArgumentParser) -> None:
     h.add_argument("--policy", default="roundrobin", choices=("roundrobin", "leastconn", "weighted"),
                    help="load-balancer policy (default %(default)s)")
     h.add_argument("--weight", action="append", default=[], metavar="PROXY=W",
@@ -34,11 +44,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     h.add_argument("--reconnect-overhead", type=float, default=0.0, metavar="F",
                    help="extra sessions per lost session while clients reconnect (default 0)")
 
-    u = p.add_argument_group("usl")
+
+def _usl_options(u: argparse.ArgumentParser) -> None:
     u.add_argument("--concurrency-metric", default="users", metavar="GAUGE",
                    help="generator gauge giving each interval's concurrency (default %(default)s)")
 
-    b = p.add_argument_group("udp-burst")
+
+def _udp_burst_options(b: argparse.ArgumentParser) -> None:
     b.add_argument("--rcvbuf", type=float, default=None, metavar="BYTES",
                    help="each server socket's sk_rcvbuf in bytes (ss -m 'rb'; twice so-rcvbuf); default: as "
                    "the collector read it, else the recorded so-rcvbuf doubled")
@@ -51,15 +63,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--port", type=int, default=None,
                    help="the server's UDP port among watched sockets (default: the run's udp:// target)")
 
-    r = p.add_argument_group("retries, firewall")
+
+def _trigger_end_option(r: argparse.ArgumentParser) -> None:
     r.add_argument("--trigger-end", type=float, default=None, metavar="UNIX_S",
                    help="when the trigger ended (default: the run's phase events, else the end of its last "
                    "burst, else where the original rate fell back)")
+
+
+def _retries_options(r: argparse.ArgumentParser) -> None:
+    _trigger_end_option(r)
     r.add_argument("--min-post", type=float, default=2.0, metavar="SECONDS",
                    help="run time needed after the trigger to judge it (default %(default)s); a window "
                    "shorter than the clients' retry horizon is judged, with a caveat")
 
-    f = p.add_argument_group("firewall")
+
+def _firewall_options(f: argparse.ArgumentParser) -> None:
+    _trigger_end_option(f)
     f.add_argument("--size", type=float, default=None, metavar="ENTRIES",
                    help="session-table size (default: from the run's firewall samples)")
     f.add_argument("--udp-timeout", type=float, default=None, metavar="SECONDS",
@@ -67,7 +86,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--port-policy", default="per-attempt", choices=("per-attempt", "per-query"),
                    help="source ports of retries: a new flow per attempt, or per query (default %(default)s)")
 
-    a = p.add_argument_group("anomalies")
+
+def _anomalies_options(a: argparse.ArgumentParser) -> None:
     a.add_argument("--table", default="net", choices=("net", "groups", "sockets", "system", "requests"),
                    help="sample table holding the KPI (default %(default)s)")
     a.add_argument("--column", default="udp_rcvbuf_errors_n", help="KPI column (default %(default)s)")
@@ -78,7 +98,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--longest-spike", type=float, default=3600.0, metavar="SECONDS",
                    help="longest spike to find; the baseline window is three times it (default %(default)s)")
 
-    s = p.add_argument_group("source-limit")
+
+def _source_limit_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("--sources", type=int, default=None, metavar="N",
                    help="number of sources (default: the run's dns-sources, with --source-qps)")
     s.add_argument("--source-qps", type=float, default=None, metavar="QPS",
@@ -91,6 +112,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--target-share", type=float, default=0.001, metavar="F",
                    help="largest share of sources the recommended limit may refuse in a second "
                    "(default %(default)s)")
+
+
+#: each KIND's help line and the options only it takes (KINDS is their order)
+_KIND_OPTIONS = {
+    "headroom": ("proxies' memory per session, the fall-over concurrency, N+1 and the admission limit "
+                 "(all runs combined)", _headroom_options),
+    "usl": ("Universal Scalability Law and the latency knee", _usl_options),
+    "udp-burst": ("drain rate inside bursts, loss per burst and the so-rcvbuf needed", _udp_burst_options),
+    "retries": ("retry amplification after a trigger: stable, recovers, not recovered or metastable",
+                _retries_options),
+    "anomalies": ("spikes, a daily pattern and level shifts in a KPI, and polling delays", _anomalies_options),
+    "firewall": ("a stateful firewall's session-table occupancy, predicted beside measured", _firewall_options),
+    "source-limit": ("per-source rates and the per-IP limit that refuses few sources", _source_limit_options),
+}
+assert tuple(_KIND_OPTIONS) == KINDS
 
 
 def _weights(specs: list[str]) -> dict[str, float] | None:
@@ -134,6 +170,17 @@ def _fit_one(kind: str, run, args: argparse.Namespace):
     raise AssertionError(kind)  # pragma: no cover
 
 
+def _print_summaries(runs: list, results: list) -> None:
+    for run, result in zip(runs, results):
+        prefix = f"{run.run_id}: " if run is not None else ""
+        summary = result.summary()
+        print(prefix + summary)
+        # caveats (extrapolation, lower bound, not significant) in words, under their summary
+        for caveat in getattr(result, "caveats", None) or []:
+            if caveat not in summary:
+                print(f"  caveat: {caveat}")
+
+
 def _run(args: argparse.Namespace) -> int:
     from loadkit import model
     from loadkit.record.reader import load_run
@@ -146,16 +193,12 @@ def _run(args: argparse.Namespace) -> int:
             limit_bytes=args.limit_bytes, reconnect_overhead=args.reconnect_overhead)]
     else:
         results = [_fit_one(args.kind, run, args) for run in runs]
-    for run, result in zip(runs if len(results) > 1 else [None], results):
-        prefix = f"{run.run_id}: " if run is not None else ""
-        summary = result.summary()
-        print(prefix + summary)
-        # caveats (extrapolation, lower bound, not significant) in words, under their summary
-        for caveat in getattr(result, "caveats", None) or []:
-            if caveat not in summary:
-                print(f"  caveat: {caveat}")
+    data = results[0].to_dict() if len(results) == 1 else [r.to_dict() for r in results]
+    if args.json:  # the same JSON as --out, for a pipe (jq); the summaries would break it
+        print(json.dumps(data, indent=2, allow_nan=False))
+    else:
+        _print_summaries(runs if len(results) > 1 else [None], results)
     if args.out:
-        data = results[0].to_dict() if len(results) == 1 else [r.to_dict() for r in results]
         try:
             args.out.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
         except OSError as err:

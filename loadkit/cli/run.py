@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 
 from loadkit.cli._common import add_command
@@ -54,6 +55,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lab-dir", default=None,
                    help="lab directory whose status is recorded in the manifest when the profile "
                    "targets that lab (default: the running lab that serves a target)")
+    p.add_argument("--json", action="store_true",
+                   help="print the final summary (run id and directory, status, exit status, gates) as one "
+                   "JSON object on stdout; progress stays on stderr")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -65,7 +69,11 @@ def _run(args: argparse.Namespace) -> int:
     # lab is even looked at, and the resolved targets are what the run uses
     plan = plan_run(profile, args.workers, args.master_bind, args.master_port)
     lab = _lab_status(plan.targets, args.lab_dir)
-    return run_profile(plan, out_dir=args.out, lab=lab).exit_code
+    result = run_profile(plan, out_dir=args.out, lab=lab)
+    if args.json:
+        print(json.dumps({"run_id": result.run_dir.name, "run_dir": str(result.run_dir), "status": result.status,
+                          "exit_code": result.exit_code, "gates": result.gates}, default=str))
+    return result.exit_code
 
 
 def _lab_status(targets: dict, lab_dir: str | None) -> dict:

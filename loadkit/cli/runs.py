@@ -21,6 +21,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     show.add_argument("run", help="run id, unique prefix of one, or a run directory")
     show.add_argument("--dir", default="runs", help="runs directory (default: ./runs)")
     show.add_argument("--json", action="store_true", help="print JSON")
+    export = add_command(actions, "export", _export, "write a run's tables as CSV files (one per table)",
+                         "Write every table of a run record as DIR/TABLE.csv (requests, failures, latency, "
+                         "generator, groups, net, sockets, system, firewall; those the run has), its events as "
+                         "events.csv (detail as JSON) and its manifest.json, for a spreadsheet or another tool.")
+    export.add_argument("run", help="run id, unique prefix of one, or a run directory")
+    export.add_argument("--csv", required=True, metavar="DIR", help="directory to write the CSV files to (made if missing)")
+    export.add_argument("--dir", default="runs", help="runs directory (default: ./runs)")
+    export.add_argument("--json", action="store_true", help="print the files written as JSON")
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -84,4 +92,43 @@ def _show(args: argparse.Namespace) -> int:
         print("\ngates")
         for g in gates:
             print("  " + describe(g))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    import shutil
+    from pathlib import Path
+
+    import pandas as pd
+
+    from loadkit.errors import RecordError
+    from loadkit.record.catalog import find_run
+    from loadkit.record.reader import load_run
+    from loadkit.schema import RUN_LAYOUT, TABLE_RECORDS
+
+    run_dir = find_run(args.run, args.dir)
+    run = load_run(run_dir)
+    out = Path(args.csv)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        written = []
+        for name in TABLE_RECORDS:
+            table = getattr(run, name)
+            if table.empty:
+                continue
+            table.to_csv(out / f"{name}.csv", index=False)
+            written.append(f"{name}.csv")
+        if run.events:
+            # nested details stay readable in one cell as JSON
+            events = pd.DataFrame([dict(e, detail=json.dumps(e.get("detail"), default=str)) for e in run.events])
+            events.to_csv(out / "events.csv", index=False)
+            written.append("events.csv")
+        shutil.copyfile(run_dir / RUN_LAYOUT["manifest"], out / "manifest.json")
+        written.append("manifest.json")
+    except OSError as err:
+        raise RecordError(f"cannot write the CSV files to {out}: {err.strerror or err}") from err
+    if args.json:
+        print(json.dumps({"run_id": run.run_id, "dir": str(out), "files": written}))
+    else:
+        print(f"{run.run_id}: wrote {', '.join(written)} to {out}")
     return 0
