@@ -29,6 +29,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple
 
+import gevent
 import numpy as np
 
 from loadkit.errors import InputFileError, ProfileError
@@ -51,6 +52,10 @@ _OTHER = len(QTYPE_NAMES) - 1
 LATENESS_EDGES_S = {"50us": 50e-6, "100us": 1e-4, "200us": 2e-4, "500us": 5e-4, "1ms": 1e-3, "2ms": 2e-3,
                     "5ms": 5e-3, "10ms": 1e-2, "100ms": 0.1, "1s": 1.0}
 _PROTOCOLS = ("as-recorded", "udp", "tcp", "dot")
+#: the sender's wait for the next query ends this much early and the rest is spun (yielding to
+#: other greenlets each pass): gevent's timers (libev over epoll, millisecond timeouts) wake a
+#: millisecond or more late, which would be every query's lateness
+WAKE_LEAD_S = 0.0015
 
 
 @dataclass
@@ -305,9 +310,15 @@ class ReplayFeed:
             k += 1
         return self.popped + k
 
-    def time_of(self, i: int) -> float:
+    def next_s(self) -> float:
+        """When the next query is due (inf: the recording has ended)."""
         self._fill(1)
         return self._ahead[0].offset_s if self._ahead else math.inf
+
+    def time_of(self, i: int) -> float:
+        # when the sender's wait should end: WAKE_LEAD_S early, as the hub's timers wake late
+        # (:meth:`ReplaySender._wait` spins the rest of the way)
+        return self.next_s() - WAKE_LEAD_S
 
     def pop(self) -> _Item:
         self.popped += 1
@@ -366,6 +377,12 @@ class ReplaySender(DnsSender):
                 # the sender's one send path: attempt -1 + 1 = the original attempt, on socket s
                 send(1, (s, _new(Outstanding, (now, 0.0, -1, s, 0, tail, _KIND, qi))))
         self._count("dns.original_sent", n_base)
+
+    def _wait(self) -> None:
+        if self._sending and self._t0 + self.feed.next_s() - time.perf_counter() < WAKE_LEAD_S:
+            gevent.sleep(0)  # the next query is due within the lead: spin to it
+            return
+        super()._wait()
 
     def _flush(self, interval_s: float) -> IntervalReport:
         h = LatencyHistogram()
