@@ -12,6 +12,20 @@ The loop ``offered = original + r × offered × loss(offered)`` with
 :mod:`loadkit.model.retries`; a second stable state at the original demand (found by the same
 :func:`~loadkit.model.retries.retry_loop_states`) means the table stays full after the trigger
 is gone: metastable.
+
+That loop counts retries per *drop* and forgets that a query stops retrying once it is answered.
+:func:`waste_loop` keeps the books per query (a stub resolver sends at most ``1 + retries``
+attempts and stops at the first timely answer), and that settles what can hold the table full.
+In a steady state every timely answer ends a distinct query, so the goodput ``g`` is
+``original × (1 - p^(retries+1)) <= original`` (``p``: the share of attempts not answered in
+time). If every attempt the table admits is answered in time, ``g = min(offered, A, C)`` (``A =
+size / timeout`` the table's admissions, ``C`` the server's capacity), which is at least
+``min(A, C)`` once the table is full; so with ``original < min(A, C)`` there is no second state:
+the table drains one timeout after the trigger, whatever the retries. A second stable state needs
+*waste*, admitted attempts that yield no timely answer and whose share grows with load: here the
+server's queue, when the table admits more than the server serves (``A > C``) and the queue's
+delay (receive buffer / ``C``) exceeds the stub's timeout, so every answer comes too late and each
+late attempt still held a session. The incident's firewall then stays full at the original demand.
 """
 
 from __future__ import annotations
@@ -80,6 +94,120 @@ def firewall_loss(size_n: float, timeout_s: float, port_policy: str = "per-attem
     return capacity_loss(cap)
 
 
+# --------------------------------------------------------------------------------------------
+# the loop kept per query, with the waste term
+# --------------------------------------------------------------------------------------------
+
+
+def attempts_per_query(p: float, retries_n: int) -> float:
+    """Attempts a query costs when each is lost with probability ``p``: ``1 + p + … + p^retries``."""
+    return float(sum(p ** k for k in range(int(retries_n) + 1)))
+
+
+def timely_goodput_qps(offered_qps: float, admitted_cap_qps: float, capacity_qps: float = math.inf,
+                       queue_delay_s: float = 0.0, stub_timeout_s: float = math.inf) -> tuple[float, float]:
+    """``(admitted, answered in time)`` per second for ``offered_qps`` new flows.
+
+    The table admits ``min(offered, A)``; the server answers ``min(admitted, C)``. Admitted
+    beyond ``C`` keeps its queue full, so every answer waits about ``queue_delay_s`` (buffer / C):
+    when that exceeds the stub's timeout none arrives in time (the waste that grows with load).
+    """
+    admitted = min(max(offered_qps, 0.0), admitted_cap_qps)
+    served = min(admitted, capacity_qps)
+    if admitted > capacity_qps and queue_delay_s > stub_timeout_s:
+        return admitted, 0.0
+    return admitted, served
+
+
+@dataclass
+class WasteLoop(Result):
+    """Where the per-query retry loop through the table and the server settles (:func:`waste_loop`)."""
+
+    kind = "firewall_waste_loop"
+
+    original_qps: float
+    retries_n: int
+    admitted_flow_qps: float  #: A = size / timeout
+    capacity_qps: float  #: C, the server's answered rate at its limit (nan: not known, taken as unlimited)
+    queue_delay_s: float  #: the server's receive buffer / C: an answer's wait when the queue is full
+    stub_timeout_s: float
+    retry_budget: float | None  #: retries at most this share of the originals (None: no budget)
+    low_offered_qps: float  #: settled from the original demand alone
+    high_offered_qps: float  #: settled from every query at its last attempt (the trigger's worst)
+    low_goodput_qps: float
+    high_goodput_qps: float
+    high_waste_share: float  #: admitted attempts without a timely answer, in the high state
+    high_table_full: bool  #: the high state offers at least what the table admits
+    sustains: bool  #: a second stable state: the table stays full after the trigger
+    reason: str
+
+    def summary(self) -> str:
+        state = ("sustains itself: a second stable state at "
+                 f"{self.high_offered_qps:,.0f}/s offered, {self.high_goodput_qps:,.0f}/s answered in time "
+                 f"({100 * self.high_waste_share:.0f} % of admitted attempts wasted)" if self.sustains
+                 else "drains: one stable state")
+        return f"per-query loop at {self.original_qps:,.0f}/s original: {state}; {self.reason}"
+
+
+def waste_loop(original_qps: float, size_n: float, timeout_s: float, *, retries_n: int = 2,
+               capacity_qps: float | None = None, queue_delay_s: float = 0.0, stub_timeout_s: float = math.inf,
+               retry_budget: float | None = None, max_iter: int = 4000, separation: float = 0.1) -> WasteLoop:
+    """The stable states of ``offered = original × attempts_per_query(p(offered))`` with
+    ``p = 1 - answered in time / offered`` (:func:`timely_goodput_qps`), settled from the original
+    demand and from ``original × (1 + retries)``; a retry budget ``F`` caps offered load at
+    ``original × (1 + F)``. Damped iteration (half a step), as the undamped map can oscillate."""
+    if original_qps <= 0:
+        raise ModelError(f"original demand {original_qps} must be > 0 queries/s")
+    admitted_cap = admitted_flow_qps(size_n, timeout_s)
+    cap_c = float(capacity_qps) if capacity_qps and capacity_qps > 0 else math.inf
+    top = original_qps * (1 + retries_n)
+    if retry_budget is not None:
+        top = min(top, original_qps * (1.0 + max(retry_budget, 0.0)))
+
+    def step(x: float) -> float:
+        _, good = timely_goodput_qps(x, admitted_cap, cap_c, queue_delay_s, stub_timeout_s)
+        p = min(1.0, max(0.0, 1.0 - good / x)) if x > 0 else 0.0
+        return min(top, original_qps * attempts_per_query(p, retries_n))
+
+    def settle(x: float) -> float:
+        for _ in range(max_iter):
+            nxt = 0.5 * x + 0.5 * step(x)
+            if abs(nxt - x) <= 1e-9 * max(x, 1.0):
+                break
+            x = nxt
+        return x
+
+    low, high = settle(float(original_qps)), settle(top)
+    good_low = timely_goodput_qps(low, admitted_cap, cap_c, queue_delay_s, stub_timeout_s)[1]
+    adm_high, good_high = timely_goodput_qps(high, admitted_cap, cap_c, queue_delay_s, stub_timeout_s)
+    sustains = high > low * (1 + separation) and good_high < original_qps * (1 - separation)
+    late = math.isfinite(cap_c) and queue_delay_s > stub_timeout_s
+    if sustains and high < admitted_cap:
+        reason = (f"the server's own retry storm: its full queue delays answers {queue_delay_s:.2f} s, past the "
+                  f"stub's {stub_timeout_s:g} s timeout, and the table (admitting {admitted_cap:,.0f}/s) never fills")
+    elif sustains:
+        reason = (f"the table admits {admitted_cap:,.0f}/s, more than the server's {cap_c:,.0f}/s, and its full "
+                  f"queue delays answers {queue_delay_s:.2f} s, past the stub's {stub_timeout_s:g} s timeout")
+    elif min(admitted_cap, cap_c) <= original_qps:
+        reason = (f"the original demand alone reaches min(table {admitted_cap:,.0f}/s, server "
+                  f"{cap_c:,.0f}/s): degraded in both states, not metastable")
+    elif not late:
+        reason = (f"every admitted attempt is answered in time (answers wait at most {queue_delay_s:.3f} s "
+                  f"against a {stub_timeout_s:g} s timeout), so a full table still answers "
+                  f"min({admitted_cap:,.0f}, {cap_c:,.0f})/s, more than the {original_qps:,.0f}/s demand")
+    elif admitted_cap <= cap_c:
+        reason = (f"the table admits {admitted_cap:,.0f}/s, no more than the server's {cap_c:,.0f}/s: the "
+                  "firewall keeps the server's queue from filling, so admitted attempts are answered in time")
+    else:
+        reason = (f"offered load cannot reach the table's {admitted_cap:,.0f}/s admissions "
+                  f"(at most {top:,.0f}/s with {retries_n} retries"
+                  + (f" and a {retry_budget:g} retry budget)" if retry_budget is not None else ")"))
+    return WasteLoop(float(original_qps), int(retries_n), admitted_cap, cap_c if math.isfinite(cap_c) else math.nan,
+                     float(queue_delay_s), float(stub_timeout_s), retry_budget, low, high, good_low, good_high,
+                     (1.0 - good_high / adm_high) if adm_high > 0 else 0.0, bool(high >= admitted_cap * 0.999),
+                     bool(sustains), reason)
+
+
 @dataclass
 class FirewallResult(Result):
     """The session table against a load: occupancy, when it fills, whether the loop holds it full."""
@@ -103,6 +231,16 @@ class FirewallResult(Result):
     first_full_unix_s: float | None = None
     verdict: str | None = None  #: the run's metastability verdict with this table's capacity
     caveats: list[str] = field(default_factory=list)
+    #: the loop kept per query with the server's timely answers (:func:`waste_loop`); None
+    #: without the clients' retry limit
+    waste: WasteLoop | None = None
+    #: "metastable" when :attr:`waste` sustains itself, else "recovers" (or "stable" if nothing
+    #: ever fills): the verdict the parameters predict, before any run
+    predicted_verdict: str | None = None
+    #: admitted attempts (offered minus firewall drops) not answered, over the run's intervals with
+    #: the table full: the waste that :attr:`waste` predicts, measured
+    measured_waste_share: float | None = None
+    waste_points_n: int = 0
 
     def summary(self) -> str:
         text = (f"table {self.size_n:,.0f} × {self.timeout_s:g} s admits {self.admitted_flow_qps:,.0f} new flows/s; "
@@ -119,6 +257,11 @@ class FirewallResult(Result):
                         else "no second stable state: the table drains once the trigger stops")
         if self.measured_drops_n is not None:
             text += f"; firewall dropped {self.measured_drops_n:,.0f} new flows"
+        if self.waste is not None:
+            text += f"; {self.waste.summary()} -> predicted {self.predicted_verdict}"
+        if self.measured_waste_share is not None:
+            text += (f"; measured waste with the table full: {100 * self.measured_waste_share:.1f} % of admitted "
+                     f"attempts ({self.waste_points_n} intervals)")
         if self.verdict:
             text += f"; run verdict: {self.verdict}"
         if self.caveats:
@@ -128,13 +271,20 @@ class FirewallResult(Result):
 
 def firewall_model(original_qps: float, size_n: float, timeout_s: float, *, retries_per_loss: float = 1.0,
                    port_policy: str = "per-attempt", peak_offered_qps: float | None = None,
-                   cap_qps: float | None = None) -> FirewallResult:
+                   cap_qps: float | None = None, retries_n: int | None = None, capacity_qps: float | None = None,
+                   queue_delay_s: float = 0.0, stub_timeout_s: float = math.inf,
+                   retry_budget: float | None = None) -> FirewallResult:
     """The table's occupancy at ``original_qps`` and the retry loop's stable states through it.
 
     ``retries_per_loss``: new attempts per dropped one (1 for a stub resolver that retries each
     lost attempt once more, up to its limit; 2 when it sends two copies); ``peak_offered_qps``:
     the trigger's offered load (default: twice what fills the table); ``cap_qps``: the most the
     clients can offer (every query at its last attempt).
+
+    With ``retries_n`` (the stub's retry limit) the result also carries :func:`waste_loop` with the
+    server's ``capacity_qps``, its full queue's ``queue_delay_s``, the stub's ``stub_timeout_s``
+    and ``retry_budget``, and the verdict it predicts (per-attempt ports; per-query ports make no
+    new flows for retries, so the table holds the original demand alone).
     """
     if original_qps <= 0:
         raise ModelError(f"original demand {original_qps} must be > 0 queries/s")
@@ -144,10 +294,17 @@ def firewall_model(original_qps: float, size_n: float, timeout_s: float, *, retr
     loop = retry_loop_states(original_qps, retries_per_loss, loss, peak_offered_qps=peak, cap_qps=cap_qps)
     flows = new_flow_qps(original_qps, original_qps, port_policy)
     fill_amp = admitted / original_qps if port_policy == "per-attempt" else (1.0 if flows >= admitted else math.inf)
-    return FirewallResult(size_n=float(size_n), timeout_s=float(timeout_s), port_policy=port_policy,
-                          original_qps=float(original_qps), retries_per_loss=float(retries_per_loss),
-                          admitted_flow_qps=admitted, predicted_occupancy_n=occupancy(flows, timeout_s, size_n),
-                          fill_amplification=fill_amp, loop=loop)
+    res = FirewallResult(size_n=float(size_n), timeout_s=float(timeout_s), port_policy=port_policy,
+                         original_qps=float(original_qps), retries_per_loss=float(retries_per_loss),
+                         admitted_flow_qps=admitted, predicted_occupancy_n=occupancy(flows, timeout_s, size_n),
+                         fill_amplification=fill_amp, loop=loop)
+    if retries_n is not None:
+        res.waste = waste_loop(original_qps, size_n, timeout_s,
+                               retries_n=retries_n if port_policy == "per-attempt" else 0,
+                               capacity_qps=capacity_qps, queue_delay_s=queue_delay_s,
+                               stub_timeout_s=stub_timeout_s, retry_budget=retry_budget)
+        res.predicted_verdict = "metastable" if res.waste.sustains else "recovers"
+    return res
 
 
 def _table(run: RunData, *, strict: bool = False) -> tuple[pd.DataFrame, list[str]]:
@@ -188,6 +345,78 @@ def table_capacity(run: RunData) -> tuple[float, float] | None:
     size = float(fw["size_n"].max())
     timeout = float(fw["timeout_s"].median()) if "timeout_s" in fw else 0.0
     return (size / timeout, timeout) if size > 0 and timeout > 0 else None
+
+
+def _load_options(run: RunData) -> dict:
+    return ((run.manifest.get("profile") or {}).get("load") or {}).get("options") or {}
+
+
+def _target_endpoint(run: RunData) -> tuple[str, int] | None:
+    for t in run.manifest.get("targets") or []:
+        if str(t).startswith("udp://"):
+            host, _, port = str(t)[len("udp://"):].rpartition(":")
+            try:
+                return host.strip("[]"), int(port)
+            except ValueError:
+                return None
+    return None
+
+
+def server_queue(run: RunData) -> tuple[float | None, float | None, list[str]]:
+    """(the server's capacity in answered q/s, the delay of its full receive queue in s, caveats)
+    of a run's DNS target: the capacity the lab measured at ``up`` (``lab.dns.capacity_qps`` in
+    the manifest; a staging system has none), the buffer from the target socket's ``rcvbuf_bytes``
+    in samples/sockets, in datagrams of :data:`loadkit.model.udp.BYTES_PER_DATAGRAM`."""
+    from loadkit.model.udp import buffer_datagrams  # udp is a sibling model; only this needs it
+
+    caveats: list[str] = []
+    cap = ((run.manifest.get("lab") or {}).get("dns") or {}).get("capacity_qps")
+    cap = float(cap) if cap else None
+    if cap is None:
+        caveats.append("no measured server capacity (a lab with --dns-cpu records one): the server is taken "
+                       "as never saturated, so no waste is predicted")
+    rcvbuf = None
+    socks, target = getattr(run, "sockets", None), _target_endpoint(run)
+    if socks is not None and len(socks) and target is not None and "rcvbuf_bytes" in socks:
+        mine = socks[socks["local_port"] == target[1]]
+        if "local_address" in mine:
+            mine = mine[mine["local_address"].astype(str) == target[0]]
+        if len(mine):
+            rcvbuf = float(mine["rcvbuf_bytes"].max())
+    if rcvbuf is None:
+        caveats.append("the target socket's receive buffer was not sampled (collect its UDP port): queue delay unknown")
+    delay = buffer_datagrams(rcvbuf) / cap if cap and rcvbuf else None
+    return cap, delay, caveats
+
+
+def waste_share(amp: pd.DataFrame, fw: pd.DataFrame, size_n: float) -> tuple[float | None, int]:
+    """Share of the attempts a full table admitted that were not answered, and over how many
+    generator intervals: between consecutive firewall samples that both show the table at least
+    98 % full, admitted = attempts offered − new flows dropped (the samples' drop counter), and
+    answered is what the generator counted. (None, n) when the full table admitted too few
+    (under a quarter of what was offered, or under 50 attempts) for a share to mean anything (the
+    counter and the generator are read at different moments, a second or two apart): a table
+    filled at once by one cohort admits nothing until that cohort times out."""
+    ts = fw.index.to_numpy(dtype=float)
+    entries = fw["entries_n"].to_numpy(dtype=float)
+    drops = fw["drops_n"].to_numpy(dtype=float)
+    ends = amp.index.to_numpy(dtype=float)
+    starts = ends - amp["interval_s"].to_numpy(dtype=float)
+    offered_n = (amp["offered_qps"] * amp["interval_s"]).to_numpy(dtype=float)
+    answered_n = (amp["answered_qps"] * amp["interval_s"]).to_numpy(dtype=float)
+    offered = admitted = answered = 0.0
+    points = 0
+    for i in range(1, len(ts)):
+        if entries[i - 1] < 0.98 * size_n or entries[i] < 0.98 * size_n:
+            continue
+        inside = (starts >= ts[i - 1]) & (ends <= ts[i])  # whole intervals only: a burst at the edge counts once
+        points += int(inside.sum())
+        offered += float(offered_n[inside].sum())
+        answered += float(answered_n[inside].sum())
+        admitted += max(0.0, float(offered_n[inside].sum()) - max(0.0, drops[i] - drops[i - 1]))
+    if admitted < max(50.0, 0.25 * offered):
+        return None, points
+    return float(min(1.0, max(0.0, 1.0 - answered / admitted))), points
 
 
 def predicted_occupancy(amp: pd.DataFrame, timeout_s: float, drops: pd.Series | None = None,
@@ -234,9 +463,22 @@ def fit_firewall(run: RunData, *, timeout_s: float | None = None, size_n: float 
         r = 1.0
         caveats.append("nothing was lost: one retry per loss assumed")
     top = float(busy["amplification"].max()) if len(busy) else math.nan
+    options = _load_options(run)
+    cap, delay, server_caveats = server_queue(run)
+    try:
+        retries_n = int(options["dns-retries"])
+        stub_timeout = float(options.get("dns-timeout", math.inf))
+        budget = float(options["dns-retry-budget"]) if options.get("dns-retry-budget") is not None else None
+    except (KeyError, TypeError, ValueError):
+        retries_n, stub_timeout, budget = None, math.inf, None
+        server_caveats = ["the run's profile names no dns-retries: no per-query loop predicted"]
     res = firewall_model(original, size, timeout, retries_per_loss=r, port_policy=port_policy,
                          peak_offered_qps=float(busy["offered_qps"].max()) if len(busy) else None,
-                         cap_qps=top * original if math.isfinite(top) else None)
+                         cap_qps=top * original if math.isfinite(top) else None, retries_n=retries_n,
+                         capacity_qps=cap, queue_delay_s=delay or 0.0, stub_timeout_s=stub_timeout,
+                         retry_budget=budget)
+    caveats.extend(server_caveats if retries_n is not None or server_caveats else [])
+    res.measured_waste_share, res.waste_points_n = waste_share(busy, fw, size)
     res.verdict, res.caveats = verdict, caveats + [c for c in (verdict_caveats if verdict else [])
                                                     if c not in caveats]
     res.measured_max_entries_n = float(fw["entries_n"].max())
