@@ -178,3 +178,23 @@ def test_cli_table_json_and_bad_input(tmp_path, capsys):
     assert "outside the allowlist" in capsys.readouterr().err  # nothing sent off loopback
     assert main(["kpi", "review", "--csv", str(f), "--query", "up"]) == 2
     assert "--query goes with --prometheus" in capsys.readouterr().err
+
+
+def test_kpi_review_notebook_executes(tmp_path):
+    import papermill as pm
+
+    from test_notebooks import NOTEBOOKS, _has_image, _outputs
+
+    f = tmp_path / "kpi.csv"
+    write_csv(synthetic_kpi(days=7).series, f)
+    out_nb, out_json = tmp_path / "kpi_review.out.ipynb", tmp_path / "kpi.json"
+    pm.execute_notebook(str(NOTEBOOKS / "kpi_review.ipynb"), str(out_nb), kernel_name="python3",
+                        parameters={"csv_path": str(f), "name": "dns qps", "out_json": str(out_json)},
+                        progress_bar=False, cwd=str(tmp_path))
+    text = _outputs(out_nb)
+    assert "dns qps: 10080 points" in text and "daily at 12:3" in text and "(starting 12:30)" in text
+    assert "1 h polling (mean): 0 of 7 spikes seen" in text and "15 min polling (mean): 7 of 7 spikes seen" in text
+    assert KpiReview.from_json(out_json.read_text()).daily_start_time == "12:30"
+    nb = json.loads(out_nb.read_text())
+    images = sum("image/png" in o.get("data", {}) for c in nb["cells"] for o in c.get("outputs", []))
+    assert _has_image(out_nb) and images == 3  # daily pattern, spikes, polling panels
