@@ -13,7 +13,7 @@ from loadkit.cli import main
 from loadkit.errors import ModelError
 from loadkit.model.kpi import KpiReview, daily_pattern, polled_view, review_kpi
 from loadkit.model.kpi_source import KpiSourceError, parse_duration_s, parse_time_unix_s, read_kpi_csv
-from loadkit.model.kpi_synth import synthetic_kpi
+from loadkit.model.kpi_synth import VALIDATION_CASES, match_spikes, present_spikes, synthetic_kpi, validation_table
 
 
 def write_csv(series: pd.Series, path, *, iso: bool = True, header: bool = True) -> None:
@@ -24,12 +24,7 @@ def write_csv(series: pd.Series, path, *, iso: bool = True, header: bool = True)
 
 
 def matched(review: KpiReview, injected: list[tuple[float, float]]) -> tuple[int, int]:
-    """(injected spikes some detected spike overlaps, detected spikes overlapping no injected one)."""
-    def hit(s, a, b):
-        return s.start_unix_s <= b and s.end_unix_s >= a
-    found = sum(any(hit(s, a, b) for s in review.spikes) for a, b in injected)
-    false = sum(not any(hit(s, a, b) for a, b in injected) for s in review.spikes)
-    return found, false
+    return match_spikes(review.spikes, injected)
 
 
 def test_daily_1230_spike_and_what_each_polling_interval_sees():
@@ -73,25 +68,11 @@ def test_a_gauge_polled_every_15_min_misses_a_10_min_spike():
     assert len(pv) == 5 * 96 and not pv["stands_out"].any()
 
 
-CASES = {
-    # name: (synthetic_kpi arguments, daily start time expected or None)
-    "noisy": (dict(noise=120.0, spike_height=1500.0), "12:30"),
-    "flat, no pattern": (dict(daily_amplitude=0.0, day_factor=0.0), "12:30"),
-    "flat and quiet": (dict(daily_amplitude=0.0, day_factor=0.0, wander=0.0), "12:30"),
-    "partial (gaps)": (dict(gaps=[(0.10, 0.25), (0.60, 0.66)]), "12:30"),
-    "spike at 03:15": (dict(spike_at="03:15"), "03:15"),
-    "3 of 7 days": (dict(spike_days=[1, 3, 4]), "12:30"),
-    "no spike": (dict(spike_at=None), None),
-    "15 s samples": (dict(step_s=15.0), "12:30"),
-}
-
-
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [c for c in VALIDATION_CASES if c != "daily 12:30"])
 def test_unlike_the_happy_path(case):
-    kwargs, start = CASES[case]
+    kwargs, start = VALIDATION_CASES[case]
     syn = synthetic_kpi(seed=3, **kwargs)
-    present = [(a, b) for a, b in syn.spikes
-               if ((syn.series.index >= a) & (syn.series.index <= b)).any()]  # not inside a gap
+    present = present_spikes(syn)  # not inside a gap
     r = review_kpi(syn.series)
     found, false = matched(r, present)
     print(f"{case}: injected {len(syn.spikes)} ({len(present)} in data), detected {len(r.spikes)}, "
@@ -104,6 +85,14 @@ def test_unlike_the_happy_path(case):
         assert "no daily pattern" in r.summary()
     if case == "flat and quiet":  # nothing else moves: even an hourly mean shows a 10-minute spike
         assert r.polling[0].interval_s == 3600 and r.polling[0].detected_n == 7
+
+
+def test_validation_table_over_seeds():
+    table = validation_table(seeds=range(2), cases={k: VALIDATION_CASES[k] for k in ("daily 12:30", "no spike")})
+    print(table.to_string())
+    assert table.loc["daily 12:30", "found"] == table.loc["daily 12:30", "injected"] == 14
+    assert table["false"].sum() == 0 and (table["start_right"] == 2).all()
+    assert table.loc["daily 12:30", "seen 15 min"] == 14 and table.loc["no spike", "false alarms 1 h"] == 0
 
 
 def test_one_day_and_too_short_series():

@@ -256,17 +256,9 @@ def _arrays(series: pd.Series) -> tuple[np.ndarray, np.ndarray, float]:
     return t, v, float(np.median(d))
 
 
-def polled(series: pd.Series, interval_s: float, mode: str = "mean") -> pd.DataFrame:
-    """What a poller every ``interval_s`` sees: one row per poll (``poll_unix_s`` = when the value
-    is known, the interval's end), ``value``, and the span of samples it covers
-    (``covers_from_unix_s``, ``covers_to_unix_s``)."""
-    if mode not in POLL_MODES:
-        raise ModelError(f"polling mode {mode!r} is not one of {', '.join(POLL_MODES)}")
-    t, v, _ = _arrays(series)
-    return _polled(t, v, float(interval_s), mode)
-
-
 def _polled(t: np.ndarray, v: np.ndarray, p: float, mode: str) -> pd.DataFrame:
+    """One row per poll: ``poll_unix_s`` (when the value is known: the interval's end),
+    ``value``, the span of samples it covers, and the interval's start ``bucket_unix_s``."""
     bucket = np.floor(t / p) * p
     g = pd.DataFrame({"t": t, "v": v}).groupby(bucket)
     if mode == "mean":
@@ -285,8 +277,10 @@ def _polled(t: np.ndarray, v: np.ndarray, p: float, mode: str) -> pd.DataFrame:
 
 def polled_view(series: pd.Series, interval_s: float, mode: str = "mean", *, z_threshold: float = 6.0,
                 longest_spike_s: float = 2400.0) -> pd.DataFrame:
-    """:func:`polled` with each poll's baseline, spread, score and ``stands_out`` (score > z):
-    the figure an operator would have had at that interval."""
+    """What a poller every ``interval_s`` sees: one row per poll (``poll_unix_s``, the interval's
+    end, when the value is known), its ``value``, the samples it covers (``covers_from_unix_s``,
+    ``covers_to_unix_s``), its baseline, spread, score and ``stands_out`` (score > z): the
+    figure an operator would have had at that interval."""
     if mode not in POLL_MODES:
         raise ModelError(f"polling mode {mode!r} is not one of {', '.join(POLL_MODES)}")
     t, v, _ = _arrays(series)

@@ -58,3 +58,60 @@ def synthetic_kpi(*, days: int = 7, step_s: float = 60.0, start: str = "2026-01-
         keep &= ~((t >= t[0] + a * (t[-1] - t[0])) & (t < t[0] + b * (t[-1] - t[0])))
     s = pd.Series(np.clip(v, 0, None)[keep], index=pd.Index(t[keep], name="ts_unix_s"), name=name)
     return SyntheticKpi(s, spikes)
+
+
+#: series unlike the happy path, each with the daily start time the review should report
+#: (None: no daily spike); arguments of :func:`synthetic_kpi`
+VALIDATION_CASES: dict[str, tuple[dict, str | None]] = {
+    "daily 12:30": ({}, "12:30"),
+    "noisy": (dict(noise=120.0, spike_height=1500.0), "12:30"),
+    "flat, no pattern": (dict(daily_amplitude=0.0, day_factor=0.0), "12:30"),
+    "flat and quiet": (dict(daily_amplitude=0.0, day_factor=0.0, wander=0.0), "12:30"),
+    "partial (gaps)": (dict(gaps=[(0.10, 0.25), (0.60, 0.66)]), "12:30"),
+    "spike at 03:15": (dict(spike_at="03:15"), "03:15"),
+    "3 of 7 days": (dict(spike_days=[1, 3, 4]), "12:30"),
+    "no spike": (dict(spike_at=None), None),
+    "15 s samples": (dict(step_s=15.0), "12:30"),
+}
+
+
+def match_spikes(found: Sequence, injected: Sequence[tuple[float, float]]) -> tuple[int, int]:
+    """(injected spikes that a found spike overlaps, found spikes that overlap no injected one);
+    ``found`` holds objects with ``start_unix_s`` and ``end_unix_s``."""
+    def hit(s, a, b):
+        return s.start_unix_s <= b and s.end_unix_s >= a
+    return (sum(any(hit(s, a, b) for s in found) for a, b in injected),
+            sum(not any(hit(s, a, b) for a, b in injected) for s in found))
+
+
+def present_spikes(syn: SyntheticKpi) -> list[tuple[float, float]]:
+    """The injected spikes with at least one sample left (not wholly inside a gap)."""
+    idx = syn.series.index
+    return [(a, b) for a, b in syn.spikes if bool(((idx >= a) & (idx <= b)).any())]
+
+
+def validation_table(seeds: Sequence[int] = range(20), cases: dict | None = None) -> pd.DataFrame:
+    """Injected against detected, summed over ``seeds`` for each case: the spikes found and
+    falsely found, the daily start time right, and per polling interval the spikes seen and the
+    polls that stand out with no spike under them (false alarms)."""
+    from loadkit.model.kpi import review_kpi
+
+    rows = []
+    for name, (kwargs, start) in (cases or VALIDATION_CASES).items():
+        row = {"case": name, "series": 0, "injected": 0, "found": 0, "false": 0, "start_right": 0}
+        for seed in seeds:
+            syn = synthetic_kpi(seed=seed, **kwargs)
+            present = present_spikes(syn)
+            r = review_kpi(syn.series)
+            found, false = match_spikes(r.spikes, present)
+            row["series"] += 1
+            row["injected"] += len(present)
+            row["found"] += found
+            row["false"] += false
+            row["start_right"] += int(r.daily_start_time == (start or ""))
+            for v in r.polling:
+                label = f"{v.interval_s // 60} min" if v.interval_s < 3600 else f"{v.interval_s // 3600} h"
+                row[f"seen {label}"] = row.get(f"seen {label}", 0) + v.detected_n
+                row[f"false alarms {label}"] = row.get(f"false alarms {label}", 0) + v.false_alarms_n
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("case")
