@@ -95,6 +95,21 @@ def test_validation_table_over_seeds():
     assert table.loc["daily 12:30", "seen 15 min"] == 14 and table.loc["no spike", "false alarms 1 h"] == 0
 
 
+def test_counts_that_are_mostly_zero():
+    """A receive-buffer drop counter per minute: 0 with the odd 1 or 2, and a burst of drops at
+    12:30 each day; and a flat line with one excursion."""
+    rng = np.random.default_rng(5)
+    t = 1767571200.0 + np.arange(7 * 1440) * 60.0
+    burst = (t % 86400 >= 45000) & (t % 86400 < 45300)
+    drops = rng.poisson(0.05, len(t)) + np.where(burst, 150 + rng.poisson(30, len(t)), 0)
+    r = review_kpi(pd.Series(drops.astype(float), index=t))
+    assert len(r.spikes) == 7 and r.daily_start_time == "12:30", r.summary()
+    flat = np.full(len(t), 7.0)
+    flat[5000] = 9.5
+    r = review_kpi(pd.Series(flat, index=t))
+    assert [s.peak_unix_s for s in r.spikes] == [t[5000]]
+
+
 def test_one_day_and_too_short_series():
     r = review_kpi(synthetic_kpi(days=1).series)
     assert len(r.spikes) == 1 and r.daily_period is None and "one day of data" in r.notes[0]

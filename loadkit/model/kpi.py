@@ -43,6 +43,8 @@ DAY_S = 86400.0
 SPREAD_BIN_S = 3600.0
 #: a bin's spread is at least this fraction of the whole series' spread
 SPREAD_FLOOR_FRACTION = 0.25
+#: the least spread of a series of whole numbers (counts)
+COUNT_MIN_SPREAD = 1.0
 #: weight of the whole series' spread in each bin's, in residuals
 SPREAD_PRIOR_N = 20
 #: fewer polls than this at an interval and nothing is said about it
@@ -152,14 +154,19 @@ class KpiReview(Result):
         return head + "; ".join(parts)
 
 
-def _robust_sigma(x: np.ndarray) -> float:
-    """1.4826 × MAD; a series that is almost always constant falls back to the mean absolute
-    deviation (MAD is 0 there, and any departure counts)."""
+def _robust_sigma(x: np.ndarray, fallback: bool = True) -> float:
+    """1.4826 × MAD. A series that is mostly constant (MAD 0: a drop counter at 0 with the odd
+    1) falls back, with ``fallback``, to the spread that puts its 99th percentile at 2.33 σ, as
+    for a normal one (so the odd 1 is not a spike), then to the mean absolute deviation (a flat
+    line with one excursion: any departure counts)."""
     if not len(x):
         return 0.0
-    dev = np.abs(x - np.median(x))
-    s = 1.4826 * float(np.median(dev))
-    return s if s > 0 else 1.2533 * float(np.mean(dev))
+    dev = x - np.median(x)
+    s = 1.4826 * float(np.median(np.abs(dev)))
+    if s > 0 or not fallback:
+        return s
+    q = float(np.quantile(dev, 0.99) - np.quantile(dev, 0.01)) / (2 * 2.326)
+    return q if q > 0 else 1.2533 * float(np.mean(np.abs(dev)))
 
 
 def _baseline(t: np.ndarray, v: np.ndarray, slot_s: float, window_s: float) -> tuple[np.ndarray, pd.DataFrame]:
@@ -198,10 +205,11 @@ def _day_levels(t: np.ndarray, v: np.ndarray, base: np.ndarray) -> np.ndarray:
     return base * f if ratio else base + f
 
 
-def _spread(t: np.ndarray, r: np.ndarray, bin_s: float, use: np.ndarray) -> tuple[np.ndarray, float]:
+def _spread(t: np.ndarray, r: np.ndarray, bin_s: float, use: np.ndarray,
+            floor: float = 0.0) -> tuple[np.ndarray, float]:
     """Each point's robust spread (its bin of the day), and the whole series', from the
-    residuals ``r[use]``."""
-    whole = _robust_sigma(r[use])
+    residuals ``r[use]``; none below ``floor``."""
+    whole = max(_robust_sigma(r[use]), floor)
     if whole <= 0:
         whole = 1.0  # every residual is 0: nothing stands out whatever the unit
     nbins = max(1, int(math.ceil(DAY_S / bin_s)))
@@ -212,7 +220,9 @@ def _spread(t: np.ndarray, r: np.ndarray, bin_s: float, use: np.ndarray) -> tupl
         if len(x) >= 5:  # fewer: too few residuals for a spread of their own
             # shrunk toward the whole series' spread as if it were SPREAD_PRIOR_N residuals: a
             # MAD of a dozen hourly polls is too unsteady to judge them by alone
-            own = _robust_sigma(x)
+            own = _robust_sigma(x, fallback=False)
+            if own <= 0:  # mostly constant here: the whole series' spread, fallbacks and all
+                continue
             shrunk = math.sqrt((len(x) * own**2 + SPREAD_PRIOR_N * whole**2) / (len(x) + SPREAD_PRIOR_N))
             per_bin[i] = max(shrunk, SPREAD_FLOOR_FRACTION * whole)
     return per_bin[b], whole
@@ -226,14 +236,18 @@ def score_series(t: np.ndarray, v: np.ndarray, *, slot_s: float, window_s: float
     base = _day_levels(t, v, base)
     resid = v - base
     bin_s = max(bin_s, slot_s)
-    spread, whole = _spread(t, resid, bin_s, np.ones(len(v), dtype=bool))
+    # a count (drops, errors per interval) moves by whole events: one more is not an anomaly
+    floor = COUNT_MIN_SPREAD if bool(np.all(v == np.round(v))) else 0.0
+    spread, whole = _spread(t, resid, bin_s, np.ones(len(v), dtype=bool), floor)
     # second pass without the points that stood out: a daily 10-minute spike is a sixth of its
     # hour's residuals and would otherwise widen that hour's spread and hide itself
     # (judged against the whole series' spread where a bin's own is wider: a bin a recurring
     # spike fills a quarter of would otherwise hide it from this pass too)
     calm = np.abs(resid) <= z_threshold * np.minimum(spread, whole)
-    if calm.sum() >= 5:
-        spread, whole = _spread(t, resid, bin_s, calm)
+    # (calm residuals that are all 0 leave the first pass: a flat line's one excursion is the
+    # only scale it has)
+    if calm.sum() >= 5 and max(_robust_sigma(resid[calm]), floor) > 0:
+        spread, whole = _spread(t, resid, bin_s, calm, floor)
     df = pd.DataFrame({"value": v, "baseline": base, "spread": spread, "score": resid / spread},
                       index=pd.Index(t, name="ts_unix_s"))
     df.attrs["profile"] = profile
