@@ -24,6 +24,8 @@ IMAP_PORT = 1143
 POP3_PORT = 1110
 #: the lab's unbound serves DNS over TLS on its DNS port plus this (5853 by default, after 853)
 DOT_PORT_OFFSET = 500
+#: ... and DNS over HTTPS (HTTP/2, path /dns-query) on its DNS port plus this (5854 by default)
+DOH_PORT_OFFSET = 501
 
 
 

@@ -87,6 +87,18 @@ def test_dot_without_resumption_does_full_handshakes_and_tcp_keeps_connections(l
     assert sender.totals["dns.stream_connects"] == 5 and sender.totals["dns.answered"] >= 50 and not fails
 
 
+@pytest.mark.lab
+def test_the_lab_serves_dns_over_https_to_dnsperf(lab, tmp_path: Path) -> None:
+    doh = lab.to_dict()["dns"]["doh"]
+    assert doh == {"host": lab.doh.host, "port": lab.doh.port, "path": "/dns-query"}
+    queries = tmp_path / "queries.txt"
+    queries.write_text("".join(f"{name} A\n" for name in Path(lab.names_file).read_text().split()[:50]))
+    proc = subprocess.run(["dnsperf", "-m", "doh", "-s", doh["host"], "-p", str(doh["port"]), "-d", str(queries),
+                           "-n", "1", "-c", "2"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "Queries completed:    50 (100.00%)" in proc.stdout, proc.stdout
+
+
 def _listener(handler) -> tuple[socket.socket, gevent.Greenlet]:
     srv = gevent.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     srv.bind(("127.0.0.1", 0))

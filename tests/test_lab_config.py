@@ -65,8 +65,8 @@ def test_derived_ports_follow_the_public_ones():
     cfg = LabConfig(address="127.0.9.1", imap_port=2143, pop3_port=2110, proxies=2)
     assert cfg.backend_ports() == (12143, 12110)
     assert cfg.proxy_ports(1) == (12243, 12210) and cfg.proxy_ports(2) == (12343, 12310)
-    assert len(set(cfg.all_ports())) == len(cfg.all_ports()) == 3 + 1 + 2 + 4  # DNS, DoT, public, backend+proxies
-    assert cfg.dot_port == 5853 and cfg.dot_port in cfg.all_ports()
+    assert len(set(cfg.all_ports())) == len(cfg.all_ports()) == 3 + 2 + 2 + 4  # DNS, DoT+DoH, public, backend+proxies
+    assert cfg.dot_port == 5853 and cfg.doh_port == 5854 and {5853, 5854} <= set(cfg.all_ports())
     assert cfg.lab_id == "127-0-9-1-2143"
     with pytest.raises(ProfileError, match="out of range"):
         LabConfig(imap_port=60000)

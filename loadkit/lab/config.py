@@ -15,6 +15,7 @@ Port scheme (defaults in brackets)::
     DNS behind the firewall     dns_port+1 (UDP+TCP, the same unbound) when firewall_sessions > 0
                                                               [5354]
     DNS over TLS (unbound)      dns_port+500                  [5853]
+    DNS over HTTPS (unbound)    dns_port+501, path /dns-query [5854]
 """
 
 from __future__ import annotations
@@ -165,6 +166,11 @@ class LabConfig:
         """unbound's DNS-over-TLS port (TCP)."""
         return self.dns_port + defaults.DOT_PORT_OFFSET
 
+    @property
+    def doh_port(self) -> int:
+        """unbound's DNS-over-HTTPS port (TCP; HTTP/2, path ``/dns-query``)."""
+        return self.dns_port + defaults.DOH_PORT_OFFSET
+
     def dns_ports(self) -> list[int]:
         """The ports unbound binds for UDP and TCP: the plain one, then the firewalled one."""
         fw = self.firewall_dns_port
@@ -172,7 +178,7 @@ class LabConfig:
 
     def all_ports(self) -> list[int]:
         """Every TCP port the lab binds (DNS also binds UDP on :meth:`dns_ports`)."""
-        ports = [*self.dns_ports(), self.dot_port, self.imap_port, self.pop3_port, *self.backend_ports()]
+        ports = [*self.dns_ports(), self.dot_port, self.doh_port, self.imap_port, self.pop3_port, *self.backend_ports()]
         for n in range(1, self.proxies + 1):
             ports.extend(self.proxy_ports(n))
         return ports

@@ -103,6 +103,10 @@ def write_unbound_conf(cfg: LabConfig, conf_dir: Path, run_dir: Path, zone_inclu
         # DNS over TLS: an interface on tls-port serves TLS only (Android's Private DNS, RFC 7858)
         f"    interface: {cfg.address}@{cfg.dot_port}",
         f"    tls-port: {cfg.dot_port}",
+        # DNS over HTTPS (RFC 8484; Debian's unbound is built with nghttp2): same key, HTTP/2 only
+        f"    interface: {cfg.address}@{cfg.doh_port}",
+        f"    https-port: {cfg.doh_port}",
+        '    http-endpoint: "/dns-query"',
         f'    tls-service-key: "{conf_dir / TLS_KEY_FILE}"',
         f'    tls-service-pem: "{conf_dir / TLS_CERT_FILE}"',
         # TCP and TLS connections at once per thread (unbound's default, 10, refuses a handshake

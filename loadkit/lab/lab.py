@@ -157,7 +157,7 @@ class Lab:
         cpu_cgroup = self._cpu_cgroup(state, "unbound", cfg.dns_cpu)
         started = procs.start(["unbound", "-d", "-c", str(unbound_conf)], log_path,
                               preexec=(lambda: cgroups.join(cpu_cgroup)) if cpu_cgroup else None)
-        self._record(state, "unbound", started, [*cfg.dns_ports(), cfg.dot_port], cpu_cgroup=cpu_cgroup)
+        self._record(state, "unbound", started, [*cfg.dns_ports(), cfg.dot_port, cfg.doh_port], cpu_cgroup=cpu_cgroup)
         procs.wait_until(
             lambda: dns.probe_query(cfg.address, cfg.dns_port),
             "unbound",
@@ -312,6 +312,7 @@ class Lab:
             components=components,
             dns=Endpoint(cfg.address, cfg.dns_port),
             dot=Endpoint(cfg.address, cfg.dot_port),
+            doh=Endpoint(cfg.address, cfg.doh_port),
             imap=Endpoint(cfg.address, cfg.imap_port),
             pop3=Endpoint(cfg.address, cfg.pop3_port),
             names_file=str(self.names_file),

@@ -120,6 +120,7 @@ class LabStatus(NamedTuple):
     #: networks that hold every endpoint above: what a profile aimed at this lab allows
     allowlist: tuple = ("127.0.0.0/8", "::1/128")
     dot: Endpoint | None = None  #: DNS over TLS (unbound's tls-port; self-signed certificate)
+    doh: Endpoint | None = None  #: DNS over HTTPS (HTTP/2, path /dns-query; the same certificate)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object ``loadkit lab status --json`` prints."""
@@ -134,6 +135,7 @@ class LabStatus(NamedTuple):
                 "capacity_qps": self.dns_cpu.capacity_qps if self.dns_cpu else None,
                 "calibration": self.dns_cpu.calibration if self.dns_cpu else None,
                 "dot": self.dot.to_dict() if self.dot else None,
+                "doh": {**self.doh.to_dict(), "path": "/dns-query"} if self.doh else None,
             },
             "imap": self.imap.to_dict(),
             "pop3": self.pop3.to_dict(),
@@ -157,7 +159,7 @@ class LabStatus(NamedTuple):
         """A readable summary for ``loadkit lab status``."""
         lines = [
             f"lab in {self.dir}: {'running' if self.running else 'NOT running'}",
-            f"  DNS   {self.dns}  DoT {self.dot}  zone {self.zone}  names file {self.names_file}",
+            f"  DNS   {self.dns}  DoT {self.dot}  DoH {self.doh}  zone {self.zone}  names file {self.names_file}",
             f"  IMAP  {self.imap}   POP3 {self.pop3}  ({self.accounts} accounts in "
             f"{self.accounts_file})",
             f"  cgroups: {self.cgroups.reason}",
