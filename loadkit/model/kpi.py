@@ -8,13 +8,15 @@ series loadkit did not record (see :mod:`loadkit.model.kpi_source`) and answers 
   (``typical``); the baseline is that profile smoothed by a circular rolling median over
   ``window_s`` (3 × the longest spike to be found, as in :func:`loadkit.model.find_anomalies`), so a
   spike that recurs every day at the same minute stays *out* of the baseline: a daily habit of
-  the traffic is learned, a daily 10-minute spike is not. Each day's baseline is scaled to that day's level (busy
-  and quiet days).
-- **Spikes.** A point's score is its deviation from the baseline in robust standard deviations
-  (1.4826 × MAD of the residuals in its hour of the day, floored at a quarter of the whole
-  series' spread, so a quiet night is not all spikes); runs above ``z`` are spikes, and spikes
-  at the same time on several days are a daily period (the groupings of
-  :mod:`loadkit.model.anomalies`, one copy).
+  the traffic is learned, a daily 10-minute spike is not. Each day's baseline is scaled to that
+  day's level (busy and quiet days).
+- **Spikes.** A point's score is its deviation from the baseline in robust standard deviations:
+  1.4826 × MAD of the residuals in its hour of the day, shrunk toward the whole series' spread
+  and floored at a quarter of it (a quiet night is not all spikes), estimated again without the
+  points that stood out (a daily spike fills a sixth of its hour and would widen it). A count
+  (whole numbers) has a spread of at least one event. Runs above ``z`` are spikes (runs closer
+  than ``merge_gap_s`` are one), and spikes at the same time on several days are a daily period
+  (the groupings of :mod:`loadkit.model.anomalies`, one copy).
 - **Polling.** A KPI polled every P seconds shows one value per P: the mean over the interval
   (``mode="mean"``: a counter's rate, ``increase(x[P]) / P``) or the value at the poll instant
   (``mode="sample"``: a gauge). That polled series gets the same treatment at its own
@@ -398,8 +400,8 @@ def _merge(spikes: list[Spike], gap_s: float) -> list[Spike]:
 
 
 def _daily_start(spikes: list[Spike], daily: DailyPeriod | None, tol_s: float) -> str:
-    """"HH:MM" UTC at which the daily period's spikes start (median), "" without a period: the
-    period itself is placed by the peaks, an operator asks when it begins."""
+    """The median time of day (``HH:MM`` UTC) at which the daily period's spikes start; "" without
+    a period. The period itself is placed by the peaks; an operator asks when it begins."""
     if daily is None:
         return ""
     c = daily.seconds_of_day
@@ -410,7 +412,7 @@ def _daily_start(spikes: list[Spike], daily: DailyPeriod | None, tol_s: float) -
 
 
 def _notes(days_n: int, coverage: float, spikes: list[Spike], longest_spike_s: float, step: float) -> list[str]:
-    """What the data cannot support, in words (STYLE: the answer carries its evidence)."""
+    """What the data cannot support, said in words next to the figures."""
     notes = []
     if days_n < 2:
         notes.append("one day of data: the baseline is that day's own smoothed curve, so a spike "
