@@ -12,7 +12,7 @@ generous margins, never by a timing race.
 from __future__ import annotations
 
 import collections
-import gevent
+import datetime
 import os
 import shutil
 import signal
@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+import gevent
 import numpy as np
 import pytest
 from scipy.stats import ks_2samp
@@ -187,3 +188,108 @@ def test_speed_and_scale(lab, capture, tmp_path) -> None:
     ks = ks_2samp(_gaps([q.ts_unix_s for q in recorded]), _gaps(first_copy) * 2).statistic
     print(f"KS statistic of inter-arrival gaps, replay x2 (x2 copies) vs capture: {ks:.3f}")
     assert ks < KS_MAX_FAST
+
+
+LOCUST = str(Path(sys.executable).with_name("locust"))
+
+
+def test_locustfile_records_the_replay_and_ends_with_it(lab, capture, tmp_path) -> None:
+    from loadkit.record import counters
+    from loadkit.record.reader import load_manifest, load_run
+
+    n = len(list(read_queries(capture)))
+    host, port = lab.dns
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [LOCUST, "-f", str(ROOT / "locustfiles" / "dns_replay.py"), "--headless", "-t", "60s", "--only-summary",
+         "--target", f"dns={host}:{port}", "--replay-file", str(capture), "--replay-speed", "4",
+         "--replay-first-source", "127.9.3.1", "--record-dir", str(tmp_path / "runs"), "--run-id", "replay"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    took_s = time.monotonic() - t0
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert took_s < 45  # the 2 s recording at x4 ended the test long before -t 60s
+    run_dir = tmp_path / "runs" / "replay"
+    assert load_manifest(run_dir)["status"] == "completed"
+    run = load_run(run_dir)
+    assert counters.total(run, "dns.original_sent") == n
+    assert counters.total(run, "dns.replay_lateness_n") == n
+    assert counters.total(run, "dns.replay_lateness_le_1s") == n
+    le_1ms = counters.total(run, "dns.replay_lateness_le_1ms")
+    assert 0 <= le_1ms <= n and counters.total(run, "dns.replay_lateness_le_50us") <= le_1ms  # cumulative
+    assert counters.total(run, "dns.answered") >= n * 0.98
+    assert "DNS replay lateness" in proc.stderr
+
+
+class FstrmCapture:
+    """fstrm_capture listening on ``sock`` for dnstap frames and writing them to ``path``."""
+
+    def __init__(self, exe: str, sock: Path, path: Path) -> None:
+        self.sock, self.path = sock, path
+        self.proc = subprocess.Popen([exe, "-t", "protobuf:dnstap.Dnstap", "-u", str(sock), "-w", str(path)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def stop(self) -> Path:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)  # it ends the file with a STOP frame
+            self.proc.wait(timeout=10)
+        return self.path
+
+
+@pytest.fixture
+def fstrm_capture(tmp_path) -> Iterator[FstrmCapture]:
+    exe = shutil.which("fstrm_capture")
+    if exe is None:
+        pytest.skip("fstrm_capture (Debian package fstrm-bin) is not installed")
+    capture = FstrmCapture(exe, tmp_path / "tap.sock", tmp_path / "tap.fstrm")
+    try:
+        yield capture
+    finally:
+        capture.stop()
+
+
+def test_unbound_query_log_and_dnstap_replay(lab, make_lab, fstrm_capture, tmp_path) -> None:
+    logging_lab = make_lab(dns_log_queries=True, dns_dnstap_socket=str(fstrm_capture.sock))
+    sources = ["127.9.6.1", "127.9.6.2", "127.9.6.3"]
+    sent = _send(logging_lab, "udp", 300, 2.0, sources)
+    _run_all(sent)
+    time.sleep(1.0)  # unbound's dnstap thread writes in the background
+    lab_dir = Path(logging_lab.dir)
+    make_lab.labs[-1].down()  # unbound flushes its dnstap stream and the log as it stops
+    tap_file = fstrm_capture.stop()
+    n = sent.totals["dns.original_sent"]
+    from_log = [q for q in read_queries(lab_dir / "logs" / "unbound.log") if q.client in sources]
+    from_tap = [q for q in read_queries(tap_file) if q.client in sources]
+    assert len(from_log) == n and len(from_tap) == n  # every query, in both of unbound's own records
+    tap_times = [q.ts_unix_s for q in from_tap]
+    log_seconds = collections.Counter(int(q.ts_unix_s) for q in from_log)
+
+    host, port = lab.dns
+    dump = Tcpdump(tmp_path / "replayed.pcap", host, port)
+    try:
+        tap_sender, _ = _replay(lab, tap_file, first_source="127.9.4.1")
+        # from the second of the first query of our sources (the lab's start-up probes come before)
+        first_second = min(int(q.ts_unix_s) for q in from_log)
+        since = datetime.datetime.fromtimestamp(first_second, datetime.timezone.utc).isoformat()
+        log_sender, log_plan = _replay(lab, lab_dir / "logs" / "unbound.log", first_source="127.9.5.1", speed=2.0,
+                                       window_from=since)
+    finally:
+        dump.stop()
+    replayed = list(read_queries(dump.path))
+    # the lab's own probe queries are in both records too: sent as one more client each
+    assert tap_sender.totals["dns.original_sent"] >= n and log_sender.totals["dns.original_sent"] >= n
+    tap_rep = sorted(q.ts_unix_s for q in replayed if q.client.startswith("127.9.4."))
+    ks = ks_2samp(_gaps(tap_times), _gaps(tap_rep)).statistic
+    print(f"KS statistic of inter-arrival gaps, dnstap replay vs dnstap: {ks:.3f}")
+    assert ks < KS_MAX
+    # the log has whole seconds: at x2 each logged second's queries leave within its half second
+    ours = {log_plan.addresses[log_plan.clients[c]] for c in sources}
+    log_rep = sorted(q.ts_unix_s for q in replayed if q.client in ours)
+    assert len(log_rep) == n
+    per_half = collections.Counter(int((t - log_rep[0]) * 2) for t in log_rep)
+    for second, count in log_seconds.items():
+        k = second - first_second
+        assert abs(per_half.get(k, 0) - count) <= count * 0.25 + 10, (k, per_half, log_seconds)

@@ -407,6 +407,7 @@ def build_sender(p: ReplayPlan, index: int = 0, count: int = 1,
     """This process's :class:`ReplaySender` (worker ``index`` of ``count``)."""
     s = p.settings
     feed = ReplayFeed(p, index, count, s.ports_per_source)
+    feed.due(0.0)  # the first batch is read before the clock starts, not on its time
     mine = feed.my_addresses(p.addresses) or [p.addresses[0]]
     # as recorded: UDP queries on the fixed sockets, TCP ones on their client's connection
     protocol = s.protocol if s.protocol != "as-recorded" else ("tcp" if p.tcp_n else "udp")

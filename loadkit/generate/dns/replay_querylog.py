@@ -22,14 +22,14 @@ error naming the file.
 from __future__ import annotations
 
 import calendar
+import functools
 import re
+import struct
 import time
 from pathlib import Path
 from typing import Iterator
 
 import dns.exception
-import dns.flags
-import dns.message
 import dns.name
 import dns.rdataclass
 import dns.rdatatype
@@ -69,28 +69,33 @@ class _Builder:
         try:
             t = dns.rdatatype.from_text(qtype)
             c = dns.rdataclass.from_text(qclass)
-            msg = dns.message.make_query(dns.name.from_text(name), t, c, use_edns=0 if edns else False,
-                                         payload=edns or None, want_dnssec=do)
+            qname = dns.name.from_text(name).to_wire()
         except (dns.exception.DNSException, ValueError) as err:
             raise InputFileError(f"query log {self.path} line {lineno}: {name} {qtype} {qclass} "
                                  f"is not a DNS question ({err})") from None
-        if not rd:
-            msg.flags &= ~dns.flags.RD
-        if cd:
-            msg.flags |= dns.flags.CD
-        msg.id = 0
+        # the header after the ID, the question, an OPT record: what dns.message.make_query
+        # writes (the same bytes, checked by the tests), at a hundredth of its cost per name
+        flags = (0x0100 if rd else 0) | (0x0010 if cd else 0)
+        wire = struct.pack("!HHHHH", flags, 1, 0, 0, 1 if edns else 0) + qname + struct.pack("!HH", t, c)
+        if edns:
+            wire += b"\x00" + struct.pack("!HHIH", 41, edns, 0x8000 if do else 0, 0)
         if len(self.cache) >= _CACHE_MAX:
             self.cache.clear()
-        hit = self.cache[key] = (msg.to_wire()[2:], int(t))
+        hit = self.cache[key] = (wire, int(t))
         return hit
+
+
+@functools.lru_cache(maxsize=4)  # lines of one second share their stamp; strptime is slow
+def _bind_second(whole: str) -> int:
+    return calendar.timegm(time.strptime(whole, "%d-%b-%Y %H:%M:%S"))  # BIND logs UTC or local: taken as UTC
 
 
 def _bind_time(text: str) -> float:
     whole, _, frac = text.partition(".")
-    t = calendar.timegm(time.strptime(whole, "%d-%b-%Y %H:%M:%S"))  # BIND logs UTC or local: taken as UTC
-    return t + (float("0." + frac) if frac else 0.0)
+    return _bind_second(whole) + (float("0." + frac) if frac else 0.0)
 
 
+@functools.lru_cache(maxsize=4)
 def _ascii_time(text: str, year: int, mtime: float) -> float:
     t = time.mktime(time.strptime(f"{year} {text}", "%Y %b %d %H:%M:%S"))
     if t > mtime + 86400:

@@ -63,6 +63,16 @@ class ReplayRun(DnsRun):
         self.greenlet = gevent.spawn(self._run)
 
 
+    def _run(self) -> None:
+        super()._run()
+        runner = self.environment.runner
+        if self.sender is not None and not self.sender._stop and type(runner).__name__ == "LocalRunner":
+            # the recording has ended (not the test): a standalone run ends with it, as its record
+            # then covers exactly the replay (a worker leaves that to its master's --run-time)
+            log.info("DNS replay: the recording has ended; stopping the test")
+            gevent.spawn_later(0.1, runner.quit)
+
+
 def install(events: Any, settings: replay.ReplaySettings | None = None) -> None:
     """Wire the replay into a locustfile: options, checks (the whole file), one sender per process."""
     base = settings or replay.ReplaySettings()
