@@ -28,6 +28,7 @@ import re
 import time
 from typing import Any, Iterator
 
+from locust.runners import MasterRunner
 from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 
@@ -62,7 +63,7 @@ class LoadMetrics:
         runner = self.environment.runner
         if runner is not None:
             yield GaugeMetricFamily("loadkit_users", "Locust users running now.", value=float(runner.user_count))
-            if type(runner).__name__ == "MasterRunner":
+            if isinstance(runner, MasterRunner):
                 yield GaugeMetricFamily("loadkit_workers", "Locust workers connected.", value=float(runner.worker_count))
 
     def _generator_families(self) -> Iterator[Metric]:
