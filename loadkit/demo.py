@@ -16,12 +16,21 @@ The scenarios are the shipped files with the demo lab's address, ports and cgrou
 
 ``loadkit demo incidents`` replays the three incidents of docs/incidents.md, each twice
 on a lab of its own (as it happened, then with its mitigation) and prints the figures of both
-runs; they are also written to ``runs/incidents/incidents.json``:
+runs; they are also written to ``runs/incidents/incidents.json``, and the table of the figures
+(``--repeat R``: R replays side by side, with their spread) to ``incidents_table.md``:
 
 1. proxies fall over together -> an admission limit per proxy (haproxy ``maxconn`` per server,
    the limit taken from the headroom fit of the first run);
-2. burst -> buffer drops -> retry storm -> a larger ``so-rcvbuf``;
-3. many small sources -> a per-IP rate limit (unbound ``ip-ratelimit``) plus capacity.
+2. burst -> buffer drops -> retry storm -> a larger ``so-rcvbuf`` (unbound held to a set CPU
+   quota, so its drain rate during a burst is set rather than found); 2b, asked for by name, is the
+   whole loop through the lab's firewall (:mod:`loadkit.lab.firewall_replay`);
+3. many small sources -> a ramp to the knee, the shipped load of 1.5 x the lab's measured
+   capacity, then at that load a per-IP rate limit (unbound ``ip-ratelimit``, chosen by
+   :func:`loadkit.model.source_limit`) plus capacity.
+
+The DNS incidents run on labs with a CPU quota and state their load relative to the capacity the
+lab measured (``dns-rate = "1.5 capacity"``), so the as-shipped runs overload and the mitigated
+runs do not on a quiet machine and a busy one alike.
 
 The command line (``--address``, ``--dir``, and the environment variables ``LOADKIT_DEMO_ADDRESS``
 and ``LOADKIT_DEMO_DIR`` they default to) is read by ``loadkit.cli.demo``; this module takes
@@ -33,6 +42,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -61,14 +71,21 @@ DEMO_STORM_DURATION = "55s"
 #: the forecast peak the demo's headroom is measured against
 DEMO_FORECAST_PEAK_SESSIONS = 150
 DNS_DURATION = "20s"
-#: incident mitigations: an 8 MiB receive buffer; a per-IP limit above the 20 queries/s each
-#: source of incident 3 sends (and, to show why, one below it)
+#: incident mitigations: an 8 MiB receive buffer (incidents 2 and 3); for incident 3 a per-IP
+#: limit chosen by loadkit.model.source_limit from the sources' rate, plus capacity: this many
+#: times the as-shipped lab's CPU quota and a second thread
 MITIGATION_RCVBUF_BYTES = 8 * MIB
-MITIGATION_RATELIMIT_QPS = 40
-BLUNT_RATELIMIT_QPS = 10
-#: incident 3's load: many sources, each small, with cache-missing random subdomains
+MITIGATION_CPU_FACTOR = 5
+MITIGATION_DNS_THREADS = 2
+#: the DNS CPU quota of the incident labs when the scenario names none ([lab] dns_cpu): unbound's
+#: capacity is set, not whatever the machine leaves over, and measured at lab up
+INCIDENT_DNS_CPU = 0.1
 SOURCES_DURATION = "20s"
-SOURCES_LOAD = {"dns-sources": 300, "dns-source-qps": 20, "dns-random-subdomain-share": 0.3}
+#: incident 3's ramp to the knee: from a quarter of the measured capacity to 2.5 times it, without
+#: retries (so the loss is the server's), stopping where more than 1 % is lost
+KNEE_RAMP = {"dns-rate": "0.25 capacity", "dns-ramp-to": "2.5 capacity", "dns-ramp-duration": 20,
+             "dns-knee-loss": 0.01, "dns-knee-p99-ms": 1000, "dns-retries": 0}
+KNEE_DURATION = "30s"
 #: the DNS forecast the demo's burst run is judged by: the incident's 4,000-query bursts must be
 #: absorbed (the report judges a burst run per burst, not by its average rate)
 DEMO_FORECAST_PEAK_BURST_QUERIES = 4000
@@ -167,8 +184,9 @@ def storm_profile(status: LabStatus) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def run_scenario(profile: dict, name: str, runs_dir: Path, timeout_s: float) -> Path:
-    """``loadkit run`` the profile; return the run directory it recorded."""
+def run_scenario(profile: dict, name: str, runs_dir: Path, timeout_s: float, lab_dir: str | None = None) -> Path:
+    """``loadkit run`` the profile (against the lab in ``lab_dir``, whose status it records and
+    whose measured capacity resolves "1.5 capacity" rates); return the run directory it recorded."""
     profiles = runs_dir / "profiles"
     profiles.mkdir(parents=True, exist_ok=True)
     path = profiles / f"{name}.toml"
@@ -176,7 +194,8 @@ def run_scenario(profile: dict, name: str, runs_dir: Path, timeout_s: float) -> 
     before = {p.name for p in runs_dir.iterdir()}
     release = profile["run"]["release"]
     cmd = [sys.executable, "-m", "loadkit", "run", str(path), "--release", release, "--out", str(runs_dir)]
-    _say(f"$ loadkit run {path} --release {release} --out {runs_dir}")
+    cmd += ["--lab-dir", str(lab_dir)] if lab_dir else []
+    _say(f"$ loadkit run {path} --release {release} --out {runs_dir}" + (f" --lab-dir {lab_dir}" if lab_dir else ""))
     proc = subprocess.Popen(cmd, cwd=REPO)
     try:
         code = proc.wait(timeout=timeout_s)
@@ -270,6 +289,12 @@ def dns_outcome(run_dir: Path) -> dict:
             "drops_source", "retry_amplification_mean", "retry_amplification_max",
             "largest_burst_without_loss_queries")
     out = {"run": run_dir.name, **{k: figures.get(k) for k in keep}}
+    # what the generator really sent per second while it sent (a busy machine's generator may fall
+    # short of the rate it was given)
+    frame = counters.counter_frame(run, ["dns.original_sent"])
+    active = frame[frame["dns.original_sent"] > 0] if len(frame) else frame
+    out["sent_original_qps"] = (float(active["dns.original_sent"].sum() / active["interval_s"].sum())
+                                if len(active) else None)
     out.update(requests_n=requests_n, failures_n=failures_n,
                failure_ratio=failures_n / requests_n if requests_n else None,
                failures_by_class={str(k): int(v) for k, v in fails.items()},
@@ -324,89 +349,241 @@ def incident_proxies(work: Path, address: str, runs_dir: Path) -> dict:
     return results
 
 
+def _dns_cpu(scenario: dict) -> float:
+    """The CPU quota a DNS scenario asks of its lab ([lab] dns_cpu), else the incidents' default."""
+    cores = (scenario.get("lab") or {}).get("dns_cpu")
+    return float(cores) if isinstance(cores, (int, float)) and cores > 0 else INCIDENT_DNS_CPU
+
+
+def _capacity(status: LabStatus) -> float:
+    """The lab's measured DNS capacity; a lab without one cannot replay a DNS incident fairly."""
+    capacity = status.dns_cpu.capacity_qps if status.dns_cpu else None
+    if not capacity:
+        reason = status.cgroups.reason if status.dns_cpu is None else "its calibration found none"
+        raise LoadkitError(f"the lab in {status.dir} measured no DNS capacity ({reason}); the DNS "
+                           "incidents need a cpu cgroup controller (root) for --dns-cpu")
+    return float(capacity)
+
+
+def _resolved_rate(run_dir: Path, option: str = "dns-rate") -> float | None:
+    """The figure a capacity-relative option was resolved to, from the run's manifest."""
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    row = ((manifest.get("profile") or {}).get("capacity_relative") or {}).get(option)
+    return float(row["value_qps"]) if row else None
+
+
 def incident_burst(work: Path, address: str, runs_dir: Path) -> dict:
-    """2. Burst -> buffer drops -> retry storm; mitigation: a larger so-rcvbuf."""
+    """2. Burst -> buffer drops -> retry storm; mitigation: a larger so-rcvbuf. Both labs hold
+    unbound to the scenario's CPU quota, so how fast it drains a burst is set, not found."""
     results: dict[str, Any] = {}
+    cores = _dns_cpu(_scenario("burst_retry_storm"))
     for label, rcvbuf in (("before", 0), ("after", MITIGATION_RCVBUF_BYTES)):
-        lab = _lab(work, "burst", address, dns_rcvbuf_bytes=rcvbuf)
+        lab = _lab(work, "burst", address, dns_rcvbuf_bytes=rcvbuf, dns_cpu=cores)
         try:
             status = lab.up()
+            capacity = _capacity(status)
             profile = dns_profile(status)
             profile["run"]["release"] = "incident2" if label == "before" else "incident2-mitigated"
-            profile.setdefault("lab", {})["dns_rcvbuf_bytes"] = rcvbuf
-            run = run_scenario(profile, f"burst_retry_storm_rcvbuf_{rcvbuf}", runs_dir, timeout_s=180)
-            results[label] = {"so_rcvbuf_bytes": rcvbuf or "platform default", **dns_outcome(run)}
+            profile.setdefault("lab", {}).update(dns_rcvbuf_bytes=rcvbuf, dns_cpu=cores)
+            run = run_scenario(profile, f"burst_retry_storm_rcvbuf_{rcvbuf}", runs_dir, timeout_s=180,
+                               lab_dir=status.dir)
+            options = profile["load"]["options"]
+            results[label] = {"so_rcvbuf_bytes": rcvbuf or "platform default", "dns_cpu": cores,
+                              "capacity_qps": capacity,
+                              "base_rate_of_capacity": float(options["dns-rate"]) / capacity,
+                              "burst_drain_s": float(options["dns-burst-size"]) / capacity,
+                              **dns_outcome(run)}
         finally:
             lab.down()
     return results
+
+
+def _sources_profile(status: LabStatus, release: str, options: dict | None = None) -> dict:
+    """``many_small_sources`` against an incident lab, with ``options`` over its own."""
+    p = _scenario("many_small_sources")
+    p["run"].update(release=release, duration=SOURCES_DURATION)
+    p["targets"]["dns"] = str(status.dns)
+    p["load"]["options"].update(options or {})
+    p["load"]["options"]["dns-names-file"] = status.names_file
+    p["collect"].update(udp_ports=[status.dns.port],
+                        groups={"unbound": f"cmdline:unbound.*{Path(status.dir).name}"})
+    return p
 
 
 def incident_sources(work: Path, address: str, runs_dir: Path) -> dict:
-    """3. Many small sources; mitigation: a per-IP rate limit plus capacity (threads, buffer)."""
+    """3. Many small sources. On a lab held to the scenario's CPU quota: a ramp of the sources'
+    rate to the knee (where drops begin), then the scenario as shipped (1.5 x the measured
+    capacity); then, at that same load, the mitigation: a per-IP limit chosen from the sources'
+    rate (:func:`loadkit.model.source_limit`) plus capacity (a larger quota, a second thread, a
+    larger buffer)."""
+    from loadkit.model.source_limit import source_limit
+
+    shipped = _scenario("many_small_sources")
+    cores = _dns_cpu(shipped)
+    sources = int(shipped["load"]["options"]["dns-sources"])
     results: dict[str, Any] = {}
-    settings = (
-        ("before", {}),
-        # a limit below what each source sends refuses half of every source: the clients retry
-        ("limit_below_source_rate", {"dns_ratelimit_qps": BLUNT_RATELIMIT_QPS}),
-        # a limit above a normal client's rate, plus capacity: threads and a larger buffer
-        ("after", {"dns_ratelimit_qps": MITIGATION_RATELIMIT_QPS, "dns_threads": 2,
-                   "dns_rcvbuf_bytes": MITIGATION_RCVBUF_BYTES}),
-    )
-    for label, overrides in settings:
-        lab = _lab(work, "sources", address, **overrides)
+    lab = _lab(work, "sources", address, dns_cpu=cores)
+    try:
+        status = lab.up()
+        capacity = _capacity(status)
+        p = _sources_profile(status, "incident3-knee", KNEE_RAMP)
+        p["run"]["duration"] = KNEE_DURATION
+        p.pop("gates", None)
+        p.pop("abort", None)  # the ramp stops itself at the knee
+        knee_run = run_scenario(p, "many_small_sources_knee", runs_dir, timeout_s=180, lab_dir=status.dir)
+        knee = counters.gauge(load_run(knee_run), "dns.knee_qps")
+        knee_qps = float(knee.max()) if len(knee) else None
+        results["knee"] = {"run": knee_run.name, "capacity_qps": capacity, "knee_qps": knee_qps,
+                           "knee_per_source_qps": knee_qps / sources if knee_qps else None,
+                           "knee_of_capacity": knee_qps / capacity if knee_qps else None}
+        before = run_scenario(_sources_profile(status, "incident3"), "many_small_sources_before", runs_dir,
+                              timeout_s=180, lab_dir=status.dir)
+        rate = _resolved_rate(before) or capacity * 1.5
+        results["before"] = {"lab": f"dns_cpu {cores:g}", "capacity_qps": capacity, "offered_rate_qps": rate,
+                             "rate_of_capacity": rate / capacity, **dns_outcome(before)}
+    finally:
+        lab.down()
+    limit = source_limit(sources, rate / sources, arrival="poisson", retries_n=2,
+                         duration_s=20.0).recommended_limit_qps
+    mitigation = {"dns_ratelimit_qps": int(limit), "dns_cpu": round(cores * MITIGATION_CPU_FACTOR, 3),
+                  "dns_threads": MITIGATION_DNS_THREADS, "dns_rcvbuf_bytes": MITIGATION_RCVBUF_BYTES}
+    _say(f"  per-IP limit from the sources' rate ({rate / sources:.1f} q/s each, Poisson): {limit} q/s; "
+         f"capacity: {mitigation['dns_cpu']:g} core, {MITIGATION_DNS_THREADS} threads, 8 MiB buffer")
+    lab = _lab(work, "sources", address, **mitigation)
+    try:
+        status = lab.up()
+        # the as-shipped run's load, as a figure: relative to this lab it would be a bigger load
+        p = _sources_profile(status, "incident3-mitigated", {"dns-rate": rate})
+        p.setdefault("lab", {}).update(mitigation)
+        after = run_scenario(p, "many_small_sources_after", runs_dir, timeout_s=180, lab_dir=status.dir)
+        results["after"] = {"lab": mitigation, "offered_rate_qps": rate, "rate_of_capacity": rate / capacity,
+                            **dns_outcome(after)}
+    finally:
+        lab.down()
+    results["runs"] = [str(knee_run), str(before), str(after)]
+    return results
+
+
+def incident_firewall(work: Path, address: str, runs_dir: Path) -> dict:
+    """2b. The whole loop of incident 2 through the lab's firewall (``scenarios/retry_storm_firewall.toml``)
+    as shipped and with a larger receive buffer, through :mod:`loadkit.lab.firewall_replay`: the
+    cases, labs and profiles are that module's (it also predicts each verdict before the run)."""
+    try:
+        from loadkit.lab import firewall_replay as fw
+    except ImportError as err:  # the firewall replay is not part of this version
+        raise LoadkitError(f"incident 2b (the firewall loop) is not available here: {err}") from None
+    results: dict[str, Any] = {}
+    cases = fw.cases()
+    for label, case in (("before", cases[0]), ("after", cases[1])):
+        lab = _lab(work, "firewall", address, **fw.lab_settings(case))
         try:
             status = lab.up()
-            p = _scenario("many_small_sources")
-            release = {"before": "incident3", "after": "incident3-mitigated"}.get(label, f"incident3-{label}")
-            p["run"].update(release=release, duration=SOURCES_DURATION)
-            p.setdefault("lab", {}).update(overrides)
-            p["targets"]["dns"] = str(status.dns)
-            p["load"]["options"].update(SOURCES_LOAD)
-            p["load"]["options"]["dns-names-file"] = status.names_file
-            p["collect"].update(udp_ports=[status.dns.port],
-                                groups={"unbound": f"cmdline:unbound.*{Path(status.dir).name}"})
-            p.setdefault("caps", {})["max_rate_qps"] = 50_000
-            run = run_scenario(p, f"many_small_sources_{label}", runs_dir, timeout_s=180)
-            results[label] = {"lab": overrides or "as shipped", **dns_outcome(run)}
+            predicted = fw.predict(case, status)
+            run = run_scenario(fw.profile(status, case), f"retry_storm_firewall_{label}", runs_dir,
+                               timeout_s=300, lab_dir=status.dir)
+            results[label] = {"case": case.label, **dns_outcome(run), **fw.outcome(run, predicted)}
         finally:
             lab.down()
     return results
 
 
-INCIDENTS = (
-    ("proxies fall over together", incident_proxies),
-    ("burst -> buffer drops -> retry storm", incident_burst),
-    ("many small sources", incident_sources),
-)
+INCIDENTS = {
+    "1": ("proxies fall over together", incident_proxies),
+    "2": ("burst -> buffer drops -> retry storm", incident_burst),
+    "2b": ("the retry storm through the firewall's session table", incident_firewall),
+    "3": ("many small sources", incident_sources),
+}
+#: what ``loadkit demo incidents`` replays without numbers (2b, the firewall loop, runs 100 s per
+#: case and needs nftables: ask for it by name)
+DEFAULT_INCIDENTS = ("1", "2", "3")
+
+#: per incident: the figures of the table (label, outcome key or function), and whether a run
+#: showed the incident's failure (OOM kills; drops at the server's socket or the firewall)
+_FIGURES: dict[str, list[tuple[str, Any]]] = {
+    "1": [("proxies OOM-killed", "proxies_oom_killed"), ("login processes OOM-killed", "oom_kills_n"),
+          ("sessions cut (eof_after_login)", lambda o: o["failures_by_class"].get("eof_after_login", 0))],
+    "2": [("drops at the server's socket", "drops_n"), ("retries", "retry_queries_n"),
+          ("queries failed", "failures_n")],
+    "3": [("drops at the server's socket", "drops_n"), ("retries", "retry_queries_n"),
+          ("queries failed", "failures_n")],
+}
+_FIGURES["2b"] = [("drops at the server's socket", "drops_n"), ("retries", "retry_queries_n"),
+                  ("queries failed", "failures_n")]
 
 
-def incidents(work: Path, address: str, only: list[int] | None = None) -> int:
-    """Replay the incidents (``loadkit demo incidents [N ...]``); print what changed."""
+def _figure(outcome: dict, key: Any) -> float | None:
+    value = key(outcome) if callable(key) else outcome.get(key)
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def failure_shown(number: str, outcome: dict) -> bool:
+    """Did this run show the incident's failure? OOM kills for incident 1; for the DNS
+    incidents, queries dropped at the server's socket or queries that failed after all retries."""
+    if number == "1":
+        return (outcome.get("oom_kills_n") or 0) > 0
+    return (outcome.get("drops_n") or 0) > 0 or (outcome.get("failures_n") or 0) > 0
+
+
+def incidents_table(replays: list[dict[str, dict]]) -> str:
+    """The incident x {as shipped, mitigated} x replay table (Markdown), each figure per replay
+    with its spread, and in how many replays each run showed the failure."""
+    n = len(replays)
+    head = ["incident", "run", "figure", *[f"replay {i + 1}" for i in range(n)], "median [min–max]"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    verdicts = []
+    for number in [k for k in INCIDENTS if any(k in r for r in replays)]:
+        for label, title in (("before", "as shipped"), ("after", "mitigated")):
+            outcomes = [r.get(number, {}).get(label) for r in replays]
+            for i, (figure, key) in enumerate(_FIGURES[number]):
+                values = [_figure(o, key) if o else None for o in outcomes]
+                got = sorted(v for v in values if v is not None)
+                spread = (f"{statistics.median(got):,.0f} [{got[0]:,.0f}–{got[-1]:,.0f}]" if got else "-")
+                cells = [f"{v:,.0f}" if v is not None else "-" for v in values]
+                lines.append("| " + " | ".join([number if i == 0 and label == "before" else "",
+                                                title if i == 0 else "", figure, *cells, spread]) + " |")
+            shown = sum(failure_shown(number, o) for o in outcomes if o)
+            verdicts.append(f"incident {number} {title}: the failure in {shown} of "
+                            f"{sum(1 for o in outcomes if o)} replays")
+    return "\n".join(lines + [""] + verdicts)
+
+
+def incidents(work: Path, address: str, only: list[str] | None = None, repeat: int = 1) -> int:
+    """Replay the incidents (``loadkit demo incidents [N ...] [--repeat R]``); print what changed."""
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        return _replay_incidents(work, address, only)
+        return _replay_incidents(work, address, only, repeat)
     except (KeyboardInterrupt, DemoInterrupted):
         _say("interrupted; the labs are down")
         return 130
 
 
-def _replay_incidents(work: Path, address: str, only: list[int] | None) -> int:
+def _replay_incidents(work: Path, address: str, only: list[str] | None, repeat: int) -> int:
     runs_dir = work / "runs" / "incidents"
     runs_dir.mkdir(parents=True, exist_ok=True)
-    out = {}
-    for n, (title, replay) in enumerate(INCIDENTS, 1):
-        if only and n not in only:
-            continue
-        _say(f"incident {n}: {title}")
-        out[n] = replay(work, address, runs_dir)
-        for key, value in out[n].items():
-            if isinstance(value, dict) and "run" in value:
-                _print_outcome(key, value)
+    numbers = [str(n) for n in only] if only else list(DEFAULT_INCIDENTS)
+    t0 = time.perf_counter()
+    replays: list[dict[str, dict]] = []
+    for r in range(repeat):
+        out: dict[str, dict] = {}
+        for number in numbers:
+            title, replay = INCIDENTS[number]
+            _say(f"incident {number}: {title}" + (f" (replay {r + 1} of {repeat})" if repeat > 1 else ""))
+            out[number] = replay(work, address, runs_dir)
+            for key, value in out[number].items():
+                if isinstance(value, dict) and "run" in value:
+                    _print_outcome(key, value)
+        replays.append(out)
     path = runs_dir / "incidents.json"
     previous = json.loads(path.read_text()) if path.exists() else {}
-    previous.update({str(k): v for k, v in out.items()})
+    previous.update({k: v for k, v in replays[-1].items()})
+    if repeat > 1:
+        previous["replays"] = replays
     path.write_text(json.dumps(previous, indent=2, default=str))
-    _say(f"figures written to {path}")
+    table = incidents_table(replays)
+    (runs_dir / "incidents_table.md").write_text(table + "\n")
+    print(table, flush=True)
+    _say(f"figures written to {path} and {runs_dir / 'incidents_table.md'} "
+         f"({time.perf_counter() - t0:.0f} s)")
     return 0
 
 

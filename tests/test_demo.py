@@ -172,3 +172,47 @@ def test_mail_outcome_reads_generator_counters_through_the_one_reader(tmp_path):
     out = demo.mail_outcome(run_dir)
     assert out["logins_n"] == int(before_reset + 7.0)
     assert out["max_held_sessions"] == int(held_at_last + 1000.0)
+
+
+def _dns(drops: int, retries: int, failed: int) -> dict:
+    return {"run": "r", "drops_n": drops, "retry_queries_n": retries, "failures_n": failed, "failures_by_class": {}}
+
+
+def _mail(proxies: int, kills: int, cut: int) -> dict:
+    return {"run": "r", "proxies_oom_killed": proxies, "oom_kills_n": kills,
+            "failures_by_class": {"eof_after_login": cut} if cut else {}}
+
+
+def test_the_incidents_table_shows_each_replay_its_spread_and_where_the_failure_showed():
+    replays = [
+        {"1": {"before": _mail(3, 500, 490), "after": _mail(0, 0, 0)},
+         "3": {"before": _dns(40_000, 30_000, 100), "after": _dns(0, 0, 0)}},
+        {"1": {"before": _mail(3, 480, 470), "after": _mail(0, 0, 0)},
+         "3": {"before": _dns(20_000, 15_000, 50), "after": _dns(0, 0, 0)}},
+        {"1": {"before": _mail(2, 300, 310), "after": _mail(1, 4, 2)},
+         "3": {"before": _dns(0, 0, 0), "after": _dns(0, 0, 0)}},
+    ]
+    table = demo.incidents_table(replays)
+    lines = table.splitlines()
+    assert lines[0].startswith("| incident | run | figure | replay 1 | replay 2 | replay 3 | median [min–max]")
+    drops = next(line for line in lines if "drops at the server's socket" in line and "as shipped" in line)
+    assert "| 40,000 | 20,000 | 0 | 20,000 [0–40,000] |" in drops
+    kills = next(line for line in lines if "login processes OOM-killed" in line and "300" in line)
+    assert "480 [300–500]" in kills
+    # incident 1 comes before 3; each run says in how many replays it showed the failure
+    assert table.index("| 1 | as shipped |") < table.index("| 3 | as shipped |")
+    assert "incident 1 as shipped: the failure in 3 of 3 replays" in table
+    assert "incident 1 mitigated: the failure in 1 of 3 replays" in table
+    assert "incident 3 as shipped: the failure in 2 of 3 replays" in table
+    assert "incident 3 mitigated: the failure in 0 of 3 replays" in table
+
+
+def test_incident_numbers_and_repeat_are_checked_in_one_line(capsys):
+    from loadkit.cli import main
+
+    for args, says in ((["incidents", "4"], "incident '4' does not exist: choose from 1, 2, 2b, 3"),
+                       (["incidents", "--repeat", "0"], "--repeat 0: replay at least once"),
+                       (["--repeat", "3"], "--repeat is for 'loadkit demo incidents'")):
+        assert main(["demo", *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("loadkit: error: ") and "\n" not in err and says in err
