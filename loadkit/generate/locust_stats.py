@@ -19,7 +19,10 @@ from typing import Any, Iterable, Mapping
 
 from locust.stats import StatsError, bucket_response_time
 
+from loadkit.generate.locust_compat import check_locust_version
 from loadkit.schema import Failure
+
+check_locust_version()  # the fields written below are Locust internals: refuse an untested Locust
 
 
 def inject(

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from loadkit import resources
 from loadkit.errors import RecordError, ReportError
 from loadkit.schema import RUN_LAYOUT
 from loadkit.record.reader import RunData, load_manifest, load_run
@@ -27,7 +28,7 @@ from .analysis import summarize
 from .summary import ReportSummary
 
 #: the notebook every release report is executed from
-NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "capacity_report.ipynb"
+NOTEBOOK = resources.notebook("capacity_report")  # the checkout's notebooks/, or the wheel's package data
 #: where ``loadkit report`` looks for runs when none are given, and where reports go
 RUNS_DIR = Path("runs")
 REPORTS_DIR = Path("reports")
