@@ -13,8 +13,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -210,7 +212,9 @@ def _start_locust(tmp_path: Path, address: str, web_port: int, dns: tuple[str, i
             "--web-host", address, "--web-port", str(web_port), "--host", f"{dns[0]}:{dns[1]}",
             "--record-dir", str(tmp_path / "runs"), "--run-id", "prom", "--dns-names-file", names_file,
             "--dns-rate", "800", "--dns-burst-size", "300", "--dns-burst-period", "2", "--only-summary"]
-    return subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "locust.log", "wb"))
+    # its own process group: on a failure the master and the workers it forked end together
+    return subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "locust.log", "wb"),
+                            start_new_session=True)
 
 
 @pytest.mark.lab
@@ -262,7 +266,7 @@ def test_real_prometheus_scrapes_collector_and_locust_master(lab, tmp_path):
                     assert result, (title, expr)
     finally:
         if proc is not None and proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
         collector.stop()
         exporter.stop()
