@@ -204,8 +204,9 @@ def _check(s: ReplaySettings) -> None:
         raise ProfileError(f"option --replay-edns-bytes {s.edns_bytes} is outside 512..65535 (0 turns EDNS off)")
 
 
-def windowed(records: Iterator[RecordedQuery], s: ReplaySettings) -> Iterator[RecordedQuery]:
-    """The records inside ``--replay-from`` .. ``--replay-to`` (bounds found from the first one)."""
+def windowed(records: Iterator[RecordedQuery], s: ReplaySettings, bounds: list | None = None) -> Iterator[RecordedQuery]:
+    """The records inside ``--replay-from`` .. ``--replay-to``, whose bounds are found from the
+    file's first record (and appended to ``bounds`` as ``(from, to)``, None where not given)."""
     lo = hi = None
     first = True
     for q in records:
@@ -215,6 +216,8 @@ def windowed(records: Iterator[RecordedQuery], s: ReplaySettings) -> Iterator[Re
             hi = window_time(s.window_to, q.ts_unix_s, "--replay-to")
             if lo is not None and hi is not None and hi <= lo:
                 raise ProfileError(f"--replay-to ({s.window_to}) is not after --replay-from ({s.window_from})")
+            if bounds is not None:
+                bounds.append((lo, hi))
         ts = q.ts_unix_s
         if lo is not None and ts < lo:
             continue
@@ -233,7 +236,8 @@ def plan(settings: ReplaySettings) -> ReplayPlan:
     clients: dict[str, int] = {}
     n = tcp_n = 0
     lo, hi = math.inf, -math.inf
-    for q in windowed(read_queries(path, s.format, s.edns_bytes), s):
+    bounds: list = []
+    for q in windowed(read_queries(path, s.format, s.edns_bytes), s, bounds):
         n += 1
         tcp_n += q.tcp
         if q.client not in clients:
@@ -243,9 +247,8 @@ def plan(settings: ReplaySettings) -> ReplayPlan:
     if not n:
         where = " in the window --replay-from/--replay-to" if s.window_from or s.window_to else ""
         raise InputFileError(f"replay file {path} has no DNS queries{where}")
-    origin = lo
-    if s.window_from:
-        origin = min(lo, window_time(s.window_from, lo, "--replay-from") or lo)
+    # offset 0 is the window's start when one is given (a quiet start stays quiet), else the first query
+    origin = min(lo, bounds[0][0]) if bounds and bounds[0][0] is not None else lo
     wanted = len(clients) * s.scale
     addresses = source_addresses(min(wanted, s.max_sources), s.first_source)
     return ReplayPlan(s, target, path, origin, math.inf, clients, n, tcp_n, hi - lo, addresses)
