@@ -12,7 +12,13 @@ import pytest
 from loadkit.cli import main
 from loadkit.errors import ModelError
 from loadkit.model.kpi import KpiReview, daily_pattern, polled_view, review_kpi
-from loadkit.model.kpi_source import KpiSourceError, parse_duration_s, parse_time_unix_s, read_kpi_csv
+from loadkit.model.kpi_source import (
+    KpiSourceError,
+    parse_duration_s,
+    parse_time_unix_s,
+    parse_utc_offset_s,
+    read_kpi_csv,
+)
 from loadkit.model.kpi_synth import VALIDATION_CASES, match_spikes, present_spikes, synthetic_kpi, validation_table
 
 
@@ -95,6 +101,24 @@ def test_validation_table_over_seeds():
     assert table.loc["daily 12:30", "seen 15 min"] == 14 and table.loc["no spike", "false alarms 1 h"] == 0
 
 
+def test_a_local_clock(capsys, tmp_path):
+    """Spikes at 03:30 UTC are at 12:30 in Japan (UTC+09:00): the review says so on that clock,
+    and its timestamps stay unix seconds."""
+    syn = synthetic_kpi(days=5, spike_at="03:30")
+    r = review_kpi(syn.series, utc_offset_s=9 * 3600)
+    assert r.daily_start_time == "12:30" and matched(r, syn.spikes) == (5, 0)
+    assert [s.start_unix_s for s in r.spikes] == [a for a, _ in syn.spikes]
+    assert "daily at 12:3" in r.summary() and "UTC+09:00" in r.summary()
+    assert review_kpi(syn.series).daily_start_time == "03:30"
+    f = tmp_path / "kpi.csv"
+    write_csv(syn.series, f)
+    assert main(["kpi", "review", "--csv", str(f), "--utc-offset", "+09:00"]) == 0
+    out = capsys.readouterr().out
+    assert "starting 12:30" in out and "start (UTC+09:00)" in out
+    assert main(["kpi", "review", "--csv", str(f), "--utc-offset", "+25:00"]) == 2
+    assert "UTC offset '+25:00' is not +HH:MM" in capsys.readouterr().err
+
+
 def test_counts_that_are_mostly_zero():
     """A receive-buffer drop counter per minute: 0 with the odd 1 or 2, and a burst of drops at
     12:30 each day; and a flat line with one excursion."""
@@ -149,6 +173,8 @@ def test_bad_csv_names_file_and_line(tmp_path, text, message):
 
 
 def test_times_and_durations():
+    assert parse_utc_offset_s("+09:00") == 32400 and parse_utc_offset_s("-0530") == -19800
+    assert parse_utc_offset_s("UTC+9") == 32400
     assert parse_duration_s("15m") == 900 and parse_duration_s("60") == 60 and parse_duration_s("1h") == 3600
     assert parse_time_unix_s("now-7d", now_unix_s=1e9) == 1e9 - 7 * 86400
     assert parse_time_unix_s("2026-01-05T00:00:00Z") == parse_time_unix_s("1767571200") == 1767571200.0
@@ -190,13 +216,15 @@ def test_kpi_review_notebook_executes(tmp_path):
     from test_notebooks import NOTEBOOKS, _has_image, _outputs
 
     f = tmp_path / "kpi.csv"
-    write_csv(synthetic_kpi(days=7).series, f)
+    write_csv(synthetic_kpi(days=7, spike_at="03:30").series, f)  # 12:30 in UTC+09:00
     out_nb, out_json = tmp_path / "kpi_review.out.ipynb", tmp_path / "kpi.json"
     pm.execute_notebook(str(NOTEBOOKS / "kpi_review.ipynb"), str(out_nb), kernel_name="python3",
-                        parameters={"csv_path": str(f), "name": "dns qps", "out_json": str(out_json)},
+                        parameters={"csv_path": str(f), "name": "dns qps", "out_json": str(out_json),
+                                    "utc_offset": "+09:00"},
                         progress_bar=False, cwd=str(tmp_path))
     text = _outputs(out_nb)
     assert "dns qps: 10080 points" in text and "daily at 12:3" in text and "(starting 12:30)" in text
+    assert "UTC+09:00" in text and "spike start (UTC+09:00)" in text
     assert "1 h polling (mean): 0 of 7 spikes seen" in text and "15 min polling (mean): 7 of 7 spikes seen" in text
     assert KpiReview.from_json(out_json.read_text()).daily_start_time == "12:30"
     nb = json.loads(out_nb.read_text())

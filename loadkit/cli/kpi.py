@@ -12,11 +12,12 @@ import pandas as pd
 
 from loadkit.cli._common import add_command
 from loadkit.errors import LoadkitError
-from loadkit.model.kpi import POLL_MODES, KpiReview, review_kpi
+from loadkit.model.kpi import POLL_MODES, KpiReview, review_kpi, zone_label
 from loadkit.model.kpi_source import (
     KpiSourceError,
     parse_duration_s,
     parse_time_unix_s,
+    parse_utc_offset_s,
     query_prometheus,
     read_kpi_csv,
 )
@@ -33,7 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "daily pattern, spikes, and what 1 h / 15 min / 1 min polling would have seen",
                     "Learn the series' daily pattern (median by time of day over the days, smoothed), flag "
                     "the spikes above it, group spikes that recur at one time of day, and say which of them "
-                    "a KPI polled every 1 h, 15 min or 1 min would have shown, and how late. Times are UTC.")
+                    "a KPI polled every 1 h, 15 min or 1 min would have shown, and how late. Times are UTC unless "
+                    "--utc-offset puts them on a local clock.")
     src = r.add_mutually_exclusive_group(required=True)
     src.add_argument("--csv", type=Path, metavar="FILE",
                      help="timestamp,value per line (ISO 8601 or unix seconds; optional header; # comments)")
@@ -55,6 +57,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--longest-spike", default="40m", metavar="DURATION",
                    help="longest excursion still called a spike; the baseline is smoothed over 3× it "
                    "(default %(default)s)")
+    m.add_argument("--utc-offset", default="+00:00", metavar="+HH:MM",
+                   help="the local clock of days, times of day and poll boundaries (default %(default)s)")
     m.add_argument("--name", default=None, help="the KPI's name in the output (default: from the source)")
     r.add_argument("--json", action="store_true", help="print the review as one JSON object instead of a table")
     r.add_argument("--out", type=Path, metavar="FILE.json", help="also write the review as JSON here")
@@ -80,9 +84,11 @@ def _review(args: argparse.Namespace) -> int:
     if not polling:
         raise LoadkitError("--polling needs at least one interval, e.g. 1h,15m,1m")
     longest = parse_duration_s(args.longest_spike, "--longest-spike")
+    parse_utc_offset_s(args.utc_offset)  # refused before a Prometheus query is sent
     series, source = _load(args)
     review = review_kpi(series, z_threshold=args.z, longest_spike_s=longest, polling_s=polling,
-                        mode=args.mode, name=args.name or "", source=source)
+                        mode=args.mode, utc_offset_s=parse_utc_offset_s(args.utc_offset),
+                        name=args.name or "", source=source)
     if args.out is not None:
         try:
             args.out.write_text(review.to_json() + "\n")
@@ -95,27 +101,28 @@ def _review(args: argparse.Namespace) -> int:
     return 0
 
 
-def _utc(ts_unix_s: float, fmt: str = "%Y-%m-%d %H:%M") -> str:
-    return pd.Timestamp(ts_unix_s, unit="s", tz="UTC").strftime(fmt)
+def _clock(ts_unix_s: float, offset_s: float, fmt: str = "%Y-%m-%d %H:%M") -> str:
+    return pd.Timestamp(ts_unix_s + offset_s, unit="s").strftime(fmt)
 
 
 def render_table(r: KpiReview) -> str:
     """The review as text: header, pattern, spikes, one row per polling interval, notes."""
+    off, zone = r.utc_offset_s, zone_label(r.utc_offset_s)
     lines = [f"KPI {r.name or '(unnamed)'}" + (f"  ({r.source})" if r.source else ""),
-             f"  {r.points_n} points every {r.sample_interval_s:g} s from {_utc(r.start_unix_s)} to "
-             f"{_utc(r.end_unix_s)} UTC on {r.days_n} day{'s' if r.days_n != 1 else ''}, {r.coverage:.0%} present",
-             f"  daily pattern: {r.pattern_low:.4g} to {r.pattern_high:.4g}, peak at {r.pattern_peak_time} UTC; "
+             f"  {r.points_n} points every {r.sample_interval_s:g} s from {_clock(r.start_unix_s, off)} to "
+             f"{_clock(r.end_unix_s, off)} {zone} on {r.days_n} day{'s' if r.days_n != 1 else ''}, {r.coverage:.0%} present",
+             f"  daily pattern: {r.pattern_low:.4g} to {r.pattern_high:.4g}, peak at {r.pattern_peak_time} {zone}; "
              f"spread {r.spread:.4g}"]
     head = f"  spikes: {len(r.spikes)} above {r.z_threshold:g} σ"
     if r.daily_period is not None:
         d = r.daily_period
         start = f", starting {r.daily_start_time}" if r.daily_start_time else ""
-        head += f"; daily at {d.time_of_day} UTC{start} on {d.days_n} of {d.days_observed_n} days"
+        head += f"; daily at {d.time_of_day} {zone}{start} on {d.days_n} of {d.days_observed_n} days"
     lines.append(head)
     if r.spikes:
-        lines.append(f"    {'start (UTC)':<17} {'end':>5} {'peak':>10} {'score':>7}")
+        lines.append(f"    {f'start ({zone})':<17} {'end':>5} {'peak':>10} {'score':>7}")
         for s in r.spikes[:MAX_SPIKE_ROWS]:
-            lines.append(f"    {_utc(s.start_unix_s):<17} {_utc(s.end_unix_s, '%H:%M'):>5} "
+            lines.append(f"    {_clock(s.start_unix_s, off):<17} {_clock(s.end_unix_s, off, '%H:%M'):>5} "
                          f"{s.peak_value:>10.4g} {s.score:>6.1f}σ")
         if len(r.spikes) > MAX_SPIKE_ROWS:
             lines.append(f"    ... {len(r.spikes) - MAX_SPIKE_ROWS} more (--json lists all)")

@@ -24,7 +24,8 @@ series loadkit did not record (see :mod:`loadkit.model.kpi_source`) and answers 
   covers it stands out; the detection delay runs from the spike's start to that poll. An hourly
   mean dilutes a 10-minute spike six times and day-to-day variation of hourly means hides it.
 
-Timestamps are unix seconds and times of day UTC. A series shorter than two days has no
+Timestamps are unix seconds. Times of day, days and poll boundaries are UTC, or local with
+``utc_offset_s`` (incident 2's "12:30" is a local time; polls follow the local clock). A series shorter than two days has no
 pattern to learn across days: the baseline is then its own smoothed curve, and the result says so.
 """
 
@@ -57,6 +58,14 @@ POLL_MODES = ("mean", "sample")
 def _interval_label(p: float) -> str:
     p = int(round(p))
     return f"{p // 3600} h" if p % 3600 == 0 else (f"{p // 60} min" if p % 60 == 0 else f"{p} s")
+
+
+def zone_label(utc_offset_s: float) -> str:
+    """``UTC`` or ``UTC+09:00``: the clock the times of day are on."""
+    if not utc_offset_s:
+        return "UTC"
+    m = int(round(abs(utc_offset_s) / 60.0))
+    return f"UTC{'+' if utc_offset_s > 0 else '-'}{m // 60:02d}:{m % 60:02d}"
 
 
 def _hhmm(seconds_of_day: float) -> str:
@@ -116,19 +125,21 @@ class KpiReview(Result):
     sample_interval_s: float
     start_unix_s: float
     end_unix_s: float
-    days_n: int  #: distinct UTC days with samples
+    days_n: int  #: distinct days (on the review's clock) with samples
     coverage: float  #: samples present / samples expected at the sample interval (gaps lower it)
     z_threshold: float
     window_s: float  #: the baseline's smoothing window over the time of day
     pattern_low: float  #: the baseline's lowest value over the day
     pattern_high: float
-    pattern_peak_time: str  #: "HH:MM" UTC of the baseline's highest value
+    pattern_peak_time: str  #: "HH:MM" (on the review's clock) of the baseline's highest value
     spread: float  #: the whole series' robust spread around the baseline
     spikes: list[Spike]
     daily_period: DailyPeriod | None
     polling: list[PollingView]
     notes: list[str] = field(default_factory=list)
-    daily_start_time: str = ""  #: "HH:MM" UTC at which the daily period's spikes start
+    daily_start_time: str = ""  #: "HH:MM" at which the daily period's spikes start
+    #: the clock of times of day (pattern, daily period): seconds east of UTC (0 = UTC)
+    utc_offset_s: float = 0.0
 
     def to_dict(self) -> dict:
         data = super().to_dict()
@@ -142,14 +153,14 @@ class KpiReview(Result):
                  f"({self.coverage:.0%} present)"]
         if self.pattern_high - self.pattern_low > 2 * self.spread:
             parts.append(f"daily pattern {self.pattern_low:.4g}–{self.pattern_high:.4g}, "
-                         f"peak at {self.pattern_peak_time} UTC")
+                         f"peak at {self.pattern_peak_time} {zone_label(self.utc_offset_s)}")
         else:
             parts.append(f"no daily pattern beyond the noise ({self.spread:.3g})")
         spikes = f"{len(self.spikes)} spikes"
         if self.daily_period is not None:
             d = self.daily_period
             start = f" (starting {self.daily_start_time})" if self.daily_start_time else ""
-            spikes += f", daily at {d.time_of_day} UTC{start} on {d.days_n} of {d.days_observed_n} days"
+            spikes += f", daily at {d.time_of_day} {zone_label(self.utc_offset_s)}{start} on {d.days_n} of {d.days_observed_n} days"
         parts.append(spikes)
         parts += [v.summary() for v in self.polling]
         head = f"{self.name}: " if self.name else ""
@@ -193,7 +204,7 @@ MIN_DAY_POINTS = 10
 
 
 def _day_levels(t: np.ndarray, v: np.ndarray, base: np.ndarray) -> np.ndarray:
-    """The baseline scaled to each UTC day's level: traffic is busier on some days than others
+    """The baseline scaled to each day's level: traffic is busier on some days than others
     (weekdays, holidays), and a pattern at the median day's level would call a busy day's
     afternoon a spike and hide a quiet day's spike. Scaled by the median ratio when the baseline
     is positive (traffic scales), shifted by the median difference otherwise (counts near 0)."""
@@ -292,7 +303,7 @@ def _polled(t: np.ndarray, v: np.ndarray, p: float, mode: str) -> pd.DataFrame:
 
 
 def polled_view(series: pd.Series, interval_s: float, mode: str = "mean", *, z_threshold: float = 6.0,
-                longest_spike_s: float = 2400.0) -> pd.DataFrame:
+                longest_spike_s: float = 2400.0, utc_offset_s: float = 0.0) -> pd.DataFrame:
     """What a poller every ``interval_s`` sees: one row per poll (``poll_unix_s``, the interval's
     end, when the value is known), its ``value``, the samples it covers (``covers_from_unix_s``,
     ``covers_to_unix_s``), its baseline, spread, score and ``stands_out`` (score > z): the
@@ -300,7 +311,10 @@ def polled_view(series: pd.Series, interval_s: float, mode: str = "mean", *, z_t
     if mode not in POLL_MODES:
         raise ModelError(f"polling mode {mode!r} is not one of {', '.join(POLL_MODES)}")
     t, v, _ = _arrays(series)
-    return _scored_polls(t, v, float(interval_s), mode, z_threshold, 3.0 * longest_spike_s)
+    polls = _scored_polls(t + utc_offset_s, v, float(interval_s), mode, z_threshold, 3.0 * longest_spike_s)
+    for col in ("poll_unix_s", "covers_from_unix_s", "covers_to_unix_s", "bucket_unix_s"):
+        polls[col] -= utc_offset_s  # back to unix seconds
+    return polls
 
 
 def _scored_polls(t, v, p, mode, z, window_s) -> pd.DataFrame:
@@ -342,30 +356,33 @@ def _view(t, v, spikes: list[Spike], p: float, step: float, mode: str, z: float,
                        int((out & ~covers_any).sum()))
 
 
-def daily_pattern(series: pd.Series, *, longest_spike_s: float = 2400.0) -> pd.DataFrame:
-    """The series' profile by time of day (index seconds of day, UTC): ``typical`` (median over
-    days of each slot) and ``baseline`` (that profile with spikes up to ``longest_spike_s``
+def daily_pattern(series: pd.Series, *, longest_spike_s: float = 2400.0, utc_offset_s: float = 0.0) -> pd.DataFrame:
+    """The series' profile by time of day (index: seconds of the day on UTC + ``utc_offset_s``):
+    ``typical`` (median over days of each slot) and ``baseline`` (that profile with spikes up to ``longest_spike_s``
     smoothed away)."""
     t, v, step = _arrays(series)
-    return score_series(t, v, slot_s=step, window_s=3.0 * longest_spike_s).attrs["profile"]
+    return score_series(t + utc_offset_s, v, slot_s=step, window_s=3.0 * longest_spike_s).attrs["profile"]
 
 
 def review_kpi(series: pd.Series, *, z_threshold: float = 6.0, longest_spike_s: float = 2400.0,
                polling_s: tuple[float, ...] = DEFAULT_POLLING_S, mode: str = "mean",
                day_tolerance_s: float = 600.0, min_days: int = 2, merge_gap_s: float = 300.0,
-               name: str = "", source: str = "") -> KpiReview:
+               utc_offset_s: float = 0.0, name: str = "", source: str = "") -> KpiReview:
     """Daily pattern, spikes, daily period and what each polling interval would have seen.
 
     ``series`` is indexed by unix seconds or a DatetimeIndex (naive = UTC). ``longest_spike_s`` is
     the longest excursion still called a spike (the baseline window is three times it);
     ``mode`` says what a poll reads (see :data:`POLL_MODES`). Spikes less than ``merge_gap_s``
     (at least 3 samples) apart are one spike: noise dips a long spike below the threshold.
+    ``utc_offset_s`` puts days, times of day and poll boundaries on a local clock (seconds east
+    of UTC); timestamps in the result stay unix seconds.
     """
     if mode not in POLL_MODES:
         raise ModelError(f"polling mode {mode!r} is not one of {', '.join(POLL_MODES)}")
     if longest_spike_s <= 0 or z_threshold <= 0:
         raise ModelError(f"longest spike {longest_spike_s} s and z {z_threshold} must be > 0")
-    t, v, step = _arrays(series)
+    t_unix, v, step = _arrays(series)
+    t = t_unix + utc_offset_s  # the local clock, for everything that depends on the time of day
     window_s = 3.0 * longest_spike_s
     sc = score_series(t, v, slot_s=step, window_s=window_s, z_threshold=z_threshold)
     spikes = _merge(_spikes(t, v, sc["score"].to_numpy(), z_threshold), max(3 * step, merge_gap_s))
@@ -377,13 +394,16 @@ def review_kpi(series: pd.Series, *, z_threshold: float = 6.0, longest_spike_s: 
     days_n = int(len(np.unique(np.floor(t / DAY_S))))
     expected = (t[-1] - t[0]) / step + 1
     notes = _notes(days_n, len(v) / expected, spikes, longest_spike_s, step)
+    spikes = [Spike(start_unix_s=s.start_unix_s - utc_offset_s, peak_unix_s=s.peak_unix_s - utc_offset_s,
+                    end_unix_s=s.end_unix_s - utc_offset_s, peak_value=s.peak_value, score=s.score) for s in spikes]
     return KpiReview(
         name=name or str(series.name or ""), source=source, points_n=int(len(v)), sample_interval_s=step,
-        start_unix_s=float(t[0]), end_unix_s=float(t[-1]), days_n=days_n,
+        start_unix_s=float(t_unix[0]), end_unix_s=float(t_unix[-1]), days_n=days_n,
         coverage=float(min(1.0, len(v) / expected)), z_threshold=z_threshold, window_s=window_s,
         pattern_low=float(prof.min()), pattern_high=float(prof.max()),
         pattern_peak_time=_hhmm(float(prof.idxmax())), spread=float(sc.attrs["spread"]),
-        spikes=spikes, daily_period=daily, daily_start_time=daily_start, polling=views, notes=notes)
+        spikes=spikes, daily_period=daily, daily_start_time=daily_start, polling=views, notes=notes,
+        utc_offset_s=float(utc_offset_s))
 
 
 def _merge(spikes: list[Spike], gap_s: float) -> list[Spike]:
@@ -400,7 +420,7 @@ def _merge(spikes: list[Spike], gap_s: float) -> list[Spike]:
 
 
 def _daily_start(spikes: list[Spike], daily: DailyPeriod | None, tol_s: float) -> str:
-    """The median time of day (``HH:MM`` UTC) at which the daily period's spikes start; "" without
+    """The median time of day (``HH:MM``) at which the daily period's spikes start; "" without
     a period. The period itself is placed by the peaks; an operator asks when it begins."""
     if daily is None:
         return ""

@@ -50,6 +50,18 @@ def parse_duration_s(text: str, what: str = "duration") -> float:
     return float(m.group(1)) * _UNIT_S[m.group(2)]
 
 
+_OFFSET = re.compile(r"^\s*(?:UTC)?\s*([+-])?(\d{1,2})(?::?(\d{2}))?\s*$", re.IGNORECASE)
+
+
+def parse_utc_offset_s(text: str) -> float:
+    """``+09:00``, ``-0530``, ``9``, ``UTC+9`` -> seconds east of UTC."""
+    m = _OFFSET.match(str(text))
+    if not m or int(m.group(2)) > 14 or int(m.group(3) or 0) >= 60:
+        raise KpiSourceError(f"UTC offset {text!r} is not +HH:MM (e.g. +09:00, -05:30)")
+    s = int(m.group(2)) * 3600 + int(m.group(3) or 0) * 60
+    return float(-s if m.group(1) == "-" else s)
+
+
 def parse_time_unix_s(text: str, what: str = "time", now_unix_s: float | None = None) -> float:
     """ISO 8601 (naive = UTC), unix seconds, ``now`` or ``now-7d`` -> unix seconds."""
     s = str(text).strip()
@@ -210,5 +222,5 @@ def _iso(ts_unix_s: float) -> str:
     return datetime.fromtimestamp(ts_unix_s, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-__all__ = ["KpiSourceError", "parse_duration_s", "parse_time_unix_s", "query_prometheus",
+__all__ = ["KpiSourceError", "parse_duration_s", "parse_time_unix_s", "parse_utc_offset_s", "query_prometheus",
            "read_kpi_csv"]
