@@ -104,6 +104,12 @@ def parts(run_dir: Path, table: str = "requests") -> list[Path]:
     return sorted((run_dir / table).glob("part-*.parquet"))
 
 
+def has_event(out: Path, kind: str) -> bool:
+    """Has the (one) run under ``out`` recorded an event of ``kind`` yet?"""
+    events = [p for d in (out.iterdir() if out.is_dir() else []) for p in [d / "events.jsonl"] if p.exists()]
+    return any(f'"kind": "{kind}"' in line for p in events for line in p.open())
+
+
 def one_error_line(stderr: str) -> str:
     """The command's user-facing error: exactly one ``loadkit: error:`` line, no traceback."""
     assert "Traceback" not in stderr, stderr
@@ -213,3 +219,166 @@ def test_a_full_disk_is_one_line_and_the_parts_written_before_stay_readable(
     assert len(run.requests) >= sum(before.values()) > 0
     assert not run.complete  # its end could not be written
     assert not list(run_dir.rglob("*.tmp"))  # no half-written part left taking space
+
+
+# -- against the lab ----------------------------------------------------------------------------------
+
+MiB = 1024 * 1024
+#: DNS failure classes a dead server can cause: queries in its buffer or in flight time out; later
+#: ones find the port closed (ICMP port unreachable)
+DEAD_SERVER_CLASSES = {"timeout", "icmp_unreachable"}
+
+
+def mail_profile(tmp_path: Path, status, *, duration: str, users: int, options: str, collect: str = "") -> Path:
+    p = tmp_path / "storm.toml"
+    p.write_text(f"""
+[run]
+scenario = "faults_storm"
+release = "faults"
+duration = "{duration}"
+stop_timeout = "1s"
+[targets]
+imap = "{status.imap}"
+[load]
+locustfile = "{ROOT / 'locustfiles' / 'imap_storm.py'}"
+host = "imap"
+users = {users}
+spawn_rate = {users}
+options = {{ mail-accounts = "{status.accounts_file}", {options} }}
+{collect}
+""")
+    return p
+
+
+def live(out: Path) -> dict:
+    for path in out.glob("*/status.json"):
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return {}
+    return {}
+
+
+def stop_run(proc: subprocess.Popen, timeout_s: float = 60) -> str:
+    """SIGTERM the runner (a graceful stop: the record is closed as interrupted); its stderr."""
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=timeout_s)
+    return stderr
+
+
+def _falls(series: list[float], high: float, low: float) -> int:
+    """Times the series climbed to ``high`` or more and then dropped to ``low`` or less."""
+    falls, armed = 0, False
+    for v in series:
+        if v >= high:
+            armed = True
+        elif armed and v <= low:
+            falls, armed = falls + 1, False
+    return falls
+
+
+@pytest.fixture(scope="module")
+def fragile_lab(tmp_path_factory: pytest.TempPathFactory):
+    """One lab for the tests below that break it (a lab up costs seconds): one proxy in a small
+    memory cgroup with the OOM killer off, restarted by the supervisor a second after it falls.
+    The test that kills unbound comes last in this file."""
+    from conftest import free_lab_address
+
+    from loadkit.lab import Lab, LabConfig
+
+    settings = dict(proxies=1, proxy_memory_bytes=32 * MiB, oom_kill=False, accounts=200, dns_names=200,
+                    proxy_restart_after_s=1.0)
+    the_lab = Lab(LabConfig(dir=tmp_path_factory.mktemp("fragile-lab"), address=free_lab_address(settings),
+                            **settings))
+    try:
+        yield the_lab.up()
+    finally:
+        the_lab.down()
+
+
+def test_a_fallen_proxy_is_restarted_under_the_storm_and_the_sawtooth_is_recorded(tmp_path: Path, fragile_lab) -> None:
+    """Incident 1's failed restarts: a proxy in a small memory cgroup with the OOM killer off falls
+    over under a storm of held sessions, the lab's supervisor restarts it a second later, the storm
+    fills it again, and it falls again. The run record has each exit and restart of its dovecot
+    master as events and its sessions climbing and dropping (sampling goes on through restarts)."""
+    status = fragile_lab
+    if not status.cgroups.enabled:
+        pytest.skip(f"no memory cgroups here: {status.cgroups.reason}")
+    proxy = status.proxies[0]
+    out = tmp_path / "runs"
+    p = mail_profile(
+        tmp_path, status, duration="90s", users=60,
+        options=('mail-arrival = "rate:40", mail-dwell = "idle", mail-reconnect = "fixed", '
+                 'mail-reconnect-delay = 0.3, mail-timeouts = "connect=2,greeting=2,login=2,select=2,fetch=2,logout=1"'),
+        collect=f'[collect]\ngroups = {{ {proxy.name} = "cgroup:{proxy.cgroup}@{proxy.imap.port},{proxy.pop3.port}" }}\n'
+                'interval_s = 0.25')
+    proc = loadkit("run", str(p), "--out", str(out))
+    from loadkit.lab import Lab
+
+    the_lab = Lab.from_dir(status.dir)
+    try:
+        wait_for(lambda: the_lab.status().proxies[0].restarts >= 2, timeout_s=75, what="two restarts of the proxy")
+        time.sleep(1.5)  # the collector sees the second master start
+        stderr = stop_run(proc)
+    finally:
+        stop_proc(proc)
+    assert proc.returncode == 2, stderr  # interrupted by this test
+    run = load_run(run_dir_of(out))
+    assert run.complete
+    masters_exited = [e for e in run.events if e["kind"] == "process_exited" and e["source"] == proxy.name
+                      and e["detail"].get("root") and e["detail"].get("name") == "dovecot"]
+    restarted = [e for e in run.events if e["kind"] == "process_restarted" and e["source"] == proxy.name]
+    assert len(masters_exited) >= 2 and len(restarted) >= 2, [e["kind"] for e in run.events][-40:]
+    # sampling went on through the restarts: samples after the last one, with the new master in them
+    g = run.groups[run.groups["group"] == proxy.name].sort_values("ts_unix_s")
+    later = g[g["ts_unix_s"] > restarted[-1]["ts_unix_s"]]
+    assert len(later) >= 1 and (later["procs_n"] >= 1).all()
+    # the sawtooth: held sessions climb, drop with the proxy, climb again
+    assert _falls(list(g["sessions_n"]), high=8, low=4) >= 2, list(g["sessions_n"])
+
+
+def test_unbound_killed_mid_burst_gives_classed_failures_and_the_run_ends_on_time(tmp_path: Path, fragile_lab) -> None:
+    """unbound freezes in the middle of the load (SIGSTOP, so queries are outstanding: a burst
+    caught in its buffer) and is then killed: what it held times out (no retries here, so a
+    timeout stays a timeout), later queries find the port closed, and the run ends on time.
+    Last in this file: the lab has no DNS afterwards."""
+    status = fragile_lab
+    out = tmp_path / "runs"
+    duration_s = 5
+    p = tmp_path / "dns.toml"
+    p.write_text(f"""
+[run]
+scenario = "faults_dns"
+release = "faults"
+duration = "{duration_s}s"
+stop_timeout = "1s"
+[targets]
+dns = "{status.dns}"
+[load]
+locustfile = "{ROOT / 'locustfiles' / 'dns_burst.py'}"
+host = "dns"
+users = 1
+spawn_rate = 1
+options = {{ dns-names-file = "{status.names_file}", dns-rate = 300, dns-burst-size = 3000, dns-burst-ms = 200, dns-burst-period = 2, dns-first-burst = 1, dns-timeout = 0.5, dns-retries = 0 }}
+""")
+    proc = loadkit("run", str(p), "--out", str(out))
+    try:
+        wait_for(lambda: has_event(out, "burst"), timeout_s=60, what="the first burst")
+        started = time.monotonic()
+        unbound = status.component("unbound").pid  # the lab this module made started it
+        os.kill(unbound, signal.SIGSTOP)
+        time.sleep(0.7)  # a few hundred queries sent and not answered
+        os.kill(unbound, signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=duration_s + 60)
+    finally:
+        stop_proc(proc)
+    waited_s = time.monotonic() - started
+    assert proc.returncode in (0, 1), stderr  # the run ended by itself: completed
+    run = load_run(run_dir_of(out))
+    assert run.complete and run.manifest["status"] == "completed"
+    # no hang: it ended by its own time bound (generous margin for a loaded machine)
+    assert waited_s < duration_s + 20
+    assert run.manifest["ended_unix_s"] - run.manifest["started_unix_s"] < duration_s + 25
+    classes = run.failures.groupby("failure_class")["failures_n"].sum()
+    assert classes.sum() > 0 and set(classes.index) <= DEAD_SERVER_CLASSES, classes.to_dict()
+    assert classes.get("timeout", 0) > 0, classes.to_dict()

@@ -78,6 +78,12 @@ def _up_options(up: argparse.ArgumentParser) -> None:
                     "found; measured at up as dns.capacity_qps; 0 = no quota")
     up.add_argument("--proxy-cpu", metavar="CORES", type=_float_arg("--proxy-cpu"), default=0.0,
                     help="CPU quota of each dovecot proxy in cores; 0 = no quota")
+    up.add_argument("--proxy-restart-after", metavar="SECONDS", type=_float_arg("--proxy-restart-after"),
+                    default=0.0,
+                    help="restart a proxy that fell over (master exited or OOM-killed, or stalled at its "
+                    "memory limit) this many seconds later, as an operator would; 0 = leave it down")
+    up.add_argument("--proxy-restarts-max", metavar="N", type=_int_arg("--proxy-restarts-max"), default=10,
+                    help="at most N restarts per proxy with --proxy-restart-after (default %(default)s)")
     up.add_argument("--json", action="store_true", help="print the status as one JSON object")
 
 
@@ -125,6 +131,8 @@ def _up(args: argparse.Namespace) -> int:
         firewall_udp_timeout_s=args.firewall_udp_timeout,
         dns_cpu=args.dns_cpu,
         proxy_cpu=args.proxy_cpu,
+        proxy_restart_after_s=args.proxy_restart_after,
+        proxy_restarts_max=args.proxy_restarts_max,
     )
     status = Lab(cfg).up()
     print(json.dumps(status.to_dict(), indent=2) if args.json else status.to_table())

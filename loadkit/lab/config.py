@@ -44,6 +44,8 @@ MIN_PROXY_MEMORY_BYTES = 16 * MiB
 FIREWALL_PORT_OFFSET = 1
 #: a firewall entry's UDP timeout must lie in this range (seconds)
 FIREWALL_TIMEOUT_RANGE_S = (0.1, 3600.0)
+#: a fallen proxy is restarted after this many seconds (0 is "never")
+RESTART_AFTER_RANGE_S = (0.1, 3600.0)
 
 
 @dataclass
@@ -83,6 +85,11 @@ class LabConfig:
     """CPU quota of unbound in cores (CFS), e.g. 0.25; 0: no quota"""
     proxy_cpu: float = 0.0
     """CPU quota of each dovecot proxy in cores (CFS); 0: no quota"""
+    proxy_restart_after_s: float = 0.0
+    """restart a proxy that fell over (its master exited or was OOM-killed, or it stalled whole at
+    its memory limit) this many seconds later, as an operator or watchdog would; 0: it stays down"""
+    proxy_restarts_max: int = 10
+    """at most this many restarts per proxy (a proxy that keeps falling is then left down)"""
     dns_log_queries: bool = False
     """unbound logs every query (``log-queries``) to its log, a query log a replay can read"""
     dns_dnstap_socket: str = ""
@@ -123,6 +130,9 @@ class LabConfig:
         _at_least("firewall_sessions", self.firewall_sessions, 0)
         lo, hi = FIREWALL_TIMEOUT_RANGE_S
         _number_in("firewall_udp_timeout_s", self.firewall_udp_timeout_s, lo, hi)
+        if self.proxy_restart_after_s != 0:
+            _number_in("proxy_restart_after_s", self.proxy_restart_after_s, *RESTART_AFTER_RANGE_S)
+        _at_least("proxy_restarts_max", self.proxy_restarts_max, 1)
         for name in ("dns_cpu", "proxy_cpu"):
             value = getattr(self, name)
             # 0 is "no quota"; below 0.01 of a core the server cannot even answer its probe

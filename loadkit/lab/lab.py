@@ -21,7 +21,7 @@ from typing import Any
 from loadkit.defaults import ACCOUNTS_FILE_NAME, LAB_ZONE, NAMES_FILE_NAME, in_lab_dir, register_lab
 from loadkit.errors import LabError
 
-from . import calibrate, cgroups, dns, firewall, mail, procs
+from . import calibrate, cgroups, dns, firewall, mail, procs, supervisor
 from .config import LabConfig
 from .status import (CgroupSupport, ComponentStatus, DnsCpu, Endpoint, FirewallStatus, LabStatus,
                      ProxyStatus)
@@ -116,6 +116,10 @@ class Lab:
                 firewall.create(cfg, nft)
             self._start_dns(state)
             self._start_mail(state)
+            if cfg.proxy_restart_after_s:
+                started = procs.start(supervisor.command(self.dir), self.dir / "logs" / "supervisor.log")
+                state["supervisor"] = {"pid": started.pid, "create_time_s": started.create_time_s}
+                self._write_state(state)
         except BaseException:
             self.down()
             raise
@@ -236,7 +240,7 @@ class Lab:
             for group in groups:
                 cgroups.join(group)
 
-        started = procs.start(["dovecot", "-F", "-c", str(conf)], log_path.with_suffix(".out"),
+        started = procs.start(mail.dovecot_argv(conf), log_path.with_suffix(".out"),
                               preexec=preexec if groups else None)
         self._record(state, name, started, ports, cgroup, cpu_cgroup)
         procs.wait_until(
@@ -300,6 +304,7 @@ class Lab:
                 haproxy_state="/".join(sorted({r.state for r in rows})) if rows else None,
                 cpu_cores=cgroups.cpu_quota_cores(cpu_version, Path(rec["cpu_cgroup"]))
                 if rec.get("cpu_cgroup") else None,
+                restarts=supervisor.restarts(state).get(c.name, 0),
             ))
         expected = self._expected_components()
         fw = self._firewall_status(state)
@@ -363,6 +368,10 @@ class Lab:
         state = _read_state(self.state_path)
         if state is None:
             return
+        if state.get("supervisor"):
+            # first, so no proxy is restarted while the lab goes down; then the state it left
+            supervisor.stop(state["supervisor"])
+            state = _read_state(self.state_path) or state
         errors = []
         # reverse start order: the entrance (haproxy) first, DNS last
         comps = state.get("components", [])

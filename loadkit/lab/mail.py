@@ -190,6 +190,12 @@ def write_proxy_conf(cfg: LabConfig, n: int, conf_dir: Path, run_dir: Path, log_
     return path
 
 
+def dovecot_argv(conf: Path) -> list[str]:
+    """How every dovecot of the lab is started (in the foreground, under a PID we record): at
+    ``up`` and by the supervisor when it restarts a proxy."""
+    return ["dovecot", "-F", "-c", str(conf)]
+
+
 #: haproxy's connection ceiling: two descriptors per session must fit the open-file limit
 HAPROXY_MAXCONN = 9000
 

@@ -54,6 +54,7 @@ class ProxyStatus(NamedTuple):
     sessions: int | None  #: current sessions haproxy has open to it (stats ``scur``, IMAP+POP3)
     haproxy_state: str | None  #: haproxy's view of the server: UP, DOWN, ...
     cpu_cores: float | None = None  #: CFS quota in cores (``--proxy-cpu``), None without one
+    restarts: int = 0  #: times the lab's supervisor restarted it after a fall (``--proxy-restart-after``)
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self._asdict())
