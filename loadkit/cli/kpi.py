@@ -58,7 +58,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="longest excursion still called a spike; the baseline is smoothed over 3× it "
                    "(default %(default)s)")
     m.add_argument("--utc-offset", default="+00:00", metavar="+HH:MM",
-                   help="the local clock of days, times of day and poll boundaries (default %(default)s)")
+                   help="the local clock of days, times of day and poll boundaries (default %(default)s; "
+                   "a negative one as --utc-offset=-05:00)")
     m.add_argument("--name", default=None, help="the KPI's name in the output (default: from the source)")
     r.add_argument("--json", action="store_true", help="print the review as one JSON object instead of a table")
     r.add_argument("--out", type=Path, metavar="FILE.json", help="also write the review as JSON here")
