@@ -497,22 +497,28 @@ INCIDENTS = {
 #: case and needs nftables: ask for it by name)
 DEFAULT_INCIDENTS = ("1", "2", "3")
 
-#: per incident: the figures of the table (label, outcome key or function), and whether a run
-#: showed the incident's failure (OOM kills; drops at the server's socket or the firewall)
+#: per incident: the figures of the table (label, outcome key or function of the run's outcome and
+#: the incident's whole result), and whether a run showed the incident's failure (OOM kills; drops
+#: at the server's socket or failed queries)
+_DNS_FIGURES: list[tuple[str, Any]] = [
+    ("lab capacity, q/s (measured at up)", "capacity_qps"),
+    ("originals sent, q/s", "sent_original_qps"),
+    ("drops at the server's socket", "drops_n"), ("retries", "retry_queries_n"),
+    ("queries failed", "failures_n")]
 _FIGURES: dict[str, list[tuple[str, Any]]] = {
     "1": [("proxies OOM-killed", "proxies_oom_killed"), ("login processes OOM-killed", "oom_kills_n"),
-          ("sessions cut (eof_after_login)", lambda o: o["failures_by_class"].get("eof_after_login", 0))],
-    "2": [("drops at the server's socket", "drops_n"), ("retries", "retry_queries_n"),
-          ("queries failed", "failures_n")],
-    "3": [("drops at the server's socket", "drops_n"), ("retries", "retry_queries_n"),
-          ("queries failed", "failures_n")],
+          ("sessions cut (eof_after_login)", lambda o, r: o["failures_by_class"].get("eof_after_login", 0))],
+    "2": _DNS_FIGURES,
+    "2b": _DNS_FIGURES[1:],
+    "3": [("knee: answered q/s where drops begin", lambda o, r: (r.get("knee") or {}).get("knee_qps")),
+          ("per-IP limit, q/s", lambda o, r: (o.get("lab") or {}).get("dns_ratelimit_qps")
+           if isinstance(o.get("lab"), dict) else None),
+          *_DNS_FIGURES],
 }
-_FIGURES["2b"] = [("drops at the server's socket", "drops_n"), ("retries", "retry_queries_n"),
-                  ("queries failed", "failures_n")]
 
 
-def _figure(outcome: dict, key: Any) -> float | None:
-    value = key(outcome) if callable(key) else outcome.get(key)
+def _figure(outcome: dict, result: dict, key: Any) -> float | None:
+    value = key(outcome, result) if callable(key) else outcome.get(key)
     return float(value) if isinstance(value, (int, float)) else None
 
 
@@ -534,8 +540,9 @@ def incidents_table(replays: list[dict[str, dict]]) -> str:
     for number in [k for k in INCIDENTS if any(k in r for r in replays)]:
         for label, title in (("before", "as shipped"), ("after", "mitigated")):
             outcomes = [r.get(number, {}).get(label) for r in replays]
-            for i, (figure, key) in enumerate(_FIGURES[number]):
-                values = [_figure(o, key) if o else None for o in outcomes]
+            figures = [(f, k) for f, k in _FIGURES[number] if label == "before" or not f.startswith("knee")]
+            for i, (figure, key) in enumerate(figures):  # the knee is the as-shipped lab's
+                values = [_figure(o, r.get(number, {}), key) if o else None for o, r in zip(outcomes, replays)]
                 got = sorted(v for v in values if v is not None)
                 spread = (f"{statistics.median(got):,.0f} [{got[0]:,.0f}–{got[-1]:,.0f}]" if got else "-")
                 cells = [f"{v:,.0f}" if v is not None else "-" for v in values]

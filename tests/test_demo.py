@@ -195,7 +195,8 @@ def test_the_incidents_table_shows_each_replay_its_spread_and_where_the_failure_
     table = demo.incidents_table(replays)
     lines = table.splitlines()
     assert lines[0].startswith("| incident | run | figure | replay 1 | replay 2 | replay 3 | median [min–max]")
-    drops = next(line for line in lines if "drops at the server's socket" in line and "as shipped" in line)
+    shipped3 = table[table.index("| 3 | as shipped |"):]
+    drops = next(line for line in shipped3.splitlines() if "drops at the server's socket" in line)
     assert "| 40,000 | 20,000 | 0 | 20,000 [0–40,000] |" in drops
     kills = next(line for line in lines if "login processes OOM-killed" in line and "300" in line)
     assert "480 [300–500]" in kills
