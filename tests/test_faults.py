@@ -221,6 +221,36 @@ def test_a_full_disk_is_one_line_and_the_parts_written_before_stay_readable(
     assert not list(run_dir.rglob("*.tmp"))  # no half-written part left taking space
 
 
+# -- a collector group that is not there yet --------------------------------------------------------
+
+
+def test_profile_allow_missing_lets_a_run_start_before_its_collected_service(tmp_path: Path, echo_port: int) -> None:
+    """``[collect] allow_missing = true`` is ``--collect-allow-missing``: a group that matches
+    nothing at start records 0 instead of refusing the run; anything but a boolean is refused."""
+    from loadkit.errors import ProfileError
+    from loadkit.profile.profile import load_profile
+
+    p = tiny_profile(tmp_path, echo_port, duration="3s")
+    base = p.read_text()
+    p.write_text(base + '[collect]\ngroups = { ghost = "cmdline:no-such-service-[0-9]{9}" }\nallow_missing = "yes"\n')
+    with pytest.raises(ProfileError, match=r"\[collect\] allow_missing: must be true or false"):
+        load_profile(p)
+    p.write_text(base + '[collect]\ngroups = { ghost = "cmdline:no-such-service-[0-9]{9}" }\nallow_missing = true\n'
+                 "interval_s = 0.5\n")
+    assert load_profile(p).collect.allow_missing
+    out = tmp_path / "runs"
+    proc = loadkit("run", str(p), "--out", str(out))
+    try:
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        stop_proc(proc)
+    assert proc.returncode == 0, stderr
+    run = load_run(run_dir_of(out))
+    ghost = run.groups[run.groups["group"] == "ghost"]
+    assert len(ghost) > 0 and (ghost["procs_n"] == 0).all()
+    assert run.manifest["profile"]["collect"]["allow_missing"] is True
+
+
 # -- against the lab ----------------------------------------------------------------------------------
 
 MiB = 1024 * 1024

@@ -61,6 +61,8 @@ Schema (every table but ``[run]``, ``[targets]`` and ``[load]`` is optional)::
     udp_ports = [5353]              # UDP sockets whose queue and drops are sampled
     urls = ["http://127.0.0.1:9109"]  # remote collectors (also checked against the allowlist)
     interval_s = 0.5                # sampling interval
+    allow_missing = false           # true: a group that matches nothing yet records 0 until it
+                                    #   appears (--collect-allow-missing), instead of a refusal
 
     [caps]                          # hard ceilings; a profile or flag above them is refused
     max_users = 2000
@@ -109,7 +111,7 @@ _TABLES: dict[str, tuple[str, ...]] = {
     "run": ("scenario", "release", "duration", "description", "stop_timeout"),
     "targets": (),  # free target names plus "allowlist"
     "load": ("locustfile", "host", "users", "spawn_rate", "options", "shape"),
-    "collect": ("groups", "udp_ports", "urls", "interval_s"),
+    "collect": ("groups", "udp_ports", "urls", "interval_s", "allow_missing"),
     "caps": ("max_users", "max_duration_s", "max_rate_qps"),
     "abort": ("cgroup_memory_fraction", "failure_ratio", "min_requests"),
     "gates": (
@@ -187,6 +189,7 @@ class CollectSpec:
     udp_ports: tuple[int, ...] = ()
     urls: tuple[str, ...] = ()
     interval_s: float = 0.5
+    allow_missing: bool = False  #: a group matching nothing at start is not refused (records 0)
 
     @property
     def enabled(self) -> bool:
@@ -282,6 +285,7 @@ class Profile:
                 "udp_ports": list(self.collect.udp_ports),
                 "urls": list(self.collect.urls),
                 "interval_s": self.collect.interval_s,
+                "allow_missing": self.collect.allow_missing,
             },
             "caps": vars(self.caps).copy(),
             "abort": vars(self.abort).copy(),
@@ -713,7 +717,10 @@ def _collect_table(cdata: dict[str, Any], name: str) -> CollectSpec:
         if not isinstance(u, str) or not u.startswith(("http://", "https://")):
             raise ProfileError(f"{w} urls: {u!r} is not an http:// URL")
     interval = _pos_number(cdata.get("interval_s", 0.5), f"{w} interval_s")
-    return CollectSpec(dict(groups), ports, tuple(urls), interval)
+    allow_missing = cdata.get("allow_missing", False)
+    if not isinstance(allow_missing, bool):
+        raise ProfileError(f"{w} allow_missing: must be true or false, got {allow_missing!r}")
+    return CollectSpec(dict(groups), ports, tuple(urls), interval, allow_missing)
 
 
 def _caps_table(kdata: dict[str, Any], name: str) -> Caps:

@@ -203,6 +203,8 @@ def locust_args(profile: Profile, resolved: dict[str, Any], run_root: Path, run_
         args += ["--collector", url]
     if c.enabled:
         args += ["--collect-interval", f"{c.interval_s:g}"]
+    if c.allow_missing:
+        args += ["--collect-allow-missing"]
     a = profile.abort
     if a.cgroup_memory_fraction:
         args += ["--abort-cgroup-memory-fraction", f"{a.cgroup_memory_fraction:g}"]
