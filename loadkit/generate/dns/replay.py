@@ -256,6 +256,9 @@ def plan(settings: ReplaySettings) -> ReplayPlan:
 
 # -- the second pass: the recording as the sender's schedule -----------------------------------------
 
+_new = tuple.__new__
+
+
 class _Item(NamedTuple):
     offset_s: float  #: when it is due, from the start of sending
     sock: int  #: first socket slot of its source address in this process
@@ -291,18 +294,24 @@ class ReplayFeed:
 
     def _fill(self, n: int) -> None:
         ahead = self._ahead
+        records, clients, origin, speed = self._records, self._clients, self._origin, self._speed
+        one = self._scale == 1 and self._count == 1 and self._n_addr == self._n_clients
         while len(ahead) < n and not self._done:
-            q = next(self._records, None)
+            q = next(records, None)
             if q is None:
                 self._done = True
                 return
-            offset = (q.ts_unix_s - self._origin) / self._speed
-            qi = _QTYPE_INDEX.get(q.qtype, _OTHER)
-            c = self._clients[q.client]
+            ts, client, tail, qtype, tcp = q
+            offset = (ts - origin) / speed
+            qi = _QTYPE_INDEX.get(qtype, _OTHER)
+            c = clients[client]
+            if one:  # the common case, without the copy arithmetic
+                ahead.append(_new(_Item, (offset, c * self._ports, tail, qi, tcp)))
+                continue
             for k in range(self._scale):
                 a = (k * self._n_clients + c) % self._n_addr
                 if a % self._count == self._index:
-                    ahead.append(_Item(offset, (a // self._count) * self._ports, q.tail, qi, q.tcp))
+                    ahead.append(_new(_Item, (offset, (a // self._count) * self._ports, tail, qi, tcp)))
 
     def due(self, t_s: float) -> int:
         self._fill(MAX_BASE_BATCH)
@@ -337,9 +346,6 @@ class _Pool:
 
     qtypes = list(QTYPE_NAMES)
     queries = [None]
-
-
-_new = tuple.__new__
 
 
 class ReplaySender(DnsSender):
