@@ -173,7 +173,7 @@ def sample_families(sample: Sample | None, collector: Collector | None = None,
     """The metric families of one sample (and the collector's own counters)."""
     fams: list[Metric | None] = []
     if sample is not None:
-        fams += _net_families(sample)
+        fams += [_family(*meta, [({}, getattr(sample.net, f))]) for f, meta in _NET_METRICS.items()]
         fams += [_family(*meta, [({}, getattr(sample.system, f))]) for f, meta in _SYSTEM_METRICS.items()]
         fams += [_family(*meta, [({"group": g.group}, getattr(g, f)) for g in sample.groups])
                  for f, meta in _GROUP_METRICS.items()]
@@ -197,10 +197,6 @@ def sample_families(sample: Sample | None, collector: Collector | None = None,
         fams.append(_family("loadkit_collector_overruns_total", "counter",
                             "Ticks skipped because a sample overran its interval.", [({}, collector.overruns_n)]))
     return (f for f in fams if f is not None)
-
-
-def _net_families(sample: Sample) -> list[Metric | None]:
-    return [_family(*meta, [({}, getattr(sample.net, f))]) for f, meta in _NET_METRICS.items()]
 
 
 class SampleMetrics:
