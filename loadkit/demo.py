@@ -509,7 +509,8 @@ _FIGURES: dict[str, list[tuple[str, Any]]] = {
     "1": [("proxies OOM-killed", "proxies_oom_killed"), ("login processes OOM-killed", "oom_kills_n"),
           ("sessions cut (eof_after_login)", lambda o, r: o["failures_by_class"].get("eof_after_login", 0))],
     "2": _DNS_FIGURES,
-    "2b": _DNS_FIGURES[1:],
+    "2b": [("firewall drops (new flows)", "firewall_drops_n"), ("table peak, entries", "table_peak_n"),
+           *_DNS_FIGURES],
     "3": [("knee: answered q/s where drops begin", lambda o, r: (r.get("knee") or {}).get("knee_qps")),
           ("per-IP limit, q/s", lambda o, r: (o.get("lab") or {}).get("dns_ratelimit_qps")
            if isinstance(o.get("lab"), dict) else None),
@@ -527,7 +528,7 @@ def failure_shown(number: str, outcome: dict) -> bool:
     incidents, queries dropped at the server's socket or queries that failed after all retries."""
     if number == "1":
         return (outcome.get("oom_kills_n") or 0) > 0
-    return (outcome.get("drops_n") or 0) > 0 or (outcome.get("failures_n") or 0) > 0
+    return any((outcome.get(k) or 0) > 0 for k in ("drops_n", "failures_n", "firewall_drops_n"))
 
 
 def incidents_table(replays: list[dict[str, dict]]) -> str:
