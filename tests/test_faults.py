@@ -33,6 +33,7 @@ import pytest
 
 from loadkit.cli import main as cli_main
 from loadkit.record.reader import load_run
+from loadkit.schema import RUN_LAYOUT
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
@@ -59,7 +60,13 @@ def echo_port() -> Iterator[int]:
         server.server_close()
 
 
-def tiny_profile(tmp_path: Path, port: int, duration: str = "60s") -> Path:
+#: ``[collect] allow_missing = true`` is ``--collect-allow-missing``: a group that matches nothing at
+#: start (a service that comes later) records 0 instead of refusing the run
+GHOST_GROUP = ('[collect]\ngroups = { ghost = "cmdline:no-such-service-[0-9]{9}" }\n'
+               "allow_missing = true\ninterval_s = 0.5\n")
+
+
+def tiny_profile(tmp_path: Path, port: int, duration: str = "60s", extra: str = "") -> Path:
     p = tmp_path / "tiny.toml"
     p.write_text(f"""
 [run]
@@ -75,6 +82,7 @@ host = "echo"
 users = 2
 spawn_rate = 2
 options = {{ wait-s = 0.05 }}
+{extra}
 """)
     return p
 
@@ -101,7 +109,7 @@ def run_dir_of(out: Path) -> Path:
 
 
 def parts(run_dir: Path, table: str = "requests") -> list[Path]:
-    return sorted((run_dir / table).glob("part-*.parquet"))
+    return sorted((run_dir / RUN_LAYOUT[table]).glob("part-*.parquet"))
 
 
 def has_event(out: Path, kind: str) -> bool:
@@ -130,10 +138,10 @@ def stop_proc(proc: subprocess.Popen) -> None:
 def test_killed_locust_leaves_an_incomplete_record_that_runs_show_marks_and_report_refuses(
         tmp_path: Path, echo_port: int, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "runs"
-    proc = loadkit("run", str(tiny_profile(tmp_path, echo_port)), "--out", str(out))
+    proc = loadkit("run", str(tiny_profile(tmp_path, echo_port, extra=GHOST_GROUP)), "--out", str(out))
     try:
-        wait_for(lambda: out.is_dir() and any(out.iterdir()) and len(parts(run_dir_of(out))) >= 2,
-                 what="two flushed intervals")
+        wait_for(lambda: out.is_dir() and any(out.iterdir()) and len(parts(run_dir_of(out))) >= 2
+                 and parts(run_dir_of(out), "groups"), what="two flushed intervals and a sample")
         locust = [c for c in psutil.Process(proc.pid).children() if "locust" in " ".join(c.cmdline())]
         assert len(locust) == 1
         flushed = len(parts(run_dir_of(out)))
@@ -149,6 +157,9 @@ def test_killed_locust_leaves_an_incomplete_record_that_runs_show_marks_and_repo
     assert len(parts(run_dir)) >= flushed and run.requests["requests_n"].sum() > 0
     assert not run.complete and run.manifest["ended_unix_s"] == 0
     assert run.manifest["status"] == "failed"  # closed by the runner, not by Locust
+    # [collect] allow_missing: the group that matches nothing was sampled as 0, not refused
+    ghost = run.groups[run.groups["group"] == "ghost"]
+    assert len(ghost) > 0 and (ghost["procs_n"] == 0).all()
     # the commands in this process (their start-up is most of their cost)
     assert cli_main(["runs", "show", run_dir.name, "--dir", str(out)]) == 0
     assert "INCOMPLETE" in capsys.readouterr().out
@@ -223,32 +234,18 @@ def test_a_full_disk_is_one_line_and_the_parts_written_before_stay_readable(
 
 # -- a collector group that is not there yet --------------------------------------------------------
 
-
-def test_profile_allow_missing_lets_a_run_start_before_its_collected_service(tmp_path: Path, echo_port: int) -> None:
-    """``[collect] allow_missing = true`` is ``--collect-allow-missing``: a group that matches
-    nothing at start records 0 instead of refusing the run; anything but a boolean is refused."""
+def test_profile_allow_missing_must_be_a_boolean(tmp_path: Path) -> None:
     from loadkit.errors import ProfileError
-    from loadkit.profile.profile import load_profile
+    from loadkit.profile.profile import load_profile, resolve_targets
+    from loadkit.run.runner import locust_args
 
-    p = tiny_profile(tmp_path, echo_port, duration="3s")
-    base = p.read_text()
-    p.write_text(base + '[collect]\ngroups = { ghost = "cmdline:no-such-service-[0-9]{9}" }\nallow_missing = "yes"\n')
+    p = tiny_profile(tmp_path, 7, extra=GHOST_GROUP)
+    prof = load_profile(p)
+    assert prof.collect.allow_missing
+    assert "--collect-allow-missing" in locust_args(prof, resolve_targets(prof), tmp_path, "r", tmp_path / "r")
+    p.write_text(p.read_text().replace("allow_missing = true", 'allow_missing = "yes"'))
     with pytest.raises(ProfileError, match=r"\[collect\] allow_missing: must be true or false"):
         load_profile(p)
-    p.write_text(base + '[collect]\ngroups = { ghost = "cmdline:no-such-service-[0-9]{9}" }\nallow_missing = true\n'
-                 "interval_s = 0.5\n")
-    assert load_profile(p).collect.allow_missing
-    out = tmp_path / "runs"
-    proc = loadkit("run", str(p), "--out", str(out))
-    try:
-        _, stderr = proc.communicate(timeout=120)
-    finally:
-        stop_proc(proc)
-    assert proc.returncode == 0, stderr
-    run = load_run(run_dir_of(out))
-    ghost = run.groups[run.groups["group"] == "ghost"]
-    assert len(ghost) > 0 and (ghost["procs_n"] == 0).all()
-    assert run.manifest["profile"]["collect"]["allow_missing"] is True
 
 
 # -- against the lab ----------------------------------------------------------------------------------
