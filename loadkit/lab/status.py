@@ -187,6 +187,8 @@ def _proxy_columns(p: ProxyStatus | None) -> tuple[str, str, str]:
     state = p.haproxy_state or "-"
     if p.under_oom:
         state += " (stalled at its limit)"
+    if p.restarts:
+        state += f" (restarted {p.restarts}x)"
     return _num(p.oom_kills), _num(p.sessions), state
 
 
