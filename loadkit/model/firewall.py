@@ -370,13 +370,19 @@ def server_queue(run: RunData) -> tuple[float | None, float | None, list[str]]:
     from loadkit.model.udp import buffer_datagrams  # udp is a sibling model; only this needs it
 
     caveats: list[str] = []
-    cap = ((run.manifest.get("lab") or {}).get("dns") or {}).get("capacity_qps")
-    cap = float(cap) if cap else None
+    target = _target_endpoint(run)
+    labs = run.manifest.get("lab") or []
+    cap = None
+    for lab in labs if isinstance(labs, list) else [labs]:
+        dns = lab.get("dns") if isinstance(lab, dict) else None
+        if isinstance(dns, dict) and dns.get("capacity_qps") and (target is None or dns.get("host") == target[0]):
+            cap = float(dns["capacity_qps"])
+            break
     if cap is None:
         caveats.append("no measured server capacity (a lab with --dns-cpu records one): the server is taken "
                        "as never saturated, so no waste is predicted")
     rcvbuf = None
-    socks, target = getattr(run, "sockets", None), _target_endpoint(run)
+    socks = getattr(run, "sockets", None)
     if socks is not None and len(socks) and target is not None and "rcvbuf_bytes" in socks:
         mine = socks[socks["local_port"] == target[1]]
         if "local_address" in mine:
