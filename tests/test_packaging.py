@@ -229,6 +229,8 @@ def test_report_from_the_wheel_installed_outside_the_repository(wheel: Path, tmp
     from loadkit.record.synthetic import write_mail_run
 
     run_dir = write_mail_run(work / "runs")
+    (run_dir / "locust").mkdir(exist_ok=True)
+    (run_dir / "locust" / "report.html").write_text("<html><body>Locust's own report</body></html>")
     proc = subprocess.run([str(venv / "bin" / "loadkit"), "report", "--release", "r1", "--runs", str(run_dir),
                            "--out", str(work / "report")], cwd=work, env=env, capture_output=True, text=True,
                           timeout=300)
@@ -237,3 +239,35 @@ def test_report_from_the_wheel_installed_outside_the_repository(wheel: Path, tmp
     assert "Capacity report" in html or "capacity report" in html.lower()
     summary = json.loads((work / "report" / "summary.json").read_text())
     assert summary["release"] == "r1"
+    # the run's Locust HTML is copied beside the report and linked from its runs table
+    link = summary["runs"][0]["locust_html"]
+    assert link == f"locust/{run_dir.name}.html" and f'href="{link}"' in html
+    assert "Locust's own report" in (work / "report" / link).read_text()
+
+
+def test_a_run_without_locust_html_gets_no_link(tmp_path: Path) -> None:
+    from loadkit.record.reader import load_run
+    from loadkit.record.synthetic import write_mail_run
+    from loadkit.report.analysis import run_row
+
+    run_dir = write_mail_run(tmp_path / "runs")
+    assert run_row(load_run(run_dir)).locust_html == ""
+    (run_dir / "locust").mkdir(exist_ok=True)
+    (run_dir / "locust" / "report.html").write_text("<html></html>")
+    assert run_row(load_run(run_dir)).locust_html == f"locust/{run_dir.name}.html"
+
+
+def test_every_summary_json_key_is_documented_with_its_unit() -> None:
+    # docs/summary-json.md lists each record's keys; a key added to the summary without a line
+    # there fails here
+    import dataclasses
+
+    from loadkit.report import summary as S
+
+    doc = (REPO / "docs" / "summary-json.md").read_text()
+    missing = [f"{cls.__name__}.{f.name}"
+               for cls in (S.ReportSummary, S.RunRow, S.GateRow, S.MailCapacity, S.DnsCapacity, S.DnsRun,
+                           S.LatencyRow, S.AnomalyRow, S.ModelRow, S.Change)
+               for f in dataclasses.fields(cls) if f"`{f.name}`" not in doc]
+    assert not missing, f"not in docs/summary-json.md: {missing}"
+    assert "`regressions`" in doc  # the summary's one computed key

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from typing import Any, Sequence
 
 import pandas as pd
 
 from loadkit.record import counters
 from loadkit.record.reader import RunData
-from loadkit.schema import SESSION_HOLD_NAMES
+from loadkit.schema import RUN_LAYOUT, SESSION_HOLD_NAMES
 
 from .summary import (
     OUTCOME_COMPLETED,
@@ -259,6 +260,17 @@ def latency_rows(run: RunData) -> list[LatencyRow]:
 # --------------------------------------------------------------------------------------------
 
 
+#: where a run's Locust HTML is copied to, relative to the report's directory
+LOCUST_HTML_IN_REPORT = "locust/{run_id}.html"
+
+
+def locust_html_of(run_path: str | Path) -> Path | None:
+    """The Locust HTML report a run recorded (``loadkit run`` passes ``--html`` into its ``locust/``
+    folder), or None."""
+    found = sorted((Path(run_path) / RUN_LAYOUT["locust"]).glob("*.html"))
+    return found[0] if found else None
+
+
 def run_row(run: RunData) -> RunRow:
     m = run.manifest
     start, end = run_window(run)
@@ -270,6 +282,7 @@ def run_row(run: RunData) -> RunRow:
         duration_s=max(0.0, end - start) if math.isfinite(end) else None,
         targets=[str(t) for t in m.get("targets") or []],
         versions={str(k): str(v) for k, v in (m.get("versions") or {}).items()}, path=str(run.path),
+        locust_html=LOCUST_HTML_IN_REPORT.format(run_id=run.run_id) if locust_html_of(run.path) else "",
     )
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from loadkit.schema import RUN_LAYOUT
 from loadkit.record.reader import RunData, load_manifest, load_run
 from loadkit.record.writer import record_complete
 
-from .analysis import summarize
+from .analysis import locust_html_of, summarize
 from .summary import ReportSummary
 
 #: the notebook every release report is executed from
@@ -151,6 +152,7 @@ def build_report(
         raise ReportError(f"cannot create report directory {out}: {err.strerror}") from err
     summary_json = out / "summary.json"
     summary_json.write_text(summary.to_json())
+    _copy_locust_html(summary.runs + summary.baseline_runs, out)
 
     executed = out / "capacity_report.ipynb"
     progress(f"executing {notebook.name} ({len(runs)} run(s))")
@@ -171,6 +173,20 @@ def build_report(
     html.write_text(render_html(executed))
     progress(f"report of {release}: {summary.verdict} ({time.perf_counter() - t0:.1f} s) -> {html}")
     return Report(out, html, executed, summary_json, summary)
+
+
+def _copy_locust_html(rows: Sequence, out: Path) -> None:
+    """Each run's Locust HTML beside the report, so the report's links work wherever it is published."""
+    for row in rows:
+        source = locust_html_of(row.path) if row.locust_html else None
+        if source is None:
+            continue
+        target = out / row.locust_html
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)
+        except OSError as err:
+            raise ReportError(f"cannot copy {source} to {target}: {err.strerror}") from err
 
 
 def _execute(notebook: Path, output: Path, parameters: dict, cwd: Path) -> None:

@@ -68,6 +68,9 @@ class RunRow(_Row):
     targets: list[str]
     versions: dict[str, str]
     path: str
+    #: the run's Locust HTML report, copied beside the capacity report: its path relative to the
+    #: report's directory ("" when the run has none, e.g. a run recorded without --html)
+    locust_html: str = ""
 
 
 @dataclass
