@@ -135,8 +135,7 @@ def outcome(run_dir: str | Path, predicted: FirewallResult | None = None) -> dic
     busy = amp[amp["offered_qps"] > 0]
     end = trigger_window(run, amp)[1]
     after = busy[busy.index.to_numpy(dtype=float) - busy["interval_s"].to_numpy(dtype=float) >= end]
-    failed = (float(counters.counter_frame(run, ["dns.timeouts"])["dns.timeouts"].sum())
-              if counters.has_metric(run, "dns.timeouts") else None)
+    failed = counters.total(run, "dns.timeouts") if counters.has_metric(run, "dns.timeouts") else 0.0
     return {
         "run_id": run.run_id,
         "table_peak_n": res.measured_max_entries_n,
