@@ -16,7 +16,9 @@ and the run record are those of every DNS locustfile: :class:`ReplaySender` is a
 :class:`~.sender.DnsSender` whose base schedule is the recording. Success is an answer with
 NOERROR or NXDOMAIN (a recorded query for a name that does not exist is answered correctly with
 NXDOMAIN). Each query's lateness, actual minus scheduled send time, is counted in the generator
-counters as a cumulative histogram (``dns.replay_lateness_le_1ms`` ...; with ``_n``, ``_sum_s``).
+counters as a cumulative histogram (``dns.replay_lateness_le_50us`` ... ``_le_1s``, with ``_n`` and
+``_sum_us``), like a Prometheus histogram: it sums over workers and reads through
+:mod:`loadkit.record.counters`.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from .histogram import LatencyHistogram
 from .replay_input import FORMATS, RecordedQuery, read_queries
 from .retry import PORT_POLICIES
 from .sender import MAX_BASE_BATCH, DnsSender, IntervalReport, Outstanding, SenderOptions, source_addresses
+from .sender import _attempt_socket_room as _socket_room
 
 #: a replayed query succeeds with NOERROR or NXDOMAIN (:data:`.wire.FAILURE_OF`)
 _KIND = wire.KIND_NXDOMAIN
@@ -53,9 +56,12 @@ LATENESS_EDGES_S = {"50us": 50e-6, "100us": 1e-4, "200us": 2e-4, "500us": 5e-4, 
                     "5ms": 5e-3, "10ms": 1e-2, "100ms": 0.1, "1s": 1.0}
 _PROTOCOLS = ("as-recorded", "udp", "tcp", "dot")
 #: the sender's wait for the next query ends this much early and the rest is spun (yielding to
-#: other greenlets each pass): gevent's timers (libev over epoll, millisecond timeouts) wake a
-#: millisecond or more late, which would be every query's lateness
-WAKE_LEAD_S = 0.0015
+#: other greenlets each pass): gevent's timers (libev over epoll) wake 0.1-0.6 ms late. Not more:
+#: on a loaded machine a process that spins is scheduled behind those that sleep, and a 1.5 ms
+#: lead made the median lateness at 2,000 q/s 5 ms instead of 1 ms (benchmarks/replay_timing.py)
+WAKE_LEAD_S = 0.0005
+#: a recording is read this far past --replay-to (stamps of merged captures step back a little)
+_WINDOW_END_SLACK_S = 60.0
 
 
 @dataclass
@@ -155,7 +161,6 @@ class ReplayPlan(NamedTuple):
     target: Target
     path: Path
     origin_unix_s: float  #: recorded time that is offset 0 (the window's start)
-    end_unix_s: float  #: recorded time of the window's end (inf: the file's end)
     clients: dict  #: recorded client address -> number, in order of first appearance
     queries_n: int  #: recorded queries in the window (each is sent ``scale`` times)
     tcp_n: int  #: of which came over TCP (or another stream transport)
@@ -195,11 +200,12 @@ def _check(s: ReplaySettings) -> None:
         raise ProfileError(f"option --dns-tcp-fallback {s.tcp_fallback!r} must be on or off")
     if s.port_policy not in PORT_POLICIES:
         raise ProfileError(f"option --dns-port-policy {s.port_policy!r} must be one of {', '.join(PORT_POLICIES)}")
-    if not s.timeout_s > 0 or not s.backoff >= 1 or not s.stats_interval_s > 0 or s.retries < 0:
-        raise ProfileError("options --dns-timeout and --dns-stats-interval must be > 0, --dns-backoff >= 1, "
-                           "--dns-retries >= 0")
-    if not s.retry_budget >= 0 or not s.retry_budget_window_s > 0:
-        raise ProfileError("option --dns-retry-budget must be >= 0 and --dns-retry-budget-window > 0")
+    for name, ok, rule in (("timeout_s", s.timeout_s > 0, "> 0"), ("stats_interval_s", s.stats_interval_s > 0, "> 0"),
+                           ("backoff", s.backoff >= 1, ">= 1"), ("retries", s.retries >= 0, ">= 0"),
+                           ("retry_budget", s.retry_budget >= 0, ">= 0"),
+                           ("retry_budget_window_s", s.retry_budget_window_s > 0, "> 0")):
+        if not ok or math.isinf(getattr(s, name)):
+            raise ProfileError(f"option {OPTIONS[name][0]} {getattr(s, name):g} must be a number {rule}")
     if s.edns_bytes and not 512 <= s.edns_bytes <= 65535:
         raise ProfileError(f"option --replay-edns-bytes {s.edns_bytes} is outside 512..65535 (0 turns EDNS off)")
 
@@ -222,7 +228,9 @@ def windowed(records: Iterator[RecordedQuery], s: ReplaySettings, bounds: list |
         if lo is not None and ts < lo:
             continue
         if hi is not None and ts >= hi:
-            continue  # not break: a capture's stamps may step back a little
+            if ts >= hi + _WINDOW_END_SLACK_S:
+                return  # well past the window: the rest of the file is later still
+            continue  # a capture's stamps may step back a little: look a bit further
         yield q
 
 
@@ -251,7 +259,7 @@ def plan(settings: ReplaySettings) -> ReplayPlan:
     origin = min(lo, bounds[0][0]) if bounds and bounds[0][0] is not None else lo
     wanted = len(clients) * s.scale
     addresses = source_addresses(min(wanted, s.max_sources), s.first_source)
-    return ReplayPlan(s, target, path, origin, math.inf, clients, n, tcp_n, hi - lo, addresses)
+    return ReplayPlan(s, target, path, origin, clients, n, tcp_n, hi - lo, addresses)
 
 
 # -- the second pass: the recording as the sender's schedule -----------------------------------------
@@ -418,6 +426,10 @@ def build_sender(p: ReplayPlan, index: int = 0, count: int = 1,
     feed = ReplayFeed(p, index, count, s.ports_per_source)
     feed.due(0.0)  # the first batch is read before the clock starts, not on its time
     mine = feed.my_addresses(p.addresses) or [p.addresses[0]]
+    wanted = len(mine) * s.ports_per_source
+    if _socket_room(wanted) < wanted:  # raises the soft open-file limit as far as needed first
+        raise ProfileError(f"{wanted} client sockets ({len(mine)} source addresses x {s.ports_per_source}) do not fit "
+                           f"this process's open-file limit: lower --replay-max-sources or --replay-ports-per-source")
     # as recorded: UDP queries on the fixed sockets, TCP ones on their client's connection
     protocol = s.protocol if s.protocol != "as-recorded" else ("tcp" if p.tcp_n else "udp")
     options = SenderOptions(

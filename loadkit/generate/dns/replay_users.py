@@ -18,13 +18,11 @@ from locust import task
 from locust.util.timespan import parse_timespan
 
 from loadkit.errors import LoadkitError
-from loadkit.generate.metrics import metrics_for
 from loadkit.generate.wiring import exit_on_user_error, print_user_error, tell_workers_their_count, worker_share
 from loadkit.profile.targets import target_spec
 
 from . import replay
 from .histogram import fine_latency_for
-from .sender import IntervalReport
 from .users import DnsRun, DnsUser, _print_interval, _wire_answer_latency
 
 log = logging.getLogger(__name__)
@@ -43,12 +41,6 @@ class ReplayRun(DnsRun):
         if self.replay_plan is None or self.replay_plan.settings != settings:
             self.replay_plan = replay.plan(settings)
         return self.replay_plan
-
-    def on_interval(self, report: IntervalReport) -> None:
-        super().on_interval(report)
-        sender = self.sender
-        if sender is not None and isinstance(sender, replay.ReplaySender) and sender.lateness.count:
-            metrics_for(self.environment).set_gauge("dns.replay_lateness_max_s", sender.lateness.max_s)
 
     def start(self) -> None:
         p = self.make_plan()
