@@ -16,17 +16,15 @@ type is an error. Only names and types are taken from a log; its timing is not r
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import NamedTuple
 
 from loadkit.errors import InputFileError, ProfileError
 
-#: BIND 9 querylog: ``... client @0x... 192.0.2.1#53000 (www.example.com): query: www.example.com IN A +E(0) (10.0.0.1)``
-_BIND_QUERY = re.compile(r"\bquery: (\S+) (\S+) (\S+)(?: |$)")
-#: unbound log-queries: ``[1700000000] unbound[812:0] info: 127.0.0.1 www.example.com. A IN``; a
-#: log-replies line goes on with the rcode, time and size, so the class must end the line
-_UNBOUND_QUERY = re.compile(r"\binfo: (\S+) (\S+) (\S+) (IN|CH|HS|ANY|CLASS\d+)\s*$")
+# the one grammar of query log lines: the replay reader's (which also takes their timing)
+from .replay_querylog import _BIND as _BIND_QUERY
+from .replay_querylog import _UNBOUND as _UNBOUND_QUERY
+
 #: a file is read as a query log when one of its first lines is a query line
 _LOG_SNIFF_LINES = 1000
 
@@ -62,11 +60,9 @@ def load_queries(path: str | Path) -> list[NameQuery]:
 
 def _log_kind(lines: list[str]) -> str | None:
     for raw in lines[:_LOG_SNIFF_LINES]:
-        if raw.lstrip().startswith("#"):
-            continue
-        if _UNBOUND_QUERY.search(raw):
+        if _UNBOUND_QUERY.match(raw):
             return "unbound"
-        if _BIND_QUERY.search(raw):
+        if _BIND_QUERY.match(raw):
             return "BIND"
     return None
 
@@ -102,11 +98,10 @@ def _from_log(p: Path, lines: list[str], log: str) -> list[NameQuery]:
     pattern = _UNBOUND_QUERY if log == "unbound" else _BIND_QUERY
     out: list[NameQuery] = []
     for lineno, raw in enumerate(lines, start=1):
-        m = pattern.search(raw)
+        m = pattern.match(raw)
         if m is None:
-            continue  # a log's other messages
-        # unbound: address, name, type, class; BIND: name, class, type
-        name, qtype_text = (m.group(2), m.group(3)) if log == "unbound" else (m.group(1), m.group(3))
+            continue  # a log's other messages (start-up, log-replies lines)
+        name, qtype_text = m["name"], m["type"]
         try:
             check_name(name)
         except ValueError as err:
