@@ -149,9 +149,10 @@ def test_killed_locust_leaves_an_incomplete_record_that_runs_show_marks_and_repo
         _, stderr = proc.communicate(timeout=60)
     finally:
         stop_proc(proc)
-    assert proc.returncode == 2
-    one_error_line(stderr)
     run_dir = run_dir_of(out)
+    assert proc.returncode == 2
+    line = one_error_line(stderr)
+    assert "killed by signal 9 mid-run" in line and run_dir.name in line and "incomplete" in line
     run = load_run(run_dir)
     # every interval flushed before the kill is there; the record is marked incomplete
     assert len(parts(run_dir)) >= flushed and run.requests["requests_n"].sum() > 0

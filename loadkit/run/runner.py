@@ -447,7 +447,12 @@ class Runner:
             if line.startswith(USER_ERROR_PREFIX):  # a locustfile refused an option: its own line
                 return f"{line.removeprefix(USER_ERROR_PREFIX)} (nothing was run; see {log_path})"
         last = lines[-1] if lines else "no output"
-        return f"Locust exited with status {code} before recording the run: {last} (see {log_path})"
+        how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with status {code}"
+        run_dir = log_path.parent.parent  # <run>/locust/<log>
+        if any((run_dir / RUN_LAYOUT["requests"]).glob("*.parquet")):  # it died mid-run
+            return (f"Locust {how} mid-run: run {run_dir.name} is incomplete, it holds the intervals "
+                    f"flushed before (see {log_path})")
+        return f"Locust {how} before recording the run: {last} (see {log_path})"
 
 
 def run_profile(plan: RunPlan | Profile, out_dir: str | Path = "runs",
