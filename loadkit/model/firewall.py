@@ -191,6 +191,9 @@ def waste_loop(original_qps: float, size_n: float, timeout_s: float, *, retries_
     elif min(admitted_cap, cap_c) <= original_qps:
         reason = (f"the original demand alone reaches min(table {admitted_cap:,.0f}/s, server "
                   f"{cap_c:,.0f}/s): degraded in both states, not metastable")
+    elif not math.isfinite(cap_c):
+        reason = (f"the server's capacity is not known (taken as unlimited: no queue, no late answers), so a "
+                  f"full table answers the {admitted_cap:,.0f}/s it admits, more than the {original_qps:,.0f}/s demand")
     elif not late:
         reason = (f"every admitted attempt is answered in time (answers wait at most {queue_delay_s:.3f} s "
                   f"against a {stub_timeout_s:g} s timeout), so a full table still answers "
