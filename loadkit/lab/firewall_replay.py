@@ -89,7 +89,8 @@ def profile(status: LabStatus, case: ReplayCase, duration: str | None = None) ->
     options.update(case.options)
     options["dns-names-file"] = status.names_file
     p.setdefault("collect", {})["udp_ports"] = [status.firewall.dns.port]
-    p["collect"]["groups"] = {"unbound": f"cmdline:unbound -d -c {re.escape(str(Path(status.dir) / 'conf'))}/unbound\\.conf"}
+    conf = re.escape(str(Path(status.dir) / "conf"))
+    p["collect"]["groups"] = {"unbound": f"cmdline:unbound -d -c {conf}/unbound\\.conf"}
     p["lab"] = lab_settings(case)
     return p
 
@@ -114,7 +115,8 @@ def predict(case: ReplayCase, status: LabStatus | None = None, capacity_qps: flo
     delay = buffer_datagrams(_rcvbuf_bytes(lab)) / capacity_qps if capacity_qps else 0.0
     budget = options.get("dns-retry-budget")
     return firewall_model(float(options.get("dns-rate", 1.0)), float(lab["firewall_sessions"]),
-                          float(lab["firewall_udp_timeout_s"]), port_policy=options.get("dns-port-policy", "per-attempt"),
+                          float(lab["firewall_udp_timeout_s"]),
+                          port_policy=options.get("dns-port-policy", "per-attempt"),
                           retries_n=int(options.get("dns-retries", 0)), capacity_qps=capacity_qps,
                           queue_delay_s=delay, stub_timeout_s=float(options.get("dns-timeout", math.inf)),
                           retry_budget=float(budget) if budget is not None else None)
