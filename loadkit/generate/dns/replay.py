@@ -9,9 +9,10 @@ EDNS (captures and dnstap keep the query's bytes; logs are rebuilt from what the
 ``--replay-scale K`` sends K copies of every query, copy k from a further block of addresses.
 ``--replay-from`` / ``--replay-to`` cut a window (seconds from the first query, or a timestamp).
 
-The recording is read twice and never held: a first pass before anything is sent checks the
-whole file (a bad file stops the run with one line naming it) and numbers the clients; the
-second pass feeds the sender as it sends. Sending, retries, failure classes, interval reports
+The recording is never held in memory: a first pass before anything is sent checks the whole
+file (a bad file stops the run with one line naming it), numbers the clients and spools the
+window's queries to a compact temporary file (:class:`Spool`); the second pass reads that back
+as the sender sends (a struct unpack per query instead of decoding frames again). Sending, retries, failure classes, interval reports
 and the run record are those of every DNS locustfile: :class:`ReplaySender` is a
 :class:`~.sender.DnsSender` whose base schedule is the recording. Success is an answer with
 NOERROR or NXDOMAIN (a recorded query for a name that does not exist is answered correctly with
@@ -25,7 +26,11 @@ from __future__ import annotations
 
 import datetime
 import math
+import os
+import struct
+import tempfile
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -166,6 +171,7 @@ class ReplayPlan(NamedTuple):
     tcp_n: int  #: of which came over TCP (or another stream transport)
     span_s: float  #: recorded time from the window's first to its last query
     addresses: list  #: source addresses of clients x copies (folded at ``max_sources``)
+    spool: Spool  #: the window's queries as the first pass read them
 
 
 def window_time(text: str, first_unix_s: float, option: str) -> float | None:
@@ -234,9 +240,50 @@ def windowed(records: Iterator[RecordedQuery], s: ReplaySettings, bounds: list |
         yield q
 
 
+class Spool:
+    """The first pass's queries in a compact file the second pass reads back: per query one
+    16-byte header (recorded time, client number, request name, transport, length) and its wire
+    bytes. Reading it costs a struct unpack per query, where decoding a capture again costs
+    frames, IP and DNS headers: the replay reads while it sends. Deleted with its last user."""
+
+    HEADER = struct.Struct("<dIBBH")
+
+    def __init__(self) -> None:
+        fd, name = tempfile.mkstemp(prefix="loadkit-replay-", suffix=".spool")
+        self.path = Path(name)
+        self._file = os.fdopen(fd, "wb", buffering=1 << 20)
+        self._finalizer = weakref.finalize(self, _unlink, self.path)
+
+    def add(self, ts_unix_s: float, client: int, qi: int, tcp: bool, tail: bytes) -> None:
+        self._file.write(self.HEADER.pack(ts_unix_s, client, qi, tcp, len(tail)) + tail)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def records(self) -> Iterator[tuple]:
+        """``(ts_unix_s, client, qi, tcp, tail)`` in file order."""
+        size, unpack = self.HEADER.size, self.HEADER.unpack
+        with self.path.open("rb", buffering=1 << 20) as f:
+            read = f.read
+            while True:
+                head = read(size)
+                if len(head) < size:
+                    return
+                ts, client, qi, tcp, n = unpack(head)
+                yield ts, client, qi, tcp, read(n)
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError:
+        pass
+
+
 def plan(settings: ReplaySettings) -> ReplayPlan:
-    """Check the options, the target and the whole recording (the first pass); one line on the
-    first problem (:class:`~loadkit.errors.LoadkitError`)."""
+    """Check the options, the target and the whole recording (the first pass, which also spools
+    the window's queries for the second); one line on the first problem
+    (:class:`~loadkit.errors.LoadkitError`)."""
     s = settings
     _check(s)
     target = user_target("dns", s.host).target
@@ -245,13 +292,21 @@ def plan(settings: ReplaySettings) -> ReplayPlan:
     n = tcp_n = 0
     lo, hi = math.inf, -math.inf
     bounds: list = []
-    for q in windowed(read_queries(path, s.format, s.edns_bytes), s, bounds):
-        n += 1
-        tcp_n += q.tcp
-        if q.client not in clients:
-            clients[q.client] = len(clients)
-        lo = min(lo, q.ts_unix_s)
-        hi = max(hi, q.ts_unix_s)
+    spool = Spool()
+    add = spool.add
+    qtype_index = _QTYPE_INDEX.get
+    try:
+        for q in windowed(read_queries(path, s.format, s.edns_bytes), s, bounds):
+            n += 1
+            tcp_n += q.tcp
+            c = clients.get(q.client)
+            if c is None:
+                c = clients[q.client] = len(clients)
+            lo = min(lo, q.ts_unix_s)
+            hi = max(hi, q.ts_unix_s)
+            add(q.ts_unix_s, c, qtype_index(q.qtype, _OTHER), q.tcp, q.tail)
+    finally:
+        spool.close()
     if not n:
         where = " in the window --replay-from/--replay-to" if s.window_from or s.window_to else ""
         raise InputFileError(f"replay file {path} has no DNS queries{where}")
@@ -259,7 +314,7 @@ def plan(settings: ReplaySettings) -> ReplayPlan:
     origin = min(lo, bounds[0][0]) if bounds and bounds[0][0] is not None else lo
     wanted = len(clients) * s.scale
     addresses = source_addresses(min(wanted, s.max_sources), s.first_source)
-    return ReplayPlan(s, target, path, origin, clients, n, tcp_n, hi - lo, addresses)
+    return ReplayPlan(s, target, path, origin, clients, n, tcp_n, hi - lo, addresses, spool)
 
 
 # -- the second pass: the recording as the sender's schedule -----------------------------------------
@@ -283,8 +338,8 @@ class ReplayFeed:
 
     def __init__(self, p: ReplayPlan, index: int = 0, count: int = 1, ports_per_source: int = 1) -> None:
         s = p.settings
-        self._records = windowed(read_queries(p.path, s.format, s.edns_bytes), s)
-        self._clients = p.clients
+        self._records = p.spool.records()
+        self._spool = p.spool  # kept: the file lives as long as a feed reads it
         self._n_clients = len(p.clients)
         self._n_addr = len(p.addresses)
         self._scale = s.scale
@@ -302,17 +357,15 @@ class ReplayFeed:
 
     def _fill(self, n: int) -> None:
         ahead = self._ahead
-        records, clients, origin, speed = self._records, self._clients, self._origin, self._speed
+        records, origin, speed = self._records, self._origin, self._speed
         one = self._scale == 1 and self._count == 1 and self._n_addr == self._n_clients
         while len(ahead) < n and not self._done:
             q = next(records, None)
             if q is None:
                 self._done = True
                 return
-            ts, client, tail, qtype, tcp = q
+            ts, c, qi, tcp, tail = q
             offset = (ts - origin) / speed
-            qi = _QTYPE_INDEX.get(qtype, _OTHER)
-            c = clients[client]
             if one:  # the common case, without the copy arithmetic
                 ahead.append(_new(_Item, (offset, c * self._ports, tail, qi, tcp)))
                 continue
