@@ -366,12 +366,12 @@ def test_missing_cgroup_and_broken_sink_do_not_stop_the_loop(proc_root, tmp_path
         proc_root=str(proc_root),
         cgroup_root=str(tmp_path),
         interval_s=0.1,
-        duration_s=0.5,
+        duration_s=2.0,  # long enough that a busy host's overrunning samples still give several
     )
     c = Collector(cfg)
     c.add_sink(lambda s: 1 / 0)
     c.run()
-    assert c.samples_n >= 2  # (fewer than 6 only when a busy host makes samples overrun)
+    assert c.samples_n >= 2
     assert c.latest.groups[0].cgroup_memory_bytes == 0
     assert "cgroup_missing:gone" in c.warn.keys
 
@@ -467,7 +467,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(argv, words, capsys):
 def test_cli_collect_writes_parquet_tables(tmp_path, capsys):
     out = tmp_path / "c"
     argv = ["collect", "--group", "me=python", "--udp-port", "5353", "--interval", "0.1",
-            "--duration", "0.5", "--out", str(out), "--proc-root", str(CANNED), "--listen", f"{ADDR}:0",
+            "--duration", "2", "--out", str(out), "--proc-root", str(CANNED), "--listen", f"{ADDR}:0",
             "--allow-missing"]  # the canned root holds no live process for 'me'
     assert cli_main(argv) == 0
     assert "samples" in capsys.readouterr().out
