@@ -293,3 +293,24 @@ def test_unbound_query_log_and_dnstap_replay(lab, make_lab, fstrm_capture, tmp_p
     for second, count in log_seconds.items():
         k = second - first_second
         assert abs(per_half.get(k, 0) - count) <= count * 0.25 + 10, (k, per_half, log_seconds)
+
+
+def test_capture_replays_over_dot_one_connection_per_client(lab, capture) -> None:
+    if lab.dot is None:
+        pytest.skip("this lab serves no DNS over TLS")
+    n = len(list(read_queries(capture)))
+    host, port = lab.dot
+    p = replay.plan(replay.ReplaySettings(host=f"{host}:{port}", file=str(capture), protocol="dot", speed=4.0,
+                                          first_source="127.9.7.1"))
+    sender = replay.build_sender(p)
+    sender.open()
+    try:
+        sender.run()
+    finally:
+        sender.close()
+    t = sender.totals
+    assert t["dns.original_sent"] == n
+    assert t.get("dns.answered", 0) >= n * 0.98
+    # each recorded client keeps its own TLS connection, as Android's Private DNS does
+    assert t.get("dns.tls_handshakes_full", 0) + t.get("dns.tls_handshakes_resumed", 0) >= len(p.clients)
+    assert t.get("dns.stream_connects", 0) <= len(p.clients) * 2  # not one per query
