@@ -3,9 +3,10 @@ and dnstap through fstrm_capture) replay with their timing, clients, transports 
 
 Timing is judged by the replayed inter-arrival distribution, captured again by tcpdump on the wire,
 against the original's: the two-sample Kolmogorov-Smirnov statistic of the gaps between queries
-must stay below ``KS_MAX`` (0.25: a loaded 2-core CI machine delays some sends by milliseconds;
-a replay that ignored the timing, sending everything at once or evenly spaced, scores above 0.5
-on the Poisson recordings used here). Speed and scale are checked by counts and spans with
+must stay below ``KS_MAX`` (0.3: a loaded 2-core CI machine delays some sends by milliseconds,
+and 0.06-0.19 were measured at load averages of 8-14; a replay that ignored the timing scores
+0.63 sending evenly spaced and near 1 sending everything at once, on the Poisson recordings
+used here). Speed and scale are checked by counts and spans with
 generous margins, never by a timing race.
 """
 
@@ -36,10 +37,10 @@ pytestmark = pytest.mark.lab
 
 ROOT = Path(__file__).resolve().parent.parent
 #: largest two-sample KS statistic of replayed against recorded inter-arrival gaps (see above)
-KS_MAX = 0.25
+KS_MAX = 0.3
 #: the same at twice the speed: the gaps are half as long, so the same milliseconds of scheduling
-#: noise weigh twice as much (still well below the 0.6 of evenly spaced sends)
-KS_MAX_FAST = 0.35
+#: noise weigh twice as much (0.16-0.26 measured; still well below the 0.63 of evenly spaced sends)
+KS_MAX_FAST = 0.4
 needs_tcpdump = pytest.mark.skipif(shutil.which("tcpdump") is None, reason="tcpdump is not installed")
 
 
