@@ -91,6 +91,7 @@ def test_plan_windows_copies_and_source_addresses(mixed_pcap: Path) -> None:
     p = replay.plan(replay.ReplaySettings(host=TARGET, file=str(mixed_pcap), scale=2, first_source="127.9.9.1"))
     assert p.queries_n == 5 and p.tcp_n == 2
     assert p.clients == {"10.0.0.1": 0, "10.0.0.2": 1, "10.0.0.3": 2}  # first appearance
+    assert p.qtypes == ["A", "AAAA", "MX"]  # the request names: the types the recording has
     assert p.addresses == [f"127.9.9.{i}" for i in range(1, 7)]  # 3 clients x 2 copies
     feed = replay.ReplayFeed(p)
     items = [feed.pop() for _ in range(feed.due(10.0) - feed.popped)]

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple
 
 import gevent
+import dns.rdatatype
 import numpy as np
 
 from loadkit.errors import InputFileError, ProfileError
@@ -51,11 +52,15 @@ from .sender import _attempt_socket_room as _socket_room
 
 #: a replayed query succeeds with NOERROR or NXDOMAIN (:data:`.wire.FAILURE_OF`)
 _KIND = wire.KIND_NXDOMAIN
-#: Locust request names: these query types by name, every other one as "other"
-QTYPE_NAMES = ("A", "AAAA", "MX", "TXT", "NS", "PTR", "SOA", "CNAME", "SRV", "HTTPS", "SVCB", "DS", "DNSKEY",
-               "ANY", "other")
-_QTYPE_INDEX = {int(wire.parse_qtype(n)): i for i, n in enumerate(QTYPE_NAMES[:-1])}
-_OTHER = len(QTYPE_NAMES) - 1
+#: most distinct request names (query types) of one replay; the rarest beyond are "other"
+MAX_QTYPE_NAMES = 64
+
+
+def qtype_name(qtype: int) -> str:
+    """The Locust request name of a query type: its mnemonic (A, AAAA, TYPE65...)."""
+    return dns.rdatatype.to_text(qtype)
+
+
 #: upper edges of the lateness counters (cumulative, as Prometheus histograms): name -> seconds
 LATENESS_EDGES_S = {"50us": 50e-6, "100us": 1e-4, "200us": 2e-4, "500us": 5e-4, "1ms": 1e-3, "2ms": 2e-3,
                     "5ms": 5e-3, "10ms": 1e-2, "100ms": 0.1, "1s": 1.0}
@@ -172,6 +177,7 @@ class ReplayPlan(NamedTuple):
     span_s: float  #: recorded time from the window's first to its last query
     addresses: list  #: source addresses of clients x copies (folded at ``max_sources``)
     spool: Spool  #: the window's queries as the first pass read them
+    qtypes: list  #: the request names (query types seen, in order of appearance)
 
 
 def window_time(text: str, first_unix_s: float, option: str) -> float | None:
@@ -294,7 +300,7 @@ def plan(settings: ReplaySettings) -> ReplayPlan:
     bounds: list = []
     spool = Spool()
     add = spool.add
-    qtype_index = _QTYPE_INDEX.get
+    qtypes: dict[int, int] = {}  # query type -> request name number, in order of appearance
     try:
         for q in windowed(read_queries(path, s.format, s.edns_bytes), s, bounds):
             n += 1
@@ -304,7 +310,10 @@ def plan(settings: ReplaySettings) -> ReplayPlan:
                 c = clients[q.client] = len(clients)
             lo = min(lo, q.ts_unix_s)
             hi = max(hi, q.ts_unix_s)
-            add(q.ts_unix_s, c, qtype_index(q.qtype, _OTHER), q.tcp, q.tail)
+            qi = qtypes.get(q.qtype)
+            if qi is None:
+                qi = qtypes[q.qtype] = len(qtypes) if len(qtypes) < MAX_QTYPE_NAMES else MAX_QTYPE_NAMES
+            add(q.ts_unix_s, c, qi, q.tcp, q.tail)
     finally:
         spool.close()
     if not n:
@@ -314,7 +323,10 @@ def plan(settings: ReplaySettings) -> ReplayPlan:
     origin = min(lo, bounds[0][0]) if bounds and bounds[0][0] is not None else lo
     wanted = len(clients) * s.scale
     addresses = source_addresses(min(wanted, s.max_sources), s.first_source)
-    return ReplayPlan(s, target, path, origin, clients, n, tcp_n, hi - lo, addresses, spool)
+    names = [qtype_name(t) for t, i in sorted(qtypes.items(), key=lambda kv: kv[1]) if i < MAX_QTYPE_NAMES]
+    if len(qtypes) > MAX_QTYPE_NAMES:
+        names.append("other")
+    return ReplayPlan(s, target, path, origin, clients, n, tcp_n, hi - lo, addresses, spool, names)
 
 
 # -- the second pass: the recording as the sender's schedule -----------------------------------------
@@ -326,7 +338,7 @@ class _Item(NamedTuple):
     offset_s: float  #: when it is due, from the start of sending
     sock: int  #: first socket slot of its source address in this process
     tail: bytes
-    qi: int  #: request name (index into QTYPE_NAMES)
+    qi: int  #: request name (index into ReplayPlan.qtypes)
     tcp: bool
 
 
@@ -403,10 +415,11 @@ class ReplayFeed:
 
 class _Pool:
     """What :class:`~.sender.DnsSender` asks of a query pool: the request names (the recording
-    brings the queries)."""
+    brings the queries). Only the types the recording has: each name costs the sender a tally."""
 
-    qtypes = list(QTYPE_NAMES)
-    queries = [None]
+    def __init__(self, qtypes: list[str]) -> None:
+        self.qtypes = list(qtypes)
+        self.queries = [None]
 
 
 class ReplaySender(DnsSender):
@@ -415,8 +428,9 @@ class ReplaySender(DnsSender):
     retried, classed and tallied like every DNS query, and its lateness is counted."""
 
     def __init__(self, target: Target, feed: ReplayFeed, options: SenderOptions, *, sources: list[str],
-                 protocol: str = "as-recorded", on_interval: Callable[[IntervalReport], None] | None = None) -> None:
-        super().__init__(target, _Pool(), options, base=feed, sources=sources, on_interval=on_interval)
+                 qtypes: list[str], protocol: str = "as-recorded",
+                 on_interval: Callable[[IntervalReport], None] | None = None) -> None:
+        super().__init__(target, _Pool(qtypes), options, base=feed, sources=sources, on_interval=on_interval)
         self.feed = feed
         self.replay_protocol = protocol
         #: lateness of every query sent (actual - scheduled send), whole run and last interval
@@ -493,7 +507,8 @@ def build_sender(p: ReplayPlan, index: int = 0, count: int = 1,
         # the recording's span at this speed, plus room: the replay ends with its file
         max_duration_s=p.span_s / s.speed + 60.0,
     )
-    return ReplaySender(p.target, feed, options, sources=mine, protocol=s.protocol, on_interval=on_interval)
+    return ReplaySender(p.target, feed, options, sources=mine, qtypes=p.qtypes, protocol=s.protocol,
+                        on_interval=on_interval)
 
 
 def describe(p: ReplayPlan) -> str:
