@@ -157,6 +157,36 @@ def exit_on_user_error(err: LoadkitError | str) -> NoReturn:
     sys.exit(err.exit_code if isinstance(err, LoadkitError) else 2)
 
 
+class _Startable(Protocol):
+    def start(self) -> None: ...
+
+
+def start_at_test_start(environment: Any, attr: str) -> bool:
+    """The ``test_start`` step every generator shares: a master tells its workers their count; a
+    load process starts the generator it keeps at ``environment.<attr>``, and a user error from
+    that start is its one line, exit status 2 and the runner quit (the test has begun, so no
+    ``sys.exit``). True when the generator started; False on a master, under ``run_single_user``
+    (no runner: the user runs the generator itself) or after an error."""
+    import gevent  # here: the rest of this module is plain Python, importable without Locust
+
+    runner = environment.runner
+    if _is_runner(runner, "MasterRunner"):
+        tell_workers_their_count(environment)
+        return False
+    generator: _Startable | None = getattr(environment, attr, None)
+    if generator is None or runner is None:
+        return False
+    try:
+        generator.start()
+    except LoadkitError as err:
+        log.error("%s", err)
+        print_user_error(err)
+        environment.process_exit_code = 2
+        gevent.spawn_later(0, runner.quit)
+        return False
+    return True
+
+
 __all__ = [
     "USER_ERROR_PREFIX",
     "WORKERS_OPTION",
@@ -164,6 +194,7 @@ __all__ = [
     "exit_on_user_error",
     "piggyback",
     "print_user_error",
+    "start_at_test_start",
     "tell_workers_their_count",
     "worker_share",
 ]

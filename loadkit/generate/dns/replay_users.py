@@ -18,7 +18,7 @@ from locust import task
 from locust.util.timespan import parse_timespan
 
 from loadkit.errors import LoadkitError
-from loadkit.generate.wiring import exit_on_user_error, print_user_error, tell_workers_their_count, worker_share
+from loadkit.generate.wiring import exit_on_user_error, start_at_test_start, worker_share
 from loadkit.profile.targets import target_spec
 
 from . import replay
@@ -92,20 +92,7 @@ def install(events: Any, settings: replay.ReplaySettings | None = None) -> None:
 
     @events.test_start.add_listener
     def _on_test_start(environment: Any, **_kw: Any) -> None:
-        runner = environment.runner
-        if type(runner).__name__ == "MasterRunner":
-            tell_workers_their_count(environment)
-            return
-        run: ReplayRun | None = getattr(environment, "loadkit_dns", None)
-        if run is None or runner is None:
-            return
-        try:
-            run.start()
-        except LoadkitError as err:
-            log.error("%s", err)
-            print_user_error(err)
-            environment.process_exit_code = 2
-            gevent.spawn_later(0, runner.quit)
+        start_at_test_start(environment, "loadkit_dns")
 
     @events.test_stop.add_listener
     def _on_test_stop(environment: Any, **_kw: Any) -> None:

@@ -35,8 +35,7 @@ from loadkit.generate.shapes import KneeCriteria, KneeDetector, KneePoint
 from loadkit.generate.wiring import (
     exit_on_user_error,
     piggyback,
-    print_user_error,
-    tell_workers_their_count,
+    start_at_test_start,
     worker_share,
 )
 from loadkit.profile.targets import Target, target_spec, user_target
@@ -566,20 +565,7 @@ def install(events: Any, settings: DnsSettings | None = None) -> None:
 
     @events.test_start.add_listener
     def _on_test_start(environment: Any, **_kw: Any) -> None:
-        runner = environment.runner
-        if type(runner).__name__ == "MasterRunner":
-            tell_workers_their_count(environment)
-            return
-        run: DnsRun | None = getattr(environment, "loadkit_dns", None)
-        if run is None or runner is None:
-            return  # run_single_user: the user runs the sender itself
-        try:
-            run.start()
-        except LoadkitError as err:
-            log.error("%s", err)
-            print_user_error(err)
-            environment.process_exit_code = 2
-            gevent.spawn_later(0, runner.quit)
+        start_at_test_start(environment, "loadkit_dns")  # run_single_user: the user runs the sender
 
     @events.test_stop.add_listener
     def _on_test_stop(environment: Any, **_kw: Any) -> None:

@@ -33,7 +33,7 @@ from locust import User, task
 
 from loadkit.errors import InputFileError, LoadkitError, ProfileError
 from loadkit.generate.metrics import metrics_for
-from loadkit.generate.wiring import exit_on_user_error, print_user_error, tell_workers_their_count, worker_share
+from loadkit.generate.wiring import exit_on_user_error, start_at_test_start, worker_share
 
 from .login_replay_input import LoginLog, ReplayLogin, read_login_log
 from .users import ImapUser, MailUser, Pop3User
@@ -201,22 +201,10 @@ def install(events: Any) -> None:
 
     @events.test_start.add_listener
     def _on_test_start(environment: Any, **_kw: Any) -> None:
-        runner = environment.runner
-        if type(runner).__name__ == "MasterRunner":
-            tell_workers_their_count(environment)
-            return
-        replay: LoginReplay | None = getattr(environment, "loadkit_login_replay", None)
-        if replay is None or runner is None:
-            return  # run_single_user: the user runs the replay itself
-        try:
-            replay.start()
-        except LoadkitError as err:
-            print_user_error(err)
-            environment.process_exit_code = 2
-            gevent.spawn_later(0, runner.quit)
-            return
-        if getattr(environment.parsed_options, "headless", False):
-            gevent.spawn(_quit_when_done, replay, runner)
+        # run_single_user: the user runs the replay itself
+        if start_at_test_start(environment, "loadkit_login_replay") and getattr(
+                environment.parsed_options, "headless", False):
+            gevent.spawn(_quit_when_done, environment.loadkit_login_replay, environment.runner)
 
     @events.test_stop.add_listener
     def _on_test_stop(environment: Any, **_kw: Any) -> None:
