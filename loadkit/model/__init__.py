@@ -11,12 +11,10 @@ dataclass with its uncertainty, ``summary()`` (one line), ``to_dict()``, ``to_js
 - firewall session table: :func:`firewall_model`, :func:`fit_firewall`
 - anomalies: :func:`find_anomalies`
 - per-source rate limit: :func:`source_limit`, :func:`fit_source_limit`
-- per-source rate limit: :func:`source_limit`, :func:`fit_source_limit`
 """
 
 from loadkit.model.anomalies import AnomalyResult, ChangePoint, DailyPeriod, Spike, find_anomalies, kpi_series
 from loadkit.model.headroom import HeadroomResult, ProxyFit, cascade, fit_headroom, headroom_points, huber_line
-from loadkit.model.source_limit import LimitRow, SourceLimitResult, fit_source_limit, source_limit
 from loadkit.model.source_limit import LimitRow, SourceLimitResult, fit_source_limit, source_limit
 from loadkit.model.retries import (
     LoopStates,
@@ -63,6 +61,5 @@ __all__ = [
     "usl_points", "usl_throughput",
     "BurstObservation", "SocketFit", "UdpBurstFit", "so_rcvbuf_for",
     "LoopStates", "fit_retry_loop", "retry_loop_states", "trigger_window",
-    "LimitRow", "SourceLimitResult", "fit_source_limit", "source_limit",
     "LimitRow", "SourceLimitResult", "fit_source_limit", "source_limit",
 ]
