@@ -113,7 +113,7 @@ class AnomalyResult(Result):
         return head + "; ".join(parts)
 
 
-def _to_unix(series: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+def to_unix(series: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     s = series.dropna()
     if isinstance(s.index, pd.DatetimeIndex):
         idx = s.index if s.index.tz is not None else s.index.tz_localize("UTC")
@@ -173,7 +173,7 @@ def find_anomalies(series: pd.Series, *, z_threshold: float = 6.0, window_s: flo
     """
     if not isinstance(series, pd.Series):
         raise ModelError("find_anomalies needs a pandas Series indexed by time")
-    t, v = _to_unix(series)
+    t, v = to_unix(series)
     if len(v) < 20:
         raise ModelError(f"series {name or series.name!r} has {len(v)} points; need >= 20 to tell normal from anomalous")
     step = float(np.median(np.diff(t)))
@@ -193,8 +193,8 @@ def find_anomalies(series: pd.Series, *, z_threshold: float = 6.0, window_s: flo
         sigma = float(np.min(nz)) if len(nz) else 1.0
     score = dev / sigma
     threshold = float(np.median(v)) + z_threshold * sigma
-    spikes = _spikes(t, v, score, z_threshold)
-    daily = _daily_period(spikes, t, day_tolerance_s, min_days)
+    spikes = find_spikes(t, v, score, z_threshold)
+    daily = daily_period(spikes, t, day_tolerance_s, min_days)
     cps, deseasoned = _level_shifts(t, v, step, win, sigma, z_threshold, change_min_s or 4 * window_s)
 
     delays: dict[int, float | None] = {}
@@ -210,7 +210,7 @@ def find_anomalies(series: pd.Series, *, z_threshold: float = 6.0, window_s: flo
                          window_s=float(win * step), daily_pattern_removed=deseasoned)
 
 
-def _spikes(t: np.ndarray, v: np.ndarray, score: np.ndarray, z: float) -> list[Spike]:
+def find_spikes(t: np.ndarray, v: np.ndarray, score: np.ndarray, z: float) -> list[Spike]:
     """Runs of points above the threshold, merged when closer than 2 samples."""
     above = score > z
     spikes: list[Spike] = []
@@ -291,7 +291,7 @@ def _polled_detection(t: np.ndarray, v: np.ndarray, spikes: list[Spike], p: floa
     return (delays[0] if delays else None), sum(d is not None for d in delays)
 
 
-def _daily_period(spikes: list[Spike], t: np.ndarray, tol_s: float, min_days: int) -> DailyPeriod | None:
+def daily_period(spikes: list[Spike], t: np.ndarray, tol_s: float, min_days: int) -> DailyPeriod | None:
     days_observed = int(len(np.unique(np.floor(t / 86400.0))))
     if len(spikes) < min_days or days_observed < min_days:
         return None

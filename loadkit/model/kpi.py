@@ -39,7 +39,7 @@ import pandas as pd
 
 from loadkit.errors import ModelError
 from loadkit.model._result import Result
-from loadkit.model.anomalies import DEFAULT_POLLING_S, DailyPeriod, Spike, _daily_period, _spikes, _to_unix
+from loadkit.model.anomalies import DEFAULT_POLLING_S, DailyPeriod, Spike, daily_period, find_spikes, to_unix
 
 DAY_S = 86400.0
 #: the residuals' spread is estimated per this much of the day (or 4 polls, if longer)
@@ -271,7 +271,7 @@ def score_series(t: np.ndarray, v: np.ndarray, *, slot_s: float, window_s: float
 def _arrays(series: pd.Series) -> tuple[np.ndarray, np.ndarray, float]:
     if not isinstance(series, pd.Series):
         raise ModelError("a KPI review needs a pandas Series indexed by time")
-    t, v = _to_unix(series)
+    t, v = to_unix(series)
     keep = np.isfinite(v)
     t, v = t[keep], v[keep]
     if len(v) < 20:
@@ -385,8 +385,8 @@ def review_kpi(series: pd.Series, *, z_threshold: float = 6.0, longest_spike_s: 
     t = t_unix + utc_offset_s  # the local clock, for everything that depends on the time of day
     window_s = 3.0 * longest_spike_s
     sc = score_series(t, v, slot_s=step, window_s=window_s, z_threshold=z_threshold)
-    spikes = _merge(_spikes(t, v, sc["score"].to_numpy(), z_threshold), max(3 * step, merge_gap_s))
-    daily = _daily_period(spikes, t, day_tolerance_s, min_days)
+    spikes = _merge(find_spikes(t, v, sc["score"].to_numpy(), z_threshold), max(3 * step, merge_gap_s))
+    daily = daily_period(spikes, t, day_tolerance_s, min_days)
     daily_start = _daily_start(spikes, daily, day_tolerance_s)
     views = [_view(t, v, spikes, float(p), step, mode, z_threshold, window_s) for p in polling_s]
     profile = sc.attrs["profile"]

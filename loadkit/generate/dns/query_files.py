@@ -22,8 +22,7 @@ from typing import NamedTuple
 from loadkit.errors import InputFileError, ProfileError
 
 # the one grammar of query log lines: the replay reader's (which also takes their timing)
-from .replay_querylog import _BIND as _BIND_QUERY
-from .replay_querylog import _UNBOUND as _UNBOUND_QUERY
+from .replay_querylog import BIND_QUERYLOG_LINE, UNBOUND_QUERY_LINE
 
 #: a file is read as a query log when one of its first lines is a query line
 _LOG_SNIFF_LINES = 1000
@@ -60,9 +59,9 @@ def load_queries(path: str | Path) -> list[NameQuery]:
 
 def _log_kind(lines: list[str]) -> str | None:
     for raw in lines[:_LOG_SNIFF_LINES]:
-        if _UNBOUND_QUERY.match(raw):
+        if UNBOUND_QUERY_LINE.match(raw):
             return "unbound"
-        if _BIND_QUERY.match(raw):
+        if BIND_QUERYLOG_LINE.match(raw):
             return "BIND"
     return None
 
@@ -95,7 +94,7 @@ def _from_query_file(p: Path, lines: list[str]) -> list[NameQuery]:
 def _from_log(p: Path, lines: list[str], log: str) -> list[NameQuery]:
     from loadkit.generate.dns.wire import check_name
 
-    pattern = _UNBOUND_QUERY if log == "unbound" else _BIND_QUERY
+    pattern = UNBOUND_QUERY_LINE if log == "unbound" else BIND_QUERYLOG_LINE
     out: list[NameQuery] = []
     for lineno, raw in enumerate(lines, start=1):
         m = pattern.match(raw)

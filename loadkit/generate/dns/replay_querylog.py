@@ -38,12 +38,12 @@ from loadkit.errors import InputFileError
 
 from .replay_input import RecordedQuery, make_query
 
-_BIND = re.compile(
+BIND_QUERYLOG_LINE = re.compile(
     r"^(?P<ts>\d{2}-[A-Za-z]{3}-\d{4} \d{2}:\d{2}:\d{2}(?:\.\d+)?) .*?client (?:@\S+ )?"
     r"(?P<client>[0-9A-Fa-f:.]+)#\d+(?: \([^)]*\))?: (?:view \S+: )?query: "
     r"(?P<name>\S+) (?P<cls>\S+) (?P<type>\S+) (?P<flags>[+-]\S*)"
 )
-_UNBOUND = re.compile(
+UNBOUND_QUERY_LINE = re.compile(
     r"^(?:\[(?P<epoch>\d+)\]|(?P<ascii>[A-Z][a-z]{2} [ \d]\d \d{2}:\d{2}:\d{2})) unbound\[[\d:]+\] "
     r"(?:info|query): (?P<client>[0-9A-Fa-f:.]+) (?P<name>\S+) (?P<type>\S+) (?P<cls>\S+)$"
 )
@@ -118,7 +118,7 @@ def read_querylog(path: Path, edns_bytes: int = 1232) -> Iterator[RecordedQuery]
         for lineno, line in enumerate(f, start=1):
             if "\0" in line:
                 raise InputFileError(f"query log {path} line {lineno}: binary data (not a query log)")
-            m = _BIND.match(line)
+            m = BIND_QUERYLOG_LINE.match(line)
             if m is not None:
                 flags = m["flags"]
                 edns = edns_bytes if "E" in flags else 0
@@ -127,7 +127,7 @@ def read_querylog(path: Path, edns_bytes: int = 1232) -> Iterator[RecordedQuery]
                 found += 1
                 yield make_query(_bind_time(m["ts"]), m["client"], tail, qtype, "T" in flags)
                 continue
-            m = _UNBOUND.match(line.rstrip("\n"))
+            m = UNBOUND_QUERY_LINE.match(line.rstrip("\n"))
             if m is None:
                 continue
             ts = float(m["epoch"]) if m["epoch"] else _ascii_time(m["ascii"], year, mtime)
