@@ -10,13 +10,20 @@ STAMP := $(VENV)/.installed
 
 setup: debs venv
 
-# Debian packages, only when root and only when something is missing.
+# Debian packages, only when root and only when something is missing. The lab runs its own
+# unbound, dovecot, haproxy and Prometheus on loopback; the system services the packages would start
+# (dovecot and Prometheus on every interface) are stopped and disabled when this installed them.
 debs:
 	@if [ "$$(id -u)" = 0 ]; then \
 	  missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	  if [ -n "$$missing" ]; then \
 	    echo "installing Debian packages:$$missing"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	    if [ -d /run/systemd/system ]; then \
+	      for s in unbound dovecot haproxy prometheus; do \
+	        case "$$missing" in *$$s*) systemctl disable --now $$s >/dev/null 2>&1 || true;; esac; \
+	      done; \
+	    fi; \
 	  fi; \
 	else \
 	  for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo "warning: Debian package $$p is missing (run as root to install)"; done; \
