@@ -119,6 +119,22 @@ def test_loadkit_run_without_a_capacity_is_one_line_and_records_nothing(tmp_path
     assert not out.exists() or not any(out.iterdir())
 
 
+def test_the_report_names_the_expression_and_the_figure(tmp_path: Path) -> None:
+    """A run whose load was relative to capacity is reported with both, as its setup: a lab that
+    measured another capacity is another setup, never merged with this one."""
+    from loadkit.record.reader import load_run
+    from loadkit.record.synthetic import write_dns_run
+    from loadkit.record.writer import RunWriter
+    from loadkit.report.analysis import run_setup
+
+    p = resolve_capacity(load_profile(_profile(tmp_path, 'dns-rate = "1.5 capacity"')), _lab(14_239))
+    run_dir = write_dns_run(tmp_path / "runs", duration_s=20)
+    plain = run_setup(load_run(run_dir))
+    RunWriter(run_dir).update_manifest(profile=p.to_dict())
+    setup = run_setup(load_run(run_dir))
+    assert setup.startswith(plain[:-1]) and "dns-rate 1.5 capacity = 21,358 q/s of 14,239 q/s measured" in setup
+
+
 def offered_qps(run_dir: Path) -> float:
     """The median of the original queries per second over the generator's full record intervals:
     the first interval with queries (a slow start, then the open-loop schedule catching up) and

@@ -108,6 +108,11 @@ def run_setup(run: RunData) -> str:
         limits = g.groupby("group")["cgroup_limit_bytes"].max()
         sizes = sorted({f"{v / MIB:.0f} MiB" for v in limits})
         parts.append(f"{len(limits)} proxies × {'/'.join(sizes)}")
+    # a load stated relative to the lab's measured capacity: the expression and the figure it was
+    # (a lab measuring another capacity is another setup)
+    for option, row in ((m.get("profile") or {}).get("capacity_relative") or {}).items():
+        parts.append(f"{option} {row.get('expression')} = {num(row.get('value_qps')) or 0:,.0f} q/s "
+                     f"of {num(row.get('capacity_qps')) or 0:,.0f} q/s measured")
     return f"{m.get('scenario', '') or 'no scenario'} ({'; '.join(parts)})"
 
 
