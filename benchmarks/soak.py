@@ -18,6 +18,10 @@ process's RSS at the end of the warm-up (a slope is read against that size). Sam
 ``--csv``. Every process it starts is stopped by its PID; the lab it made is brought down.
 
     python benchmarks/soak.py --minutes 30 [--address 127.0.0.1] [--csv soak.csv]
+    python benchmarks/soak.py --from-csv soak.csv [--warmup-minutes 9]   # the figures again
+
+The table also gives the slope over the second half of the samples after the warm-up: a process
+that grows early and then levels off (a cache filling) shows a flat second half; a leak does not.
 """
 
 from __future__ import annotations
@@ -131,7 +135,16 @@ def main() -> int:
     ap.add_argument("--burst", type=int, default=300, help="DNS burst size every 10 s (default 300)")
     ap.add_argument("--dwell", type=float, default=1.0, help="seconds each IMAP session is held (default 1)")
     ap.add_argument("--csv", type=Path, default=None, help="write the samples here")
+    ap.add_argument("--from-csv", type=Path, default=None,
+                    help="no run: print the figures of samples written earlier with --csv")
     args = ap.parse_args()
+    if args.from_csv:
+        with open(args.from_csv, newline="") as fh:
+            rows = [{**r, "elapsed_s": float(r["elapsed_s"]), "rss_bytes": int(r["rss_bytes"]),
+                     "fds_n": int(r["fds_n"])} for r in csv.DictReader(fh)]
+        minutes = max(r["elapsed_s"] for r in rows) / 60
+        warm = args.warmup_minutes if args.warmup_minutes is not None else max(2.0, minutes / 5)
+        return report(rows, 60 * warm)
     duration_s = int(args.minutes * 60)
     warmup_s = 60 * (args.warmup_minutes if args.warmup_minutes is not None else max(2.0, args.minutes / 5))
 
@@ -199,7 +212,7 @@ def main() -> int:
 def report(rows: list[dict], warmup_s: float) -> int:
     ok = True
     print(f"{'process':10} {'samples':>7} {'rss@warmup MiB':>14} {'rss@end MiB':>11} "
-          f"{'slope MiB/10min':>15} {'fds@warmup':>10} {'fds@end':>7} {'fds max':>7}")
+          f"{'slope MiB/10min':>15} {'2nd half':>8} {'fds@warmup':>10} {'fds@end':>7} {'fds max':>7}")
     for role in ("generator", "master", "collector", "runner"):
         mine = [r for r in rows if r["role"] == role and r["elapsed_s"] >= warmup_s]
         if len(mine) < 3:
@@ -210,9 +223,12 @@ def report(rows: list[dict], warmup_s: float) -> int:
         rss = [r["rss_bytes"] / MiB for r in mine]
         fds = [r["fds_n"] for r in mine]
         slope = slope_per_10min(ts, rss)
+        # the slope over the second half tells a plateau reached late in the warm-up from a leak
+        half = len(ts) // 2
+        late = slope_per_10min(ts[half:], rss[half:])
         fd_growth = fds[-1] - fds[0]
         ok = ok and slope <= 1.0 and fd_growth <= 0
-        print(f"{role:10} {len(mine):7d} {rss[0]:14.1f} {rss[-1]:11.1f} {slope:15.3f} "
+        print(f"{role:10} {len(mine):7d} {rss[0]:14.1f} {rss[-1]:11.1f} {slope:15.3f} {late:8.3f} "
               f"{fds[0]:10d} {fds[-1]:7d} {max(fds):7d}")
     print(f"goal: <= 1 MiB per 10 min and no fd growth after the warm-up: {'met' if ok else 'NOT met'}")
     return 0 if ok else 1
