@@ -483,7 +483,9 @@ def incident_firewall(work: Path, address: str, runs_dir: Path) -> dict:
             predicted = fw.predict(case, status)
             run = run_scenario(fw.profile(status, case), f"retry_storm_firewall_{label}", runs_dir,
                                timeout_s=300, lab_dir=status.dir)
-            results[label] = {"case": case.label, **dns_outcome(run), **fw.outcome(run, predicted)}
+            results[label] = {"case": case.label,
+                              "capacity_qps": status.dns_cpu.capacity_qps if status.dns_cpu else None,
+                              **dns_outcome(run), **fw.outcome(run, predicted)}
         finally:
             lab.down()
     return results
