@@ -81,7 +81,7 @@ def test_firewall_and_cpu_settings_are_checked():
     with pytest.raises(ProfileError, match="collide"):
         LabConfig(dns_port=1142, firewall_sessions=10)  # 1143 is IMAP
     for bad in ({"firewall_sessions": -1}, {"firewall_udp_timeout_s": 0},
-                {"firewall_udp_timeout_s": "30"}, {"dns_cpu": -0.5}, {"proxy_cpu": 0.001}):
+                {"firewall_udp_timeout_s": "30"}, {"dns_cpu": -0.5}, {"proxy_cpu": 0.001}, {"dns_cpu": 0.05}):
         with pytest.raises(ProfileError):
             LabConfig(**bad)
 

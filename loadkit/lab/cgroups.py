@@ -204,7 +204,7 @@ def create_cpu(version: int, hier: Path, lab_id: str, name: str, cores: float) -
     same directory as the memory group of that name (one unified tree)."""
     lab = hier / PARENT / lab_id
     path = lab / name
-    quota_us = max(1000, int(round(cores * CPU_PERIOD_US)))  # the kernel's minimum quota is 1 ms
+    quota_us = max(1000, int(round(cores * CPU_PERIOD_US)))  # 1 ms is the kernel minimum (config refuses < 0.1)
     if version == 2:
         for group in (hier, hier / PARENT, lab):
             group.mkdir(exist_ok=True)

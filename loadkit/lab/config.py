@@ -135,9 +135,10 @@ class LabConfig:
         _at_least("proxy_restarts_max", self.proxy_restarts_max, 1)
         for name in ("dns_cpu", "proxy_cpu"):
             value = getattr(self, name)
-            # 0 is "no quota"; below 0.01 of a core the server cannot even answer its probe
+            # 0 is "no quota"; the kernel's smallest quota is 1 ms per period (10 ms here), so 0.1 of a
+            # core is the least a quota can give: a smaller figure would silently be 0.1
             if value != 0:
-                _number_in(name, value, 0.01, 64.0)
+                _number_in(name, value, 0.1, 64.0)
         ports = self.all_ports()
         for port in ports:
             if not 1 <= port <= 65535:
