@@ -345,7 +345,8 @@ def test_a_fallen_proxy_is_restarted_under_the_storm_and_the_sawtooth_is_recorde
 
     the_lab = Lab.from_dir(status.dir)
     try:
-        wait_for(lambda: the_lab.status().proxies[0].restarts >= 2, timeout_s=75, what="two restarts of the proxy")
+        wait_for(lambda: (lambda p: p.restarts >= 2 and p.up)(the_lab.status().proxies[0]), timeout_s=75,
+                 what="two restarts of the proxy")
         time.sleep(1.5)  # the collector sees the second master start
         stderr = stop_run(proc)
     finally:

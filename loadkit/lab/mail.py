@@ -176,7 +176,7 @@ def write_proxy_conf(cfg: LabConfig, n: int, conf_dir: Path, run_dir: Path, log_
     # as the incident's proxies: a login process per connection that lives for the session
     login = ["service_count = 1", "client_limit = 1", "process_limit = 5000",
              "process_min_avail = 0"]
-    lines = _common(cfg, run_dir / f"p{n}", f"lk-{cfg.lab_id}-proxy{n}", log_path) + [
+    lines = _common(cfg, proxy_base_dir(run_dir, n), f"lk-{cfg.lab_id}-proxy{n}", log_path) + [
         # %s is the service (imap or pop3): each goes to the backend's port for it
         "passdb {\n  driver = static\n"
         f"  args = proxy=y host={cfg.address} port=%{{if;%s;eq;imap;{b_imap};{b_pop3}}} "
@@ -188,6 +188,11 @@ def write_proxy_conf(cfg: LabConfig, n: int, conf_dir: Path, run_dir: Path, log_
     path = conf_dir / f"dovecot-proxy{n}.conf"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def proxy_base_dir(run_dir: Path, n: int) -> Path:
+    """Proxy ``n``'s dovecot ``base_dir`` (its ``master.pid`` and sockets) in the runtime directory."""
+    return run_dir / f"p{n}"
 
 
 def dovecot_argv(conf: Path) -> list[str]:

@@ -129,6 +129,9 @@ class Supervisor:
                 cgroups.join(group)
 
         n = int(name[len("proxy"):])
+        # dovecot refuses to start while master.pid names a live PID, and a killed master whose
+        # parent has not reaped it yet still has one (a zombie): the file is stale, the master gone
+        (mail.proxy_base_dir(Path(state["runtime_dir"]), n) / "master.pid").unlink(missing_ok=True)
         conf = self.dir / "conf" / f"dovecot-{name}.conf"
         started = procs.start(mail.dovecot_argv(conf), self.dir / "logs" / f"dovecot-{name}.out",
                               preexec=preexec if groups else None)
@@ -145,7 +148,11 @@ class Supervisor:
             if all(procs.tcp_open(cfg.address, p) for p in ports):
                 return
             time.sleep(0.05)
-        log.warning("%s restarted as pid %d but does not accept connections yet", name, started.pid)
+        if procs.alive(*started):
+            log.warning("%s restarted as pid %d but does not accept connections yet", name, started.pid)
+        else:
+            log.warning("%s: the restarted pid %d exited at once; see %s", name, started.pid,
+                        self.dir / "logs" / f"dovecot-{name}.log")
 
     def _clear(self, comp: dict[str, Any], memory: Path | None) -> None:
         """Stop what is left of a fallen proxy: its master and every process in its cgroup."""
