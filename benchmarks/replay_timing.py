@@ -13,7 +13,8 @@ client). The target is a sink socket that never answers (the server cannot enter
 timeouts 0.2 s, no retries) or ``--target host:port`` (a lab's unbound). Prints, per speed and
 replayer, the recorded and achieved rates and lateness p50/p99 (the run record's histogram: upper
 bucket edges), then ``ratio=`` (asyncio's p99 over loadkit's at x10: above 1, loadkit is closer to
-schedule). Two shared cores: figures are noisy.
+schedule). Two shared cores: figures are noisy. ``replay_vs_drool.py`` replays the same capture with
+drool too and measures every replayer's lateness at a kernel-timestamping sink.
 
     python benchmarks/replay_timing.py [--queries 100000] [--rate 2000] [--speeds 1,10] [--target 127.0.0.1:5353]
 """

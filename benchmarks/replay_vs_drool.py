@@ -15,7 +15,8 @@ delivers it (CLOCK_REALTIME, nanoseconds; the reader's own delay does not enter)
 matched to its query in the capture by question (name, type, class; the k-th arrival of a
 question is its k-th recording), then ``lateness = (arrival - first arrival) - (recorded offset -
 first one's offset) / speed``: the first packet aligned with the schedule, so a replayer that
-falls behind and never catches up shows a lateness that grows through the run. Figures per speed
+falls behind and never catches up shows a lateness that grows through the run (a negative one means
+the first packet itself left that much late). Figures per speed
 and replayer: the recorded rate (times the speed), the achieved rate at the sink (matched arrivals
 over first-to-last arrival), lateness p50/p99/max at the sink (nearest rank, exact values), and
 for loadkit and asyncio their own send-side p99 (the replay's histogram, upper bucket edges).
