@@ -6,7 +6,13 @@ open-loop rates with loadkit's own DNS sender (no retries, so every query is cou
 step ``STEP_S`` long, the rate multiplied by ``FACTOR`` while the loss stays under ``LOSS_LIMIT``,
 then ``BISECT_STEPS`` steps halving the interval between the last rate under the limit and the
 first over it (a 1.5x ramp alone would quantise the capacity to 50 %; after 4 halvings, 3 %).
-The capacity is the best answered rate of a step under the limit; the steps are kept as evidence.
+The capacity is the best rate the server took in (sent minus what its socket dropped) in a step
+under the limit; the steps are kept as evidence.
+
+Loss is what the **server's** socket dropped (the kernel's per-socket drop counter), not what the
+client missed: on a busy machine the sender itself may read answers late and time them out, which
+would make the server look slower than its quota; a server short of CPU shows as drops at its own
+socket, and that is what a quota sets.
 
 Bounded: at most ``MAX_STEPS`` + ``BISECT_STEPS`` steps up to ``MAX_QPS``: about 10-15 s.
 """
@@ -32,8 +38,16 @@ SETTLE_S = 0.3
 TIMEOUT_S = 0.5
 
 
-def _step(address: str, port: int, pool: Any, rate_qps: float) -> tuple[int, int]:
-    """(sent, answered) of one step at ``rate_qps``."""
+def server_drops(address: str, port: int) -> int:
+    """Datagrams dropped so far by the UDP sockets serving ``address:port``."""
+    from loadkit.observe.procfs import read_udp_sockets
+
+    return sum(s.drops_n for s in read_udp_sockets(ports=[port])
+               if s.local_address in (address, "0.0.0.0", "::"))
+
+
+def _step(address: str, port: int, pool: Any, rate_qps: float) -> tuple[int, int, int]:
+    """(sent, answered, dropped by the server) of one step at ``rate_qps``."""
     from loadkit.generate.dns.schedule import ConstantRate
     from loadkit.generate.dns.sender import DnsSender
     from loadkit.profile.targets import Target
@@ -43,17 +57,21 @@ def _step(address: str, port: int, pool: Any, rate_qps: float) -> tuple[int, int
         sources=(address,), ports_per_source=8, timeout_s=TIMEOUT_S, retries_n=0,
         max_duration_s=STEP_S, max_queries_n=int(rate_qps * STEP_S) + 1,
     )
+    drops0 = server_drops(address, port)
     try:
         sender.run()
     finally:
         sender.close()
     t = sender.totals
-    return int(t.get("dns.original_sent", 0)), int(t.get("dns.answered", 0))
+    dropped = max(0, server_drops(address, port) - drops0)
+    return int(t.get("dns.original_sent", 0)), int(t.get("dns.answered", 0)), dropped
 
 
 def capacity(address: str, port: int, names: list[str]) -> dict[str, Any]:
-    """``{"capacity_qps": ..., "steps": [[offered_qps, answered_qps, loss], ...], ...}``;
-    ``capacity_qps`` is None when even the first step lost more than the limit."""
+    """``{"capacity_qps": ..., "steps": [[offered_qps, served_qps, loss, client_answered_qps], ...],
+    ...}`` (served: sent minus the server socket's drops; loss: those drops over sent);
+    ``capacity_qps`` is None when even the first step lost more than the limit, and
+    ``lower_bound`` is true when no step overloaded the server (the sender was the limit)."""
     from loadkit.generate.dns.wire import QueryPool
 
     pool = QueryPool(names, [("A", 1.0)], size=5000, seed=15)
@@ -63,15 +81,16 @@ def capacity(address: str, port: int, names: list[str]) -> dict[str, Any]:
 
     def under_limit(rate_qps: float) -> bool:
         nonlocal best
-        sent, answered = _step(address, port, pool, rate_qps)
-        loss = 1.0 - answered / sent if sent else 1.0
-        steps.append([round(sent / STEP_S), round(answered / STEP_S), round(loss, 4)])
-        log.info("DNS calibration: offered %.0f q/s, answered %.0f q/s, loss %.2f %%",
-                 sent / STEP_S, answered / STEP_S, 100 * loss)
+        sent, answered, dropped = _step(address, port, pool, rate_qps)
+        served = sent - dropped
+        loss = dropped / sent if sent else 1.0
+        steps.append([round(sent / STEP_S), round(served / STEP_S), round(loss, 4), round(answered / STEP_S)])
+        log.info("DNS calibration: offered %.0f q/s, served %.0f q/s, server drops %.2f %% (client got %.0f q/s)",
+                 sent / STEP_S, served / STEP_S, 100 * loss, answered / STEP_S)
         time.sleep(SETTLE_S)
         if loss >= LOSS_LIMIT:
             return False
-        best = max(best or 0.0, answered / STEP_S)
+        best = max(best or 0.0, served / STEP_S)
         return True
 
     good, bad = 0.0, START_QPS
@@ -90,6 +109,7 @@ def capacity(address: str, port: int, names: list[str]) -> dict[str, Any]:
             bad = mid
     return {
         "capacity_qps": round(best) if best is not None else None,
+        "lower_bound": not bad,
         "loss_limit": LOSS_LIMIT,
         "step_s": STEP_S,
         "steps": steps,
