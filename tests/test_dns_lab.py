@@ -294,28 +294,31 @@ def test_dns_rate_follows_a_load_shape(lab, tmp_path: Path) -> None:
 @pytest.mark.skipif(os.geteuid() != 0, reason="a CPU quota needs root and a cpu cgroup controller")
 def test_dns_cpu_quota_sets_the_capacity_and_up_measures_it(make_lab) -> None:
     """--dns-cpu: unbound in a CPU cgroup with a CFS quota; the calibration at up finds a capacity
-    that a quarter of a core can serve and twice that rate cannot."""
+    that a tenth of a core can serve and twice that rate cannot. (A tenth: within each 10 ms period
+    the server runs 1 ms and then waits, and at a tenth of a core what arrives while it waits fits
+    the default buffer, so the CPU sets the capacity; at a quarter the wait's arrivals overflow the
+    buffer first and the figure depends on timing.)"""
     from loadkit.lab import calibrate, cgroups
 
-    status = make_lab(dns_cpu=0.25, proxy_cpu=0.5, accounts=10, proxies=1)
+    status = make_lab(dns_cpu=0.1, proxy_cpu=0.5, accounts=10, proxies=1)
     assert [p.cpu_cores for p in status.proxies] == [pytest.approx(0.5)]  # --proxy-cpu too
     doc = status.to_dict()["dns"]
     capacity = doc["capacity_qps"]
-    assert doc["cpu_cores"] == 0.25 and capacity and capacity > 1000
+    assert doc["cpu_cores"] == 0.1 and capacity and capacity > 1000, doc
     steps = doc["calibration"]["steps"]
     # evidence: the capacity is what the server took in at a step under 1 % of drops at its socket,
     # and some step above it made the server drop more
-    assert any(served == capacity and loss < 0.01 for _, served, loss, _got in steps)
-    assert any(loss >= 0.01 and offered > capacity for offered, _, loss, _got in steps)
-    assert doc["calibration"]["lower_bound"] is False
+    assert any(served == capacity and loss < 0.01 for _, served, loss, _got in steps), steps
+    assert any(loss >= 0.01 and offered > capacity for offered, _, loss, _got in steps), steps
+    assert doc["calibration"]["lower_bound"] is False, steps
     lab = make_lab.labs[-1]
     unbound = next(c for c in lab.status().components if c.name == "unbound")
     state_group = Path(lab.status().dns_cpu.cgroup)
     version = cgroups.detect_cpu()[0]
-    assert cgroups.cpu_quota_cores(version, state_group) == pytest.approx(0.25)
+    assert cgroups.cpu_quota_cores(version, state_group) == pytest.approx(0.1)
     assert unbound.pid in cgroups.procs(state_group)
-    # twice the capacity, open loop for a second: the quota binds, so the server takes in about its
-    # capacity and drops at its socket what it cannot serve (however fast this sender manages to send)
+    # twice the capacity, open loop for a second: the quota binds, so the server drops at its socket
+    # well over 1 % (unless this sender could not even send 1.5 times the capacity)
     target = check_target(str(status.dns), 53)
     pool = wire.QueryPool([f"h{i:05d}.lab.test" for i in range(0, 700, 10)], [("A", 1.0)], size=2000, seed=3)
     drops0 = calibrate.server_drops(status.dns.host, status.dns.port)
@@ -325,9 +328,9 @@ def test_dns_cpu_quota_sets_the_capacity_and_up_measures_it(make_lab) -> None:
     sender.close()
     sent = sender.totals["dns.original_sent"]
     dropped = calibrate.server_drops(status.dns.host, status.dns.port) - drops0
-    print(f"quota 0.25: capacity {capacity} q/s; 2x for 1 s: sent {sent}, server dropped {dropped}")
-    assert sent - dropped < 1.3 * capacity  # taken in over one second
-    if sent > 1.5 * capacity:
-        assert dropped > 0.1 * sent
+    print(f"quota 0.1: capacity {capacity} q/s; 2x for 1 s: sent {sent}, server dropped {dropped}")
+    # (what it takes in when saturated may exceed the capacity at < 1 % loss: a server that is never
+    # idle serves in larger batches; the capacity is the loss-free figure, so the check is the loss)
+    assert dropped > 0.1 * sent or sent < 1.5 * capacity, (sent, dropped, steps)
     lab.down()
     assert not state_group.exists()
