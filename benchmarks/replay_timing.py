@@ -62,7 +62,7 @@ def write_capture(path: Path, n: int, rate_qps: float, clients: int, seed: int =
             tmpl = templates[qtype]
             msg = struct.pack("!H", i & 0xFFFF) + tmpl[2:12] + name + tmpl[15:]
             udp = dpkt.udp.UDP(sport=30000 + c, dport=53, data=msg, ulen=8 + len(msg))
-            ip = dpkt.ip.IP(src=socket.inet_aton(f"10.{c >> 8}.{c & 255}.1"), dst=socket.inet_aton("10.255.0.53"),
+            ip = dpkt.ip.IP(src=socket.inet_aton(f"198.19.{(c >> 8) & 255}.{c & 255}"), dst=socket.inet_aton("198.18.0.53"),
                             p=17, data=udp.pack(), ttl=64)
             w.writepkt(b"\x00" * 12 + b"\x08\x00" + ip.pack(), ts=t)
     return path

@@ -63,14 +63,14 @@ def mixed_pcap(tmp_path: Path) -> Path:
     stream = b"".join(len(m).to_bytes(2, "big") + m for m in (_query("t1.lab.test."), _query("t2.lab.test.", "MX")))
     cut1, cut2 = 5, len(stream) - 9
     pkts = [
-        (1000.0, _eth(_ip4("10.0.0.1", "10.0.0.53", 17, _udp(4000, 53, q1)))),
-        (1000.1, _eth(_ip4("10.0.0.53", "10.0.0.1", 17, _udp(53, 4000, bytes(reply))))),
-        (1000.2, _eth(_ip4("10.0.0.2", "10.0.0.53", 17, _udp(4001, 53, q2)))),
-        (1000.3, _eth(_ip4("10.0.0.3", "10.0.0.53", 6, _tcp(5000, 53, 100, stream[:cut1])))),
-        (1000.4, _eth(_ip4("10.0.0.3", "10.0.0.53", 6, _tcp(5000, 53, 100 + cut1, stream[cut1:cut2])))),
-        (1000.5, _eth(_ip4("10.0.0.3", "10.0.0.53", 6, _tcp(5000, 53, 100 + cut1, stream[cut1:cut2])))),  # resent
-        (1000.6, _eth(_ip4("10.0.0.3", "10.0.0.53", 6, _tcp(5000, 53, 100 + cut2, stream[cut2:])))),
-        (1001.0, _eth(_ip4("10.0.0.1", "10.0.0.53", 17, _udp(4000, 53, _query("c.lab.test."))))),
+        (1000.0, _eth(_ip4("198.18.0.1", "198.18.0.53", 17, _udp(4000, 53, q1)))),
+        (1000.1, _eth(_ip4("198.18.0.53", "198.18.0.1", 17, _udp(53, 4000, bytes(reply))))),
+        (1000.2, _eth(_ip4("198.18.0.2", "198.18.0.53", 17, _udp(4001, 53, q2)))),
+        (1000.3, _eth(_ip4("198.18.0.3", "198.18.0.53", 6, _tcp(5000, 53, 100, stream[:cut1])))),
+        (1000.4, _eth(_ip4("198.18.0.3", "198.18.0.53", 6, _tcp(5000, 53, 100 + cut1, stream[cut1:cut2])))),
+        (1000.5, _eth(_ip4("198.18.0.3", "198.18.0.53", 6, _tcp(5000, 53, 100 + cut1, stream[cut1:cut2])))),  # resent
+        (1000.6, _eth(_ip4("198.18.0.3", "198.18.0.53", 6, _tcp(5000, 53, 100 + cut2, stream[cut2:])))),
+        (1001.0, _eth(_ip4("198.18.0.1", "198.18.0.53", 17, _udp(4000, 53, _query("c.lab.test."))))),
     ]
     return write_pcap(tmp_path / "mixed.pcap", pkts)
 
@@ -78,8 +78,8 @@ def mixed_pcap(tmp_path: Path) -> Path:
 def test_pcap_reader_takes_udp_and_tcp_queries_and_skips_replies(mixed_pcap: Path) -> None:
     qs = list(read_queries(mixed_pcap))
     assert [(q.client, q.qtype, q.tcp) for q in qs] == [
-        ("10.0.0.1", 1, False), ("10.0.0.2", 28, False), ("10.0.0.3", 1, True), ("10.0.0.3", 15, True),
-        ("10.0.0.1", 1, False),
+        ("198.18.0.1", 1, False), ("198.18.0.2", 28, False), ("198.18.0.3", 1, True), ("198.18.0.3", 15, True),
+        ("198.18.0.1", 1, False),
     ]
     assert qs[0].tail == _query("a.lab.test.")[2:]  # the query's own bytes after its ID
     assert qs[3].tail == _query("t2.lab.test.", "MX")[2:]  # cut out of the reassembled stream
@@ -90,7 +90,7 @@ def test_pcap_reader_takes_udp_and_tcp_queries_and_skips_replies(mixed_pcap: Pat
 def test_plan_windows_copies_and_source_addresses(mixed_pcap: Path) -> None:
     p = replay.plan(replay.ReplaySettings(host=TARGET, file=str(mixed_pcap), scale=2, first_source="127.9.9.1"))
     assert p.queries_n == 5 and p.tcp_n == 2
-    assert p.clients == {"10.0.0.1": 0, "10.0.0.2": 1, "10.0.0.3": 2}  # first appearance
+    assert p.clients == {"198.18.0.1": 0, "198.18.0.2": 1, "198.18.0.3": 2}  # first appearance
     assert p.qtypes == ["A", "AAAA", "MX"]  # the request names: the types the recording has
     assert p.addresses == [f"127.9.9.{i}" for i in range(1, 7)]  # 3 clients x 2 copies
     feed = replay.ReplayFeed(p)
@@ -107,7 +107,7 @@ def test_plan_windows_copies_and_source_addresses(mixed_pcap: Path) -> None:
     # a window: from 0.15 s to 0.9 s after the first query, at double speed
     w = replay.plan(replay.ReplaySettings(host=TARGET, file=str(mixed_pcap), window_from="0.15", window_to="0.9",
                                           speed=2.0))
-    assert w.queries_n == 3 and set(w.clients) == {"10.0.0.2", "10.0.0.3"}
+    assert w.queries_n == 3 and set(w.clients) == {"198.18.0.2", "198.18.0.3"}
     wf = replay.ReplayFeed(w)
     offsets = [round(wf.pop().offset_s, 3) for _ in range(wf.due(10.0) - wf.popped)]
     assert offsets == [0.025, 0.125, 0.225]  # (recorded time - window start) / speed
@@ -167,7 +167,7 @@ def test_bad_file_is_one_line_naming_it(tmp_path: Path, content: bytes, words: s
 def test_capture_cut_short_names_the_packet(mixed_pcap: Path, tmp_path: Path) -> None:
     data = mixed_pcap.read_bytes()
     cut = tmp_path / "cut.pcap"
-    last_frame_bytes = len(_eth(_ip4("10.0.0.1", "10.0.0.53", 17, _udp(4000, 53, _query("c.lab.test.")))))
+    last_frame_bytes = len(_eth(_ip4("198.18.0.1", "198.18.0.53", 17, _udp(4000, 53, _query("c.lab.test.")))))
     cut.write_bytes(data[:-(last_frame_bytes + 8)])  # the last packet's record header is incomplete
     with pytest.raises(InputFileError, match=r"cut\.pcap packet 8"):
         replay.plan(replay.ReplaySettings(host=TARGET, file=str(cut)))

@@ -32,8 +32,8 @@ plain.example.com
 
 BIND_LOG = """\
 29-Nov-2026 12:30:00.101 general: info: managed-keys-zone: loaded serial 2
-29-Nov-2026 12:30:00.412 queries: info: client @0x7f3a2c0 192.0.2.7#53211 (www.example.com): query: www.example.com IN A +E(0)K (10.0.0.53)
-29-Nov-2026 12:30:00.413 queries: info: client 192.0.2.8#40000: query: example.com IN MX + (10.0.0.53)
+29-Nov-2026 12:30:00.412 queries: info: client @0x7f3a2c0 192.0.2.7#53211 (www.example.com): query: www.example.com IN A +E(0)K (198.18.0.53)
+29-Nov-2026 12:30:00.413 queries: info: client 192.0.2.8#40000: query: example.com IN MX + (198.18.0.53)
 """
 
 UNBOUND_LOG = """\
