@@ -294,15 +294,18 @@ def stop_run(proc: subprocess.Popen, timeout_s: float = 60) -> str:
     return stderr
 
 
-def _falls(series: list[float], high: float, low: float) -> int:
-    """Times the series climbed to ``high`` or more and then dropped to ``low`` or less."""
-    falls, armed = 0, False
+def _teeth(series: list[float], high: float, low: float) -> int:
+    """Times the series climbed to ``high`` or more, dropped to ``low`` or less and climbed to
+    ``high`` again (one tooth of a sawtooth; the climb that ends a tooth starts the next)."""
+    teeth, state = 0, "start"
     for v in series:
         if v >= high:
-            armed = True
-        elif armed and v <= low:
-            falls, armed = falls + 1, False
-    return falls
+            if state == "fell":
+                teeth += 1
+            state = "high"
+        elif state == "high" and v <= low:
+            state = "fell"
+    return teeth
 
 
 @pytest.fixture(scope="module")
@@ -362,8 +365,11 @@ def test_a_fallen_proxy_is_restarted_under_the_storm_and_the_sawtooth_is_recorde
     g = run.groups[run.groups["group"] == proxy.name].sort_values("ts_unix_s")
     later = g[g["ts_unix_s"] > restarted[-1]["ts_unix_s"]]
     assert len(later) >= 1 and (later["procs_n"] >= 1).all()
-    # the sawtooth: held sessions climb, drop with the proxy, climb again
-    assert _falls(list(g["sessions_n"]), high=8, low=4) >= 2, list(g["sessions_n"])
+    # the sawtooth: held sessions climb, drop with the proxy, climb again. At least one whole tooth:
+    # on a loaded machine the proxy may fall again before its sessions are back above the mark
+    # (CI once saw 22 -> 12 -> 5 -> 7 -> 0 -> 22), so the number of teeth is not the number of
+    # restarts, which the events above count.
+    assert _teeth(list(g["sessions_n"]), high=8, low=4) >= 1, list(g["sessions_n"])
 
 
 def test_unbound_killed_mid_burst_gives_classed_failures_and_the_run_ends_on_time(tmp_path: Path, fragile_lab) -> None:
