@@ -71,11 +71,19 @@ def test_firewall_model_carries_the_prediction_and_survives_json():
     assert FirewallResult.from_json(res.to_json()) == res
     calm = firewall_model(20, 13000, 60, retries_n=2, capacity_qps=15000, queue_delay_s=0.017, stub_timeout_s=1.0)
     assert calm.predicted_verdict == "recovers"
-    # per-query ports: retries make no new flows, so the table sees the original demand alone
+    # per-query ports: retries make no new flows, so the table sees the original demand alone and
+    # never fills; the server's own storm remains (its queue outlasts the stub's timeout) ...
     pq = firewall_model(1000, 1300, 1.0, retries_n=2, capacity_qps=1200, queue_delay_s=2.0, stub_timeout_s=1.0,
                         port_policy="per-query")
-    assert pq.predicted_verdict == "recovers"
-    assert firewall_model(1000, 1300, 1.0).waste is None  # no retry limit given: no per-query loop
+    assert pq.predicted_verdict == "metastable" and not pq.waste.high_table_full
+    assert "own retry storm" in pq.waste.reason, pq.summary()
+    # ... and goes with a queue shorter than the timeout
+    assert firewall_model(1000, 1300, 1.0, retries_n=2, capacity_qps=1200, queue_delay_s=0.5, stub_timeout_s=1.0,
+                          port_policy="per-query").predicted_verdict == "recovers"
+    # no server capacity given: never saturated, no waste, so a full table drains
+    default = firewall_model(1000, 1300, 1.0)
+    assert default.retries_n == 2 and default.predicted_verdict == "recovers"
+    assert "not known" in default.waste.reason
 
 
 def _frames(entries, drops, offered, answered):

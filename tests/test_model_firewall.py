@@ -22,7 +22,7 @@ from loadkit.model.firewall import (
 )
 from loadkit.partfiles import PartWriter
 from loadkit.record.reader import load_run
-from loadkit.schema import RUN_LAYOUT, GeneratorMetric
+from loadkit.schema import RUN_LAYOUT, GeneratorMetric, SocketSample
 
 T0 = 1_764_000_000.0
 
@@ -43,39 +43,58 @@ def test_littles_law_occupancy_and_fill_time():
 
 def test_the_loop_through_the_table_fixed_points():
     # 10,000/s of queries fill 300,000 of 500,000 entries: room to spare
-    calm = firewall_model(10_000, 500_000, 30, retries_per_loss=1.0, peak_offered_qps=40_000, cap_qps=40_000)
+    calm = firewall_model(10_000, 500_000, 30, retries_n=2)
     assert calm.predicted_occupancy_n == pytest.approx(300_000)
     assert calm.fill_amplification == pytest.approx(16_666.7 / 10_000, rel=1e-4)
-    # one retry per dropped attempt: retries only replace drops, the table drains after the trigger
-    assert not calm.loop.second_stable_state
-    # two new attempts per drop (a stub resolver and the app behind it both retry): it stays full
-    storm = firewall_model(10_000, 500_000, 30, retries_per_loss=2.0, peak_offered_qps=40_000, cap_qps=40_000)
-    assert storm.loop.second_stable_state and storm.loop.high_offered_qps == pytest.approx(40_000)
-    assert "sustains itself" in storm.summary()
-    # per-query ports: retries reuse their query's flow, so only demand fills the table
-    pq = firewall_model(10_000, 500_000, 30, retries_per_loss=2.0, port_policy="per-query",
-                        peak_offered_qps=40_000, cap_qps=40_000)
-    assert not pq.loop.second_stable_state and firewall_loss(500_000, 30, "per-query", 10_000)(40_000) == 0.0
-    # a shorter timeout is a mitigation: 10 s admits 50,000/s
-    assert not firewall_model(10_000, 500_000, 10, retries_per_loss=2.0, peak_offered_qps=40_000,
-                              cap_qps=40_000).loop.second_stable_state
+    # kept per query, with a server that answers all it is sent in time, a full table still
+    # answers its 16,667 admissions a second, more than the demand: it drains after the trigger,
+    # however many times the clients retry
+    for retries in (2, 5, 20):
+        res = firewall_model(10_000, 500_000, 30, retries_n=retries)
+        assert not res.loop.second_stable_state and res.predicted_verdict == "recovers", res.summary()
+    # the table admits more than the server serves (12,000/s) and the server's full queue holds
+    # answers 2 s, past the stub's 1 s: every admitted attempt is wasted and the table stays full
+    waste = dict(capacity_qps=12_000, queue_delay_s=2.0, stub_timeout_s=1.0)
+    storm = firewall_model(10_000, 500_000, 30, retries_n=2, **waste)
+    assert storm.loop.second_stable_state and storm.loop.high_offered_qps == pytest.approx(30_000)
+    assert storm.waste.high_table_full and "sustains itself" in storm.summary()
     assert FirewallResult.from_json(storm.to_json()) == storm
+    # a smaller table (11,000 admissions a second, under the server's 12,000) keeps the server's
+    # queue from filling: the firewall protects the server, and the loop drains
+    assert firewall_model(10_000, 330_000, 30, retries_n=2, **waste).predicted_verdict == "recovers"
+    # a shorter timeout admits 50,000/s: the table no longer fills, the server's own storm remains
+    short = firewall_model(10_000, 500_000, 10, retries_n=2, **waste)
+    assert short.predicted_verdict == "metastable" and not short.waste.high_table_full
+    # per-query ports: retries reuse their query's flow, so only demand reaches the table
+    assert firewall_loss(500_000, 30, "per-query", 10_000)(40_000) == 0.0
+    assert not firewall_model(10_000, 500_000, 30, retries_n=2, port_policy="per-query").loop.second_stable_state
 
 
 def write_firewall_run(run_dir, *, retries_per_drop: float, size_n=8000, timeout_s=10.0, base_qps=500.0,
                        trigger_qps=1500.0, before_s=30, trigger_s=15, after_s=60, max_amplification=4.0,
-                       fluid=False):
+                       fluid=False, server_qps: float | None = None):
     """Clients behind a session table, one second at a time: every attempt is a new flow
     (per-attempt ports), a flow that finds the table full is dropped and retried
-    ``retries_per_drop`` times in the next second (clients give up beyond ``max_amplification``)."""
+    ``retries_per_drop`` times in the next second (clients give up beyond ``max_amplification``).
+    With ``server_qps`` the server behind the table serves that much through a 4 MiB receive
+    buffer (about 8 s of queue): whenever the table admits more, every answer comes after the
+    clients' 1 s timeout, so nothing is answered in time and all of it is retried."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    retries_n = int(max_amplification) - 1
+    profile = {"load": {"options": {"dns-retries": retries_n, "dns-timeout": 1.0}}}
+    lab = {"dns": {"host": "127.0.0.1", "port": 5354, "capacity_qps": server_qps}} if server_qps else {}
     (run_dir / RUN_LAYOUT["manifest"]).write_text(json.dumps(dict(
         run_id=run_dir.name, scenario="retry_storm_firewall", release="synthetic", status="completed",
-        started_unix_s=T0, ended_unix_s=T0 + before_s + trigger_s + after_s, profile={},
+        started_unix_s=T0, ended_unix_s=T0 + before_s + trigger_s + after_s, profile=profile,
         targets=["udp://127.0.0.1:5354"], versions={},
-        host={}, lab={}, gates=[])))
+        host={}, lab=lab, gates=[])))
     gen = PartWriter(run_dir / RUN_LAYOUT["generator"])
     fw = PartWriter(run_dir / "samples" / "firewall")
+    if server_qps:
+        socks = PartWriter(run_dir / RUN_LAYOUT["sockets"])
+        socks.extend([SocketSample(T0 + k, "lab", 5354, 0, 0, 0, "127.0.0.1", 1, 4 * 2**20, T0 + k)
+                      for k in range(0, before_s + trigger_s + after_s, 5)])
+        socks.flush()
     entries = 0
     orig_c = retry_c = ans_c = drops_c = 0.0
     table: deque = deque()  # (expiry, entries)
@@ -98,8 +117,9 @@ def write_firewall_run(run_dir, *, retries_per_drop: float, size_n=8000, timeout
         entries += admitted
         table.append((now + timeout_s, admitted))
         dropped = offered - admitted
-        pending = dropped * retries_per_drop
-        orig_c, retry_c, ans_c, drops_c = orig_c + o, retry_c + retry, ans_c + admitted, drops_c + dropped
+        timely = admitted if not server_qps or admitted <= server_qps else 0.0
+        pending = (offered - timely) * retries_per_drop
+        orig_c, retry_c, ans_c, drops_c = orig_c + o, retry_c + retry, ans_c + timely, drops_c + dropped
         gen.extend([GeneratorMetric(now, "dns.original_sent", "counter", orig_c),
                     GeneratorMetric(now, "dns.retry_sent", "counter", retry_c),
                     GeneratorMetric(now, "dns.answered", "counter", ans_c)])
@@ -127,10 +147,12 @@ def test_fit_firewall_on_a_run_that_recovers_and_one_that_stays_full(tmp_path):
     assert ok.measured_max_entries_n == 8000 and ok.first_full_unix_s is not None
     assert ok.occupancy_error_pct is not None and ok.occupancy_error_pct <= 10.0
     assert not ok.loop.second_stable_state and ok.verdict == "recovers", ok.summary()
-    stuck = fit_firewall(write_firewall_run(tmp_path / "two", retries_per_drop=2.0, fluid=True))
-    # after the trigger the clients retry 2 per drop until their limit (4×): 1.25 per drop at the limit
-    assert stuck.retries_per_loss > 1.0
-    assert stuck.loop.second_stable_state and stuck.verdict == "metastable", stuck.summary()
+    # the same table in front of a server that serves 600/s, less than the 800/s a full table
+    # admits, behind a queue longer than the clients' timeout: every admitted attempt is wasted
+    stuck = fit_firewall(write_firewall_run(tmp_path / "two", retries_per_drop=1.0, fluid=True, server_qps=600))
+    assert stuck.verdict == "metastable" and stuck.predicted_verdict == "metastable", stuck.summary()
+    assert stuck.loop.second_stable_state and stuck.waste.high_table_full
+    assert stuck.measured_waste_share is not None and stuck.measured_waste_share > 0.9
     assert "predicted" in stuck.summary() and "measured up to 8,000" in stuck.summary()
 
 

@@ -145,20 +145,34 @@ def test_trigger_from_burst_events_without_trigger_end(tmp_path):
 
 
 def test_retry_loop_states_fixed_points():
-    # a capacity of 2500/s, each loss retried once: only one state below capacity
-    one = retry_loop_states(1000, 1.0, capacity_loss(2500), peak_offered_qps=6000, cap_qps=4000)
-    assert not one.second_stable_state and one.low_offered_qps == pytest.approx(1000)
-    assert one.high_offered_qps == pytest.approx(1000, rel=0.01)
-    # each loss retried twice (two copies per timeout): the high side runs to the clients' cap
-    two = retry_loop_states(1000, 2.0, capacity_loss(2500), peak_offered_qps=6000, cap_qps=4000)
-    assert two.second_stable_state and two.high_offered_qps == pytest.approx(4000)
-    assert two.low_offered_qps == pytest.approx(1000) and "two stable states" in two.summary()
-    # a constant 20 % loss with one retry per loss: x = 1000 + 0.2 x -> 1250
-    flat = retry_loop_states(1000, 1.0, lambda x: 0.2, peak_offered_qps=5000)
-    assert flat.low_offered_qps == pytest.approx(1250) and not flat.second_stable_state
+    # kept per query: anything that still answers 2,500/s in time when overloaded has one state
+    # at 1,000/s of demand, however many retries (every timely answer ends a query)
+    for retries in (1, 2, 5, 20):
+        one = retry_loop_states(1000, retries, capacity_loss(2500), peak_offered_qps=6000)
+        assert not one.second_stable_state, (retries, one)
+        assert one.low_offered_qps == pytest.approx(1000) and one.high_offered_qps == pytest.approx(1000, rel=0.01)
+        assert one.cap_qps == pytest.approx(1000 * (1 + retries))  # every query at its last attempt
+    # a server whose timely goodput collapses to 750/s once offered more than 1,500/s (work spent
+    # on answers that come too late): with 3 retries the loop holds x = 1000 (1 + p + p^2 + p^3),
+    # p = 1 - 750 / x, near 2,560/s, a second state; the demand alone stays at 1,000/s
+    def collapse(x: float) -> float:
+        return 0.0 if x <= 1500 else 1.0 - 750.0 / x
+
+    two = retry_loop_states(1000, 3, collapse, peak_offered_qps=6000)
+    assert two.second_stable_state and two.low_offered_qps == pytest.approx(1000)
+    p = 1 - 750 / two.high_offered_qps
+    assert two.high_offered_qps == pytest.approx(1000 * (1 + p + p * p + p ** 3), rel=1e-6)
+    assert 2400 < two.high_offered_qps < 2700 and "two stable states" in two.summary()
     assert LoopStates.from_json(two.to_json()) == two
+    # without retries there is no loop: the same server drains
+    assert not retry_loop_states(1000, 0, collapse, peak_offered_qps=6000).second_stable_state
+    # a retry budget of 5 % caps offered load at 1,050/s, under the collapse: one state
+    assert not retry_loop_states(1000, 3, collapse, peak_offered_qps=6000, cap_qps=1050).second_stable_state
+    # a constant 20 % loss, two retries: 1 + 0.2 + 0.04 = 1.24 attempts a query
+    flat = retry_loop_states(1000, 2, lambda x: 0.2, peak_offered_qps=5000)
+    assert flat.low_offered_qps == pytest.approx(1240) and not flat.second_stable_state
     with pytest.raises(ModelError, match="original demand"):
-        retry_loop_states(0, 1.0, lambda x: 0.0, peak_offered_qps=1)
+        retry_loop_states(0, 1, lambda x: 0.0, peak_offered_qps=1)
 
 
 def test_measured_loss_is_monotone_and_extends_as_a_capacity():
@@ -206,17 +220,18 @@ def test_a_burst_train_without_room_after_it_is_judged_between_bursts(tmp_path):
                "detail": {"burst_index": i, "first_sent_unix_s": T0 + t, "last_sent_unix_s": T0 + t + 0.01,
                           "window_s": 0.01, "sent_n": 3000}} for i, t in enumerate(times)]
 
-    def train(tail_retry):
+    def train(tail_retry, tail_answered=1000.0):
         orig, retry, ans = [1000.0] * 3, [0.0] * 3, [1000.0] * 3
         for _ in times:  # burst second, retries of it, then calm (or not) to the next burst
             orig += [4000.0, 1000.0, 1000.0, 1000.0, 1000.0]
             retry += [0.0, 1500.0, 300.0, tail_retry, tail_retry]
-            ans += [2500.0, 2500.0, 1300.0, 1000.0, 1000.0]
+            ans += [2500.0, 2500.0, 1300.0, tail_answered, tail_answered]
         return orig[:30], retry[:30], ans[:30]
 
     ok = metastability(write_rates(tmp_path / "ok", *train(0.0), events=bursts))
     assert ok.judged_on == "between bursts" and ok.verdict == "recovers", ok.summary()
     assert "recovers" in ok.summary() and "after each burst" in ok.summary()
-    # a lasting 400/s of lost-and-retried queries at every gap's end: the retries hold it there
-    stuck = metastability(write_rates(tmp_path / "stuck", *train(400.0), events=bursts))
+    # at every gap's end 1,000/s of retries and only 600/s answered (70 % of 2,000/s lost): with 2
+    # retries a query that costs 1 + 0.7 + 0.49 attempts, the load that loses so much holds itself
+    stuck = metastability(write_rates(tmp_path / "stuck", *train(1000.0, 600.0), events=bursts))
     assert stuck.verdict == "metastable" and "between bursts" in stuck.summary(), stuck.summary()

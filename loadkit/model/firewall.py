@@ -7,15 +7,12 @@ lost query from a new source port (per-attempt ports), so every retry is a new f
 retries, which are new flows, which keep the table full (incident 2). With per-query ports a
 retry reuses its query's flow and the table sees only the original demand.
 
-The loop ``offered = original + r × offered × loss(offered)`` with
-``loss(x) = max(0, 1 - (size / timeout) / x)`` is the retry loop of
-:mod:`loadkit.model.retries`; a second stable state at the original demand (found by the same
-:func:`~loadkit.model.retries.retry_loop_states`) means the table stays full after the trigger
-is gone: metastable.
+The retry loop through the table is :mod:`loadkit.model.retries`' loop, kept per query (a stub
+resolver sends at most ``1 + retries`` attempts and stops at the first timely answer), with the
+loss a full table and the server behind it cause (:func:`per_query_loss`); a second stable state
+at the original demand (found by :func:`~loadkit.model.retries.retry_loop_states`) means the
+table stays full after the trigger is gone: metastable.
 
-That loop counts retries per *drop* and forgets that a query stops retrying once it is answered.
-:func:`waste_loop` keeps the books per query (a stub resolver sends at most ``1 + retries``
-attempts and stops at the first timely answer), and that settles what can hold the table full.
 In a steady state every timely answer ends a distinct query, so the goodput ``g`` is
 ``original × (1 - p^(retries+1)) <= original`` (``p``: the share of attempts not answered in
 time). If every attempt the table admits is answered in time, ``g = min(offered, A, C)`` (``A =
@@ -41,11 +38,16 @@ from loadkit.errors import ModelError
 from loadkit.model._result import Result
 from loadkit.model.retries import (
     LoopStates,
+    attempts_per_query,
     capacity_loss,
+    load_options,
     metastability,
+    retries_from_amplification,
     retries_per_loss,
     retry_amplification,
+    retry_budget,
     retry_loop_states,
+    stub_retries,
 )
 from loadkit.record.reader import RunData
 
@@ -99,11 +101,6 @@ def firewall_loss(size_n: float, timeout_s: float, port_policy: str = "per-attem
 # --------------------------------------------------------------------------------------------
 
 
-def attempts_per_query(p: float, retries_n: int) -> float:
-    """Attempts a query costs when each is lost with probability ``p``: ``1 + p + … + p^retries``."""
-    return float(sum(p ** k for k in range(int(retries_n) + 1)))
-
-
 def timely_goodput_qps(offered_qps: float, admitted_cap_qps: float, capacity_qps: float = math.inf,
                        queue_delay_s: float = 0.0, stub_timeout_s: float = math.inf) -> tuple[float, float]:
     """``(admitted, answered in time)`` per second for ``offered_qps`` new flows.
@@ -140,6 +137,7 @@ class WasteLoop(Result):
     high_table_full: bool  #: the high state offers at least what the table admits
     sustains: bool  #: a second stable state: the table stays full after the trigger
     reason: str
+    loop: LoopStates  #: the loop's two end points, as :mod:`loadkit.model.retries` reports them
 
     def summary(self) -> str:
         state = ("sustains itself: a second stable state at "
@@ -149,13 +147,31 @@ class WasteLoop(Result):
         return f"per-query loop at {self.original_qps:,.0f}/s original: {state}; {self.reason}"
 
 
+def per_query_loss(size_n: float, timeout_s: float, *, port_policy: str = "per-attempt",
+                   original_qps: float | None = None, capacity_qps: float = math.inf, queue_delay_s: float = 0.0,
+                   stub_timeout_s: float = math.inf) -> Callable[[float], float]:
+    """``loss(offered)`` for the per-query loop: the share of attempts without a timely answer
+    through the table (:func:`firewall_loss`) and the server behind it (:func:`timely_goodput_qps`)."""
+    table = firewall_loss(size_n, timeout_s, port_policy, original_qps)
+
+    def loss(x: float) -> float:
+        if x <= 0:
+            return 0.0
+        admitted = x * (1.0 - table(x))
+        _, good = timely_goodput_qps(admitted, math.inf, capacity_qps, queue_delay_s, stub_timeout_s)
+        return min(1.0, max(0.0, 1.0 - good / x))
+
+    return loss
+
+
 def waste_loop(original_qps: float, size_n: float, timeout_s: float, *, retries_n: int = 2,
                capacity_qps: float | None = None, queue_delay_s: float = 0.0, stub_timeout_s: float = math.inf,
-               retry_budget: float | None = None, max_iter: int = 4000, separation: float = 0.1) -> WasteLoop:
-    """The stable states of ``offered = original × attempts_per_query(p(offered))`` with
-    ``p = 1 - answered in time / offered`` (:func:`timely_goodput_qps`), settled from the original
-    demand and from ``original × (1 + retries)``; a retry budget ``F`` caps offered load at
-    ``original × (1 + F)``. Damped iteration (half a step), as the undamped map can oscillate."""
+               retry_budget: float | None = None, port_policy: str = "per-attempt",
+               separation: float = 0.1) -> WasteLoop:
+    """The stable states of the per-query loop (:func:`~loadkit.model.retries.retry_loop_states`)
+    with the loss of :func:`per_query_loss`, settled from the original demand and from
+    ``original × (1 + retries)``; a retry budget ``F`` caps offered load at ``original × (1 + F)``.
+    With per-query ports a retry reuses its query's flow: the table sees the queries alone."""
     if original_qps <= 0:
         raise ModelError(f"original demand {original_qps} must be > 0 queries/s")
     admitted_cap = admitted_flow_qps(size_n, timeout_s)
@@ -163,26 +179,18 @@ def waste_loop(original_qps: float, size_n: float, timeout_s: float, *, retries_
     top = original_qps * (1 + retries_n)
     if retry_budget is not None:
         top = min(top, original_qps * (1.0 + max(retry_budget, 0.0)))
-
-    def step(x: float) -> float:
-        _, good = timely_goodput_qps(x, admitted_cap, cap_c, queue_delay_s, stub_timeout_s)
-        p = min(1.0, max(0.0, 1.0 - good / x)) if x > 0 else 0.0
-        return min(top, original_qps * attempts_per_query(p, retries_n))
-
-    def settle(x: float) -> float:
-        for _ in range(max_iter):
-            nxt = 0.5 * x + 0.5 * step(x)
-            if abs(nxt - x) <= 1e-9 * max(x, 1.0):
-                break
-            x = nxt
-        return x
-
-    low, high = settle(float(original_qps)), settle(top)
-    good_low = timely_goodput_qps(low, admitted_cap, cap_c, queue_delay_s, stub_timeout_s)[1]
-    adm_high, good_high = timely_goodput_qps(high, admitted_cap, cap_c, queue_delay_s, stub_timeout_s)
-    sustains = high > low * (1 + separation) and good_high < original_qps * (1 - separation)
+    loss = per_query_loss(size_n, timeout_s, port_policy=port_policy, original_qps=original_qps,
+                          capacity_qps=cap_c, queue_delay_s=queue_delay_s, stub_timeout_s=stub_timeout_s)
+    loop = retry_loop_states(original_qps, retries_n, loss, peak_offered_qps=top, cap_qps=top,
+                             separation=separation)
+    low, high = loop.low_offered_qps, loop.high_offered_qps
+    flows_high = high if port_policy == "per-attempt" else original_qps
+    good_low = low * (1.0 - loss(low))
+    adm_high = min(flows_high, admitted_cap)
+    good_high = high * (1.0 - loss(high))
+    sustains = loop.second_stable_state and good_high < original_qps * (1 - separation)
     late = math.isfinite(cap_c) and queue_delay_s > stub_timeout_s
-    if sustains and high < admitted_cap:
+    if sustains and flows_high < admitted_cap:
         reason = (f"the server's own retry storm: its full queue delays answers {queue_delay_s:.2f} s, past the "
                   f"stub's {stub_timeout_s:g} s timeout, and the table (admitting {admitted_cap:,.0f}/s) never fills")
     elif sustains:
@@ -207,8 +215,8 @@ def waste_loop(original_qps: float, size_n: float, timeout_s: float, *, retries_
                   + (f" and a {retry_budget:g} retry budget)" if retry_budget is not None else ")"))
     return WasteLoop(float(original_qps), int(retries_n), admitted_cap, cap_c if math.isfinite(cap_c) else math.nan,
                      float(queue_delay_s), float(stub_timeout_s), retry_budget, low, high, good_low, good_high,
-                     (1.0 - good_high / adm_high) if adm_high > 0 else 0.0, bool(high >= admitted_cap * 0.999),
-                     bool(sustains), reason)
+                     (1.0 - good_high / adm_high) if adm_high > 0 else 0.0, bool(flows_high >= admitted_cap * 0.999),
+                     bool(sustains), reason, loop)
 
 
 @dataclass
@@ -221,11 +229,16 @@ class FirewallResult(Result):
     timeout_s: float
     port_policy: str
     original_qps: float  #: the demand the verdict is for (the run's baseline)
-    retries_per_loss: float
+    retries_n: int  #: the clients' retry limit the loop was kept with
     admitted_flow_qps: float  #: size / timeout
     predicted_occupancy_n: float  #: at the original demand alone
     fill_amplification: float  #: offered / original at which per-attempt flows fill the table
-    loop: LoopStates
+    #: the per-query loop through the table and the server (:func:`waste_loop`): its end points
+    #: in :attr:`WasteLoop.loop`, why it drains or sustains itself in :attr:`WasteLoop.reason`
+    waste: WasteLoop
+    #: "metastable" when :attr:`waste` sustains itself, else "recovers": the verdict the
+    #: parameters predict, before any run
+    predicted_verdict: str
     # what a recorded run showed (fit_firewall), else None / nan
     measured_max_entries_n: float | None = None
     measured_drops_n: float | None = None
@@ -234,16 +247,16 @@ class FirewallResult(Result):
     first_full_unix_s: float | None = None
     verdict: str | None = None  #: the run's metastability verdict with this table's capacity
     caveats: list[str] = field(default_factory=list)
-    #: the loop kept per query with the server's timely answers (:func:`waste_loop`); None
-    #: without the clients' retry limit
-    waste: WasteLoop | None = None
-    #: "metastable" when :attr:`waste` sustains itself, else "recovers" (or "stable" if nothing
-    #: ever fills): the verdict the parameters predict, before any run
-    predicted_verdict: str | None = None
+    retries_per_loss: float | None = None  #: retries the run sent per query lost (measured)
     #: admitted attempts (offered minus firewall drops) not answered, over the run's intervals with
     #: the table full: the waste that :attr:`waste` predicts, measured
     measured_waste_share: float | None = None
     waste_points_n: int = 0
+
+    @property
+    def loop(self) -> LoopStates:
+        """The retry loop's stable states (those of :attr:`waste`)."""
+        return self.waste.loop
 
     def summary(self) -> str:
         text = (f"table {self.size_n:,.0f} × {self.timeout_s:g} s admits {self.admitted_flow_qps:,.0f} new flows/s; "
@@ -255,13 +268,9 @@ class FirewallResult(Result):
             text += f" (before saturation within {self.occupancy_error_pct:.1f} % over {self.occupancy_points_n} samples)"
         if math.isfinite(self.fill_amplification):
             text += f"; fills at {self.fill_amplification:.2f}× amplification"
-        text += "; " + ("the loop sustains itself after the trigger (second stable state at "
-                        f"{self.loop.high_amplification:.2f}×)" if self.loop.second_stable_state
-                        else "no second stable state: the table drains once the trigger stops")
         if self.measured_drops_n is not None:
             text += f"; firewall dropped {self.measured_drops_n:,.0f} new flows"
-        if self.waste is not None:
-            text += f"; {self.waste.summary()} -> predicted {self.predicted_verdict}"
+        text += f"; {self.waste.summary()} -> predicted {self.predicted_verdict}"
         if self.measured_waste_share is not None:
             text += (f"; measured waste with the table full: {100 * self.measured_waste_share:.1f} % of admitted "
                      f"attempts ({self.waste_points_n} intervals)")
@@ -272,42 +281,26 @@ class FirewallResult(Result):
         return text
 
 
-def firewall_model(original_qps: float, size_n: float, timeout_s: float, *, retries_per_loss: float = 1.0,
-                   port_policy: str = "per-attempt", peak_offered_qps: float | None = None,
-                   cap_qps: float | None = None, retries_n: int | None = None, capacity_qps: float | None = None,
-                   queue_delay_s: float = 0.0, stub_timeout_s: float = math.inf,
-                   retry_budget: float | None = None) -> FirewallResult:
-    """The table's occupancy at ``original_qps`` and the retry loop's stable states through it.
-
-    ``retries_per_loss``: new attempts per dropped one (1 for a stub resolver that retries each
-    lost attempt once more, up to its limit; 2 when it sends two copies); ``peak_offered_qps``:
-    the trigger's offered load (default: twice what fills the table); ``cap_qps``: the most the
-    clients can offer (every query at its last attempt).
-
-    With ``retries_n`` (the stub's retry limit) the result also carries :func:`waste_loop` with the
-    server's ``capacity_qps``, its full queue's ``queue_delay_s``, the stub's ``stub_timeout_s``
-    and ``retry_budget``, and the verdict it predicts (per-attempt ports; per-query ports make no
-    new flows for retries, so the table holds the original demand alone).
-    """
+def firewall_model(original_qps: float, size_n: float, timeout_s: float, *, retries_n: int = 2,
+                   port_policy: str = "per-attempt", capacity_qps: float | None = None, queue_delay_s: float = 0.0,
+                   stub_timeout_s: float = math.inf, retry_budget: float | None = None) -> FirewallResult:
+    """The table's occupancy at ``original_qps`` and the per-query retry loop through it
+    (:func:`waste_loop`) with the clients' ``retries_n``, the server's ``capacity_qps`` (unknown:
+    never saturated), its full queue's ``queue_delay_s``, the stub's ``stub_timeout_s`` and a
+    ``retry_budget``, and the verdict that predicts. Per-query ports make no new flows for
+    retries, so the table holds the original demand alone."""
     if original_qps <= 0:
         raise ModelError(f"original demand {original_qps} must be > 0 queries/s")
     admitted = admitted_flow_qps(size_n, timeout_s)
-    loss = firewall_loss(size_n, timeout_s, port_policy, original_qps)
-    peak = float(peak_offered_qps) if peak_offered_qps is not None else 2.0 * max(admitted, original_qps)
-    loop = retry_loop_states(original_qps, retries_per_loss, loss, peak_offered_qps=peak, cap_qps=cap_qps)
     flows = new_flow_qps(original_qps, original_qps, port_policy)
     fill_amp = admitted / original_qps if port_policy == "per-attempt" else (1.0 if flows >= admitted else math.inf)
-    res = FirewallResult(size_n=float(size_n), timeout_s=float(timeout_s), port_policy=port_policy,
-                         original_qps=float(original_qps), retries_per_loss=float(retries_per_loss),
-                         admitted_flow_qps=admitted, predicted_occupancy_n=occupancy(flows, timeout_s, size_n),
-                         fill_amplification=fill_amp, loop=loop)
-    if retries_n is not None:
-        res.waste = waste_loop(original_qps, size_n, timeout_s,
-                               retries_n=retries_n if port_policy == "per-attempt" else 0,
-                               capacity_qps=capacity_qps, queue_delay_s=queue_delay_s,
-                               stub_timeout_s=stub_timeout_s, retry_budget=retry_budget)
-        res.predicted_verdict = "metastable" if res.waste.sustains else "recovers"
-    return res
+    waste = waste_loop(original_qps, size_n, timeout_s, retries_n=retries_n, capacity_qps=capacity_qps,
+                       queue_delay_s=queue_delay_s, stub_timeout_s=stub_timeout_s, retry_budget=retry_budget,
+                       port_policy=port_policy)
+    return FirewallResult(size_n=float(size_n), timeout_s=float(timeout_s), port_policy=port_policy,
+                          original_qps=float(original_qps), retries_n=int(retries_n), admitted_flow_qps=admitted,
+                          predicted_occupancy_n=occupancy(flows, timeout_s, size_n), fill_amplification=fill_amp,
+                          waste=waste, predicted_verdict="metastable" if waste.sustains else "recovers")
 
 
 def _table(run: RunData, *, strict: bool = False) -> tuple[pd.DataFrame, list[str]]:
@@ -348,10 +341,6 @@ def table_capacity(run: RunData) -> tuple[float, float] | None:
     size = float(fw["size_n"].max())
     timeout = float(fw["timeout_s"].median()) if "timeout_s" in fw else 0.0
     return (size / timeout, timeout) if size > 0 and timeout > 0 else None
-
-
-def _load_options(run: RunData) -> dict:
-    return ((run.manifest.get("profile") or {}).get("load") or {}).get("options") or {}
 
 
 def _target_endpoint(run: RunData) -> tuple[str, int] | None:
@@ -446,7 +435,8 @@ def fit_firewall(run: RunData, *, timeout_s: float | None = None, size_n: float 
                  port_policy: str = "per-attempt", trigger_end_unix_s: float | None = None) -> FirewallResult:
     """The firewall model on a recorded run: the table's size and timeout from its samples (or
     given), occupancy predicted from the generator's new flows beside the entries measured, the
-    retry loop fitted (retries per lost query over the run) at the run's baseline demand."""
+    per-query retry loop at the run's baseline demand with its clients' retry limit, timeout and
+    budget and the server's capacity and queue (:func:`server_queue`), and the run's verdict."""
     fw, table_caveats = _table(run)
     size = float(size_n if size_n is not None else fw["size_n"].max())
     timeout = float(timeout_s if timeout_s is not None else
@@ -467,26 +457,22 @@ def fit_firewall(run: RunData, *, timeout_s: float | None = None, size_n: float 
     except ModelError as err:
         caveats.append(f"no verdict: {err}")
         original = float(busy["original_qps"].median()) if len(busy) else 0.0
-    r = retries_per_loss(busy, end)
-    if r is None:
-        r = 1.0
-        caveats.append("nothing was lost: one retry per loss assumed")
-    top = float(busy["amplification"].max()) if len(busy) else math.nan
-    options = _load_options(run)
     cap, delay, server_caveats = server_queue(run)
+    retries_n = stub_retries(run)
+    if retries_n is None:
+        retries_n = retries_from_amplification(busy)
+        if verdict is None:  # else the verdict's caveats say so
+            server_caveats.append(f"the run's profile names no dns-retries: taken as {retries_n} from the highest "
+                                  "amplification")
     try:
-        retries_n = int(options["dns-retries"])
-        stub_timeout = float(options.get("dns-timeout", math.inf))
-        budget = float(options["dns-retry-budget"]) if options.get("dns-retry-budget") is not None else None
-    except (KeyError, TypeError, ValueError):
-        retries_n, stub_timeout, budget = None, math.inf, None
-        server_caveats = ["the run's profile names no dns-retries: no per-query loop predicted"]
-    res = firewall_model(original, size, timeout, retries_per_loss=r, port_policy=port_policy,
-                         peak_offered_qps=float(busy["offered_qps"].max()) if len(busy) else None,
-                         cap_qps=top * original if math.isfinite(top) else None, retries_n=retries_n,
-                         capacity_qps=cap, queue_delay_s=delay or 0.0, stub_timeout_s=stub_timeout,
-                         retry_budget=budget)
-    caveats.extend(server_caveats if retries_n is not None or server_caveats else [])
+        stub_timeout = float(load_options(run).get("dns-timeout", math.inf))
+    except (TypeError, ValueError):
+        stub_timeout = math.inf
+    budget = retry_budget(run)
+    res = firewall_model(original, size, timeout, retries_n=retries_n, port_policy=port_policy, capacity_qps=cap,
+                         queue_delay_s=delay or 0.0, stub_timeout_s=stub_timeout, retry_budget=budget)
+    res.retries_per_loss = retries_per_loss(busy, end)
+    caveats.extend(server_caveats)
     res.measured_waste_share, res.waste_points_n = waste_share(busy, fw, size)
     res.verdict, res.caveats = verdict, caveats + [c for c in (verdict_caveats if verdict else [])
                                                     if c not in caveats]

@@ -1,18 +1,27 @@
 """Retry amplification, the retry loop's stable states, and the metastability verdict.
 
 Clients that retry a lost query offer more than the original demand: amplification is
-``offered / original``. The retry loop in steady state is
+``offered / original``. The loop is kept per query, as a stub resolver behaves: a query sends
+at most ``1 + retries`` attempts and stops at its first timely answer, so with a share ``p`` of
+attempts lost (or answered too late) a query costs ``1 + p + … + p^retries`` attempts and
 
-    offered = original + r × lost(offered) = original × (1 + r × loss(offered) × offered / original)
+    offered = original × (1 + loss(offered) + … + loss(offered)^retries)
 
-with ``r`` the retries sent per lost attempt and ``loss(x)`` the share of an offered rate ``x``
-that is lost (measured in the run, or ``1 - capacity / x`` for a server, a rate limit or a
-firewall table that admits at most ``capacity``). A *metastable* failure is a second stable
-state of that loop at the original demand: the trigger (a burst, a slow period) pushed offered
-load up, and once it is gone the retries alone hold it there (Bronson et al., "Metastable
-Failures in Distributed Systems", HotOS 2021). :func:`retry_loop_states` finds the loop's
-stable states by iterating it from the low and the high side (a cobweb); the firewall model
-(:mod:`loadkit.model.firewall`) uses the same code.
+with ``loss(x)`` the share of an offered rate ``x`` that gets no timely answer (measured in the
+run, or ``1 - capacity / x`` for a server, a rate limit or a firewall table that admits at most
+``capacity``). A *metastable* failure is a second stable state of that loop at the original
+demand: the trigger (a burst, a slow period) pushed offered load up, and once it is gone the
+retries alone hold it there (Bronson et al., "Metastable Failures in Distributed Systems", HotOS
+2021). :func:`retry_loop_states` finds the loop's stable states by iterating it from the low and
+the high side (a cobweb); the firewall model (:mod:`loadkit.model.firewall`) uses the same code.
+
+Kept per query, the loop has a consequence a per-drop count hides: in a steady state every
+timely answer ends a distinct query, so what is answered in time is at most the original
+demand. Anything that still answers ``capacity`` queries in time once overloaded (a rate limit,
+a firewall table, a server whose queue stays short) therefore has no second state while the
+original demand is below that capacity: its backlog drains, slowly if the margin is thin. A
+second state needs *waste* that grows with load: work spent on attempts whose answer comes too
+late or never (a queue longer than the clients' timeout, a goodput collapse under overload).
 
 The verdict after a trigger is judged against the run's own pre-trigger baseline (goodput and
 amplification; a path that always loses 20 % and retries it is healthy at 1.25×), only on
@@ -81,8 +90,13 @@ def retry_amplification(run: RunData, *, prefix: str = "dns") -> pd.DataFrame:
 
 
 # --------------------------------------------------------------------------------------------
-# the retry loop: offered = original + r × offered × loss(offered)
+# the retry loop, kept per query: offered = original × (1 + loss + … + loss^retries)
 # --------------------------------------------------------------------------------------------
+
+
+def attempts_per_query(p: float, retries_n: int) -> float:
+    """Attempts a query costs when each is lost with probability ``p``: ``1 + p + … + p^retries``."""
+    return float(sum(p ** k for k in range(int(retries_n) + 1)))
 
 
 def capacity_loss(capacity_qps: float) -> Callable[[float], float]:
@@ -123,10 +137,10 @@ class LoopStates(Result):
     kind = "retry_loop"
 
     original_qps: float
-    retries_per_loss: float
+    retries_n: int  #: the clients' retry limit: a query sends at most 1 + retries_n attempts
     low_offered_qps: float  #: where the loop settles from the original demand alone
     high_offered_qps: float  #: where it settles from the trigger's peak
-    cap_qps: float  #: the most the clients can offer (every query at its last attempt)
+    cap_qps: float  #: the most the clients can offer (every query at its last attempt, or a retry budget)
     second_stable_state: bool  #: the high state is a different one: the loop sustains itself
 
     @property
@@ -140,42 +154,46 @@ class LoopStates(Result):
     def summary(self) -> str:
         if self.second_stable_state:
             return (f"two stable states at {self.original_qps:,.0f}/s of original demand: "
-                    f"{self.low_amplification:.2f}× and {self.high_amplification:.2f}× (retries {self.retries_per_loss:.2f} "
-                    "per loss hold the high one once a trigger reaches it)")
+                    f"{self.low_amplification:.2f}× and {self.high_amplification:.2f}× (with up to {self.retries_n} "
+                    "retries a query, the loss at the high one holds it once a trigger reaches it)")
         return (f"one stable state at {self.original_qps:,.0f}/s of original demand "
                 f"({self.low_amplification:.2f}×): the retries drain once the trigger is gone")
 
 
-def retry_loop_states(original_qps: float, retries_per_loss: float, loss: Callable[[float], float], *,
-                      peak_offered_qps: float, cap_qps: float | None = None, max_iter: int = 2000,
-                      rel_tol: float = 1e-6, separation: float = 0.1) -> LoopStates:
-    """Stable states of ``x = original + r × x × loss(x)``: iterate the loop from the original
-    demand and from ``peak_offered_qps`` (the trigger's); each run of the map settles on the
-    nearest stable state on its side. Two different end points (more than ``separation`` apart,
-    relative) are two stable states: the loop can hold the high one without the trigger.
-    ``cap_qps`` bounds offered load (clients stop retrying: ``original × (1 + retries)``)."""
+def retry_loop_states(original_qps: float, retries_n: int, loss: Callable[[float], float], *,
+                      peak_offered_qps: float, cap_qps: float | None = None, max_iter: int = 4000,
+                      rel_tol: float = 1e-9, separation: float = 0.1) -> LoopStates:
+    """Stable states of ``x = original × attempts_per_query(loss(x), retries_n)``: iterate the
+    loop from the original demand and from ``peak_offered_qps`` (the trigger's); each run of the
+    map settles on the nearest stable state on its side. Two different end points (more than
+    ``separation`` apart, relative) are two stable states: the loop can hold the high one without
+    the trigger. Offered load is at most ``original × (1 + retries_n)`` (every query at its last
+    attempt) and at most ``cap_qps`` (a retry budget, or what the clients were seen to reach).
+    Damped iteration (half a step): the plain map can oscillate around a steep loss curve."""
     if original_qps <= 0:
         raise ModelError(f"original demand {original_qps} must be > 0 queries/s")
-    if retries_per_loss < 0:
-        raise ModelError(f"retries per loss {retries_per_loss} must be >= 0")
-    cap = float(cap_qps) if cap_qps is not None else math.inf
-    cap = max(cap, original_qps)
+    if retries_n < 0:
+        raise ModelError(f"retries {retries_n} must be >= 0")
+    cap = float(original_qps) * (1 + int(retries_n))
+    if cap_qps is not None and math.isfinite(cap_qps):
+        cap = max(min(cap, float(cap_qps)), float(original_qps))
+
+    def step(x: float) -> float:
+        p = min(1.0, max(0.0, loss(x))) if x > 0 else 0.0
+        return min(cap, original_qps * attempts_per_query(p, retries_n))
 
     def settle(x: float) -> float:
         for _ in range(max_iter):
-            nxt = min(cap, original_qps + retries_per_loss * x * loss(x))
+            nxt = 0.5 * x + 0.5 * step(x)
             if abs(nxt - x) <= rel_tol * max(x, 1.0):
                 return nxt
             x = nxt
-            if not math.isfinite(x):
-                return cap
         return x
 
     low = settle(float(original_qps))
     high = settle(min(cap, max(float(peak_offered_qps), original_qps)))
     second = high > low * (1.0 + separation)
-    return LoopStates(float(original_qps), float(retries_per_loss), low, high,
-                      cap if math.isfinite(cap) else math.nan, bool(second))
+    return LoopStates(float(original_qps), int(retries_n), low, high, cap, bool(second))
 
 
 # --------------------------------------------------------------------------------------------
@@ -288,10 +306,15 @@ def trigger_window(run: RunData, amp: pd.DataFrame | None = None) -> tuple[float
     return float(ts[idx[0]] - amp["interval_s"].to_numpy()[idx[0]]), float(ts[idx[-1]]), "original rate"
 
 
+def load_options(run: RunData) -> dict:
+    """The load options the run's profile recorded (``[load] options``: the generator's flags)."""
+    return ((run.manifest.get("profile") or {}).get("load") or {}).get("options") or {}
+
+
 def retry_horizon_s(run: RunData) -> float | None:
     """How long after its first send a query may still be retried, from the run's DNS options
     (``dns-timeout`` × (1 + backoff + backoff² … over ``dns-retries``)); None when not recorded."""
-    options = ((run.manifest.get("profile") or {}).get("load") or {}).get("options") or {}
+    options = load_options(run)
     try:
         timeout = float(options["dns-timeout"])
         retries = int(options.get("dns-retries", 0))
@@ -337,20 +360,67 @@ def retries_per_loss(amp: pd.DataFrame, after_unix_s: float | None = None) -> fl
     return None
 
 
-def fit_retry_loop(amp: pd.DataFrame, original_qps: float, *, peak_offered_qps: float | None = None,
-                   capacity_qps: float | None = None, after_unix_s: float | None = None) -> LoopStates | None:
-    """The retry loop of a run: ``r`` from :func:`retries_per_loss`, ``loss(x)`` measured from
-    its intervals (or from ``capacity_qps``), offered load capped at the highest amplification
-    the clients reached (their retry limit); None when the run lost nothing (no loop to fit)."""
-    busy = amp[amp["offered_qps"] > 0]
-    r = retries_per_loss(busy, after_unix_s)
-    if r is None or not len(busy):
+def stub_retries(run: RunData) -> int | None:
+    """The clients' retry limit from the run's DNS options (``dns-retries``); None when not recorded."""
+    try:
+        return int(load_options(run)["dns-retries"])
+    except (KeyError, TypeError, ValueError):
         return None
-    loss = capacity_loss(capacity_qps) if capacity_qps else measured_loss(
-        busy["offered_qps"].to_numpy(), busy["answered_qps"].to_numpy())
+
+
+def retry_budget(run: RunData) -> float | None:
+    """The clients' retry budget (``dns-retry-budget``: retries at most this share of the
+    originals); None when the run had none."""
+    try:
+        return float(load_options(run)["dns-retry-budget"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def retries_from_amplification(amp: pd.DataFrame) -> int:
+    """A retry limit the run's own amplification allows, when its options do not say: at least
+    the highest amplification seen minus one (every query at its last attempt), and at least 2
+    (a common stub resolver's)."""
+    top = float(amp["amplification"].max()) if len(amp) else math.nan
+    return max(2, math.ceil(top - 1.0 - 1e-9)) if math.isfinite(top) else 2
+
+
+def fit_retry_loop(amp: pd.DataFrame, original_qps: float, *, retries_n: int | None = None,
+                   peak_offered_qps: float | None = None, capacity_qps: float | None = None,
+                   budget: float | None = None, state: pd.DataFrame | None = None,
+                   baseline_loss: float = 0.0) -> LoopStates | None:
+    """The retry loop of a run at ``original_qps``, with ``retries_n`` the clients' limit (else
+    :func:`retries_from_amplification`) and ``budget`` a retry budget's share (offered at most
+    ``original × (1 + budget)``).
+
+    ``loss(x)``: with ``state`` (the intervals of a state the run settled in, such as its end),
+    the loss measured there from that state's offered rate up and ``baseline_loss`` below it: the
+    loop through the two states the run showed, so a second stable state means the loss measured
+    in that state makes the clients' retries alone offer what it was offered. Without it, the
+    loss measured over all intervals (:func:`measured_loss`). At least ``1 - capacity / x`` when a
+    capacity is known (a firewall table's admissions). None when the run lost nothing."""
+    busy = amp[amp["offered_qps"] > 0]
+    if not len(busy) or not ((busy["offered_qps"] - busy["answered_qps"]) > 0).any():
+        return None
+    if state is not None and len(state):
+        dt = state["interval_s"]
+        state_x = float((state["offered_qps"] * dt).sum() / dt.sum())
+        state_loss = max(baseline_loss, 1.0 - _ratio(state, "answered_qps", "offered_qps"))
+
+        def shape(x: float) -> float:
+            return state_loss if x >= state_x * (1.0 - 1e-9) else baseline_loss
+    else:
+        shape = measured_loss(busy["offered_qps"].to_numpy(), busy["answered_qps"].to_numpy())
+    if capacity_qps:
+        at_capacity = capacity_loss(capacity_qps)
+
+        def loss(x: float) -> float:
+            return max(shape(x), at_capacity(x))
+    else:
+        loss = shape
+    r = retries_n if retries_n is not None else retries_from_amplification(busy)
     peak = float(peak_offered_qps if peak_offered_qps is not None else busy["offered_qps"].max())
-    top = busy["amplification"].max()
-    cap = float(top) * original_qps if math.isfinite(top) else None
+    cap = original_qps * (1.0 + max(budget, 0.0)) if budget is not None else None
     return retry_loop_states(original_qps, r, loss, peak_offered_qps=peak, cap_qps=cap)
 
 
@@ -437,7 +507,18 @@ def metastability(run: RunData, trigger_end_unix_s: float | None = None, *,
             if post_s < table[1]:
                 caveats.append(f"the firewall keeps a session {table[1]:g} s: {post_s:.0f} s after the trigger "
                                "cannot see its table drain")
-    loop = fit_retry_loop(busy, base_orig, capacity_qps=capacity_qps, after_unix_s=end)
+    retries_n = stub_retries(run)
+    if retries_n is None:
+        retries_n = retries_from_amplification(busy)
+        caveats.append(f"the clients' retry limit is not in the run's profile (dns-retries): taken as {retries_n} "
+                       "from the highest amplification")
+    budget = retry_budget(run)
+
+    def loop_at(state: pd.DataFrame | None) -> LoopStates | None:
+        return fit_retry_loop(busy, base_orig, retries_n=retries_n, capacity_qps=capacity_qps, budget=budget,
+                              state=state, baseline_loss=1.0 - base_good)
+
+    loop = loop_at(None)
     common = dict(trigger_start_unix_s=float(start), trigger_end_unix_s=float(end), trigger_source=source,
                   baseline_original_qps=base_orig, baseline_goodput_ratio=base_good, baseline_amplification=base_amp,
                   trigger_goodput_ratio=_ratio(during, "answered_qps", "offered_qps") if len(during) else math.nan,
@@ -448,13 +529,14 @@ def metastability(run: RunData, trigger_end_unix_s: float | None = None, *,
                                    post_amplification=_ratio(after, "offered_qps", "original_qps"), demand_back_s=0.0,
                                    trend=None, trend_amplification_per_s=0.0, **common)
     if gaps:
-        return _judge_gaps(busy, healthy, starts, gaps, post_s, horizon, common)
+        return _judge_gaps(busy, healthy, starts, gaps, post_s, horizon, common, loop_at)
     return _judge_after(after, healthy[starts >= end - 1e-6], end, base_orig, demand_tolerance, good_floor,
-                        amp_ceiling, hold_s, common)
+                        amp_ceiling, hold_s, common, loop_at)
 
 
 def _judge_gaps(busy: pd.DataFrame, healthy: np.ndarray, starts: np.ndarray, gaps: list, post_s: float,
-                horizon: float | None, common: dict) -> MetastabilityResult:
+                horizon: float | None, common: dict,
+                loop_at: Callable[[pd.DataFrame | None], LoopStates | None]) -> MetastabilityResult:
     """The verdict on a burst train, from the gaps between its bursts: does each gap get back to
     health before the next burst, and do the gaps' ends drift (retries piling up)?"""
     ts = busy.index.to_numpy(dtype=float)
@@ -487,14 +569,15 @@ def _judge_gaps(busy: pd.DataFrame, healthy: np.ndarray, starts: np.ndarray, gap
                trend_amplification_per_s=slope, **common)
     if all(ends_ok):
         return MetastabilityResult(verdict="recovers", recovery_s=max(recoveries), **out)
-    loop = common["loop"]
+    loop = out["loop"] = loop_at(tail)  # the loop through the state the gaps end in
     if trend == "falling" or (loop is not None and not loop.second_stable_state) or sum(ends_ok) >= len(ends_ok) / 2:
         return MetastabilityResult(verdict="not_recovered", recovery_s=None, **out)
     return MetastabilityResult(verdict="metastable", recovery_s=None, **out)
 
 
 def _judge_after(after: pd.DataFrame, healthy: np.ndarray, end: float, base_orig: float, demand_tolerance: float,
-                 good_floor: float, amp_ceiling: float, hold_s: float | None, common: dict) -> MetastabilityResult:
+                 good_floor: float, amp_ceiling: float, hold_s: float | None, common: dict,
+                 loop_at: Callable[[pd.DataFrame | None], LoopStates | None]) -> MetastabilityResult:
     """The verdict on the intervals after the trigger (those with traffic)."""
     ts = after.index.to_numpy(dtype=float)
     back = np.flatnonzero(np.abs(after["original_qps"].to_numpy() - base_orig) <= demand_tolerance * base_orig)
@@ -520,12 +603,13 @@ def _judge_after(after: pd.DataFrame, healthy: np.ndarray, end: float, base_orig
     if post_good >= good_floor and post_amp <= amp_ceiling and first_ok < len(healthy):
         rec_end = float(judged.index[first_ok]) - float(judged["interval_s"].iloc[first_ok])
         return MetastabilityResult(verdict="recovers", recovery_s=max(0.0, rec_end - end), **out)
-    loop = common["loop"]
+    loop = out["loop"] = loop_at(tail)  # the loop through the state the run ended in
     if trend == "falling":
         return MetastabilityResult(verdict="not_recovered", recovery_s=None, **out)
     if loop is not None and not loop.second_stable_state:
-        common["caveats"].append("still degraded, but the fitted retry loop has no second stable state at the "
-                                 "baseline demand: not metastable by that definition (a slower drain, or a "
+        common["caveats"].append(f"still degraded, but the loss measured at the end, with at most {loop.retries_n} "
+                                 "retries a query, cannot make the retries alone offer what was offered there: "
+                                 "no second stable state, not metastable by that definition (a slower drain, or a "
                                  "changed server?)")
         return MetastabilityResult(verdict="not_recovered", recovery_s=None, **out)
     if loop is None:

@@ -246,12 +246,8 @@ def firewall_rows(d: DnsRun, run: RunData) -> list[ModelRow]:
                                if res.measured_max_entries_n is not None else "not measured"),
                      predicted_value=min(peak, res.size_n), measured_value=num(res.measured_max_entries_n),
                      unit="entries", **common)]
-    loop = res.loop
-    if res.waste is not None:  # the loop kept per query, with the server's late answers (waste)
-        predicted = (f"yes: {res.waste.summary()}" if res.waste.sustains else f"no: {res.waste.reason}")
-    else:
-        predicted = (f"yes: a second stable state at {loop.high_amplification:.2f}× amplification"
-                     if loop.second_stable_state else "no: one stable state, the table drains once the trigger stops")
+    # the loop kept per query, with the server's late answers (waste)
+    predicted = f"yes: {res.waste.summary()}" if res.waste.sustains else f"no: {res.waste.reason}"
     rows.append(ModelRow(
         question=f"does the retry loop sustain itself with {res.original_qps:,.0f}/s of original demand?",
         predicted=predicted,
