@@ -455,9 +455,10 @@ def test_recommended_rcvbuf_stops_the_drops(make_lab, tmp_path):
                                                        burst_n=3000, count=4, so_rcvbuf_bytes=so)))
     print(f"so-rcvbuf {so}:", after.summary())
     assert after.rcvbuf_bytes == 2 * so  # the kernel doubled it; unbound forced it past rmem_max as root
-    # the recommendation is sized at the slowest drain the first run measured, with no headroom: a
-    # machine busier during the second run drains slower still (CI once saw 155 of 12,000 dropped,
-    # against thousands before), so "stops the drops" is judged against the drops it replaced
+    # the recommendation is sized at the slowest drain the first run measured, plus 25 % headroom; a
+    # machine much busier during the second run drains slower still (without the headroom CI once
+    # saw 155 of 12,000 dropped, against thousands before), so "stops the drops" is judged against
+    # the drops it replaced
     print(f"drops with the default buffer {before.observed_drops_n}, with so-rcvbuf {so}: {after.observed_drops_n}")
     assert after.observed_drops_n <= 0.05 * before.observed_drops_n
     if after.observed_drops_n == 0:

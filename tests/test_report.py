@@ -233,7 +233,8 @@ def test_dns_bursts_are_judged_by_burst_size(tmp_path):
     assert dns.largest_burst_without_loss_queries == pytest.approx(256, abs=2)  # the default buffer's 256 datagrams
     assert dns.headroom_pct == pytest.approx((256 / 1000 - 1) * 100, abs=1)
     assert dns.rcvbuf_needed_bytes == 1200 * 832
-    assert "so-rcvbuf ≥ 499,200 bytes" in dns.recommendation and "net.core.rmem_max" in dns.recommendation
+    # half of the 998,400 B needed, with 25 % headroom: 1200 × 832 × 1.25 / 2
+    assert "so-rcvbuf ≥ 624,000 bytes" in dns.recommendation and "net.core.rmem_max" in dns.recommendation
     assert summary.verdict == "FAIL"
 
 

@@ -31,6 +31,7 @@ from loadkit.model.udp import (
     BurstObservation,
     SocketFit,
     UdpBurstFit,
+    RCVBUF_HEADROOM,
     so_rcvbuf_for,
     DEFAULT_RCVBUF_BYTES,
     UdpBurstResult,
@@ -59,7 +60,7 @@ __all__ = [
     "fit_udp_burst", "fit_usl", "fit_usl_run", "headroom_points", "huber_line", "kpi_series",
     "latency_knee", "littles_law_check", "metastability", "receive_drops", "retry_amplification", "target_socket", "udp_burst",
     "usl_points", "usl_throughput",
-    "BurstObservation", "SocketFit", "UdpBurstFit", "so_rcvbuf_for",
+    "BurstObservation", "SocketFit", "UdpBurstFit", "so_rcvbuf_for", "RCVBUF_HEADROOM",
     "LoopStates", "fit_retry_loop", "retry_loop_states", "trigger_window",
     "LimitRow", "SourceLimitResult", "fit_source_limit", "source_limit",
 ]

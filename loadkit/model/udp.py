@@ -176,10 +176,16 @@ def receive_drops(run: RunData, address: str | None = None, port: int | None = N
 # --------------------------------------------------------------------------------------------
 
 
-def so_rcvbuf_for(sk_rcvbuf_bytes: float) -> int:
-    """The ``SO_RCVBUF``/``so-rcvbuf`` request that gives at least ``sk_rcvbuf_bytes``: the kernel
-    doubles a request (``sock_setsockopt``), so half of it, rounded up (never down)."""
-    return int(math.ceil(max(float(sk_rcvbuf_bytes), 0.0) / 2.0))
+#: What a recommended receive buffer holds beyond the need measured: the need is sized at the
+#: slowest drain one run saw, and a busier server drains slower (a second run on a loaded machine
+#: dropped about 1 % of its bursts through a buffer sized without headroom).
+RCVBUF_HEADROOM = 1.25
+
+
+def so_rcvbuf_for(sk_rcvbuf_bytes: float, headroom: float = RCVBUF_HEADROOM) -> int:
+    """The ``SO_RCVBUF``/``so-rcvbuf`` request that gives at least ``headroom × sk_rcvbuf_bytes``:
+    the kernel doubles a request (``sock_setsockopt``), so half of it, rounded up (never down)."""
+    return int(math.ceil(max(float(sk_rcvbuf_bytes), 0.0) * headroom / 2.0))
 
 
 @dataclass
@@ -242,7 +248,8 @@ class UdpBurstFit(Result):
     predicted_loss_n: float  #: of ``burst_n`` in ``burst_window_s`` at the median drain rate
     measured_loss_mean_n: float  #: mean measured loss of the bursts of that size; nan if none measured
     needed_rcvbuf_bytes: int  #: sk_rcvbuf per socket for ``burst_n`` at the slowest drain, whole queries
-    recommended_so_rcvbuf_bytes: int  #: half of it, rounded up; net.core.rmem_max must be >= this
+    #: half of it with :data:`RCVBUF_HEADROOM`, rounded up; net.core.rmem_max must be >= this
+    recommended_so_rcvbuf_bytes: int
     observed_drops_n: int
     observed_onset_qps: float | None
     caveats: list[str]
@@ -305,8 +312,9 @@ class UdpBurstFit(Result):
                         f"predicted{measured}")
             at_most = "at most " if self.drain_is_lower_bound else ""
             text.append(f"so-rcvbuf {at_most}{self.recommended_so_rcvbuf_bytes:,} B (sk_rcvbuf "
-                        f"{self.needed_rcvbuf_bytes:,} B per socket; net.core.rmem_max must be ≥ "
-                        f"{self.recommended_so_rcvbuf_bytes:,} unless set with SO_RCVBUFFORCE)")
+                        f"{self.needed_rcvbuf_bytes:,} B needed per socket, "
+                        f"+{100 * (RCVBUF_HEADROOM - 1):.0f} % headroom for a slower drain; net.core.rmem_max "
+                        f"must be ≥ {self.recommended_so_rcvbuf_bytes:,} unless set with SO_RCVBUFFORCE)")
         out = "; ".join(text)
         if self.caveats:
             out += " [" + "; ".join(self.caveats) + "]"

@@ -211,9 +211,11 @@ def _burst_figures(run: RunData, row: DnsRun, notes: list[str]) -> None:
 
 def so_rcvbuf_advice(sk_rcvbuf_bytes: int) -> str:
     """The setting for a needed ``sk_rcvbuf``: Linux doubles ``SO_RCVBUF`` and caps the request
-    at ``net.core.rmem_max``, so ask for half, rounded up, and allow at least that."""
+    at ``net.core.rmem_max``, so ask for half (of the need with the model's headroom), rounded up,
+    and allow at least that."""
     so = int(model.so_rcvbuf_for(sk_rcvbuf_bytes))
-    return (f"so-rcvbuf ≥ {so:,} bytes (the kernel doubles it to {2 * so:,} per socket); "
+    return (f"so-rcvbuf ≥ {so:,} bytes (the kernel doubles it to {2 * so:,} per socket, "
+            f"{100 * (model.RCVBUF_HEADROOM - 1):.0f} % over the {sk_rcvbuf_bytes:,} needed); "
             f"net.core.rmem_max must be ≥ {so:,}")
 
 
