@@ -54,8 +54,7 @@ from loadkit.record.reader import RunData
 
 VERDICTS = ("stable", "recovers", "not_recovered", "metastable", "demand_not_back")
 
-ORIGINAL = "dns.original_sent"
-RETRY = "dns.retry_sent"
+ORIGINAL, RETRY = counters.offered_parts("dns")  # the DNS generator's counter names
 ANSWERED = "dns.answered"
 
 
@@ -65,9 +64,9 @@ def retry_amplification(run: RunData, *, prefix: str = "dns") -> pd.DataFrame:
 
     Indexed by ``ts_unix_s`` (end of the interval).
     """
-    names = {f"{prefix}.original_sent": "original", f"{prefix}.retry_sent": "retry",
-             f"{prefix}.answered": "answered"}
-    if not counters.has_metric(run, f"{prefix}.original_sent"):
+    original, retry = counters.offered_parts(prefix)  # offered = originals + retries
+    names = {original: "original", retry: "retry", f"{prefix}.answered": "answered"}
+    if not counters.has_metric(run, original):
         raise ModelError(f"run {run.run_id} has no '{prefix}.original_sent' counter in generator/: "
                          "record a run with the DNS generator's counters")
     d = counters.counter_frame(run, [m for m in names if counters.has_metric(run, m)]).rename(columns=names)

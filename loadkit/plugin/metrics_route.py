@@ -40,8 +40,8 @@ log = logging.getLogger(__name__)
 ROUTE = "/metrics"
 _ENDPOINT = "loadkit_metrics"
 
-#: generator counters whose sum is the offered load (the model's offered = original + retries)
-OFFERED_PARTS = {"dns": ("dns.original_sent", "dns.retry_sent")}
+#: protocols whose load side exports an offered counter (:func:`loadkit.record.counters.offered_parts`)
+OFFERED_PROTOCOLS = ("dns",)
 
 
 def prometheus_name(metric: str) -> str:
@@ -75,7 +75,8 @@ class LoadMetrics:
                 yield CounterMetricFamily(prometheus_name(row.metric), f"Generator counter {row.metric}.", value=row.value)
             elif row.kind == counters.GAUGE:
                 yield GaugeMetricFamily(prometheus_name(row.metric), f"Generator gauge {row.metric}.", value=row.value)
-        for protocol, parts in OFFERED_PARTS.items():
+        for protocol in OFFERED_PROTOCOLS:
+            parts = counters.offered_parts(protocol)
             if parts[0] in values:
                 yield CounterMetricFamily(f"loadkit_{protocol}_offered", "Queries offered to the target: originals plus retries.",
                                           value=sum(values.get(p, 0.0) for p in parts))

@@ -24,6 +24,13 @@ import pandas as pd
 COUNTER, GAUGE = "counter", "gauge"
 
 
+def offered_parts(prefix: str = "dns") -> tuple[str, str]:
+    """The counters whose sum is the load offered to a target: its original sends and its
+    retries (``dns.original_sent`` + ``dns.retry_sent``). The retry models and the load side's
+    ``/metrics`` both count offered load this way."""
+    return f"{prefix}.original_sent", f"{prefix}.retry_sent"
+
+
 def _rows(run, metric: str, kind: str) -> pd.Series:
     """``ts_unix_s`` -> value of one metric and kind, summed per timestamp, sorted by time."""
     g = run.generator
