@@ -152,7 +152,7 @@ def console_aggregated(output: str) -> tuple[int, int]:
 @pytest.mark.lab
 def test_csv_agrees_with_the_console_and_the_stop_causes_no_failures(lab, tmp_path: Path) -> None:
     # a burst of 2,000 at 2 s overflows unbound's default buffer; the drops are retried after
-    # 1 s, and whatever is still waiting when the run stops is unfinished, not a failure
+    # 1 s (then 2 s), and whatever is still waiting when the run stops is unfinished, not a failure
     prefix = tmp_path / "out" / "dns"
     out = run_locust(["-f", str(REPO / "locustfiles" / "dns_burst.py"), "--headless", "-t", "6s", "--csv",
                       str(prefix), "--host", str(lab.dns), "--dns-names-file", str(lab.names_file)], tmp_path)
@@ -163,8 +163,12 @@ def test_csv_agrees_with_the_console_and_the_stop_causes_no_failures(lab, tmp_pa
     assert (int(row["Request Count"]), int(row["Failure Count"])) == (requests, failures)
     assert requests > 500
     with open(f"{prefix}_failures.csv", newline="") as f:
-        assert [r["Error"] for r in csv.DictReader(f)] == []
-    assert failures == 0 and out.returncode == 0, out.stderr[-2000:]
+        errors = {r["Error"]: int(r["Occurrences"]) for r in csv.DictReader(f)}
+    # the stop adds no failure: what it cut short is unfinished (below). A query whose three
+    # attempts were all dropped (on a slow machine the burst's retries overflow the buffer again)
+    # times out for real, its last attempt sent before the stop: CI once saw 2 of 2,000.
+    assert set(errors) <= {"timeout"} and failures == sum(errors.values()), errors
+    assert failures <= 100 and out.returncode == (1 if failures else 0), out.stderr[-2000:]
     done = next(ln for ln in out.stderr.splitlines() if "DNS load done: sent=" in ln)
     sent = int(done.split("sent=")[1].split()[0])
     unfinished = int(done.split("unfinished=")[1].split()[0]) if "unfinished=" in done else 0
