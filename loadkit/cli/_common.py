@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Any, Callable
 
 
@@ -20,3 +21,30 @@ def add_command(sub: argparse._SubParsersAction, name: str, func: Callable[[argp
     if func is not None:
         p.set_defaults(func=func)
     return p
+
+
+def _number(text: str, least: float | None, strict: bool, what: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    # float() takes "nan" and "inf": neither is a size, a rate or a time, and nan slips past
+    # every later range check (nan > 0 and nan <= 0 are both False)
+    if not math.isfinite(value) or (least is not None and (value <= least if strict else value < least)):
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+    return value
+
+
+def finite(text: str) -> float:
+    """An argparse type: a float that is not nan or ±inf (a timestamp, an offset)."""
+    return _number(text, None, False, "a finite number")
+
+
+def finite_positive(text: str) -> float:
+    """An argparse type: a finite float > 0 (a size, a rate, a duration, a threshold)."""
+    return _number(text, 0.0, True, "a finite number > 0")
+
+
+def finite_non_negative(text: str) -> float:
+    """An argparse type: a finite float >= 0 (an overhead or a wait where 0 means none)."""
+    return _number(text, 0.0, False, "a finite number >= 0")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import signal
 import sys
 import time
@@ -98,9 +99,12 @@ def _seconds(text: str | None, what: str) -> float | None:
     if text is None:
         return None
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise CollectorError(f"--{what} {text!r} is not a number of seconds") from None
+    if not math.isfinite(value):  # float() takes nan and inf; nan passes every range check after
+        raise CollectorError(f"--{what} {text!r} is not a finite number of seconds")
+    return value
 
 
 def _ports(values: list[str]) -> list[int]:

@@ -9,7 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
-from loadkit.cli._common import add_command
+from loadkit.cli._common import add_command, finite, finite_non_negative, finite_positive
 from loadkit.errors import LoadkitError, ModelError
 
 KINDS = ("headroom", "usl", "udp-burst", "retries", "anomalies", "firewall", "source-limit")
@@ -35,13 +35,13 @@ def _headroom_options(h: argparse.ArgumentParser) -> None:
                    help="load-balancer policy (default %(default)s)")
     h.add_argument("--weight", action="append", default=[], metavar="PROXY=W",
                    help="balancer weight of one proxy (repeat per proxy)")
-    h.add_argument("--admission-fraction", type=float, default=0.9, metavar="F",
+    h.add_argument("--admission-fraction", type=finite_positive, default=0.9, metavar="F",
                    help="admission limit keeps each proxy under F × its memory limit (default %(default)s)")
-    h.add_argument("--forecast-peak", type=float, default=None, metavar="SESSIONS",
+    h.add_argument("--forecast-peak", type=finite_positive, default=None, metavar="SESSIONS",
                    help="forecast peak of concurrent sessions, for headroom and proxies needed")
-    h.add_argument("--limit-bytes", type=float, default=None, metavar="BYTES",
+    h.add_argument("--limit-bytes", type=finite_positive, default=None, metavar="BYTES",
                    help="memory each proxy may use when the run recorded no cgroup limit")
-    h.add_argument("--reconnect-overhead", type=float, default=0.0, metavar="F",
+    h.add_argument("--reconnect-overhead", type=finite_non_negative, default=0.0, metavar="F",
                    help="extra sessions per lost session while clients reconnect (default 0)")
 
 
@@ -51,40 +51,41 @@ def _usl_options(u: argparse.ArgumentParser) -> None:
 
 
 def _udp_burst_options(b: argparse.ArgumentParser) -> None:
-    b.add_argument("--rcvbuf", type=float, default=None, metavar="BYTES",
+    b.add_argument("--rcvbuf", type=finite_positive, default=None, metavar="BYTES",
                    help="each server socket's sk_rcvbuf in bytes (ss -m 'rb'; twice so-rcvbuf); default: as "
                    "the collector read it, else the recorded so-rcvbuf doubled")
-    b.add_argument("--bytes-per-datagram", type=float, default=832.0, metavar="BYTES",
+    b.add_argument("--bytes-per-datagram", type=finite_positive, default=832.0, metavar="BYTES",
                    help="buffer charge per datagram (default %(default)s, a small query on loopback)")
-    b.add_argument("--burst", type=float, default=None, metavar="QUERIES",
+    b.add_argument("--burst", type=finite_positive, default=None, metavar="QUERIES",
                    help="burst size the headline and so-rcvbuf are for (default: the run's largest burst)")
-    b.add_argument("--burst-window", type=float, default=None, metavar="SECONDS",
+    b.add_argument("--burst-window", type=finite_positive, default=None, metavar="SECONDS",
                    help="duration of that burst (default: the run's, as the bursts really left)")
     b.add_argument("--port", type=int, default=None,
                    help="the server's UDP port among watched sockets (default: the run's udp:// target)")
 
 
 def _trigger_end_option(r: argparse.ArgumentParser) -> None:
-    r.add_argument("--trigger-end", type=float, default=None, metavar="UNIX_S",
+    r.add_argument("--trigger-end", type=finite, default=None, metavar="UNIX_S",
                    help="when the trigger ended (default: the run's phase events, else the end of its last "
                    "burst, else where the original rate fell back)")
 
 
 def _retries_options(r: argparse.ArgumentParser) -> None:
     _trigger_end_option(r)
-    r.add_argument("--min-post", type=float, default=2.0, metavar="SECONDS",
+    r.add_argument("--min-post", type=finite_non_negative, default=2.0, metavar="SECONDS",
                    help="run time needed after the trigger to judge it (default %(default)s); a window "
                    "shorter than the clients' retry horizon is judged, with a caveat")
 
 
 def _firewall_options(f: argparse.ArgumentParser) -> None:
     _trigger_end_option(f)
-    f.add_argument("--size", type=float, default=None, metavar="ENTRIES",
+    f.add_argument("--size", type=finite_positive, default=None, metavar="ENTRIES",
                    help="session-table size (default: from the run's firewall samples)")
-    f.add_argument("--udp-timeout", type=float, default=None, metavar="SECONDS",
+    f.add_argument("--udp-timeout", type=finite_positive, default=None, metavar="SECONDS",
                    help="a UDP session's timeout (default: from the run's firewall samples)")
-    f.add_argument("--port-policy", default="per-attempt", choices=("per-attempt", "per-query"),
-                   help="source ports of retries: a new flow per attempt, or per query (default %(default)s)")
+    f.add_argument("--port-policy", default=None, choices=("per-attempt", "per-query", "fixed"),
+                   help="the clients' source ports: a new flow per attempt, per query, or fixed sockets "
+                        "(default: the run's --dns-port-policy)")
 
 
 def _anomalies_options(a: argparse.ArgumentParser) -> None:
@@ -94,22 +95,22 @@ def _anomalies_options(a: argparse.ArgumentParser) -> None:
     a.add_argument("--group", default=None, help="only this group (groups table)")
     a.add_argument("--delta", action="store_true",
                    help="use the per-interval increase (for cumulative counters)")
-    a.add_argument("--z", type=float, default=6.0, help="spike threshold in robust σ (default %(default)s)")
-    a.add_argument("--longest-spike", type=float, default=3600.0, metavar="SECONDS",
+    a.add_argument("--z", type=finite_positive, default=6.0, help="spike threshold in robust σ (default %(default)s)")
+    a.add_argument("--longest-spike", type=finite_positive, default=3600.0, metavar="SECONDS",
                    help="longest spike to find; the baseline window is three times it (default %(default)s)")
 
 
 def _source_limit_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("--sources", type=int, default=None, metavar="N",
                    help="number of sources (default: the run's dns-sources, with --source-qps)")
-    s.add_argument("--source-qps", type=float, default=None, metavar="QPS",
+    s.add_argument("--source-qps", type=finite_positive, default=None, metavar="QPS",
                    help="queries per second per source (default: the run's dns-source-qps)")
     s.add_argument("--arrival", default="poisson", choices=("poisson", "generator"),
                    help="arrivals per source for the recommendation: independent Poisson (real clients) or "
                    "loadkit's own sender (default %(default)s)")
     s.add_argument("--applied-limit", type=int, default=None, metavar="QPS",
                    help="per-IP limit the run was made with (default: the profile's [lab] dns_ratelimit_qps)")
-    s.add_argument("--target-share", type=float, default=0.001, metavar="F",
+    s.add_argument("--target-share", type=finite_positive, default=0.001, metavar="F",
                    help="largest share of sources the recommended limit may refuse in a second "
                    "(default %(default)s)")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from loadkit.cli._common import add_command
+from loadkit.cli._common import add_command, finite_positive
 from loadkit.errors import LoadkitError
 from loadkit.model.kpi import POLL_MODES, KpiReview, review_kpi, zone_label
 from loadkit.model.kpi_source import (
@@ -53,7 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--mode", default="mean", choices=POLL_MODES,
                    help="what a poll reads: the mean over its interval (a counter's rate) or the value at "
                    "the poll (a gauge) (default %(default)s)")
-    m.add_argument("--z", type=float, default=6.0, help="spike threshold in robust σ (default %(default)s)")
+    m.add_argument("--z", type=finite_positive, default=6.0, help="spike threshold in robust σ (default %(default)s)")
     m.add_argument("--longest-spike", default="40m", metavar="DURATION",
                    help="longest excursion still called a spike; the baseline is smoothed over 3× it "
                    "(default %(default)s)")

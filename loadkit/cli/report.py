@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from loadkit.cli._common import add_command
+from loadkit.cli._common import add_command, finite_positive
 from loadkit.errors import ReportError
 from loadkit.report.build import REPORTS_DIR, RUNS_DIR, build_report, find_runs
 
@@ -29,9 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--baseline-runs", nargs="+", metavar="DIR", help="run directories of the baseline (default: found under --runs-dir)")
     p.add_argument("--runs-dir", default=str(RUNS_DIR), metavar="DIR", help="where runs are looked up by release (default: %(default)s)")
     p.add_argument("--out", metavar="DIR", help=f"output directory (default: {REPORTS_DIR}/RELEASE)")
-    p.add_argument("--forecast-peak-sessions", type=float, metavar="N", help="forecast peak of concurrent mail sessions (default: from the runs' profiles)")
-    p.add_argument("--forecast-peak-qps", type=float, metavar="QPS", help="forecast peak DNS query rate (default: from the runs' profiles)")
-    p.add_argument("--forecast-peak-burst-queries", type=float, metavar="N",
+    p.add_argument("--forecast-peak-sessions", type=finite_positive, metavar="N", help="forecast peak of concurrent mail sessions (default: from the runs' profiles)")
+    p.add_argument("--forecast-peak-qps", type=finite_positive, metavar="QPS", help="forecast peak DNS query rate (default: from the runs' profiles)")
+    p.add_argument("--forecast-peak-burst-queries", type=finite_positive, metavar="N",
                    help="forecast largest DNS burst, in queries, for runs that offered bursts (default: from the "
                         "runs' profiles; without one, a burst that overflowed the buffer is a warning, not a failure)")
 
