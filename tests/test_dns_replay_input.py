@@ -207,3 +207,21 @@ def test_bad_options_are_one_line(mixed_pcap: Path, override: dict, text: str) -
     with pytest.raises(LoadkitError) as err:
         replay.plan(settings)
     assert text in str(err.value)
+
+
+def test_a_quiet_lead_in_does_not_cut_off_the_end(tmp_path: Path) -> None:
+    # a window opened 500 s before the first query: offset 0 is the window's start, so the last
+    # query is due 510 s / speed in, far past the 10 s the queries span; the sender's safety cap
+    # must leave room for it, or the tail is never sent and the run still ends as completed
+    pcap = write_pcap(tmp_path / "late.pcap", [
+        (1000.0, _eth(_ip4("198.18.0.1", "198.18.0.53", 17, _udp(4000, 53, _query("a.lab.test."))))),
+        (1010.0, _eth(_ip4("198.18.0.1", "198.18.0.53", 17, _udp(4000, 53, _query("b.lab.test."))))),
+    ])
+    for speed in (1.0, 4.0):
+        p = replay.plan(replay.ReplaySettings(host=TARGET, file=str(pcap), window_from="1970-01-01T00:08:20Z",
+                                              speed=speed))
+        assert p.span_s == pytest.approx(10.0) and p.origin_unix_s == pytest.approx(500.0)
+        feed = replay.ReplayFeed(p)
+        last_s = [feed.pop() for _ in range(feed.due(1e9) - feed.popped)][-1].offset_s
+        assert last_s == pytest.approx(510.0 / speed)
+        assert replay.build_sender(p).max_duration_s > last_s

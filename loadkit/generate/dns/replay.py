@@ -175,6 +175,7 @@ class ReplayPlan(NamedTuple):
     queries_n: int  #: recorded queries in the window (each is sent ``scale`` times)
     tcp_n: int  #: of which came over TCP (or another stream transport)
     span_s: float  #: recorded time from the window's first to its last query
+    end_s: float  #: recorded time from offset 0 (the window's start) to the last query
     addresses: list  #: source addresses of clients x copies (folded at ``max_sources``)
     spool: Spool  #: the window's queries as the first pass read them
     qtypes: list  #: the request names (query types seen, in order of appearance)
@@ -326,7 +327,7 @@ def plan(settings: ReplaySettings) -> ReplayPlan:
     names = [qtype_name(t) for t, i in sorted(qtypes.items(), key=lambda kv: kv[1]) if i < MAX_QTYPE_NAMES]
     if len(qtypes) > MAX_QTYPE_NAMES:
         names.append("other")
-    return ReplayPlan(s, target, path, origin, clients, n, tcp_n, hi - lo, addresses, spool, names)
+    return ReplayPlan(s, target, path, origin, clients, n, tcp_n, hi - lo, hi - origin, addresses, spool, names)
 
 
 # -- the second pass: the recording as the sender's schedule -----------------------------------------
@@ -504,8 +505,9 @@ def build_sender(p: ReplayPlan, index: int = 0, count: int = 1,
         tcp_fallback=s.tcp_fallback == "on", ports_per_source=s.ports_per_source, port_policy=s.port_policy,
         retry_budget=s.retry_budget, retry_budget_window_s=s.retry_budget_window_s,
         interval_s=s.stats_interval_s, max_queries_n=s.max_queries,
-        # the recording's span at this speed, plus room: the replay ends with its file
-        max_duration_s=p.span_s / s.speed + 60.0,
+        # the last query's offset at this speed, plus room: the replay ends with its file (a
+        # window that starts before the first query starts quiet, and that lead-in is sent too)
+        max_duration_s=p.end_s / s.speed + 60.0,
     )
     return ReplaySender(p.target, feed, options, sources=mine, qtypes=p.qtypes, protocol=s.protocol,
                         on_interval=on_interval)
