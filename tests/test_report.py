@@ -8,6 +8,8 @@ concurrent sessions.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import nbformat
 import pytest
@@ -17,11 +19,13 @@ from loadkit.errors import ReportError
 from loadkit.record.reader import load_run
 from loadkit.report import build_report, check_run, find_runs
 from loadkit.report.analysis import summarize
-from loadkit.report.build import NOTEBOOK
+from loadkit import resources
+from loadkit.report.build import NOTEBOOK_NAME
 from loadkit.report.summary import ReportSummary
 from runfactory import MIB, write_dns_run, write_mail_run
 
 FALL_OVER_SESSIONS = 3 * (256 - 20) / 1.2
+NOTEBOOK = resources.notebook(NOTEBOOK_NAME)
 
 
 def test_headroom_figures_recover_the_known_fall_over(tmp_path):
@@ -664,3 +668,20 @@ def test_a_lower_bound_capacity_below_the_forecast_is_no_negative_headroom() -> 
     assert _headroom(300, 4000, is_lower_bound=True) is None
     assert _headroom(300, 4000, is_lower_bound=False) < 0
     assert _headroom(5000, 4000, is_lower_bound=True) == pytest.approx(25.0)
+
+
+def test_missing_notebooks_break_only_the_report(tmp_path):
+    """An installation without its notebooks still parses every subcommand; `loadkit report`
+    says in one line what is missing (the notebook is resolved when a report is built)."""
+    script = ("import pathlib, sys\n"
+              "import loadkit.resources as r\n"
+              "r.PACKAGE_DATA = r.SOURCE_TREE = pathlib.Path(sys.argv[1])\n"
+              "from loadkit.cli import build_parser, main\n"
+              "build_parser().parse_args(['runs', 'list'])\n"
+              "sys.exit(main(['report', '--release', 'r1', '--runs', sys.argv[1]]))\n")
+    res = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
+                         timeout=120, cwd=tmp_path)
+    assert res.returncode == 2, res.stderr
+    errors = [line for line in res.stderr.splitlines() if not line.startswith("report: ")]
+    assert errors == [f"loadkit: error: loadkit's notebooks are missing from this installation (looked in "
+                      f"{tmp_path / 'notebooks'} and {tmp_path / 'notebooks'}); reinstall loadkit"]

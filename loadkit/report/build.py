@@ -28,8 +28,9 @@ from loadkit.record.writer import record_complete
 from .analysis import locust_html_of, summarize
 from .summary import ReportSummary
 
-#: the notebook every release report is executed from
-NOTEBOOK = resources.notebook("capacity_report")  # the checkout's notebooks/, or the wheel's package data
+#: the notebook every release report is executed from (resolved by :func:`build_report`, not at
+#: import: an installation without its notebooks must still list and run every other subcommand)
+NOTEBOOK_NAME = "capacity_report"
 #: where ``loadkit report`` looks for runs when none are given, and where reports go
 RUNS_DIR = Path("runs")
 REPORTS_DIR = Path("reports")
@@ -115,7 +116,7 @@ def build_report(
     forecast_peak_sessions: float | None = None,
     forecast_peak_qps: float | None = None,
     forecast_peak_burst_queries: float | None = None,
-    notebook: str | Path = NOTEBOOK,
+    notebook: str | Path | None = None,
     progress: Progress = _quiet,
 ) -> Report:
     """Build the report of ``release`` from ``run_dirs``; see the module docstring."""
@@ -123,7 +124,8 @@ def build_report(
         raise ReportError(f"release name {release!r} cannot be used as a directory name")
     if not run_dirs:
         raise ReportError(f"no runs given for release {release!r}")
-    notebook = Path(notebook)
+    # the checkout's notebooks/, or the wheel's package data (InputFileError when both are missing)
+    notebook = Path(notebook) if notebook is not None else resources.notebook(NOTEBOOK_NAME)
     if not notebook.exists():
         raise ReportError(f"report notebook {notebook} is missing")
     out = Path(out_dir) if out_dir is not None else REPORTS_DIR / release
