@@ -73,8 +73,8 @@ def _load_environment():
     env.stats.log_request("DNS", "A", 1, 0)
     env.stats.log_error("DNS", "A", Failure("timeout", "no answer"))
     env.stats.log_error("DNS", "A", Failure("timeout", "no answer"))
-    # the DNS generator's plan as a master sees it: only its source addresses are read
-    env.loadkit_dns = SimpleNamespace(plan=SimpleNamespace(sources=["127.0.5.1", "127.0.5.2"]))
+    # the DNS generator as the route sees it: only its count of source addresses is asked
+    env.loadkit_dns = SimpleNamespace(sources_n=lambda: 2)
     return env
 
 
@@ -101,6 +101,39 @@ def test_load_side_exposition_names_kinds_and_offered():
     assert families["loadkit_dns_sources"].samples[0].value == 2
     failures = families["loadkit_request_failures"].samples
     assert [(s.labels["class"], s.value) for s in failures] == [("timeout", 2.0)]
+
+
+def test_dns_sources_are_counted_without_building_a_plan(tmp_path, monkeypatch):
+    from argparse import Namespace
+
+    from locust.env import Environment
+
+    from loadkit.generate.dns import replay, replay_users, users
+
+    planned = []  # a scrape must never build a plan (read a names file, a whole capture)
+    monkeypatch.setattr(users, "plan", lambda *a, **k: planned.append("users"))
+    monkeypatch.setattr(replay, "plan", lambda *a, **k: planned.append("replay"))
+
+    def sources(env) -> list:
+        families = {f.name: f for f in text_string_to_metric_families(_load_exposition(env))}
+        return [s.value for s in families["loadkit_dns_sources"].samples] if "loadkit_dns_sources" in families else []
+
+    # DNS users on a master (no plan): the count the options say; nothing read, no plan built
+    env = Environment(parsed_options=Namespace(dns_sources="7", dns_names_file=str(tmp_path / "absent.txt")))
+    run = users.DnsRun(env, users.DnsSettings())
+    env.loadkit_dns = run
+    assert sources(env) == [7] and run.plan is None
+    # a replay on a master: its addresses come from a recording the master never reads
+    capture = tmp_path / "capture.pcap"
+    capture.write_bytes(b"not read")
+    env = Environment(parsed_options=Namespace(replay_file=str(capture)), host="127.0.0.1:5353")
+    replay_run = replay_users.ReplayRun(env, replay.ReplaySettings())
+    env.loadkit_dns = replay_run
+    assert sources(env) == [] and replay_run.replay_plan is None
+    # once a sending process has read it: one address per recorded client
+    replay_run.replay_plan = SimpleNamespace(addresses=["127.2.0.1", "127.2.0.2", "127.2.0.3"])
+    assert sources(env) == [3]
+    assert planned == []
 
 
 def test_locust_web_ui_serves_metrics(monkeypatch):

@@ -9,7 +9,8 @@ scrapes both and a dashboard puts load and saturation on one screen:
   counter ``dns.original_sent`` -> ``loadkit_dns_original_sent_total``, gauge
   ``imap.held_sessions`` -> ``loadkit_imap_held_sessions``, a ``_s`` suffix -> ``_seconds``;
 - ``loadkit_dns_offered_total``: original queries plus retries, what the target was offered;
-- ``loadkit_dns_sources``: source addresses of the DNS load (per-source rate = offered rate / it);
+- ``loadkit_dns_sources``: source addresses of the DNS load (per-source rate = offered rate / it;
+  a replay's come from its recording, which a master does not read: not on a replay's master);
 - ``loadkit_requests_total{request_type,name}`` and
   ``loadkit_request_failures_total{request_type,name,class}`` from Locust's statistics (a
   loadkit failure's class token is its ``repr``, as in the run record's failures table);
@@ -84,17 +85,16 @@ class LoadMetrics:
         if sources:
             yield GaugeMetricFamily("loadkit_dns_sources", "Source addresses the DNS load is sent from.", value=float(sources))
 
-    def _dns_sources(self) -> int:
+    def _dns_sources(self) -> int | None:
         run = getattr(self.environment, "loadkit_dns", None)
         if run is None:
-            return 0
+            return None
         try:
-            # a master builds no plan for sending; building it here only reads the options
-            plan = run.plan if run.plan is not None else run.make_plan()
-            return len(plan.sources)
+            # never a plan built here: a scrape must not read a capture or a names file
+            return run.sources_n()
         except Exception as err:  # a scrape never fails over one figure
             log.debug("no DNS source count for /metrics: %s", err)
-            return 0
+            return None
 
     def _request_families(self) -> Iterator[Metric]:
         stats = self.environment.stats

@@ -42,6 +42,11 @@ class ReplayRun(DnsRun):
             self.replay_plan = replay.plan(settings)
         return self.replay_plan
 
+    def sources_n(self) -> int | None:  # type: ignore[override]
+        """Source addresses of the replay (``/metrics``): they come from the recording's clients,
+        so they are known once this process has read it; None on a master, which reads nothing."""
+        return len(self.replay_plan.addresses) if self.replay_plan is not None else None
+
     def start(self) -> None:
         p = self.make_plan()
         index, count = worker_share(self.environment)

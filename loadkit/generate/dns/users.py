@@ -367,6 +367,17 @@ class DnsRun:
             self.plan = plan(settings, self.defaults)
         return self.plan
 
+    def sources_n(self) -> int | None:
+        """Source addresses the load is sent from, all processes together (``/metrics``). Never
+        builds a plan (it answers web requests, and a master builds none): the plan's count when
+        there is one, else ``--dns-sources`` as the options say; None when they cannot be read."""
+        if self.plan is not None:
+            return len(self.plan.sources)
+        try:
+            return settings_from_options(getattr(self.environment, "parsed_options", None), self.defaults, None).sources
+        except LoadkitError:
+            return None
+
     # -- interval reports -> Locust stats and generator metrics -----------------------------------
     def on_interval(self, report: IntervalReport) -> None:
         env = self.environment
