@@ -230,3 +230,30 @@ def test_kpi_review_notebook_executes(tmp_path):
     nb = json.loads(out_nb.read_text())
     images = sum("image/png" in o.get("data", {}) for c in nb["cells"] for o in c.get("outputs", []))
     assert _has_image(out_nb) and images == 3  # daily pattern, spikes, polling panels
+
+
+def test_table_summary_and_json_agree_on_whether_there_is_a_daily_pattern():
+    flat = review_kpi(synthetic_kpi(days=2, daily_amplitude=0.0, wander=0.0, spike_at=None).series)
+    shaped = review_kpi(synthetic_kpi(days=2, spike_at=None).series)
+    from loadkit.cli.kpi import render_table
+
+    for r, has in ((flat, False), (shaped, True)):
+        assert r.has_pattern is has and r.to_dict()["has_pattern"] is has
+        table = render_table(r)
+        assert ("peak at" in table) is has and ("daily pattern: none beyond the noise" in table) is not has
+        assert ("no daily pattern beyond the noise" in r.summary()) is not has
+
+
+def test_sub_minute_polling_intervals_keep_their_value_and_label(tmp_path, capsys):
+    t = 1.7e9 + np.arange(0, 1800, 0.25)  # 30 min sampled every 250 ms
+    v = 100 + np.random.default_rng(1).normal(0, 3, len(t))
+    v[(t >= t[0] + 900) & (t < t[0] + 960)] += 200  # one minute-long spike
+    f = tmp_path / "fast.csv"
+    f.write_text("".join(f"{a:.3f},{b:.3f}\n" for a, b in zip(t, v)))
+    r = review_kpi(read_kpi_csv(f), longest_spike_s=120, polling_s=(0.5, 90))
+    assert [p.interval_s for p in r.polling] == [0.5, 90.0]
+    assert r.polling[0].summary().startswith("500 ms polling (mean): 1 of 1 spikes seen")
+    assert r.polling[1].summary().startswith("90 s polling (mean): 1 of 1 spikes seen")
+    assert main(["kpi", "review", "--csv", str(f), "--polling", "500ms,90s", "--longest-spike", "2m"]) == 0
+    rows = [line.split()[:2] for line in capsys.readouterr().out.splitlines()]
+    assert ["500", "ms"] in rows and ["90", "s"] in rows

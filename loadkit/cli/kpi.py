@@ -12,7 +12,8 @@ import pandas as pd
 
 from loadkit.cli._common import add_command, finite_positive
 from loadkit.errors import LoadkitError
-from loadkit.model.kpi import POLL_MODES, KpiReview, review_kpi, zone_label
+from loadkit.model.anomalies import interval_label
+from loadkit.model.kpi import POLL_MODES, KpiReview, delay_text, review_kpi, zone_label
 from loadkit.model.kpi_source import (
     KpiSourceError,
     parse_duration_s,
@@ -112,8 +113,10 @@ def render_table(r: KpiReview) -> str:
     lines = [f"KPI {r.name or '(unnamed)'}" + (f"  ({r.source})" if r.source else ""),
              f"  {r.points_n} points every {r.sample_interval_s:g} s from {_clock(r.start_unix_s, off)} to "
              f"{_clock(r.end_unix_s, off)} {zone} on {r.days_n} day{'s' if r.days_n != 1 else ''}, {r.coverage:.0%} present",
-             f"  daily pattern: {r.pattern_low:.4g} to {r.pattern_high:.4g}, peak at {r.pattern_peak_time} {zone}; "
-             f"spread {r.spread:.4g}"]
+             (f"  daily pattern: {r.pattern_low:.4g} to {r.pattern_high:.4g}, peak at {r.pattern_peak_time} {zone}; "
+              f"spread {r.spread:.4g}") if r.has_pattern else
+             (f"  daily pattern: none beyond the noise (baseline {r.pattern_low:.4g} to {r.pattern_high:.4g}, "
+              f"spread {r.spread:.4g})")]
     head = f"  spikes: {len(r.spikes)} above {r.z_threshold:g} σ"
     if r.daily_period is not None:
         d = r.daily_period
@@ -130,11 +133,11 @@ def render_table(r: KpiReview) -> str:
     lines.append(f"  {'polling':<8} {'mode':<6} {'polls':>6} {'seen':>7} {'median delay':>13} "
                  f"{'strongest':>10} {'false alarms':>13}")
     for v in r.polling:
-        label = v.summary().split(" polling")[0]
+        label = interval_label(v.interval_s)
         if v.note:
             lines.append(f"  {label:<8} {v.mode:<6} {v.polls_n:>6}  {v.note}")
             continue
-        delay = f"{v.median_delay_s:.0f} s" if v.median_delay_s is not None else "-"
+        delay = delay_text(v.median_delay_s) if v.median_delay_s is not None else "-"
         peak = f"{v.peak_score:.1f} σ" if v.peak_score == v.peak_score else "-"
         lines.append(f"  {label:<8} {v.mode:<6} {v.polls_n:>6} {f'{v.detected_n}/{len(v.delays_s)}':>7} "
                      f"{delay:>13} {peak:>10} {v.false_alarms_n:>13}")

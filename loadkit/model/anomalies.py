@@ -32,6 +32,17 @@ from loadkit.model._result import Result
 DEFAULT_POLLING_S = (3600, 900, 60)
 
 
+def interval_label(seconds: float) -> str:
+    """A polling interval as an operator says it: ``1 h``, ``15 min``, ``90 s``, ``1.5 s``,
+    ``500 ms`` (never truncated: a 500 ms poller is not a "0 h" one)."""
+    p = float(seconds)
+    if p >= 3600 and p % 3600 == 0:
+        return f"{p / 3600:g} h"
+    if p >= 60 and p % 60 == 0:
+        return f"{p / 60:g} min"
+    return f"{p * 1000:g} ms" if p < 1 else f"{p:g} s"
+
+
 def _utc(ts_unix_s: float) -> str:
     return pd.Timestamp(ts_unix_s, unit="s", tz="UTC").strftime("%Y-%m-%d %H:%M:%S")
 
@@ -104,7 +115,7 @@ class AnomalyResult(Result):
         if self.detection_delay_s:
             delays = []
             for p, d in sorted(self.detection_delay_s.items(), reverse=True):
-                label = f"{p // 3600} h" if p % 3600 == 0 else (f"{p // 60} min" if p % 60 == 0 else f"{p} s")
+                label = interval_label(p)
                 seen = self.detected_spikes_n.get(p)
                 count = f" ({seen} of {len(self.spikes)} spikes)" if seen is not None else ""
                 delays.append(f"{label}: " + ("not detected" if d is None else f"{d:.0f} s") + count)

@@ -39,7 +39,8 @@ import pandas as pd
 
 from loadkit.errors import ModelError
 from loadkit.model._result import Result
-from loadkit.model.anomalies import DEFAULT_POLLING_S, DailyPeriod, Spike, daily_period, find_spikes, to_unix
+from loadkit.model.anomalies import (DEFAULT_POLLING_S, DailyPeriod, Spike, daily_period, find_spikes, interval_label,
+                                     to_unix)
 
 DAY_S = 86400.0
 #: the residuals' spread is estimated per this much of the day (or 4 polls, if longer)
@@ -55,9 +56,9 @@ MIN_POLLS = 12
 POLL_MODES = ("mean", "sample")
 
 
-def _interval_label(p: float) -> str:
-    p = int(round(p))
-    return f"{p // 3600} h" if p % 3600 == 0 else (f"{p // 60} min" if p % 60 == 0 else f"{p} s")
+def delay_text(delay_s: float) -> str:
+    """A detection delay in seconds, to the precision a sub-second poller needs."""
+    return f"{delay_s:.0f} s" if abs(delay_s) >= 10 else f"{delay_s:.2g} s"
 
 
 def zone_label(utc_offset_s: float) -> str:
@@ -79,7 +80,7 @@ class PollingView(Result):
 
     kind = "kpi_polling"
 
-    interval_s: int
+    interval_s: float  #: a float: sub-second and 90 s pollers are intervals too
     mode: str  #: "mean" (a counter's rate over the interval) or "sample" (a gauge at the poll)
     polls_n: int
     #: per spike of the review (same order): seconds from its start to the first poll that
@@ -99,13 +100,13 @@ class PollingView(Result):
         return float(np.median(d)) if d else None
 
     def summary(self) -> str:
-        head = f"{_interval_label(self.interval_s)} polling"
+        head = f"{interval_label(self.interval_s)} polling"
         if self.note:
             return f"{head}: {self.note}"
         n = len(self.delays_s)
         text = f"{head} ({self.mode}): {self.detected_n} of {n} spikes seen"
         if self.detected_n:
-            text += f", median delay {self.median_delay_s:.0f} s"
+            text += f", median delay {delay_text(self.median_delay_s)}"
         if n and self.detected_n < n and math.isfinite(self.peak_score):
             text += f" (strongest poll over a spike {self.peak_score:.1f} σ)"
         if self.false_alarms_n:
@@ -141,8 +142,15 @@ class KpiReview(Result):
     #: the clock of times of day (pattern, daily period): seconds east of UTC (0 = UTC)
     utc_offset_s: float = 0.0
 
+    @property
+    def has_pattern(self) -> bool:
+        """Does the daily pattern rise above the noise (its range more than twice the spread)?
+        The summary, the table and the JSON all say what this says."""
+        return self.pattern_high - self.pattern_low > 2 * self.spread
+
     def to_dict(self) -> dict:
         data = super().to_dict()
+        data["has_pattern"] = self.has_pattern
         for view, d in zip(self.polling, data["polling"]):  # the derived figures, for JSON readers
             d.update(detected_n=view.detected_n, median_delay_s=view.median_delay_s, summary=view.summary())
         return data
@@ -151,7 +159,7 @@ class KpiReview(Result):
         span_d = (self.end_unix_s - self.start_unix_s) / DAY_S
         parts = [f"{self.points_n} points over {span_d:.1f} days every {self.sample_interval_s:g} s "
                  f"({self.coverage:.0%} present)"]
-        if self.pattern_high - self.pattern_low > 2 * self.spread:
+        if self.has_pattern:
             parts.append(f"daily pattern {self.pattern_low:.4g}–{self.pattern_high:.4g}, "
                          f"peak at {self.pattern_peak_time} {zone_label(self.utc_offset_s)}")
         else:
@@ -330,11 +338,11 @@ def _scored_polls(t, v, p, mode, z, window_s) -> pd.DataFrame:
 def _view(t, v, spikes: list[Spike], p: float, step: float, mode: str, z: float, window_s: float) -> PollingView:
     none = [None] * len(spikes)
     if p < step * 0.999:
-        return PollingView(int(p), mode, 0, none, math.nan, 0,
+        return PollingView(float(p), mode, 0, none, math.nan, 0,
                            note=f"finer than the series' {step:g} s samples: cannot say")
     polls = _scored_polls(t, v, p, mode, z, window_s)
     if len(polls) < MIN_POLLS:
-        return PollingView(int(p), mode, len(polls), none, math.nan, 0,
+        return PollingView(float(p), mode, len(polls), none, math.nan, 0,
                            note=f"only {len(polls)} polls in the series: too few to judge")
     lo = polls["covers_from_unix_s"].to_numpy()
     hi = polls["covers_to_unix_s"].to_numpy()
@@ -352,7 +360,7 @@ def _view(t, v, spikes: list[Spike], p: float, step: float, mode: str, z: float,
             peak = max(peak, float(score[cov].max()))
         hit = np.flatnonzero(cov & out)
         delays.append(float(at[hit[0]] - sp.start_unix_s) if len(hit) else None)
-    return PollingView(int(p), mode, len(polls), delays, peak if math.isfinite(peak) else math.nan,
+    return PollingView(float(p), mode, len(polls), delays, peak if math.isfinite(peak) else math.nan,
                        int((out & ~covers_any).sum()))
 
 

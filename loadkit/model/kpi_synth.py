@@ -15,6 +15,8 @@ import numpy as np
 import pandas as pd
 from scipy.signal import lfilter
 
+from loadkit.model.anomalies import interval_label
+
 DAY_S = 86400.0
 
 
@@ -110,7 +112,7 @@ def validation_table(seeds: Sequence[int] = range(20), cases: dict | None = None
             row["false"] += false
             row["start_right"] += int(r.daily_start_time == (start or ""))
             for v in r.polling:
-                label = f"{v.interval_s // 60} min" if v.interval_s < 3600 else f"{v.interval_s // 3600} h"
+                label = interval_label(v.interval_s)
                 row[f"seen {label}"] = row.get(f"seen {label}", 0) + v.detected_n
                 row[f"false alarms {label}"] = row.get(f"false alarms {label}", 0) + v.false_alarms_n
         rows.append(row)
