@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from loadkit.cli import main
-from loadkit.errors import ModelError
+from loadkit.errors import ModelError, ProfileError
 from loadkit.model.kpi import KpiReview, daily_pattern, polled_view, review_kpi
 from loadkit.model.kpi_source import (
     KpiSourceError,
@@ -178,8 +178,11 @@ def test_times_and_durations():
     assert parse_duration_s("15m") == 900 and parse_duration_s("60") == 60 and parse_duration_s("1h") == 3600
     assert parse_time_unix_s("now-7d", now_unix_s=1e9) == 1e9 - 7 * 86400
     assert parse_time_unix_s("2026-01-05T00:00:00Z") == parse_time_unix_s("1767571200") == 1767571200.0
-    with pytest.raises(KpiSourceError, match="not a positive duration"):
+    with pytest.raises(ProfileError, match="duration must be more than 0"):
         parse_duration_s("0s")
+    # one grammar with the profiles': compound durations and days both
+    assert parse_duration_s("1h30m") == 5400 and parse_duration_s("7d") == 7 * 86400
+    assert parse_time_unix_s("now-1d12h", now_unix_s=1e9) == 1e9 - 1.5 * 86400
     with pytest.raises(KpiSourceError, match="not a time"):
         parse_time_unix_s("last tuesday")
 
@@ -257,3 +260,10 @@ def test_sub_minute_polling_intervals_keep_their_value_and_label(tmp_path, capsy
     assert main(["kpi", "review", "--csv", str(f), "--polling", "500ms,90s", "--longest-spike", "2m"]) == 0
     rows = [line.split()[:2] for line in capsys.readouterr().out.splitlines()]
     assert ["500", "ms"] in rows and ["90", "s"] in rows
+
+
+def test_cli_longest_spike_takes_a_compound_duration(tmp_path, capsys):
+    f = tmp_path / "kpi.csv"
+    write_csv(synthetic_kpi(days=2).series, f)
+    assert main(["kpi", "review", "--csv", str(f), "--json", "--longest-spike", "1h30m"]) == 0
+    assert json.loads(capsys.readouterr().out)["window_s"] == 3 * 5400

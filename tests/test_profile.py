@@ -115,10 +115,17 @@ def test_collector_urls_are_checked_against_the_allowlist_too(tmp_path: Path) ->
 
 @pytest.mark.parametrize(
     "text, seconds",
-    [("90", 90), ("90s", 90), ("5m", 300), ("1h30m", 5400), ("500ms", 0.5), (2.5, 2.5), ("1m30s", 90)],
+    [("90", 90), ("90s", 90), ("5m", 300), ("1h30m", 5400), ("500ms", 0.5), (2.5, 2.5), ("1m30s", 90),
+     ("7d", 604800), ("1w", 604800), ("1.5h", 5400), ("2d12h", 216000), ("1 h 30 m", 5400), ("1s250ms", 1.25)],
 )
 def test_durations(text: object, seconds: float) -> None:
     assert parse_duration(text, "x") == seconds
+
+
+@pytest.mark.parametrize("text", ["inf", "nan", float("inf"), "1x", "30m1h", "ms", "-5s", "1d-2h"])
+def test_durations_refused(text: object) -> None:
+    with pytest.raises(ProfileError, match="^x: "):
+        parse_duration(text, "x")
 
 
 SCENARIOS = sorted((HERE.parent / "scenarios").glob("*.toml"))

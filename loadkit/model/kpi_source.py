@@ -28,26 +28,21 @@ from pathlib import Path
 import pandas as pd
 
 from loadkit.errors import InputFileError
+from loadkit.profile.profile import parse_duration
 from loadkit.profile.targets import check_target
 
 #: Prometheus refuses a range query of more points than this per series (its query_range limit)
 PROMETHEUS_MAX_POINTS = 11_000
 #: a timestamp above this is in milliseconds (1e11 s is the year 5138)
 _MS_THRESHOLD = 1e11
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
-_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0, None: 1.0}
 
 
 class KpiSourceError(InputFileError):
     """A KPI source (a CSV file, a Prometheus query) is missing, malformed or unreachable."""
 
 
-def parse_duration_s(text: str, what: str = "duration") -> float:
-    """``"60"``, ``"60s"``, ``"15m"``, ``"1h"``, ``"7d"`` -> seconds (> 0)."""
-    m = _DURATION.match(str(text))
-    if not m or float(m.group(1)) <= 0:
-        raise KpiSourceError(f"{what} {text!r} is not a positive duration (e.g. 60, 60s, 15m, 1h, 7d)")
-    return float(m.group(1)) * _UNIT_S[m.group(2)]
+#: durations ("15m", "1h30m", "7d") have one grammar, the profiles': ``parse_duration_s(text, what)``
+parse_duration_s = parse_duration
 
 
 _OFFSET = re.compile(r"^\s*(?:UTC)?\s*([+-])?(\d{1,2})(?::?(\d{2}))?\s*$", re.IGNORECASE)

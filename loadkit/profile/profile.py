@@ -95,6 +95,7 @@ Schema (every table but ``[run]``, ``[targets]`` and ``[load]`` is optional)::
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 import tomllib
 from dataclasses import dataclass, field, replace
@@ -130,7 +131,11 @@ _SECRET_WORDS = ("password", "passwd", "secret", "token", "apikey", "api-key", "
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _OPTION_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
-_DURATION_RE = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?!s))?(?:(\d+(?:\.\d+)?)s)?(?:(\d+)ms)?$")
+_NUMBER = r"(\d+(?:\.\d+)?)"
+#: weeks, days, hours, minutes, seconds, milliseconds, largest first, each at most once
+_DURATION_RE = re.compile(rf"^(?:{_NUMBER}w)?(?:{_NUMBER}d)?(?:{_NUMBER}h)?(?:{_NUMBER}m(?!s))?(?:{_NUMBER}s)?"
+                          rf"(?:{_NUMBER}ms)?$")
+_DURATION_UNITS_S = (604800.0, 86400.0, 3600.0, 60.0, 1.0, 0.001)
 _TARGET_REF_RE = re.compile(r"\{target:([^}]*)\}")
 #: options that set a request rate, checked against [caps] max_rate_qps (``--dns-rate``,
 #: ``--dns-ramp-to``, ``--rate-qps``...; ``spawn-rate`` is users per second, not requests)
@@ -145,28 +150,27 @@ _RESERVED_OPTIONS = {
 }
 
 
-def parse_duration(value: Any, where: str) -> float:
-    """``90``, ``"90"``, ``"90s"``, ``"5m"``, ``"1h30m"``, ``"500ms"`` -> seconds (> 0)."""
+def parse_duration(value: Any, where: str = "duration") -> float:
+    """``90``, ``"90"``, ``"90s"``, ``"5m"``, ``"1h30m"``, ``"500ms"``, ``"7d"``, ``"1w"`` -> seconds
+    (> 0, finite). The one grammar of durations: profiles, shapes and the command line's options."""
+    hint = "use e.g. 30s, 5m, 1h30m, 500ms, 7d"
     if isinstance(value, bool):
-        raise ProfileError(f"{where}: must be a duration like 30s, 5m or 1h30m, got {value!r}")
+        raise ProfileError(f"{where}: must be a duration ({hint}), got {value!r}")
     if isinstance(value, (int, float)):
         seconds = float(value)
     elif isinstance(value, str):
         text = value.strip().lower().replace(" ", "")
         try:
-            seconds = float(text)
+            seconds = float(text)  # a bare number is seconds ("inf" and "nan" are refused below)
         except ValueError:
             m = _DURATION_RE.match(text)
             if not text or not m or not any(m.groups()):
-                raise ProfileError(
-                    f"{where}: {value!r} is not a duration (use e.g. 30s, 5m, 1h30m, 500ms)"
-                ) from None
-            h, mi, s, ms = (float(g) if g else 0.0 for g in m.groups())
-            seconds = h * 3600 + mi * 60 + s + ms / 1000
+                raise ProfileError(f"{where}: {value!r} is not a duration ({hint})") from None
+            seconds = sum(float(g) * unit for g, unit in zip(m.groups(), _DURATION_UNITS_S) if g)
     else:
-        raise ProfileError(f"{where}: must be a duration like 30s, 5m or 1h30m, got {value!r}")
-    if not seconds > 0:
-        raise ProfileError(f"{where}: duration must be more than 0, got {value!r}")
+        raise ProfileError(f"{where}: must be a duration ({hint}), got {value!r}")
+    if not math.isfinite(seconds) or not seconds > 0:
+        raise ProfileError(f"{where}: duration must be more than 0 (and finite), got {value!r}")
     return seconds
 
 
