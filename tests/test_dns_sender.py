@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket as stdsocket
+import time
 
 import dns.message
 import gevent
@@ -390,3 +391,106 @@ def test_retry_budget_window_slides() -> None:
     assert not budget.allow_retry(2.0)
     budget.add_originals(2.0, 4)
     assert sum(budget.allow_retry(2.1) for _ in range(10)) == 2
+
+
+# -- TCP streams: re-sends on a new connection ------------------------------------------------------
+
+
+class StreamFake:
+    """DNS over TCP on loopback: reads length-prefixed queries; the first connection is closed by
+    the server once ``close_first_after`` queries came on it (then, with ``refuse_after``, nothing
+    listens any more); connections from number ``answer_from`` on are answered."""
+
+    def __init__(self, close_first_after: int = 0, refuse_after: bool = False, answer_from: int = 1) -> None:
+        self.close_first_after, self.refuse_after, self.answer_from = close_first_after, refuse_after, answer_from
+        self.srv = gevent.socket.socket(stdsocket.AF_INET, stdsocket.SOCK_STREAM)
+        self.srv.bind(("127.0.0.1", 0))
+        self.srv.listen(16)
+        self.port = self.srv.getsockname()[1]
+        self.conns: list = []
+        self.received: list[int] = []  # queries per connection
+        self.greenlets = [gevent.spawn(self._accept)]
+
+    def _accept(self) -> None:
+        try:
+            while True:
+                conn, _ = self.srv.accept()
+                self.conns.append(conn)
+                self.received.append(0)
+                self.greenlets.append(gevent.spawn(self._serve, conn, len(self.conns) - 1))
+        except OSError:
+            return  # the listener was closed
+
+    def _serve(self, conn, i: int) -> None:
+        buf = b""
+        try:
+            while True:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    return
+                buf += chunk
+                while len(buf) >= 2 and len(buf) >= 2 + int.from_bytes(buf[:2], "big"):
+                    n = int.from_bytes(buf[:2], "big")
+                    query, buf = buf[2:2 + n], buf[2 + n:]
+                    self.received[i] += 1
+                    if i >= self.answer_from:
+                        reply = raw_reply(query)
+                        conn.sendall(len(reply).to_bytes(2, "big") + reply)
+                    if i == 0 and self.received[0] == self.close_first_after:
+                        if self.refuse_after:
+                            self.srv.close()  # the client's reconnect is refused
+                        conn.close()
+                        return
+        except OSError:
+            return
+
+    def drop_all(self) -> None:
+        for conn in self.conns:
+            conn.close()
+
+    def close(self) -> None:
+        gevent.killall(self.greenlets)
+        self.srv.close()
+        self.drop_all()
+
+
+def tcp_sender(fake: StreamFake, **kw) -> tuple[DnsSender, dict]:
+    seen = collecting(kw)
+    kw.setdefault("max_queries_n", 10)
+    sender = DnsSender(check_target(f"127.0.0.1:{fake.port}", 53), wire.QueryPool(NAMES, [("A", 1.0)]),
+                       protocol="tcp", base=schedule.ConstantRate(1000), timeout_s=2.0, retries_n=2, backoff=1.0,
+                       max_duration_s=5.0, **kw)
+    sender.open()
+    return sender, seen
+
+
+def test_a_stream_resend_counts_as_a_retry_when_written_not_when_queued() -> None:
+    # the server closes the connection with 5 queries pending, then refuses the reconnect: the
+    # 5 were queued for a re-send that never left, so no retry was offered to the target
+    fake = StreamFake(close_first_after=5, refuse_after=True)
+    try:
+        sender, seen = tcp_sender(fake, max_queries_n=5)
+        gevent.spawn(sender.run).join(timeout=10)
+        sender.close()
+    finally:
+        fake.close()
+    t = sender.totals
+    assert t["dns.original_sent"] == 5 and t["dns.stream_server_closes"] == 1
+    assert t.get("dns.retry_sent", 0) == 0 and seen == {"conn_refused": 5}
+
+
+def test_the_retry_budget_applies_to_stream_resends() -> None:
+    # 10 queries lost with their connection, a budget of 0.2 x originals: 2 re-sent (and answered
+    # on the new connection), 8 refused a re-send and failed with the connection
+    fake = StreamFake(close_first_after=10)
+    try:
+        sender, seen = tcp_sender(fake, retry_budget=0.2)
+        gevent.spawn(sender.run).join(timeout=10)
+        sender.close()
+    finally:
+        fake.close()
+    t = sender.totals
+    assert t["dns.original_sent"] == 10
+    assert (t["dns.retry_sent"], t["dns.retry_suppressed"], t["dns.answered"]) == (2, 8, 2)
+    assert seen == {"conn_closed": 8} and fake.received[1:] == [2]
+

@@ -319,11 +319,15 @@ class DnsSender:
             connector = TcpConnector(self._family(), t.address, t.port)
         stream_options = StreamOptions(connect_timeout_s=self.timeout_s, query_timeout_s=sum(self.attempt_timeouts_s),
                                        retries_n=self.retries_n, idle_timeout_s=o.idle_timeout_s)
-        sink = StreamSink(self._account_reply, self._fail, self._count, self._add_inflight)
+        sink = StreamSink(self._account_reply, self._fail, self._count, self._add_inflight, self._allow_retry)
         return StreamPool(connector, self._src_of[: self._n_fixed], stream_options, sink)
 
     def _add_inflight(self, n: int) -> None:
         self._tcp_inflight += n
+
+    def _allow_retry(self, now: float) -> bool:
+        """Whether the retry budget (if any) lets one more retry leave now; counts it when it does."""
+        return self.budget is None or self.budget.allow_retry(now)
 
     def _open_attempt_socket(self, src: str) -> int:
         """A fresh socket for one retry (per-attempt policy), or -1 when too many are open."""
@@ -789,7 +793,7 @@ class DnsSender:
     def _retry(self, rec: Outstanding, now: float, src: str) -> bool:
         """The next attempt of ``rec``'s query, from the socket the port policy says. False when
         the retry budget refuses it (the query then ends as a timeout)."""
-        if self.budget is not None and not self.budget.allow_retry(now):
+        if not self._allow_retry(now):
             self._count("dns.retry_suppressed")
             self._fail(rec.qi, "timeout", now - rec.t_first_s)
             return False

@@ -19,7 +19,9 @@ its connection limit leaves new connections in its backlog), ``conn_error``,
 ``tls_handshake_timeout`` / ``tls_handshake_error`` (the handshake did not complete / failed),
 ``tls_error`` (a TLS error on an established connection), ``conn_closed`` / ``conn_reset`` (the
 server closed or reset the connection with the query pending, after ``retries_n`` re-sends on
-new connections), ``timeout`` (no reply by the query's deadline).
+new connections, or when the retry budget refused the next one), ``timeout`` (no reply by the
+query's deadline). A re-send counts in ``dns.retry_sent`` when it is written, not when it is
+queued (a reconnect that fails sends nothing).
 """
 
 from __future__ import annotations
@@ -42,6 +44,10 @@ from .wire import ID_BYTES
 log = logging.getLogger(__name__)
 
 
+def _no_budget(_now_s: float) -> bool:
+    return True
+
+
 class StreamSink(NamedTuple):
     """Where a pool's results go (the sender's accounting; called from the pool's greenlets)."""
 
@@ -49,6 +55,8 @@ class StreamSink(NamedTuple):
     fail: Callable[[int, str, float], None]  #: (qi, failure class, latency_s)
     count: Callable[[str, int], None]  #: (counter name, increment)
     inflight: Callable[[int], None]  #: queries in flight go up or down by this
+    #: (perf_counter time) -> whether the retry budget allows one more re-send (and counts it)
+    allow_retry: Callable[[float], bool] = _no_budget
 
 
 class StreamOptions(NamedTuple):
@@ -190,8 +198,10 @@ class StreamClient:
         frames = []
         pending = self.pending
         room = self.pool.options.max_pending_n - len(pending)
+        resent = 0
         while self.queue and room > 0:
             q = self.queue.popleft()
+            resent += q.attempt > 0
             qid = self._next_id
             while qid in pending:
                 qid = (qid + 1) & 0xFFFF
@@ -209,6 +219,8 @@ class StreamClient:
                 self._lost(err)
             return
         self.last_active_s = time.perf_counter()
+        if resent:
+            self.pool.sink.count("dns.retry_sent", resent)  # offered load: counted as it leaves
 
     def _read(self, conn: Any) -> None:
         sink = self.pool.sink
@@ -240,7 +252,8 @@ class StreamClient:
         """The server closed or broke the connection: re-send what was pending on a new one,
         like a stub resolver, ``retries_n`` times per query; then it fails."""
         pool = self.pool
-        pool.sink.count("dns.stream_server_closes", 1)
+        sink = pool.sink
+        sink.count("dns.stream_server_closes", 1)
         failure_class = pool.connector.lost_error_class(err)
         log.debug("DNS %s client %s lost its connection: %r", pool.connector.protocol, self.src, err)
         pending = sorted(self.pending.values(), key=lambda q: q.t_first_s, reverse=True)
@@ -248,12 +261,14 @@ class StreamClient:
         self._drop_connection()
         now = time.perf_counter()
         for q in pending:
-            if q.attempt < pool.options.retries_n and not pool.stopping:
-                q.attempt += 1
-                pool.sink.count("dns.retry_sent", 1)
-                self.queue.appendleft(q)  # the oldest first again
-            else:
+            if q.attempt >= pool.options.retries_n or pool.stopping:
                 self._end(q, failure_class, now)
+            elif not sink.allow_retry(now):
+                sink.count("dns.retry_suppressed", 1)
+                self._end(q, failure_class, now)
+            else:
+                q.attempt += 1  # dns.retry_sent is counted when _write sends it
+                self.queue.appendleft(q)  # the oldest first again
         self.wake.set()
 
     def _drop_connection(self) -> None:
