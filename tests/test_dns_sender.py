@@ -494,3 +494,23 @@ def test_the_retry_budget_applies_to_stream_resends() -> None:
     assert (t["dns.retry_sent"], t["dns.retry_suppressed"], t["dns.answered"]) == (2, 8, 2)
     assert seen == {"conn_closed": 8} and fake.received[1:] == [2]
 
+
+def test_a_stream_lost_after_the_stop_leaves_its_queries_unfinished() -> None:
+    # a silent server: the run is stopped with 10 queries pending, then the server drops the
+    # connection; they would have been re-sent, and a stopped run re-sends nothing: unfinished
+    fake = StreamFake(answer_from=99)
+    try:
+        sender, seen = tcp_sender(fake)
+        runner = gevent.spawn(sender.run)
+        deadline = time.monotonic() + 10
+        while sum(fake.received) < 10 and time.monotonic() < deadline:
+            gevent.sleep(0.01)
+        sender.stop()
+        fake.drop_all()
+        runner.join(timeout=10)
+        sender.close()
+    finally:
+        fake.close()
+    t = sender.totals
+    assert runner.dead and t["dns.original_sent"] == 10 == sum(fake.received)
+    assert seen == {} and t["dns.unfinished"] == 10 and t.get("dns.retry_sent", 0) == 0

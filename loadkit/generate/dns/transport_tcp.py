@@ -21,7 +21,9 @@ its connection limit leaves new connections in its backlog), ``conn_error``,
 server closed or reset the connection with the query pending, after ``retries_n`` re-sends on
 new connections, or when the retry budget refused the next one), ``timeout`` (no reply by the
 query's deadline). A re-send counts in ``dns.retry_sent`` when it is written, not when it is
-queued (a reconnect that fails sends nothing).
+queued (a reconnect that fails sends nothing). A connection lost once the run is stopping ends
+the queries that still had a re-send left as ``dns.unfinished``, not failures: the stop, not the
+server, kept them from being asked again (as the sender does with UDP attempts).
 """
 
 from __future__ import annotations
@@ -260,15 +262,21 @@ class StreamClient:
         self.pending.clear()
         self._drop_connection()
         now = time.perf_counter()
+        unfinished = 0
         for q in pending:
-            if q.attempt >= pool.options.retries_n or pool.stopping:
-                self._end(q, failure_class, now)
+            if q.attempt >= pool.options.retries_n:
+                self._end(q, failure_class, now)  # its last attempt was lost: a failure, stop or not
+            elif pool.stopping:
+                unfinished += 1  # a stopped run re-sends nothing: the stop cut it short
+                sink.inflight(-1)
             elif not sink.allow_retry(now):
                 sink.count("dns.retry_suppressed", 1)
                 self._end(q, failure_class, now)
             else:
                 q.attempt += 1  # dns.retry_sent is counted when _write sends it
                 self.queue.appendleft(q)  # the oldest first again
+        if unfinished:
+            sink.count("dns.unfinished", unfinished)
         self.wake.set()
 
     def _drop_connection(self) -> None:
