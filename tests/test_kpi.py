@@ -267,3 +267,61 @@ def test_cli_longest_spike_takes_a_compound_duration(tmp_path, capsys):
     write_csv(synthetic_kpi(days=2).series, f)
     assert main(["kpi", "review", "--csv", str(f), "--json", "--longest-spike", "1h30m"]) == 0
     assert json.loads(capsys.readouterr().out)["window_s"] == 3 * 5400
+
+
+class _Redirector:
+    """A loopback HTTP server: /away/... redirects outside the allowlist, /near/... to its own
+    /api/..., which answers a one-point Prometheus matrix; it records the paths it was asked."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        paths: list[str] = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                paths.append(self.path)
+                if self.path.startswith(("/away/", "/near/")):
+                    host = "192.0.2.1:9090" if self.path.startswith("/away/") else "127.0.63.1:%d" % self.server.server_port
+                    self.send_response(302)
+                    self.send_header("Location", f"http://{host}/{self.path.split('/', 2)[2]}")
+                    self.end_headers()
+                    return
+                body = json.dumps({"status": "success", "data": {"resultType": "matrix", "result": [
+                    {"metric": {"__name__": "up"}, "values": [[1.7e9, "1"]]}]}}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.paths = paths
+        self.server = http.server.HTTPServer(("127.0.63.1", 0), Handler)
+        self.url = f"http://127.0.63.1:{self.server.server_port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_prometheus_redirects_are_followed_only_inside_the_allowlist():
+    from loadkit.errors import TargetNotAllowed
+    from loadkit.model.kpi_source import query_prometheus
+
+    srv = _Redirector()
+    try:
+        with pytest.raises(TargetNotAllowed, match="redirected to http://192.0.2.1:9090/api/v1/query_range"):
+            query_prometheus(f"{srv.url}/away", "up", 1.7e9 - 60, 1.7e9, 60, allowlist="127.0.0.0/8",
+                             timeout_s=5)
+        assert len(srv.paths) == 1  # asked once; 192.0.2.1 never was
+        s = query_prometheus(f"{srv.url}/near", "up", 1.7e9 - 60, 1.7e9, 60, allowlist="127.0.0.0/8", timeout_s=5)
+        assert s.to_dict() == {1.7e9: 1.0} and [p.split("?")[0] for p in srv.paths[1:]] == [
+            "/near/api/v1/query_range", "/api/v1/query_range"]
+    finally:
+        srv.close()

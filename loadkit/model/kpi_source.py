@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from loadkit.errors import InputFileError
+from loadkit.errors import InputFileError, TargetError
 from loadkit.profile.profile import parse_duration
 from loadkit.profile.targets import check_target
 
@@ -154,13 +154,14 @@ def query_prometheus(url: str, query: str, start_unix_s: float, end_unix_s: floa
     if step_s <= 0:
         raise KpiSourceError(f"Prometheus step {step_s} must be > 0")
     base = urllib.parse.urlunsplit((parsed.scheme, parsed.netloc, parsed.path.rstrip("/"), "", ""))
+    opener = urllib.request.build_opener(_AllowlistRedirects(allowlist))
     chunk_s = (PROMETHEUS_MAX_POINTS - 1) * step_s
     points: dict[float, float] = {}
     labels = None
     t0 = start_unix_s
     while t0 <= end_unix_s:
         t1 = min(end_unix_s, t0 + chunk_s)
-        series = _query_range(base, query, t0, t1, step_s, timeout_s)
+        series = _query_range(opener, base, query, t0, t1, step_s, timeout_s)
         if len(series) > 1:
             shown = ", ".join(_labels_text(s.get("metric", {})) for s in series[:3])
             raise KpiSourceError(f"Prometheus query {query!r} returned {len(series)} series ({shown}, ...); "
@@ -180,12 +181,31 @@ def query_prometheus(url: str, query: str, start_unix_s: float, end_unix_s: floa
     return s
 
 
-def _query_range(base: str, query: str, start: float, end: float, step: float, timeout_s: float) -> list[dict]:
+class _AllowlistRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect only to http(s) inside the allowlist: urlopen's own handler follows a
+    30x anywhere, past the check of the URL the user gave (nothing is sent to a refused one)."""
+
+    def __init__(self, allowlist) -> None:
+        self.allowlist = allowlist
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        target = urllib.parse.urlsplit(newurl)
+        if target.scheme not in ("http", "https") or not target.hostname:
+            raise KpiSourceError(f"Prometheus {req.full_url} redirected to {newurl!r}, not http(s); not followed")
+        try:
+            check_target(target.netloc, 443 if target.scheme == "https" else 80, self.allowlist)
+        except TargetError as err:
+            raise type(err)(f"Prometheus redirected to {newurl}: {err}") from err
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _query_range(opener: urllib.request.OpenerDirector, base: str, query: str, start: float, end: float,
+                 step: float, timeout_s: float) -> list[dict]:
     params = urllib.parse.urlencode({"query": query, "start": f"{start:.3f}", "end": f"{end:.3f}",
                                      "step": f"{step:g}"})
     req = f"{base}/api/v1/query_range?{params}"
     try:
-        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+        with opener.open(req, timeout=timeout_s) as resp:
             body = resp.read()
     except urllib.error.HTTPError as err:  # Prometheus explains a bad query in the JSON body
         body = err.read()
