@@ -89,6 +89,20 @@ def test_bad_login_files_are_one_line_errors_naming_file_and_line(tmp_path: Path
         read_login_log(tmp_path / "missing.log")
 
 
+def test_csv_with_blank_lines_before_its_header_is_read_with_true_line_numbers(tmp_path: Path) -> None:
+    path = tmp_path / "logins.csv"
+    # a spreadsheet's export: a byte-order mark, blank lines before the header and between rows
+    path.write_text("\ufeff\n\ntimestamp,protocol,user\n1000,imap,user0001\n\n1002,pop3,user0002\n", encoding="utf-8")
+    log = read_login_log(path)
+    assert log.kind == "csv" and [(lg.user, lg.line) for lg in log.logins] == [("user0001", 4), ("user0002", 6)]
+    path.write_text("\n\ntimestamp,protocol,user\n1000,imap,user0001\n\nyesterday,imap,user0002\n")
+    with pytest.raises(InputFileError, match=r"logins\.csv line 6: timestamp 'yesterday'"):
+        read_login_log(path)
+    path.write_text("\ntimestamp,protocol,user,when\n1000,imap,user0001,1\n")
+    with pytest.raises(InputFileError, match=r"logins\.csv line 2: expected the header"):
+        read_login_log(path)
+
+
 def _replay(lab, tmp_path: Path, *args: str, timeout_s: float = 90) -> subprocess.CompletedProcess:
     return subprocess.run(
         [LOCUST, "-f", REPLAY, "--headless", "-u", "1", "-r", "1", "-t", "60s", "--only-summary", *args],

@@ -124,7 +124,7 @@ def read_login_log(path: str | Path, replay_from: str | None = None, replay_to: 
     """The logins of a dovecot log or a login CSV inside the window (see the module docstring)."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8", errors="replace")
+        text = p.read_text(encoding="utf-8-sig", errors="replace")  # -sig: a spreadsheet's CSV starts with a BOM
     except FileNotFoundError:
         raise InputFileError(f"login log {p} does not exist") from None
     except OSError as err:
@@ -196,13 +196,17 @@ def _read_dovecot(p: Path, lines: list[str]) -> list[tuple]:
 
 
 def _read_csv(p: Path, lines: list[str]) -> list[tuple]:
-    rows = csv.reader(lines)
-    header = [c.strip().lower() for c in next(rows)]
+    # blank lines are skipped, before the header too (as when the format was told); each row keeps
+    # its line number in the file for messages
+    numbered = [(lineno, line) for lineno, line in enumerate(lines, start=1) if line.strip()]
+    rows = zip((lineno for lineno, _ in numbered), csv.reader(line for _, line in numbered))
+    header_line, header_row = next(rows)
+    header = [c.strip().lower() for c in header_row]
     if header[:3] != ["timestamp", "protocol", "user"] or len(header) > 4 or header[3:] not in ([], ["duration_s"]):
-        raise InputFileError(f"login log {p} line 1: expected the header timestamp,protocol,user[,duration_s], "
+        raise InputFileError(f"login log {p} line {header_line}: expected the header timestamp,protocol,user[,duration_s], "
                              f"got {','.join(header)!r}")
     sessions = []
-    for lineno, row in enumerate(rows, start=2):
+    for lineno, row in rows:
         if not row or not "".join(row).strip():
             continue
         where = f"login log {p} line {lineno}"
