@@ -7,6 +7,7 @@ same ``--host``/profile options that point at a staging system), never by import
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -86,13 +87,16 @@ def register_lab(lab_dir: Path, lab_id: str) -> None:
     whose state file is still there, and forgets the others.
     """
     registry = lab_registry_dir()
+    # written and renamed like record.writer.write_json_atomic, which load code (a reader of this
+    # module) may not import; a plain path, not JSON
+    tmp = registry / f".{lab_id}.{os.getpid()}.tmp"
     try:
         registry.mkdir(parents=True, exist_ok=True)
-        tmp = registry / f".{lab_id}.tmp"
         tmp.write_text(str(Path(lab_dir).absolute()))
         os.replace(tmp, registry / lab_id)
     except OSError:  # the lab still runs; only finding it from elsewhere is lost
-        pass
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 class LabInfo(NamedTuple):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -20,6 +19,7 @@ from typing import Any
 
 from loadkit.defaults import ACCOUNTS_FILE_NAME, LAB_ZONE, NAMES_FILE_NAME, in_lab_dir, register_lab
 from loadkit.errors import LabError
+from loadkit.record.writer import write_json_atomic
 
 from . import calibrate, cgroups, dns, firewall, mail, procs, supervisor
 from .config import LabConfig
@@ -133,9 +133,7 @@ class Lab:
                          if theirs.get(k) != v)
 
     def _write_state(self, state: dict[str, Any]) -> None:
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=2))
-        os.replace(tmp, self.state_path)
+        write_json_atomic(self.state_path, state)
 
     def _record(self, state: dict[str, Any], name: str, started: procs.Started, ports: list[int],
                 cgroup: Path | None = None, cpu_cgroup: Path | None = None) -> None:

@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from loadkit.record.writer import write_json_atomic
 
 from . import cgroups, mail, procs
 from .config import LabConfig
@@ -181,9 +182,7 @@ class Supervisor:
     def _write(self, state: dict[str, Any]) -> None:
         if not self.state_path.exists():
             return  # the lab went down meanwhile: nothing to bring back
-        tmp = self.state_path.with_name(f".{self.state_path.name}.supervisor")
-        tmp.write_text(json.dumps(state, indent=2))
-        os.replace(tmp, self.state_path)
+        write_json_atomic(self.state_path, state)
 
 
 def restarts(state: dict[str, Any]) -> dict[str, int]:

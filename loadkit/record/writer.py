@@ -94,13 +94,17 @@ def record_complete(manifest: dict[str, Any]) -> bool:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    """Write ``data`` as JSON to ``path`` whole or not at all: a reader sees the old file or the
+    new one, never half of one. The temporary name is per process and thread, so two writers of
+    one file (the lab and its supervisor share a state file) never rename each other's half."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
     try:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+        os.replace(tmp, path)
     except OSError:
         tmp.unlink(missing_ok=True)  # cut short (a full disk): the previous file stays as it was
         raise
-    os.replace(tmp, path)
 
 
 class RunWriter:
