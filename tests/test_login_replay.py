@@ -103,6 +103,25 @@ def test_csv_with_blank_lines_before_its_header_is_read_with_true_line_numbers(t
         read_login_log(path)
 
 
+def test_largest_lateness_and_burst_window_over_workers_are_the_largest_not_the_sum() -> None:
+    from loadkit.generate.metrics import GeneratorMetrics
+
+    workers = [GeneratorMetrics() for _ in range(3)]
+    for i, w in enumerate(workers):
+        w.set_max_gauge("login_replay.max_lateness_s", 0.01 * (i + 1))
+        w.set_max_gauge("dns.burst_window_s", 0.002 * (i + 1))
+        w.add_gauge("imap.held_sessions", 10)
+        w.add("login_replay.started", 5)
+    master = GeneratorMetrics()
+    for i, w in enumerate(workers):
+        master._merge_worker(f"w{i}", w._report())
+    gauges = master.gauges()
+    assert gauges["login_replay.max_lateness_s"] == pytest.approx(0.03)
+    assert gauges["dns.burst_window_s"] == pytest.approx(0.006)
+    assert gauges["imap.held_sessions"] == 30  # a level still adds up over workers
+    assert master.counters()["login_replay.started"] == 15
+
+
 def _replay(lab, tmp_path: Path, *args: str, timeout_s: float = 90) -> subprocess.CompletedProcess:
     return subprocess.run(
         [LOCUST, "-f", REPLAY, "--headless", "-u", "1", "-r", "1", "-t", "60s", "--only-summary", *args],

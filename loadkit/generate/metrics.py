@@ -7,7 +7,8 @@ its values on Locust's ``report_to_master`` message and the master sums them, so
 reads one merged view wherever it runs.
 
 Counters are cumulative since the process started; gauges are a current value. Both are summed
-over workers. Updating is a dict operation, cheap enough for a per-batch call on the DNS hot
+over workers, but for gauges set by :meth:`GeneratorMetrics.set_max_gauge` (a largest lateness, a
+burst's window), which take the largest worker's value: N workers' maxima do not add up. Updating is a dict operation, cheap enough for a per-batch call on the DNS hot
 path (call it per batch, not per query).
 """
 
@@ -29,6 +30,8 @@ class GeneratorMetrics:
     def __init__(self) -> None:
         self._counters: dict[str, float] = defaultdict(float)
         self._gauges: dict[str, float] = {}
+        #: gauges merged over workers by their maximum (the names travel with each worker's report)
+        self._max_gauges: set[str] = set()
         # worker client_id -> (counters, gauges) last reported
         self._workers: dict[str, tuple[dict[str, float], dict[str, float]]] = {}
 
@@ -40,6 +43,11 @@ class GeneratorMetrics:
     def set_gauge(self, metric: str, value: float) -> None:
         self._gauges[metric] = value
 
+    def set_max_gauge(self, metric: str, value: float) -> None:
+        """Set gauge ``metric``, a largest value so far: over workers it is the largest, not the sum."""
+        self._gauges[metric] = value
+        self._max_gauges.add(metric)
+
     def add_gauge(self, metric: str, delta: float) -> None:
         """Move gauge ``metric`` by ``delta`` (e.g. +1 when a session is held, -1 when closed)."""
         self._gauges[metric] = self._gauges.get(metric, 0.0) + delta
@@ -50,8 +58,13 @@ class GeneratorMetrics:
         return self._summed(self._counters, [c for c, _ in self._workers.values()])
 
     def gauges(self) -> dict[str, float]:
-        """Gauges summed over this process and the workers still connected."""
-        return self._summed(self._gauges, [g for _, g in self._workers.values()])
+        """Gauges summed (or, for :meth:`set_max_gauge` ones, maximised) over this process and the
+        workers still connected."""
+        workers = [g for _, g in self._workers.values()]
+        total = self._summed(self._gauges, workers)
+        for metric in self._max_gauges & total.keys():
+            total[metric] = max(g[metric] for g in (self._gauges, *workers) if metric in g)
+        return total
 
     @staticmethod
     def _summed(own: dict[str, float], workers: list[dict[str, float]]) -> dict[str, float]:
@@ -68,10 +81,14 @@ class GeneratorMetrics:
 
     # -- distributed mode -----------------------------------------------------------------------
     def _report(self) -> dict[str, Any]:
-        return {"counters": dict(self._counters), "gauges": dict(self._gauges)}
+        report: dict[str, Any] = {"counters": dict(self._counters), "gauges": dict(self._gauges)}
+        if self._max_gauges:
+            report["max_gauges"] = sorted(self._max_gauges)
+        return report
 
     def _merge_worker(self, client_id: str, data: dict[str, Any]) -> None:
         self._workers[client_id] = (dict(data.get("counters", {})), dict(data.get("gauges", {})))
+        self._max_gauges.update(data.get("max_gauges", ()))
 
     def _forget_worker_gauges(self, client_id: str) -> None:
         # a lost worker's sessions are gone, its cumulative counters still happened

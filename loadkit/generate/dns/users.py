@@ -405,7 +405,7 @@ class DnsRun:
             metrics.add(key, value)
         metrics.set_gauge("dns.outstanding", report.outstanding_n)
         for bw in report.bursts:
-            metrics.set_gauge("dns.burst_window_s", bw.window_s)
+            metrics.set_max_gauge("dns.burst_window_s", bw.window_s)  # workers send a burst's shares at once
             self.record_burst(bw)
         if self.knee is not None and self.sender is not None:
             self._check_knee(report)

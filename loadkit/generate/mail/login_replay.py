@@ -153,7 +153,7 @@ class LoginReplay:
         speed = self.settings.speed
         t0 = time.perf_counter()
         max_late = 0.0
-        metrics.set_gauge("login_replay.max_lateness_s", 0.0)
+        metrics.set_max_gauge("login_replay.max_lateness_s", 0.0)
         for lg in self.mine():
             due = lg.offset_s / speed
             wait = due - (time.perf_counter() - t0)
@@ -166,7 +166,7 @@ class LoginReplay:
                 metrics.add("login_replay.late")
             if late > max_late:
                 max_late = late
-                metrics.set_gauge("login_replay.max_lateness_s", late)
+                metrics.set_max_gauge("login_replay.max_lateness_s", late)
             password = self.passwords[lg.protocol][lg.user]
             client = CLIENTS[lg.protocol](self.environment, (lg.user, password), lg.duration_s / speed)
             self.sessions.spawn(client.one_session)
