@@ -316,7 +316,7 @@ def measured_drop_share(run: RunData) -> float | None:
     """Share of the queries sent (originals and retries) that were never answered, from the
     generator's counters; None without them. Queries still outstanding at the end count as
     dropped, which biases it up by at most one timeout's worth of queries."""
-    sent = counters.total(run, "dns.original_sent") + counters.total(run, "dns.retry_sent")
+    sent = sum(counters.total(run, name) for name in counters.offered_parts("dns"))
     if sent <= 0:
         return None
     answered = counters.total(run, "dns.answered")

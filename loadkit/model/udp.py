@@ -418,7 +418,8 @@ def _onset_qps(run: RunData, fits: list[SocketFit], drops: dict[int, pd.Series])
 
     if not drops or not sum(f.drops_n for f in fits):
         return None
-    offered = counters.rates(run, "dns.original_sent").add(counters.rates(run, "dns.retry_sent"), fill_value=0.0)
+    original, retry = counters.offered_parts("dns")  # offered = originals + retries
+    offered = counters.rates(run, original).add(counters.rates(run, retry), fill_value=0.0)
     total = (pd.concat([d["drops"] for d in drops.values()], axis=1).sort_index().ffill().fillna(0.0)
              .sum(axis=1).diff().clip(lower=0).dropna())
     if not len(offered) or not (total > 0).any():

@@ -46,6 +46,7 @@ from loadkit.profile.capacity import describe as describe_capacity_load, resolve
 from loadkit.profile.profile import Profile, expand_target_refs, resolve_targets
 from loadkit.profile.targets import PROTOCOL_NAMES, Target, check_target, parse_allowlist
 from loadkit.run import gates as gates_mod
+from loadkit.record.counters import offered_parts
 from loadkit.record.writer import INTERRUPT_MARKER, STATUS_FILE, RunWriter, new_run_id
 from loadkit.schema import RUN_LAYOUT
 
@@ -240,8 +241,9 @@ def format_status(status: dict[str, Any]) -> str:
     """One line: elapsed, offered/answered, failures by class, target memory."""
     counters = status.get("counters", {})
     requests, failures = status.get("requests_n", 0), status.get("failures_n", 0)
-    if "dns.original_sent" in counters:  # the DNS sender counts what it offered itself
-        offered = counters.get("dns.original_sent", 0) + counters.get("dns.retry_sent", 0)
+    original, retry = offered_parts("dns")
+    if original in counters:  # the DNS sender counts what it offered itself: originals + retries
+        offered = counters.get(original, 0) + counters.get(retry, 0)
         answered = counters.get("dns.answered", requests - failures)
     else:
         offered, answered = requests, requests - failures
