@@ -61,3 +61,26 @@ def test_inject_keeps_sub_millisecond_means_and_serializes_for_the_master() -> N
     master.extend(StatsEntry.unserialize(data, master_stats))
     assert master.num_requests == 1000 and master.response_times[0] == 1000
     assert inject(env, "DNS", "AAAA", [], {}) == 0
+
+
+def test_an_unsupported_locust_stops_a_locustfile_with_one_line(tmp_path) -> None:
+    # Locust 3.1.0 as the installed version: the DNS locustfile's install refuses it in one line
+    # and exit status 2 (importing the module that writes Locust's internals no longer raises)
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    locustfile = Path(__file__).resolve().parents[1] / "locustfiles" / "dns_burst.py"
+    script = ("import importlib.metadata as m, sys\n"
+              "real = m.version\n"
+              "m.version = lambda name: '3.1.0' if name == 'locust' else real(name)\n"
+              "from locust.main import main\n"
+              f"sys.argv = ['locust', '-f', {str(locustfile)!r}, '--headless', '-t', '1s']\n"
+              "main()\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    lines = [line for line in proc.stderr.splitlines() if "MonkeyPatchWarning" not in line and "monkey.patch_all" not in line]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert [line for line in lines if line.startswith("loadkit: error: ")] == [
+        line for line in lines if line.strip()], proc.stderr
+    assert "Locust 3.1.0 is not supported" in proc.stderr and ">=2.30,<3" in proc.stderr

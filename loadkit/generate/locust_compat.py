@@ -5,7 +5,8 @@ call per interval instead of one request event per DNS query), so a Locust relea
 or reshapes them would break Locust's table, CSV and reports silently. The range below is the
 one the test suite runs against (``tests/test_packaging.py`` checks it is the range
 ``pyproject.toml`` declares, and that every internal field written still exists); outside it,
-loading the DNS users stops with one line saying so instead of producing wrong statistics.
+installing the DNS users in a locustfile stops with one line saying so (exit status 2) instead of
+producing wrong statistics.
 """
 
 from __future__ import annotations

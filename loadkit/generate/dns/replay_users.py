@@ -23,7 +23,7 @@ from loadkit.profile.targets import target_spec
 
 from . import replay
 from .histogram import fine_latency_for
-from .users import DnsRun, DnsUser, _print_interval, _wire_answer_latency
+from .users import DnsRun, DnsUser, _print_interval, _wire_answer_latency, require_supported_locust
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,7 @@ class ReplayRun(DnsRun):
 
 def install(events: Any, settings: replay.ReplaySettings | None = None) -> None:
     """Wire the replay into a locustfile: options, checks (the whole file), one sender per process."""
+    require_supported_locust()
     base = settings or replay.ReplaySettings()
 
     @events.init_command_line_parser.add_listener

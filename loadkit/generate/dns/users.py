@@ -29,6 +29,7 @@ from locust.util.timespan import parse_timespan
 from loadkit.defaults import DNS_PORT, DOT_PORT_OFFSET, LAB_ADDRESS, find_lab
 from loadkit.errors import LoadkitError, ProfileError
 from loadkit.generate.event_channel import events_for
+from loadkit.generate.locust_compat import check_locust_version
 from loadkit.generate.locust_stats import inject
 from loadkit.generate.metrics import metrics_for
 from loadkit.generate.shapes import KneeCriteria, KneeDetector, KneePoint
@@ -549,8 +550,19 @@ def _wire_answer_latency(run: DnsRun) -> None:
     piggyback(run.environment, _HIST_KEY, report, merge)
 
 
+def require_supported_locust() -> None:
+    """Exit with one line (status 2) when the installed Locust is outside the range whose
+    statistics :func:`~loadkit.generate.locust_stats.inject` writes; called as a locustfile
+    installs the users, before Locust has parsed anything."""
+    try:
+        check_locust_version()
+    except LoadkitError as err:
+        exit_on_user_error(err)
+
+
 def install(events: Any, settings: DnsSettings | None = None) -> None:
     """Wire the DNS generator into a locustfile: options, checks, one sender per process."""
+    require_supported_locust()
     base = settings or DnsSettings()
 
     @events.init_command_line_parser.add_listener
