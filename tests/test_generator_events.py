@@ -193,6 +193,11 @@ def burst_events(run_dir: Path) -> list[dict]:
 def check_within_run(run_dir: Path, bursts: list[dict]) -> None:
     manifest = load_manifest(run_dir)
     assert manifest["status"] == "completed"
+    # a plain locust -f run records the generator's options as its command line set them (the
+    # retry models read the retry limit and timeout from there)
+    options = manifest["profile"]["load"]["options"]
+    assert options["dns-retries"] == 0 and options["dns-timeout"] == 0.5 and options["dns-rate"] == 100
+    assert options["dns-port-policy"] == "fixed"  # a default the command line left as it was
     for e in bursts:
         d = e["detail"]
         assert e["source"] == "dns" and e["ts_unix_s"] == d["first_sent_unix_s"]

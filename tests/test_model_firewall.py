@@ -81,7 +81,7 @@ def write_firewall_run(run_dir, *, retries_per_drop: float, size_n=8000, timeout
     clients' 1 s timeout, so nothing is answered in time and all of it is retried."""
     run_dir.mkdir(parents=True, exist_ok=True)
     retries_n = int(max_amplification) - 1
-    profile = {"load": {"options": {"dns-retries": retries_n, "dns-timeout": 1.0}}}
+    profile = {"load": {"options": {"dns-retries": retries_n, "dns-timeout": 1.0, "dns-port-policy": "per-attempt"}}}
     lab = {"dns": {"host": "127.0.0.1", "port": 5354, "capacity_qps": server_qps}} if server_qps else {}
     (run_dir / RUN_LAYOUT["manifest"]).write_text(json.dumps(dict(
         run_id=run_dir.name, scenario="retry_storm_firewall", release="synthetic", status="completed",
@@ -195,3 +195,16 @@ def test_another_labs_firewall_is_not_the_targets(tmp_path):
     data["targets"] = ["udp://127.0.5.1:5353"]  # a target with no firewall in front of it
     manifest.write_text(json.dumps(data))
     assert table_capacity(load_run(tmp_path / "run")) is None
+
+
+def test_fixed_sockets_make_no_new_flows_and_a_zero_budget_is_none():
+    # a client on fixed sockets (the DNS generator's default) refreshes its few flows: the table
+    # sees no new ones, whatever the retries
+    assert new_flow_qps(100, 250, "fixed") == 0.0 and firewall_loss(10, 1, "fixed")(1e6) == 0.0
+    fixed = firewall_model(10_000, 1_000, 1, retries_n=2, port_policy="fixed")
+    assert fixed.predicted_occupancy_n == 0 and math.isinf(fixed.fill_amplification)
+    assert fixed.predicted_verdict == "recovers"
+    # a retry budget of 0 means no budget (the generator's reading), not "no retries at all"
+    waste = dict(capacity_qps=12_000, queue_delay_s=2.0, stub_timeout_s=1.0)
+    assert firewall_model(10_000, 500_000, 30, retries_n=2, retry_budget=0.0, **waste).predicted_verdict == "metastable"
+    assert firewall_model(10_000, 500_000, 30, retries_n=2, retry_budget=0.05, **waste).predicted_verdict == "recovers"

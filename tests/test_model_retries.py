@@ -235,3 +235,31 @@ def test_a_burst_train_without_room_after_it_is_judged_between_bursts(tmp_path):
     # retries a query that costs 1 + 0.7 + 0.49 attempts, the load that loses so much holds itself
     stuck = metastability(write_rates(tmp_path / "stuck", *train(1000.0, 600.0), events=bursts))
     assert stuck.verdict == "metastable" and "between bursts" in stuck.summary(), stuck.summary()
+
+
+def test_the_models_take_the_generators_defaults_for_options_a_run_did_not_record(tmp_path):
+    import subprocess
+    import sys
+
+    from loadkit.model.retries import DNS_OPTION_DEFAULTS, dns_options
+
+    # the generator's own defaults, read in a process of its own (importing Locust here, after
+    # other tests imported ssl, would make gevent's late monkey-patching recurse)
+    code = ("import json; from loadkit.generate.dns.users import DnsSettings as S; b = S(); "
+            "print(json.dumps({'dns-retries': b.retries, 'dns-timeout': b.timeout_s, 'dns-backoff': b.backoff, "
+            "'dns-port-policy': b.port_policy, 'dns-retry-budget': b.retry_budget}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert DNS_OPTION_DEFAULTS == json.loads(out.stdout.strip().splitlines()[-1])
+    run, _, end = simulate(tmp_path / "run", collapse=False)
+    opts = dns_options(run)  # the simulated run records no options
+    assert (opts.retries_n, opts.timeout_s, opts.retry_budget) == (2, 1.0, None)
+    assert opts.horizon_s == pytest.approx(7.0)  # 1 + 2 + 4 s
+    res = metastability(run, end)
+    assert any("generator's defaults taken (dns-retries = 2" in c for c in res.caveats), res.caveats
+    # recorded options win; a budget of 0 is no budget (as for the generator), a positive one caps
+    run.manifest["profile"] = {"load": {"options": {"dns-retries": 5, "dns-timeout": "0.5", "dns-retry-budget": 0}}}
+    opts = dns_options(run)
+    assert (opts.retries_n, opts.timeout_s, opts.retry_budget) == (5, 0.5, None)
+    assert opts.defaulted == ("dns-backoff", "dns-port-policy")
+    run.manifest["profile"]["load"]["options"]["dns-retry-budget"] = 0.1
+    assert dns_options(run).retry_budget == pytest.approx(0.1)

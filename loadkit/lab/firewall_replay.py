@@ -21,7 +21,6 @@ prediction (:func:`outcome`). Running the profile is the caller's (``loadkit run
 from __future__ import annotations
 
 import copy
-import math
 import re
 import tomllib
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any, NamedTuple
 
 from loadkit.errors import LoadkitError
 from loadkit.model.firewall import FirewallResult, firewall_model
+from loadkit.model.retries import DNS_OPTION_DEFAULTS
 from loadkit.model.udp import buffer_datagrams
 
 from .status import LabStatus
@@ -109,17 +109,17 @@ def predict(case: ReplayCase, status: LabStatus | None = None, capacity_qps: flo
     server's receive buffer from the case's lab settings, the server's capacity from the lab's
     calibration (``status``, or ``capacity_qps``), the demand and retry options from the profile."""
     lab = lab_settings(case)
-    options = {**scenario()["load"].get("options", {}), **case.options}
+    # what the profile leaves out, the DNS generator's defaults (as the run will use)
+    options = {**DNS_OPTION_DEFAULTS, **scenario()["load"].get("options", {}), **case.options}
     if capacity_qps is None and status is not None and status.dns_cpu is not None:
         capacity_qps = status.dns_cpu.capacity_qps
     delay = buffer_datagrams(_rcvbuf_bytes(lab)) / capacity_qps if capacity_qps else 0.0
-    budget = options.get("dns-retry-budget")
+    budget = float(options["dns-retry-budget"])
     return firewall_model(float(options.get("dns-rate", 1.0)), float(lab["firewall_sessions"]),
-                          float(lab["firewall_udp_timeout_s"]),
-                          port_policy=options.get("dns-port-policy", "per-attempt"),
-                          retries_n=int(options.get("dns-retries", 0)), capacity_qps=capacity_qps,
-                          queue_delay_s=delay, stub_timeout_s=float(options.get("dns-timeout", math.inf)),
-                          retry_budget=float(budget) if budget is not None else None)
+                          float(lab["firewall_udp_timeout_s"]), port_policy=options["dns-port-policy"],
+                          retries_n=int(options["dns-retries"]), capacity_qps=capacity_qps,
+                          queue_delay_s=delay, stub_timeout_s=float(options["dns-timeout"]),
+                          retry_budget=budget if budget > 0 else None)  # 0: no budget, as for the generator
 
 
 def outcome(run_dir: str | Path, predicted: FirewallResult | None = None) -> dict[str, Any]:
@@ -149,7 +149,7 @@ def outcome(run_dir: str | Path, predicted: FirewallResult | None = None) -> dic
         "measured_waste_share": res.measured_waste_share,
         "verdict": res.verdict,
         "predicted_verdict": (predicted or res).predicted_verdict,
-        "prediction": (predicted or res).waste.summary() if (predicted or res).waste is not None else None,
+        "prediction": (predicted or res).waste.summary(),
     }
 
 

@@ -40,18 +40,15 @@ from loadkit.model.retries import (
     LoopStates,
     attempts_per_query,
     capacity_loss,
-    load_options,
+    dns_options,
     metastability,
-    retries_from_amplification,
     retries_per_loss,
     retry_amplification,
-    retry_budget,
     retry_loop_states,
-    stub_retries,
 )
 from loadkit.record.reader import RunData
 
-PORT_POLICIES = ("per-attempt", "per-query")
+PORT_POLICIES = ("per-attempt", "per-query", "fixed")
 
 
 def occupancy(new_flow_qps: float, timeout_s: float, size_n: float = math.inf) -> float:
@@ -75,9 +72,12 @@ def fill_time_s(new_flow_qps: float, timeout_s: float, size_n: float) -> float:
 
 
 def new_flow_qps(original_qps: float, offered_qps: float, port_policy: str = "per-attempt") -> float:
-    """New flows per second: every attempt with per-attempt source ports, every query otherwise."""
+    """New flows per second: every attempt with per-attempt source ports, every query with
+    per-query ports, none with fixed sockets (their few flows, refreshed by every query, stay)."""
     if port_policy not in PORT_POLICIES:
         raise ModelError(f"port policy {port_policy!r}: expected one of {', '.join(PORT_POLICIES)}")
+    if port_policy == "fixed":
+        return 0.0
     return float(offered_qps if port_policy == "per-attempt" else original_qps)
 
 
@@ -85,8 +85,10 @@ def firewall_loss(size_n: float, timeout_s: float, port_policy: str = "per-attem
                   original_qps: float | None = None) -> Callable[[float], float]:
     """``loss(offered)`` the table causes: a capacity of ``size / timeout`` new flows per second;
     with per-query ports only the original demand makes flows, so the loss does not grow with
-    retries."""
+    retries; fixed sockets make no new flows, so the table loses nothing."""
     cap = admitted_flow_qps(size_n, timeout_s)
+    if port_policy == "fixed":
+        return lambda x: 0.0
     if port_policy == "per-query":
         if original_qps is None:
             raise ModelError("per-query ports: the loss depends on the original demand; give original_qps")
@@ -177,14 +179,14 @@ def waste_loop(original_qps: float, size_n: float, timeout_s: float, *, retries_
     admitted_cap = admitted_flow_qps(size_n, timeout_s)
     cap_c = float(capacity_qps) if capacity_qps and capacity_qps > 0 else math.inf
     top = original_qps * (1 + retries_n)
-    if retry_budget is not None:
-        top = min(top, original_qps * (1.0 + max(retry_budget, 0.0)))
+    if retry_budget:  # 0 is no budget, as for the generator
+        top = min(top, original_qps * (1.0 + retry_budget))
     loss = per_query_loss(size_n, timeout_s, port_policy=port_policy, original_qps=original_qps,
                           capacity_qps=cap_c, queue_delay_s=queue_delay_s, stub_timeout_s=stub_timeout_s)
     loop = retry_loop_states(original_qps, retries_n, loss, peak_offered_qps=top, cap_qps=top,
                              separation=separation)
     low, high = loop.low_offered_qps, loop.high_offered_qps
-    flows_high = high if port_policy == "per-attempt" else original_qps
+    flows_high = new_flow_qps(original_qps, high, port_policy)
     good_low = low * (1.0 - loss(low))
     adm_high = min(flows_high, admitted_cap)
     good_high = high * (1.0 - loss(high))
@@ -212,7 +214,7 @@ def waste_loop(original_qps: float, size_n: float, timeout_s: float, *, retries_
     else:
         reason = (f"offered load cannot reach the table's {admitted_cap:,.0f}/s admissions "
                   f"(at most {top:,.0f}/s with {retries_n} retries"
-                  + (f" and a {retry_budget:g} retry budget)" if retry_budget is not None else ")"))
+                  + (f" and a {retry_budget:g} retry budget)" if retry_budget else ")"))
     return WasteLoop(float(original_qps), int(retries_n), admitted_cap, cap_c if math.isfinite(cap_c) else math.nan,
                      float(queue_delay_s), float(stub_timeout_s), retry_budget, low, high, good_low, good_high,
                      (1.0 - good_high / adm_high) if adm_high > 0 else 0.0, bool(flows_high >= admitted_cap * 0.999),
@@ -293,7 +295,8 @@ def firewall_model(original_qps: float, size_n: float, timeout_s: float, *, retr
         raise ModelError(f"original demand {original_qps} must be > 0 queries/s")
     admitted = admitted_flow_qps(size_n, timeout_s)
     flows = new_flow_qps(original_qps, original_qps, port_policy)
-    fill_amp = admitted / original_qps if port_policy == "per-attempt" else (1.0 if flows >= admitted else math.inf)
+    fill_amp = admitted / original_qps if port_policy == "per-attempt" else (
+        1.0 if flows >= admitted > 0 and port_policy == "per-query" else math.inf)
     waste = waste_loop(original_qps, size_n, timeout_s, retries_n=retries_n, capacity_qps=capacity_qps,
                        queue_delay_s=queue_delay_s, stub_timeout_s=stub_timeout_s, retry_budget=retry_budget,
                        port_policy=port_policy)
@@ -422,7 +425,7 @@ def predicted_occupancy(amp: pd.DataFrame, timeout_s: float, drops: pd.Series | 
     """Entries predicted at the end of each interval: the new flows admitted during the last
     ``timeout_s`` (Little's law applied to the recent past, so it follows ramps and bursts)."""
     col = "offered_qps" if port_policy == "per-attempt" else "original_qps"
-    flows = amp[col] * amp["interval_s"]
+    flows = amp[col] * amp["interval_s"] * (0.0 if port_policy == "fixed" else 1.0)
     if drops is not None:
         flows = (flows - drops.reindex(flows.index, method="nearest").fillna(0.0)).clip(lower=0.0)
     t = flows.index.to_numpy(dtype=float)
@@ -432,11 +435,12 @@ def predicted_occupancy(amp: pd.DataFrame, timeout_s: float, drops: pd.Series | 
 
 
 def fit_firewall(run: RunData, *, timeout_s: float | None = None, size_n: float | None = None,
-                 port_policy: str = "per-attempt", trigger_end_unix_s: float | None = None) -> FirewallResult:
+                 port_policy: str | None = None, trigger_end_unix_s: float | None = None) -> FirewallResult:
     """The firewall model on a recorded run: the table's size and timeout from its samples (or
     given), occupancy predicted from the generator's new flows beside the entries measured, the
-    per-query retry loop at the run's baseline demand with its clients' retry limit, timeout and
-    budget and the server's capacity and queue (:func:`server_queue`), and the run's verdict."""
+    per-query retry loop at the run's baseline demand with its clients' retry limit, timeout,
+    budget and port policy (``port_policy`` overrides the run's) and the server's capacity and
+    queue (:func:`server_queue`), and the run's verdict."""
     fw, table_caveats = _table(run)
     size = float(size_n if size_n is not None else fw["size_n"].max())
     timeout = float(timeout_s if timeout_s is not None else
@@ -458,27 +462,21 @@ def fit_firewall(run: RunData, *, timeout_s: float | None = None, size_n: float 
         caveats.append(f"no verdict: {err}")
         original = float(busy["original_qps"].median()) if len(busy) else 0.0
     cap, delay, server_caveats = server_queue(run)
-    retries_n = stub_retries(run)
-    if retries_n is None:
-        retries_n = retries_from_amplification(busy)
-        if verdict is None:  # else the verdict's caveats say so
-            server_caveats.append(f"the run's profile names no dns-retries: taken as {retries_n} from the highest "
-                                  "amplification")
-    try:
-        stub_timeout = float(load_options(run).get("dns-timeout", math.inf))
-    except (TypeError, ValueError):
-        stub_timeout = math.inf
-    budget = retry_budget(run)
-    res = firewall_model(original, size, timeout, retries_n=retries_n, port_policy=port_policy, capacity_qps=cap,
-                         queue_delay_s=delay or 0.0, stub_timeout_s=stub_timeout, retry_budget=budget)
+    options = dns_options(run)
+    if verdict is None and options.caveat():  # else the verdict's caveats say so
+        server_caveats.append(options.caveat())
+    policy = port_policy or options.port_policy
+    res = firewall_model(original, size, timeout, retries_n=options.retries_n, port_policy=policy, capacity_qps=cap,
+                         queue_delay_s=delay or 0.0, stub_timeout_s=options.timeout_s,
+                         retry_budget=options.retry_budget)
     res.retries_per_loss = retries_per_loss(busy, end)
     caveats.extend(server_caveats)
     res.measured_waste_share, res.waste_points_n = waste_share(busy, fw, size)
     res.verdict, res.caveats = verdict, caveats + [c for c in (verdict_caveats if verdict else [])
                                                     if c not in caveats]
     res.measured_max_entries_n = float(fw["entries_n"].max())
-    res.measured_drops_n = float(fw["drops_n"].iloc[-1] - fw["drops_n"].iloc[0])
-    pred = predicted_occupancy(amp, timeout, port_policy=port_policy)
+    res.measured_drops_n = float(drops.sum())  # increments, reset-safe (a table made anew counts from 0)
+    pred = predicted_occupancy(amp, timeout, port_policy=policy)
     both = pd.merge_asof(pd.DataFrame({"ts": fw.index.to_numpy(dtype=float), "m": fw["entries_n"].to_numpy(float)}),
                          pd.DataFrame({"ts": pred.index.to_numpy(dtype=float), "p": pred.to_numpy()}),
                          on="ts", direction="nearest")

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -306,21 +306,63 @@ def trigger_window(run: RunData, amp: pd.DataFrame | None = None) -> tuple[float
 
 
 def load_options(run: RunData) -> dict:
-    """The load options the run's profile recorded (``[load] options``: the generator's flags)."""
+    """The load options the run's profile recorded (``[load] options``: the generator's flags;
+    the recorder writes a plain ``locust -f`` run's from its command line)."""
     return ((run.manifest.get("profile") or {}).get("load") or {}).get("options") or {}
 
 
-def retry_horizon_s(run: RunData) -> float | None:
-    """How long after its first send a query may still be retried, from the run's DNS options
-    (``dns-timeout`` × (1 + backoff + backoff² … over ``dns-retries``)); None when not recorded."""
-    options = load_options(run)
-    try:
-        timeout = float(options["dns-timeout"])
-        retries = int(options.get("dns-retries", 0))
-        backoff = float(options.get("dns-backoff", 1.0))
-    except (KeyError, TypeError, ValueError):
-        return None
-    return timeout * sum(backoff ** k for k in range(retries + 1))
+#: The DNS generator's defaults (``DnsSettings`` in ``loadkit.generate.dns.users``) for the
+#: options the retry models read, for a run whose record lacks them (made before the recorder
+#: wrote them, or by hand); a test checks they are the generator's.
+DNS_OPTION_DEFAULTS: dict[str, Any] = {"dns-retries": 2, "dns-timeout": 1.0, "dns-backoff": 2.0,
+                                       "dns-port-policy": "fixed", "dns-retry-budget": 0.0}
+
+
+@dataclass(frozen=True)
+class DnsOptions:
+    """The DNS clients' retry behaviour in a run (:func:`dns_options`)."""
+
+    retries_n: int  #: retries after the first attempt
+    timeout_s: float  #: the first attempt's timeout
+    backoff: float  #: each retry's timeout is the previous one's × this
+    port_policy: str  #: "fixed", "per-query" or "per-attempt" source ports
+    retry_budget: float | None  #: retries at most this share of the originals; None: no budget
+    defaulted: tuple[str, ...] = ()  #: options the run did not record: the generator's defaults taken
+
+    @property
+    def horizon_s(self) -> float:
+        """How long after its first send a query may still be retried."""
+        return self.timeout_s * sum(self.backoff ** k for k in range(self.retries_n + 1))
+
+    def caveat(self) -> str | None:
+        if not self.defaulted:
+            return None
+        taken = ", ".join(f"{k} = {DNS_OPTION_DEFAULTS[k]}" for k in self.defaulted)
+        return f"the run's profile does not record {', '.join(self.defaulted)}: the DNS generator's defaults taken ({taken})"
+
+
+def dns_options(run: RunData) -> DnsOptions:
+    """The run's DNS retry options, the generator's defaults for those it did not record. A retry
+    budget of 0 is no budget, as for the generator."""
+    recorded = load_options(run)
+    values: dict[str, Any] = {}
+    defaulted = []
+    for key, default in DNS_OPTION_DEFAULTS.items():
+        try:
+            values[key] = type(default)(recorded[key])
+        except (KeyError, TypeError, ValueError):
+            values[key] = default
+            defaulted.append(key)
+    budget = values["dns-retry-budget"]
+    return DnsOptions(retries_n=max(0, values["dns-retries"]), timeout_s=values["dns-timeout"],
+                      backoff=values["dns-backoff"], port_policy=values["dns-port-policy"],
+                      retry_budget=budget if budget > 0 else None, defaulted=tuple(defaulted))
+
+
+def retry_horizon_s(run: RunData) -> float:
+    """How long after its first send a query may still be retried (``dns-timeout`` × (1 + backoff
+    + backoff² … over ``dns-retries``), the generator's defaults for options not recorded)."""
+    return dns_options(run).horizon_s
 
 
 def _ratio(frame: pd.DataFrame, num: str, den: str) -> float:
@@ -359,38 +401,13 @@ def retries_per_loss(amp: pd.DataFrame, after_unix_s: float | None = None) -> fl
     return None
 
 
-def stub_retries(run: RunData) -> int | None:
-    """The clients' retry limit from the run's DNS options (``dns-retries``); None when not recorded."""
-    try:
-        return int(load_options(run)["dns-retries"])
-    except (KeyError, TypeError, ValueError):
-        return None
-
-
-def retry_budget(run: RunData) -> float | None:
-    """The clients' retry budget (``dns-retry-budget``: retries at most this share of the
-    originals); None when the run had none."""
-    try:
-        return float(load_options(run)["dns-retry-budget"])
-    except (KeyError, TypeError, ValueError):
-        return None
-
-
-def retries_from_amplification(amp: pd.DataFrame) -> int:
-    """A retry limit the run's own amplification allows, when its options do not say: at least
-    the highest amplification seen minus one (every query at its last attempt), and at least 2
-    (a common stub resolver's)."""
-    top = float(amp["amplification"].max()) if len(amp) else math.nan
-    return max(2, math.ceil(top - 1.0 - 1e-9)) if math.isfinite(top) else 2
-
-
 def fit_retry_loop(amp: pd.DataFrame, original_qps: float, *, retries_n: int | None = None,
                    peak_offered_qps: float | None = None, capacity_qps: float | None = None,
                    budget: float | None = None, state: pd.DataFrame | None = None,
                    baseline_loss: float = 0.0) -> LoopStates | None:
-    """The retry loop of a run at ``original_qps``, with ``retries_n`` the clients' limit (else
-    :func:`retries_from_amplification`) and ``budget`` a retry budget's share (offered at most
-    ``original × (1 + budget)``).
+    """The retry loop of a run at ``original_qps``, with ``retries_n`` the clients' limit (else the
+    generator's default) and ``budget`` a retry budget's share (offered at most ``original × (1 +
+    budget)``; None or 0: no budget).
 
     ``loss(x)``: with ``state`` (the intervals of a state the run settled in, such as its end),
     the loss measured there from that state's offered rate up and ``baseline_loss`` below it: the
@@ -417,9 +434,9 @@ def fit_retry_loop(amp: pd.DataFrame, original_qps: float, *, retries_n: int | N
             return max(shape(x), at_capacity(x))
     else:
         loss = shape
-    r = retries_n if retries_n is not None else retries_from_amplification(busy)
+    r = retries_n if retries_n is not None else int(DNS_OPTION_DEFAULTS["dns-retries"])
     peak = float(peak_offered_qps if peak_offered_qps is not None else busy["offered_qps"].max())
-    cap = original_qps * (1.0 + max(budget, 0.0)) if budget is not None else None
+    cap = original_qps * (1.0 + budget) if budget else None
     return retry_loop_states(original_qps, r, loss, peak_offered_qps=peak, cap_qps=cap)
 
 
@@ -439,19 +456,7 @@ def metastability(run: RunData, trigger_end_unix_s: float | None = None, *,
     ``min_post_s`` seconds and 3 intervals follow the trigger.
     """
     amp = retry_amplification(run, prefix=prefix)
-    if trigger_end_unix_s is None:
-        start, end, source = trigger_window(run, amp)
-    else:
-        end, source = float(trigger_end_unix_s), "given"
-        marked = [float(ev["ts_unix_s"]) for ev in run.events
-                  if (ev.get("detail") or {}).get("phase") == "trigger_start"]
-        start = max((t for t in marked if t <= end), default=None)
-        if start is None:
-            try:  # where the original rate rose, if it did: the baseline is before that
-                found = trigger_window(run, amp)[0]
-                start = found if found is not None and found < end else None
-            except ModelError:
-                start = None
+    start, end, source = _trigger(run, amp, trigger_end_unix_s)
     if trigger_start_unix_s is not None:
         start = float(trigger_start_unix_s)
     busy = amp[(amp["offered_qps"] > 0) & (amp["original_qps"] > 0)]  # idle intervals say nothing
@@ -478,44 +483,24 @@ def metastability(run: RunData, trigger_end_unix_s: float | None = None, *,
         raise ModelError(f"run {run.run_id}: {post_s:.1f} s ({len(after)} intervals with traffic) after the "
                          f"trigger ended at {end:.3f} ({source}); need >= {min_post_s:g} s and 3 intervals to "
                          "judge recovery (run longer after the trigger, or lower --min-post)")
-    horizon = retry_horizon_s(run)
-    if horizon is not None and post_s < horizon and not gaps:
+    options = dns_options(run)
+    if options.caveat():
+        caveats.append(options.caveat())
+    horizon = options.horizon_s
+    if post_s < horizon and not gaps:
         caveats.append(f"the {post_s:.1f} s after the trigger are shorter than the clients' retry horizon "
                        f"({horizon:g} s): retries of the last queries may still be on their way")
-    if len(before):
-        base_orig = float(before["original_qps"].median())
-        base_good = _ratio(before, "answered_qps", "offered_qps")
-        base_amp = _ratio(before, "offered_qps", "original_qps")
-    else:
-        caveats.append("no traffic before the trigger: baseline assumed lossless (goodput 1, 1.00×)")
-        base_orig, base_good, base_amp = float(busy["original_qps"].median()), 1.0, 1.0
-    base_good = base_good if math.isfinite(base_good) else 1.0
-    base_amp = base_amp if math.isfinite(base_amp) else 1.0
+    base_orig, base_good, base_amp = _baseline(before, busy, caveats)
     good_floor = base_good * (1.0 - goodput_tolerance)
     amp_ceiling = base_amp * (1.0 + amplification_tolerance)
     healthy = ((busy["goodput_ratio"].fillna(0.0) >= good_floor)
                & (busy["amplification"].fillna(np.inf) <= amp_ceiling)).to_numpy()
     if capacity_qps is None:
-        from loadkit.model.firewall import table_capacity  # firewall builds on this module
-
-        table = table_capacity(run)
-        if table is not None:
-            # a session table's loss depends on what it holds, not on the rate alone: its steady
-            # state is a capacity of size / timeout new flows a second
-            capacity_qps = table[0]
-            if post_s < table[1]:
-                caveats.append(f"the firewall keeps a session {table[1]:g} s: {post_s:.0f} s after the trigger "
-                               "cannot see its table drain")
-    retries_n = stub_retries(run)
-    if retries_n is None:
-        retries_n = retries_from_amplification(busy)
-        caveats.append(f"the clients' retry limit is not in the run's profile (dns-retries): taken as {retries_n} "
-                       "from the highest amplification")
-    budget = retry_budget(run)
+        capacity_qps = _table_admissions(run, post_s, caveats)
 
     def loop_at(state: pd.DataFrame | None) -> LoopStates | None:
-        return fit_retry_loop(busy, base_orig, retries_n=retries_n, capacity_qps=capacity_qps, budget=budget,
-                              state=state, baseline_loss=1.0 - base_good)
+        return fit_retry_loop(busy, base_orig, retries_n=options.retries_n, capacity_qps=capacity_qps,
+                              budget=options.retry_budget, state=state, baseline_loss=1.0 - base_good)
 
     loop = loop_at(None)
     common = dict(trigger_start_unix_s=float(start), trigger_end_unix_s=float(end), trigger_source=source,
@@ -531,6 +516,51 @@ def metastability(run: RunData, trigger_end_unix_s: float | None = None, *,
         return _judge_gaps(busy, healthy, starts, gaps, post_s, horizon, common, loop_at)
     return _judge_after(after, healthy[starts >= end - 1e-6], end, base_orig, demand_tolerance, good_floor,
                         amp_ceiling, hold_s, common, loop_at)
+
+
+def _trigger(run: RunData, amp: pd.DataFrame, end_unix_s: float | None) -> tuple[float | None, float, str]:
+    """(start, end, source) of the run's trigger: from its events or original rate, or ending at
+    ``end_unix_s`` (then starting at the last ``trigger_start`` phase before it, or where the
+    original rate rose; None: the run's start)."""
+    if end_unix_s is None:
+        return trigger_window(run, amp)
+    end = float(end_unix_s)
+    marked = [float(ev["ts_unix_s"]) for ev in run.events if (ev.get("detail") or {}).get("phase") == "trigger_start"]
+    start = max((t for t in marked if t <= end), default=None)
+    if start is None:
+        try:  # where the original rate rose, if it did: the baseline is before that
+            found = trigger_window(run, amp)[0]
+            start = found if found is not None and found < end else None
+        except ModelError:
+            start = None
+    return start, end, "given"
+
+
+def _baseline(before: pd.DataFrame, busy: pd.DataFrame, caveats: list[str]) -> tuple[float, float, float]:
+    """(original q/s, goodput ratio, amplification) before the trigger; lossless when nothing
+    came before it."""
+    if not len(before):
+        caveats.append("no traffic before the trigger: baseline assumed lossless (goodput 1, 1.00×)")
+        return float(busy["original_qps"].median()), 1.0, 1.0
+    good = _ratio(before, "answered_qps", "offered_qps")
+    amp = _ratio(before, "offered_qps", "original_qps")
+    return (float(before["original_qps"].median()), good if math.isfinite(good) else 1.0,
+            amp if math.isfinite(amp) else 1.0)
+
+
+def _table_admissions(run: RunData, post_s: float, caveats: list[str]) -> float | None:
+    """New flows a second the target's firewall table admits when full, if the run has one."""
+    from loadkit.model.firewall import table_capacity  # firewall builds on this module
+
+    table = table_capacity(run)
+    if table is None:
+        return None
+    # a session table's loss depends on what it holds, not on the rate alone: its steady state
+    # is a capacity of size / timeout new flows a second
+    if post_s < table[1]:
+        caveats.append(f"the firewall keeps a session {table[1]:g} s: {post_s:.0f} s after the trigger "
+                       "cannot see its table drain")
+    return table[0]
 
 
 def _judge_gaps(busy: pd.DataFrame, healthy: np.ndarray, starts: np.ndarray, gaps: list, post_s: float,

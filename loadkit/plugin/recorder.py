@@ -358,6 +358,28 @@ def _every(interval_s: float, step: Callable[[], None], what: str) -> None:
             log.exception("%s failed", what)
 
 
+def generator_options(options: Any) -> dict[str, Any]:
+    """The load generators' options of a Locust command line (``--dns-*``, ``--imap-*``,
+    ``--pop3-*``, ``--mail-*``, ``--replay-*``, ``--login-*``), named as a profile's ``[load]
+    options`` names them (``dns-timeout = 1.0``); options marked secret are left out."""
+    from locust.argument_parser import get_parser
+
+    prefixes = ("--dns-", "--imap-", "--pop3-", "--mail-", "--replay-", "--login-")
+    try:
+        parser = get_parser()  # the options as registered, with the listeners' own flags
+    except Exception as err:  # noqa: BLE001 - a record without options is still a record
+        log.debug("no option names for the record: %s", err)
+        return {}
+    secret = set(getattr(parser, "secret_args_included_in_web_ui", {}) or ())
+    out: dict[str, Any] = {}
+    for action in parser._actions:
+        flags = [f for f in action.option_strings if f.startswith(prefixes)]
+        value = getattr(options, action.dest, None)
+        if flags and action.dest not in secret and isinstance(value, (str, int, float, bool)) and value != "":
+            out[max(flags, key=len)[2:]] = value
+    return dict(sorted(out.items()))
+
+
 def collector_wanted(options: Any) -> bool:
     return bool(options.collect_group or options.collect_udp_port or options.collector)
 
@@ -495,7 +517,13 @@ class Recorder:
     # -- life cycle ------------------------------------------------------------------------------
     def start(self) -> None:
         o = self.options
-        self.writer.start(self.run_id, o.scenario or "adhoc", o.release or "unlabelled")
+        profile = None
+        previous = self.writer.read_manifest() or {}
+        if not previous.get("profile"):
+            # a plain ``locust -f`` run: the generator's options as its command line set them, so
+            # the models read the retry limit, timeout and port policy it really used
+            profile = {"load": {"options": generator_options(o)}}
+        self.writer.start(self.run_id, o.scenario or "adhoc", o.release or "unlabelled", profile=profile)
         self.writer.event("run_started", "locust", {"run_id": self.run_id, "distributed": self.distributed})
         self._attach_collectors()
         # Locust stops gracefully on SIGTERM and then reports "quitting" exactly as after a
