@@ -109,3 +109,18 @@ def test_kpi_series_is_the_one_for_the_cli_and_the_report(tmp_path):
     assert (net >= 0).all() and len(net) == len(load_run(tmp_path / "dns").net) - 1
     with pytest.raises(ModelError, match="no column 'nope'"):
         kpi_series(run, "net", "nope")
+
+
+def test_fit_anomalies_and_kpi_review_give_one_delay_for_one_series():
+    from loadkit.model.kpi import review_kpi
+    from loadkit.model.kpi_synth import synthetic_kpi
+
+    # a daily cycle with a 10-minute spike at 12:30: a baseline of the buckets before each one
+    # (the old method here) rode the cycle's slope and saw no spike at 15 min
+    series = synthetic_kpi(days=3, seed=0).series
+    res = find_anomalies(series, longest_spike_s=2400)
+    review = review_kpi(series, longest_spike_s=2400, polling_s=(3600, 900, 60))
+    assert res.spikes[0].start_unix_s == review.spikes[0].start_unix_s
+    assert res.detection_delay_s == {int(v.interval_s): v.delays_s[0] for v in review.polling}
+    assert res.detected_spikes_n == {int(v.interval_s): v.detected_n for v in review.polling}
+    assert res.detection_delay_s[900] == pytest.approx(900, abs=1) and res.detected_spikes_n[900] == 3

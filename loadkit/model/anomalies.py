@@ -11,11 +11,13 @@ an ordinary day/night cycle is not a string of shifts; binary segmentation with 
 penalty.
 
 Detection delay: a KPI polled every P seconds reports the mean over each P-second bucket at its
-end. Each bucket is compared with its own baseline, the median of the buckets before it, in the
-robust standard deviations of bucket means (an hourly mean is far less noisy than a minute's
-value, and a trend moves it more). A spike counts as detected by the first bucket that overlaps
+end. The polled series is judged as :func:`loadkit.model.kpi.judge_polling` judges it for ``kpi
+review`` (one method, so both commands give one delay for one series): against its own daily
+pattern at that resolution, in the robust spread of its own hour of the day (an hourly mean is far
+less noisy than a minute's value). A spike counts as detected by the first bucket that overlaps
 the spike and stands out; the delay runs from the spike's start to that bucket's end. A spike no
 bucket overlapping it shows is "not detected": a later, unrelated crossing is not its detection.
+Too few buckets at an interval (fewer than 12) and nothing is said about it.
 """
 
 from __future__ import annotations
@@ -210,11 +212,14 @@ def find_anomalies(series: pd.Series, *, z_threshold: float = 6.0, window_s: flo
 
     delays: dict[int, float | None] = {}
     detected: dict[int, int] = {}
+    # one judgement of what polling shows, kpi review's (imported here: kpi imports this module)
+    from loadkit.model.kpi import judge_polling
+
     for p in polling_s if spikes else ():
-        found = _polled_detection(t, v, spikes, float(p), step, window_s, z_threshold)
-        if found is not None:
-            delays[int(p)] = found[0]
-            detected[int(p)] = found[1]
+        view = judge_polling(t, v, spikes, float(p), step, "mean", z_threshold, window_s)
+        if not view.note:
+            delays[int(p)] = view.delays_s[0]
+            detected[int(p)] = view.detected_n
     return AnomalyResult(spikes=spikes, daily_period=daily, change_points=cps, detection_delay_s=delays,
                          threshold=threshold, sample_interval_s=step, points_n=int(len(v)),
                          name=name or str(series.name or ""), detected_spikes_n=detected,
@@ -265,41 +270,6 @@ def _level_shifts(t: np.ndarray, v: np.ndarray, step: float, win: int, sigma: fl
         if abs(after - before) > z * sigma / 2:
             cps.append(ChangePoint(ts_unix_s=float(t[cp]), level_before=before, level_after=after))
     return cps, deseasoned
-
-
-#: buckets a polled baseline needs before a bucket can be judged against it
-MIN_BASELINE_BUCKETS = 5
-
-
-def _polled_detection(t: np.ndarray, v: np.ndarray, spikes: list[Spike], p: float, step: float,
-                      window_s: float, z: float) -> tuple[float | None, int] | None:
-    """(delay for the first spike or None, spikes detected) at polling interval ``p``; None when
-    the series is too short or too coarse for a baseline of buckets at that interval."""
-    if p < step:
-        return None
-    bucket = np.floor(t / p) * p
-    means = pd.Series(v).groupby(bucket).mean()
-    if len(means) < 2 * MIN_BASELINE_BUCKETS:
-        return None
-    m = means.to_numpy(dtype=float)
-    starts = means.index.to_numpy(dtype=float)
-    # its own baseline: the median of the buckets before it (what an operator compares it with)
-    w = max(MIN_BASELINE_BUCKETS, int(round(window_s / p)))
-    baseline = pd.Series(m).shift(1).rolling(w, min_periods=MIN_BASELINE_BUCKETS).median().to_numpy()
-    dev = m - baseline
-    ok = np.isfinite(dev)
-    spread = 1.4826 * float(np.median(np.abs(dev[ok] - np.median(dev[ok]))))
-    if spread <= 0:
-        nz = np.abs(dev[ok & (dev != 0)])
-        spread = float(np.min(nz)) if len(nz) else 1.0
-    stands_out = ok & (dev > z * spread)
-    delays = []
-    for sp in spikes:
-        # a bucket shows the spike only when it overlaps it
-        overlap = stands_out & (starts <= sp.end_unix_s) & (starts + p > sp.start_unix_s)
-        hit = np.flatnonzero(overlap)
-        delays.append(float(starts[hit[0]] + p - sp.start_unix_s) if len(hit) else None)
-    return (delays[0] if delays else None), sum(d is not None for d in delays)
 
 
 def daily_period(spikes: list[Spike], t: np.ndarray, tol_s: float, min_days: int) -> DailyPeriod | None:

@@ -335,7 +335,10 @@ def _scored_polls(t, v, p, mode, z, window_s) -> pd.DataFrame:
     return polls
 
 
-def _view(t, v, spikes: list[Spike], p: float, step: float, mode: str, z: float, window_s: float) -> PollingView:
+def judge_polling(t, v, spikes: list[Spike], p: float, step: float, mode: str, z: float,
+                  window_s: float) -> PollingView:
+    """What a poller every ``p`` seconds shows of ``spikes`` in the series ``(t, v)`` sampled every
+    ``step``: the one judgement of detection delays (``kpi review`` and ``fit anomalies``)."""
     none = [None] * len(spikes)
     if p < step * 0.999:
         return PollingView(float(p), mode, 0, none, math.nan, 0,
@@ -396,7 +399,7 @@ def review_kpi(series: pd.Series, *, z_threshold: float = 6.0, longest_spike_s: 
     spikes = _merge(find_spikes(t, v, sc["score"].to_numpy(), z_threshold), max(3 * step, merge_gap_s))
     daily = daily_period(spikes, t, day_tolerance_s, min_days)
     daily_start = _daily_start(spikes, daily, day_tolerance_s)
-    views = [_view(t, v, spikes, float(p), step, mode, z_threshold, window_s) for p in polling_s]
+    views = [judge_polling(t, v, spikes, float(p), step, mode, z_threshold, window_s) for p in polling_s]
     profile = sc.attrs["profile"]
     prof = profile["baseline"][profile["typical"].notna()]  # only times of day the series has
     days_n = int(len(np.unique(np.floor(t / DAY_S))))
