@@ -122,6 +122,36 @@ def test_largest_lateness_and_burst_window_over_workers_are_the_largest_not_the_
     assert master.counters()["login_replay.started"] == 15
 
 
+def test_a_headless_replay_over_two_workers_stops_when_both_shares_are_done(tmp_path: Path) -> None:
+    # the master quits when each worker has reported its share of the log replayed, well before -t
+    from mailfakes import FakeMailServer
+    from mailrun import write_accounts
+
+    accounts = write_accounts(tmp_path, 4)
+    path = tmp_path / "logins.csv"
+    path.write_text("timestamp,protocol,user,duration_s\n" + "".join(f"{1000 + 0.2 * i},pop3,user000{i + 1},0.1\n"
+                                                                     for i in range(4)))
+    with FakeMailServer("pop3", "ok") as fake:
+        started = time.monotonic()
+        proc = subprocess.Popen(
+            [LOCUST, "-f", REPLAY, "--headless", "--processes", "2", "-u", "2", "-r", "2", "-t", "120s",
+             "--only-summary", "--host", f"127.0.0.1:{fake.port}", "--mail-accounts", str(accounts),
+             "--login-log", str(path), "--mail-fetch", "0"],
+            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            while proc.poll() is None and time.monotonic() - started < 100:
+                gevent.sleep(0.1)  # the fake server runs in this process's greenlets meanwhile
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, 9)
+            _, err = proc.communicate(timeout=30)
+        took_s = time.monotonic() - started
+    assert proc.returncode == 0, err[-3000:]
+    assert took_s < 60, err[-3000:]  # stopped with the log, not at -t 120s
+    assert "all 2 workers have replayed their share of the log" in err
+    assert fake.connections_n == 4
+
+
 def _replay(lab, tmp_path: Path, *args: str, timeout_s: float = 90) -> subprocess.CompletedProcess:
     return subprocess.run(
         [LOCUST, "-f", REPLAY, "--headless", "-u", "1", "-r", "1", "-t", "60s", "--only-summary", *args],

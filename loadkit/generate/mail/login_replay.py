@@ -14,7 +14,9 @@ default the file of the lab that serves the target). The input is read by
 :mod:`.login_replay_input`.
 
 One scheduler per Locust process, from ``test_start``; with several workers, login ``i`` goes to
-worker ``i mod count``. When the last session has ended, a headless run stops by itself.
+worker ``i mod count``. When the last session has ended, a headless run stops by itself: a
+standalone process quits; a worker whose share has ended says so with its reports to the master
+(:func:`~loadkit.generate.wiring.piggyback`), and a headless master quits when every worker has.
 Counters: ``login_replay.started``, ``login_replay.late`` (started more than
 :data:`LATE_S` after its time), gauge ``login_replay.max_lateness_s``.
 """
@@ -33,7 +35,7 @@ from locust import User, task
 
 from loadkit.errors import InputFileError, LoadkitError, ProfileError
 from loadkit.generate.metrics import metrics_for
-from loadkit.generate.wiring import exit_on_user_error, start_at_test_start, worker_share
+from loadkit.generate.wiring import WORKERS_OPTION, exit_on_user_error, piggyback, start_at_test_start, worker_share
 
 from .login_replay_input import LoginLog, ReplayLogin, read_login_log
 from .users import ImapUser, MailUser, Pop3User
@@ -42,6 +44,8 @@ log = logging.getLogger(__name__)
 
 #: a login that starts more than this after its scheduled time is counted late
 LATE_S = 0.05
+#: the key under which a worker tells its master that its share of the log has been replayed
+_DONE_KEY = "loadkit_login_replay_done"
 
 
 @dataclass(frozen=True)
@@ -190,6 +194,7 @@ def install(events: Any) -> None:
 
     @events.init.add_listener
     def _on_init(environment: Any, runner: Any = None, **_kw: Any) -> None:
+        _wire_done(environment)
         if type(runner).__name__ == "MasterRunner":
             return  # workers read the log themselves
         try:
@@ -214,12 +219,34 @@ def install(events: Any) -> None:
 
 
 def _quit_when_done(replay: LoginReplay, runner: Any) -> None:
-    # a headless replay ends with its log (a worker's share ends; the master stops when all have)
+    # a headless replay ends with its log (a worker's share ends and it tells the master: _wire_done)
     if replay.greenlet is not None:
         replay.greenlet.join()
     if replay.done and type(runner).__name__ != "WorkerRunner":
         gevent.sleep(0.5)  # one more stats interval, so the last sessions reach the record
         runner.quit()
+
+
+def _wire_done(environment: Any) -> None:
+    """Workers report when their share has been replayed; a headless master quits once every
+    worker it shared the log among has (their last sessions' figures ride on the same report)."""
+    done: set[str] = set()
+    quitting: list[bool] = []
+
+    def report() -> dict | None:
+        replay: LoginReplay | None = getattr(environment, "loadkit_login_replay", None)
+        return {"done": 1} if replay is not None and replay.done else None
+
+    def merge(client_id: str, _payload: Any) -> None:
+        done.add(client_id)
+        options, runner = environment.parsed_options, environment.runner
+        count = int(getattr(options, WORKERS_OPTION, 0) or 0) or runner.worker_count
+        if not quitting and getattr(options, "headless", False) and len(done) >= count:
+            quitting.append(True)
+            log.info("login replay: all %d workers have replayed their share of the log; stopping the test", count)
+            gevent.spawn_later(0.5, runner.quit)
+
+    piggyback(environment, _DONE_KEY, report, merge)
 
 
 class LoginReplayUser(User):
