@@ -1,5 +1,6 @@
 """Option values the command line refuses before anything runs: nan and inf (float() takes both,
-and nan slips past every later range check), in argparse's one line and exit status 2."""
+and nan slips past every later range check), in argparse's one line and exit status 2. Ranges
+are the models' to check, with their own messages, except where no model checks them."""
 
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ def test_no_option_takes_a_bare_float() -> None:
     ["fit", "anomalies", "run", "--longest-spike", "inf"],
     ["fit", "headroom", "run", "--reconnect-overhead", "nan"],
     ["fit", "retries", "run", "--trigger-end", "inf"],
-    ["fit", "udp-burst", "run", "--burst", "0"],
+    ["fit", "udp-burst", "run", "--burst-window", "inf"],
+    ["fit", "anomalies", "run", "--z", "0"],
     ["report", "--release", "r1", "--forecast-peak-qps", "NaN"],
 ])
 def test_nan_inf_and_out_of_range_values_are_refused_in_one_line(argv, capsys) -> None:

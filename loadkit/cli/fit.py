@@ -35,13 +35,13 @@ def _headroom_options(h: argparse.ArgumentParser) -> None:
                    help="load-balancer policy (default %(default)s)")
     h.add_argument("--weight", action="append", default=[], metavar="PROXY=W",
                    help="balancer weight of one proxy (repeat per proxy)")
-    h.add_argument("--admission-fraction", type=finite_positive, default=0.9, metavar="F",
+    h.add_argument("--admission-fraction", type=finite, default=0.9, metavar="F",
                    help="admission limit keeps each proxy under F × its memory limit (default %(default)s)")
-    h.add_argument("--forecast-peak", type=finite_positive, default=None, metavar="SESSIONS",
+    h.add_argument("--forecast-peak", type=finite, default=None, metavar="SESSIONS",
                    help="forecast peak of concurrent sessions, for headroom and proxies needed")
     h.add_argument("--limit-bytes", type=finite_positive, default=None, metavar="BYTES",
                    help="memory each proxy may use when the run recorded no cgroup limit")
-    h.add_argument("--reconnect-overhead", type=finite_non_negative, default=0.0, metavar="F",
+    h.add_argument("--reconnect-overhead", type=finite, default=0.0, metavar="F",
                    help="extra sessions per lost session while clients reconnect (default 0)")
 
 
@@ -51,14 +51,14 @@ def _usl_options(u: argparse.ArgumentParser) -> None:
 
 
 def _udp_burst_options(b: argparse.ArgumentParser) -> None:
-    b.add_argument("--rcvbuf", type=finite_positive, default=None, metavar="BYTES",
+    b.add_argument("--rcvbuf", type=finite, default=None, metavar="BYTES",
                    help="each server socket's sk_rcvbuf in bytes (ss -m 'rb'; twice so-rcvbuf); default: as "
                    "the collector read it, else the recorded so-rcvbuf doubled")
-    b.add_argument("--bytes-per-datagram", type=finite_positive, default=832.0, metavar="BYTES",
+    b.add_argument("--bytes-per-datagram", type=finite, default=832.0, metavar="BYTES",
                    help="buffer charge per datagram (default %(default)s, a small query on loopback)")
-    b.add_argument("--burst", type=finite_positive, default=None, metavar="QUERIES",
+    b.add_argument("--burst", type=finite, default=None, metavar="QUERIES",
                    help="burst size the headline and so-rcvbuf are for (default: the run's largest burst)")
-    b.add_argument("--burst-window", type=finite_positive, default=None, metavar="SECONDS",
+    b.add_argument("--burst-window", type=finite, default=None, metavar="SECONDS",
                    help="duration of that burst (default: the run's, as the bursts really left)")
     b.add_argument("--port", type=int, default=None,
                    help="the server's UDP port among watched sockets (default: the run's udp:// target)")
@@ -103,14 +103,14 @@ def _anomalies_options(a: argparse.ArgumentParser) -> None:
 def _source_limit_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("--sources", type=int, default=None, metavar="N",
                    help="number of sources (default: the run's dns-sources, with --source-qps)")
-    s.add_argument("--source-qps", type=finite_positive, default=None, metavar="QPS",
+    s.add_argument("--source-qps", type=finite, default=None, metavar="QPS",
                    help="queries per second per source (default: the run's dns-source-qps)")
     s.add_argument("--arrival", default="poisson", choices=("poisson", "generator"),
                    help="arrivals per source for the recommendation: independent Poisson (real clients) or "
                    "loadkit's own sender (default %(default)s)")
     s.add_argument("--applied-limit", type=int, default=None, metavar="QPS",
                    help="per-IP limit the run was made with (default: the profile's [lab] dns_ratelimit_qps)")
-    s.add_argument("--target-share", type=finite_positive, default=0.001, metavar="F",
+    s.add_argument("--target-share", type=finite, default=0.001, metavar="F",
                    help="largest share of sources the recommended limit may refuse in a second "
                    "(default %(default)s)")
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from loadkit.cli._common import add_command, finite_positive
+from loadkit.cli._common import add_command, finite
 from loadkit.errors import ReportError
 from loadkit.report.build import REPORTS_DIR, RUNS_DIR, build_report, find_runs
 
@@ -29,9 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--baseline-runs", nargs="+", metavar="DIR", help="run directories of the baseline (default: found under --runs-dir)")
     p.add_argument("--runs-dir", default=str(RUNS_DIR), metavar="DIR", help="where runs are looked up by release (default: %(default)s)")
     p.add_argument("--out", metavar="DIR", help=f"output directory (default: {REPORTS_DIR}/RELEASE)")
-    p.add_argument("--forecast-peak-sessions", type=finite_positive, metavar="N", help="forecast peak of concurrent mail sessions (default: from the runs' profiles)")
-    p.add_argument("--forecast-peak-qps", type=finite_positive, metavar="QPS", help="forecast peak DNS query rate (default: from the runs' profiles)")
-    p.add_argument("--forecast-peak-burst-queries", type=finite_positive, metavar="N",
+    p.add_argument("--forecast-peak-sessions", type=finite, metavar="N", help="forecast peak of concurrent mail sessions (default: from the runs' profiles)")
+    p.add_argument("--forecast-peak-qps", type=finite, metavar="QPS", help="forecast peak DNS query rate (default: from the runs' profiles)")
+    p.add_argument("--forecast-peak-burst-queries", type=finite, metavar="N",
                    help="forecast largest DNS burst, in queries, for runs that offered bursts (default: from the "
                         "runs' profiles; without one, a burst that overflowed the buffer is a warning, not a failure)")
 
@@ -42,7 +42,7 @@ def _progress(message: str) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     for name in ("forecast_peak_sessions", "forecast_peak_qps", "forecast_peak_burst_queries"):
-        value = getattr(args, name)
+        value = getattr(args, name)  # finite already (nan and inf are refused by the option's type)
         if value is not None and not value > 0:
             raise ReportError(f"--{name.replace('_', '-')} {value:g} must be a positive number")
     runs = args.runs or find_runs(args.release, args.runs_dir)
