@@ -187,6 +187,19 @@ def start_at_test_start(environment: Any, attr: str) -> bool:
     return True
 
 
+class _Stoppable(Protocol):
+    def stop(self) -> None: ...
+
+
+def stop_at_test_stop(environment: Any, attr: str) -> Any:
+    """The ``test_stop`` step every generator shares: stop the generator kept at
+    ``environment.<attr>`` and return it (None when this process keeps none)."""
+    generator: _Stoppable | None = getattr(environment, attr, None)
+    if generator is not None:
+        generator.stop()
+    return generator
+
+
 __all__ = [
     "USER_ERROR_PREFIX",
     "WORKERS_OPTION",
@@ -195,6 +208,7 @@ __all__ = [
     "piggyback",
     "print_user_error",
     "start_at_test_start",
+    "stop_at_test_stop",
     "tell_workers_their_count",
     "worker_share",
 ]

@@ -17,13 +17,11 @@ import gevent
 from locust import task
 from locust.util.timespan import parse_timespan
 
-from loadkit.errors import LoadkitError
-from loadkit.generate.wiring import exit_on_user_error, start_at_test_start, worker_share
+from loadkit.generate.wiring import worker_share
 from loadkit.profile.targets import target_spec
 
 from . import replay
-from .histogram import fine_latency_for
-from .users import DnsRun, DnsUser, _print_interval, _wire_answer_latency, require_supported_locust
+from .users import DnsRun, DnsUser, _print_interval, install_run, require_supported_locust
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +57,10 @@ class ReplayRun(DnsRun):
                  replay.describe(p), o.retries_n, o.port_policy)
         self.greenlet = gevent.spawn(self._run)
 
+    def log_stopped(self) -> None:
+        super().log_stopped()
+        if isinstance(self.sender, replay.ReplaySender):
+            log.info("DNS replay lateness (actual - scheduled send): %s", self.sender.lateness.summary())
 
     def _run(self) -> None:
         super()._run()
@@ -79,35 +81,7 @@ def install(events: Any, settings: replay.ReplaySettings | None = None) -> None:
     def _add_arguments(parser: Any, **_kw: Any) -> None:
         replay.add_arguments(parser, base)
 
-    @events.init.add_listener
-    def _on_init(environment: Any, runner: Any = None, **_kw: Any) -> None:
-        run = ReplayRun(environment, base)
-        environment.loadkit_dns = run
-        _wire_answer_latency(run)
-        fine_latency_for(environment)
-        if type(runner).__name__ == "MasterRunner":
-            return
-        try:
-            p = run.make_plan()
-        except LoadkitError as err:
-            exit_on_user_error(err)  # one line, before anything is sent
-        if not environment.host:
-            for cls in environment.user_classes or ():
-                if isinstance(cls, type) and issubclass(cls, DnsUser):
-                    cls.host = str(p.target)
-
-    @events.test_start.add_listener
-    def _on_test_start(environment: Any, **_kw: Any) -> None:
-        start_at_test_start(environment, "loadkit_dns")
-
-    @events.test_stop.add_listener
-    def _on_test_stop(environment: Any, **_kw: Any) -> None:
-        run: ReplayRun | None = getattr(environment, "loadkit_dns", None)
-        if run is not None:
-            run.stop()
-            sender = run.sender
-            if isinstance(sender, replay.ReplaySender):
-                log.info("DNS replay lateness (actual - scheduled send): %s", sender.lateness.summary())
+    install_run(events, lambda environment: ReplayRun(environment, base))
 
 
 class ReplayUser(DnsUser):

@@ -19,7 +19,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, fields, replace
-from typing import Any
+from typing import Any, Callable
 
 import gevent
 from locust import User, task
@@ -37,6 +37,7 @@ from loadkit.generate.wiring import (
     exit_on_user_error,
     piggyback,
     start_at_test_start,
+    stop_at_test_stop,
     worker_share,
 )
 from loadkit.profile.targets import Target, target_spec, user_target
@@ -491,6 +492,11 @@ class DnsRun:
             self.sender.close()
             log.info("DNS load done: %s", self.sender.summary())
 
+    def log_stopped(self) -> None:
+        """What a sending process logs at test stop."""
+        if self.answer_latency.count:
+            log.info("DNS answer latency (fine histogram): %s", self.answer_latency.summary())
+
     def stop(self) -> None:
         if self.sender is not None:
             self.sender.stop()
@@ -569,22 +575,30 @@ def install(events: Any, settings: DnsSettings | None = None) -> None:
     def _add_arguments(parser: Any, **_kw: Any) -> None:
         add_arguments(parser, base)
 
+    install_run(events, lambda environment: DnsRun(environment, base))
+
+
+def install_run(events: Any, make_run: Callable[[Any], DnsRun]) -> None:
+    """The listeners every DNS locustfile shares (the users', the replay's): ``make_run(environment)``
+    in ``init``, checked there in each process that sends, its sender from ``test_start`` to
+    ``test_stop``."""
+
     @events.init.add_listener
     def _on_init(environment: Any, runner: Any = None, **_kw: Any) -> None:
-        run = DnsRun(environment, base)
+        run = make_run(environment)
         environment.loadkit_dns = run
         _wire_answer_latency(run)
         fine_latency_for(environment)  # a master merges its workers' fine histograms from the start
         if type(runner).__name__ == "MasterRunner":
-            return  # the master sends nothing; workers check their own options
+            return  # the master sends nothing; workers check their own options and files
         try:
-            dns_plan = run.make_plan()
+            target = run.make_plan().target
         except LoadkitError as err:
             exit_on_user_error(err)  # one line, before anything is sent
         if not environment.host:  # the web UI's Host field shows where the load goes
             for cls in environment.user_classes or ():
                 if isinstance(cls, type) and issubclass(cls, DnsUser):
-                    cls.host = str(dns_plan.target)
+                    cls.host = str(target)
 
     @events.test_start.add_listener
     def _on_test_start(environment: Any, **_kw: Any) -> None:
@@ -592,11 +606,9 @@ def install(events: Any, settings: DnsSettings | None = None) -> None:
 
     @events.test_stop.add_listener
     def _on_test_stop(environment: Any, **_kw: Any) -> None:
-        run: DnsRun | None = getattr(environment, "loadkit_dns", None)
-        if run is not None:
-            run.stop()
-            if run.answer_latency.count and type(environment.runner).__name__ != "MasterRunner":
-                log.info("DNS answer latency (fine histogram): %s", run.answer_latency.summary())
+        run: DnsRun | None = stop_at_test_stop(environment, "loadkit_dns")
+        if run is not None and type(environment.runner).__name__ != "MasterRunner":
+            run.log_stopped()
 
     @events.quitting.add_listener
     def _on_quitting(environment: Any, **_kw: Any) -> None:

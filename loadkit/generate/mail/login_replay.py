@@ -35,7 +35,8 @@ from locust import User, task
 
 from loadkit.errors import InputFileError, LoadkitError, ProfileError
 from loadkit.generate.metrics import metrics_for
-from loadkit.generate.wiring import WORKERS_OPTION, exit_on_user_error, piggyback, start_at_test_start, worker_share
+from loadkit.generate.wiring import (WORKERS_OPTION, exit_on_user_error, piggyback, start_at_test_start,
+                                     stop_at_test_stop, worker_share)
 
 from .login_replay_input import LoginLog, ReplayLogin, read_login_log
 from .users import ImapUser, MailUser, Pop3User
@@ -213,9 +214,7 @@ def install(events: Any) -> None:
 
     @events.test_stop.add_listener
     def _on_test_stop(environment: Any, **_kw: Any) -> None:
-        replay: LoginReplay | None = getattr(environment, "loadkit_login_replay", None)
-        if replay is not None:
-            replay.stop()
+        stop_at_test_stop(environment, "loadkit_login_replay")
 
 
 def _quit_when_done(replay: LoginReplay, runner: Any) -> None:
