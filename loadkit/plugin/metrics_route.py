@@ -5,7 +5,8 @@ the load did, on the port Locust's web UI already serves (8089 by default), so o
 scrapes both and a dashboard puts load and saturation on one screen:
 
 - every generator counter and gauge (:func:`loadkit.generate.metrics.metrics_for`, the same
-  values the recorder writes to the run's ``generator`` table, summed over workers on a master):
+  values the recorder writes to the run's ``generator`` table, merged over workers on a master: summed, a
+  largest-value gauge such as ``login_replay.max_lateness_s`` maximised):
   counter ``dns.original_sent`` -> ``loadkit_dns_original_sent_total``, gauge
   ``imap.held_sessions`` -> ``loadkit_imap_held_sessions``, a ``_s`` suffix -> ``_seconds``;
 - ``loadkit_dns_offered_total``: original queries plus retries, what the target was offered;
