@@ -263,3 +263,14 @@ def test_the_models_take_the_generators_defaults_for_options_a_run_did_not_recor
     assert opts.defaulted == ("dns-backoff", "dns-port-policy")
     run.manifest["profile"]["load"]["options"]["dns-retry-budget"] = 0.1
     assert dns_options(run).retry_budget == pytest.approx(0.1)
+
+
+def test_a_trigger_whose_own_interval_looks_healthy_but_is_followed_by_silence_recovers_not_stable(tmp_path):
+    # a burst into a deep queue: its own interval is answered (what came before it), then every
+    # answer comes past the clients' timeout for 10 s while the queue drains (a real unbound at 0.02
+    # core behind a 16 MiB buffer did this for 30 s): not "stable", it recovers
+    orig = [1000.0] * 40
+    answered = [1000.0] * 11 + [0.0] * 10 + [1000.0] * 19
+    run = write_rates(tmp_path / "deep", orig, [0.0] * 40, answered)
+    res = metastability(run, T0 + 11, trigger_start_unix_s=T0 + 10)
+    assert res.verdict == "recovers" and res.recovery_s == pytest.approx(10.0, abs=1.0), res.summary()

@@ -508,7 +508,9 @@ def metastability(run: RunData, trigger_end_unix_s: float | None = None, *,
                   trigger_goodput_ratio=_ratio(during, "answered_qps", "offered_qps") if len(during) else math.nan,
                   trigger_amplification=_ratio(during, "offered_qps", "original_qps") if len(during) else math.nan,
                   post_window_s=post_s, loop=loop, caveats=caveats)
-    if in_trigger.any() and healthy[in_trigger].all():
+    # stable: healthy through the trigger and after it (an instant burst's own interval can look
+    # healthy while its queue holds every later answer past the clients' timeout)
+    if in_trigger.any() and healthy[in_trigger].all() and healthy[starts >= end - 1e-6].all():
         return MetastabilityResult(verdict="stable", recovery_s=None, post_goodput_ratio=_ratio(after, "answered_qps", "offered_qps"),
                                    post_amplification=_ratio(after, "offered_qps", "original_qps"), demand_back_s=0.0,
                                    trend=None, trend_amplification_per_s=0.0, **common)
