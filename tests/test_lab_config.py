@@ -81,9 +81,20 @@ def test_firewall_and_cpu_settings_are_checked():
     with pytest.raises(ProfileError, match="collide"):
         LabConfig(dns_port=1142, firewall_sessions=10)  # 1143 is IMAP
     for bad in ({"firewall_sessions": -1}, {"firewall_udp_timeout_s": 0},
-                {"firewall_udp_timeout_s": "30"}, {"dns_cpu": -0.5}, {"proxy_cpu": 0.001}, {"dns_cpu": 0.05}):
+                {"firewall_udp_timeout_s": "30"}, {"dns_cpu": -0.5}, {"proxy_cpu": 0.001}, {"dns_cpu": 0.005},
+                {"dns_cpu": 65}):
         with pytest.raises(ProfileError):
             LabConfig(**bad)
+    assert LabConfig(dns_cpu=0.02).dns_cpu == 0.02  # a longer CFS period keeps the kernel's 1 ms quota
+
+
+def test_a_small_cpu_quota_lengthens_the_period_to_keep_the_kernels_1ms_minimum():
+    from loadkit.lab.cgroups import CPU_PERIOD_US, cpu_period_us
+
+    assert cpu_period_us(0.25) == CPU_PERIOD_US == 10_000  # 2.5 ms a 10 ms period
+    assert cpu_period_us(0.1) == 10_000  # 1 ms a 10 ms period: the smallest at that period
+    assert cpu_period_us(0.02) == 50_000 and cpu_period_us(0.01) == 100_000  # 1 ms a period
+    assert cpu_period_us(0.0001) == 1_000_000  # the kernel's longest period
 
 
 def test_firewall_ruleset_keys_sessions_by_client_address_and_port():

@@ -11,6 +11,7 @@ the whole proxy at once, which ends the same way: the proxy is gone).
 from __future__ import annotations
 
 import errno
+import math
 import os
 import signal
 import time
@@ -184,6 +185,16 @@ def remove(path: Path, timeout_s: float = 5.0) -> None:
 #: core, and a 256-query receive buffer overflows in that gap at a few thousand q/s; a 10 ms period
 #: keeps the gaps, and so the loss they cause, ten times shorter.
 CPU_PERIOD_US = 10_000
+#: The kernel's smallest quota (1 ms a period): below 0.1 of a core the period grows to keep it
+CPU_QUOTA_MIN_US = 1000
+#: and the longest period it takes (1 s): 0.001 of a core at the least
+CPU_PERIOD_MAX_US = 1_000_000
+
+
+def cpu_period_us(cores: float) -> int:
+    """The CFS period for a quota of ``cores``: :data:`CPU_PERIOD_US`, or longer when that would
+    ask for less than the kernel's 1 ms quota (0.02 of a core runs 1 ms in every 50 ms)."""
+    return min(CPU_PERIOD_MAX_US, max(CPU_PERIOD_US, math.ceil(CPU_QUOTA_MIN_US / cores)))
 
 
 #: A quota only caps: on a busy machine the server may not even get its quota, and its capacity
@@ -204,7 +215,8 @@ def create_cpu(version: int, hier: Path, lab_id: str, name: str, cores: float) -
     same directory as the memory group of that name (one unified tree)."""
     lab = hier / PARENT / lab_id
     path = lab / name
-    quota_us = max(1000, int(round(cores * CPU_PERIOD_US)))  # 1 ms is the kernel minimum (config refuses < 0.1)
+    period_us = cpu_period_us(cores)
+    quota_us = max(CPU_QUOTA_MIN_US, int(round(cores * period_us)))
     if version == 2:
         for group in (hier, hier / PARENT, lab):
             group.mkdir(exist_ok=True)
@@ -212,12 +224,12 @@ def create_cpu(version: int, hier: Path, lab_id: str, name: str, cores: float) -
             if "cpu" not in ctl.read_text().split():
                 ctl.write_text("+cpu")
         path.mkdir(exist_ok=True)
-        (path / "cpu.max").write_text(f"{quota_us} {CPU_PERIOD_US}")
+        (path / "cpu.max").write_text(f"{quota_us} {period_us}")
         (path / "cpu.weight").write_text(str(CPU_WEIGHT_V2))
     else:
         path.mkdir(parents=True, exist_ok=True)
         # the period first: a quota is checked against the period in force
-        (path / "cpu.cfs_period_us").write_text(str(CPU_PERIOD_US))
+        (path / "cpu.cfs_period_us").write_text(str(period_us))
         (path / "cpu.cfs_quota_us").write_text(str(quota_us))
         (path / "cpu.shares").write_text(str(CPU_SHARES_V1))
     return path

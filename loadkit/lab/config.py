@@ -135,10 +135,10 @@ class LabConfig:
         _at_least("proxy_restarts_max", self.proxy_restarts_max, 1)
         for name in ("dns_cpu", "proxy_cpu"):
             value = getattr(self, name)
-            # 0 is "no quota"; the kernel's smallest quota is 1 ms per period (10 ms here), so 0.1 of a
-            # core is the least a quota can give: a smaller figure would silently be 0.1
+            # 0 is "no quota"; below 0.1 of a core the period grows past 10 ms to keep the kernel's
+            # smallest quota (1 ms), so 0.01 runs 1 ms in every 100 ms (cgroups.cpu_period_us)
             if value != 0:
-                _number_in(name, value, 0.1, 64.0)
+                _number_in(name, value, 0.01, 64.0)
         ports = self.all_ports()
         for port in ports:
             if not 1 <= port <= 65535:
