@@ -193,8 +193,10 @@ def waste_loop(original_qps: float, size_n: float, timeout_s: float, *, retries_
     sustains = loop.second_stable_state and good_high < original_qps * (1 - separation)
     late = math.isfinite(cap_c) and queue_delay_s > stub_timeout_s
     if sustains and flows_high < admitted_cap:
+        table = ("no table in the way" if not math.isfinite(admitted_cap) else
+                 f"the table (admitting {admitted_cap:,.0f}/s) never fills")
         reason = (f"the server's own retry storm: its full queue delays answers {queue_delay_s:.2f} s, past the "
-                  f"stub's {stub_timeout_s:g} s timeout, and the table (admitting {admitted_cap:,.0f}/s) never fills")
+                  f"stub's {stub_timeout_s:g} s timeout, and {table}")
     elif sustains:
         reason = (f"the table admits {admitted_cap:,.0f}/s, more than the server's {cap_c:,.0f}/s, and its full "
                   f"queue delays answers {queue_delay_s:.2f} s, past the stub's {stub_timeout_s:g} s timeout")
@@ -212,9 +214,9 @@ def waste_loop(original_qps: float, size_n: float, timeout_s: float, *, retries_
         reason = (f"the table admits {admitted_cap:,.0f}/s, no more than the server's {cap_c:,.0f}/s: the "
                   "firewall keeps the server's queue from filling, so admitted attempts are answered in time")
     else:
-        reason = (f"offered load cannot reach the table's {admitted_cap:,.0f}/s admissions "
-                  f"(at most {top:,.0f}/s with {retries_n} retries"
-                  + (f" and a {retry_budget:g} retry budget)" if retry_budget else ")"))
+        reason = (f"offered load cannot keep the server over its {cap_c:,.0f}/s (at most {top:,.0f}/s with "
+                  f"{retries_n} retries" + (f" and a {retry_budget:g} retry budget" if retry_budget else "")
+                  + "): its queue drains and answers come in time again")
     return WasteLoop(float(original_qps), int(retries_n), admitted_cap, cap_c if math.isfinite(cap_c) else math.nan,
                      float(queue_delay_s), float(stub_timeout_s), retry_budget, low, high, good_low, good_high,
                      (1.0 - good_high / adm_high) if adm_high > 0 else 0.0, bool(flows_high >= admitted_cap * 0.999),
