@@ -96,8 +96,10 @@ def profile(status: LabStatus, case: ReplayCase, duration: str | None = None) ->
 
 
 def _rcvbuf_bytes(lab: dict[str, Any]) -> float:
+    """The server socket's sk_rcvbuf: an so-rcvbuf the kernel doubles (unbound forces it past
+    net.core.rmem_max as root), else the platform default."""
     if lab.get("dns_rcvbuf_bytes"):
-        return float(lab["dns_rcvbuf_bytes"])
+        return 2.0 * float(lab["dns_rcvbuf_bytes"])
     try:
         return float(Path(DEFAULT_RCVBUF_PATH).read_text().split()[0])
     except (OSError, ValueError, IndexError):

@@ -207,9 +207,10 @@ def waste_loop(original_qps: float, size_n: float, timeout_s: float, *, retries_
         reason = (f"the server's capacity is not known (taken as unlimited: no queue, no late answers), so a "
                   f"full table answers the {admitted_cap:,.0f}/s it admits, more than the {original_qps:,.0f}/s demand")
     elif not late:
+        still = (f"a full table still answers min({admitted_cap:,.0f}, {cap_c:,.0f})/s"
+                 if math.isfinite(admitted_cap) else f"the server still answers its {cap_c:,.0f}/s")
         reason = (f"every admitted attempt is answered in time (answers wait at most {queue_delay_s:.3f} s "
-                  f"against a {stub_timeout_s:g} s timeout), so a full table still answers "
-                  f"min({admitted_cap:,.0f}, {cap_c:,.0f})/s, more than the {original_qps:,.0f}/s demand")
+                  f"against a {stub_timeout_s:g} s timeout), so {still}, more than the {original_qps:,.0f}/s demand")
     elif admitted_cap <= cap_c:
         reason = (f"the table admits {admitted_cap:,.0f}/s, no more than the server's {cap_c:,.0f}/s: the "
                   "firewall keeps the server's queue from filling, so admitted attempts are answered in time")
