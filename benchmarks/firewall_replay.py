@@ -8,7 +8,12 @@ the clients' retries), runs the scenario with ``loadkit run`` (90 s), and prints
 measured beside it. The lab is brought down after each case. Needs root and nft, as the lab's
 firewall does. About 2 minutes per case.
 
-    python benchmarks/firewall_replay.py [--address 127.0.91.1] [--only "as shipped"] [--out runs/firewall]
+With ``--scenario holds``: ``scenarios/retry_storm_firewall_holds.toml`` (the loop that holds
+itself: a table admitting more than unbound at 0.02 core serves, behind a deep receive buffer) and
+its cases (the default buffer; a table admitting less than the server serves; a 10 % retry budget;
+a larger table; a shorter UDP timeout). About 2 minutes per case.
+
+    python benchmarks/firewall_replay.py [--address 127.0.91.1] [--scenario drains|holds] [--only "as shipped"] [--out runs/firewall]
 """
 
 from __future__ import annotations
@@ -52,6 +57,8 @@ def run_case(case: replay.ReplayCase, address: str, out: Path, work: Path) -> di
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--address", default="127.0.91.1")
+    ap.add_argument("--scenario", choices=("drains", "holds"), default="drains",
+                    help="retry_storm_firewall.toml (drains) or retry_storm_firewall_holds.toml (holds)")
     ap.add_argument("--only", action="append", help="case label (repeatable); default: all")
     ap.add_argument("--out", default="runs/firewall-replay")
     a = ap.parse_args(argv)
@@ -59,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="lk-fw-replay-") as tmp:
-        for case in replay.cases():
+        for case in replay.cases(a.scenario):
             if a.only and case.label not in a.only:
                 continue
             try:

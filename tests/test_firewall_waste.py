@@ -7,7 +7,7 @@ import itertools
 import pandas as pd
 import pytest
 
-from loadkit.errors import ModelError
+from loadkit.errors import LoadkitError, ModelError
 from loadkit.lab import firewall_replay
 from loadkit.model.firewall import (
     FirewallResult,
@@ -121,3 +121,18 @@ def test_the_replay_cases_and_their_predictions():
     # second are all answered in time, so the model predicts no second state for any case
     for case in cases:
         assert firewall_replay.predict(case, capacity_qps=15000).predicted_verdict == "recovers"
+
+
+def test_the_holding_scenarios_predictions_from_its_parameters():
+    # the shipped loop that holds itself and its cases, predicted before any run from the lab's
+    # settings, the clients' options and a capacity as unbound at 0.02 core measured (2,400-2,900)
+    from loadkit.lab import firewall_replay as replay
+
+    predicted = {c.label: replay.predict(c, capacity_qps=2600).predicted_verdict for c in replay.cases("holds")}
+    assert predicted == {"as shipped": "metastable", "default buffer": "recovers", "table admits less": "recovers",
+                         "retry budget": "recovers", "larger table": "metastable",
+                         "shorter UDP timeout": "metastable"}, predicted
+    shipped = replay.predict(replay.cases("holds")[0], capacity_qps=2600)
+    assert shipped.waste.high_table_full and "more than the server's 2,600/s" in shipped.waste.reason
+    with pytest.raises(LoadkitError, match="'drains' or 'holds'"):
+        replay.cases("other")

@@ -1,7 +1,9 @@
 """Incident 2's whole loop, replayed: the shipped firewall scenario and each mitigation on its own.
 
 One case per lab: the scenario ``scenarios/retry_storm_firewall.toml`` as shipped, then with a
-larger receive buffer, a shorter UDP timeout, a larger session table, and a client retry budget.
+larger receive buffer, a shorter UDP timeout, a larger session table, and a client retry budget;
+or (``cases("holds")``) ``scenarios/retry_storm_firewall_holds.toml``, the loop that holds itself,
+and its mitigations.
 For each case this module gives the lab's settings, the profile to run against that lab, the
 verdict the firewall model predicts *before* the run (from the lab's calibrated DNS capacity, the
 table's size and timeout, the receive buffer and the clients' retry options:
@@ -33,7 +35,11 @@ from loadkit.model.udp import buffer_datagrams
 
 from .status import LabStatus
 
-SCENARIO = Path(__file__).resolve().parents[2] / "scenarios" / "retry_storm_firewall.toml"
+SCENARIOS_DIR = Path(__file__).resolve().parents[2] / "scenarios"
+SCENARIO = SCENARIOS_DIR / "retry_storm_firewall.toml"
+#: the loop that holds itself: the table admits more than the server serves, whose deep queue
+#: answers past the stubs' timeout (docs/incidents.md, 2c)
+HOLDS = SCENARIOS_DIR / "retry_storm_firewall_holds.toml"
 #: the platform default receive buffer (``net.core.rmem_default``) a lab with ``dns_rcvbuf_bytes = 0`` keeps
 DEFAULT_RCVBUF_PATH = "/proc/sys/net/core/rmem_default"
 
@@ -46,17 +52,24 @@ class ReplayCase(NamedTuple):
     lab: dict[str, Any]  #: LabConfig fields over the scenario's ``[lab]`` table
     options: dict[str, Any]  #: load options over the scenario's ``[load] options``
     what: str  #: the mitigation in words
+    path: Path = SCENARIO  #: the scenario the case changes
 
 
-def scenario() -> dict[str, Any]:
-    if not SCENARIO.exists():
-        raise LoadkitError(f"scenario {SCENARIO} is missing: the firewall replay runs the shipped scenario")
-    with SCENARIO.open("rb") as fh:
+def scenario(path: Path = SCENARIO) -> dict[str, Any]:
+    if not path.exists():
+        raise LoadkitError(f"scenario {path} is missing: the firewall replay runs the shipped scenario")
+    with path.open("rb") as fh:
         return tomllib.load(fh)
 
 
-def cases() -> list[ReplayCase]:
-    """The shipped scenario, then each mitigation of docs/incidents.md on its own."""
+def cases(which: str = "drains") -> list[ReplayCase]:
+    """A shipped scenario, then each mitigation of docs/incidents.md on its own: ``drains``, the
+    incident's trigger (retry_storm_firewall.toml), or ``holds``, the loop that holds itself
+    (retry_storm_firewall_holds.toml)."""
+    if which == "holds":
+        return holds_cases()
+    if which != "drains":
+        raise LoadkitError(f"firewall scenario {which!r}: expected 'drains' or 'holds'")
     return [
         ReplayCase("as shipped", "incident2b", {}, {}, "platform-default buffer, 13,000 sessions, 60 s UDP timeout"),
         ReplayCase("larger buffer", "incident2b-rcvbuf", {"dns_rcvbuf_bytes": 8 * 1024 * 1024}, {},
@@ -70,9 +83,30 @@ def cases() -> list[ReplayCase]:
     ]
 
 
+def holds_cases() -> list[ReplayCase]:
+    """retry_storm_firewall_holds.toml as shipped, then each of its mitigations on its own, and two
+    changes that admit more and so do not help."""
+    def case(label: str, release: str, lab: dict, options: dict, what: str) -> ReplayCase:
+        return ReplayCase(label, release, lab, options, what, HOLDS)
+
+    return [
+        case("as shipped", "incident2c", {}, {}, "8 MiB so-rcvbuf at 0.02 core, 12,000 sessions of 3 s"),
+        case("default buffer", "incident2c-rcvbuf", {"dns_rcvbuf_bytes": 0}, {},
+             "the platform's receive buffer: answers wait a fraction of a second"),
+        case("table admits less", "incident2c-admit", {"firewall_sessions": 4400, "firewall_udp_timeout_s": 2.0},
+             {}, "4,400 sessions of 2 s admit 2,200 new flows/s, less than the server serves"),
+        case("retry budget", "incident2c-budget", {}, {"dns-retry-budget": 0.1},
+             "clients retry at most 10 % of their originals over 10 s"),
+        case("larger table", "incident2c-table", {"firewall_sessions": 40000}, {},
+             "40,000 sessions: the table never fills, the server's own storm remains"),
+        case("shorter UDP timeout", "incident2c-timeout", {"firewall_udp_timeout_s": 1.0}, {},
+             "sessions of 1 s admit 12,000 new flows/s: more, not less"),
+    ]
+
+
 def lab_settings(case: ReplayCase) -> dict[str, Any]:
     """The LabConfig fields of the case's lab: the scenario's ``[lab]`` table, then the case's."""
-    return {**scenario().get("lab", {}), **case.lab}
+    return {**scenario(case.path).get("lab", {}), **case.lab}
 
 
 def profile(status: LabStatus, case: ReplayCase, duration: str | None = None) -> dict[str, Any]:
@@ -80,7 +114,7 @@ def profile(status: LabStatus, case: ReplayCase, duration: str | None = None) ->
     DNS endpoint, names file, receive-queue socket and unbound process; the case's options."""
     if status.firewall is None:
         raise LoadkitError("the firewall replay needs a lab with its firewall (--firewall-sessions)")
-    p = copy.deepcopy(scenario())
+    p = copy.deepcopy(scenario(case.path))
     p["run"]["release"] = case.release
     if duration:
         p["run"]["duration"] = duration
@@ -112,7 +146,7 @@ def predict(case: ReplayCase, status: LabStatus | None = None, capacity_qps: flo
     calibration (``status``, or ``capacity_qps``), the demand and retry options from the profile."""
     lab = lab_settings(case)
     # what the profile leaves out, the DNS generator's defaults (as the run will use)
-    options = {**DNS_OPTION_DEFAULTS, **scenario()["load"].get("options", {}), **case.options}
+    options = {**DNS_OPTION_DEFAULTS, **scenario(case.path)["load"].get("options", {}), **case.options}
     if capacity_qps is None and status is not None and status.dns_cpu is not None:
         capacity_qps = status.dns_cpu.capacity_qps
     delay = buffer_datagrams(_rcvbuf_bytes(lab)) / capacity_qps if capacity_qps else 0.0
