@@ -104,6 +104,7 @@ def test_firewall_ruleset_keys_sessions_by_client_address_and_port():
                                     firewall_udp_timeout_s=2.5))
     assert "table ip loadkit_fw_127_0_9_1_5354 {" in v4
     assert "size 500" in v4 and "timeout 2500ms" in v4 and "flags dynamic,timeout" in v4
+    assert "gc-interval 125ms" in v4  # expired entries leave within a twentieth of the timeout
     # only the firewalled port is filtered; known flows are refreshed, new ones admitted or counted
     assert "ip daddr 127.0.9.1 udp dport 5354 update @sessions { ip saddr . udp sport } accept" in v4
     assert "ip daddr 127.0.9.1 udp dport 5354 counter name new_flow_drops drop" in v4

@@ -60,6 +60,10 @@ def ruleset(cfg: LabConfig) -> str:
     addr_type = "ipv6_addr" if fam == "ip6" else "ipv4_addr"
     # whole milliseconds: nft takes "2500ms" but no decimal point
     timeout_ms = max(1, int(round(cfg.firewall_udp_timeout_s * 1000)))
+    # an expired entry keeps its place until the set's garbage collection removes it (every second
+    # by default): with a 2 s timeout that is up to half as long again, and the table held 5,100
+    # sessions where Little's law said 3,400. A twentieth of the timeout keeps the lag under 5 %.
+    gc_ms = min(1000, max(50, timeout_ms // 20))
     match = f"{fam} daddr {cfg.address} udp dport {cfg.firewall_dns_port}"
     return "\n".join([
         f"table {fam} {table_name(cfg)} {{",
@@ -68,6 +72,7 @@ def ruleset(cfg: LabConfig) -> str:
         f"    size {cfg.firewall_sessions}",
         "    flags dynamic,timeout",
         f"    timeout {timeout_ms}ms",
+        f"    gc-interval {gc_ms}ms",
         "  }",
         f"  counter {observed.DROPS_COUNTER} {{ }}",
         "  chain input {",
