@@ -23,7 +23,8 @@ runs; they are also written to ``runs/incidents/incidents.json``, and the table 
    the limit taken from the headroom fit of the first run);
 2. burst -> buffer drops -> retry storm -> a larger ``so-rcvbuf`` (unbound held to a set CPU
    quota, so its drain rate during a burst is set rather than found); 2b, asked for by name, is the
-   whole loop through the lab's firewall (:mod:`loadkit.lab.firewall_replay`);
+   whole loop through the lab's firewall (:mod:`loadkit.lab.firewall_replay`), and 2c the loop
+   holding itself (a full table in front of a deep queue) -> the platform's default buffer;
 3. many small sources -> a ramp to the knee, the shipped load of 1.5 x the lab's measured
    capacity, then at that load a per-IP rate limit (unbound ``ip-ratelimit``, chosen by
    :func:`loadkit.model.source_limit`) plus capacity.
@@ -466,22 +467,25 @@ def incident_sources(work: Path, address: str, runs_dir: Path) -> dict:
     return results
 
 
-def incident_firewall(work: Path, address: str, runs_dir: Path) -> dict:
+def incident_firewall(work: Path, address: str, runs_dir: Path, which: str = "drains") -> dict:
     """2b. The whole loop of incident 2 through the lab's firewall (``scenarios/retry_storm_firewall.toml``)
-    as shipped and with a larger receive buffer, through :mod:`loadkit.lab.firewall_replay`: the
-    cases, labs and profiles are that module's (it also predicts each verdict before the run)."""
+    as shipped and with a larger receive buffer; 2c (``which="holds"``), the loop holding itself
+    (``scenarios/retry_storm_firewall_holds.toml``) as shipped and with the platform's default
+    buffer. Through :mod:`loadkit.lab.firewall_replay`: the cases, labs and profiles are that
+    module's (it also predicts each verdict before the run)."""
     try:
         from loadkit.lab import firewall_replay as fw
     except ImportError as err:  # the firewall replay is not part of this version
         raise LoadkitError(f"incident 2b (the firewall loop) is not available here: {err}") from None
     results: dict[str, Any] = {}
-    cases = fw.cases()
+    cases = fw.cases(which)
+    name = "retry_storm_firewall_holds" if which == "holds" else "retry_storm_firewall"
     for label, case in (("before", cases[0]), ("after", cases[1])):
         lab = _lab(work, "firewall", address, **fw.lab_settings(case))
         try:
             status = lab.up()
             predicted = fw.predict(case, status)
-            run = run_scenario(fw.profile(status, case), f"retry_storm_firewall_{label}", runs_dir,
+            run = run_scenario(fw.profile(status, case), f"{name}_{label}", runs_dir,
                                timeout_s=300, lab_dir=status.dir)
             results[label] = {"case": case.label,
                               "capacity_qps": status.dns_cpu.capacity_qps if status.dns_cpu else None,
@@ -495,10 +499,12 @@ INCIDENTS = {
     "1": ("proxies fall over together", incident_proxies),
     "2": ("burst -> buffer drops -> retry storm", incident_burst),
     "2b": ("the retry storm through the firewall's session table", incident_firewall),
+    "2c": ("the retry loop holding itself: a full table in front of a deep queue",
+           lambda work, address, runs_dir: incident_firewall(work, address, runs_dir, "holds")),
     "3": ("many small sources", incident_sources),
 }
-#: what ``loadkit demo incidents`` replays without numbers (2b, the firewall loop, runs 100 s per
-#: case and needs nftables: ask for it by name)
+#: what ``loadkit demo incidents`` replays without numbers (2b and 2c, the firewall loops, run 100 s
+#: and 70 s per case and need nftables: ask for them by name)
 DEFAULT_INCIDENTS = ("1", "2", "3")
 
 #: per incident: the figures of the table (label, outcome key or function of the run's outcome and
@@ -515,6 +521,9 @@ _FIGURES: dict[str, list[tuple[str, Any]]] = {
     "2": _DNS_FIGURES,
     "2b": [("firewall drops (new flows)", "firewall_drops_n"), ("table peak, entries", "table_peak_n"),
            *_DNS_FIGURES],
+    "2c": [("goodput < 1/2 after the trigger, s", "goodput_below_half_s"),
+           ("firewall drops (new flows)", "firewall_drops_n"), ("table peak, entries", "table_peak_n"),
+           *_DNS_FIGURES],
     "3": [("knee: answered q/s where drops begin", lambda o, r: (r.get("knee") or {}).get("knee_qps")),
           ("per-IP limit, q/s", lambda o, r: (o.get("lab") or {}).get("dns_ratelimit_qps")
            if isinstance(o.get("lab"), dict) else None),
@@ -529,9 +538,12 @@ def _figure(outcome: dict, result: dict, key: Any) -> float | None:
 
 def failure_shown(number: str, outcome: dict) -> bool:
     """Did this run show the incident's failure? OOM kills for incident 1; for the DNS
-    incidents, queries dropped at the server's socket or queries that failed after all retries."""
+    incidents, queries dropped at the server's socket or queries that failed after all retries; for
+    2c, a metastable verdict."""
     if number == "1":
         return (outcome.get("oom_kills_n") or 0) > 0
+    if number == "2c":  # its failure is the loop holding: drops alone also happen where it drains
+        return outcome.get("verdict") == "metastable"
     return any((outcome.get(k) or 0) > 0 for k in ("drops_n", "failures_n", "firewall_drops_n"))
 
 

@@ -211,9 +211,21 @@ def test_the_incidents_table_shows_each_replay_its_spread_and_where_the_failure_
 def test_incident_numbers_and_repeat_are_checked_in_one_line(capsys):
     from loadkit.cli import main
 
-    for args, says in ((["incidents", "4"], "incident '4' does not exist: choose from 1, 2, 2b, 3"),
+    for args, says in ((["incidents", "4"], "incident '4' does not exist: choose from 1, 2, 2b, 2c, 3"),
                        (["incidents", "--repeat", "0"], "--repeat 0: replay at least once"),
                        (["--repeat", "3"], "--repeat is for 'loadkit demo incidents'")):
         assert main(["demo", *args]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("loadkit: error: ") and "\n" not in err and says in err
+
+
+def test_incident_2c_counts_the_loop_holding_not_the_drops():
+    # 2c's failure is a metastable verdict: its mitigated run drops new flows too, and drains
+    held = {"verdict": "metastable", "goodput_below_half_s": 59.0, "firewall_drops_n": 128_062, "table_peak_n": 12_000}
+    drained = {"verdict": "recovers", "goodput_below_half_s": 2.0, "firewall_drops_n": 12_826, "table_peak_n": 12_000}
+    assert demo.failure_shown("2c", held) and not demo.failure_shown("2c", drained)
+    assert demo.failure_shown("2b", drained)  # 2b's failure is the drops themselves
+    table = demo.incidents_table([{"2c": {"before": held, "after": drained}}])
+    assert "incident 2c as shipped: the failure in 1 of 1 replays" in table
+    assert "incident 2c mitigated: the failure in 0 of 1 replays" in table
+    assert "| 2c | as shipped | goodput < 1/2 after the trigger, s | 59 |" in table

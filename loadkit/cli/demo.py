@@ -20,8 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("what", nargs="?", choices=["incidents"], metavar="incidents",
                    help="replay the incidents instead of the demo")
     p.add_argument("numbers", nargs="*", metavar="N",
-                   help="with incidents: which ones (1, 2, 2b, 3; default 1 2 3; 2b is incident 2's "
-                   "firewall loop, about 4 minutes, needs nftables)")
+                   help="with incidents: which ones (1, 2, 2b, 2c, 3; default 1 2 3; 2b is incident 2's "
+                   "firewall loop, about 4 minutes, 2c the loop holding itself, about 3 minutes; both need "
+                   "nftables)")
     p.add_argument("--repeat", type=int, default=1, metavar="R",
                    help="with incidents: replay each R times and print the incident x {as shipped, "
                    "mitigated} x replay table with its spread (default 1)")
@@ -32,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 #: the incidents loadkit.demo replays (its INCIDENTS keys; not imported here: pandas is slow to load)
-_INCIDENTS = ("1", "2", "2b", "3")
+_INCIDENTS = ("1", "2", "2b", "2c", "3")
 
 
 def _incident_numbers(words: list[str]) -> list[str]:
