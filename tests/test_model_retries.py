@@ -274,3 +274,18 @@ def test_a_trigger_whose_own_interval_looks_healthy_but_is_followed_by_silence_r
     run = write_rates(tmp_path / "deep", orig, [0.0] * 40, answered)
     res = metastability(run, T0 + 11, trigger_start_unix_s=T0 + 10)
     assert res.verdict == "recovers" and res.recovery_s == pytest.approx(10.0, abs=1.0), res.summary()
+
+
+def test_a_plateau_with_a_negligible_fitted_slope_is_flat_not_a_slow_drain(tmp_path):
+    # the holding firewall scenario on the lab: 4.00× ± 0.1 for a minute after the burst, nothing
+    # answered; the noise fitted a significant slope of -0.002×/s (back in ~1,500 s): a plateau
+    rng = np.random.default_rng(7)
+    before, after = 20, 60
+    orig = [1200.0] * (before + 1 + after)
+    retry = [0.0] * before + [18000.0] + [3600.0 * (1 - 0.0005 * k) + rng.normal(0, 10) for k in range(after)]
+    ans = [1200.0] * before + [1100.0] + [0.0] * after
+    run = write_rates(tmp_path / "plateau", orig, retry, ans)
+    run.manifest["profile"] = {"load": {"options": {"dns-retries": 3}}}  # 4 attempts a query at most
+    res = metastability(run, T0 + before + 1, trigger_start_unix_s=T0 + before)
+    assert res.verdict == "metastable" and res.trend == "flat", res.summary()
+    assert any("taken as flat" in c for c in res.caveats), res.caveats

@@ -53,6 +53,9 @@ from loadkit.record import counters
 from loadkit.record.reader import RunData
 
 VERDICTS = ("stable", "recovers", "not_recovered", "metastable", "demand_not_back")
+#: a drain that would take more than this many times the judged window to get back to the
+#: baseline is taken as flat (a plateau, not a slow recovery)
+DRAIN_HORIZON = 10
 
 ORIGINAL, RETRY = counters.offered_parts("dns")  # the DNS generator's counter names
 ANSWERED = "dns.answered"
@@ -627,6 +630,15 @@ def _judge_after(after: pd.DataFrame, healthy: np.ndarray, end: float, base_orig
     post_amp = _ratio(tail, "offered_qps", "original_qps")
     # the trend of the later half: the drain right after the trigger falls even into a stuck state
     trend, slope = _trend(judged.iloc[-max(5, len(judged) // 2):])
+    window_s = float(ts[-1] - ts[back[0]]) + float(after["interval_s"].iloc[back[0]])
+    excess = post_amp - float(common["baseline_amplification"])
+    if trend == "falling" and excess > 0 and excess / -slope > DRAIN_HORIZON * window_s:
+        # significant but negligible: a plateau's noise can fit a slope of -0.002×/s, which would
+        # take 25 windows to get back
+        common["caveats"].append(f"amplification falls {-slope:.4f}×/s: at that rate back in about "
+                                 f"{excess / -slope:.0f} s, more than {DRAIN_HORIZON} times the {window_s:.0f} s "
+                                 "judged; taken as flat")
+        trend = "flat"
     out = dict(post_goodput_ratio=post_good, post_amplification=post_amp, demand_back_s=demand_back_s,
                trend=trend, trend_amplification_per_s=slope, **common)
     bad = np.flatnonzero(~healthy)
