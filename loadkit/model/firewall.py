@@ -247,7 +247,9 @@ class FirewallResult(Result):
     # what a recorded run showed (fit_firewall), else None / nan
     measured_max_entries_n: float | None = None
     measured_drops_n: float | None = None
-    occupancy_error_pct: float | None = None  #: worst |predicted - measured| / measured before saturation
+    #: worst |predicted - measured| / measured before saturation (a sample against the predictions
+    #: at the generator's interval ends around it, from one timeout after the first)
+    occupancy_error_pct: float | None = None
     occupancy_points_n: int = 0
     first_full_unix_s: float | None = None
     verdict: str | None = None  #: the run's metastability verdict with this table's capacity
@@ -437,6 +439,23 @@ def predicted_occupancy(amp: pd.DataFrame, timeout_s: float, drops: pd.Series | 
     return pd.Series(csum[1:] - csum[lo], index=flows.index)
 
 
+def _occupancy_against(pred: pd.Series, fw: pd.DataFrame, timeout_s: float) -> pd.DataFrame:
+    """Each firewall sample (``ts``, measured ``m``) against the prediction: ``miss``, how far the
+    measured entries lie outside the predictions at the generator's interval ends on either side of
+    the sample (the generator counts per interval, so a sample between two ends may be anywhere
+    between their predictions: a burst sent just before a sample is in the next interval's count).
+    Samples less than a timeout after the generator's first interval end are left out: their
+    prediction's window is not yet full of counted flows."""
+    ends, values = pred.index.to_numpy(dtype=float), pred.to_numpy(dtype=float)
+    ts, m = fw.index.to_numpy(dtype=float), fw["entries_n"].to_numpy(dtype=float)
+    keep = ts >= (ends[0] + timeout_s if len(ends) else np.inf)
+    ts, m = ts[keep], m[keep]
+    i = np.clip(np.searchsorted(ends, ts), 0, max(len(ends) - 1, 0))
+    lo, hi = values[np.clip(i - 1, 0, None)], values[i]
+    miss = np.maximum(0.0, np.maximum(np.minimum(lo, hi) - m, m - np.maximum(lo, hi)))
+    return pd.DataFrame({"ts": ts, "m": m, "miss": miss})
+
+
 def fit_firewall(run: RunData, *, timeout_s: float | None = None, size_n: float | None = None,
                  port_policy: str | None = None, trigger_end_unix_s: float | None = None) -> FirewallResult:
     """The firewall model on a recorded run: the table's size and timeout from its samples (or
@@ -480,16 +499,14 @@ def fit_firewall(run: RunData, *, timeout_s: float | None = None, size_n: float 
     res.measured_max_entries_n = float(fw["entries_n"].max())
     res.measured_drops_n = float(drops.sum())  # increments, reset-safe (a table made anew counts from 0)
     pred = predicted_occupancy(amp, timeout, port_policy=policy)
-    both = pd.merge_asof(pd.DataFrame({"ts": fw.index.to_numpy(dtype=float), "m": fw["entries_n"].to_numpy(float)}),
-                         pd.DataFrame({"ts": pred.index.to_numpy(dtype=float), "p": pred.to_numpy()}),
-                         on="ts", direction="nearest")
+    both = _occupancy_against(pred, fw, timeout)
     full = fw.index[fw["entries_n"] >= 0.98 * size]
     res.first_full_unix_s = float(full[0]) if len(full) else None
     before = both[(both["m"] >= 0.05 * size) & (both["m"] < 0.9 * size)]
     if res.first_full_unix_s is not None:
         before = before[before["ts"] < res.first_full_unix_s]
     if len(before):
-        res.occupancy_error_pct = float((100 * (before["p"] - before["m"]).abs() / before["m"]).max())
+        res.occupancy_error_pct = float((100 * before["miss"] / before["m"]).max())
         res.occupancy_points_n = int(len(before))
     else:
         caveats.append("no sample between 5 % and 90 % of the table before it filled: occupancy not compared")
