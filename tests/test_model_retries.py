@@ -289,3 +289,17 @@ def test_a_plateau_with_a_negligible_fitted_slope_is_flat_not_a_slow_drain(tmp_p
     res = metastability(run, T0 + before + 1, trigger_start_unix_s=T0 + before)
     assert res.verdict == "metastable" and res.trend == "flat", res.summary()
     assert any("taken as flat" in c for c in res.caveats), res.caveats
+
+
+def test_a_state_at_the_clients_limit_holds_despite_the_counters_jitter(tmp_path):
+    # every query at its last attempt (3 retries: 4×), nothing answered; the counters read 4.06×
+    # (an original counted in the next interval), a touch above what 3 retries can offer
+    before, after = 20, 40
+    orig = [1000.0] * (before + 1 + after)
+    retry = [0.0] * before + [15000.0] + [3060.0] * after
+    ans = [1000.0] * before + [900.0] + [0.0] * after
+    run = write_rates(tmp_path / "limit", orig, retry, ans)
+    run.manifest["profile"] = {"load": {"options": {"dns-retries": 3}}}
+    res = metastability(run, T0 + before + 1, trigger_start_unix_s=T0 + before)
+    assert res.verdict == "metastable" and res.loop.second_stable_state, res.summary()
+    assert res.loop.high_amplification == pytest.approx(4.0)

@@ -56,6 +56,8 @@ VERDICTS = ("stable", "recovers", "not_recovered", "metastable", "demand_not_bac
 #: a drain that would take more than this many times the judged window to get back to the
 #: baseline is taken as flat (a plateau, not a slow recovery)
 DRAIN_HORIZON = 10
+#: how far below a measured state's offered rate the loop still counts as reaching it
+STATE_TOLERANCE = 0.05
 
 ORIGINAL, RETRY = counters.offered_parts("dns")  # the DNS generator's counter names
 ANSWERED = "dns.answered"
@@ -427,7 +429,10 @@ def fit_retry_loop(amp: pd.DataFrame, original_qps: float, *, retries_n: int | N
         state_loss = max(baseline_loss, 1.0 - _ratio(state, "answered_qps", "offered_qps"))
 
         def shape(x: float) -> float:
-            return state_loss if x >= state_x * (1.0 - 1e-9) else baseline_loss
+            # within 5 % of the state's offered rate: the counters jitter that much between
+            # intervals, and a state at the clients' limit (every query at its last attempt) would
+            # otherwise hold or not by that jitter alone
+            return state_loss if x >= state_x * (1.0 - STATE_TOLERANCE) else baseline_loss
     else:
         shape = measured_loss(busy["offered_qps"].to_numpy(), busy["answered_qps"].to_numpy())
     if capacity_qps:
