@@ -42,7 +42,7 @@ def test_every_lab_up_option_says_what_it_does() -> None:
 def test_demo_refuses_an_incident_that_does_not_exist_in_one_line() -> None:
     res = subprocess.run([*LOADKIT, "demo", "incidents", "4"], capture_output=True, text=True, timeout=60)
     assert res.returncode == 2
-    assert res.stderr.strip().splitlines() == ["loadkit: error: incident '4' does not exist: choose from 1, 2, 2b, 3"]
+    assert res.stderr.strip().splitlines() == ["loadkit: error: incident '4' does not exist: choose from 1, 2, 2b, 2c, 3"]
 
 
 def test_a_reader_that_stops_early_gets_no_traceback(tmp_path: Path) -> None:

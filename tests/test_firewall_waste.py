@@ -132,6 +132,12 @@ def test_the_holding_scenarios_predictions_from_its_parameters():
     assert predicted == {"as shipped": "metastable", "default buffer": "recovers", "table admits less": "recovers",
                          "retry budget": "recovers", "larger table": "metastable",
                          "shorter UDP timeout": "metastable"}, predicted
+    # the shipped file is a valid profile, aimed at the default lab's firewalled port, with its lab
+    from loadkit.profile.profile import load_profile
+
+    profile = load_profile(replay.HOLDS)
+    assert profile.lab_hints["firewall_sessions"] == 12000 and profile.lab_hints["dns_cpu"] == 0.02
+    assert profile.targets["dns"] == "127.0.0.1:5354"
     shipped = replay.predict(replay.cases("holds")[0], capacity_qps=2600)
     assert shipped.waste.high_table_full and "more than the server's 2,600/s" in shipped.waste.reason
     with pytest.raises(LoadkitError, match="'drains' or 'holds'"):
