@@ -139,6 +139,42 @@ def piggyback(environment: Any, key: str, report: Callable[[], Any], merge: Call
     hub.handlers[key] = (report, merge)
 
 
+# -- where the load goes ----------------------------------------------------------------------------
+
+_TARGETS_ATTR = "loadkit_targets"
+
+
+class _Targets:
+    """The endpoints this process's generators resolved (``scheme://address:port``), in the order
+    they were first noted; a master holds its workers' too."""
+
+    def __init__(self) -> None:
+        self.urls: list[str] = []
+
+    def add(self, url: str) -> None:
+        if url not in self.urls:
+            self.urls.append(url)
+
+    def _report(self) -> list[str]:
+        return list(self.urls)
+
+    def _merge_worker(self, client_id: str, payload: Any) -> None:
+        for url in payload:
+            self.add(str(url))
+
+
+def targets_noted(environment: Any) -> list[str]:
+    """Where this run's load went, as its generators resolved it (on a master: as its workers
+    did). Call it in ``init`` in every process, so that a master hears its workers from the start;
+    a plain ``locust -f`` run records these as its targets."""
+    return attach(environment, _TARGETS_ATTR, _TARGETS_ATTR, _Targets).urls
+
+
+def note_target(environment: Any, scheme: str, target: Any) -> None:
+    """Note that a generator of this process sends to ``target`` (``address:port``) by ``scheme``."""
+    attach(environment, _TARGETS_ATTR, _TARGETS_ATTR, _Targets).add(f"{scheme}://{target}")
+
+
 # -- user errors ------------------------------------------------------------------------------------
 
 

@@ -68,7 +68,7 @@ from loadkit.errors import LoadkitError, ProfileError, RecordError
 from loadkit.generate.dns.histogram import fine_latency_for
 from loadkit.generate.event_channel import events_for
 from loadkit.generate.metrics import forget_worker, metrics_for
-from loadkit.generate.wiring import exit_on_user_error
+from loadkit.generate.wiring import exit_on_user_error, targets_noted
 from loadkit.record.latency import buckets_from_locust_ms, percentile_of_counts
 from loadkit.schema import Event, FailureInterval, GeneratorMetric, GroupSample, LatencyBucket, RequestInterval
 from loadkit.observe.groups import check_groups_match
@@ -293,7 +293,9 @@ def interval_rows(
                 counts, source = buckets_from_locust_ms(delta), "locust"
                 max_s = (max(delta) if delta else 0) / 1000.0
             buckets += _bucket_rows(now_unix_s, interval_s, str(method), str(name), counts, source)
-            pct = lambda q: percentile_of_counts(counts, q) or 0.0  # noqa: E731
+            # a fine histogram's exact maximum caps its top bucket's edge, as in record.latency
+            cap_s = max_s if source == "fine" and max_s > 0 else float("inf")
+            pct = lambda q: min(percentile_of_counts(counts, q) or 0.0, cap_s)  # noqa: E731
             rows.append(
                 RequestInterval(
                     ts_unix_s=now_unix_s,
@@ -513,6 +515,9 @@ class Recorder:
         self._started_perf = time.perf_counter()
         self._last_tick_unix_s = time.time()
         self._stopped = False
+        #: a plain ``locust -f`` run records the targets its generators resolved (``loadkit run``
+        #: wrote the profile's before Locust started); None once the manifest has them for good
+        self._targets_written: list[str] | None = []
 
     # -- life cycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -524,6 +529,8 @@ class Recorder:
             # the models read the retry limit, timeout and port policy it really used
             profile = {"load": {"options": generator_options(o)}}
         self.writer.start(self.run_id, o.scenario or "adhoc", o.release or "unlabelled", profile=profile)
+        if previous.get("targets"):
+            self._targets_written = None
         self.writer.event("run_started", "locust", {"run_id": self.run_id, "distributed": self.distributed})
         self._attach_collectors()
         # Locust stops gracefully on SIGTERM and then reports "quitting" exactly as after a
@@ -667,6 +674,7 @@ class Recorder:
         if isinstance(runner, MasterRunner):
             self.writer.add(GeneratorMetric(now, "workers", "gauge", float(runner.worker_count)))
         try:
+            self._record_targets()
             self._drain()
             self.writer.flush()
         except RecordError:
@@ -677,6 +685,16 @@ class Recorder:
         if not self._stopped:
             self._check_failure_ratio(rows)
         self._write_status(rows)
+
+    def _record_targets(self) -> None:
+        """Put where the generators send into the manifest of a run that did not name its targets
+        (on a master, once its workers have said; a new Host from the web UI adds one)."""
+        if self._targets_written is None:
+            return
+        urls = targets_noted(self.environment)
+        if urls != self._targets_written:
+            self.writer.update_manifest(targets=list(urls))
+            self._targets_written = list(urls)
 
     def _write_status(self, rows: list[RequestInterval] | None = None) -> None:
         stats = self.environment.stats

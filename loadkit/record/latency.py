@@ -3,8 +3,9 @@
 A run records, per interval and (type, name), how many requests completed in each log bucket
 (:class:`loadkit.schema.LatencyBucket`, the ``latency`` table). A percentile over any window is
 computed here and nowhere else: merge the buckets of the window, take the bucket that holds the
-rank ``ceil(q * n)`` (nearest rank, as HdrHistogram does) and report its **upper edge**. So a figure
-never under-reports: it is at most :data:`~loadkit.schema.LATENCY_BUCKET_ERROR` (about 4.4 %) above
+rank ``ceil(q * n)`` (nearest rank, as HdrHistogram does) and report its **upper edge**, capped at
+the largest latency of the window when a generator's fine histogram recorded it exactly (as the
+generator's console line is). So a figure never under-reports: it is at most :data:`~loadkit.schema.LATENCY_BUCKET_ERROR` (about 4.4 %) above
 the true value for a generator's fine histogram, and for requests that Locust timed (it keeps
 milliseconds rounded to 2 significant digits) at most half a rounding step more (0.5 ms below
 100 ms, else 5 %).
@@ -107,10 +108,11 @@ def buckets_from_locust_ms(response_times: Mapping[int, int]) -> dict[int, int]:
 
 
 class _Loaded(NamedTuple):
-    """The latency table of a run directory, read once for several figures."""
+    """The latency and requests tables of a run directory, read once for several figures."""
 
     path: Path
     latency: pd.DataFrame
+    requests: pd.DataFrame
 
 
 def load_latency(run: Any) -> Any:
@@ -120,7 +122,7 @@ def load_latency(run: Any) -> Any:
         return run
     from loadkit.record.reader import read_table
 
-    return _Loaded(Path(run), read_table(Path(run), "latency"))
+    return _Loaded(Path(run), read_table(Path(run), "latency"), read_table(Path(run), "requests"))
 
 
 def _buckets(run: Any) -> pd.DataFrame:
@@ -136,7 +138,13 @@ def select(run: Any, *, request_type: str | None = None, name: str | None = None
     """The run's LatencyBucket rows of one type/name (None: all but the held-session pseudo-requests
     :data:`~loadkit.schema.SESSION_HOLD_NAMES`) whose interval *ends* in ``(start_unix_s, end_unix_s]``
     (None: open)."""
-    table = _buckets(run)
+    return _window(_buckets(run), request_type=request_type, name=name, start_unix_s=start_unix_s,
+                   end_unix_s=end_unix_s)
+
+
+def _window(table: pd.DataFrame, *, request_type: str | None, name: str | None,
+            start_unix_s: float | None, end_unix_s: float | None) -> pd.DataFrame:
+    """The rows of a per-interval table (latency buckets or requests) in one type/name and window."""
     if table.empty:
         return table
     keep = pd.Series(True, index=table.index)
@@ -171,8 +179,28 @@ def percentile(run: Any, q: float, *, request_type: str | None = None, name: str
     n = int(counts.sum())
     sources = sorted(set(rows["source"]))
     source = "fine" if sources == ["fine"] else "locust" if sources == ["locust"] else "fine+locust"
+    if source == "fine":
+        # the edge of the top bucket can lie above every latency seen; the generator's exact
+        # maximum caps it, as its own console line does, so the run shows one figure
+        # (only a maximum inside the rank's bucket: one below it would be another table's slip)
+        top_s = _window_max_s(run, request_type, name, start_unix_s, end_unix_s)
+        if top_s is not None and value / (1.0 + LATENCY_BUCKET_ERROR) <= top_s * (1.0 + 1e-9) < value:
+            value = top_s
     note = _error_note("fine" if source == "fine" else "locust")
     return Percentile(q, value, n, source, f"{label_q} ≤ {format_latency(value)} ({note}; {n:,} requests)")
+
+
+def _window_max_s(run: Any, request_type: str | None, name: str | None,
+                  start_unix_s: float | None, end_unix_s: float | None) -> float | None:
+    """The largest latency recorded in the window (RequestInterval ``latency_max_s``: exact for a
+    generator's fine histogram), None when the requests table has none."""
+    requests = getattr(run, "requests", None)
+    if requests is None or requests.empty or "latency_max_s" not in requests:
+        return None
+    rows = _window(requests, request_type=request_type, name=name, start_unix_s=start_unix_s,
+                   end_unix_s=end_unix_s)
+    rows = rows[rows["requests_n"] > 0]
+    return float(rows["latency_max_s"].max()) if len(rows) else None
 
 
 def percentile_s(run: Any, q: float, *, request_type: str | None = None, name: str | None = None,
@@ -203,7 +231,8 @@ def percentiles_by_name(run: Any, qs: tuple[float, ...] = (0.5, 0.9, 0.99)) -> p
     """Whole-run percentiles per (request_type, name), held-session pseudo-requests left out:
     columns ``request_type``, ``name``, ``requests_n``, ``source`` and ``p50_s``, ``p90_s``... (one
     per ``q``). Empty for runs without the latency table."""
-    rows = _buckets(run)
+    run = load_latency(run)
+    rows = run.latency
     if len(rows):  # a held session's duration is not a latency
         rows = rows[~rows["name"].isin(SESSION_HOLD_NAMES)]
     columns = ["request_type", "name", "requests_n", "source"] + [_column(q) for q in qs]
@@ -211,10 +240,9 @@ def percentiles_by_name(run: Any, qs: tuple[float, ...] = (0.5, 0.9, 0.99)) -> p
         return pd.DataFrame(columns=columns)
     out = []
     for (request_type, name), part in rows.groupby(["request_type", "name"], sort=True):
-        counts = part.groupby("bucket_index")["count_n"].sum()
         sources = sorted(set(part["source"]))
-        out.append([request_type, name, int(counts.sum()), "+".join(sources)]
-                   + [percentile_of_counts(counts, q) for q in qs])
+        out.append([request_type, name, int(part["count_n"].sum()), "+".join(sources)]
+                   + [percentile_s(run, q, request_type=request_type, name=name) for q in qs])
     return pd.DataFrame(out, columns=columns)
 
 

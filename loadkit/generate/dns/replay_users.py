@@ -17,7 +17,7 @@ import gevent
 from locust import task
 from locust.util.timespan import parse_timespan
 
-from loadkit.generate.wiring import worker_share
+from loadkit.generate.wiring import note_target, worker_share
 from loadkit.profile.targets import target_spec
 
 from . import replay
@@ -50,6 +50,9 @@ class ReplayRun(DnsRun):
         index, count = worker_share(self.environment)
         self.share = (index, count)
         self.sender = replay.build_sender(p, index, count, on_interval=self.on_interval)
+        # queries replayed as recorded go mostly over UDP, as the DNS models read the target
+        note_target(self.environment, p.settings.protocol if p.settings.protocol in ("tcp", "dot") else "udp",
+                    p.target)
         self.request_type = "DNS"
         self.sender.open()
         o = self.sender.options

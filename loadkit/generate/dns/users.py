@@ -35,9 +35,11 @@ from loadkit.generate.metrics import metrics_for
 from loadkit.generate.shapes import KneeCriteria, KneeDetector, KneePoint
 from loadkit.generate.wiring import (
     exit_on_user_error,
+    note_target,
     piggyback,
     start_at_test_start,
     stop_at_test_stop,
+    targets_noted,
     worker_share,
 )
 from loadkit.profile.targets import Target, target_spec, user_target
@@ -469,6 +471,7 @@ class DnsRun:
         index, count = worker_share(self.environment)
         self.share = (index, count)
         self.sender = build_sender(p, index, count, on_interval=self.on_interval)
+        note_target(self.environment, p.settings.protocol, p.target)
         self.request_type = {"udp": "DNS", "tcp": "DNS-TCP", "dot": "DNS-DOT"}[p.settings.protocol]
         if p.settings.ramp_to_qps > 0:
             self.knee = KneeDetector(KneeCriteria(p.settings.knee_loss, p.settings.knee_p99_ms / 1000.0))
@@ -589,6 +592,7 @@ def install_run(events: Any, make_run: Callable[[Any], DnsRun]) -> None:
         environment.loadkit_dns = run
         _wire_answer_latency(run)
         fine_latency_for(environment)  # a master merges its workers' fine histograms from the start
+        targets_noted(environment)  # and hears where they send
         if type(runner).__name__ == "MasterRunner":
             return  # the master sends nothing; workers check their own options and files
         try:

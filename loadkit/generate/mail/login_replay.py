@@ -35,8 +35,8 @@ from locust import User, task
 
 from loadkit.errors import InputFileError, LoadkitError, ProfileError
 from loadkit.generate.metrics import metrics_for
-from loadkit.generate.wiring import (WORKERS_OPTION, exit_on_user_error, piggyback, start_at_test_start,
-                                     stop_at_test_stop, worker_share)
+from loadkit.generate.wiring import (WORKERS_OPTION, exit_on_user_error, note_target, piggyback,
+                                     start_at_test_start, stop_at_test_stop, worker_share)
 
 from .login_replay_input import LoginLog, ReplayLogin, read_login_log
 from .users import ImapUser, MailUser, Pop3User
@@ -150,6 +150,8 @@ class LoginReplay:
         return [lg for i, lg in enumerate(self.log.logins) if i % count == index]
 
     def start(self) -> None:
+        for proto in self.passwords:
+            note_target(self.environment, proto, CLIENTS[proto].shared(self.environment).target)
         self.greenlet = gevent.spawn(self.run)
 
     def run(self) -> None:

@@ -46,7 +46,14 @@ from loadkit.generate.metrics import metrics_for
 from loadkit.generate.mail.classify import Phase, PhaseResult, Timeouts, classify
 from loadkit.generate.mail.imap import ImapSession, ImapSpec
 from loadkit.generate.mail.pop3 import Pop3Session, Pop3Spec
-from loadkit.generate.wiring import exit_on_user_error, print_user_error, tell_workers_their_count, worker_share
+from loadkit.generate.wiring import (
+    exit_on_user_error,
+    note_target,
+    print_user_error,
+    targets_noted,
+    tell_workers_their_count,
+    worker_share,
+)
 from loadkit.profile.targets import target_spec, user_target
 
 log = logging.getLogger(__name__)
@@ -391,6 +398,7 @@ class _Shared:
         # --target PROTOCOL=..., else --host, else the lab; the accounts follow the target's lab
         found = user_target(user_class.protocol, self.asked[0], tls=options.tls == "tls")
         self.target = found.target
+        self.protocol = user_class.protocol
         self.accounts = read_accounts(found.file("accounts", options.accounts_file, "--mail-accounts"))
         self.spec = user_class.make_spec(self.target.address, self.target.port, options)
         rate = options.arrival_rate_per_s
@@ -412,6 +420,10 @@ class _Shared:
         (:func:`account_slice`), round robin within it."""
         index, count = worker_share(self.environment)
         mine = account_slice(len(self.accounts), index, count)
+        if self.next_account == 0:
+            # noted when a user starts, not at the check in init: a worker's Host comes with the
+            # master's first spawn, and a web-UI test may bring another
+            note_target(self.environment, self.protocol, self.target)
         if self.next_account == 0 and count > 1:
             log.info("worker %d of %d logs in with accounts %d-%d of %d", index + 1, count, mine.start + 1,
                      mine.stop, len(self.accounts))
@@ -628,6 +640,7 @@ class Pop3User(MailUser):
 @events.init.add_listener
 def _validate_before_running(environment: Any, **_kw: Any) -> None:
     """Options, accounts and targets are checked before the first user spawns."""
+    targets_noted(environment)  # a master hears where its workers send from the start
     if isinstance(getattr(environment, "runner", None), MasterRunner):
         return  # a master runs no users; its workers check on their own host
     for cls in environment.user_classes or ():
