@@ -366,3 +366,15 @@ def test_a_run_without_dns_load_is_refused_not_given_the_platform_buffer(tmp_pat
     run = load_run(write_mail_run(tmp_path))
     with pytest.raises(ModelError, match="sent no DNS queries"):
         fit_udp_burst(run)
+
+
+def test_an_unwatched_server_socket_is_named_by_the_runs_target(tmp_path):
+    # no collector on the server: the fit falls back to host-wide counters, and still says which
+    # server it is about (a plain locust -f run records its target; it once printed "the server socket")
+    import shutil
+
+    _write_burst_run(tmp_path / "run")
+    shutil.rmtree(tmp_path / "run" / RUN_LAYOUT["sockets"])
+    fit = fit_udp_burst(load_run(tmp_path / "run"))
+    assert (fit.sockets[0].address, fit.sockets[0].port) == ("127.0.0.1", 5353)
+    assert fit.summary().startswith("127.0.0.1:5353: rcvbuf")

@@ -129,6 +129,16 @@ def _recorded_so_rcvbuf(manifest: dict) -> float:
     return 0.0
 
 
+def udp_target(run: RunData, address: str | None = None) -> tuple[str | None, int | None]:
+    """``(address, port)`` of the run's first ``udp://`` target (``address`` kept when given);
+    ``(address, None)`` when the run names none."""
+    for target in run.manifest.get("targets") or []:
+        if str(target).startswith("udp://"):
+            host, _, port_s = str(target)[len("udp://"):].rpartition(":")
+            return address or host.strip("[]"), int(port_s) if port_s.isdigit() else None
+    return address, None
+
+
 def target_socket(run: RunData, address: str | None = None, port: int | None = None) -> pd.DataFrame:
     """Samples of the DNS server's own socket: by the given address/port, else the run's
     ``udp://`` target; empty when the collector did not watch it."""
@@ -136,12 +146,7 @@ def target_socket(run: RunData, address: str | None = None, port: int | None = N
     if not len(sockets):
         return sockets
     if port is None:
-        for target in run.manifest.get("targets") or []:
-            if str(target).startswith("udp://"):
-                host, _, port_s = str(target)[len("udp://"):].rpartition(":")
-                address = address or host.strip("[]")
-                port = int(port_s) if port_s.isdigit() else None
-                break
+        address, port = udp_target(run, address)
     if port is None:
         return sockets if sockets["local_port"].nunique() == 1 else sockets.iloc[0:0]
     mine = sockets[sockets["local_port"] == port]
@@ -361,7 +366,10 @@ def _socket_fits(run: RunData, rcvbuf_bytes: float | None, bytes_per_datagram: f
     else:
         fallback, source = float(DEFAULT_RCVBUF_BYTES), "platform default"
     if not len(mine):
-        # the server socket was not watched: the host-wide RcvbufErrors (every socket's drops)
+        # the server socket was not watched: the host-wide RcvbufErrors (every socket's drops);
+        # the socket is named by the run's target
+        if port is None:
+            address, port = udp_target(run, address)
         net = run.net
         d = (net.groupby("ts_unix_s")["udp_rcvbuf_errors_n"].sum().sort_index().astype(float)
              if len(net) and "udp_rcvbuf_errors_n" in net else pd.Series(dtype=float))
