@@ -105,8 +105,11 @@ def test_dns_burst_locustfile_headless_records_sane_requests(lab, tmp_path: Path
 def test_burst_drops_match_rcvbuf_errors(make_lab) -> None:
     status = make_lab(dns_rcvbuf_bytes=16384)
     host, port = status.dns
-    # RcvbufErrors is host-wide: another process's UDP drops in the same window would add to
-    # it, so allow a second window before calling it a mismatch
+    # Up to three bursts. A burst that drops little says nothing about the accounting (on a loaded
+    # machine the send loop can slow enough for unbound to keep up with most of it, as CI saw for
+    # the collector's burst), and RcvbufErrors is host-wide: another process's UDP drops in the same
+    # window add to it. Either is a reason to try another burst, not a mismatch.
+    seen = []
     for attempt in range(3):
         before, drops_before = udp_snmp(), socket_drops(host, port)
         sender, failures = send(
@@ -117,15 +120,18 @@ def test_burst_drops_match_rcvbuf_errors(make_lab) -> None:
         after, drops_after = udp_snmp(), socket_drops(host, port)
         timeouts = sender.totals.get("dns.timeouts", 0)
         rcvbuf_delta = after["RcvbufErrors"] - before["RcvbufErrors"]
+        # whatever the burst dropped, every query is accounted for, once
         assert sender.totals["dns.original_sent"] == 2000
-        assert timeouts > 100, sender.summary()  # a 16 KiB buffer cannot hold the burst
         assert failures.get("timeout", 0) == timeouts
         assert timeouts + sender.totals.get("dns.answered", 0) == 2000
         # the server socket's own drop counter accounts for every timeout
-        assert drops_after - drops_before == pytest.approx(timeouts, rel=0.05)
-        if abs(rcvbuf_delta - timeouts) <= 0.05 * timeouts:
+        assert drops_after - drops_before == pytest.approx(timeouts, rel=0.05, abs=2)
+        seen.append((timeouts, rcvbuf_delta))
+        # a 16 KiB buffer cannot hold the burst: over 100 dropped when the sender was fast enough
+        if timeouts > 100 and abs(rcvbuf_delta - timeouts) <= 0.05 * timeouts:
             return
-    pytest.fail(f"loadkit counted {timeouts} timeouts, RcvbufErrors rose by {rcvbuf_delta} (3 windows)")
+    pytest.fail(f"(timeouts, RcvbufErrors rise) in 3 bursts of 2,000 into 16 KiB: {seen}; wanted over 100 "
+                "timeouts with RcvbufErrors within 5 %")
 
 
 @pytest.mark.lab
