@@ -118,6 +118,13 @@ def test_locustfile_paths_for_locust_f(capsys) -> None:
     assert {"dns_burst", "dns_flood", "imap_storm", "pop_storm"} <= set(resources.locustfile_names())
     assert main(["locustfile", "no_such"]) == 2
     assert "no locustfile 'no_such'" in capsys.readouterr().err
+    # the scenarios the same way, and loadkit run takes a shipped one by name
+    assert main(["scenario", "smoke"]) == 0
+    assert Path(capsys.readouterr().out.strip()) == REPO / "scenarios" / "smoke.toml"
+    assert {"smoke", "burst_retry_storm", "proxies_fall_over"} <= set(resources.shipped_names("scenarios"))
+    assert main(["run", "no_such_scenario"]) == 2
+    err = capsys.readouterr().err
+    assert "profile no_such_scenario not found" in err and "smoke" in err and "Traceback" not in err
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,8 +149,8 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with tarfile.open(sdist) as tar:
         names = tar.getnames()
         root = names[0].split("/")[0]
-        for shipped in ("notebooks/capacity_report.ipynb", "locustfiles/dns_burst.py", "loadkit/py.typed",
-                        "pyproject.toml"):
+        for shipped in ("notebooks/capacity_report.ipynb", "locustfiles/dns_burst.py", "scenarios/smoke.toml",
+                        "loadkit/py.typed", "pyproject.toml"):
             assert f"{root}/{shipped}" in names, shipped
         tar.extractall(dist, filter="data")
     _hatchling(["-t", "wheel", "-d", str(dist)], dist / root)
@@ -160,6 +167,8 @@ def test_wheel_carries_notebooks_locustfiles_and_metadata(wheel: Path) -> None:
         assert f"loadkit/_data/notebooks/{nb.name}" in names
     for lf in (REPO / "locustfiles").glob("*.py"):
         assert f"loadkit/_data/locustfiles/{lf.name}" in names
+    for sc in (REPO / "scenarios").glob("*.toml"):
+        assert f"loadkit/_data/scenarios/{sc.name}" in names
     assert "loadkit/py.typed" in names
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
     assert "License-Expression: MIT" in metadata
@@ -185,7 +194,10 @@ print("\\n".join(missing))
 import loadkit, loadkit.resources as r
 from jupyter_client.kernelspec import KernelSpecManager
 kernel_python = KernelSpecManager().get_kernel_spec("python3").argv[0]  # the report's kernel
-print(loadkit.__file__, r.notebook("capacity_report"), r.locustfile("dns_burst"), kernel_python)
+from loadkit.profile.profile import load_profile
+smoke = load_profile(r.scenario("smoke"))  # a shipped scenario finds its locustfile beside it
+print(loadkit.__file__, r.notebook("capacity_report"), r.locustfile("dns_burst"), r.scenario("smoke"),
+      smoke.load.locustfiles[0], kernel_python)
 """
 
 

@@ -41,7 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "Run a profile (TOML): resolve and allow every target before anything is sent, start "
                     "collectors, run Locust headless, write the run record, evaluate the gates.",
                     epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("profile", help="profile TOML file, e.g. scenarios/smoke.toml")
+    p.add_argument("profile", help="profile TOML file, e.g. scenarios/smoke.toml, or the name of a shipped "
+                   "scenario (loadkit scenario lists them)")
     p.add_argument("--release", help="release label (overrides [run] release)")
     p.add_argument("--out", default="runs", help="directory for run records (default: ./runs)")
     p.add_argument("--duration", help="run length, e.g. 30s or 5m (overrides [run] duration)")
@@ -64,7 +65,8 @@ def _run(args: argparse.Namespace) -> int:
     from loadkit.profile.profile import load_profile
     from loadkit.run.runner import plan_run, run_profile
 
-    profile = load_profile(args.profile).with_overrides(release=args.release, duration=args.duration)
+    profile = load_profile(_profile_path(args.profile)).with_overrides(release=args.release,
+                                                                       duration=args.duration)
     # workers, master bind and every target checked once; a refusal comes first, before the
     # lab is even looked at, and the resolved targets are what the run uses
     plan = plan_run(profile, args.workers, args.master_bind, args.master_port)
@@ -109,3 +111,19 @@ def _lab_status(targets: dict, lab_dir: str | None) -> dict:
     if any((t.address, t.port) in endpoints for t in targets.values()):
         return status.to_dict()
     return {}
+
+
+def _profile_path(given: str) -> str:
+    """A profile file as given; a bare name that is no file (``burst_retry_storm``) is the shipped
+    scenario of that name, so an installed loadkit runs its scenarios without a checkout."""
+    from pathlib import Path
+
+    from loadkit import resources
+    from loadkit.errors import ProfileError
+
+    if Path(given).exists() or "/" in given or given.endswith(".toml"):
+        return given
+    if given in resources.shipped_names("scenarios"):
+        return str(resources.scenario(given))
+    raise ProfileError(f"profile {given} not found (no such file, and loadkit ships no scenario of that name: "
+                       f"{', '.join(resources.shipped_names('scenarios'))})")
