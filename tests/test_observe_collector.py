@@ -149,6 +149,19 @@ def _spawn_sleepers(n: int, tag: str) -> list[subprocess.Popen]:
     return [subprocess.Popen(["bash", "-c", f"exec -a {tag} sleep 60"]) for _ in range(n)]
 
 
+def _sample_until(groups: ProcessGroups, procs_n: int):
+    """The group's row once it has ``procs_n`` members. A spawned sleeper joins once its shell has
+    exec'd, which a loaded machine can delay well past a fixed sleep; the looks are spaced out
+    (0.3 s, then doubling up to ~10 s in all) because the collector re-checks a young unmatched
+    PID only a few times: polling fast would spend those before the exec."""
+    for wait_s in (0.3, 0.3, 0.6, 1.2, 2.4, 4.8):
+        time.sleep(wait_s)
+        row = groups.sample(time.time(), "t", [])[0]
+        if row.procs_n == procs_n:
+            break
+    return row
+
+
 def _reap(procs: list[subprocess.Popen]) -> None:
     for p in procs:
         if p.poll() is None:
@@ -160,11 +173,10 @@ def test_pattern_group_counts_members_and_sees_exits():
     tag = f"lk-sleeper-{time.time_ns()}"
     procs = _spawn_sleepers(3, tag)
     try:
-        time.sleep(0.3)
         warn = WarnOnce("t")
         groups = ProcessGroups([parse_group_spec(f"s={tag}")], warn)
         tracker = EventTracker("t")
-        row = groups.sample(time.time(), "t", [])[0]
+        row = _sample_until(groups, 3)
         assert row.procs_n == 3 and row.rss_bytes > 0 and row.fds_n >= 9
         tracker.update(time.time(), groups.members)
         procs[0].kill()
@@ -186,8 +198,15 @@ def test_process_caught_before_exec_is_rechecked():
         time.sleep(0.2)
         groups = ProcessGroups([parse_group_spec(f"s={tag}")], WarnOnce("t"))
         assert groups.sample(time.time(), "t", [])[0].procs_n == 0
-        time.sleep(0.8)
-        assert groups.sample(time.time(), "t", [])[0].procs_n == 1
+        # it execs ~0.6 s after it started, later on a loaded machine: look again after 0.8 s, then
+        # 1 s and 2 s later. Only a few looks, spaced out, as the collector re-checks a young
+        # unmatched PID only a few times (polling fast would spend them before the exec)
+        for wait_s in (0.8, 1.0, 2.0):
+            time.sleep(wait_s)
+            procs_n = groups.sample(time.time(), "t", [])[0].procs_n
+            if procs_n:
+                break
+        assert procs_n == 1
     finally:
         _reap([p])
 
@@ -196,10 +215,9 @@ def test_vanishing_and_denied_processes_never_stop_sampling(monkeypatch):
     tag = f"lk-flaky-{time.time_ns()}"
     procs = _spawn_sleepers(2, tag)
     try:
-        time.sleep(0.3)
         warn = WarnOnce("t")
         groups = ProcessGroups([parse_group_spec(f"s={tag}")], warn)
-        assert groups.sample(time.time(), "t", [])[0].procs_n == 2
+        assert _sample_until(groups, 2).procs_n == 2
         victim = procs[0].pid
         real = ProcessGroups._read_stat
 
@@ -378,11 +396,17 @@ def test_missing_cgroup_and_broken_sink_do_not_stop_the_loop(proc_root, tmp_path
 
 def test_collector_thread_duration_and_stop(proc_root):
     c = Collector(CollectorConfig(proc_root=str(proc_root), interval_s=0.1, duration_s=60))
+    t0 = time.perf_counter()
     c.start()
-    time.sleep(0.45)
+    deadline = time.monotonic() + 20
+    while c.samples_n < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
     c.stop()
+    elapsed_s = time.perf_counter() - t0
     assert not c.running
-    assert 1 <= c.samples_n <= 6  # never more than the schedule allows
+    # never more than the schedule allows in the time it ran (one at 0, then one per interval),
+    # judged by the time measured: a loaded machine's sleep can overshoot by several intervals
+    assert 3 <= c.samples_n <= elapsed_s / 0.1 + 2
     events, cursor = c.events_since(0)
     assert cursor == len(events)
 
@@ -629,10 +653,9 @@ def test_restarted_master_is_an_event_on_real_processes():
     first = _spawn_sleepers(1, tag)
     second: list[subprocess.Popen] = []
     try:
-        time.sleep(0.3)
         groups = ProcessGroups([parse_group_spec(f"m={tag}")], WarnOnce("t"))
         tracker = EventTracker("t")
-        groups.sample(time.time(), "t", [])
+        assert _sample_until(groups, 1).procs_n == 1
         tracker.update(time.time(), groups.members)
         first[0].kill()
         first[0].wait(5)
@@ -640,8 +663,7 @@ def test_restarted_master_is_an_event_on_real_processes():
         exited = tracker.update(time.time(), groups.members)
         assert [e.kind for e in exited] == ["process_exited"]
         second = _spawn_sleepers(1, tag)
-        time.sleep(0.3)
-        groups.sample(time.time(), "t", [])
+        assert _sample_until(groups, 1).procs_n == 1
         ev = {e.kind: e for e in tracker.update(time.time(), groups.members)}
         assert set(ev) == {"process_started", "process_restarted"}
         assert ev["process_restarted"].detail["previous_pid"] == first[0].pid
