@@ -160,15 +160,17 @@ def test_retries_are_counted_as_retries(fake) -> None:
 
     server = fake(drop_first)
     pool = wire.QueryPool(NAMES, [("A", 1.0)], size=200, seed=2)  # 200 distinct names, each once
-    s = run(server.port, pool, base=schedule.ConstantRate(1000), max_queries_n=200, timeout_s=0.05, retries_n=2,
-            backoff=2.0, max_duration_s=2.0)
+    # the retry's answer must beat the retry's own timeout (0.5 s) though this process also runs
+    # the fake server: 50 ms had been a stall's worth on a loaded machine, and a third attempt
+    s = run(server.port, pool, base=schedule.ConstantRate(1000), max_queries_n=200, timeout_s=0.25, retries_n=2,
+            backoff=2.0, max_duration_s=3.0)
     t = s.totals
     assert t["dns.original_sent"] == 200
     assert t["dns.retry_sent"] == 200  # each dropped once, answered on the retry
     assert t["dns.answered"] == 200 and t.get("dns.timeouts", 0) == 0
     assert server.received == 400  # offered = original + retries
-    # answer latency runs from the first send, so it includes the 50 ms timeout
-    assert s.answer_latency.percentile_s(0.5) >= 0.05
+    # answer latency runs from the first send, so it includes the first attempt's 250 ms timeout
+    assert s.answer_latency.percentile_s(0.5) >= 0.25
 
 
 def test_silent_server_gets_the_scheduled_load_anyway(fake) -> None:
@@ -177,8 +179,10 @@ def test_silent_server_gets_the_scheduled_load_anyway(fake) -> None:
     seen = collecting(kw)
     s = run(server.port, base=schedule.ConstantRate(2000), max_duration_s=0.5, timeout_s=0.1, retries_n=1, **kw)
     t = s.totals
-    # open loop: about rate x duration originals, whatever the server does
-    assert 900 <= t["dns.original_sent"] <= 1100
+    # open loop: about rate x duration originals, whatever the server does (a closed loop waiting
+    # out each 0.1 s timeout would send far fewer). The lower bound leaves room for a stall at
+    # the end: what fell due in the last pass's lateness past the 0.5 s is not sent
+    assert 700 <= t["dns.original_sent"] <= 1100
     assert t["dns.retry_sent"] > 0
     assert seen["timeout"] == t["dns.timeouts"] > 0
     assert t.get("dns.answered", 0) == 0
