@@ -78,7 +78,7 @@ def test_sampling_runs_off_the_hub_and_sinks_run_on_it():
     live.local.add_sink(lambda s: sampled_in.append(native_id()))
     live.start()
     try:
-        gevent.sleep(0.5)
+        wait_until(lambda: len(sampled_in) >= 2 and len(sunk_in) >= 2)
     finally:
         live.stop()
     assert sampled_in and hub_thread not in set(sampled_in)
@@ -105,9 +105,12 @@ def test_remote_snapshots_are_pulled_once_each_with_events(remote):
     sink = Sink()
     live = attach_collector(env, urls=[exporter.url], interval_s=0.05, sink=sink)
     try:
-        gevent.sleep(0.3)
+        wait_until(lambda: len(sink.of(SystemSample)) >= 2)
         collector.warn.warn("remote-test", "a remote warning")
-        gevent.sleep(0.5)
+        # until the warning has come through, then a few pulls more: none may bring it again
+        wait_until(lambda: [e for e in sink.of(Event) if e.detail.get("key") == "remote-test"])
+        pulled = len(sink.of(SystemSample))
+        wait_until(lambda: len(sink.of(SystemSample)) >= pulled + 3)
     finally:
         live.stop()
     systems = sink.of(SystemSample)
@@ -125,7 +128,7 @@ def test_unreachable_remote_warns_once_and_keeps_trying():
     sink = Sink()
     live = attach_collector(env, urls=[f"http://{ADDR}:9"], interval_s=0.05, timeout_s=0.2, sink=sink)
     try:
-        gevent.sleep(0.4)
+        wait_until(lambda: live.remotes[0].failures_n >= 3)
     finally:
         live.stop()
     assert live.remotes[0].failures_n >= 2
