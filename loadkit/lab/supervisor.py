@@ -82,29 +82,38 @@ class Supervisor:
             state = self._read()
             if state is None:
                 return  # the lab is down
+            due = []
             for comp in [c for c in state["components"] if c["name"].startswith("proxy")]:
-                if stop():
-                    break
-                self._check(state, comp)
+                reason = self._due(state, comp)
+                if reason is not None:
+                    due.append((comp, reason))
+            if due and not stop():
+                # proxies that fell together are restarted together: cleared as one, started one
+                # after the other, waited for as one, so the last of a mass fall-over (each stalled
+                # at its memory limit) is not restarted many seconds after the first
+                self._clear_all([comp for comp, _reason in due])
+                self._wait_accepting([self._restart(state, comp, reason) for comp, reason in due])
             time.sleep(POLL_S)
 
-    def _check(self, state: dict[str, Any], comp: dict[str, Any]) -> None:
+    def _due(self, state: dict[str, Any], comp: dict[str, Any]) -> str | None:
+        """Why ``comp`` is to be restarted now (it has been down for the set time and has restarts
+        left), else None."""
         name, cfg = comp["name"], self.config
         reason = self._fallen(state, comp)
         if reason is None:
             self.fallen_since.pop(name, None)
-            return
+            return None
         since = self.fallen_since.setdefault(name, time.perf_counter())
         if time.perf_counter() - since < cfg.proxy_restart_after_s:
-            return
+            return None
         done = state.setdefault("restarts", {}).setdefault(name, [])
         if len(done) >= cfg.proxy_restarts_max:
             if since != float("inf"):
                 log.warning("%s %s; restart limit (%d) reached, left down", name, reason, cfg.proxy_restarts_max)
                 self.fallen_since[name] = float("inf")  # said once
-            return
-        self._restart(state, comp, reason, len(done) + 1)
+            return None
         self.fallen_since.pop(name, None)
+        return reason
 
     def _fallen(self, state: dict[str, Any], comp: dict[str, Any]) -> str | None:
         if not procs.alive(comp["pid"], comp["create_time_s"]):
@@ -114,11 +123,11 @@ class Supervisor:
             return "stalled at its memory limit"
         return None
 
-    def _restart(self, state: dict[str, Any], comp: dict[str, Any], reason: str, nth: int) -> None:
+    def _restart(self, state: dict[str, Any], comp: dict[str, Any], reason: str) -> tuple[str, Any]:
+        """Start a cleared proxy again; ``(name, started)`` to wait for."""
         name, cfg = comp["name"], self.config
         memory = Path(comp["cgroup"]) if comp.get("cgroup") else None
         cpu = Path(comp["cpu_cgroup"]) if comp.get("cpu_cgroup") else None
-        self._clear(comp, memory)
         if memory is not None:
             # the limit as up set it (release() lifted it so stalled tasks could exit)
             version, hier = state["cgroups"]["version"], Path(state["cgroups"]["hier"])
@@ -138,39 +147,49 @@ class Supervisor:
                               preexec=preexec if groups else None)
         previous = comp["pid"]
         comp.update(pid=started.pid, create_time_s=started.create_time_s)
-        state["restarts"][name].append({"ts_unix_s": time.time(), "reason": reason, "pid": started.pid,
-                                        "previous_pid": previous})
+        done = state["restarts"][name]
+        done.append({"ts_unix_s": time.time(), "reason": reason, "pid": started.pid, "previous_pid": previous})
         self._write(state)  # at once: lab down must find the new master even mid-restart
-        log.info("%s %s; restarted (%d of at most %d): pid %d, was %d", name, reason, nth,
+        log.info("%s %s; restarted (%d of at most %d): pid %d, was %d", name, reason, len(done),
                  cfg.proxy_restarts_max, started.pid, previous)
-        ports = cfg.proxy_ports(n)
-        deadline = time.monotonic() + DRAIN_TIMEOUT_S * 2
-        while time.monotonic() < deadline and procs.alive(*started):
-            if all(procs.tcp_open(cfg.address, p) for p in ports):
-                return
-            time.sleep(0.05)
-        if procs.alive(*started):
-            log.warning("%s restarted as pid %d but does not accept connections yet", name, started.pid)
-        else:
-            log.warning("%s: the restarted pid %d exited at once; see %s", name, started.pid,
-                        self.dir / "logs" / f"dovecot-{name}.log")
+        return name, started
 
-    def _clear(self, comp: dict[str, Any], memory: Path | None) -> None:
-        """Stop what is left of a fallen proxy: its master and every process in its cgroup."""
-        if memory is not None:
-            cgroups.release(memory)  # stalled tasks can only die once they may allocate again
-        procs.stop(comp["pid"], comp["create_time_s"], timeout_s=1.0)
-        if memory is None:
-            return
-        deadline = time.monotonic() + DRAIN_TIMEOUT_S
+    def _wait_accepting(self, started: list[tuple[str, Any]]) -> None:
+        """Wait (bounded) until every restarted proxy accepts connections on its ports; one warning
+        for each that does not, or that exited at once."""
+        cfg = self.config
+        waiting = {name: (started_proc, cfg.proxy_ports(int(name[len("proxy"):]))) for name, started_proc in started}
+        deadline = time.monotonic() + DRAIN_TIMEOUT_S * 2
         while time.monotonic() < deadline:
-            left = cgroups.procs(memory)
-            if not left:
-                return
-            for pid in left:  # in the lab's own cgroup: ours
-                procs.kill_pid(pid)
+            for name, (proc, ports) in list(waiting.items()):
+                if procs.alive(*proc) and all(procs.tcp_open(cfg.address, p) for p in ports):
+                    del waiting[name]
+            if all(not procs.alive(*proc) for proc, _ports in waiting.values()):
+                break  # every one accepts (nothing left to wait for), or exited
             time.sleep(0.05)
-        log.warning("%s: processes still in %s after %.0f s", comp["name"], memory, DRAIN_TIMEOUT_S)
+        for name, (proc, _ports) in waiting.items():
+            if procs.alive(*proc):
+                log.warning("%s restarted as pid %d but does not accept connections yet", name, proc.pid)
+            else:
+                log.warning("%s: the restarted pid %d exited at once; see %s", name, proc.pid,
+                            self.dir / "logs" / f"dovecot-{name}.log")
+
+    def _clear_all(self, comps: list[dict[str, Any]]) -> None:
+        """Stop what is left of fallen proxies: their masters and every process in their cgroups."""
+        memories = [Path(c["cgroup"]) for c in comps if c.get("cgroup")]
+        for memory in memories:
+            cgroups.release(memory)  # stalled tasks can only die once they may allocate again
+        procs.stop_all([procs.Started(c["pid"], c["create_time_s"]) for c in comps], timeout_s=1.0)
+        deadline = time.monotonic() + DRAIN_TIMEOUT_S
+        while memories and time.monotonic() < deadline:
+            left = {memory: cgroups.procs(memory) for memory in memories}
+            memories = [memory for memory, pids in left.items() if pids]
+            for pid in (pid for pids in left.values() for pid in pids):  # in the lab's own cgroups: ours
+                procs.kill_pid(pid)
+            if memories:
+                time.sleep(0.05)
+        for memory in memories:
+            log.warning("processes still in %s after %.0f s", memory, DRAIN_TIMEOUT_S)
 
     # -- the state file (shared with Lab; written whole and renamed, as Lab does) ------------------
     def _read(self) -> dict[str, Any] | None:
