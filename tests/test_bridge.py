@@ -36,9 +36,16 @@ def test_greenlets_keep_running_while_one_waits() -> None:
             ticks.append(1)
             gevent.sleep(0.01)
 
+    async def until_ticked() -> int:
+        # waits for the ticks rather than a fixed 0.2 s a loaded machine can outlast: were the
+        # greenlets blocked while bridge.run waits, they would never come and this returns < 5
+        deadline = asyncio.get_running_loop().time() + 10
+        while len(ticks) < 5 and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        return len(ticks)
+
     g = gevent.spawn(ticker)
-    bridge.run(asyncio.sleep(0.2))
-    assert len(ticks) == 5
+    assert bridge.run(until_ticked(), timeout=30) == 5
     g.join()
 
 
