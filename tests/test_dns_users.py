@@ -196,20 +196,27 @@ def test_flood_takes_an_explicit_rate_and_shows_the_retry_options(lab, tmp_path:
 @pytest.mark.lab
 def test_retry_budget_against_the_lab(lab, tmp_path: Path) -> None:
     # bursts of 4,000 in 5 ms overflow unbound's default receive buffer (about 256 queries): the
-    # dropped queries want a retry each, the budget lets through at most 5 % of the originals
-    out = run_locust(["-f", str(REPO / "locustfiles" / "dns_burst.py"), "--headless", "-t", "6s",
-                      "--host", str(lab.dns), "--dns-names-file", str(lab.names_file), "--dns-rate", "1000",
-                      "--dns-burst-size", "4000", "--dns-burst-ms", "5", "--dns-burst-period", "1",
-                      "--dns-first-burst", "0.5", "--dns-timeout", "0.3", "--dns-retries", "3",
-                      "--dns-retry-budget", "0.05"], tmp_path)
-    assert "Traceback" not in out.stderr
-    done = next(ln for ln in out.stderr.splitlines() if "DNS load done: sent=" in ln)
-    sent = int(done.split("sent=")[1].split()[0])
-    retries = int(done.split("retries=")[1].split()[0])
-    assert "retry_suppressed=" in done, done
-    suppressed = int(done.split("retry_suppressed=")[1].split()[0])
-    assert sent > 2000 and suppressed > 0, done
-    assert retries <= 0.05 * sent + 20, done
+    # dropped queries want a retry each, the budget lets through at most 5 % of the originals.
+    # The cap must hold in every run; a run whose bursts were absorbed (a loaded machine's send
+    # loop can slow to unbound's pace) never tested the budget, so it is run again, up to 3 times.
+    runs = []
+    for _ in range(3):
+        out = run_locust(["-f", str(REPO / "locustfiles" / "dns_burst.py"), "--headless", "-t", "6s",
+                          "--host", str(lab.dns), "--dns-names-file", str(lab.names_file), "--dns-rate", "1000",
+                          "--dns-burst-size", "4000", "--dns-burst-ms", "5", "--dns-burst-period", "1",
+                          "--dns-first-burst", "0.5", "--dns-timeout", "0.3", "--dns-retries", "3",
+                          "--dns-retry-budget", "0.05"], tmp_path)
+        assert "Traceback" not in out.stderr
+        done = next(ln for ln in out.stderr.splitlines() if "DNS load done: sent=" in ln)
+        sent = int(done.split("sent=")[1].split()[0])
+        retries = int(done.split("retries=")[1].split()[0])
+        suppressed = int(done.split("retry_suppressed=")[1].split()[0]) if "retry_suppressed=" in done else 0
+        assert sent > 2000, done
+        assert retries <= 0.05 * sent + 20, done
+        runs.append(done)
+        if suppressed > 0:
+            break
+    assert suppressed > 0, runs
 
 
 def test_the_web_ui_host_field_shows_the_default_dns_target(tmp_path: Path, monkeypatch) -> None:
