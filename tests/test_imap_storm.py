@@ -49,12 +49,16 @@ def run_locustfile(locustfile: str, endpoint, accounts: str, tmp_path: Path, ext
 
 def test_storm_within_capacity_succeeds_with_a_row_per_phase(lab, tmp_path: Path) -> None:
     proc, rows = run_locustfile("imap_storm.py", lab.imap, str(lab.accounts_file), tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     for name in ("connect+greeting", "LOGIN", "SELECT", "LOGOUT"):
         assert int(rows[name]["Request Count"]) > 0, name
     total = rows["Aggregated"]
-    assert int(total["Failure Count"]) < 0.05 * int(total["Request Count"])
+    # within capacity, but a loaded machine can time out a login or a health check of the proxies
+    # now and then: a few failures in thousands of sessions are tolerated, and the exit status
+    # says whether there were any (Locust exits 1 then)
+    failures = int(total["Failure Count"])
+    assert failures < 0.05 * int(total["Request Count"])
+    assert proc.returncode == (1 if failures else 0), proc.stderr[-3000:]
     assert int(rows["LOGIN"]["Request Count"]) >= 150  # every user logged in at least once
 
 
