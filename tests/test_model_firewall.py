@@ -208,3 +208,32 @@ def test_fixed_sockets_make_no_new_flows_and_a_zero_budget_is_none():
     waste = dict(capacity_qps=12_000, queue_delay_s=2.0, stub_timeout_s=1.0)
     assert firewall_model(10_000, 500_000, 30, retries_n=2, retry_budget=0.0, **waste).predicted_verdict == "metastable"
     assert firewall_model(10_000, 500_000, 30, retries_n=2, retry_budget=0.05, **waste).predicted_verdict == "recovers"
+
+
+def test_one_budget_cap_for_both_loops_and_the_end_points_are_the_loops():
+    import dataclasses
+
+    import pandas as pd
+
+    from loadkit.model.firewall import WasteLoop, waste_loop
+    from loadkit.model.retries import fit_retry_loop, offered_cap_qps
+
+    # every query at its last attempt, within a retry budget (0 or None: none; never below demand)
+    assert offered_cap_qps(1000, 2) == offered_cap_qps(1000, 2, 0.0) == offered_cap_qps(1000, 2, None) == 3000
+    assert offered_cap_qps(1000, 2, 0.1) == pytest.approx(1100) and offered_cap_qps(1000, 2, 5.0) == 3000
+    assert offered_cap_qps(1000, 0, 0.5) == 1000
+    # the firewall's loop and the loop fitted on a run cap offered load the same way
+    waste = dict(capacity_qps=1200, queue_delay_s=2.0, stub_timeout_s=1.0)
+    for budget in (None, 0.3):
+        fw = waste_loop(1000, 1300, 1.0, retries_n=2, retry_budget=budget, **waste)
+        amp = pd.DataFrame({"interval_s": [1.0, 1.0], "offered_qps": [1000.0, 3000.0],
+                            "answered_qps": [1000.0, 1200.0]})
+        fitted = fit_retry_loop(amp, 1000, retries_n=2, capacity_qps=1200, budget=budget)
+        assert fw.loop.cap_qps == fitted.cap_qps == pytest.approx(offered_cap_qps(1000, 2, budget))
+    # the waste loop's offered end points are its loop's, not a stored copy that could drift
+    assert {"low_offered_qps", "high_offered_qps"}.isdisjoint(f.name for f in dataclasses.fields(WasteLoop))
+    fw = waste_loop(1000, 1300, 1.0, retries_n=2, **waste)
+    assert (fw.low_offered_qps, fw.high_offered_qps) == (fw.loop.low_offered_qps, fw.loop.high_offered_qps)
+    assert fw.sustains and f"{fw.loop.high_offered_qps:,.0f}/s offered" in fw.summary()
+    again = WasteLoop.from_json(fw.to_json())
+    assert again == fw and again.high_offered_qps == fw.loop.high_offered_qps

@@ -303,3 +303,71 @@ def test_a_state_at_the_clients_limit_holds_despite_the_counters_jitter(tmp_path
     res = metastability(run, T0 + before + 1, trigger_start_unix_s=T0 + before)
     assert res.verdict == "metastable" and res.loop.second_stable_state, res.summary()
     assert res.loop.high_amplification == pytest.approx(4.0)
+
+
+def _slow_plateau(run_dir, bursts_at_s, end_s):
+    """1,200/s for 20 s, then after the first burst a plateau at about 4× with nothing answered,
+    falling 2 q/s of retries a second (a fitted slope that would take half an hour to drain),
+    with a burst at each of ``bursts_at_s``; the run ends at ``end_s``."""
+    bursts = [{"ts_unix_s": T0 + t, "kind": "burst", "source": "dns",
+               "detail": {"burst_index": i, "first_sent_unix_s": T0 + t, "last_sent_unix_s": T0 + t + 0.01,
+                          "window_s": 0.01, "sent_n": 3000}} for i, t in enumerate(bursts_at_s)]
+    orig, retry, ans = [], [], []
+    for k in range(end_s):  # the interval (k, k + 1]
+        burst = any(k <= t < k + 1 for t in bursts_at_s)
+        orig.append(1200.0 + (3000.0 if burst else 0.0))
+        plateau = k > bursts_at_s[0]
+        retry.append(3600.0 - 2.0 * (k - bursts_at_s[0]) + (1.0 if k % 2 else -1.0) if plateau else 0.0)
+        ans.append(0.0 if plateau else 1200.0)
+    run = write_rates(run_dir, orig, retry, ans, events=bursts)
+    run.manifest["profile"] = {"load": {"options": {"dns-retries": 3}}}  # 4 attempts a query at most
+    return run
+
+
+def test_a_slow_plateau_gets_one_judgement_between_bursts_and_after_the_trigger(tmp_path):
+    # the same plateau judged after one burst (a long run after it) and between bursts (a train
+    # that ends 1.5 s after its last burst): a fall that would take more than DRAIN_HORIZON
+    # judged windows is flat in both, so both are metastable (the gaps' ends once read "falling",
+    # so "not recovered", beside "metastable" after the trigger)
+    after = metastability(_slow_plateau(tmp_path / "after", [20.2], 81))
+    gaps = metastability(_slow_plateau(tmp_path / "gaps", [20.2, 30.2, 40.2, 50.2, 60.2, 70.2, 80.2], 82))
+    assert after.judged_on == "after the trigger" and gaps.judged_on == "between bursts"
+    for res in (after, gaps):
+        assert res.verdict == "metastable" and res.trend == "flat", res.summary()
+        assert res.trend_amplification_per_s < 0
+        assert any("taken as flat" in c for c in res.caveats), res.caveats
+
+
+@pytest.mark.parametrize("interval_s, trigger_start_s, span_s", [(2.0, None, 2.0), (1.0, 1.98, 1.0)])
+def test_a_trigger_before_the_first_whole_interval_takes_its_baseline_from_the_partial_one(
+        tmp_path, interval_s, trigger_start_s, span_s):
+    from loadkit.record.synthetic import T0 as S0
+    from loadkit.record.synthetic import write_retry_run
+
+    # the first burst at 2 s: counters every 2 s have no whole interval before it (the first sample
+    # has no interval length), and with a burst at 1.98 s neither do counters every 1 s; the base
+    # load before it, 1,000/s into a server that answers 950/s, is still measured from the run's
+    # start (the counters are cumulative from zero), not assumed lossless
+    write_retry_run(tmp_path / "early", metastable=False, before_s=2, interval_s=interval_s, capacity_qps=950.0)
+    run = load_run(tmp_path / "early")
+    given = {"trigger_start_unix_s": S0 + trigger_start_s} if trigger_start_s else {}
+    res = metastability(run, **given)
+    assert not any("no traffic before the trigger" in c for c in res.caveats), res.caveats
+    assert any(f"baseline from the {span_s:.1f} s between the run's start" in c for c in res.caveats), res.caveats
+    assert res.baseline_original_qps == pytest.approx(1000.0, rel=0.05)
+    # the server answered its 950/s of it: the baseline is that lossy path, not goodput 1
+    assert res.baseline_goodput_ratio == pytest.approx(950.0 / res.baseline_original_qps, rel=1e-6)
+    assert res.baseline_amplification == pytest.approx(1.0)
+    assert res.verdict == "recovers", res.summary()
+
+
+def test_no_traffic_before_the_trigger_is_said_only_when_there_was_none(tmp_path):
+    calm = [0.0] * 3 + [1000.0] * 40
+    idle = write_rates(tmp_path / "idle", [0.0] * 3 + [4000.0] * 5 + [1000.0] * 35, [0.0] * 43, calm)
+    res = metastability(idle, T0 + 8, trigger_start_unix_s=T0 + 3)
+    assert any(c.startswith("no traffic before the trigger: baseline assumed lossless") for c in res.caveats)
+    # a trigger inside the first interval: no sample before it, which is not "no traffic"
+    busy = write_rates(tmp_path / "busy", [4000.0] * 5 + [1000.0] * 35, [0.0] * 40, [1000.0] * 40, interval_s=2.0)
+    res = metastability(busy, T0 + 10, trigger_start_unix_s=T0 + 1)
+    assert not any("no traffic before the trigger" in c for c in res.caveats), res.caveats
+    assert any(c.startswith("no counter sample before the trigger") for c in res.caveats), res.caveats

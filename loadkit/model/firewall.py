@@ -42,6 +42,7 @@ from loadkit.model.retries import (
     capacity_loss,
     dns_options,
     metastability,
+    offered_cap_qps,
     retries_per_loss,
     retry_amplification,
     retry_loop_states,
@@ -131,8 +132,6 @@ class WasteLoop(Result):
     queue_delay_s: float  #: the server's receive buffer / C: an answer's wait when the queue is full
     stub_timeout_s: float
     retry_budget: float | None  #: retries at most this share of the originals (None: no budget)
-    low_offered_qps: float  #: settled from the original demand alone
-    high_offered_qps: float  #: settled from every query at its last attempt (the trigger's worst)
     low_goodput_qps: float
     high_goodput_qps: float
     high_waste_share: float  #: admitted attempts without a timely answer, in the high state
@@ -140,6 +139,16 @@ class WasteLoop(Result):
     sustains: bool  #: a second stable state: the table stays full after the trigger
     reason: str
     loop: LoopStates  #: the loop's two end points, as :mod:`loadkit.model.retries` reports them
+
+    @property
+    def low_offered_qps(self) -> float:
+        """Where the loop settles from the original demand alone (:attr:`loop`'s low end)."""
+        return self.loop.low_offered_qps
+
+    @property
+    def high_offered_qps(self) -> float:
+        """Where it settles from every query at its last attempt, the trigger's worst (:attr:`loop`'s high end)."""
+        return self.loop.high_offered_qps
 
     def summary(self) -> str:
         state = ("sustains itself: a second stable state at "
@@ -172,15 +181,14 @@ def waste_loop(original_qps: float, size_n: float, timeout_s: float, *, retries_
                separation: float = 0.1) -> WasteLoop:
     """The stable states of the per-query loop (:func:`~loadkit.model.retries.retry_loop_states`)
     with the loss of :func:`per_query_loss`, settled from the original demand and from
-    ``original × (1 + retries)``; a retry budget ``F`` caps offered load at ``original × (1 + F)``.
+    the most the clients can offer (:func:`~loadkit.model.retries.offered_cap_qps`: every query at
+    its last attempt, within a retry budget).
     With per-query ports a retry reuses its query's flow: the table sees the queries alone."""
     if original_qps <= 0:
         raise ModelError(f"original demand {original_qps} must be > 0 queries/s")
     admitted_cap = admitted_flow_qps(size_n, timeout_s)
     cap_c = float(capacity_qps) if capacity_qps and capacity_qps > 0 else math.inf
-    top = original_qps * (1 + retries_n)
-    if retry_budget:  # 0 is no budget, as for the generator
-        top = min(top, original_qps * (1.0 + retry_budget))
+    top = offered_cap_qps(original_qps, retries_n, retry_budget)
     loss = per_query_loss(size_n, timeout_s, port_policy=port_policy, original_qps=original_qps,
                           capacity_qps=cap_c, queue_delay_s=queue_delay_s, stub_timeout_s=stub_timeout_s)
     loop = retry_loop_states(original_qps, retries_n, loss, peak_offered_qps=top, cap_qps=top,
@@ -219,7 +227,7 @@ def waste_loop(original_qps: float, size_n: float, timeout_s: float, *, retries_
                   f"{retries_n} retries" + (f" and a {retry_budget:g} retry budget" if retry_budget else "")
                   + "): its queue drains and answers come in time again")
     return WasteLoop(float(original_qps), int(retries_n), admitted_cap, cap_c if math.isfinite(cap_c) else math.nan,
-                     float(queue_delay_s), float(stub_timeout_s), retry_budget, low, high, good_low, good_high,
+                     float(queue_delay_s), float(stub_timeout_s), retry_budget, good_low, good_high,
                      (1.0 - good_high / adm_high) if adm_high > 0 else 0.0, bool(flows_high >= admitted_cap * 0.999),
                      bool(sustains), reason, loop)
 

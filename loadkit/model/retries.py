@@ -103,6 +103,16 @@ def attempts_per_query(p: float, retries_n: int) -> float:
     return float(sum(p ** k for k in range(int(retries_n) + 1)))
 
 
+def offered_cap_qps(original_qps: float, retries_n: int, retry_budget: float | None = None) -> float:
+    """The most the clients can offer at ``original_qps``: every query at its last attempt,
+    ``original × (1 + retries_n)``, and under a retry budget ``F`` at most ``original × (1 + F)``
+    (None or 0: no budget, as for the generator). Never below the original demand."""
+    cap = float(original_qps) * (1 + int(retries_n))
+    if retry_budget and math.isfinite(retry_budget):
+        cap = min(cap, float(original_qps) * (1.0 + float(retry_budget)))
+    return max(cap, float(original_qps))
+
+
 def capacity_loss(capacity_qps: float) -> Callable[[float], float]:
     """``loss(x)`` of anything that admits at most ``capacity_qps``: ``max(0, 1 - capacity / x)``."""
     return lambda x: max(0.0, 1.0 - capacity_qps / x) if x > 0 else 0.0
@@ -171,14 +181,14 @@ def retry_loop_states(original_qps: float, retries_n: int, loss: Callable[[float
     loop from the original demand and from ``peak_offered_qps`` (the trigger's); each run of the
     map settles on the nearest stable state on its side. Two different end points (more than
     ``separation`` apart, relative) are two stable states: the loop can hold the high one without
-    the trigger. Offered load is at most ``original × (1 + retries_n)`` (every query at its last
-    attempt) and at most ``cap_qps`` (a retry budget, or what the clients were seen to reach).
+    the trigger. Offered load is at most :func:`offered_cap_qps` (every query at its last
+    attempt) and at most ``cap_qps`` (a retry budget's cap, or what the clients were seen to reach).
     Damped iteration (half a step): the plain map can oscillate around a steep loss curve."""
     if original_qps <= 0:
         raise ModelError(f"original demand {original_qps} must be > 0 queries/s")
     if retries_n < 0:
         raise ModelError(f"retries {retries_n} must be >= 0")
-    cap = float(original_qps) * (1 + int(retries_n))
+    cap = offered_cap_qps(original_qps, retries_n)
     if cap_qps is not None and math.isfinite(cap_qps):
         cap = max(min(cap, float(cap_qps)), float(original_qps))
 
@@ -364,12 +374,6 @@ def dns_options(run: RunData) -> DnsOptions:
                       retry_budget=budget if budget > 0 else None, defaulted=tuple(defaulted))
 
 
-def retry_horizon_s(run: RunData) -> float:
-    """How long after its first send a query may still be retried (``dns-timeout`` × (1 + backoff
-    + backoff² … over ``dns-retries``), the generator's defaults for options not recorded)."""
-    return dns_options(run).horizon_s
-
-
 def _ratio(frame: pd.DataFrame, num: str, den: str) -> float:
     n = float(frame[num].mul(frame["interval_s"]).sum())
     d = float(frame[den].mul(frame["interval_s"]).sum())
@@ -444,8 +448,8 @@ def fit_retry_loop(amp: pd.DataFrame, original_qps: float, *, retries_n: int | N
         loss = shape
     r = retries_n if retries_n is not None else int(DNS_OPTION_DEFAULTS["dns-retries"])
     peak = float(peak_offered_qps if peak_offered_qps is not None else busy["offered_qps"].max())
-    cap = original_qps * (1.0 + budget) if budget else None
-    return retry_loop_states(original_qps, r, loss, peak_offered_qps=peak, cap_qps=cap)
+    return retry_loop_states(original_qps, r, loss, peak_offered_qps=peak,
+                             cap_qps=offered_cap_qps(original_qps, r, budget))
 
 
 def metastability(run: RunData, trigger_end_unix_s: float | None = None, *,
@@ -498,7 +502,10 @@ def metastability(run: RunData, trigger_end_unix_s: float | None = None, *,
     if post_s < horizon and not gaps:
         caveats.append(f"the {post_s:.1f} s after the trigger are shorter than the clients' retry horizon "
                        f"({horizon:g} s): retries of the last queries may still be on their way")
-    base_orig, base_good, base_amp = _baseline(before, busy, caveats)
+    none_before = "no traffic before the trigger"
+    if not len(before):  # no whole interval before the trigger: the partial one since the run's start
+        before, none_before = _partial_before(run, start, prefix, caveats)
+    base_orig, base_good, base_amp = _baseline(before, busy, caveats, none_before)
     good_floor = base_good * (1.0 - goodput_tolerance)
     amp_ceiling = base_amp * (1.0 + amplification_tolerance)
     healthy = ((busy["goodput_ratio"].fillna(0.0) >= good_floor)
@@ -546,11 +553,42 @@ def _trigger(run: RunData, amp: pd.DataFrame, end_unix_s: float | None) -> tuple
     return start, end, "given"
 
 
-def _baseline(before: pd.DataFrame, busy: pd.DataFrame, caveats: list[str]) -> tuple[float, float, float]:
+def _partial_before(run: RunData, start: float, prefix: str, caveats: list[str]) -> tuple[pd.DataFrame, str]:
+    """The counters from the run's start to their last sample at or before the trigger, as one
+    interval (columns of :func:`retry_amplification`), for a trigger that comes before the first
+    whole interval ends (a burst 2 s into a run sampled every 2 s). The counters are cumulative
+    from zero at the run's start, so a partial interval still gives rates. Empty, with what to
+    say instead, when no sample precedes the trigger or none of it carried traffic."""
+    original, retry = counters.offered_parts(prefix)
+    inc = {m: counters.increments(run, m) for m in (original, retry, f"{prefix}.answered")}
+    t = inc[original].index.to_numpy(dtype=float)
+    upto = t[t <= start + 1e-6]
+    started = run.manifest.get("started_unix_s")
+    if not isinstance(started, (int, float)) or not math.isfinite(started):
+        return pd.DataFrame(), "no whole counter interval before the trigger, and no run start to rate the partial one"
+    if not len(upto) or upto[-1] <= started:
+        return pd.DataFrame(), "no counter sample before the trigger (it came within the run's first interval)"
+    last = float(upto[-1])
+    n = {m: float(s[s.index.to_numpy(dtype=float) <= last + 1e-6].sum()) for m, s in inc.items()}
+    if n[original] <= 0:
+        return pd.DataFrame(), "no traffic before the trigger"
+    span_s = last - float(started)
+    caveats.append(f"baseline from the {span_s:.1f} s between the run's start and its last counter sample before "
+                   "the trigger (no whole interval before it)")
+    row = {"interval_s": span_s, "original_qps": n[original] / span_s, "retry_qps": n[retry] / span_s}
+    row["offered_qps"] = row["original_qps"] + row["retry_qps"]
+    row["answered_qps"] = n[f"{prefix}.answered"] / span_s
+    row["amplification"] = row["offered_qps"] / row["original_qps"]
+    row["goodput_ratio"] = row["answered_qps"] / row["offered_qps"]
+    return pd.DataFrame([row], index=pd.Index([last], name="ts_unix_s")), ""
+
+
+def _baseline(before: pd.DataFrame, busy: pd.DataFrame, caveats: list[str],
+              none_before: str = "no traffic before the trigger") -> tuple[float, float, float]:
     """(original q/s, goodput ratio, amplification) before the trigger; lossless when nothing
-    came before it."""
+    came before it (``none_before`` says why)."""
     if not len(before):
-        caveats.append("no traffic before the trigger: baseline assumed lossless (goodput 1, 1.00×)")
+        caveats.append(f"{none_before}: baseline assumed lossless (goodput 1, 1.00×)")
         return float(busy["original_qps"].median()), 1.0, 1.0
     good = _ratio(before, "answered_qps", "offered_qps")
     amp = _ratio(before, "offered_qps", "original_qps")
@@ -571,6 +609,20 @@ def _table_admissions(run: RunData, post_s: float, caveats: list[str]) -> float 
         caveats.append(f"the firewall keeps a session {table[1]:g} s: {post_s:.0f} s after the trigger "
                        "cannot see its table drain")
     return table[0]
+
+
+def _flat_unless_draining(trend: str, slope: float, excess: float, window_s: float, caveats: list[str]) -> str:
+    """``trend``, or "flat" for a fall that would take more than :data:`DRAIN_HORIZON` judged
+    windows (``window_s``) to bring amplification ``excess`` over the baseline back to it. Both
+    judgements (after the trigger, between bursts) go through here, so one plateau gets one
+    verdict whichever way the run is judged."""
+    if trend == "falling" and excess > 0 and slope < 0 and excess / -slope > DRAIN_HORIZON * window_s:
+        # significant but negligible: a plateau's noise can fit a slope of -0.002×/s, which would
+        # take 25 windows to get back
+        caveats.append(f"amplification falls {-slope:.4f}×/s: at that rate back in about {excess / -slope:.0f} s, "
+                       f"more than {DRAIN_HORIZON} times the {window_s:.0f} s judged; taken as flat")
+        return "flat"
+    return trend
 
 
 def _judge_gaps(busy: pd.DataFrame, healthy: np.ndarray, starts: np.ndarray, gaps: list, post_s: float,
@@ -602,10 +654,13 @@ def _judge_gaps(busy: pd.DataFrame, healthy: np.ndarray, starts: np.ndarray, gap
     common["post_window_s"] = float(np.median([b - a for a, b in gaps]))
     common["judged_on"] = "between bursts"
     tail = busy.iloc[tail_rows]
+    post_amp = _ratio(tail, "offered_qps", "original_qps")
     trend, slope = _trend(pd.DataFrame({"amplification": end_amp}, index=end_ts))
-    out = dict(post_goodput_ratio=_ratio(tail, "answered_qps", "offered_qps"),
-               post_amplification=_ratio(tail, "offered_qps", "original_qps"), demand_back_s=None, trend=trend,
-               trend_amplification_per_s=slope, **common)
+    # judged from the first gap's start to the last gap's end: the span the gaps' ends were seen over
+    trend = _flat_unless_draining(trend, slope, post_amp - float(common["baseline_amplification"]),
+                                  end_ts[-1] - gaps[0][0], caveats)
+    out = dict(post_goodput_ratio=_ratio(tail, "answered_qps", "offered_qps"), post_amplification=post_amp,
+               demand_back_s=None, trend=trend, trend_amplification_per_s=slope, **common)
     if all(ends_ok):
         return MetastabilityResult(verdict="recovers", recovery_s=max(recoveries), **out)
     loop = out["loop"] = loop_at(tail)  # the loop through the state the gaps end in
@@ -636,14 +691,8 @@ def _judge_after(after: pd.DataFrame, healthy: np.ndarray, end: float, base_orig
     # the trend of the later half: the drain right after the trigger falls even into a stuck state
     trend, slope = _trend(judged.iloc[-max(5, len(judged) // 2):])
     window_s = float(ts[-1] - ts[back[0]]) + float(after["interval_s"].iloc[back[0]])
-    excess = post_amp - float(common["baseline_amplification"])
-    if trend == "falling" and excess > 0 and excess / -slope > DRAIN_HORIZON * window_s:
-        # significant but negligible: a plateau's noise can fit a slope of -0.002×/s, which would
-        # take 25 windows to get back
-        common["caveats"].append(f"amplification falls {-slope:.4f}×/s: at that rate back in about "
-                                 f"{excess / -slope:.0f} s, more than {DRAIN_HORIZON} times the {window_s:.0f} s "
-                                 "judged; taken as flat")
-        trend = "flat"
+    trend = _flat_unless_draining(trend, slope, post_amp - float(common["baseline_amplification"]), window_s,
+                                  common["caveats"])
     out = dict(post_goodput_ratio=post_good, post_amplification=post_amp, demand_back_s=demand_back_s,
                trend=trend, trend_amplification_per_s=slope, **common)
     bad = np.flatnonzero(~healthy)
