@@ -18,13 +18,15 @@ scrapes both and a dashboard puts load and saturation on one screen:
 - ``loadkit_users`` and, on a master, ``loadkit_workers``.
 
 In distributed mode the master has the merged figures, and only the master has a web UI, so
-scrape the master. A headless Locust has no web server and so no ``/metrics``: run with
-``--autostart`` (and ``--autoquit S`` to stay scrapeable S seconds after the test) instead of
-``--headless``. With ``--web-login`` the route asks for the same login as the UI.
+scrape the master. A headless Locust (``loadkit run``) has no web server: ``--metrics-listen
+HOST:PORT`` serves the same ``/metrics`` there (loopback only: it has no login; beyond loopback,
+use the web UI with ``--web-login``). With ``--web-login`` the route asks for the same login as
+the UI.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import time
@@ -108,9 +110,52 @@ class LoadMetrics:
         failures = CounterMetricFamily("loadkit_request_failures", "Failed requests by failure class.",
                                        labels=["request_type", "name", "class"])
         for err in list(stats.errors.values()):
-            failures.add_metric([str(err.method), str(err.name), str(err.error)[:120]], float(err.occurrences))
+            failures.add_metric([str(err.method), str(err.name), failure_label(str(err.error))],
+                                float(err.occurrences))
         yield requests
         yield failures
+
+
+#: longest failure class label; a longer one keeps its start and a digest of the whole, so two
+#: messages that share their first characters stay two series
+LABEL_MAX = 120
+
+
+def failure_label(text: str) -> str:
+    """A failure's ``class`` label: the text itself up to :data:`LABEL_MAX` characters, else its
+    start and ``~`` and 8 hex digits of its SHA-1 (one series per distinct message)."""
+    if len(text) <= LABEL_MAX:
+        return text
+    digest = hashlib.sha1(text.encode("utf-8", "replace")).hexdigest()[:8]
+    return f"{text[:LABEL_MAX - 9]}~{digest}"
+
+
+def _registry(environment: Any) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(LoadMetrics(environment))
+    return registry
+
+
+def serve_metrics(environment: Any, listen: str) -> Any:
+    """Serve ``/metrics`` at ``listen`` (``HOST:PORT``, loopback) with ``prometheus_client``'s own
+    HTTP server, for a run without a web UI; stopped at ``quitting``. Returns the server."""
+    from prometheus_client.exposition import start_http_server
+
+    from loadkit.errors import ProfileError
+    from loadkit.observe.exporter import parse_listen
+    from loadkit.observe.webconfig import is_loopback
+
+    host, port = parse_listen(listen)
+    if not is_loopback(host):
+        raise ProfileError(f"--metrics-listen {listen}: only a loopback address (the load side's /metrics "
+                           "has no login); beyond loopback, run with the web UI and --web-login")
+    try:
+        server, _thread = start_http_server(port, addr=host.strip("[]"), registry=_registry(environment))
+    except OSError as err:
+        raise ProfileError(f"--metrics-listen {listen}: cannot listen there ({err.strerror})") from err
+    environment.events.quitting.add_listener(lambda **_kw: server.shutdown())
+    log.info("serving the load side's metrics at http://%s:%d/metrics", host, server.server_port)
+    return server
 
 
 def add_metrics_route(environment: Any) -> None:
@@ -122,8 +167,7 @@ def add_metrics_route(environment: Any) -> None:
     from flask import Response, request
     from werkzeug.routing import Rule
 
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(LoadMetrics(environment))
+    registry = _registry(environment)
 
     def _metrics() -> Any:
         encoder, ctype = choose_encoder(request.headers.get("Accept", ""))

@@ -73,7 +73,7 @@ from loadkit.record.latency import buckets_from_locust_ms, percentile_of_counts
 from loadkit.schema import Event, FailureInterval, GeneratorMetric, GroupSample, LatencyBucket, RequestInterval
 from loadkit.observe.groups import check_groups_match
 from loadkit.plugin.live_collector import attach_collector
-from loadkit.plugin.metrics_route import add_metrics_route
+from loadkit.plugin.metrics_route import add_metrics_route, serve_metrics
 from loadkit.profile.groupspec import parse_groups
 from loadkit.record.writer import INTERRUPT_MARKER, RunWriter, new_run_id
 from loadkit.stop_signals import own_stop_signals
@@ -117,6 +117,9 @@ def _add_arguments(parser: Any) -> None:
     group.add_argument("--collect-allow-missing", action="store_true", default=False,
                        help="start even if a --collect-group matches nothing yet (it records 0 until it appears)")
     group.add_argument("--collector", action="append", default=[], help="remote collector URL (repeatable)")
+    group.add_argument("--metrics-listen", default="", metavar="HOST:PORT",
+                       help="serve the load side's /metrics here when there is no web UI (--headless, "
+                       "loadkit run); loopback only, e.g. 127.0.0.1:9646")
     group.add_argument("--collect-interval", type=float, default=0.5, help="collector sampling interval (s)")
     group.add_argument("--abort-cgroup-memory-fraction", type=float, default=0.0,
                        help="abort when a group's cgroup memory reaches this fraction of its limit (0: off)")
@@ -197,6 +200,8 @@ def _on_init(environment: Any, **_kw: Any) -> None:
         if options.abort_cgroup_memory_fraction > 0 and not (options.collect_group or options.collector):
             raise ProfileError("--abort-cgroup-memory-fraction needs a collector to read the memory from: "
                                "--collect-group NAME=cgroup:PATH or --collector URL")
+        if getattr(options, "metrics_listen", "") and getattr(environment, "web_ui", None) is None:
+            serve_metrics(environment, options.metrics_listen)
     except LoadkitError as err:
         exit_on_user_error(err)
     if getattr(options, "record_dir", ""):
