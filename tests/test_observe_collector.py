@@ -264,11 +264,16 @@ def test_sessions_are_established_connections_on_the_groups_ports():
         import socket
 
         clients = [socket.create_connection((ADDR, port)) for _ in range(n)]
-        time.sleep(0.3)
         from loadkit.observe import procfs
 
         groups = ProcessGroups([parse_group_spec(f"srv=cmdline:{tag}@{port}")], WarnOnce("t"))
-        row = groups.sample(time.time(), "t", procfs.read_tcp_sockets())[0]
+        # a connection is the server's once it has accepted it, which a loaded machine can delay
+        deadline = time.monotonic() + 20
+        while True:
+            row = groups.sample(time.time(), "t", procfs.read_tcp_sockets())[0]
+            if row.sessions_n == n or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
         assert row.procs_n == 1
         assert row.sessions_n == n and row.tcp_established_n == n
         assert row.tcp_other_n == 1  # the listener
@@ -569,7 +574,10 @@ def test_cli_collect_stops_cleanly_on_sigterm(how, tmp_path):
             p.kill()
             p.wait()
     assert p.returncode == 0 and "collected" in stdout
-    assert len(read_table(out, "net")) >= 3  # flushed at the end, not lost
+    # every sample it took is in the table, flushed at the end, not lost (how many it took in the
+    # half second depends on the machine's load: judged by its own count, not by the clock)
+    samples_n = int(stdout.split("collected ")[1].split()[0])
+    assert samples_n >= 2 and len(read_table(out, "net")) == samples_n
 
 
 # -- a real memory cgroup: charge, limit and an OOM kill ------------------------------------------
