@@ -5,8 +5,9 @@ A run records, per interval and (type, name), how many requests completed in eac
 computed here and nowhere else: merge the buckets of the window, take the bucket that holds the
 rank ``ceil(q * n)`` (nearest rank, as HdrHistogram does) and report its **upper edge**, capped at
 the largest latency of the window when a generator's fine histogram recorded it exactly (as the
-generator's console line is). So a figure never under-reports: it is at most :data:`~loadkit.schema.LATENCY_BUCKET_ERROR` (about 4.4 %) above
-the true value for a generator's fine histogram, and for requests that Locust timed (it keeps
+generator's console line is). So a figure never under-reports: it is at most
+:data:`~loadkit.schema.LATENCY_BUCKET_ERROR` (about 4.4 %) above the true value for a generator's
+fine histogram, and for requests that Locust timed (it keeps
 milliseconds rounded to 2 significant digits) at most half a rounding step more (0.5 ms below
 100 ms, else 5 %).
 
