@@ -49,7 +49,7 @@ import sys
 import time
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 from loadkit.errors import LoadkitError
 from loadkit.lab import Lab, LabConfig, LabStatus
@@ -495,21 +495,42 @@ def incident_firewall(work: Path, address: str, runs_dir: Path, which: str = "dr
     return results
 
 
+#: what can show an incident's failure in a run's outcome (:attr:`Incident.failure` names them)
+FAILURE_SIGNS: dict[str, Callable[[dict], bool]] = {
+    "oom": lambda o: (o.get("oom_kills_n") or 0) > 0,
+    "drops": lambda o: (o.get("drops_n") or 0) > 0,  # at the server's socket
+    "failed queries": lambda o: (o.get("failures_n") or 0) > 0,  # after all retries
+    "firewall drops": lambda o: (o.get("firewall_drops_n") or 0) > 0,
+    "verdict metastable": lambda o: o.get("verdict") == "metastable",
+}
+
+
+class Incident(NamedTuple):
+    """One incident ``loadkit demo incidents`` replays."""
+
+    title: str
+    replay: Callable[[Path, str, Path], dict]  #: (work dir, lab address, runs dir) -> its outcomes
+    #: the signs of :data:`FAILURE_SIGNS` any of which in a run's outcome shows the incident's failure
+    failure: tuple[str, ...]
+
+
 INCIDENTS = {
-    "1": ("proxies fall over together", incident_proxies),
-    "2": ("burst -> buffer drops -> retry storm", incident_burst),
-    "2b": ("the retry storm through the firewall's session table", incident_firewall),
-    "2c": ("the retry loop holding itself: a full table in front of a deep queue",
-           lambda work, address, runs_dir: incident_firewall(work, address, runs_dir, "holds")),
-    "3": ("many small sources", incident_sources),
+    "1": Incident("proxies fall over together", incident_proxies, ("oom",)),
+    "2": Incident("burst -> buffer drops -> retry storm", incident_burst, ("drops", "failed queries")),
+    "2b": Incident("the retry storm through the firewall's session table", incident_firewall,
+                   ("drops", "failed queries", "firewall drops")),
+    # its failure is the loop holding: drops alone also happen where it drains
+    "2c": Incident("the retry loop holding itself: a full table in front of a deep queue",
+                   lambda work, address, runs_dir: incident_firewall(work, address, runs_dir, "holds"),
+                   ("verdict metastable",)),
+    "3": Incident("many small sources", incident_sources, ("drops", "failed queries")),
 }
 #: what ``loadkit demo incidents`` replays without numbers (2b and 2c, the firewall loops, run 100 s
 #: and 70 s per case and need nftables: ask for them by name)
 DEFAULT_INCIDENTS = ("1", "2", "3")
 
 #: per incident: the figures of the table (label, outcome key or function of the run's outcome and
-#: the incident's whole result), and whether a run showed the incident's failure (OOM kills; drops
-#: at the server's socket or failed queries)
+#: the incident's whole result)
 _DNS_FIGURES: list[tuple[str, Any]] = [
     ("lab capacity, q/s (measured at up)", "capacity_qps"),
     ("originals sent, q/s", "sent_original_qps"),
@@ -537,14 +558,8 @@ def _figure(outcome: dict, result: dict, key: Any) -> float | None:
 
 
 def failure_shown(number: str, outcome: dict) -> bool:
-    """Did this run show the incident's failure? OOM kills for incident 1; for the DNS
-    incidents, queries dropped at the server's socket or queries that failed after all retries; for
-    2c, a metastable verdict."""
-    if number == "1":
-        return (outcome.get("oom_kills_n") or 0) > 0
-    if number == "2c":  # its failure is the loop holding: drops alone also happen where it drains
-        return outcome.get("verdict") == "metastable"
-    return any((outcome.get(k) or 0) > 0 for k in ("drops_n", "failures_n", "firewall_drops_n"))
+    """Did this run show the incident's failure: any of its :attr:`Incident.failure` signs?"""
+    return any(FAILURE_SIGNS[sign](outcome) for sign in INCIDENTS[number].failure)
 
 
 def incidents_table(replays: list[dict[str, dict]]) -> str:
@@ -591,7 +606,7 @@ def _replay_incidents(work: Path, address: str, only: list[str] | None, repeat: 
         out: dict[str, dict] = {}
         replays.append(out)
         for number in numbers:
-            title, replay = INCIDENTS[number]
+            title, replay = INCIDENTS[number].title, INCIDENTS[number].replay
             _say(f"incident {number}: {title}" + (f" (replay {r + 1} of {repeat})" if repeat > 1 else ""))
             try:
                 out[number] = replay(work, address, runs_dir)

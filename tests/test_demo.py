@@ -229,3 +229,21 @@ def test_incident_2c_counts_the_loop_holding_not_the_drops():
     assert "incident 2c as shipped: the failure in 1 of 1 replays" in table
     assert "incident 2c mitigated: the failure in 0 of 1 replays" in table
     assert "| 2c | as shipped | goodput < 1/2 after the trigger, s | 59 |" in table
+
+
+def test_each_incidents_failure_is_data_in_its_table(monkeypatch):
+    from loadkit.cli.demo import _INCIDENTS
+
+    # the CLI's list of incident names is the table's, and every failure sign is known
+    assert _INCIDENTS == tuple(demo.INCIDENTS)
+    for incident in demo.INCIDENTS.values():
+        assert incident.failure and set(incident.failure) <= set(demo.FAILURE_SIGNS), incident
+    # an incident added to the table is judged by the failure written there, with no code of its
+    # own: one whose failure is a metastable verdict does not count firewall drops that drained
+    held = {"verdict": "metastable", "firewall_drops_n": 128_062}
+    drained = {"verdict": "recovers", "firewall_drops_n": 12_826}
+    monkeypatch.setitem(demo.INCIDENTS, "9", demo.Incident("a new loop", lambda *a: {}, ("verdict metastable",)))
+    assert demo.failure_shown("9", held) and not demo.failure_shown("9", drained)
+    monkeypatch.setitem(demo.INCIDENTS, "9", demo.Incident("a new flood", lambda *a: {}, ("firewall drops",)))
+    assert demo.failure_shown("9", drained) and not demo.failure_shown("9", {"drops_n": 5})
+    assert demo.failure_shown("1", {"oom_kills_n": 2}) and not demo.failure_shown("1", {"drops_n": 9})
