@@ -378,3 +378,14 @@ def test_an_unwatched_server_socket_is_named_by_the_runs_target(tmp_path):
     fit = fit_udp_burst(load_run(tmp_path / "run"))
     assert (fit.sockets[0].address, fit.sockets[0].port) == ("127.0.0.1", 5353)
     assert fit.summary().startswith("127.0.0.1:5353: rcvbuf")
+    # nothing counted drops: the fit and the report say so, and neither calls the bursts overflowed
+    assert any("drops not counted" in c for c in fit.caveats)
+    from loadkit.report.capacity import dns_capacity, dns_run
+
+    notes: list[str] = []
+    run = load_run(tmp_path / "run")
+    row = dns_run(run, notes)
+    assert row.drops_n is None and row.largest_burst_is_lower_bound
+    assert any("no drops were counted" in n for n in notes)
+    cap = dns_capacity([run], [row], "s", "lab", None)
+    assert cap.is_lower_bound and cap.recommendation.startswith("none known")

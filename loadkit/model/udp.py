@@ -490,7 +490,9 @@ def fit_udp_burst(run: RunData, *, rcvbuf_bytes: float | None = None,
     saturated = bool(np.nansum(measured) > 0) or (not np.isfinite(measured).any()
                                                    and sum(f.drops_n for f in fits) > 0)
     if len(bursts) and not saturated:
-        caveats.append("lower bound: no burst dropped, the server was never saturated")
+        caveats.append("lower bound: no burst dropped, the server was never saturated" if drops else
+                       "lower bound, drops not counted: no collector sampled the server's socket or the "
+                       "host's UDP counters (--collect-udp-port PORT), so no burst is known to have dropped")
     mu = float(np.nanmedian(drain)) if np.isfinite(drain).any() else math.nan
     mu_min = float(np.nanmin(drain)) if np.isfinite(drain).any() else math.nan
     fit = UdpBurstFit(bytes_per_datagram=float(bytes_per_datagram), sockets=fits, drain_rate_qps=mu,

@@ -195,7 +195,12 @@ def _burst_figures(run: RunData, row: DnsRun, notes: list[str]) -> None:
         row.burst_window_s = num(fit.burst_window_s) or 0.0
     size, window_s = row.burst_queries or 0.0, row.burst_window_s or 0.0
     absorbed = num(fit.max_burst_in_window(window_s))
-    row.largest_burst_is_lower_bound = bool(size and row.drops_n == 0)
+    # no drop counted (none, or no collector to count them: the fit's own judgement, said in its
+    # caveat and in a note): every burst offered counts as absorbed, a lower bound
+    row.largest_burst_is_lower_bound = bool(size and not row.drops_n)
+    if size and row.drops_n is None:
+        notes.append(f"DNS run {run.run_id}: no drops were counted (no collector sampled the server's socket "
+                     "or the host's UDP counters: --collect-udp-port PORT); its bursts count as absorbed")
     if row.largest_burst_is_lower_bound:  # every burst offered was absorbed: at least that much
         absorbed = max(size, absorbed or 0.0)
     row.largest_burst_without_loss_queries = absorbed
@@ -241,7 +246,8 @@ def dns_capacity(runs: Sequence[RunData], rows: Sequence[DnsRun], scenario: str,
         peak = forecast_peak_burst_queries or forecast(runs, "forecast_peak_burst_queries")
         absorbed = d.largest_burst_without_loss_queries
         if d.largest_burst_is_lower_bound:
-            recommendation = "none: no drops at the server's socket"
+            recommendation = ("none: no drops at the server's socket" if d.drops_n == 0 else
+                              "none known: no collector counted drops at the server")
         elif d.rcvbuf_needed_bytes:
             recommendation = so_rcvbuf_advice(d.rcvbuf_needed_bytes)
         else:
