@@ -172,7 +172,7 @@ def run_burst(tmp_path: Path, port: int, run_id: str, *extra: str) -> Path:
     args = [LOCUST, "-f", BURST, "--headless", "-t", "6s", "--host", f"127.0.0.1:{port}",
             "--record-dir", str(tmp_path / "runs"), "--run-id", run_id, "--only-summary",
             "--dns-names-file", str(names), "--dns-rate", "100", "--dns-burst-size", "200",
-            "--dns-burst-ms", "10", "--dns-first-burst", "1", "--dns-burst-period", "2",
+            "--dns-burst-ms", "10", "--dns-first-burst", "0.5", "--dns-burst-period", "1",
             "--dns-retries", "0", "--dns-timeout", "0.5", *extra]
     proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -210,7 +210,9 @@ def check_within_run(run_dir: Path, bursts: list[dict]) -> None:
 def test_one_process_records_every_burst_with_its_real_window(tmp_path: Path, responder: int) -> None:
     run_dir = run_burst(tmp_path, responder, "single")
     bursts = burst_events(run_dir)
-    # bursts planned at 1, 3 and 5 s of a 6 s test: at least the first two have fully left
+    # bursts planned every second from 0.5 s of a 6 s test: at least the first two have fully
+    # left (Locust's -t 6s can give the users only 3 s on a loaded machine: its run-time timer
+    # starts from a clock read before the locustfile's imports)
     assert len(bursts) >= 2, bursts
     assert [e["detail"]["burst_index"] for e in bursts] == list(range(len(bursts)))
     complete = [e for e in bursts if e["detail"]["sent_n"] == 200]
