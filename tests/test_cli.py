@@ -68,3 +68,13 @@ def test_a_bad_option_value_is_one_line_without_traceback(args: list[str], messa
     res = subprocess.run([*LOADKIT, *args], capture_output=True, text=True, timeout=60)
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [f"loadkit: error: {message}"]
+
+
+def test_an_unknown_argument_is_reported_by_the_command_it_was_given_to(capsys) -> None:
+    from loadkit.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["runs", "list", "runs"])  # a directory given where --dir is the option
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: loadkit runs list" in err and "loadkit runs list: error: unrecognized arguments: runs" in err

@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args, unknown = parser.parse_known_args(argv)
         if unknown and not getattr(args, "takes_any_arguments", False):
-            parser.error("unrecognized arguments: " + " ".join(unknown))  # as parse_args would
+            # as parse_args would, but from the command's own parser: "loadkit runs list: error: ..."
+            getattr(args, "command_parser", parser).error("unrecognized arguments: " + " ".join(unknown))
     except LoadkitError as err:  # an option's type check (e.g. `--dns-port abc`): one line, no usage dump
         print(f"loadkit: error: {err}", file=sys.stderr)
         return err.exit_code

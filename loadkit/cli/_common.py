@@ -20,6 +20,8 @@ def add_command(sub: argparse._SubParsersAction, name: str, func: Callable[[argp
     p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log debug messages")
     if func is not None:
         p.set_defaults(func=func)
+    # the innermost command's parser reports an unknown argument, with its own usage line
+    p.set_defaults(command_parser=p)
     return p
 
 
