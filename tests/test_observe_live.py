@@ -177,7 +177,12 @@ def test_web_ui_gets_a_target_tab_and_json_route(monkeypatch):
 LOCUSTFILE = '''
 from locust import User, constant, events, task
 
+from loadkit.plugin import live_collector
 from loadkit.plugin.live_collector import attach_collector
+
+# the status line every 0.5 s, not 2 s: a loaded machine leaves the users only part of -t 5s
+# (Locust's run-time timer starts from a clock read before this file's imports)
+live_collector.STATUS_INTERVAL_S = 0.5
 
 
 @events.test_start.add_listener
