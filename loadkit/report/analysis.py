@@ -383,9 +383,15 @@ def verdict(s: ReportSummary) -> None:
         if d.headroom_pct is not None and d.headroom_pct < 0:
             fail.append(f"DNS ({d.scenario}): the forecast peak is above what the service absorbs; {d.recommendation}")
         elif d.mode == "burst" and not d.is_lower_bound and d.burst_queries and d.forecast_peak_burst_queries is None:
-            warn.append(f"DNS ({d.scenario}): bursts of {d.burst_queries:,.0f} queries offered overflowed the "
-                        f"receive buffer, which absorbs ≈ {d.largest_burst_without_loss_queries or 0:,.0f} "
-                        "(no forecast burst to judge them by: --forecast-peak-burst-queries N)")
+            if d.drops_counted:
+                warn.append(f"DNS ({d.scenario}): bursts of {d.burst_queries:,.0f} queries offered overflowed the "
+                            f"receive buffer, which absorbs ≈ {d.largest_burst_without_loss_queries or 0:,.0f} "
+                            "(no forecast burst to judge them by: --forecast-peak-burst-queries N)")
+            else:
+                warn.append(f"DNS ({d.scenario}): no collector counted the server's drops, so whether bursts of "
+                            f"{d.burst_queries:,.0f} queries overflowed is not known; the model puts the largest "
+                            f"burst without loss at ≈ {d.largest_burst_without_loss_queries or 0:,.0f} "
+                            "(run with --collect-udp-port PORT)")
     warn += [f"{c.service} {c.metric} ({c.scenario}) regressed {c.change:+.1f} {c.change_unit} against "
              f"{s.baseline_release}" for c in s.regressions]
     aborted_by_gate = {g.run_id for g in s.gates if g.name == "no_abort"}

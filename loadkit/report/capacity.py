@@ -195,12 +195,12 @@ def _burst_figures(run: RunData, row: DnsRun, notes: list[str]) -> None:
         row.burst_window_s = num(fit.burst_window_s) or 0.0
     size, window_s = row.burst_queries or 0.0, row.burst_window_s or 0.0
     absorbed = num(fit.max_burst_in_window(window_s))
-    # no drop counted (none, or no collector to count them: the fit's own judgement, said in its
-    # caveat and in a note): every burst offered counts as absorbed, a lower bound
-    row.largest_burst_is_lower_bound = bool(size and not row.drops_n)
+    row.largest_burst_is_lower_bound = bool(size and row.drops_n == 0)
     if size and row.drops_n is None:
+        # nothing to tell absorbed from overflowed: the model's figures from the answers stand alone
         notes.append(f"DNS run {run.run_id}: no drops were counted (no collector sampled the server's socket "
-                     "or the host's UDP counters: --collect-udp-port PORT); its bursts count as absorbed")
+                     "or the host's UDP counters: --collect-udp-port PORT); its burst figures are the model's, "
+                     "from the answers")
     if row.largest_burst_is_lower_bound:  # every burst offered was absorbed: at least that much
         absorbed = max(size, absorbed or 0.0)
     row.largest_burst_without_loss_queries = absorbed
@@ -246,8 +246,7 @@ def dns_capacity(runs: Sequence[RunData], rows: Sequence[DnsRun], scenario: str,
         peak = forecast_peak_burst_queries or forecast(runs, "forecast_peak_burst_queries")
         absorbed = d.largest_burst_without_loss_queries
         if d.largest_burst_is_lower_bound:
-            recommendation = ("none: no drops at the server's socket" if d.drops_n == 0 else
-                              "none known: no collector counted drops at the server")
+            recommendation = "none: no drops at the server's socket"
         elif d.rcvbuf_needed_bytes:
             recommendation = so_rcvbuf_advice(d.rcvbuf_needed_bytes)
         else:
@@ -255,6 +254,7 @@ def dns_capacity(runs: Sequence[RunData], rows: Sequence[DnsRun], scenario: str,
         return DnsCapacity(
             mode="burst", burst_queries=d.burst_queries, burst_window_s=d.burst_window_s,
             largest_burst_without_loss_queries=absorbed, is_lower_bound=d.largest_burst_is_lower_bound,
+            drops_counted=d.drops_n is not None,
             forecast_peak_burst_queries=peak, drop_onset_qps=d.drop_onset_qps,
             peak_offered_qps=d.peak_offered_qps,
             headroom_pct=_headroom(absorbed, peak, d.largest_burst_is_lower_bound),
@@ -270,7 +270,8 @@ def dns_capacity(runs: Sequence[RunData], rows: Sequence[DnsRun], scenario: str,
     fq = common["forecast_peak_qps"]
     return DnsCapacity(
         mode="rate", burst_queries=None, burst_window_s=None, largest_burst_without_loss_queries=None,
-        is_lower_bound=not onsets, forecast_peak_burst_queries=None,
+        is_lower_bound=not onsets, drops_counted=any(r.drops_n is not None for r in rows),
+        forecast_peak_burst_queries=None,
         drop_onset_qps=num(min(onsets)) if onsets else None, peak_offered_qps=num(max(peaks)) if peaks else None,
         headroom_pct=_headroom(fall, fq, not onsets),
         recommendation=f"rate limit ≤ {limit:,.0f} queries/s" if limit else "",

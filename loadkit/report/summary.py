@@ -127,6 +127,9 @@ class DnsCapacity(_Row):
     burst_window_s: float | None
     largest_burst_without_loss_queries: float | None
     is_lower_bound: bool  #: nothing was dropped: capacity is at least the figure
+    #: a collector counted the server's drops (False: the figures are the model's alone, from the
+    #: answers, and whether bursts overflowed is not known)
+    drops_counted: bool
     forecast_peak_burst_queries: float | None  #: only from [gates] forecast_peak_burst_queries
     forecast_peak_qps: float | None  #: only from --forecast-peak-qps or [gates] forecast_peak_qps
     drop_onset_qps: float | None  #: lowest offered rate of an interval with drops
