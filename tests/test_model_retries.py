@@ -353,11 +353,14 @@ def test_a_trigger_before_the_first_whole_interval_takes_its_baseline_from_the_p
     given = {"trigger_start_unix_s": S0 + trigger_start_s} if trigger_start_s else {}
     res = metastability(run, **given)
     assert not any("no traffic before the trigger" in c for c in res.caveats), res.caveats
-    assert any(f"baseline from the {span_s:.1f} s between the run's start" in c for c in res.caveats), res.caveats
+    assert any("baseline goodput and amplification from the" in c for c in res.caveats), res.caveats
+    # the demand from the busy intervals, not counts over a span whose start is not known (Locust
+    # begins sending a second or more after the record starts)
     assert res.baseline_original_qps == pytest.approx(1000.0, rel=0.05)
     # the server answered its 950/s of it: the baseline is that lossy path, not goodput 1
-    assert res.baseline_goodput_ratio == pytest.approx(950.0 / res.baseline_original_qps, rel=1e-6)
-    assert res.baseline_amplification == pytest.approx(1.0)
+    # (answered over offered, as every interval's goodput: about 950 of the ~1,000 a second sent)
+    assert 0.90 < res.baseline_goodput_ratio < 0.96
+    assert res.baseline_amplification == pytest.approx(1.0, abs=0.05)
     assert res.verdict == "recovers", res.summary()
 
 

@@ -555,32 +555,31 @@ def _trigger(run: RunData, amp: pd.DataFrame, end_unix_s: float | None) -> tuple
 
 
 def _partial_before(run: RunData, start: float, prefix: str, caveats: list[str]) -> tuple[pd.DataFrame, str]:
-    """The counters from the run's start to their last sample at or before the trigger, as one
-    interval (columns of :func:`retry_amplification`), for a trigger that comes before the first
-    whole interval ends (a burst 2 s into a run sampled every 2 s). The counters are cumulative
-    from zero at the run's start, so a partial interval still gives rates. Empty, with what to
-    say instead, when no sample precedes the trigger or none of it carried traffic."""
+    """The counters up to their last sample at or before the trigger, as one interval (columns of
+    :func:`retry_amplification`), for a trigger that comes before the first whole interval ends (a
+    burst 2 s into a run sampled every 2 s). The counters are cumulative from zero, so their counts
+    give the goodput and the amplification; not a rate: when the load began within that span is not
+    recorded (Locust starts a second or more after the record), so ``original_qps`` is left NaN
+    and :func:`_baseline` takes the demand from the busy intervals. Empty, with what to say
+    instead, when no sample precedes the trigger or none of it carried traffic."""
     original, retry = counters.offered_parts(prefix)
     inc = {m: counters.increments(run, m) for m in (original, retry, f"{prefix}.answered")}
     t = inc[original].index.to_numpy(dtype=float)
     upto = t[t <= start + 1e-6]
     started = run.manifest.get("started_unix_s")
-    if not isinstance(started, (int, float)) or not math.isfinite(started):
-        return pd.DataFrame(), "no whole counter interval before the trigger, and no run start to rate the partial one"
-    if not len(upto) or upto[-1] <= started:
+    at_start = isinstance(started, (int, float)) and len(upto) and upto[-1] <= started  # counts nothing yet
+    if not len(upto) or at_start:
         return pd.DataFrame(), "no counter sample before the trigger (it came within the run's first interval)"
     last = float(upto[-1])
     n = {m: float(s[s.index.to_numpy(dtype=float) <= last + 1e-6].sum()) for m, s in inc.items()}
     if n[original] <= 0:
         return pd.DataFrame(), "no traffic before the trigger"
-    span_s = last - float(started)
-    caveats.append(f"baseline from the {span_s:.1f} s between the run's start and its last counter sample before "
-                   "the trigger (no whole interval before it)")
-    row = {"interval_s": span_s, "original_qps": n[original] / span_s, "retry_qps": n[retry] / span_s}
-    row["offered_qps"] = row["original_qps"] + row["retry_qps"]
-    row["answered_qps"] = n[f"{prefix}.answered"] / span_s
-    row["amplification"] = row["offered_qps"] / row["original_qps"]
-    row["goodput_ratio"] = row["answered_qps"] / row["offered_qps"]
+    caveats.append(f"baseline goodput and amplification from the {n[original]:,.0f} queries before the trigger (no "
+                   "whole counter interval before it); its demand from the median of the busy intervals")
+    offered = n[original] + n[retry]
+    row = {"interval_s": math.nan, "original_qps": math.nan, "retry_qps": math.nan, "offered_qps": math.nan,
+           "answered_qps": math.nan, "amplification": offered / n[original],
+           "goodput_ratio": n[f"{prefix}.answered"] / offered}
     return pd.DataFrame([row], index=pd.Index([last], name="ts_unix_s")), ""
 
 
@@ -591,10 +590,14 @@ def _baseline(before: pd.DataFrame, busy: pd.DataFrame, caveats: list[str],
     if not len(before):
         caveats.append(f"{none_before}: baseline assumed lossless (goodput 1, 1.00×)")
         return float(busy["original_qps"].median()), 1.0, 1.0
-    good = _ratio(before, "answered_qps", "offered_qps")
-    amp = _ratio(before, "offered_qps", "original_qps")
-    return (float(before["original_qps"].median()), good if math.isfinite(good) else 1.0,
-            amp if math.isfinite(amp) else 1.0)
+    if before["original_qps"].isna().all():  # a partial interval: counts without a rate
+        good, amp = float(before["goodput_ratio"].iloc[-1]), float(before["amplification"].iloc[-1])
+        orig = float(busy["original_qps"].median())
+    else:
+        good = _ratio(before, "answered_qps", "offered_qps")
+        amp = _ratio(before, "offered_qps", "original_qps")
+        orig = float(before["original_qps"].median())
+    return orig, good if math.isfinite(good) else 1.0, amp if math.isfinite(amp) else 1.0
 
 
 def _table_admissions(run: RunData, post_s: float, caveats: list[str]) -> float | None:
