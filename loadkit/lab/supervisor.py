@@ -13,7 +13,10 @@ each proxy; a proxy has **fallen** when
 ``proxy_restart_after_s`` after it fell, the supervisor kills what is left in the proxy's cgroup
 (lifting the limit first, so stalled tasks can run to their exit), puts the limit back, starts
 dovecot again with the same configuration in the same cgroups, and writes the new PID to the state
-file, so ``lab status`` and ``lab down`` see the proxy it now runs. Each proxy is restarted at most
+file, so ``lab status`` and ``lab down`` see the proxy it now runs. Proxies due in the same look
+are cleared together and started one after another, and no look waits for a restarted one to
+accept connections (later looks check), so in a mass fall-over the last is not restarted seconds
+after the first. Each proxy is restarted at most
 ``proxy_restarts_max`` times; each restart is a line in ``logs/supervisor.log`` and an entry in the
 state file's ``restarts`` (``lab status`` counts them per proxy). A collector watching the proxy
 sees the master exit and a new one start (``process_exited``, ``process_restarted``), and its
@@ -41,6 +44,8 @@ log = logging.getLogger(__name__)
 POLL_S = 0.25
 #: seconds the leftovers of a fallen proxy get to leave its cgroup before it is started again
 DRAIN_TIMEOUT_S = 5.0
+#: seconds a restarted proxy gets to accept connections before a warning says it does not
+ACCEPT_TIMEOUT_S = 10.0
 
 
 def command(lab_dir: Path) -> list[str]:
@@ -73,6 +78,8 @@ class Supervisor:
         self.config = LabConfig.from_dict({**state["config"], "dir": lab_dir})
         #: proxy name -> perf_counter() when it was first seen fallen (absent: up)
         self.fallen_since: dict[str, float] = {}
+        #: restarted proxy name -> (process, its ports, monotonic deadline to accept connections)
+        self.restarted: dict[str, tuple[Any, tuple[int, int], float]] = {}
 
     def loop(self, stop: Any) -> None:
         cfg = self.config
@@ -88,11 +95,15 @@ class Supervisor:
                 if reason is not None:
                     due.append((comp, reason))
             if due and not stop():
-                # proxies that fell together are restarted together: cleared as one, started one
-                # after the other, waited for as one, so the last of a mass fall-over (each stalled
-                # at its memory limit) is not restarted many seconds after the first
+                # proxies found down in the same look are cleared as one and started one after the
+                # other; nobody waits for a restarted one to accept connections (later looks check
+                # that), so the last of a mass fall-over is not restarted seconds after the first
                 self._clear_all([comp for comp, _reason in due])
-                self._wait_accepting([self._restart(state, comp, reason) for comp, reason in due])
+                if stop():
+                    return  # lab down is under way: start nothing new
+                for comp, reason in due:
+                    self._restart(state, comp, reason)
+            self._check_restarted()
             time.sleep(POLL_S)
 
     def _due(self, state: dict[str, Any], comp: dict[str, Any]) -> str | None:
@@ -123,8 +134,8 @@ class Supervisor:
             return "stalled at its memory limit"
         return None
 
-    def _restart(self, state: dict[str, Any], comp: dict[str, Any], reason: str) -> tuple[str, Any]:
-        """Start a cleared proxy again; ``(name, started)`` to wait for."""
+    def _restart(self, state: dict[str, Any], comp: dict[str, Any], reason: str) -> None:
+        """Start a cleared proxy again; later looks check that it accepts connections."""
         name, cfg = comp["name"], self.config
         memory = Path(comp["cgroup"]) if comp.get("cgroup") else None
         cpu = Path(comp["cpu_cgroup"]) if comp.get("cpu_cgroup") else None
@@ -152,27 +163,23 @@ class Supervisor:
         self._write(state)  # at once: lab down must find the new master even mid-restart
         log.info("%s %s; restarted (%d of at most %d): pid %d, was %d", name, reason, len(done),
                  cfg.proxy_restarts_max, started.pid, previous)
-        return name, started
+        self.restarted[name] = (started, cfg.proxy_ports(n), time.monotonic() + ACCEPT_TIMEOUT_S)
 
-    def _wait_accepting(self, started: list[tuple[str, Any]]) -> None:
-        """Wait (bounded) until every restarted proxy accepts connections on its ports; one warning
-        for each that does not, or that exited at once."""
-        cfg = self.config
-        waiting = {name: (started_proc, cfg.proxy_ports(int(name[len("proxy"):]))) for name, started_proc in started}
-        deadline = time.monotonic() + DRAIN_TIMEOUT_S * 2
-        while time.monotonic() < deadline:
-            for name, (proc, ports) in list(waiting.items()):
-                if procs.alive(*proc) and all(procs.tcp_open(cfg.address, p) for p in ports):
-                    del waiting[name]
-            if all(not procs.alive(*proc) for proc, _ports in waiting.values()):
-                break  # every one accepts (nothing left to wait for), or exited
-            time.sleep(0.05)
-        for name, (proc, _ports) in waiting.items():
-            if procs.alive(*proc):
-                log.warning("%s restarted as pid %d but does not accept connections yet", name, proc.pid)
-            else:
-                log.warning("%s: the restarted pid %d exited at once; see %s", name, proc.pid,
+    def _check_restarted(self) -> None:
+        """Forget each restarted proxy once it accepts connections on its ports; one warning for one
+        that does not within :data:`ACCEPT_TIMEOUT_S`, or that exited at once."""
+        for name, (started, ports, deadline) in list(self.restarted.items()):
+            if not procs.alive(*started):
+                log.warning("%s: the restarted pid %d exited at once; see %s", name, started.pid,
                             self.dir / "logs" / f"dovecot-{name}.log")
+            elif all(procs.tcp_open(self.config.address, p) for p in ports):
+                log.info("%s accepts connections again (pid %d)", name, started.pid)
+            elif time.monotonic() > deadline:
+                log.warning("%s restarted as pid %d but does not accept connections after %.0f s", name,
+                            started.pid, ACCEPT_TIMEOUT_S)
+            else:
+                continue
+            del self.restarted[name]
 
     def _clear_all(self, comps: list[dict[str, Any]]) -> None:
         """Stop what is left of fallen proxies: their masters and every process in their cgroups."""
