@@ -124,6 +124,17 @@ def latency_bucket_upper_s(index: int) -> float:
     return 2.0 ** ((index + 1) / LATENCY_BUCKETS_PER_OCTAVE) / 1e6
 
 
+def percentile_edge_s(index: int, max_s: float | None = None) -> float:
+    """What a percentile that falls in bucket ``index`` reports: the bucket's upper edge, capped at
+    ``max_s`` (the exact largest latency of the same requests) when that lies inside the bucket,
+    so the top bucket's edge never reads above every latency seen. A ``max_s`` outside the bucket
+    (none, or from other requests) leaves the edge."""
+    edge = latency_bucket_upper_s(index)
+    if max_s is not None and edge / (1.0 + LATENCY_BUCKET_ERROR) <= max_s * (1.0 + 1e-9) < edge:
+        return float(max_s)
+    return edge
+
+
 def nearest_rank(q: float, n: int) -> int:
     """The 1-based rank of the ``q`` quantile (0..1) among ``n`` values: ``ceil(q * n)``, at least 1
     (nearest rank, as HdrHistogram does)."""

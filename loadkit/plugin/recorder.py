@@ -298,9 +298,9 @@ def interval_rows(
                 counts, source = buckets_from_locust_ms(delta), "locust"
                 max_s = (max(delta) if delta else 0) / 1000.0
             buckets += _bucket_rows(now_unix_s, interval_s, str(method), str(name), counts, source)
-            # a fine histogram's exact maximum caps its top bucket's edge, as in record.latency
-            cap_s = max_s if source == "fine" and max_s > 0 else float("inf")
-            pct = lambda q: min(percentile_of_counts(counts, q) or 0.0, cap_s)  # noqa: E731
+            # a fine histogram's exact maximum caps its top bucket's edge, as every figure does
+            cap_s = max_s if source == "fine" else None
+            pct = lambda q: percentile_of_counts(counts, q, cap_s) or 0.0  # noqa: E731
             rows.append(
                 RequestInterval(
                     ts_unix_s=now_unix_s,

@@ -33,8 +33,8 @@ from loadkit.schema import (
     RUN_LAYOUT,
     SESSION_HOLD_NAMES,
     latency_bucket,
-    latency_bucket_upper_s,
     nearest_rank,
+    percentile_edge_s,
 )
 
 #: Locust writes <run>/locust/<prefix>_stats.csv (``loadkit run`` passes --csv with this prefix)
@@ -72,9 +72,11 @@ def _error_note(source: str) -> str:
     return f"bucket upper edge of Locust's rounded ms: up to +0.5 ms or +5 %, then {edge}"
 
 
-def percentile_of_counts(counts: Mapping[int, int] | pd.Series, q: float) -> float | None:
+def percentile_of_counts(counts: Mapping[int, int] | pd.Series, q: float, max_s: float | None = None) -> float | None:
     """The ``q`` quantile (0..1) in seconds of merged bucket counts (bucket index -> count): the
-    upper edge of the bucket holding rank ``ceil(q * n)``; None when there are no counts."""
+    upper edge of the bucket holding rank ``ceil(q * n)``, capped at ``max_s`` (the same requests'
+    exact largest latency, when known) by :func:`~loadkit.schema.percentile_edge_s`; None when
+    there are no counts."""
     nearest_rank(q, 1)  # checks q before the empty case returns
     series = counts if isinstance(counts, pd.Series) else pd.Series(dict(counts), dtype="int64")
     series = series[series > 0].sort_index()
@@ -84,7 +86,7 @@ def percentile_of_counts(counts: Mapping[int, int] | pd.Series, q: float) -> flo
     rank = nearest_rank(q, n)
     cumulative = series.cumsum()
     index = int(cumulative.index[cumulative.searchsorted(rank)])
-    return latency_bucket_upper_s(index)
+    return percentile_edge_s(index, max_s)
 
 
 def locust_key_upper_s(key_ms: int) -> float:
@@ -117,8 +119,8 @@ class _Loaded(NamedTuple):
 
 
 def load_latency(run: Any) -> Any:
-    """``run`` itself when it holds its tables (RunData), else its directory's latency table read
-    once (pass the result to several of these functions instead of the directory)."""
+    """``run`` itself when it holds its tables (RunData), else its directory's latency and requests
+    tables read once (pass the result to several of these functions instead of the directory)."""
     if getattr(run, "latency", None) is not None:
         return run
     from loadkit.record.reader import read_table
@@ -174,34 +176,36 @@ def percentile(run: Any, q: float, *, request_type: str | None = None, name: str
         return _from_locust_csv(run, q, request_type, name, windowed=windowed)
     rows = select(run, request_type=request_type, name=name, start_unix_s=start_unix_s, end_unix_s=end_unix_s)
     counts = rows.groupby("bucket_index")["count_n"].sum() if len(rows) else pd.Series(dtype="int64")
-    value = percentile_of_counts(counts, q)
+    sources = sorted(rows["source"].unique()) if len(rows) else []
+    source = "fine" if sources == ["fine"] else "locust" if sources == ["locust"] else "fine+locust"
+    # a generator's exact maximum caps the top bucket's edge, as its own console line does, so the
+    # run shows one figure (Locust's maximum is not one: its requests keep their edges)
+    top_s = _max_s(select_requests(run, request_type, name, start_unix_s, end_unix_s)) if source == "fine" else None
+    value = percentile_of_counts(counts, q, top_s)
     if value is None:
         return Percentile(q, None, 0, "none", f"{label_q}: no requests completed in this window")
     n = int(counts.sum())
-    sources = sorted(set(rows["source"]))
-    source = "fine" if sources == ["fine"] else "locust" if sources == ["locust"] else "fine+locust"
-    if source == "fine":
-        # the edge of the top bucket can lie above every latency seen; the generator's exact
-        # maximum caps it, as its own console line does, so the run shows one figure
-        # (only a maximum inside the rank's bucket: one below it would be another table's slip)
-        top_s = _window_max_s(run, request_type, name, start_unix_s, end_unix_s)
-        if top_s is not None and value / (1.0 + LATENCY_BUCKET_ERROR) <= top_s * (1.0 + 1e-9) < value:
-            value = top_s
     note = _error_note("fine" if source == "fine" else "locust")
     return Percentile(q, value, n, source, f"{label_q} ≤ {format_latency(value)} ({note}; {n:,} requests)")
 
 
-def _window_max_s(run: Any, request_type: str | None, name: str | None,
-                  start_unix_s: float | None, end_unix_s: float | None) -> float | None:
-    """The largest latency recorded in the window (RequestInterval ``latency_max_s``: exact for a
-    generator's fine histogram), None when the requests table has none."""
+def select_requests(run: Any, request_type: str | None = None, name: str | None = None,
+                    start_unix_s: float | None = None, end_unix_s: float | None = None) -> pd.DataFrame:
+    """The run's RequestInterval rows of the same selection and window as :func:`select` (empty
+    when the run has no requests table)."""
     requests = getattr(run, "requests", None)
-    if requests is None or requests.empty or "latency_max_s" not in requests:
-        return None
-    rows = _window(requests, request_type=request_type, name=name, start_unix_s=start_unix_s,
+    if requests is None or requests.empty:
+        return pd.DataFrame()
+    return _window(requests, request_type=request_type, name=name, start_unix_s=start_unix_s,
                    end_unix_s=end_unix_s)
-    rows = rows[rows["requests_n"] > 0]
-    return float(rows["latency_max_s"].max()) if len(rows) else None
+
+
+def _max_s(requests: pd.DataFrame) -> float | None:
+    """The largest ``latency_max_s`` of intervals that completed requests; None without one."""
+    if requests.empty or "latency_max_s" not in requests:
+        return None
+    done = requests[requests["requests_n"] > 0]
+    return float(done["latency_max_s"].max()) if len(done) else None
 
 
 def percentile_s(run: Any, q: float, *, request_type: str | None = None, name: str | None = None,
@@ -217,15 +221,27 @@ def percentile_series(run: Any, q: float, *, request_type: str | None = None,
     ``q`` quantile of that interval's requests of the type/name, all of them when None). For plots
     over time; a run's single figure is :func:`percentile`, not an average of these."""
     columns = ["ts_unix_s", "interval_s", "requests_n", "latency_s"]
+    run = load_latency(run)
     rows = select(run, request_type=request_type, name=name)
     if rows.empty:
         return pd.DataFrame({c: pd.Series(dtype="float64") for c in columns})
+    tops = _max_by(select_requests(run, request_type, name), ["ts_unix_s"])
     out = []
     for ts, part in rows.groupby("ts_unix_s", sort=True):
         counts = part.groupby("bucket_index")["count_n"].sum()
-        value_s = percentile_of_counts(counts, q)
+        top_s = tops.get(ts) if list(part["source"].unique()) == ["fine"] else None
+        value_s = percentile_of_counts(counts, q, top_s)
         out.append((float(ts), float(part["interval_s"].max()), int(counts.sum()), value_s))
     return pd.DataFrame(out, columns=columns)
+
+
+def _max_by(requests: pd.DataFrame, keys: list[str]) -> dict:
+    """The largest ``latency_max_s`` per group of ``keys`` (a tuple key for several), over
+    intervals that completed requests: one groupby for every group's cap."""
+    if requests.empty or "latency_max_s" not in requests:
+        return {}
+    done = requests[requests["requests_n"] > 0]
+    return done.groupby(keys if len(keys) > 1 else keys[0])["latency_max_s"].max().to_dict()
 
 
 def percentiles_by_name(run: Any, qs: tuple[float, ...] = (0.5, 0.9, 0.99)) -> pd.DataFrame:
@@ -239,11 +255,14 @@ def percentiles_by_name(run: Any, qs: tuple[float, ...] = (0.5, 0.9, 0.99)) -> p
     columns = ["request_type", "name", "requests_n", "source"] + [_column(q) for q in qs]
     if rows.empty:
         return pd.DataFrame(columns=columns)
+    tops = _max_by(select_requests(run), ["request_type", "name"])
     out = []
     for (request_type, name), part in rows.groupby(["request_type", "name"], sort=True):
-        sources = sorted(set(part["source"]))
-        out.append([request_type, name, int(part["count_n"].sum()), "+".join(sources)]
-                   + [percentile_s(run, q, request_type=request_type, name=name) for q in qs])
+        counts = part.groupby("bucket_index")["count_n"].sum()
+        sources = sorted(part["source"].unique())
+        top_s = tops.get((request_type, name)) if sources == ["fine"] else None
+        out.append([request_type, name, int(counts.sum()), "+".join(sources)]
+                   + [percentile_of_counts(counts, q, top_s) for q in qs])
     return pd.DataFrame(out, columns=columns)
 
 

@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from loadkit.generate.wiring import attach
-from loadkit.schema import LATENCY_BUCKET_ERROR, LATENCY_BUCKETS_PER_OCTAVE, latency_bucket_upper_s, nearest_rank
+from loadkit.schema import LATENCY_BUCKET_ERROR, LATENCY_BUCKETS_PER_OCTAVE, nearest_rank, percentile_edge_s
 
 #: buckets per doubling of latency
 BUCKETS_PER_OCTAVE = LATENCY_BUCKETS_PER_OCTAVE
@@ -120,13 +120,13 @@ class LatencyHistogram:
         for b in sorted(self.counts):
             seen += self.counts[b]
             if seen >= rank:
-                return min(latency_bucket_upper_s(b), self.max_s)
+                return percentile_edge_s(b, self.max_s)
         return self.max_s
 
     def items_s(self) -> list[tuple[float, int]]:
         """``(upper edge in seconds, clamped to the largest latency seen, count)`` per non-empty
         bucket, ascending: what Locust's statistics get, so they do not under-report either."""
-        return [(min(latency_bucket_upper_s(b), self.max_s), self.counts[b]) for b in sorted(self.counts)]
+        return [(percentile_edge_s(b, self.max_s), self.counts[b]) for b in sorted(self.counts)]
 
     def to_dict(self) -> dict:
         return {
