@@ -328,8 +328,9 @@ def _table(run: RunData, *, strict: bool = False) -> tuple[pd.DataFrame, list[st
         raise ModelError(f"run {run.run_id} has no 'firewall' samples (samples/firewall: ts_unix_s, entries_n, "
                          "size_n, drops_n): record the run with a collector that watches the firewall")
     caveats: list[str] = []
-    tokens = [str(t)[len("udp://"):].rpartition(":")[0].strip("[]").replace(".", "_").replace(":", "_")
-              for t in run.manifest.get("targets") or [] if str(t).startswith("udp://")]
+    # the lab names each table after the address it guards, dots and colons as underscores
+    target = _target_endpoint(run)
+    tokens = [target[0].replace(".", "_").replace(":", "_")] if target else []
     if "firewall" in fw and (fw["firewall"].nunique() > 1 or (strict and tokens)):
         mine = fw[fw["firewall"].astype(str).map(lambda name: any(f"_{tok}_" in name for tok in tokens if tok))]
         if mine["firewall"].nunique() == 1:
@@ -360,14 +361,11 @@ def table_capacity(run: RunData) -> tuple[float, float] | None:
 
 
 def _target_endpoint(run: RunData) -> tuple[str, int] | None:
-    for t in run.manifest.get("targets") or []:
-        if str(t).startswith("udp://"):
-            host, _, port = str(t)[len("udp://"):].rpartition(":")
-            try:
-                return host.strip("[]"), int(port)
-            except ValueError:
-                return None
-    return None
+    """(address, port) of the run's DNS target, None when it names none."""
+    from loadkit.model.udp import udp_target  # the one reader of a run's udp:// target
+
+    address, port = udp_target(run)
+    return (address, port) if address and port is not None else None
 
 
 def server_queue(run: RunData) -> tuple[float | None, float | None, list[str]]:
