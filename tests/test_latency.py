@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import csv
 import json
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -191,25 +194,50 @@ p50_latency_s = 0.5
 
 
 @pytest.mark.lab
-def test_a_plain_dns_run_records_its_target_and_prints_the_p99_runs_show_gives(lab, tmp_path: Path) -> None:
+def test_a_plain_dns_run_records_its_target_prints_the_p99_runs_show_gives_and_can_be_scraped(
+        lab, tmp_path: Path) -> None:
     host, port = lab.dns
+    listen = _free_port()
     cmd = [sys.executable, "-m", "locust", "-f", str(ROOT / "locustfiles" / "dns_burst.py"), "--headless",
-           "-u", "1", "-r", "1", "-t", "3s", "--host", f"{host}:{port}", "--dns-names-file", str(lab.names_file),
-           "--dns-rate", "300", "--dns-burst-size", "200", "--dns-burst-period", "2", "--dns-first-burst", "1",
-           "--record-dir", str(tmp_path / "runs"), "--run-id", "plain", "--stop-timeout", "2"]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert res.returncode in (0, 1), res.stderr[-2000:]
+           "-u", "1", "-r", "1", "-t", "4s", "--host", f"{host}:{port}", "--dns-names-file", str(lab.names_file),
+           "--dns-rate", "300", "--dns-burst-size", "100", "--dns-burst-period", "2", "--dns-first-burst", "1",
+           "--record-dir", str(tmp_path / "runs"), "--run-id", "plain", "--stop-timeout", "2",
+           "--metrics-listen", f"127.0.0.1:{listen}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    offered = 0.0
+    try:  # a headless run has no web UI: --metrics-listen serves the load side's /metrics
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and proc.poll() is None and offered <= 0:
+            try:
+                text = urllib.request.urlopen(f"http://127.0.0.1:{listen}/metrics", timeout=2).read().decode()
+                offered = next((float(line.split()[-1]) for line in text.splitlines()
+                                if line.startswith("loadkit_dns_offered_total ")), 0.0)
+            except OSError:
+                pass  # not listening yet
+            time.sleep(0.3)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode in (0, 1), stderr[-2000:]
+    assert offered > 0, "the load side's offered counter was scraped while the run went on"
     run = load_run(tmp_path / "runs" / "plain")
     # no profile named the target: the record names where the generator sent
     assert run.manifest["targets"] == [f"udp://{host}:{port}"]
     shown = _loadkit("runs", "show", str(tmp_path / "runs" / "plain"))
     assert f"udp://{host}:{port}" in shown.stdout
     # the console's fine-histogram line and runs show give one p99 (the console in whole µs)
-    [line] = [ln for ln in res.stderr.splitlines() if "DNS answer latency (fine histogram)" in ln]
+    [line] = [ln for ln in stderr.splitlines() if "DNS answer latency (fine histogram)" in ln]
     console_us = float(line.split("p99<=")[1].split("us")[0])
     failures = int(run.requests["failures_n"].sum())
     if failures == 0:  # the console counts answers; the record counts failures' times too
         assert abs(latency.percentile_s(run, 0.99) * 1e6 - console_us) <= 0.5, line
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 #: Locust's own percentiles of each entry of a --json-file, computed by Locust in a child

@@ -118,16 +118,16 @@ class LoadMetrics:
 
 #: longest failure class label; a longer one keeps its start and a digest of the whole, so two
 #: messages that share their first characters stay two series
-LABEL_MAX = 120
+LABEL_MAX_CHARS = 120
 
 
 def failure_label(text: str) -> str:
-    """A failure's ``class`` label: the text itself up to :data:`LABEL_MAX` characters, else its
+    """A failure's ``class`` label: the text itself up to :data:`LABEL_MAX_CHARS` characters, else its
     start and ``~`` and 8 hex digits of its SHA-1 (one series per distinct message)."""
-    if len(text) <= LABEL_MAX:
+    if len(text) <= LABEL_MAX_CHARS:
         return text
     digest = hashlib.sha1(text.encode("utf-8", "replace")).hexdigest()[:8]
-    return f"{text[:LABEL_MAX - 9]}~{digest}"
+    return f"{text[:LABEL_MAX_CHARS - 9]}~{digest}"
 
 
 def _registry(environment: Any) -> CollectorRegistry:
@@ -141,11 +141,14 @@ def serve_metrics(environment: Any, listen: str) -> Any:
     HTTP server, for a run without a web UI; stopped at ``quitting``. Returns the server."""
     from prometheus_client.exposition import start_http_server
 
-    from loadkit.errors import ProfileError
+    from loadkit.errors import LoadkitError, ProfileError
     from loadkit.observe.exporter import parse_listen
     from loadkit.observe.webconfig import is_loopback
 
-    host, port = parse_listen(listen)
+    try:
+        host, port = parse_listen(listen)
+    except LoadkitError as err:
+        raise ProfileError(f"--metrics-listen {listen!r} is not HOST:PORT (e.g. 127.0.0.1:9646)") from err
     if not is_loopback(host):
         raise ProfileError(f"--metrics-listen {listen}: only a loopback address (the load side's /metrics "
                            "has no login); beyond loopback, run with the web UI and --web-login")
@@ -153,8 +156,14 @@ def serve_metrics(environment: Any, listen: str) -> Any:
         server, _thread = start_http_server(port, addr=host.strip("[]"), registry=_registry(environment))
     except OSError as err:
         raise ProfileError(f"--metrics-listen {listen}: cannot listen there ({err.strerror})") from err
-    environment.events.quitting.add_listener(lambda **_kw: server.shutdown())
-    log.info("serving the load side's metrics at http://%s:%d/metrics", host, server.server_port)
+
+    def _stop(**_kw: Any) -> None:
+        server.shutdown()
+        server.server_close()
+
+    environment.events.quitting.add_listener(_stop)
+    shown = f"[{host.strip('[]')}]" if ":" in host else host
+    log.info("serving the load side's metrics at http://%s:%d/metrics", shown, server.server_port)
     return server
 
 

@@ -200,8 +200,12 @@ def _on_init(environment: Any, **_kw: Any) -> None:
         if options.abort_cgroup_memory_fraction > 0 and not (options.collect_group or options.collector):
             raise ProfileError("--abort-cgroup-memory-fraction needs a collector to read the memory from: "
                                "--collect-group NAME=cgroup:PATH or --collector URL")
-        if getattr(options, "metrics_listen", "") and getattr(environment, "web_ui", None) is None:
-            serve_metrics(environment, options.metrics_listen)
+        if getattr(options, "metrics_listen", ""):
+            if getattr(environment, "web_ui", None) is None:
+                serve_metrics(environment, options.metrics_listen)
+            else:
+                log.warning("--metrics-listen %s not used: the web UI serves /metrics on its own port",
+                            options.metrics_listen)
     except LoadkitError as err:
         exit_on_user_error(err)
     if getattr(options, "record_dir", ""):
