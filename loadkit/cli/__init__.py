@@ -25,10 +25,10 @@ from loadkit.stop_signals import own_stop_signals
 from ._common import add_command
 
 #: subcommand modules, in the order of ``loadkit --help``
-_SUBCOMMANDS = ("lab", "collect", "run", "runs", "fit", "report", "demo", "kpi", "locustfile")
+_SUBCOMMANDS = ("lab", "collect", "run", "runs", "fit", "report", "demo", "kpi", "locustfile", "scenario")
 #: the extra of pyproject.toml that brings what each subcommand needs beyond the collector's packages
 EXTRA_OF = {"lab": "load", "collect": "collect", "run": "load", "runs": "models", "fit": "models",
-            "report": "report", "demo": "all", "kpi": "models", "locustfile": "load"}
+            "report": "report", "demo": "all", "kpi": "models", "locustfile": "load", "scenario": "load"}
 #: the exit status of a process that SIGPIPE ended, which is what a reader that stopped early means
 EXIT_BROKEN_PIPE = 128 + 13
 

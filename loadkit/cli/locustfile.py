@@ -1,4 +1,4 @@
-"""`loadkit locustfile [NAME]` and `loadkit scenario [NAME]`: where a shipped file is.
+"""`loadkit locustfile [NAME]` (and `loadkit scenario [NAME]`, :mod:`.scenario`): where a shipped file is.
 
     locust -f "$(loadkit locustfile dns_burst)" --headless -t 30s
     loadkit run "$(loadkit scenario burst_retry_storm)"      # or simply: loadkit run burst_retry_storm
@@ -27,10 +27,15 @@ _COMMANDS = {
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    for command, (kind, short, long, names) in _COMMANDS.items():
-        p = add_command(sub, command, _run, short, long)
-        p.add_argument("name", nargs="?", metavar="NAME", help=names)
-        p.set_defaults(shipped_kind=kind)
+    register_shipped(sub, "locustfile")
+
+
+def register_shipped(sub: argparse._SubParsersAction, command: str) -> None:
+    """``loadkit COMMAND [NAME]`` for one kind of shipped file (``locustfile`` or ``scenario``)."""
+    kind, short, long, names = _COMMANDS[command]
+    p = add_command(sub, command, _run, short, long)
+    p.add_argument("name", nargs="?", metavar="NAME", help=names)
+    p.set_defaults(shipped_kind=kind)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -114,16 +114,17 @@ def _lab_status(targets: dict, lab_dir: str | None) -> dict:
 
 
 def _profile_path(given: str) -> str:
-    """A profile file as given; a bare name that is no file (``burst_retry_storm``) is the shipped
-    scenario of that name, so an installed loadkit runs its scenarios without a checkout."""
+    """A profile file as given; a name that is no file (``burst_retry_storm``, ``smoke.toml``) is
+    the shipped scenario of that name, so an installed loadkit runs its scenarios without a checkout."""
     from pathlib import Path
 
     from loadkit import resources
     from loadkit.errors import ProfileError
 
-    if Path(given).exists() or "/" in given or given.endswith(".toml"):
+    name = given.removesuffix(".toml")
+    if Path(given).is_file() or "/" in given:
         return given
-    if given in resources.shipped_names("scenarios"):
-        return str(resources.scenario(given))
+    if name in resources.shipped_names("scenarios"):
+        return str(resources.scenario(name))
     raise ProfileError(f"profile {given} not found (no such file, and loadkit ships no scenario of that name: "
                        f"{', '.join(resources.shipped_names('scenarios'))})")
