@@ -465,8 +465,9 @@ def metastability(run: RunData, trigger_end_unix_s: float | None = None, *,
     goodput ratio is within ``goodput_tolerance`` of the baseline's and its amplification within
     ``amplification_tolerance`` of it. The end of the run is judged on its last third (at least
     3 intervals) unless ``hold_s`` says how long. A trigger before the first whole counter
-    interval ends takes its baseline from the counters since the run's start (:func:`_partial_before`). :class:`ModelError` when fewer than
-    ``min_post_s`` seconds and 3 intervals follow the trigger.
+    interval ends takes its baseline goodput and amplification from the counts before it
+    (:func:`_partial_before`). :class:`ModelError` when fewer than ``min_post_s`` seconds and 3
+    intervals follow the trigger.
     """
     amp = retry_amplification(run, prefix=prefix)
     start, end, source = _trigger(run, amp, trigger_end_unix_s)
