@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -48,6 +49,17 @@ def free_lab_address(config_overrides: dict[str, Any] | None = None, tries: int 
             continue
         return address
     raise RuntimeError(f"no free loopback address for a lab after {tries} tries: {last}")
+
+
+def own_master(host: str = "127.0.0.1") -> list[str]:
+    """Locust options for a run with ``--processes``: its master on a free loopback port of its own.
+    Locust's default master port (5557, on every interface) is one per host: a second run at the same
+    time cannot bind it (a traceback), and its forked workers join the first run's master instead."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port = s.getsockname()[1]
+    return ["--master-bind-host", host, "--master-bind-port", str(port), "--master-host", host,
+            "--master-port", str(port)]
 
 
 class _LabFactory:

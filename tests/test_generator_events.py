@@ -12,6 +12,7 @@ from pathlib import Path
 
 import gevent
 import pytest
+from conftest import own_master
 from locust.env import Environment
 
 from loadkit.errors import ProfileError
@@ -222,7 +223,7 @@ def test_one_process_records_every_burst_with_its_real_window(tmp_path: Path, re
 
 
 def test_two_worker_processes_each_record_their_share_of_each_burst(tmp_path: Path, responder: int) -> None:
-    run_dir = run_burst(tmp_path, responder, "workers", "--processes", "2")
+    run_dir = run_burst(tmp_path, responder, "workers", "--processes", "2", *own_master())
     bursts = burst_events(run_dir)
     by_worker: dict[int, list[dict]] = {}
     for e in bursts:

@@ -16,6 +16,7 @@ from pathlib import Path
 import gevent
 import numpy as np
 import pytest
+from conftest import own_master
 from locust.env import Environment
 
 from loadkit.errors import InputFileError, ProfileError
@@ -134,7 +135,7 @@ def test_a_headless_replay_over_two_workers_stops_when_both_shares_are_done(tmp_
     with FakeMailServer("pop3", "ok") as fake:
         started = time.monotonic()
         proc = subprocess.Popen(
-            [LOCUST, "-f", REPLAY, "--headless", "--processes", "2", "-u", "2", "-r", "2", "-t", "120s",
+            [LOCUST, "-f", REPLAY, "--headless", "--processes", "2", *own_master(), "-u", "2", "-r", "2", "-t", "120s",
              "--only-summary", "--host", f"127.0.0.1:{fake.port}", "--mail-accounts", str(accounts),
              "--login-log", str(path), "--mail-fetch", "0"],
             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)

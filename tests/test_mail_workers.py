@@ -15,6 +15,7 @@ from pathlib import Path
 
 import gevent
 import pytest
+from conftest import own_master
 from locust.env import Environment
 from mailfakes import FakeMailServer
 from mailrun import write_accounts
@@ -114,7 +115,7 @@ def test_one_process_logs_in_from_the_first_account(tmp_path: Path) -> None:
 
 def test_two_worker_processes_never_share_an_account(tmp_path: Path) -> None:
     with RecordingPop3() as fake:
-        err = storm(tmp_path, fake, 10, "--processes", "2")
+        err = storm(tmp_path, fake, 10, "--processes", "2", *own_master())
     # 5 users per worker; worker 1 takes accounts 1-10 of the file, worker 2 accounts 11-20
     assert set(fake.users) == {f"user{i:04d}" for i in (*range(1, 6), *range(11, 16))}, (fake.users, err[-2000:])
     assert "worker 1 of 2 logs in with accounts 1-10 of 20" in err

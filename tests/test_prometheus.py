@@ -32,6 +32,7 @@ from loadkit.observe.groups import parse_group_spec
 from loadkit.record import counters
 from loadkit.record.reader import load_manifest, load_run
 from loadkit.schema import Failure, FirewallSample, GroupSample, SocketSample
+from conftest import own_master
 from prometheus_server import PrometheusServer, ScrapeJob
 
 REPO = Path(__file__).resolve().parent.parent
@@ -240,7 +241,7 @@ def _start_locust(tmp_path: Path, address: str, web_port: int, dns: tuple[str, i
     # --autoquit keeps it scrapeable a few seconds after the test stopped, for the last counts.
     # The recorder closes the record one interval after the stop: 2 s leaves a loaded machine's
     # workers time to send their last counts, which Prometheus, scraping on, would see anyway
-    args = [LOCUST, "-f", BURST, "--processes", "2", "--autostart", "-t", "5s", "--autoquit", "4",
+    args = [LOCUST, "-f", BURST, "--processes", "2", *own_master(), "--autostart", "-t", "5s", "--autoquit", "4",
             "--record-interval", "2",
             "--web-host", address, "--web-port", str(web_port), "--host", f"{dns[0]}:{dns[1]}",
             "--record-dir", str(tmp_path / "runs"), "--run-id", "prom", "--dns-names-file", names_file,
