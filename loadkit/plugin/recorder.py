@@ -172,6 +172,9 @@ def _own_stop_signals() -> None:
 @events.init.add_listener
 def _on_init(environment: Any, **_kw: Any) -> None:
     global _recorder
+    # Locust arms -t from gevent's cached loop clock, last read before the locustfile's imports:
+    # refreshed here, or slow imports (seconds on a loaded machine) come off the run time
+    gevent.get_hub().loop.update_now()
     if environment.parsed_options is not None:  # a Locust process (not a library user's Environment)
         _own_stop_signals()
     metrics_for(environment)  # wire generator metrics in every process, workers included
