@@ -49,9 +49,9 @@ def test_dot_storm_is_recorded_with_full_and_resumed_handshakes(lab, tmp_path: P
     assert lab.dot is not None and lab.to_dict()["dns"]["dot"] == {"host": lab.dot.host, "port": lab.dot.port}
     out = tmp_path / "runs"
     proc = subprocess.run(
-        # 60 queries (3 s at 20 q/s), then idle until -t: Locust's run-time timer counts from a
-        # clock gevent last read before the imports, so on a loaded machine -t 5s can mean 2 s
-        [LOCUST, "-f", BURST, "--headless", "-u", "1", "-r", "1", "-t", "10s", "--only-summary", "--dns-max-queries", "60",
+        # 60 queries (3 s at 20 q/s), then idle until -t (which runs its full time since the
+        # recorder refreshes the clock Locust arms it from: it had meant 2 s of -t 5s when loaded)
+        [LOCUST, "-f", BURST, "--headless", "-u", "1", "-r", "1", "-t", "6s", "--only-summary", "--dns-max-queries", "60",
          "--dns-protocol", "dot", "--dns-sources", "10", "--dns-rate", "20", "--dns-burst-size", "0",
          "--dns-idle-timeout", "0.2", "--dns-timeout", "3", "--dns-retries", "0",
          "--record-dir", str(out), "--run-id", "dot"],

@@ -180,8 +180,8 @@ from locust import User, constant, events, task
 from loadkit.plugin import live_collector
 from loadkit.plugin.live_collector import attach_collector
 
-# the status line every 0.5 s, not 2 s: a loaded machine leaves the users only part of -t 5s
-# (Locust's run-time timer starts from a clock read before this file's imports)
+# the status line every 0.5 s, not 2 s: a loaded machine starts the users late, and the first
+# 2 s line could miss a -t 5s run
 live_collector.STATUS_INTERVAL_S = 0.5
 
 
