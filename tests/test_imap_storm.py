@@ -40,7 +40,7 @@ def run_locustfile(locustfile: str, endpoint, accounts: str, tmp_path: Path, ext
     prefix = tmp_path / "storm"
     proc = subprocess.run(
         [LOCUST, "-f", str(ROOT / "locustfiles" / locustfile), "--headless", "-u", "150", "-r", "50",
-         "-t", "20s", "--csv", str(prefix), "--host", f"{host}:{port}", "--mail-accounts", accounts,
+         "-t", "12s", "--csv", str(prefix), "--host", f"{host}:{port}", "--mail-accounts", accounts,
          *extra],
         cwd=tmp_path, capture_output=True, text=True, timeout=120,
     )
