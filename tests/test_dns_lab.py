@@ -330,18 +330,20 @@ def test_dns_cpu_quota_sets_the_capacity_and_up_measures_it(make_lab) -> None:
     version = cgroups.detect_cpu()[0]
     assert cgroups.cpu_quota_cores(version, state_group) == pytest.approx(0.1)
     assert unbound.pid in cgroups.procs(state_group)
-    # twice the capacity, open loop for a second: the quota binds, so the server drops at its socket
-    # well over 1 % (unless this sender could not even send 1.5 times the capacity)
+    # three times the capacity, open loop for a second: the quota binds, so the server drops at its
+    # socket well over 1 % (unless this sender could not even send 1.5 times the capacity). Not
+    # twice: what a quota-held unbound serves varies by a third between moments on a loaded machine
+    # (CI: calibrated 9,277 q/s, then took in ~17,800 of 19,724 sent in a second)
     target = check_target(str(status.dns), 53)
     pool = wire.QueryPool([f"h{i:05d}.lab.test" for i in range(0, 700, 10)], [("A", 1.0)], size=2000, seed=3)
     drops0 = calibrate.server_drops(status.dns.host, status.dns.port)
-    sender = DnsSender(target, pool, base=schedule.ConstantRate(2 * capacity), sources=(status.dns.host,),
+    sender = DnsSender(target, pool, base=schedule.ConstantRate(3 * capacity), sources=(status.dns.host,),
                        ports_per_source=8, timeout_s=0.5, retries_n=0, max_duration_s=1.0)
     sender.run()  # sends for 1 s (max_duration_s), then waits for the last answers
     sender.close()
     sent = sender.totals["dns.original_sent"]
     dropped = calibrate.server_drops(status.dns.host, status.dns.port) - drops0
-    print(f"quota 0.1: capacity {capacity} q/s; 2x for 1 s: sent {sent}, server dropped {dropped}")
+    print(f"quota 0.1: capacity {capacity} q/s; 3x for 1 s: sent {sent}, server dropped {dropped}")
     # (what it takes in when saturated may exceed the capacity at < 1 % loss: a server that is never
     # idle serves in larger batches; the capacity is the loss-free figure, so the check is the loss)
     assert dropped > 0.1 * sent or sent < 1.5 * capacity, (sent, dropped, steps)
