@@ -179,10 +179,10 @@ def test_silent_server_gets_the_scheduled_load_anyway(fake) -> None:
     seen = collecting(kw)
     s = run(server.port, base=schedule.ConstantRate(2000), max_duration_s=0.5, timeout_s=0.1, retries_n=1, **kw)
     t = s.totals
-    # open loop: about rate x duration originals, whatever the server does (a closed loop waiting
-    # out each 0.1 s timeout would send far fewer). The lower bound leaves room for a stall at
-    # the end: what fell due in the last pass's lateness past the 0.5 s is not sent
-    assert 700 <= t["dns.original_sent"] <= 1100
+    # open loop: rate x duration originals, whatever the server does (a closed loop waiting out
+    # each 0.1 s timeout would send far fewer); a pass that comes late to the end still sends what
+    # fell due before it (a stall there once cut this to 700-900)
+    assert 990 <= t["dns.original_sent"] <= 1001
     assert t["dns.retry_sent"] > 0
     assert seen["timeout"] == t["dns.timeouts"] > 0
     assert t.get("dns.answered", 0) == 0

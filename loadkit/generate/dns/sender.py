@@ -623,8 +623,18 @@ class DnsSender:
     def _send_due(self, now: float) -> None:
         """Send what the schedules say is due by ``now`` (catching up in bounded chunks)."""
         if self._stop or now >= self._end_t:
+            if not self._stop and now > self._end_t:
+                # a pass that came late to the end still sends what fell due before it, in the
+                # usual chunks (bounded: the schedule's count at the end), so a stall near the end
+                # does not cut the schedule short
+                while self._sending and self._send_due_by(self._end_t):
+                    pass
             self._stop_sending(self._stop)
             return
+        self._send_due_by(now)
+
+    def _send_due_by(self, now: float) -> int:
+        """One chunk of what is due by ``now``; how many queries it sent."""
         rel = now - self._t0
         burst_train = self.burst_train
         n_base = self.base.due(rel) - self._base_sent
@@ -650,6 +660,7 @@ class DnsSender:
                 self._close_burst()
         if cap_reached:
             self._stop_sending(False)
+        return n_base + n_burst
 
     def _send_originals(self, n_base: int, n_burst: int) -> None:
         """The next ``n_base + n_burst`` queries (burst queries after the base ones of this pass)."""
