@@ -211,6 +211,23 @@ def test_process_caught_before_exec_is_rechecked():
         _reap([p])
 
 
+def test_fast_sampling_does_not_spend_the_rechecks_before_a_late_exec():
+    """Sampled every 50 ms, a PID that execs 0.6 s after its fork is still looked at when it does
+    (a fixed three looks were spent in the first 0.15 s, and it was never counted)."""
+    tag = f"lk-fast-{time.time_ns()}"
+    p = subprocess.Popen(["bash", "-c", f"sleep 0.6; exec -a {tag} sleep 60"])
+    try:
+        groups = ProcessGroups([parse_group_spec(f"s={tag}")], WarnOnce("t"))
+        deadline = time.monotonic() + 1.8  # within the 2 s a young PID is looked at again
+        procs_n = 0
+        while time.monotonic() < deadline and not procs_n:
+            procs_n = groups.sample(time.time(), "t", [])[0].procs_n
+            time.sleep(0.05)
+        assert procs_n == 1
+    finally:
+        _reap([p])
+
+
 def test_vanishing_and_denied_processes_never_stop_sampling(monkeypatch):
     tag = f"lk-flaky-{time.time_ns()}"
     procs = _spawn_sleepers(2, tag)

@@ -186,7 +186,7 @@ class ProcessGroups:
                     continue
                 entry.groups = self._classify(entry)
                 self._procs[pid] = entry
-            elif not entry.groups and entry.checks < _RECHECKS and entry.classified_at - entry.info.create_time_unix_s < _YOUNG_S:
+            elif not entry.groups and self._may_still_exec(entry, now):
                 fresh = self._load(pid)
                 if fresh is None:
                     del self._procs[pid]
@@ -200,6 +200,15 @@ class ProcessGroups:
                     entry = fresh
                 entry.groups = self._classify(entry)
                 self._procs[pid] = entry
+
+    @staticmethod
+    def _may_still_exec(entry: "_Proc", now: float) -> bool:
+        """An unmatched PID is looked at again while it may still be between fork and exec: at
+        every sample while it is younger than :data:`_YOUNG_S` (fast sampling would otherwise spend
+        a fixed number of looks before a late exec), and at least :data:`_RECHECKS` times when
+        it was first classified young (slow sampling)."""
+        born = entry.info.create_time_unix_s
+        return now - born < _YOUNG_S or (entry.checks < _RECHECKS and entry.classified_at - born < _YOUNG_S)
 
     def _cgroup_members(self, spec: GroupSpec) -> tuple[set[int], cgroups.CgroupMemory | None]:
         found = self._cgroup_dirs.get(spec.name)
