@@ -42,7 +42,7 @@ $(STAMP): pyproject.toml
 # shared machine. A test that needs its second run is a test to harden, not a pass to ignore. A test
 # that hit its timeout is not run again (one hang must not cost the suite twice its timeout).
 test: setup
-	$(BIN)/python -m pytest -ra -p no:cacheprovider --reruns 1 --reruns-delay 2 --rerun-except "Failed: Timeout" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -raR -p no:cacheprovider --reruns 1 --reruns-delay 2 --rerun-except "Failed: Timeout" $(PYTEST_ARGS)
 
 # Lab up, a DNS burst scenario and an IMAP storm to fall-over, the report in reports/demo/, lab down.
 demo: setup
