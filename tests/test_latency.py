@@ -230,8 +230,11 @@ def test_a_plain_dns_run_records_its_target_prints_the_p99_runs_show_gives_and_c
     [line] = [ln for ln in stderr.splitlines() if "DNS answer latency (fine histogram)" in ln]
     console_us = float(line.split("p99<=")[1].split("us")[0])
     failures = int(run.requests["failures_n"].sum())
-    if failures == 0:  # the console counts answers; the record counts failures' times too
-        assert abs(latency.percentile_s(run, 0.99) * 1e6 - console_us) <= 0.5, line
+    recorded_us = latency.percentile_s(run, 0.99) * 1e6
+    if failures == 0:
+        assert abs(recorded_us - console_us) <= 0.5, line
+    else:  # the console counts answers; the record counts failures' (longer) waits too
+        assert recorded_us >= console_us - 0.5, (line, recorded_us)
 
 
 def _free_port() -> int:

@@ -207,3 +207,15 @@ def test_dns_forecasts_are_gate_parameters_not_gates(tmp_path: Path) -> None:
     profile = load_profile(path)
     assert dict(profile.gates.items()) == {"forecast_peak_qps": 800, "forecast_peak_burst_queries": 4000}
     assert evaluate(tmp_path, dict(profile.gates.items())) == []
+
+
+def test_a_profile_away_from_the_checkout_finds_the_shipped_locustfile_by_name(tmp_path: Path) -> None:
+    from loadkit import resources
+
+    body = '[run]\nscenario = "s"\nduration = "5s"\n[targets]\ndns = "127.0.0.1:5353"\n[load]\nusers = 1\nlocustfile = "{}"\n'
+    (tmp_path / "a.toml").write_text(body.format("dns_burst.py"))
+    assert load_profile(tmp_path / "a.toml").load.locustfiles == (resources.locustfile("dns_burst"),)
+    # a name loadkit does not ship is still one line naming the file and where it was looked for
+    (tmp_path / "b.toml").write_text(body.format("no_such.py"))
+    with pytest.raises(ProfileError, match="file 'no_such.py' not found .*loadkit locustfile lists them"):
+        load_profile(tmp_path / "b.toml")

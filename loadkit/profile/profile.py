@@ -382,7 +382,15 @@ def _resolve_file(value: str, profile_path: Path, where: str) -> Path:
     for c in candidates:
         if c.is_file():
             return c.resolve()
-    raise ProfileError(f"{where}: file {value!r} not found (relative to the profile or the working directory)")
+    if where.endswith("locustfile") and p.suffix == ".py" and len(p.parts) <= 2:
+        # "dns_burst.py" or "locustfiles/dns_burst.py" in a profile outside a checkout: the
+        # locustfile loadkit ships (an installed wheel carries them)
+        from loadkit import resources
+
+        if p.stem in resources.locustfile_names():
+            return resources.locustfile(p.stem)
+    raise ProfileError(f"{where}: file {value!r} not found (relative to the profile or the working directory, "
+                       "nor a locustfile loadkit ships: loadkit locustfile lists them)")
 
 
 def _check_options(options: Any, targets: dict[str, str], where: str) -> dict[str, Any]:

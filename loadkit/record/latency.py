@@ -202,10 +202,8 @@ def select_requests(run: Any, request_type: str | None = None, name: str | None 
 
 def _max_s(requests: pd.DataFrame) -> float | None:
     """The largest ``latency_max_s`` of intervals that completed requests; None without one."""
-    if requests.empty or "latency_max_s" not in requests:
-        return None
-    done = requests[requests["requests_n"] > 0]
-    return float(done["latency_max_s"].max()) if len(done) else None
+    tops = _max_by(requests.assign(_all=0) if len(requests) else requests, ["_all"])
+    return float(tops[0]) if tops else None
 
 
 def percentile_s(run: Any, q: float, *, request_type: str | None = None, name: str | None = None,
